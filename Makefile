@@ -1,0 +1,105 @@
+# kubetwin — build, test, demo and benchmark.
+
+# Tool versions (pinned).
+CONTROLLER_TOOLS_VERSION ?= v0.23.0
+
+LOCALBIN ?= $(shell pwd)/bin
+CONTROLLER_GEN ?= $(LOCALBIN)/controller-gen
+KUBETWIN_CACHE ?= $(HOME)/.cache/kubetwin
+export KUBETWIN_CACHE
+
+# Where the local control plane (kube-apiserver, etcd, kubectl) lives; built on first use.
+CONTROLPLANE = $(shell hack/controlplane.sh)
+
+.PHONY: all
+all: build
+
+##@ General
+
+.PHONY: help
+help: ## Show the targets.
+	@awk 'BEGIN {FS = ":.*##"; printf "Usage: make <target>\n"} /^[a-zA-Z_0-9-]+:.*?##/ { printf "  %-16s %s\n", $$1, $$2 } /^##@/ { printf "\n%s\n", substr($$0, 5) } ' $(MAKEFILE_LIST)
+
+##@ Development
+
+.PHONY: manifests
+manifests: controller-gen ## Generate the CRD and RBAC manifests.
+	$(CONTROLLER_GEN) rbac:roleName=kubetwin-manager crd paths="./api/...;./controllers/..." output:crd:artifacts:config=config/crd/bases output:rbac:artifacts:config=config/rbac
+
+.PHONY: generate
+generate: controller-gen ## Generate deepcopy code.
+	$(CONTROLLER_GEN) object:headerFile="hack/boilerplate.go.txt" paths="./api/..."
+
+.PHONY: fmt
+fmt: ## go fmt.
+	go fmt ./...
+
+.PHONY: vet
+vet: ## go vet.
+	go vet ./...
+
+.PHONY: verify
+verify: manifests generate fmt ## Fail when generated files or formatting are out of date.
+	@git diff --exit-code -- api config controllers || (echo "generated files are out of date: run make manifests generate fmt" && exit 1)
+
+.PHONY: controlplane
+controlplane: ## Build (once) the local kube-apiserver, etcd and kubectl; prints their folder.
+	@hack/controlplane.sh
+
+.PHONY: test
+test: manifests generate vet build ## Unit, envtest integration and end-to-end tests (needs mosquitto).
+	KUBEBUILDER_ASSETS="$(CONTROLPLANE)" go test ./... -count=1 -timeout 30m
+
+.PHONY: test-e2e
+test-e2e: build ## End-to-end tests only.
+	KUBEBUILDER_ASSETS="$(CONTROLPLANE)" go test ./test/e2e/... -count=1 -v -timeout 30m
+
+.PHONY: bench
+bench: build ## Benchmarks against the real control plane and embedded broker.
+	KUBEBUILDER_ASSETS="$(CONTROLPLANE)" go run ./test/bench $(BENCH_ARGS)
+
+##@ Demo
+
+.PHONY: demo
+demo: build ## Start a local control plane, the operator and a device, and run the getting-started scenario.
+	KUBEBUILDER_ASSETS="$(CONTROLPLANE)" hack/demo.sh up
+
+.PHONY: demo-down
+demo-down: ## Stop what make demo started.
+	hack/demo.sh down
+
+##@ Build
+
+.PHONY: build
+build: ## Build the operator and the device simulator into bin/.
+	go build -o $(LOCALBIN)/manager ./cmd/manager
+	go build -o $(LOCALBIN)/device-sim ./cmd/device-sim
+
+.PHONY: run
+run: manifests generate ## Run the operator against the current kubeconfig.
+	go run ./cmd/manager
+
+##@ Deployment
+
+.PHONY: install
+install: manifests ## Install the CRD into the current kubeconfig's cluster.
+	kubectl apply -k config/crd
+
+.PHONY: uninstall
+uninstall: manifests ## Remove the CRD.
+	kubectl delete -k config/crd --ignore-not-found
+
+.PHONY: deploy
+deploy: manifests ## Deploy the operator with kustomize.
+	kubectl apply -k config/default
+
+.PHONY: undeploy
+undeploy: ## Remove the operator.
+	kubectl delete -k config/default --ignore-not-found
+
+##@ Tools
+
+.PHONY: controller-gen
+controller-gen: $(CONTROLLER_GEN)
+$(CONTROLLER_GEN):
+	GOBIN=$(LOCALBIN) go install sigs.k8s.io/controller-tools/cmd/controller-gen@$(CONTROLLER_TOOLS_VERSION)

@@ -1,0 +1,247 @@
+package v1alpha1
+
+import (
+	apiextensionsv1 "k8s.io/apiextensions-apiserver/pkg/apis/apiextensions/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+)
+
+// Condition types of a DeviceTwin.
+const (
+	// ConditionConnected is True while the device holds a connection to the
+	// broker (from its birth message, or the embedded broker's own events) and
+	// False once it has gone (last will, disconnect) or has never connected.
+	ConditionConnected = "Connected"
+
+	// ConditionInSync is True when the device has seen the current desired
+	// version and every desired leaf has the same value in the reported
+	// properties (the delta is empty). GitOps pipelines wait on it:
+	// `kubectl wait --for=condition=InSync devicetwin/NAME`.
+	ConditionInSync = "InSync"
+)
+
+// Condition reasons of a DeviceTwin.
+const (
+	// ReasonConnected: the device is online.
+	ReasonConnected = "Connected"
+	// ReasonDisconnected: the device went offline.
+	ReasonDisconnected = "Disconnected"
+	// ReasonNeverConnected: the device has not connected since the twin was created.
+	ReasonNeverConnected = "NeverConnected"
+	// ReasonDuplicateDeviceID: another DeviceTwin claims the same device id and owns the device.
+	ReasonDuplicateDeviceID = "DuplicateDeviceID"
+	// ReasonInSync: the device has the current desired version and reports every desired value.
+	ReasonInSync = "InSync"
+	// ReasonDesiredNotSeen: the device has not yet acknowledged the current desired version.
+	ReasonDesiredNotSeen = "DesiredNotSeen"
+	// ReasonConverging: the device has the current desired version but reports other values for some leaves.
+	ReasonConverging = "Converging"
+	// ReasonInvalidDesired: spec.desired or spec.tags break the twin rules; nothing was sent to the device.
+	ReasonInvalidDesired = "InvalidDesired"
+)
+
+// Connection states reported in status.connectionState.
+const (
+	// ConnectionStateConnected means the device is online.
+	ConnectionStateConnected = "Connected"
+	// ConnectionStateDisconnected means the device is offline or has never connected.
+	ConnectionStateDisconnected = "Disconnected"
+)
+
+// DeviceTwinSpec is what the back end owns: the device's identity, its tags
+// and its desired properties.
+type DeviceTwinSpec struct {
+	// deviceId is the id the device uses on the wire (MQTT topics, client id).
+	// It defaults to metadata.name and, unlike a Kubernetes name, may hold
+	// upper case letters and any of - : . + % _ # * ? ! ( ) , = @ ; $ '
+	// (the IoT Hub device id character set), up to 128 characters. It cannot
+	// be changed once set. Device ids are unique across the namespaces the
+	// operator watches.
+	// +optional
+	// +kubebuilder:validation:MinLength=1
+	// +kubebuilder:validation:MaxLength=128
+	// +kubebuilder:validation:Pattern=`^[A-Za-z0-9\-:.+%_#*?!(),=@;$']+$`
+	DeviceID string `json:"deviceId,omitempty"`
+
+	// tags is back-end metadata about the device (site, customer, firmware
+	// channel) that is never sent to the device: a JSON object of strings,
+	// numbers, booleans and nested objects (no arrays; keys without '.', '$',
+	// space or control characters; at most 10 levels; at most 8 KB). Every
+	// scalar tag at path a.b.c whose value is a valid label value is mirrored
+	// into the label a.b.c, so `kubectl get devicetwins -l a.b.c=value` works.
+	// +optional
+	// +kubebuilder:pruning:PreserveUnknownFields
+	// +kubebuilder:validation:Schemaless
+	// +kubebuilder:validation:Type=object
+	Tags *apiextensionsv1.JSON `json:"tags,omitempty"`
+
+	// desired is the configuration the device should apply: a JSON object with
+	// the same rules as tags, at most 32 KB. Every change is sent to the
+	// device as a patch (deleted keys as null) with a new desired $version,
+	// and is kept retained on the broker so a device that connects while the
+	// operator is down still gets it. Progress shows in status.delta and the
+	// InSync condition.
+	// +optional
+	// +kubebuilder:pruning:PreserveUnknownFields
+	// +kubebuilder:validation:Schemaless
+	// +kubebuilder:validation:Type=object
+	Desired *apiextensionsv1.JSON `json:"desired,omitempty"`
+}
+
+// TwinMetadata is the twin's $metadata: for every object and leaf of a
+// section, when it last changed.
+type TwinMetadata struct {
+	// desired mirrors spec.desired: each object and leaf holds
+	// {"$lastUpdated": RFC 3339 time, "$lastUpdatedVersion": desired version}
+	// and nested members under their own keys.
+	// +optional
+	// +kubebuilder:pruning:PreserveUnknownFields
+	// +kubebuilder:validation:Schemaless
+	// +kubebuilder:validation:Type=object
+	Desired *apiextensionsv1.JSON `json:"desired,omitempty"`
+
+	// reported mirrors status.reported: each object and leaf holds
+	// {"$lastUpdated": RFC 3339 time} and nested members under their own keys.
+	// +optional
+	// +kubebuilder:pruning:PreserveUnknownFields
+	// +kubebuilder:validation:Schemaless
+	// +kubebuilder:validation:Type=object
+	Reported *apiextensionsv1.JSON `json:"reported,omitempty"`
+}
+
+// DeviceTwinStatus is what the device and the operator own: the reported
+// properties, versions, metadata, presence and conditions.
+type DeviceTwinStatus struct {
+	// deviceId is the device id in effect (spec.deviceId, else metadata.name).
+	// +optional
+	// +kubebuilder:validation:MaxLength=128
+	DeviceID string `json:"deviceId,omitempty"`
+
+	// reported holds the properties the device reported: the merge of every
+	// accepted reported patch (null deletes a key).
+	// +optional
+	// +kubebuilder:pruning:PreserveUnknownFields
+	// +kubebuilder:validation:Schemaless
+	// +kubebuilder:validation:Type=object
+	Reported *apiextensionsv1.JSON `json:"reported,omitempty"`
+
+	// reportedVersion is the reported $version: it grows by one with every
+	// accepted reported patch.
+	// +optional
+	ReportedVersion int64 `json:"reportedVersion,omitempty"`
+
+	// desiredVersion is the desired $version: it grows by one with every
+	// change of spec.desired that has been sent to the device.
+	// +optional
+	DesiredVersion int64 `json:"desiredVersion,omitempty"`
+
+	// deviceDesiredVersion is the newest desired $version the device is known
+	// to have: from its twin GET, or its acknowledgement of a notification.
+	// +optional
+	DeviceDesiredVersion int64 `json:"deviceDesiredVersion,omitempty"`
+
+	// publishedDesired is the desired document as last sent to the device
+	// (equal to spec.desired once a change has gone out). The next
+	// notification is the patch from it to spec.desired.
+	// +optional
+	// +kubebuilder:pruning:PreserveUnknownFields
+	// +kubebuilder:validation:Schemaless
+	// +kubebuilder:validation:Type=object
+	PublishedDesired *apiextensionsv1.JSON `json:"publishedDesired,omitempty"`
+
+	// delta holds every desired leaf whose reported value differs or is
+	// missing, with its desired value. Empty when the device has converged.
+	// +optional
+	// +kubebuilder:pruning:PreserveUnknownFields
+	// +kubebuilder:validation:Schemaless
+	// +kubebuilder:validation:Type=object
+	Delta *apiextensionsv1.JSON `json:"delta,omitempty"`
+
+	// deltaCount is the number of leaves in delta.
+	// +optional
+	DeltaCount int32 `json:"deltaCount,omitempty"`
+
+	// metadata is the twin's $metadata: when each desired and reported
+	// property last changed.
+	// +optional
+	Metadata *TwinMetadata `json:"metadata,omitempty"`
+
+	// connectionState is Connected or Disconnected.
+	// +optional
+	// +kubebuilder:validation:Enum=Connected;Disconnected
+	ConnectionState string `json:"connectionState,omitempty"`
+
+	// connectionStateUpdatedTime is when connectionState last changed.
+	// +optional
+	ConnectionStateUpdatedTime *metav1.Time `json:"connectionStateUpdatedTime,omitempty"`
+
+	// lastActivityTime is when the device was last heard from. It is kept
+	// to a resolution of a minute so that activity alone costs at most one
+	// write a minute per device.
+	// +optional
+	LastActivityTime *metav1.Time `json:"lastActivityTime,omitempty"`
+
+	// observedGeneration is the metadata.generation this status reflects.
+	// +optional
+	ObservedGeneration int64 `json:"observedGeneration,omitempty"`
+
+	// conditions are Connected and InSync.
+	// +optional
+	// +listType=map
+	// +listMapKey=type
+	// +kubebuilder:validation:MaxItems=8
+	Conditions []metav1.Condition `json:"conditions,omitempty"`
+}
+
+// DeviceTwin is one device's twin: tags and desired properties in spec,
+// reported properties, versions and presence in status.
+//
+// +kubebuilder:object:root=true
+// +kubebuilder:subresource:status
+// +kubebuilder:resource:shortName={twin,dt},categories=iot
+// +kubebuilder:printcolumn:name="Device",type=string,JSONPath=`.status.deviceId`
+// +kubebuilder:printcolumn:name="Connected",type=string,JSONPath=`.status.conditions[?(@.type=="Connected")].status`
+// +kubebuilder:printcolumn:name="InSync",type=string,JSONPath=`.status.conditions[?(@.type=="InSync")].status`
+// +kubebuilder:printcolumn:name="Desired",type=integer,JSONPath=`.status.desiredVersion`,description="desired $version"
+// +kubebuilder:printcolumn:name="Reported",type=integer,JSONPath=`.status.reportedVersion`,description="reported $version"
+// +kubebuilder:printcolumn:name="Delta",type=integer,JSONPath=`.status.deltaCount`,priority=1,description="desired leaves not yet reported"
+// +kubebuilder:printcolumn:name="Last-Activity",type=date,JSONPath=`.status.lastActivityTime`,priority=1
+// +kubebuilder:printcolumn:name="Age",type=date,JSONPath=`.metadata.creationTimestamp`
+// +kubebuilder:validation:XValidation:rule="(has(oldSelf.spec) && has(oldSelf.spec.deviceId)) ? (has(self.spec) && has(self.spec.deviceId) && self.spec.deviceId == oldSelf.spec.deviceId) : (!has(self.spec) || !has(self.spec.deviceId) || self.spec.deviceId == self.metadata.name)",message="spec.deviceId is immutable (it may only be set to metadata.name when it was unset)"
+type DeviceTwin struct {
+	metav1.TypeMeta `json:",inline"`
+	// metadata is the object's standard metadata.
+	// +optional
+	metav1.ObjectMeta `json:"metadata,omitempty"`
+
+	// spec holds the device id, tags and desired properties.
+	// +optional
+	Spec DeviceTwinSpec `json:"spec,omitempty"`
+
+	// status holds the reported properties, versions, presence and conditions.
+	// +optional
+	Status DeviceTwinStatus `json:"status,omitempty"`
+}
+
+// EffectiveDeviceID is the device id in effect: spec.deviceId, else metadata.name.
+func (t *DeviceTwin) EffectiveDeviceID() string {
+	if t.Spec.DeviceID != "" {
+		return t.Spec.DeviceID
+	}
+	return t.Name
+}
+
+// DeviceTwinList is a list of DeviceTwins.
+//
+// +kubebuilder:object:root=true
+type DeviceTwinList struct {
+	metav1.TypeMeta `json:",inline"`
+	// metadata is the list's standard metadata.
+	// +optional
+	metav1.ListMeta `json:"metadata,omitempty"`
+	// items are the DeviceTwins.
+	Items []DeviceTwin `json:"items"`
+}
+
+func init() {
+	SchemeBuilder.Register(&DeviceTwin{}, &DeviceTwinList{})
+}

@@ -1,0 +1,13 @@
+// Command etcd wraps the upstream etcd server so it can be built from the Go
+// module proxy.
+package main
+
+import (
+	"os"
+
+	"go.etcd.io/etcd/server/v3/etcdmain"
+)
+
+func main() {
+	etcdmain.Main(os.Args)
+}

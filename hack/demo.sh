@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# The getting-started scenario, end to end, on this machine:
+#   hack/demo.sh up    start a local control plane, the operator (embedded
+#                      broker) and a simulated device; run the scenario;
+#                      leave everything running.
+#   hack/demo.sh down  stop it all.
+# `make demo` and `make demo-down` call this. KUBEBUILDER_ASSETS must hold
+# kube-apiserver, etcd and kubectl (make demo builds them on first use).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+root=$PWD
+state=$root/.demo
+mqtt_port=${KUBETWIN_DEMO_MQTT_PORT:-1883}
+
+down() {
+	for p in device manager localcluster; do
+		if [ -f "$state/$p.pid" ]; then
+			kill "$(cat "$state/$p.pid")" 2>/dev/null || true
+			rm -f "$state/$p.pid"
+		fi
+	done
+	# Give the control plane a moment to stop etcd and kube-apiserver.
+	sleep 2
+	echo "demo stopped"
+}
+
+step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
+run() { printf '$ %s\n' "$*"; "$@"; }
+
+wait_for() { # wait_for <seconds> <what> <command...>
+	local n=$1 what=$2; shift 2
+	for _ in $(seq "$n"); do
+		if "$@" >/dev/null 2>&1; then return 0; fi
+		sleep 1
+	done
+	echo "demo: timed out waiting for $what" >&2
+	return 1
+}
+
+up() {
+	: "${KUBEBUILDER_ASSETS:?KUBEBUILDER_ASSETS must point at kube-apiserver, etcd and kubectl (run make demo)}"
+	export PATH=$KUBEBUILDER_ASSETS:$PATH
+	[ -x bin/manager ] && [ -x bin/device-sim ] || { echo "demo: run make build first (make demo does)" >&2; exit 1; }
+	if [ -f "$state/localcluster.pid" ]; then
+		echo "demo: already running (make demo-down first)"; exit 1
+	fi
+	mkdir -p "$state"
+	export KUBECONFIG=$state/kubeconfig
+	rm -f "$KUBECONFIG"
+
+	step "Starting a local control plane (etcd + kube-apiserver $(kube-apiserver --version 2>/dev/null | awk '{print $2}')) with the DeviceTwin CRD"
+	go build -o bin/localcluster ./hack/localcluster
+	bin/localcluster --write-kubeconfig "$KUBECONFIG" >"$state/localcluster.log" 2>&1 &
+	echo $! >"$state/localcluster.pid"
+	wait_for 60 "the control plane" test -s "$KUBECONFIG"
+	run kubectl get crd devicetwins.kubetwin.io
+
+	step "Starting the operator with its embedded MQTT broker on :$mqtt_port"
+	bin/manager --mqtt-bind-address "127.0.0.1:$mqtt_port" --health-probe-bind-address 127.0.0.1:0 >"$state/manager.log" 2>&1 &
+	echo $! >"$state/manager.pid"
+	wait_for 30 "the embedded broker" bash -c "exec 3<>/dev/tcp/127.0.0.1/$mqtt_port"
+
+	step "1-2. The back end creates device myDeviceId with tags location.region=US, location.plant=Redmond43"
+	run cat config/samples/kubetwin_v1alpha1_devicetwin.yaml
+	run kubectl apply -f config/samples/kubetwin_v1alpha1_devicetwin.yaml
+	wait_for 30 "tags mirrored into labels" bash -c "kubectl get devicetwins -l location.plant=Redmond43 -o name | grep -q mydeviceid"
+
+	step "3. Query by tag: kubectl get devicetwins -l location.plant=Redmond43"
+	run kubectl get devicetwins -l location.plant=Redmond43
+	echo "(the device has not connected or reported yet:)"
+	run kubectl get devicetwin mydeviceid -o jsonpath='{.status.conditions[*].reason}{"\n"}'
+
+	step "4. The device connects over MQTT, gets its twin, applies desired and reports cellular connectivity"
+	bin/device-sim --broker "tcp://127.0.0.1:$mqtt_port" --id myDeviceId --apply-desired \
+		--report '{"connectivity":{"type":"cellular"}}' >"$state/device.log" 2>&1 &
+	echo $! >"$state/device.pid"
+	wait_for 30 "the device to connect" grep -q connected "$state/device.log"
+	sed 's/^/  device | /' "$state/device.log"
+
+	step "5. The twin converges: kubectl wait --for=condition=InSync"
+	run kubectl wait --for=condition=InSync devicetwin/mydeviceid --timeout=60s
+	run kubectl get devicetwins -o wide
+	run kubectl get devicetwin mydeviceid -o jsonpath='reported: {.status.reported}{"\n"}'
+	echo "devices in Redmond43 reporting cellular:"
+	run bash -c "kubectl get devicetwins -l location.plant=Redmond43 -o jsonpath='{range .items[?(@.status.reported.connectivity.type==\"cellular\")]}{.status.deviceId}{\"\n\"}{end}'"
+
+	step "6. Change a desired property; the device receives it and reports it back"
+	run kubectl patch devicetwin mydeviceid --type merge -p '{"spec":{"desired":{"telemetryConfig":{"sendFrequencyInSecs":30}}}}'
+	wait_for 30 "the device to receive desired v2" grep -q "desired v2" "$state/device.log"
+	grep "desired v2" "$state/device.log" | sed 's/^/  device | /'
+	run kubectl wait --for=condition=InSync devicetwin/mydeviceid --timeout=60s
+	run kubectl get devicetwin mydeviceid -o jsonpath='desired v{.status.desiredVersion}, reported v{.status.reportedVersion}: {.status.reported}{"\n"}'
+
+	step "The demo environment keeps running"
+	echo "  export KUBECONFIG=$KUBECONFIG"
+	echo "  export PATH=$KUBEBUILDER_ASSETS:\$PATH    # kubectl v1.37 matching the control plane"
+	echo "  logs: $state/{manager,device,localcluster}.log"
+	echo "  stop: make demo-down"
+}
+
+case "${1:-}" in
+up) up ;;
+down) down ;;
+*) echo "usage: $0 up|down" >&2; exit 2 ;;
+esac

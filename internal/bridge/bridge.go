@@ -1,0 +1,428 @@
+// Package bridge is the operator's side of the device protocol: it turns
+// device messages (twin GETs, reported patches, acknowledgements, presence)
+// into in-memory working state and wakes the DeviceTwin reconciler, which
+// persists that state with one status patch per round; and it publishes
+// desired-property changes to devices.
+//
+// Writes are coalesced by construction: messages only change memory and
+// enqueue the twin's key; the controller's work queue holds a key at most
+// once, so every report that arrives while a write is in flight goes out in
+// the next single write. A device hears "204" (and its MQTT acknowledgement
+// is released) only after the write that holds its report has succeeded.
+package bridge
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/go-logr/logr"
+	apiextensionsv1 "k8s.io/apiextensions-apiserver/pkg/apis/apiextensions/v1"
+	"k8s.io/apimachinery/pkg/types"
+	"sigs.k8s.io/controller-runtime/pkg/event"
+
+	"github.com/kubetwin/kubetwin/api/v1alpha1"
+	"github.com/kubetwin/kubetwin/internal/bus"
+	"github.com/kubetwin/kubetwin/internal/twin"
+	"github.com/kubetwin/kubetwin/pkg/protocol"
+)
+
+// ErrNotFound means no DeviceTwin has the device id.
+var ErrNotFound = errors.New("no DeviceTwin has this device id")
+
+// Resolver finds the DeviceTwin that owns a device id (normally through the
+// manager's cache and a field index). It returns ErrNotFound when there is none.
+type Resolver func(ctx context.Context, deviceID string) (*v1alpha1.DeviceTwin, error)
+
+// Options configure a Bridge.
+type Options struct {
+	// Resolve maps device ids to twins.
+	Resolve Resolver
+	// Logger logs refused messages and publish failures.
+	Logger logr.Logger
+	// Now is the clock (tests may replace it).
+	Now func() time.Time
+}
+
+// Bridge holds the working state of every twin and connects it to the bus.
+type Bridge struct {
+	bus     bus.Bus
+	resolve Resolver
+	log     logr.Logger
+	now     func() time.Time
+	events  chan event.GenericEvent
+
+	mu      sync.Mutex
+	devices map[types.NamespacedName]*deviceEntry
+}
+
+type deviceEntry struct {
+	mu sync.Mutex
+	d  *device
+}
+
+// New returns a Bridge. Call SetBus before the bus starts delivering.
+func New(o Options) *Bridge {
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+	return &Bridge{
+		resolve: o.Resolve,
+		log:     o.Logger,
+		now:     o.Now,
+		events:  make(chan event.GenericEvent, 4096),
+		devices: map[types.NamespacedName]*deviceEntry{},
+	}
+}
+
+// SetBus sets the bus the Bridge publishes on.
+func (b *Bridge) SetBus(x bus.Bus) { b.bus = x }
+
+// Events is the channel of twins whose working state changed; the
+// controller watches it with source.Channel.
+func (b *Bridge) Events() <-chan event.GenericEvent { return b.events }
+
+// entry returns the entry of a twin, loading it from t's status on first use.
+func (b *Bridge) entry(t *v1alpha1.DeviceTwin) (*deviceEntry, error) {
+	key := types.NamespacedName{Namespace: t.Namespace, Name: t.Name}
+	b.mu.Lock()
+	e, ok := b.devices[key]
+	if !ok {
+		e = &deviceEntry{}
+		b.devices[key] = e
+	}
+	b.mu.Unlock()
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.d == nil || e.d.id != t.EffectiveDeviceID() {
+		d, err := loadDevice(t)
+		if err != nil {
+			return nil, fmt.Errorf("loading status of %s: %w", key, err)
+		}
+		e.d = d
+	}
+	return e, nil
+}
+
+// Forget drops the working state of a twin (it was deleted). Pending
+// messages are not acknowledged: their effect is gone with the twin.
+func (b *Bridge) Forget(key types.NamespacedName) {
+	b.mu.Lock()
+	delete(b.devices, key)
+	b.mu.Unlock()
+}
+
+// with runs f on the device of t under its lock.
+func (b *Bridge) with(t *v1alpha1.DeviceTwin, f func(d *device)) error {
+	e, err := b.entry(t)
+	if err != nil {
+		return err
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	f(e.d)
+	return nil
+}
+
+// wake enqueues t for reconciliation unless it is already queued.
+func (b *Bridge) wake(t *v1alpha1.DeviceTwin, d *device) {
+	if d.queued {
+		return
+	}
+	d.queued = true
+	obj := &v1alpha1.DeviceTwin{}
+	obj.Namespace, obj.Name = t.Namespace, t.Name
+	b.events <- event.GenericEvent{Object: obj}
+}
+
+// Snapshot returns the working state of t and marks it as taken: messages
+// that arrive from now on wake the reconciler again.
+func (b *Bridge) Snapshot(t *v1alpha1.DeviceTwin) (Snapshot, error) {
+	var s Snapshot
+	err := b.with(t, func(d *device) {
+		d.queued = false
+		s = d.snapshot()
+	})
+	return s, err
+}
+
+// Persisted records that status st (built from snapshot s) is stored, and
+// answers and acknowledges the messages s covered.
+func (b *Bridge) Persisted(ctx context.Context, t *v1alpha1.DeviceTwin, s Snapshot, st v1alpha1.DeviceTwinStatus) {
+	var done []pendingAck
+	_ = b.with(t, func(d *device) {
+		d.persisted = *st.DeepCopy()
+		d.persistedReported = s.Reported
+		n := min(s.Pending, len(d.pending))
+		done = append(done, d.pending[:n]...)
+		d.pending = append([]pendingAck(nil), d.pending[n:]...)
+	})
+	now := b.now()
+	for _, p := range done {
+		if p.rid != "" {
+			b.respond(ctx, s.DeviceID, p.rid, protocol.Response{Status: protocol.StatusNoContent, Version: p.version})
+		}
+		p.ack()
+		reportLatency.Observe(now.Sub(p.received).Seconds())
+	}
+	reportsPersisted.Add(float64(len(done)))
+}
+
+// PublishDesired sends the change from the last published desired document
+// to desired as a notification with the next $version and keeps desired
+// retained on the broker, then records it in the working state. It does
+// nothing when desired equals what was published.
+func (b *Bridge) PublishDesired(ctx context.Context, t *v1alpha1.DeviceTwin, desired twin.Doc) (bool, error) {
+	e, err := b.entry(t)
+	if err != nil {
+		return false, err
+	}
+	// Hold the device lock across the publishes so GETs never see a
+	// version the broker has not got.
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	d := e.d
+	if twin.Equal(d.published, desired) {
+		return false, nil
+	}
+	change := twin.Diff(d.published, desired)
+	version := d.desiredVersion + 1
+	full, _ := json.Marshal(protocol.WithVersion(desired, version))
+	patch, _ := json.Marshal(protocol.WithVersion(change, version))
+	if b.bus == nil {
+		return false, errors.New("no MQTT bus configured")
+	}
+	// The patch goes first: a subscribed device applies it, then ignores
+	// the retained document of the same version that follows.
+	if err := b.bus.Publish(ctx, protocol.DesiredPatchTopic(d.id), patch, false); err != nil {
+		return false, fmt.Errorf("publishing desired patch of device %q: %w", d.id, err)
+	}
+	if err := b.bus.Publish(ctx, protocol.DesiredTopic(d.id), full, true); err != nil {
+		return false, fmt.Errorf("publishing desired document of device %q: %w", d.id, err)
+	}
+	desiredNotifications.Inc()
+	d.desiredMeta = twin.UpdateMetadata(d.desiredMeta, desired, change, b.now(), version)
+	d.published = desired
+	d.desiredVersion = version
+	return true, nil
+}
+
+// ClearRetained removes the retained desired document of a device (its
+// twin is being deleted), so a later device with the same id does not get
+// stale configuration.
+func (b *Bridge) ClearRetained(ctx context.Context, deviceID string) error {
+	if b.bus == nil {
+		return errors.New("no MQTT bus configured")
+	}
+	return b.bus.Publish(ctx, protocol.DesiredTopic(deviceID), nil, true)
+}
+
+// Handle is the bus.Handler: it applies one device message to the working
+// state and wakes the reconciler.
+func (b *Bridge) Handle(m bus.Message) {
+	ctx := context.Background()
+	messagesReceived.WithLabelValues(m.Kind).Inc()
+	t, err := b.resolve(ctx, m.DeviceID)
+	if err != nil {
+		if m.RequestID != "" {
+			st, msg := protocol.StatusError, fmt.Sprintf("looking up device %q: %v", m.DeviceID, err)
+			if errors.Is(err, ErrNotFound) {
+				st, msg = protocol.StatusNotFound, fmt.Sprintf("no DeviceTwin for device id %q", m.DeviceID)
+			}
+			b.respond(ctx, m.DeviceID, m.RequestID, protocol.Response{Status: st, Error: msg})
+		}
+		b.log.V(1).Info("message for unknown device", "deviceId", m.DeviceID, "kind", m.Kind, "error", err.Error())
+		m.Ack()
+		return
+	}
+	switch m.Kind {
+	case protocol.KindReported:
+		b.handleReported(ctx, t, m)
+	case protocol.KindGet:
+		b.handleGet(ctx, t, m)
+	case protocol.KindAck:
+		b.handleAck(t, m)
+	case protocol.KindPresence:
+		b.handlePresence(t, m)
+	default:
+		m.Ack()
+	}
+}
+
+func (b *Bridge) refuse(ctx context.Context, m bus.Message, err error) {
+	reportsRefused.Inc()
+	b.log.Info("refused device message", "deviceId", m.DeviceID, "kind", m.Kind, "requestId", m.RequestID, "reason", err.Error())
+	if m.RequestID != "" {
+		b.respond(ctx, m.DeviceID, m.RequestID, protocol.Response{Status: protocol.StatusBadRequest, Error: err.Error()})
+	}
+	m.Ack()
+}
+
+func (b *Bridge) handleReported(ctx context.Context, t *v1alpha1.DeviceTwin, m bus.Message) {
+	patch, err := twin.Decode(m.Payload)
+	if err != nil {
+		b.refuse(ctx, m, fmt.Errorf("reported patch: %w", err))
+		return
+	}
+	if err := twin.ValidatePatch(twin.Reported, "reported", patch); err != nil {
+		b.refuse(ctx, m, err)
+		return
+	}
+	var refused error
+	err = b.with(t, func(d *device) {
+		merged := twin.MergePatch(d.reported, patch)
+		if err := twin.CheckSize(twin.Reported, "reported", merged); err != nil {
+			refused = err
+			return
+		}
+		now := b.now()
+		d.reportedMeta = twin.UpdateMetadata(d.reportedMeta, merged, patch, now, 0)
+		d.reported = merged
+		d.reportedVersion++
+		d.lastActivity = now
+		d.pending = append(d.pending, pendingAck{rid: m.RequestID, version: d.reportedVersion, ack: m.Ack, received: m.Received})
+		b.wake(t, d)
+	})
+	if err != nil {
+		b.refuseInternal(ctx, m, err)
+		return
+	}
+	if refused != nil {
+		b.refuse(ctx, m, refused)
+	}
+}
+
+func (b *Bridge) refuseInternal(ctx context.Context, m bus.Message, err error) {
+	b.log.Error(err, "cannot handle device message", "deviceId", m.DeviceID, "kind", m.Kind)
+	if m.RequestID != "" {
+		b.respond(ctx, m.DeviceID, m.RequestID, protocol.Response{Status: protocol.StatusError, Error: err.Error()})
+	}
+	m.Ack()
+}
+
+func (b *Bridge) handleGet(ctx context.Context, t *v1alpha1.DeviceTwin, m bus.Message) {
+	var resp protocol.Response
+	err := b.with(t, func(d *device) {
+		resp = protocol.Response{
+			Status:   protocol.StatusOK,
+			Desired:  protocol.WithVersion(d.published, d.desiredVersion),
+			Reported: protocol.WithVersion(d.persistedReported, d.persisted.ReportedVersion),
+		}
+		d.lastActivity = b.now()
+		if d.desiredVersion > d.deviceDesiredVersion {
+			d.deviceDesiredVersion = d.desiredVersion
+			b.wake(t, d)
+		}
+	})
+	if err != nil {
+		b.refuseInternal(ctx, m, err)
+		return
+	}
+	b.respond(ctx, m.DeviceID, m.RequestID, resp)
+	m.Ack()
+}
+
+func (b *Bridge) handleAck(t *v1alpha1.DeviceTwin, m bus.Message) {
+	var a protocol.Ack
+	if err := json.Unmarshal(m.Payload, &a); err != nil {
+		b.refuse(context.Background(), m, fmt.Errorf("ack: payload is not {\"$version\": n}: %w", err))
+		return
+	}
+	err := b.with(t, func(d *device) {
+		d.lastActivity = b.now()
+		if a.Version > d.deviceDesiredVersion && a.Version <= d.desiredVersion {
+			d.deviceDesiredVersion = a.Version
+			d.pending = append(d.pending, pendingAck{ack: m.Ack, received: m.Received})
+			b.wake(t, d)
+			return
+		}
+		m.Ack()
+	})
+	if err != nil {
+		b.refuseInternal(context.Background(), m, err)
+	}
+}
+
+func (b *Bridge) handlePresence(t *v1alpha1.DeviceTwin, m bus.Message) {
+	var p protocol.Presence
+	if len(m.Payload) == 0 {
+		m.Ack() // a cleared retained presence message
+		return
+	}
+	if err := json.Unmarshal(m.Payload, &p); err != nil {
+		b.refuse(context.Background(), m, fmt.Errorf("presence: payload is not {\"online\": bool}: %w", err))
+		return
+	}
+	err := b.with(t, func(d *device) {
+		if b.setPresence(d, p.Online, m.Received) {
+			d.pending = append(d.pending, pendingAck{ack: m.Ack, received: m.Received})
+			b.wake(t, d)
+			return
+		}
+		m.Ack()
+	})
+	if err != nil {
+		b.refuseInternal(context.Background(), m, err)
+	}
+}
+
+// setPresence records a presence change; it reports whether anything changed.
+func (b *Bridge) setPresence(d *device, online bool, at time.Time) bool {
+	if online {
+		d.lastActivity = at
+	}
+	if d.online != nil && *d.online == online {
+		return false
+	}
+	d.online = &online
+	d.onlineChanged = at
+	return true
+}
+
+// Presence is the bus.PresenceHandler of the embedded broker: the broker
+// saw a client connect or disconnect. Client ids that are no device's id
+// are ignored.
+func (b *Bridge) Presence(clientID string, online bool, at time.Time) {
+	t, err := b.resolve(context.Background(), clientID)
+	if err != nil {
+		return
+	}
+	_ = b.with(t, func(d *device) {
+		if b.setPresence(d, online, at) {
+			b.wake(t, d)
+		}
+	})
+}
+
+func (b *Bridge) respond(ctx context.Context, deviceID, rid string, r protocol.Response) {
+	if b.bus == nil {
+		return
+	}
+	payload, err := json.Marshal(r)
+	if err != nil {
+		b.log.Error(err, "encoding response", "deviceId", deviceID)
+		return
+	}
+	if err := b.bus.Publish(ctx, protocol.ResponseTopic(deviceID, rid), payload, false); err != nil {
+		b.log.Error(err, "publishing response", "deviceId", deviceID, "requestId", rid)
+	}
+}
+
+// rawDoc decodes a status JSON field.
+func rawDoc(j *apiextensionsv1.JSON) (twin.Doc, error) {
+	if j == nil {
+		return twin.Doc{}, nil
+	}
+	return twin.DecodeRaw(j.Raw)
+}
+
+// RawJSON encodes a doc for a status field; an empty doc is nil (omitted).
+func RawJSON(d twin.Doc) *apiextensionsv1.JSON {
+	if len(d) == 0 {
+		return nil
+	}
+	return &apiextensionsv1.JSON{Raw: twin.Encode(d)}
+}

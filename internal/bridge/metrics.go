@@ -1,0 +1,41 @@
+package bridge
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+	"sigs.k8s.io/controller-runtime/pkg/metrics"
+)
+
+const subsystem = "kubetwin_bridge"
+
+var (
+	messagesReceived = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Subsystem: subsystem, Name: "messages_received_total",
+		Help: "Device messages received, by kind (get, reported, ack, presence).",
+	}, []string{"kind"})
+	reportsRefused = prometheus.NewCounter(prometheus.CounterOpts{
+		Subsystem: subsystem, Name: "messages_refused_total",
+		Help: "Device messages refused because they broke the protocol or the twin rules.",
+	})
+	reportsPersisted = prometheus.NewCounter(prometheus.CounterOpts{
+		Subsystem: subsystem, Name: "messages_persisted_total",
+		Help: "Device messages whose effect was written to the Kubernetes API and acknowledged.",
+	})
+	reportLatency = prometheus.NewHistogram(prometheus.HistogramOpts{
+		Subsystem: subsystem, Name: "persist_latency_seconds",
+		Help:    "Time from a device message's arrival to its acknowledgement after persistence.",
+		Buckets: prometheus.ExponentialBuckets(0.001, 2, 15),
+	})
+	desiredNotifications = prometheus.NewCounter(prometheus.CounterOpts{
+		Subsystem: subsystem, Name: "desired_notifications_total",
+		Help: "Desired-property change notifications published to devices.",
+	})
+	// StatusWrites counts status patches the operator sent, by result.
+	StatusWrites = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Subsystem: subsystem, Name: "status_writes_total",
+		Help: "DeviceTwin status patches sent to the API server, by result (ok, error).",
+	}, []string{"result"})
+)
+
+func init() {
+	metrics.Registry.MustRegister(messagesReceived, reportsRefused, reportsPersisted, reportLatency, desiredNotifications, StatusWrites)
+}

@@ -1,0 +1,52 @@
+// Package bus carries device traffic between MQTT and the operator. Two
+// implementations share one interface: Paho, a paho.mqtt.golang client of an
+// external broker, and Embedded, a mochi-mqtt broker inside the operator.
+//
+// Both deliver each message a device publishes on a kubetwin topic to a
+// Handler together with an Ack function. The operator calls Ack only once
+// the message's effect is durable in the Kubernetes API: Paho then sends the
+// PUBACK to the broker (which keeps the message in the operator's persistent
+// session until then); Embedded then lets the broker PUBACK the device. So a
+// message is never acknowledged before it is stored.
+package bus
+
+import (
+	"context"
+	"time"
+
+	"github.com/kubetwin/kubetwin/pkg/protocol"
+)
+
+// Message is one message a device published on a kubetwin topic.
+type Message struct {
+	protocol.Inbound
+	// Payload is the message body.
+	Payload []byte
+	// Received is when the bus received the message.
+	Received time.Time
+	// Ack acknowledges the message. Call it exactly once, from any
+	// goroutine, after the message's effect is durable (or it was refused).
+	Ack func()
+}
+
+// Handler receives device messages. It must not block: record the message
+// and return.
+type Handler func(Message)
+
+// PresenceHandler receives the broker's own knowledge of a client that
+// connected or disconnected (Embedded only; with an external broker presence
+// comes from birth and last-will messages). clientID is the MQTT client id,
+// which by convention is the device id.
+type PresenceHandler func(clientID string, online bool, at time.Time)
+
+// Bus is a connection to the devices.
+type Bus interface {
+	// Start connects (or listens), subscribes and delivers messages to the
+	// Handler until ctx ends. It implements manager.Runnable.
+	Start(ctx context.Context) error
+	// Publish sends payload on topic with QoS 1 and returns once the broker
+	// has taken it, or with an error.
+	Publish(ctx context.Context, topic string, payload []byte, retained bool) error
+	// Connected reports whether the bus can currently publish.
+	Connected() bool
+}

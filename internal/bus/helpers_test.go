@@ -1,0 +1,226 @@
+package bus
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	paho "github.com/eclipse/paho.mqtt.golang"
+	"github.com/go-logr/logr"
+	"github.com/go-logr/logr/funcr"
+)
+
+// waitTimeout bounds every wait for something that should happen.
+const waitTimeout = 10 * time.Second
+
+// testLogger logs through t.Log (verbose enough to debug a failure with -v).
+func testLogger(t *testing.T) logr.Logger {
+	t.Helper()
+	var mu sync.Mutex
+	done := false
+	t.Cleanup(func() { mu.Lock(); done = true; mu.Unlock() })
+	return funcr.New(func(prefix, args string) {
+		mu.Lock()
+		defer mu.Unlock()
+		if !done { // t.Log after the test ends panics
+			t.Log(prefix, args)
+		}
+	}, funcr.Options{Verbosity: 1})
+}
+
+// recorder is a Handler that keeps what it receives.
+type recorder struct {
+	ch chan Message
+}
+
+func newRecorder() *recorder { return &recorder{ch: make(chan Message, 100)} }
+
+func (r *recorder) handle(m Message) { r.ch <- m }
+
+// next waits for the next message.
+func (r *recorder) next(t *testing.T) Message {
+	t.Helper()
+	select {
+	case m := <-r.ch:
+		return m
+	case <-time.After(waitTimeout):
+		t.Fatal("timed out waiting for a message")
+		return Message{}
+	}
+}
+
+// none asserts that no message arrives within d.
+func (r *recorder) none(t *testing.T, d time.Duration) {
+	t.Helper()
+	select {
+	case m := <-r.ch:
+		t.Fatalf("unexpected message %+v (payload %q)", m.Inbound, m.Payload)
+	case <-time.After(d):
+	}
+}
+
+// eventually polls cond until it holds or waitTimeout passes.
+func eventually(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(waitTimeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting until %s", what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// runBus starts b in the background and stops it (waiting for Start to
+// return) when the test ends or when the returned stop is called.
+func runBus(t *testing.T, b Bus) (stop func()) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	errc := make(chan error, 1)
+	go func() { errc <- b.Start(ctx) }()
+	var once sync.Once
+	stop = func() {
+		once.Do(func() {
+			cancel()
+			select {
+			case err := <-errc:
+				if err != nil {
+					t.Errorf("Start: %v", err)
+				}
+			case <-time.After(waitTimeout):
+				t.Error("Start did not return after its context ended")
+			}
+		})
+	}
+	t.Cleanup(stop)
+	return stop
+}
+
+// deviceOpts are the client options of a test device.
+func deviceOpts(brokerAddr, clientID string) *paho.ClientOptions {
+	return paho.NewClientOptions().
+		AddBroker("tcp://" + brokerAddr).
+		SetClientID(clientID).
+		SetProtocolVersion(4).
+		SetCleanSession(true).
+		SetAutoReconnect(false).
+		SetConnectTimeout(5 * time.Second).
+		SetWriteTimeout(5 * time.Second)
+}
+
+// connectDevice connects a device client and disconnects it when the test
+// ends.
+func connectDevice(t *testing.T, o *paho.ClientOptions) paho.Client {
+	t.Helper()
+	c := paho.NewClient(o)
+	tok := c.Connect()
+	if !tok.WaitTimeout(waitTimeout) || tok.Error() != nil {
+		t.Fatalf("device connect: %v", tok.Error())
+	}
+	t.Cleanup(func() { c.Disconnect(0) })
+	return c
+}
+
+// waitToken waits for a token and fails on error.
+func waitToken(t *testing.T, what string, tok paho.Token) {
+	t.Helper()
+	if !tok.WaitTimeout(waitTimeout) {
+		t.Fatalf("%s: timed out", what)
+	}
+	if err := tok.Error(); err != nil {
+		t.Fatalf("%s: %v", what, err)
+	}
+}
+
+// freePort returns a TCP port on 127.0.0.1 that was free a moment ago.
+func freePort(t *testing.T) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatalf("free port: %v", err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// startMosquitto runs a Mosquitto broker on a free port of 127.0.0.1 for
+// the rest of the test and returns its address. It skips the test if the
+// mosquitto binary is not installed.
+func startMosquitto(t *testing.T) string {
+	t.Helper()
+	return startMosquittoOn(t, freePort(t))
+}
+
+// startMosquittoOn is startMosquitto on a given port.
+func startMosquittoOn(t *testing.T, port int) string {
+	t.Helper()
+	bin, err := exec.LookPath("mosquitto")
+	if err != nil {
+		for _, p := range []string{"/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"} {
+			if _, serr := os.Stat(p); serr == nil {
+				bin, err = p, nil
+				break
+			}
+		}
+	}
+	if err != nil {
+		t.Skip("mosquitto is not installed (apt-get install mosquitto)")
+	}
+	dir := t.TempDir()
+	conf := filepath.Join(dir, "mosquitto.conf")
+	cfg := fmt.Sprintf("listener %d 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest stderr\n", port)
+	if err := os.WriteFile(conf, []byte(cfg), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	logf, err := os.Create(filepath.Join(dir, "mosquitto.log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(bin, "-c", conf)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("start mosquitto: %v", err)
+	}
+	exited := make(chan struct{})
+	go func() { _ = cmd.Wait(); close(exited) }()
+	t.Cleanup(func() {
+		_ = cmd.Process.Signal(os.Interrupt)
+		select {
+		case <-exited:
+		case <-time.After(5 * time.Second):
+			_ = cmd.Process.Kill()
+			<-exited
+		}
+		_ = logf.Close()
+		if t.Failed() {
+			if b, err := os.ReadFile(logf.Name()); err == nil {
+				t.Logf("mosquitto log:\n%s", b)
+			}
+		}
+	})
+	addr := fmt.Sprintf("127.0.0.1:%d", port)
+	deadline := time.Now().Add(waitTimeout)
+	for {
+		c, err := net.DialTimeout("tcp", addr, time.Second)
+		if err == nil {
+			_ = c.Close()
+			return addr
+		}
+		select {
+		case <-exited:
+			b, _ := os.ReadFile(logf.Name())
+			t.Fatalf("mosquitto exited:\n%s", b)
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("mosquitto did not listen on %s: %v", addr, err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}

@@ -1,0 +1,71 @@
+package twin
+
+import (
+	"testing"
+	"time"
+)
+
+// FuzzMergeDiff decodes two arbitrary inputs and checks that nothing panics
+// and, when both are objects, that MergePatch(from, Diff(from, to)) equals
+// to (for a to without nulls, which no merge patch can create), that Encode
+// and Decode round-trip, and that the metadata mirrors the document.
+func FuzzMergeDiff(f *testing.F) {
+	seeds := [][2]string{
+		{`{"a":"b"}`, `{"a":"c"}`},
+		{`{"a":{"b":"c"}}`, `{"a":{"b":"d","c":null}}`},
+		{`{"a":["b"]}`, `{"a":"c"}`},
+		{`{"title":"Goodbye!","author":{"givenName":"John","familyName":"Doe"}}`, `{"title":"Hello!","author":{}}`},
+		{`{"n":1,"m":0.5}`, `{"n":1.0,"m":5e-1}`},
+		{`{"n":9007199254740993}`, `{"n":9007199254740992}`},
+		{`{"x":1e400}`, `{"x":1e-400}`},
+		{`{"location":{"region":"US","plant":"Redmond43"}}`, `{"location":{"plant":"Redmond44"}}`},
+		{`{"a.b":1,"$version":2," ":3}`, `{"a":{"b":{"c":{"d":{"e":{"f":{"g":{"h":{"i":{"j":{"k":{}}}}}}}}}}}}`},
+		{`{}`, `[]`},
+		{`null`, `{"a":"\u2028\ud800x"}`},
+		{`{"a":1} {}`, `{"a":`},
+	}
+	for _, s := range seeds {
+		f.Add([]byte(s[0]), []byte(s[1]))
+	}
+	now := time.Date(2024, 1, 1, 0, 0, 0, 0, time.UTC)
+	f.Fuzz(func(t *testing.T, a, b []byte) {
+		from, errA := Decode(a)
+		to, errB := Decode(b)
+		_, _ = DecodeRaw(a)
+		for _, d := range []Doc{from, to} {
+			if d == nil {
+				continue
+			}
+			for _, s := range []Section{Tags, Desired, Reported} {
+				_ = ValidateDocument(s, "spec", d)
+				_ = ValidatePatch(s, "spec", d)
+			}
+			_ = Size(d)
+			_ = MirrorLabels(d)
+			enc := Encode(d)
+			back, err := Decode(enc)
+			if err != nil {
+				t.Fatalf("Decode(Encode(d)) failed: %v on %s", err, enc)
+			}
+			if !Equal(back, d) {
+				t.Fatalf("Encode/Decode round trip changed %s", enc)
+			}
+		}
+		if errA != nil || errB != nil {
+			return
+		}
+		patch := Diff(from, to)
+		got := MergePatch(from, patch)
+		if !hasNullMember(to) && !Equal(got, to) {
+			t.Fatalf("from %s to %s: diff %s merges to %s", Encode(from), Encode(to), Encode(patch), Encode(got))
+		}
+		_ = ValidatePatch(Desired, "", patch)
+		merged := MergePatch(from, to) // to as a device's patch
+		_, _ = Delta(to, from)
+		md := UpdateMetadata(nil, from, from, now, 1)
+		md = UpdateMetadata(md, merged, to, now.Add(time.Second), 2)
+		if !metaMatches(md, merged) {
+			t.Fatalf("metadata %s does not mirror %s", Encode(md), Encode(merged))
+		}
+	})
+}
