@@ -88,6 +88,8 @@ up() {
 	run kubectl patch devicetwin mydeviceid --type merge -p '{"spec":{"desired":{"telemetryConfig":{"sendFrequencyInSecs":30}}}}'
 	wait_for 30 "the device to receive desired v2" grep -q "desired v2" "$state/device.log"
 	grep "desired v2" "$state/device.log" | sed 's/^/  device | /'
+	gen=$(kubectl get devicetwin mydeviceid -o jsonpath='{.metadata.generation}')
+	run kubectl wait --for=jsonpath='{.status.observedGeneration}'="$gen" devicetwin/mydeviceid --timeout=60s
 	run kubectl wait --for=condition=InSync devicetwin/mydeviceid --timeout=60s
 	run kubectl get devicetwin mydeviceid -o jsonpath='desired v{.status.desiredVersion}, reported v{.status.reportedVersion}: {.status.reported}{"\n"}'
 
