@@ -215,10 +215,11 @@ func (r *DeviceTwinReconciler) owner(ctx context.Context, t *v1alpha1.DeviceTwin
 }
 
 // ResolveDeviceID finds the twin that owns a device id: the oldest of the
-// twins that claim it.
+// twins that claim it. c is the manager's cache; the result is shared with
+// it (no deep copy on this per-message path) and must not be modified.
 func ResolveDeviceID(ctx context.Context, c client.Reader, deviceID string) (*v1alpha1.DeviceTwin, error) {
 	var list v1alpha1.DeviceTwinList
-	if err := c.List(ctx, &list, client.MatchingFields{DeviceIDIndex: deviceID}); err != nil {
+	if err := c.List(ctx, &list, client.MatchingFields{DeviceIDIndex: deviceID}, client.UnsafeDisableDeepCopy); err != nil {
 		return nil, err
 	}
 	var live []*v1alpha1.DeviceTwin

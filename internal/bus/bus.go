@@ -6,8 +6,11 @@
 // Handler together with an Ack function. The operator calls Ack only once
 // the message's effect is durable in the Kubernetes API: Paho then sends the
 // PUBACK to the broker (which keeps the message in the operator's persistent
-// session until then); Embedded then lets the broker PUBACK the device. So a
-// message is never acknowledged before it is stored.
+// session until then); Embedded then sends the device its PUBACK (and only
+// then has the broker retain and forward the message). So a message is never
+// acknowledged before it is stored. Embedded goes on reading a device's
+// later QoS 1 messages while earlier ones wait for Ack, so the operator may
+// store several of them together.
 package bus
 
 import (

@@ -23,20 +23,21 @@ const (
 	// DefaultListen is the default listen address of the embedded broker.
 	DefaultListen = ":1883"
 	// DefaultAckTimeout is how long the embedded broker waits by default for
-	// the operator to acknowledge a device's QoS 1 message.
+	// the operator to acknowledge a device's QoS 2 message.
 	DefaultAckTimeout = 30 * time.Second
 )
 
 const (
 	embeddedHookID     = "kubetwin-bus"
 	embeddedListenerID = "kubetwin-tcp"
-	// closedPollInterval is how often a publish waiting for its Ack checks
-	// whether its connection was closed (mochi has no channel for that).
+	// closedPollInterval is how often a QoS 2 publish waiting for its Ack
+	// checks whether its connection was closed (mochi has no channel for
+	// that).
 	closedPollInterval = 100 * time.Millisecond
 )
 
-// errAckTimeout is the stop cause of a device connection whose message the
-// operator did not acknowledge in time.
+// errAckTimeout is the stop cause of a device connection whose QoS 2
+// message the operator did not acknowledge in time.
 var errAckTimeout = errors.New("operator did not acknowledge the message in time")
 
 // EmbeddedOptions configures NewEmbedded.
@@ -51,24 +52,39 @@ type EmbeddedOptions struct {
 	Presence PresenceHandler
 	// Logger receives the bus's logs and, at V(1), the broker's.
 	Logger logr.Logger
-	// AckTimeout bounds how long a device's QoS 1 message waits for Ack
-	// before the broker drops it without PUBACK and disconnects the device,
+	// AckTimeout bounds how long a device's QoS 2 message waits for Ack
+	// before the broker drops it without PUBREC and disconnects the device,
 	// which then resends it when it reconnects. DefaultAckTimeout if zero.
 	// Keep it below the devices' keepalive plus ping timeout: a device
-	// cannot get a PINGRESP while its message waits.
+	// cannot get a PINGRESP while its QoS 2 message waits. QoS 1 messages
+	// (all the kubetwin protocol uses) have no such bound: they wait for
+	// Ack without holding up the connection; see Embedded.
 	AckTimeout time.Duration
 }
 
 // Embedded is a Bus that runs a mochi-mqtt broker inside the operator.
-// Devices connect to it directly; a device's QoS 1 message is handed to the
-// Handler and the device gets its PUBACK only after Ack.
+// Devices connect to it directly; a device's QoS 1 or 2 message on a kubetwin
+// topic is handed to the Handler and the device gets its PUBACK (PUBREC)
+// only after Ack.
 //
-// While a message waits for Ack, the broker reads nothing else from that
-// device's connection (mochi processes each connection's packets one at a
-// time), so each device has at most one unacknowledged message. Other
-// devices are not affected.
+// QoS 1: the broker goes on reading the device's connection while messages
+// wait for Ack, so one device can have many unacknowledged messages at once
+// (up to its own in-flight limit) and the operator can store a burst of them
+// together. Ack writes the PUBACK itself, in the order of the Ack calls;
+// only then does the broker retain the message (if flagged) and forward it
+// to subscribers. If the connection has ended by then, Ack does neither: the
+// device resends the message when it resumes its session, and the operator
+// gets it again.
 //
-// The Handler is called from the goroutines of many connections at once.
+// QoS 2 (not used by the kubetwin protocol): while a message waits for Ack,
+// the broker reads nothing else from that device's connection (mochi
+// processes each connection's packets one at a time), for at most
+// AckTimeout. Other devices are not affected.
+//
+// QoS 0 messages are handed to the Handler with an Ack that does nothing.
+//
+// The Handler is called from the goroutines of many connections at once,
+// for each connection in the order its messages arrive.
 //
 // Every client may connect and use every topic; device authentication is
 // not done yet. Only the client id "inline", which mochi reserves for its
@@ -87,8 +103,13 @@ type Embedded struct {
 	stopping chan struct{} // closed when Start's ctx ends, before the server closes
 	addr     string        // written before ready is closed
 
-	mu    sync.Mutex
-	conns map[string]*mqtt.Client // live connection per client id, for presence
+	mu      sync.Mutex
+	conns   map[string]*mqtt.Client      // live connection per client id, for presence
+	pending map[*mqtt.Client]*deviceConn // connections that published QoS 1 messages
+
+	// forwarders are inline clients through which an acknowledged QoS 1
+	// message is published to subscribers (see forward).
+	forwarders sync.Pool
 }
 
 var _ Bus = (*Embedded)(nil)
@@ -113,6 +134,7 @@ func NewEmbedded(o EmbeddedOptions) (*Embedded, error) {
 		ready:      make(chan struct{}),
 		stopping:   make(chan struct{}),
 		conns:      map[string]*mqtt.Client{},
+		pending:    map[*mqtt.Client]*deviceConn{},
 	}
 	e.server = mqtt.New(&mqtt.Options{
 		InlineClient: true,
@@ -123,6 +145,7 @@ func NewEmbedded(o EmbeddedOptions) (*Embedded, error) {
 	if err := e.server.AddHook(&embeddedHook{e: e}, nil); err != nil {
 		return nil, fmt.Errorf("embedded bus: add hook: %w", err)
 	}
+	e.forwarders.New = func() any { return e.server.NewClient(nil, mqtt.LocalListener, "", true) }
 	return e, nil
 }
 
@@ -152,8 +175,8 @@ func (e *Embedded) Start(ctx context.Context) error {
 
 	e.log.Info("embedded broker stopping", "address", e.addr)
 	e.running.Store(false)
-	// Release publishes waiting for Ack first: Server.Close waits for every
-	// connection's goroutine, which includes those blocked in our hook.
+	// Release QoS 2 publishes waiting for Ack first: Server.Close waits for
+	// every connection's goroutine, which includes those blocked in our hook.
 	close(e.stopping)
 	if err := e.server.Close(); err != nil {
 		return fmt.Errorf("embedded bus: close: %w", err)
@@ -199,20 +222,129 @@ func (e *Embedded) Connected() bool { return e.running.Load() }
 // NeedLeaderElection makes the manager start the broker only on the leader.
 func (e *Embedded) NeedLeaderElection() bool { return true }
 
-// deliver hands a device message to the Handler and, for QoS 1 and 2, waits
-// for its Ack. It returns an error when the message must be dropped
-// without acknowledging it to the device.
-func (e *Embedded) deliver(cl *mqtt.Client, in protocol.Inbound, pk packets.Packet) error {
+// deliver hands a device message to the Handler. It reports whether the
+// broker must drop the message (not PUBACK, retain or forward it) because it
+// is acknowledged later by the message's Ack (QoS 1), and, for QoS 2, returns
+// an error when the message must be dropped without PUBREC.
+func (e *Embedded) deliver(cl *mqtt.Client, in protocol.Inbound, pk packets.Packet) (deferred bool, err error) {
 	msg := Message{
 		Inbound:  in,
 		Payload:  bytes.Clone(pk.Payload),
 		Received: time.Now(),
 		Ack:      func() {},
 	}
-	if pk.FixedHeader.Qos == 0 {
+	switch pk.FixedHeader.Qos {
+	case 0:
 		e.handler(msg)
-		return nil
+		return false, nil
+	case 1:
+		dc := e.deviceConn(cl)
+		var once sync.Once
+		msg.Ack = func() { once.Do(func() { e.ack(cl, dc, in, pk) }) }
+		e.handler(msg)
+		return true, nil
+	default:
+		return false, e.deliverAndWait(cl, in, msg)
 	}
+}
+
+// deviceConn is what Embedded knows about a device connection that has QoS 1
+// messages waiting for Ack. Its lock orders the Acks' PUBACKs and forwards
+// against each other and against the end of the connection.
+type deviceConn struct {
+	mu sync.Mutex
+	// gone is set once the connection has ended or its last will is being
+	// published: an Ack after that must neither PUBACK nor forward (the
+	// device resends the message), and a forward must not overtake the
+	// will, e.g. a retained birth the will's retained "offline".
+	gone bool
+}
+
+// deviceConn returns the deviceConn of cl, creating it.
+func (e *Embedded) deviceConn(cl *mqtt.Client) *deviceConn {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	dc, ok := e.pending[cl]
+	if !ok {
+		dc = &deviceConn{}
+		e.pending[cl] = dc
+	}
+	return dc
+}
+
+// connEnded marks cl's deviceConn, if any, gone; with forget it also drops
+// it. It runs on cl's own goroutine, like every call that creates it, so a
+// dropped deviceConn is not created again.
+func (e *Embedded) connEnded(cl *mqtt.Client, forget bool) {
+	e.mu.Lock()
+	dc, ok := e.pending[cl]
+	if ok && forget {
+		delete(e.pending, cl)
+	}
+	e.mu.Unlock()
+	if !ok {
+		return
+	}
+	// Waits for an Ack in progress, so its forward precedes the will.
+	dc.mu.Lock()
+	dc.gone = true
+	dc.mu.Unlock()
+}
+
+// ack acknowledges the QoS 1 message pk that cl published: it writes the
+// PUBACK and then retains and forwards the message as mochi would have.
+func (e *Embedded) ack(cl *mqtt.Client, dc *deviceConn, in protocol.Inbound, pk packets.Packet) {
+	dc.mu.Lock()
+	defer dc.mu.Unlock()
+	if dc.gone || cl.Closed() {
+		e.log.V(1).Info("device connection ended before Ack; the device resends the message when it reconnects",
+			"clientID", cl.ID, "deviceID", in.DeviceID, "kind", in.Kind, "requestID", in.RequestID, "packetID", pk.PacketID)
+		return
+	}
+	// What mochi's buildAck makes for a QoS 1 PUBLISH, without copying the
+	// PUBLISH's properties (mochi's default echoes its user properties) and
+	// with reason code Success (mochi's 0x01 "granted QoS 1" is not a PUBACK
+	// reason code). With reason Success and no properties an MQTT 5 PUBACK
+	// is just the packet id, as a 3.1.1 one is. Expiry stays 0: it is for
+	// PUBLISHes (WritePacket would turn it into a message expiry property).
+	// WritePacket takes the client's lock, so it is safe next to mochi's own
+	// writes.
+	puback := packets.Packet{
+		FixedHeader: packets.FixedHeader{Type: packets.Puback},
+		PacketID:    pk.PacketID,
+		ReasonCode:  packets.CodeSuccess.Code,
+	}
+	if err := cl.WritePacket(puback); err != nil {
+		e.log.V(1).Info("sending PUBACK failed; the device resends the message when it reconnects",
+			"clientID", cl.ID, "deviceID", in.DeviceID, "kind", in.Kind, "requestID", in.RequestID, "packetID", pk.PacketID,
+			"reason", err.Error())
+		return
+	}
+	e.forward(cl.ID, pk)
+}
+
+// forward retains pk if flagged and publishes it to its subscribers, as
+// mochi does after the PUBACK of a message it was not told to drop. mochi
+// has no exported call for that, so pk is injected through an inline client
+// with the device's client id, which mochi records as the message's origin
+// (for the MQTT 5 no-local option). Inline clients are not registered with
+// the broker; each serves one forward at a time.
+func (e *Embedded) forward(clientID string, pk packets.Packet) {
+	fw := e.forwarders.Get().(*mqtt.Client)
+	defer e.forwarders.Put(fw)
+	fw.ID = clientID
+	// The topic alias was resolved when the message arrived; applying it
+	// again would undo a later remapping by the device.
+	pk.Properties.TopicAlias = 0
+	pk.Properties.TopicAliasFlag = false
+	if err := e.server.InjectPacket(fw, pk); err != nil {
+		e.log.Error(err, "forwarding device message failed", "clientID", clientID, "topic", pk.TopicName)
+	}
+}
+
+// deliverAndWait hands a QoS 2 message to the Handler and waits for its Ack.
+// It returns an error when the message must be dropped without PUBREC.
+func (e *Embedded) deliverAndWait(cl *mqtt.Client, in protocol.Inbound, msg Message) error {
 	acked := make(chan struct{})
 	var once sync.Once
 	msg.Ack = func() { once.Do(func() { close(acked) }) }
@@ -227,7 +359,7 @@ func (e *Embedded) deliver(cl *mqtt.Client, in protocol.Inbound, pk packets.Pack
 		case <-acked:
 			// mochi set the connection's read and write deadline to 1.5 x
 			// keepalive before it read this packet; waiting may have used it
-			// up, and then the PUBACK write would fail.
+			// up, and then the PUBREC write would fail.
 			refreshDeadline(cl)
 			return nil
 		case <-timeout.C:
@@ -240,7 +372,7 @@ func (e *Embedded) deliver(cl *mqtt.Client, in protocol.Inbound, pk packets.Pack
 			return errors.New("broker is stopping")
 		case <-poll.C:
 			// The device reconnected (session take-over) or the server
-			// closed the connection: the PUBACK can no longer be sent.
+			// closed the connection: the PUBREC can no longer be sent.
 			if cl.Closed() {
 				return errors.New("connection closed")
 			}
@@ -311,7 +443,7 @@ func (h *embeddedHook) Provides(b byte) bool {
 	switch b {
 	case mqtt.OnConnectAuthenticate, mqtt.OnACLCheck,
 		mqtt.OnPublish, mqtt.OnPacketProcessed,
-		mqtt.OnSessionEstablished, mqtt.OnDisconnect:
+		mqtt.OnSessionEstablished, mqtt.OnWill, mqtt.OnDisconnect:
 		return true
 	}
 	return false
@@ -330,11 +462,15 @@ func (h *embeddedHook) OnConnectAuthenticate(cl *mqtt.Client, _ packets.Packet) 
 // OnACLCheck allows every topic.
 func (h *embeddedHook) OnACLCheck(*mqtt.Client, string, bool) bool { return true }
 
-// OnPublish delivers device messages on kubetwin topics and, for QoS 1 and
-// 2, returns only once they are acknowledged. It runs on the publishing
-// connection's read goroutine, so waiting stalls only that connection.
-// Returning packets.ErrRejectPacket makes mochi drop the message without
-// PUBACK and without forwarding it (mochi server.go processPublish).
+// OnPublish delivers device messages on kubetwin topics. It runs on the
+// publishing connection's read goroutine. Returning packets.ErrRejectPacket
+// makes mochi drop the message without PUBACK, without retaining and without
+// forwarding it (mochi server.go processPublish); it does so for every QoS 1
+// message, whose Ack then does all three. That path also leaves the
+// client's receive quota alone (mochi takes from it only after this hook),
+// so any number of QoS 1 messages may wait for Ack. A QoS 2 message is
+// returned only once acknowledged (or dropped), which stalls only that
+// connection.
 func (h *embeddedHook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
 	if cl.Net.Inline {
 		return pk, nil
@@ -343,8 +479,12 @@ func (h *embeddedHook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Pa
 	if err != nil {
 		return pk, nil
 	}
-	if err := h.e.deliver(cl, in, pk); err != nil {
+	deferred, err := h.e.deliver(cl, in, pk)
+	switch {
+	case err != nil:
 		return pk, fmt.Errorf("%w: %w", packets.ErrRejectPacket, err)
+	case deferred:
+		return pk, packets.ErrRejectPacket
 	}
 	return pk, nil
 }
@@ -366,10 +506,21 @@ func (h *embeddedHook) OnSessionEstablished(cl *mqtt.Client, _ packets.Packet) {
 	h.e.online(cl)
 }
 
-// OnDisconnect reports a client offline.
+// OnWill stops Acks of cl's messages from sending a PUBACK or forwarding
+// the message once mochi is about to publish cl's last will, and waits for
+// one in progress. It leaves the will unchanged.
+func (h *embeddedHook) OnWill(cl *mqtt.Client, will mqtt.Will) (mqtt.Will, error) {
+	if !cl.Net.Inline {
+		h.e.connEnded(cl, false)
+	}
+	return will, nil
+}
+
+// OnDisconnect reports a client offline and ends what its Acks may do.
 func (h *embeddedHook) OnDisconnect(cl *mqtt.Client, _ error, _ bool) {
 	if cl.Net.Inline {
 		return
 	}
+	h.e.connEnded(cl, true)
 	h.e.offline(cl)
 }

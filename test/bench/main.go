@@ -1,0 +1,221 @@
+// Command bench measures kubetwin in one run against a real control plane
+// (envtest's kube-apiserver and etcd, from KUBEBUILDER_ASSETS) with the
+// operator (manager, reconciler, bridge, embedded MQTT broker) running in
+// this process, wired as in controllers/suite_test.go:
+//
+//	(a) baseline: the raw API-server rate of DeviceTwin status merge patches,
+//	    sent directly with 32 and 64 in flight to twins in a namespace the
+//	    operator does not watch (measured before the operator starts);
+//	(b) reports: --devices simulated devices (pkg/device, one MQTT connection
+//	    each) report {"seq": n, "t": "<unix nanos>"} at --rate per device per
+//	    second (0: as fast as acknowledgements allow, --inflight per device)
+//	    for --duration; it measures acknowledged (204) reports per second, the
+//	    operator's status writes (bridge.StatusWrites), reports per write and
+//	    publish-to-204 latency, then checks that every twin's status.reported
+//	    is exactly its device's last acknowledged report;
+//	(c) desired: patches spec.desired of --desired twins and measures the time
+//	    from the patch call returning to the device's OnDesired callback.
+//
+// It prints a table and one final JSON line on stdout, progress on stderr,
+// and exits 1 when a twin's status does not hold its device's last
+// acknowledged report (2 when the run itself failed).
+//
+//	KUBEBUILDER_ASSETS=$(hack/controlplane.sh) go run ./test/bench [flags]
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// config is the parsed command line.
+type config struct {
+	twins             int
+	baselineInflight  []int
+	baselineDuration  time.Duration
+	devices           int
+	rate              float64
+	inflight          int
+	duration          time.Duration
+	warmup            time.Duration
+	drainTimeout      time.Duration
+	workers           int
+	desired           int
+	desiredParallel   int
+	desiredTimeout    time.Duration
+	connectParallel   int
+	requestTimeout    time.Duration
+	qps               float64
+	burst             int
+	operatorLogLimit  int
+	deviceLogLimit    int
+	operatorVerbosity int
+}
+
+func parseFlags(args []string) (config, error) {
+	var c config
+	var inflight string
+	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
+	fs.IntVar(&c.twins, "twins", 1000, "(a) DeviceTwins the baseline patches")
+	fs.StringVar(&inflight, "baseline-inflight", "32,64", "(a) status patches in flight, one measurement each (comma-separated); the best is the baseline")
+	fs.DurationVar(&c.baselineDuration, "baseline-duration", 10*time.Second, "(a) length of each baseline measurement")
+	fs.IntVar(&c.devices, "devices", 1000, "(b) simulated devices, each with its own MQTT connection and DeviceTwin")
+	fs.Float64Var(&c.rate, "rate", 5, "(b) reports offered per device per second (0: as fast as acknowledgements allow)")
+	fs.IntVar(&c.inflight, "inflight", 1, "(b) reports outstanding per device at most (with --rate>0 a report due while the device has this many outstanding is skipped and counted)")
+	fs.DurationVar(&c.duration, "duration", 20*time.Second, "(b) measured length of the report phase")
+	fs.DurationVar(&c.warmup, "warmup", 3*time.Second, "(b) reporting before the measured window starts (not counted)")
+	fs.DurationVar(&c.drainTimeout, "drain-timeout", 60*time.Second, "(b) how long outstanding reports may take to be answered after the phase")
+	fs.IntVar(&c.workers, "max-concurrent-reconciles", 32, "operator's parallel reconciles (status writes in flight)")
+	fs.IntVar(&c.desired, "desired", 200, "(c) twins whose spec.desired is changed, one change each")
+	fs.IntVar(&c.desiredParallel, "desired-parallel", 4, "(c) desired changes in flight")
+	fs.DurationVar(&c.desiredTimeout, "desired-timeout", 30*time.Second, "(c) how long a device may take to get its desired change")
+	fs.IntVar(&c.connectParallel, "connect-parallel", 32, "devices connecting at the same time during setup")
+	fs.DurationVar(&c.requestTimeout, "request-timeout", 10*time.Second, "device library RequestTimeout (a request unanswered this long is resent)")
+	fs.Float64Var(&c.qps, "qps", 2000, "client-side QPS of the API clients (baseline and operator)")
+	fs.IntVar(&c.burst, "burst", 4000, "client-side burst of the API clients (baseline and operator)")
+	fs.IntVar(&c.operatorLogLimit, "operator-log-lines", 30, "operator error log lines echoed to stderr (all are counted)")
+	fs.IntVar(&c.deviceLogLimit, "device-log-lines", 20, "device library log lines echoed to stderr (all are counted)")
+	fs.IntVar(&c.operatorVerbosity, "operator-v", 0, "operator log verbosity: 0 errors only, 1 info, 2 debug")
+	if err := fs.Parse(args); err != nil {
+		return c, err
+	}
+	if fs.NArg() > 0 {
+		return c, fmt.Errorf("unexpected arguments %q", fs.Args())
+	}
+	for _, s := range strings.Split(inflight, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(s))
+		if err != nil || n < 1 {
+			return c, fmt.Errorf("--baseline-inflight: %q is not a positive number", s)
+		}
+		c.baselineInflight = append(c.baselineInflight, n)
+	}
+	switch {
+	case c.twins < 1:
+		return c, fmt.Errorf("--twins must be at least 1")
+	case c.devices < 1:
+		return c, fmt.Errorf("--devices must be at least 1")
+	case c.rate < 0:
+		return c, fmt.Errorf("--rate must not be negative")
+	case c.inflight < 1:
+		return c, fmt.Errorf("--inflight must be at least 1")
+	case c.duration <= 0:
+		return c, fmt.Errorf("--duration must be positive")
+	case c.desired < 0:
+		return c, fmt.Errorf("--desired must not be negative")
+	}
+	c.desired = min(c.desired, c.devices)
+	c.desiredParallel = max(c.desiredParallel, 1)
+	c.connectParallel = max(c.connectParallel, 1)
+	return c, nil
+}
+
+func main() {
+	cfg, err := parseFlags(os.Args[1:])
+	if err == flag.ErrHelp {
+		os.Exit(0)
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "bench:", err)
+		os.Exit(2)
+	}
+	if os.Getenv("KUBEBUILDER_ASSETS") == "" {
+		fmt.Fprintln(os.Stderr, "bench: KUBEBUILDER_ASSETS is not set: run make bench, or export KUBEBUILDER_ASSETS=$(hack/controlplane.sh)")
+		os.Exit(2)
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	code := run(ctx, cfg)
+	stop()
+	os.Exit(code)
+}
+
+// results are the numbers the run prints.
+type results struct {
+	// (a)
+	Twins            int                `json:"twins"`
+	BaselineByLevel  map[string]float64 `json:"baseline_writes_per_sec_by_inflight"`
+	BaselineErrors   int64              `json:"baseline_errors"`
+	BaselineInflight int                `json:"baseline_inflight"`
+	Baseline         float64            `json:"baseline_writes_per_sec"`
+	// (b)
+	Devices               int     `json:"devices"`
+	RatePerDevice         float64 `json:"rate_per_device"`
+	InflightPerDevice     int     `json:"inflight_per_device"`
+	MaxConcurrentRecs     int     `json:"max_concurrent_reconciles"`
+	DurationSec           float64 `json:"duration_sec"`
+	OfferedPerSec         float64 `json:"offered_reports_per_sec"`
+	ReportsSent           int64   `json:"reports_sent"`
+	ReportsSkipped        int64   `json:"reports_skipped_device_busy"`
+	ReportsAcked          int64   `json:"reports_acked"`
+	ReportsPerSec         float64 `json:"reports_per_sec"`
+	ReportErrors          int64   `json:"report_errors"`
+	StatusWrites          int64   `json:"status_writes"`
+	StatusWriteErrors     int64   `json:"status_write_errors"`
+	WritesPerSec          float64 `json:"status_writes_per_sec"`
+	ReportsPerWrite       float64 `json:"reports_per_write"`
+	WriteRateVsBaseline   float64 `json:"write_rate_vs_baseline_pct"`
+	ReportLatencyP50Ms    float64 `json:"report_latency_p50_ms"`
+	ReportLatencyP99Ms    float64 `json:"report_latency_p99_ms"`
+	ReportLatencyMaxMs    float64 `json:"report_latency_max_ms"`
+	Mismatches            int     `json:"mismatches"`
+	VersionMismatches     int     `json:"reported_version_mismatches"`
+	DevicesWithVersionGap int     `json:"devices_with_version_gaps"`
+	// (c)
+	DesiredChanges      int     `json:"desired_changes"`
+	DesiredReceived     int     `json:"desired_received"`
+	DesiredTimeouts     int     `json:"desired_timeouts"`
+	DesiredBadVersion   int     `json:"desired_unexpected_version"`
+	DesiredLatencyP50Ms float64 `json:"desired_latency_p50_ms"`
+	DesiredLatencyP99Ms float64 `json:"desired_latency_p99_ms"`
+	DesiredLatencyMaxMs float64 `json:"desired_latency_max_ms"`
+	// Health.
+	OperatorErrorLogs int64   `json:"operator_error_logs"`
+	DeviceLogLines    int64   `json:"device_log_lines"`
+	SetupSec          float64 `json:"setup_sec"`
+	TotalSec          float64 `json:"total_sec"`
+}
+
+func printResults(r *results) {
+	w := os.Stdout
+	row := func(name, value string) { fmt.Fprintf(w, "  %-44s %s\n", name, value) }
+	fmt.Fprintln(w)
+	fmt.Fprintln(w, "kubetwin bench")
+	fmt.Fprintln(w, "  ----------------------------------------------------------------------")
+	var levels []string
+	for _, n := range sortedKeys(r.BaselineByLevel) {
+		levels = append(levels, fmt.Sprintf("%s in flight: %.0f/s", n, r.BaselineByLevel[n]))
+	}
+	row(fmt.Sprintf("baseline status patches (%d twins)", r.Twins), strings.Join(levels, ", "))
+	row("baseline writes/s (best)", fmt.Sprintf("%.0f  (%d in flight, %d errors)", r.Baseline, r.BaselineInflight, r.BaselineErrors))
+	fmt.Fprintln(w, "  ----------------------------------------------------------------------")
+	rate := fmt.Sprintf("%g/s per device, offered %.0f/s", r.RatePerDevice, r.OfferedPerSec)
+	if r.RatePerDevice == 0 {
+		rate = "as fast as acknowledged"
+	}
+	row("devices", fmt.Sprintf("%d (%s, %d in flight each, %d reconcilers, %.0fs)", r.Devices, rate, r.InflightPerDevice, r.MaxConcurrentRecs, r.DurationSec))
+	row("reports acknowledged (204)", fmt.Sprintf("%d  (sent %d in the phase, %d skipped: device busy, %d errors)", r.ReportsAcked, r.ReportsSent, r.ReportsSkipped, r.ReportErrors))
+	row("reports/s", fmt.Sprintf("%.0f", r.ReportsPerSec))
+	row("status writes (bridge.StatusWrites, ok)", fmt.Sprintf("%d  (%d errors)", r.StatusWrites, r.StatusWriteErrors))
+	row("status writes/s", fmt.Sprintf("%.0f", r.WritesPerSec))
+	row("reports per write", fmt.Sprintf("%.2f", r.ReportsPerWrite))
+	row("write rate vs baseline", fmt.Sprintf("%.0f%%", r.WriteRateVsBaseline))
+	row("report latency p50 / p99 / max (publish->204)", fmt.Sprintf("%.1f / %.1f / %.1f ms", r.ReportLatencyP50Ms, r.ReportLatencyP99Ms, r.ReportLatencyMaxMs))
+	row("twins not holding last acked report", fmt.Sprintf("%d  (reportedVersion mismatches %d, devices with version gaps %d)", r.Mismatches, r.VersionMismatches, r.DevicesWithVersionGap))
+	fmt.Fprintln(w, "  ----------------------------------------------------------------------")
+	row("desired changes", fmt.Sprintf("%d  (received %d, timeouts %d, unexpected version %d)", r.DesiredChanges, r.DesiredReceived, r.DesiredTimeouts, r.DesiredBadVersion))
+	row("desired latency p50 / p99 / max (patch->OnDesired)", fmt.Sprintf("%.1f / %.1f / %.1f ms", r.DesiredLatencyP50Ms, r.DesiredLatencyP99Ms, r.DesiredLatencyMaxMs))
+	fmt.Fprintln(w, "  ----------------------------------------------------------------------")
+	row("operator error log lines", fmt.Sprintf("%d", r.OperatorErrorLogs))
+	row("device library log lines", fmt.Sprintf("%d", r.DeviceLogLines))
+	row("setup / total time", fmt.Sprintf("%.0fs / %.0fs", r.SetupSec, r.TotalSec))
+	fmt.Fprintln(w)
+	b, _ := json.Marshal(r)
+	fmt.Fprintln(w, string(b))
+}

@@ -1,0 +1,232 @@
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/go-logr/logr"
+	"github.com/go-logr/logr/funcr"
+	. "github.com/onsi/gomega"
+
+	"github.com/kubetwin/kubetwin/pkg/device"
+)
+
+// Killing the operator (SIGKILL, in the middle of a stream of reports) loses
+// no report it acknowledged: for every device, the stored reported document
+// is the last one that got a 204.
+func TestKillLosesNoAcknowledgedReport(t *testing.T) {
+	forEachBroker(t, testKillLosesNoAcknowledgedReport)
+}
+
+// reporter is one device reporting {"seq": n} for n = 1, 2, ...
+type reporter struct {
+	id     string
+	client *device.Client
+
+	mu sync.Mutex
+	st reportState
+}
+
+// reportState is what a reporter has done so far.
+type reportState struct {
+	id          string
+	sent        int64 // highest n sent
+	lastAcked   int64 // highest n that got a 204
+	lastVersion int64 // the reported version of that 204
+	acked       int   // reports that got a 204
+	ackedAfter  int   // of which after the restart
+	err         error // a report that failed: the device stopped
+	slowest     time.Duration
+	slowestSeq  int64
+}
+
+func (r *reporter) snapshot() reportState {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.st
+}
+
+func (s reportState) String() string {
+	return fmt.Sprintf("%s: sent up to seq %d, last acknowledged seq %d (version %d), %d acknowledged (%d after the restart), slowest report seq %d took %s, err=%v",
+		s.id, s.sent, s.lastAcked, s.lastVersion, s.acked, s.ackedAfter, s.slowestSeq, s.slowest.Round(time.Millisecond), s.err)
+}
+
+func testKillLosesNoAcknowledgedReport(t *testing.T, kind brokerKind) {
+	g := NewWithT(t)
+	ns, op := setup(t, kind)
+	const devices = 20
+	logs := newDeviceLog(t)
+
+	sfx := randomSuffix()
+	reporters := make([]*reporter, devices)
+	for i := range reporters {
+		id := fmt.Sprintf("kill-%s-%02d", sfx, i)
+		createTwin(t, ns, id, id, "")
+		reporters[i] = &reporter{id: id, st: reportState{id: id}}
+	}
+	for _, r := range reporters {
+		waitObserved(t, ns, r.id)
+	}
+
+	// Connect the devices (pkg/device: persistent session, clean session false).
+	var wg sync.WaitGroup
+	errs := make([]error, devices)
+	for i, r := range reporters {
+		wg.Go(func() {
+			ctx, cancel := context.WithTimeout(context.Background(), wait)
+			defer cancel()
+			r.client, errs[i] = device.Connect(ctx, device.Options{
+				BrokerURL: op.brokerURL(),
+				DeviceID:  r.id,
+				Logger:    logs.logger(r.id),
+				// Resend unanswered requests sooner than the default 10s.
+				RequestTimeout: 3 * time.Second,
+			})
+		})
+	}
+	wg.Wait()
+	for i, r := range reporters {
+		if errs[i] != nil {
+			t.Fatalf("device %s: %v", r.id, errs[i])
+		}
+		t.Cleanup(func() { _ = r.client.Close() })
+	}
+
+	// Every device reports {"seq": n}, n = 1, 2, ..., one at a time, with
+	// small pauses, until told to stop. A report that is not answered is
+	// resent by the library; Report returns nil only on a 204.
+	var stop, restarted atomic.Bool
+	loops := sync.WaitGroup{}
+	for i, r := range reporters {
+		loops.Go(func() {
+			for n := int64(1); !stop.Load(); n++ {
+				r.mu.Lock()
+				r.st.sent = n
+				r.mu.Unlock()
+				ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+				start := time.Now()
+				v, err := r.client.Report(ctx, map[string]any{"seq": n})
+				took := time.Since(start)
+				cancel()
+				r.mu.Lock()
+				st := &r.st
+				if took > st.slowest {
+					st.slowest, st.slowestSeq = took, n
+				}
+				if err != nil {
+					st.err = fmt.Errorf("report seq %d: %w", n, err)
+					r.mu.Unlock()
+					return
+				}
+				st.lastAcked, st.lastVersion = n, v
+				st.acked++
+				if restarted.Load() {
+					st.ackedAfter++
+				}
+				r.mu.Unlock()
+				time.Sleep(time.Duration(10+(int(n)*7+i*13)%40) * time.Millisecond)
+			}
+		})
+	}
+	stopAll := func() {
+		stop.Store(true)
+		done := make(chan struct{})
+		go func() { loops.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(3 * time.Minute):
+			t.Errorf("device loops did not finish")
+		}
+	}
+	t.Cleanup(stopAll) // also on a failure below
+
+	time.Sleep(2 * time.Second)
+	before := 0
+	for _, r := range reporters {
+		before += r.snapshot().acked
+	}
+	t.Logf("%d reports acknowledged before the kill; killing the operator (SIGKILL)", before)
+	g.Expect(before).To(BeNumerically(">", 0), "no report was acknowledged before the kill")
+	op.kill()
+	time.Sleep(time.Second)
+	op.start()
+	restarted.Store(true)
+	t.Logf("operator restarted")
+
+	// Let the devices recover and keep reporting for a few more seconds.
+	g.Eventually(func(g Gomega) {
+		for _, r := range reporters {
+			s := r.snapshot()
+			g.Expect(s.err).NotTo(HaveOccurred(), "device %s", s.id)
+			g.Expect(s.ackedAfter).To(BeNumerically(">=", 3), "acknowledged reports after the restart: %s", s)
+		}
+	}, 90*time.Second, 200*time.Millisecond).Should(Succeed())
+	time.Sleep(2 * time.Second)
+	stopAll()
+
+	total := 0
+	for _, r := range reporters {
+		s := r.snapshot()
+		t.Log(s)
+		total += s.acked
+		g.Expect(s.err).NotTo(HaveOccurred(), "device %s", s.id)
+		g.Expect(s.lastAcked).To(Equal(s.sent), "device %s: the last report it sent was not acknowledged", s.id)
+	}
+	t.Logf("%d reports acknowledged in all", total)
+
+	// The API server has, for every device, the last acknowledged report,
+	// right away (a 204 means stored) and for good (no old, redelivered
+	// report may overwrite it afterwards).
+	check := func(g Gomega) {
+		for _, r := range reporters {
+			s := r.snapshot()
+			tw := getTwin(g, ns, s.id)
+			g.Expect(doc(tw.Status.Reported)).To(Equal(obj{"seq": num(fmt.Sprint(s.lastAcked))}),
+				"device %s: status.reported (reportedVersion %d) is not its last acknowledged report; %s", s.id, tw.Status.ReportedVersion, s)
+			g.Expect(tw.Status.ReportedVersion).To(BeNumerically(">=", int64(s.acked)),
+				"device %s: status.reportedVersion is below the number of acknowledged reports; %s", s.id, s)
+			g.Expect(tw.Status.ReportedVersion).To(BeNumerically(">=", s.lastVersion),
+				"device %s: status.reportedVersion is below the version of the last 204; %s", s.id, s)
+		}
+	}
+	check(g)
+	g.Consistently(check, 3*time.Second, 500*time.Millisecond).Should(Succeed())
+}
+
+// deviceLog collects the device library's logs of a test and prints them
+// if it fails.
+type deviceLog struct {
+	mu    sync.Mutex
+	lines []string
+}
+
+func newDeviceLog(t *testing.T) *deviceLog {
+	l := &deviceLog{}
+	t.Cleanup(func() {
+		if !t.Failed() {
+			return
+		}
+		l.mu.Lock()
+		defer l.mu.Unlock()
+		lines := l.lines
+		if len(lines) > 2000 {
+			lines = lines[len(lines)-2000:]
+		}
+		t.Logf("device library log (%d lines, last %d):\n%s", len(l.lines), len(lines), strings.Join(lines, "\n"))
+	})
+	return l
+}
+
+func (l *deviceLog) logger(id string) logr.Logger {
+	return funcr.New(func(prefix, args string) {
+		line := time.Now().Format("15:04:05.000") + " " + id + " " + prefix + " " + args
+		l.mu.Lock()
+		l.lines = append(l.lines, line)
+		l.mu.Unlock()
+	}, funcr.Options{})
+}

@@ -1,0 +1,424 @@
+package e2e
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	paho "github.com/eclipse/paho.mqtt.golang"
+
+	"github.com/kubetwin/kubetwin/pkg/protocol"
+)
+
+// Timeouts. They are generous: the suite runs on small CI machines next to
+// a kube-apiserver and etcd.
+const (
+	wait        = 30 * time.Second // for something the operator does
+	tick        = 100 * time.Millisecond
+	readyWait   = 90 * time.Second // for an operator process to serve
+	stopWait    = 30 * time.Second // for an operator process to exit after SIGTERM
+	commandWait = 20 * time.Second // for one mosquitto_pub
+)
+
+// brokerKind says which MQTT broker a test runs against.
+type brokerKind string
+
+const (
+	// embeddedBroker is the operator's own broker (--mqtt-bind-address).
+	embeddedBroker brokerKind = "embedded"
+	// mosquittoBroker is a Mosquitto the test starts (--broker-url).
+	mosquittoBroker brokerKind = "mosquitto"
+)
+
+var brokerKinds = []brokerKind{embeddedBroker, mosquittoBroker}
+
+// operator is the operator binary running as a separate process, so that it
+// can be stopped, restarted and killed. It watches one namespace only, so
+// that tests cannot disturb each other.
+type operator struct {
+	t          *testing.T
+	kind       brokerKind
+	namespace  string
+	brokerAddr string // host:port the devices connect to
+	healthAddr string
+	logPath    string
+
+	mu     sync.Mutex
+	cmd    *exec.Cmd
+	exited chan struct{}
+	starts int
+}
+
+// newOperator prepares (but does not start) an operator for namespace ns.
+// With the embedded broker it listens for devices on a free port that it
+// keeps across restarts; with Mosquitto it connects to brokerAddr.
+func newOperator(t *testing.T, kind brokerKind, ns, brokerAddr string) *operator {
+	t.Helper()
+	o := &operator{
+		t:          t,
+		kind:       kind,
+		namespace:  ns,
+		brokerAddr: brokerAddr,
+		healthAddr: fmt.Sprintf("127.0.0.1:%d", freePort(t)),
+		logPath:    filepath.Join(t.TempDir(), "operator.log"),
+	}
+	if kind == embeddedBroker {
+		o.brokerAddr = fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	}
+	t.Cleanup(func() {
+		if o.running() {
+			o.signalAndWait(syscall.SIGKILL, stopWait)
+		}
+		if t.Failed() {
+			o.printLog()
+		}
+	})
+	return o
+}
+
+// brokerURL is the URL devices use.
+func (o *operator) brokerURL() string { return "tcp://" + o.brokerAddr }
+
+func (o *operator) args() []string {
+	a := []string{
+		"--namespace=" + o.namespace,
+		"--health-probe-bind-address=" + o.healthAddr,
+		"--metrics-bind-address=0",
+		"--zap-log-level=info",
+	}
+	if o.kind == embeddedBroker {
+		return append(a, "--mqtt-bind-address="+o.brokerAddr)
+	}
+	return append(a, "--broker-url=tcp://"+o.brokerAddr, "--broker-client-id=kubetwin-operator-"+o.namespace)
+}
+
+// start starts the operator process and waits until it answers devices.
+func (o *operator) start() {
+	o.t.Helper()
+	o.mu.Lock()
+	if o.cmd != nil {
+		o.mu.Unlock()
+		o.t.Fatal("operator already running")
+	}
+	o.starts++
+	f, err := os.OpenFile(o.logPath, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
+	if err != nil {
+		o.mu.Unlock()
+		o.t.Fatal(err)
+	}
+	fmt.Fprintf(f, "===== e2e: operator start #%d at %s: %s %s\n", o.starts, time.Now().Format(time.RFC3339Nano), managerBin, strings.Join(o.args(), " "))
+	cmd := exec.Command(managerBin, o.args()...)
+	cmd.Env = append(filteredEnv(), "KUBECONFIG="+kubeconfigPath)
+	cmd.Stdout, cmd.Stderr = f, f
+	if err := cmd.Start(); err != nil {
+		_ = f.Close()
+		o.mu.Unlock()
+		o.t.Fatalf("starting the operator: %v", err)
+	}
+	exited := make(chan struct{})
+	o.cmd, o.exited = cmd, exited
+	o.mu.Unlock()
+	go func() {
+		err := cmd.Wait()
+		fmt.Fprintf(f, "===== e2e: operator #%d exited at %s: %v\n", o.starts, time.Now().Format(time.RFC3339Nano), err)
+		_ = f.Close()
+		close(exited)
+	}()
+	o.waitReady()
+}
+
+// filteredEnv is the test's environment without what would point the
+// operator at another cluster.
+func filteredEnv() []string {
+	var out []string
+	for _, kv := range os.Environ() {
+		if strings.HasPrefix(kv, "KUBECONFIG=") || strings.HasPrefix(kv, "KUBERNETES_SERVICE_") {
+			continue
+		}
+		out = append(out, kv)
+	}
+	return out
+}
+
+// running reports whether the process is running.
+func (o *operator) running() bool {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if o.cmd == nil {
+		return false
+	}
+	select {
+	case <-o.exited:
+		return false
+	default:
+		return true
+	}
+}
+
+// stop sends SIGTERM and waits for a graceful exit.
+func (o *operator) stop() {
+	o.t.Helper()
+	if !o.signalAndWait(syscall.SIGTERM, stopWait) {
+		o.t.Errorf("operator did not exit within %s of SIGTERM; killed it", stopWait)
+	}
+}
+
+// kill sends SIGKILL: the operator dies without closing anything.
+func (o *operator) kill() {
+	o.t.Helper()
+	o.signalAndWait(syscall.SIGKILL, stopWait)
+}
+
+// signalAndWait signals the process and waits for it; if it does not exit
+// within d it is killed and signalAndWait returns false.
+func (o *operator) signalAndWait(sig syscall.Signal, d time.Duration) bool {
+	o.mu.Lock()
+	cmd, exited := o.cmd, o.exited
+	o.cmd = nil
+	o.mu.Unlock()
+	if cmd == nil {
+		return true
+	}
+	_ = cmd.Process.Signal(sig)
+	select {
+	case <-exited:
+		return true
+	case <-time.After(d):
+		_ = cmd.Process.Kill()
+		<-exited
+		return false
+	}
+}
+
+// printLog logs the operator's output (the end of it, if it is long).
+func (o *operator) printLog() {
+	b, err := os.ReadFile(o.logPath)
+	if err != nil {
+		o.t.Logf("operator log: %v", err)
+		return
+	}
+	const max = 256 << 10
+	if len(b) > max {
+		b = append([]byte(fmt.Sprintf("[... %d bytes cut ...]\n", len(b)-max)), b[len(b)-max:]...)
+	}
+	o.t.Logf("operator log (%s broker, namespace %s):\n%s", o.kind, o.namespace, b)
+}
+
+// waitReady waits until the process serves /readyz and answers a twin GET
+// over MQTT (a 404 for a device id that has no twin): then its cache has
+// synced, and its broker (or broker connection) and subscriptions are up.
+func (o *operator) waitReady() {
+	o.t.Helper()
+	deadline := time.Now().Add(readyWait)
+	hc := &http.Client{Timeout: 2 * time.Second}
+	for {
+		o.mu.Lock()
+		exited := o.exited
+		o.mu.Unlock()
+		select {
+		case <-exited:
+			o.t.Fatalf("the operator exited while starting (see its log below)")
+		default:
+		}
+		if resp, err := hc.Get("http://" + o.healthAddr + "/readyz"); err == nil {
+			_ = resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				break
+			}
+		}
+		if time.Now().After(deadline) {
+			o.t.Fatalf("the operator did not serve /readyz on %s within %s", o.healthAddr, readyWait)
+		}
+		time.Sleep(tick)
+	}
+	if err := probeMQTT(o.brokerAddr, time.Until(deadline), o.exited); err != nil {
+		o.t.Fatalf("the operator does not answer devices on %s: %v", o.brokerAddr, err)
+	}
+}
+
+// probeMQTT GETs the twin of a device id that has none until the operator
+// answers, connecting as often as needed.
+func probeMQTT(addr string, d time.Duration, exited <-chan struct{}) error {
+	id := "e2e-probe-" + randomSuffix()
+	got := make(chan protocol.Response, 1)
+	opts := paho.NewClientOptions().
+		AddBroker("tcp://"+addr).
+		SetClientID(id).
+		SetProtocolVersion(4).
+		SetCleanSession(true).
+		SetAutoReconnect(false).
+		SetConnectTimeout(2*time.Second).
+		SetDefaultPublishHandler(func(_ paho.Client, m paho.Message) {
+			var r protocol.Response
+			if json.Unmarshal(m.Payload(), &r) == nil {
+				select {
+				case got <- r:
+				default:
+				}
+			}
+		})
+	deadline := time.Now().Add(d)
+	var c paho.Client
+	defer func() {
+		if c != nil {
+			c.Disconnect(0)
+		}
+	}()
+	lastErr := errors.New("not tried")
+	for n := 1; time.Now().Before(deadline); n++ {
+		select {
+		case <-exited:
+			return errors.New("the operator exited")
+		default:
+		}
+		if c == nil || !c.IsConnectionOpen() {
+			if c != nil {
+				c.Disconnect(0)
+				c = nil
+			}
+			nc := paho.NewClient(opts)
+			tok := nc.Connect()
+			if !tok.WaitTimeout(3*time.Second) || tok.Error() != nil {
+				lastErr = fmt.Errorf("connect: %v", tok.Error())
+				time.Sleep(200 * time.Millisecond)
+				continue
+			}
+			c = nc
+			st := c.Subscribe(protocol.ResponseFilter(id), 1, nil)
+			if !st.WaitTimeout(3*time.Second) || st.Error() != nil {
+				lastErr = fmt.Errorf("subscribe: %v", st.Error())
+				continue
+			}
+		}
+		c.Publish(protocol.GetTopic(id, fmt.Sprintf("probe%d", n)), 1, false, []byte{})
+		lastErr = errors.New("no response to the probe GET")
+		select {
+		case r := <-got:
+			if r.Status != protocol.StatusNotFound {
+				return fmt.Errorf("probe GET answered with status %d (%s), want %d", r.Status, r.Error, protocol.StatusNotFound)
+			}
+			return nil
+		case <-time.After(500 * time.Millisecond):
+		}
+	}
+	return fmt.Errorf("no answer within %s: %w", d, lastErr)
+}
+
+// freePort returns a TCP port on 127.0.0.1 that was free a moment ago.
+func freePort(t *testing.T) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatalf("free port: %v", err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+func randomSuffix() string {
+	b := make([]byte, 4)
+	_, _ = rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+// startMosquitto runs a Mosquitto broker on a free port of 127.0.0.1 for
+// the rest of the test and returns its address.
+func startMosquitto(t *testing.T) string {
+	t.Helper()
+	if mosquittoBin == "" {
+		t.Fatal("mosquitto is not installed (apt-get install mosquitto)")
+	}
+	port := freePort(t)
+	dir := t.TempDir()
+	conf := filepath.Join(dir, "mosquitto.conf")
+	cfg := fmt.Sprintf("listener %d 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest stderr\nlog_timestamp_format %%H:%%M:%%S\n", port)
+	if err := os.WriteFile(conf, []byte(cfg), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	logf, err := os.Create(filepath.Join(dir, "mosquitto.log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(mosquittoBin, "-c", conf)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("starting mosquitto: %v", err)
+	}
+	exited := make(chan struct{})
+	go func() { _ = cmd.Wait(); close(exited) }()
+	t.Cleanup(func() {
+		_ = cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-exited:
+		case <-time.After(5 * time.Second):
+			_ = cmd.Process.Kill()
+			<-exited
+		}
+		_ = logf.Close()
+		if t.Failed() {
+			if b, err := os.ReadFile(logf.Name()); err == nil {
+				t.Logf("mosquitto log:\n%s", b)
+			}
+		}
+	})
+	addr := fmt.Sprintf("127.0.0.1:%d", port)
+	deadline := time.Now().Add(wait)
+	for {
+		c, err := net.DialTimeout("tcp", addr, time.Second)
+		if err == nil {
+			_ = c.Close()
+			return addr
+		}
+		select {
+		case <-exited:
+			b, _ := os.ReadFile(logf.Name())
+			t.Fatalf("mosquitto exited:\n%s", b)
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("mosquitto did not listen on %s: %v", addr, err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// setup is the start of every test: its own namespace, its broker and its
+// operator, running.
+func setup(t *testing.T, kind brokerKind) (ns string, op *operator) {
+	t.Helper()
+	ns = newNamespace(t)
+	var addr string
+	if kind == mosquittoBroker {
+		addr = startMosquitto(t)
+	}
+	op = newOperator(t, kind, ns, addr)
+	op.start()
+	return ns, op
+}
+
+// forEachBroker runs f as a subtest per broker kind.
+func forEachBroker(t *testing.T, f func(t *testing.T, kind brokerKind)) {
+	for _, kind := range brokerKinds {
+		t.Run(string(kind), func(t *testing.T) { f(t, kind) })
+	}
+}
+
+// withTimeout is a context for one step.
+func withTimeout(t *testing.T, d time.Duration) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	t.Cleanup(cancel)
+	return ctx
+}
