@@ -198,6 +198,8 @@ type DeviceTwinStatus struct {
 // +kubebuilder:object:root=true
 // +kubebuilder:subresource:status
 // +kubebuilder:resource:shortName={twin,dt},categories=iot
+// +kubebuilder:selectablefield:JSONPath=`.status.deviceId`
+// +kubebuilder:selectablefield:JSONPath=`.status.connectionState`
 // +kubebuilder:printcolumn:name="Device",type=string,JSONPath=`.status.deviceId`
 // +kubebuilder:printcolumn:name="Connected",type=string,JSONPath=`.status.conditions[?(@.type=="Connected")].status`
 // +kubebuilder:printcolumn:name="InSync",type=string,JSONPath=`.status.conditions[?(@.type=="InSync")].status`
