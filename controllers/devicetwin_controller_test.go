@@ -448,3 +448,36 @@ func retained(topic string) (string, error) {
 		return "", nil
 	}
 }
+
+// A reported patch resent with the same request id is answered with the
+// version the first copy got and not applied twice.
+func TestResendSameRequestIDAppliedOnce(t *testing.T) {
+	g := NewWithT(t)
+	ns := newNamespace(t)
+	createTwin(t, ns, "resend", "resend-1", "", "")
+	waitObserved(t, ns, "resend")
+
+	o := mqtt.NewClientOptions().AddBroker(brokerURL).SetClientID("resend-1")
+	c := mqtt.NewClient(o)
+	tok := c.Connect()
+	g.Expect(tok.WaitTimeout(wait)).To(BeTrue())
+	g.Expect(tok.Error()).NotTo(HaveOccurred())
+	defer c.Disconnect(50)
+	responses := make(chan protocol.Response, 4)
+	c.Subscribe(protocol.ResponseFilter("resend-1"), 1, func(_ mqtt.Client, m mqtt.Message) {
+		var r protocol.Response
+		_ = json.Unmarshal(m.Payload(), &r)
+		responses <- r
+	}).WaitTimeout(wait)
+
+	for range 2 {
+		pt := c.Publish(protocol.ReportedTopic("resend-1", "same-rid"), 1, false, []byte(`{"n":1}`))
+		g.Expect(pt.WaitTimeout(wait)).To(BeTrue())
+		var r protocol.Response
+		g.Eventually(responses, wait).Should(Receive(&r))
+		g.Expect(r.Status).To(Equal(protocol.StatusNoContent))
+		g.Expect(r.Version).To(BeEquivalentTo(1))
+	}
+	tw := getTwin(g, ns, "resend")
+	g.Expect(tw.Status.ReportedVersion).To(BeEquivalentTo(1))
+}

@@ -272,7 +272,19 @@ func (b *Bridge) handleReported(ctx context.Context, t *v1alpha1.DeviceTwin, m b
 		return
 	}
 	var refused error
+	answered := int64(-1)
 	err = b.with(t, func(d *device) {
+		if v, seen := d.recent[m.RequestID]; seen {
+			// A resend of a request already applied: answer it, once
+			// its version is persisted, without applying it again.
+			if v <= d.persisted.ReportedVersion {
+				answered = v
+				return
+			}
+			d.pending = append(d.pending, pendingAck{rid: m.RequestID, version: v, ack: m.Ack, received: m.Received})
+			b.wake(t, d)
+			return
+		}
 		merged := twin.MergePatch(d.reported, patch)
 		if err := twin.CheckSize(twin.Reported, "reported", merged); err != nil {
 			refused = err
@@ -284,10 +296,16 @@ func (b *Bridge) handleReported(ctx context.Context, t *v1alpha1.DeviceTwin, m b
 		d.reportedVersion++
 		d.lastActivity = now
 		d.pending = append(d.pending, pendingAck{rid: m.RequestID, version: d.reportedVersion, ack: m.Ack, received: m.Received})
+		d.remember(m.RequestID, d.reportedVersion)
 		b.wake(t, d)
 	})
 	if err != nil {
 		b.refuseInternal(ctx, m, err)
+		return
+	}
+	if answered >= 0 {
+		b.respond(ctx, m.DeviceID, m.RequestID, protocol.Response{Status: protocol.StatusNoContent, Version: answered})
+		m.Ack()
 		return
 	}
 	if refused != nil {

@@ -45,6 +45,26 @@ type device struct {
 
 	pending []pendingAck
 	queued  bool // an event for this device is waiting in the controller's queue
+
+	// recent maps the request ids of recent reported patches to the
+	// version they got, so a resend (same rid) is answered, not reapplied.
+	recent      map[string]int64
+	recentOrder []string
+}
+
+// recentRequests bounds how many request ids a device remembers.
+const recentRequests = 256
+
+func (d *device) remember(rid string, version int64) {
+	if d.recent == nil {
+		d.recent = make(map[string]int64, recentRequests)
+	}
+	if len(d.recentOrder) == recentRequests {
+		delete(d.recent, d.recentOrder[0])
+		d.recentOrder = d.recentOrder[1:]
+	}
+	d.recent[rid] = version
+	d.recentOrder = append(d.recentOrder, rid)
 }
 
 // Snapshot is a consistent copy of a device's working state, taken by the
