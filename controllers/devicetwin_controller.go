@@ -137,23 +137,20 @@ func (r *DeviceTwinReconciler) now() time.Time {
 }
 
 // validSpec decodes spec.desired and checks spec.tags and spec.desired
-// against the twin rules.
+// against the twin rules, with the same messages as the admission webhook
+// (internal/webhook), which refuses such specs up front when installed.
 func validSpec(t *v1alpha1.DeviceTwin) (twin.Doc, error) {
-	tags, err := specDoc(t.Spec.Tags)
-	if err != nil {
-		return nil, fmt.Errorf("spec.tags: %w", err)
-	}
-	if err := twin.ValidateDocument(twin.Tags, "spec.tags", tags); err != nil {
+	if _, err := twin.ParseSection(twin.Tags, "spec.tags", rawBytes(t.Spec.Tags)); err != nil {
 		return nil, err
 	}
-	desired, err := specDoc(t.Spec.Desired)
-	if err != nil {
-		return nil, fmt.Errorf("spec.desired: %w", err)
+	return twin.ParseSection(twin.Desired, "spec.desired", rawBytes(t.Spec.Desired))
+}
+
+func rawBytes(j *apiextensionsv1.JSON) []byte {
+	if j == nil {
+		return nil
 	}
-	if err := twin.ValidateDocument(twin.Desired, "spec.desired", desired); err != nil {
-		return nil, err
-	}
-	return desired, nil
+	return j.Raw
 }
 
 func specDoc(j *apiextensionsv1.JSON) (twin.Doc, error) {

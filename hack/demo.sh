@@ -11,6 +11,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 root=$PWD
 state=$root/.demo
 mqtt_port=${KUBETWIN_DEMO_MQTT_PORT:-1883}
+webhook_port=${KUBETWIN_DEMO_WEBHOOK_PORT:-9443}
+webhook_url=https://127.0.0.1:$webhook_port
 
 down() {
 	for p in device manager localcluster; do
@@ -55,10 +57,22 @@ up() {
 	wait_for 60 "the control plane" test -s "$KUBECONFIG"
 	run kubectl get crd devicetwins.kubetwin.io
 
-	step "Starting the operator with its embedded MQTT broker on :$mqtt_port"
-	bin/manager --mqtt-bind-address "127.0.0.1:$mqtt_port" --health-probe-bind-address 127.0.0.1:0 >"$state/manager.log" 2>&1 &
+	step "Registering the admission webhooks (config/webhook), served by the operator"
+	run kubectl apply -f config/webhook/manifests.yaml
+
+	step "Starting the operator with its embedded MQTT broker on :$mqtt_port and its webhooks on $webhook_url"
+	# Outside a cluster the API server reaches the webhooks by URL: the operator
+	# points the configurations at it, issues its own CA and serving
+	# certificate (Secret default/kubetwin-webhook-server-cert) and sets the
+	# caBundle.
+	bin/manager --mqtt-bind-address "127.0.0.1:$mqtt_port" --health-probe-bind-address 127.0.0.1:0 \
+		--webhook-port "$webhook_port" --webhook-url "$webhook_url" --webhook-config-name admission \
+		--webhook-cert-dir "$state/webhook-certs" >"$state/manager.log" 2>&1 &
 	echo $! >"$state/manager.pid"
 	wait_for 30 "the embedded broker" bash -c "exec 3<>/dev/tcp/127.0.0.1/$mqtt_port"
+	wait_for 30 "the webhook server" bash -c "exec 3<>/dev/tcp/127.0.0.1/$webhook_port"
+	wait_for 30 "the caBundle" bash -c "kubectl get validatingwebhookconfiguration admission -o jsonpath='{.webhooks[0].clientConfig.caBundle}' | grep -q ."
+	run kubectl get validatingwebhookconfiguration admission -o jsonpath='{.webhooks[0].name} -> {.webhooks[0].clientConfig.url} (failurePolicy {.webhooks[0].failurePolicy}){"\n"}'
 
 	step "1-2. The back end creates device myDeviceId with tags location.region=US, location.plant=Redmond43"
 	run cat config/samples/kubetwin_v1alpha1_devicetwin.yaml
@@ -92,6 +106,23 @@ up() {
 	run kubectl wait --for=jsonpath='{.status.observedGeneration}'="$gen" devicetwin/mydeviceid --timeout=60s
 	run kubectl wait --for=condition=InSync devicetwin/mydeviceid --timeout=60s
 	run kubectl get devicetwin mydeviceid -o jsonpath='desired v{.status.desiredVersion}, reported v{.status.reportedVersion}: {.status.reported}{"\n"}'
+
+	step "7. A bad manifest is refused at apply time, naming the field and the rule, and nothing is stored"
+	run cat config/samples/bad/devicetwin_array.yaml
+	printf '$ %s\n' "kubectl apply -f config/samples/bad/devicetwin_array.yaml"
+	if kubectl apply -f config/samples/bad/devicetwin_array.yaml; then
+		echo "demo: the bad manifest was accepted" >&2; exit 1
+	fi
+	printf '$ %s\n' "kubectl get devicetwin bad-array"
+	if kubectl get devicetwin bad-array; then
+		echo "demo: the bad twin was stored" >&2; exit 1
+	fi
+	echo "(the same rule holds for changes to an existing twin:)"
+	printf '$ %s\n' "kubectl patch devicetwin mydeviceid --type merge -p '{\"spec\":{\"desired\":{\"telemetryConfig\":{\"sendFrequencyInSecs\":4503599627370497}}}}'"
+	if kubectl patch devicetwin mydeviceid --type merge -p '{"spec":{"desired":{"telemetryConfig":{"sendFrequencyInSecs":4503599627370497}}}}'; then
+		echo "demo: the bad change was accepted" >&2; exit 1
+	fi
+	run kubectl get devicetwin mydeviceid -o jsonpath='desired: {.spec.desired}{"\n"}'
 
 	step "The demo environment keeps running"
 	echo "  export KUBECONFIG=$KUBECONFIG"

@@ -10,8 +10,11 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"net/url"
 	"os"
+	"path/filepath"
 	"strings"
+	"time"
 
 	"k8s.io/apimachinery/pkg/runtime"
 	utilruntime "k8s.io/apimachinery/pkg/util/runtime"
@@ -19,16 +22,19 @@ import (
 	_ "k8s.io/client-go/plugin/pkg/client/auth"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/cache"
+	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/healthz"
 	"sigs.k8s.io/controller-runtime/pkg/log/zap"
 	"sigs.k8s.io/controller-runtime/pkg/manager"
 	"sigs.k8s.io/controller-runtime/pkg/metrics/filters"
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
+	crwebhook "sigs.k8s.io/controller-runtime/pkg/webhook"
 
 	"github.com/kubetwin/kubetwin/api/v1alpha1"
 	"github.com/kubetwin/kubetwin/controllers"
 	"github.com/kubetwin/kubetwin/internal/bridge"
 	"github.com/kubetwin/kubetwin/internal/bus"
+	"github.com/kubetwin/kubetwin/internal/webhook"
 )
 
 var scheme = runtime.NewScheme()
@@ -51,6 +57,36 @@ type options struct {
 	brokerCAFile, brokerCertFile, brokerKeyFile   string
 	brokerInsecure                                bool
 	mqttListen                                    string
+
+	webhook webhookOptions
+}
+
+// webhookOptions are the flags of the admission webhooks.
+type webhookOptions struct {
+	disable                  bool
+	port                     int
+	certDir                  string
+	manageCerts              bool
+	serviceName, serviceNS   string
+	secretName, secretNS     string
+	hosts                    stringList
+	url                      string
+	configName               string
+	certValidity, caValidity time.Duration
+}
+
+// stringList is a flag that may be repeated or hold comma-separated values.
+type stringList []string
+
+func (l *stringList) String() string { return strings.Join(*l, ",") }
+
+func (l *stringList) Set(v string) error {
+	for _, s := range strings.Split(v, ",") {
+		if s = strings.TrimSpace(s); s != "" {
+			*l = append(*l, s)
+		}
+	}
+	return nil
 }
 
 func main() {
@@ -70,6 +106,7 @@ func main() {
 	flag.StringVar(&o.brokerKeyFile, "broker-key-file", "", "PEM client key for the external broker.")
 	flag.BoolVar(&o.brokerInsecure, "broker-insecure-skip-verify", false, "Do not verify the external broker's certificate (testing only).")
 	flag.StringVar(&o.mqttListen, "mqtt-bind-address", ":1883", "Listen address of the embedded MQTT broker.")
+	bindWebhookFlags(&o.webhook)
 	zapOpts := zap.Options{Development: false}
 	zapOpts.BindFlags(flag.CommandLine)
 	flag.Parse()
@@ -113,6 +150,9 @@ func run(ctx context.Context, o options) error {
 	if err := setupProbes(mgr); err != nil {
 		return err
 	}
+	if err := setupWebhook(ctx, mgr, o.webhook); err != nil {
+		return err
+	}
 	log.Info("starting manager", "embeddedBroker", o.brokerURL == "", "brokerUrl", o.brokerURL, "mqttBindAddress", o.mqttListen)
 	return mgr.Start(ctx)
 }
@@ -138,6 +178,14 @@ func setupManager(o options) (ctrl.Manager, error) {
 	}
 	if o.namespace != "" {
 		mo.Cache = cache.Options{DefaultNamespaces: map[string]cache.Config{o.namespace: {}}}
+	}
+	if webhookServed(o.webhook) {
+		// HTTP/2 is off for the webhook server too.
+		mo.WebhookServer = crwebhook.NewServer(crwebhook.Options{
+			Port:    o.webhook.port,
+			CertDir: o.webhook.certDir,
+			TLSOpts: []func(*tls.Config){disableHTTP2},
+		})
 	}
 	mgr, err := ctrl.NewManager(ctrl.GetConfigOrDie(), mo)
 	if err != nil {
@@ -219,4 +267,132 @@ func setupProbes(mgr ctrl.Manager) error {
 		return fmt.Errorf("adding ready check: %w", err)
 	}
 	return nil
+}
+
+func bindWebhookFlags(w *webhookOptions) {
+	flag.BoolVar(&w.disable, "disable-webhook", false, "Do not serve the DeviceTwin admission webhooks.")
+	flag.IntVar(&w.port, "webhook-port", crwebhook.DefaultPort, "Port of the admission webhook server.")
+	flag.StringVar(&w.certDir, "webhook-cert-dir", filepath.Join(os.TempDir(), "k8s-webhook-server", "serving-certs"),
+		"Folder of the webhook serving certificate (tls.crt, tls.key); the operator writes it there unless --webhook-manage-certs=false.")
+	flag.BoolVar(&w.manageCerts, "webhook-manage-certs", true,
+		"Create and rotate the webhook's CA and serving certificate (kept in the --webhook-secret-* Secret) and keep the caBundle of the webhook configurations current. "+
+			"Set false when another tool (cert-manager) provides tls.crt and tls.key in --webhook-cert-dir and injects the caBundle.")
+	flag.StringVar(&w.serviceName, "webhook-service-name", "kubetwin-webhook-service", "Service in front of the webhook server (its DNS names go into the serving certificate).")
+	flag.StringVar(&w.serviceNS, "webhook-service-namespace", "", "Namespace of that Service (default: $POD_NAMESPACE).")
+	flag.StringVar(&w.secretName, "webhook-secret-name", "kubetwin-webhook-server-cert", "Secret that holds the webhook CA and serving certificate.")
+	flag.StringVar(&w.secretNS, "webhook-secret-namespace", "", "Namespace of that Secret (default: the Service's namespace; with --webhook-url and no namespace, \"default\").")
+	flag.Var(&w.hosts, "webhook-host", "Extra DNS name or IP address for the serving certificate (repeatable or comma-separated), e.g. 127.0.0.1.")
+	flag.StringVar(&w.url, "webhook-url", "",
+		"Base URL (https://host:port) the API server should call instead of the Service, for an operator outside the cluster; the webhook configurations are pointed at it and its host goes into the certificate.")
+	flag.StringVar(&w.configName, "webhook-config-name", "kubetwin-admission", "Name of the ValidatingWebhookConfiguration and MutatingWebhookConfiguration to keep the caBundle of.")
+	flag.DurationVar(&w.certValidity, "webhook-cert-validity", webhook.DefaultCertValidity, "Lifetime of the serving certificate; it is replaced at 2/3 of it.")
+	flag.DurationVar(&w.caValidity, "webhook-ca-validity", webhook.DefaultCAValidity, "Lifetime of the webhook CA; it is replaced at 2/3 of it.")
+}
+
+// serviceNamespace is the webhook Service's namespace: the flag, else the
+// pod's namespace from the downward API.
+func (w webhookOptions) serviceNamespace() string {
+	if w.serviceNS != "" {
+		return w.serviceNS
+	}
+	return os.Getenv("POD_NAMESPACE")
+}
+
+// webhookServed reports whether the webhooks are served: unless disabled,
+// when the API server has a way to reach them, a Service (whose namespace
+// is known) or a URL. An operator run from a laptop without --webhook-url
+// therefore serves none, as the API server could not call it.
+func webhookServed(w webhookOptions) bool {
+	return !w.disable && (w.url != "" || w.serviceNamespace() != "")
+}
+
+// setupWebhook registers the DeviceTwin webhooks and, unless certificates
+// come from elsewhere, issues the serving certificate before the manager
+// starts (the webhook server needs it to start) and adds the certificate
+// manager that rotates it.
+func setupWebhook(ctx context.Context, mgr ctrl.Manager, w webhookOptions) error {
+	log := ctrl.Log.WithName("setup")
+	if !webhookServed(w) {
+		reason := "--disable-webhook"
+		if !w.disable {
+			reason = "neither a Service namespace (--webhook-service-namespace, $POD_NAMESPACE) nor --webhook-url is known"
+		}
+		log.Info("admission webhooks not served", "reason", reason)
+		return nil
+	}
+	srv := mgr.GetWebhookServer()
+	webhook.Register(srv, mgr.GetScheme())
+	if err := mgr.AddReadyzCheck("webhook", srv.StartedChecker()); err != nil {
+		return fmt.Errorf("adding webhook ready check: %w", err)
+	}
+	if !w.manageCerts {
+		log.Info("serving admission webhooks with certificates from elsewhere", "certDir", w.certDir, "port", w.port)
+		return nil
+	}
+	co, err := certOptions(w)
+	if err != nil {
+		return err
+	}
+	// A client without a cache: the manager's would watch every Secret.
+	co.Client, err = client.New(mgr.GetConfig(), client.Options{Scheme: mgr.GetScheme()})
+	if err != nil {
+		return fmt.Errorf("creating the certificate client: %w", err)
+	}
+	cm, err := webhook.NewCertManager(co)
+	if err != nil {
+		return err
+	}
+	for wait := time.Second; ; wait *= 2 {
+		_, err := cm.Sync(ctx)
+		if err == nil {
+			break
+		}
+		if wait > 16*time.Second {
+			return fmt.Errorf("issuing the webhook serving certificate: %w", err)
+		}
+		log.Error(err, "issuing the webhook serving certificate; retrying", "retryIn", wait)
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(wait):
+		}
+	}
+	log.Info("serving admission webhooks", "port", w.port, "certDir", w.certDir, "secret", co.SecretNamespace+"/"+co.SecretName,
+		"hosts", co.Hosts, "webhookConfiguration", co.ConfigName, "url", co.URL)
+	return mgr.Add(cm)
+}
+
+// certOptions derives the certificate manager's options from the flags.
+func certOptions(w webhookOptions) (webhook.CertOptions, error) {
+	co := webhook.CertOptions{
+		SecretName:   w.secretName,
+		CertDir:      w.certDir,
+		ConfigName:   w.configName,
+		URL:          w.url,
+		CertValidity: w.certValidity,
+		CAValidity:   w.caValidity,
+		Logger:       ctrl.Log.WithName("webhook-certs"),
+	}
+	ns := w.serviceNamespace()
+	if ns != "" {
+		s := w.serviceName
+		co.Hosts = append(co.Hosts, s+"."+ns+".svc", s+"."+ns+".svc.cluster.local", s+"."+ns, s)
+	}
+	if w.url != "" {
+		u, err := url.Parse(w.url)
+		if err != nil || u.Hostname() == "" {
+			return co, fmt.Errorf("--webhook-url %q is not a URL with a host", w.url)
+		}
+		co.Hosts = append(co.Hosts, u.Hostname())
+	}
+	co.Hosts = append(co.Hosts, w.hosts...)
+	co.SecretNamespace = w.secretNS
+	switch {
+	case co.SecretNamespace != "":
+	case ns != "":
+		co.SecretNamespace = ns
+	default:
+		co.SecretNamespace = "default"
+	}
+	return co, nil
 }

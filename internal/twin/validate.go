@@ -212,3 +212,21 @@ func (v validator) value(path string, val any, depth int) error {
 	}
 	return fail(fmt.Sprintf("unsupported value of type %T", val))
 }
+
+// ParseSection decodes raw, the JSON of section s found at path (the bytes
+// of an optional field such as spec.desired: nil, empty or null is an
+// empty section), and checks it with [ValidateDocument]. Every error is an
+// [*Error] at path or below it, so the admission webhook and the operator
+// report the same path and rule, e.g. "spec.desired.telemetry.intervals:
+// arrays are not allowed in device twins"; JSON that is not an object
+// gives e.g. "spec.tags: twin document must be a JSON object, got an array".
+func ParseSection(s Section, path string, raw []byte) (Doc, error) {
+	d, err := DecodeRaw(raw)
+	if err != nil {
+		return nil, &Error{Path: path, Rule: err.Error()}
+	}
+	if err := ValidateDocument(s, path, d); err != nil {
+		return nil, err
+	}
+	return d, nil
+}

@@ -1,0 +1,202 @@
+// Package webhook holds the DeviceTwin admission webhooks and the
+// certificates they are served with.
+//
+// The validating webhook refuses a DeviceTwin whose spec.tags or
+// spec.desired break the twin rules (package twin, the same checks and
+// messages the MQTT bridge applies to reported patches), whose device id is
+// not an IoT Hub device id, or whose device id changes. Refusals are 422
+// Invalid errors whose causes carry the field path and the rule, so kubectl
+// prints e.g.
+//
+//	spec.desired.telemetry.intervals: arrays are not allowed in device twins
+//
+// The CRD schema and its CEL rule already check the spec.deviceId pattern,
+// length and immutability; the API server runs them before validating
+// webhooks, so for spec.deviceId the webhook is a second line. What only the
+// webhook can say is the recursive document rules and that metadata.name,
+// when it serves as the device id, is too long.
+//
+// On update the webhook ratchets: a section (tags, desired) or device id
+// that did not change is not checked again, so objects stored before the
+// webhook existed can still get labels, finalizers and fixes to the other
+// section.
+//
+// The defaulting webhook sets spec.deviceId to metadata.name on create when
+// it is unset (and the name is a valid device id). See docs/admission.md
+// for the failure policy and for how this plays with server-side apply.
+//
+// [CertManager] issues and rotates the serving certificate and keeps the
+// caBundle of the webhook configurations current.
+package webhook
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"strings"
+
+	"gomodules.xyz/jsonpatch/v2"
+	admissionv1 "k8s.io/api/admission/v1"
+	apiextensionsv1 "k8s.io/apiextensions-apiserver/pkg/apis/apiextensions/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	crwebhook "sigs.k8s.io/controller-runtime/pkg/webhook"
+	"sigs.k8s.io/controller-runtime/pkg/webhook/admission"
+
+	"github.com/kubetwin/kubetwin/api/v1alpha1"
+	"github.com/kubetwin/kubetwin/internal/twin"
+)
+
+// Paths the webhooks are served at; config/webhook/manifests.yaml points
+// the API server at them.
+const (
+	ValidatePath = "/validate-kubetwin-io-v1alpha1-devicetwin"
+	DefaultPath  = "/mutate-kubetwin-io-v1alpha1-devicetwin"
+)
+
+// Register serves the validating and the defaulting webhook on srv.
+func Register(srv crwebhook.Server, scheme *runtime.Scheme) {
+	srv.Register(ValidatePath, admission.WithValidator[*v1alpha1.DeviceTwin](scheme, Validator{}))
+	srv.Register(DefaultPath, &admission.Webhook{Handler: &Defaulter{decoder: admission.NewDecoder(scheme)}})
+}
+
+// Validator is the validating webhook for DeviceTwins.
+type Validator struct{}
+
+var _ admission.Validator[*v1alpha1.DeviceTwin] = Validator{}
+
+// ValidateCreate refuses a new twin that breaks the rules.
+func (Validator) ValidateCreate(_ context.Context, t *v1alpha1.DeviceTwin) (admission.Warnings, error) {
+	return nil, Invalid(t, Validate(nil, t))
+}
+
+// ValidateUpdate refuses a change that breaks the rules or the device id.
+func (Validator) ValidateUpdate(_ context.Context, old, t *v1alpha1.DeviceTwin) (admission.Warnings, error) {
+	return nil, Invalid(t, Validate(old, t))
+}
+
+// ValidateDelete allows every deletion (the webhook is not registered for
+// DELETE).
+func (Validator) ValidateDelete(context.Context, *v1alpha1.DeviceTwin) (admission.Warnings, error) {
+	return nil, nil
+}
+
+// Validate returns the rules t breaks, at most one per part (device id,
+// tags, desired), each with its field path. old is the stored twin on
+// update and nil on create; parts equal to old's are not checked again.
+func Validate(old, t *v1alpha1.DeviceTwin) []*twin.Error {
+	var errs []*twin.Error
+	add := func(err error) {
+		if err == nil {
+			return
+		}
+		var e *twin.Error
+		if !errors.As(err, &e) {
+			e = &twin.Error{Rule: err.Error()}
+		}
+		errs = append(errs, e)
+	}
+	switch {
+	case old != nil && old.EffectiveDeviceID() != t.EffectiveDeviceID():
+		add(&twin.Error{Path: "spec.deviceId", Rule: fmt.Sprintf(
+			"the device id is immutable: it is %q (spec.deviceId, else metadata.name)", old.EffectiveDeviceID())})
+	case t.Spec.DeviceID != "":
+		if old == nil || old.Spec.DeviceID != t.Spec.DeviceID {
+			add(twin.ValidateDeviceID("spec.deviceId", t.Spec.DeviceID))
+		}
+	case old == nil && t.Name != "":
+		if err := twin.ValidateDeviceID("metadata.name", t.Name); err != nil {
+			var e *twin.Error
+			errors.As(err, &e)
+			add(&twin.Error{Path: e.Path, Rule: e.Rule + " (metadata.name is the device id when spec.deviceId is unset; set spec.deviceId)"})
+		}
+	}
+	if old == nil || !sameJSON(old.Spec.Tags, t.Spec.Tags) {
+		_, err := twin.ParseSection(twin.Tags, "spec.tags", raw(t.Spec.Tags))
+		add(err)
+	}
+	if old == nil || !sameJSON(old.Spec.Desired, t.Spec.Desired) {
+		_, err := twin.ParseSection(twin.Desired, "spec.desired", raw(t.Spec.Desired))
+		add(err)
+	}
+	return errs
+}
+
+// Invalid returns nil for no errors, else the 422 Invalid error the API
+// server passes on to the client: its message lists "path: rule" for each
+// error and its causes carry the field paths, as for the API server's own
+// validation.
+func Invalid(t *v1alpha1.DeviceTwin, errs []*twin.Error) error {
+	if len(errs) == 0 {
+		return nil
+	}
+	causes := make([]metav1.StatusCause, len(errs))
+	msgs := make([]string, len(errs))
+	for i, e := range errs {
+		causes[i] = metav1.StatusCause{Type: metav1.CauseTypeFieldValueInvalid, Field: e.Path, Message: e.Rule}
+		msgs[i] = e.Error()
+	}
+	msg := msgs[0]
+	if len(msgs) > 1 {
+		msg = "[" + strings.Join(msgs, ", ") + "]"
+	}
+	gk := v1alpha1.GroupVersion.WithKind("DeviceTwin").GroupKind()
+	return &apierrors.StatusError{ErrStatus: metav1.Status{
+		Status:  metav1.StatusFailure,
+		Code:    http.StatusUnprocessableEntity,
+		Reason:  metav1.StatusReasonInvalid,
+		Message: fmt.Sprintf("%s %q is invalid: %s", gk.String(), t.Name, msg),
+		Details: &metav1.StatusDetails{Group: gk.Group, Kind: gk.Kind, Name: t.Name, Causes: causes},
+	}}
+}
+
+func raw(j *apiextensionsv1.JSON) []byte {
+	if j == nil {
+		return nil
+	}
+	return j.Raw
+}
+
+// sameJSON reports whether two optional JSON fields hold the same bytes.
+// The API server encodes the old and the new object the same way, so equal
+// content gives equal bytes; a false "changed" only costs a check.
+func sameJSON(a, b *apiextensionsv1.JSON) bool {
+	return string(raw(a)) == string(raw(b))
+}
+
+// Defaulter is the defaulting webhook: on create it sets spec.deviceId to
+// metadata.name when spec.deviceId is unset and the name is a valid device
+// id, with one JSON patch operation and nothing else. A name generated from
+// metadata.generateName is not known yet when mutating webhooks run, so
+// such twins keep an unset spec.deviceId (their device id is still their
+// name).
+type Defaulter struct {
+	decoder admission.Decoder
+}
+
+// Handle answers one admission request.
+func (d *Defaulter) Handle(_ context.Context, req admission.Request) admission.Response {
+	if req.Operation != admissionv1.Create {
+		return admission.Allowed("")
+	}
+	t := &v1alpha1.DeviceTwin{}
+	if err := d.decoder.Decode(req, t); err != nil {
+		return admission.Errored(http.StatusBadRequest, err)
+	}
+	if t.Spec.DeviceID != "" || t.Name == "" || twin.ValidateDeviceID("", t.Name) != nil {
+		return admission.Allowed("")
+	}
+	var top struct {
+		Spec json.RawMessage `json:"spec"`
+	}
+	if err := json.Unmarshal(req.Object.Raw, &top); err != nil {
+		return admission.Errored(http.StatusBadRequest, err)
+	}
+	if s := strings.TrimSpace(string(top.Spec)); s == "" || s == "null" {
+		return admission.Patched("", jsonpatch.NewOperation("add", "/spec", map[string]any{"deviceId": t.Name}))
+	}
+	return admission.Patched("", jsonpatch.NewOperation("add", "/spec/deviceId", t.Name))
+}
