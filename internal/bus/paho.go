@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"net/url"
 	"strings"
 	"sync"
@@ -72,8 +73,9 @@ type PahoOptions struct {
 // message arrived on was lost is dropped by paho; the broker then
 // redelivers the message, so the Handler must tolerate duplicates.
 //
-// The Handler is called from many goroutines at once (paho's order
-// guarantee is off, so one slow message does not hold up the others).
+// The Handler is called from several goroutines at once, but one device's
+// messages always from the same goroutine, in the order the broker
+// delivered them.
 //
 // A broker limits how many unacknowledged messages it sends to one client
 // (Mosquitto: max_inflight_messages, 20 by default), so slow Acks slow
@@ -86,6 +88,59 @@ type Paho struct {
 	started  atomic.Bool
 	subMu    sync.Mutex
 	subReady bool // subscriptions confirmed on the current connection
+	shards   [pahoShards]pahoShard
+}
+
+// pahoShards is how many goroutines hand messages to the Handler. A device's
+// messages always go to the same one, so they reach the Handler in the order
+// the broker delivered them (a device's reports must merge in order), while
+// different devices proceed in parallel.
+const pahoShards = 16
+
+// pahoShard is an unbounded FIFO of messages: paho's router goroutine only
+// appends to it and never blocks, so it is always free to process the
+// acknowledgements the Handler's own publishes wait for.
+type pahoShard struct {
+	mu   sync.Mutex
+	q    []Message
+	wake chan struct{}
+}
+
+func (s *pahoShard) push(m Message) {
+	s.mu.Lock()
+	s.q = append(s.q, m)
+	s.mu.Unlock()
+	select {
+	case s.wake <- struct{}{}:
+	default:
+	}
+}
+
+// run hands queued messages to h until ctx ends.
+func (s *pahoShard) run(ctx context.Context, h Handler) {
+	for {
+		s.mu.Lock()
+		batch := s.q
+		s.q = nil
+		s.mu.Unlock()
+		for _, m := range batch {
+			h(m)
+		}
+		if len(batch) > 0 {
+			continue
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-s.wake:
+		}
+	}
+}
+
+func shardOf(deviceID string) int {
+	h := fnv.New32a()
+	_, _ = h.Write([]byte(deviceID))
+	return int(h.Sum32() % pahoShards)
 }
 
 var _ Bus = (*Paho)(nil)
@@ -126,7 +181,9 @@ func NewPaho(o PahoOptions) (*Paho, error) {
 		SetMaxReconnectInterval(maxConnectBackoff).
 		SetConnectTimeout(o.ConnectTimeout).
 		SetKeepAlive(keepAlive).
-		SetOrderMatters(false).
+		// Ordered delivery to onMessage, which only queues the message on
+		// its device's shard and returns.
+		SetOrderMatters(true).
 		SetAutoAckDisabled(true).
 		// Messages are routed by the default handler only, and it is set
 		// before connecting: with a persistent session the broker sends
@@ -161,6 +218,10 @@ func redact(s string) string {
 func (p *Paho) Start(ctx context.Context) error {
 	if !p.started.CompareAndSwap(false, true) {
 		return errors.New("paho bus: already started")
+	}
+	for i := range p.shards {
+		p.shards[i].wake = make(chan struct{}, 1)
+		go p.shards[i].run(ctx, p.handler)
 	}
 	if !p.connect(ctx) {
 		return nil
@@ -245,8 +306,8 @@ func (p *Paho) subscribed() bool {
 	return p.subReady && p.client.IsConnectionOpen()
 }
 
-// onMessage delivers one message. paho runs it on its own goroutine
-// (order does not matter), and does not PUBACK until m.Ack.
+// onMessage queues one message on its device's shard. paho calls it in
+// delivery order on its router goroutine, and does not PUBACK until m.Ack.
 func (p *Paho) onMessage(_ paho.Client, m paho.Message) {
 	in, err := protocol.ParseInbound(m.Topic())
 	if err != nil {
@@ -255,7 +316,7 @@ func (p *Paho) onMessage(_ paho.Client, m paho.Message) {
 		return
 	}
 	var once sync.Once
-	p.handler(Message{
+	p.shards[shardOf(in.DeviceID)].push(Message{
 		Inbound:  in,
 		Payload:  m.Payload(),
 		Received: time.Now(),

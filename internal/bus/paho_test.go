@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -242,4 +243,58 @@ func TestPahoPublish(t *testing.T) {
 		t.Error("Publish with a cancelled context: want error")
 	}
 	rec.none(t, 100*time.Millisecond)
+}
+
+// One device's messages reach the Handler in the order the device sent
+// them, even when the Handler is slow and several devices interleave.
+func TestPahoKeepsPerDeviceOrder(t *testing.T) {
+	addr := startMosquitto(t)
+	const devices, perDevice = 4, 100
+	var mu sync.Mutex
+	seen := map[string][]int{}
+	done := make(chan struct{})
+	total := 0
+	p, err := NewPaho(PahoOptions{BrokerURL: "tcp://" + addr, ClientID: "op-order", Logger: testLogger(t), Handler: func(m Message) {
+		var n int
+		_, _ = fmt.Sscanf(m.RequestID, "r%d", &n)
+		time.Sleep(time.Duration(n%3) * time.Millisecond) // uneven handling time
+		mu.Lock()
+		seen[m.DeviceID] = append(seen[m.DeviceID], n)
+		total++
+		if total == devices*perDevice {
+			close(done)
+		}
+		mu.Unlock()
+		m.Ack()
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	runBus(t, p)
+	eventually(t, "operator subscribed", p.subscribed)
+	var wg sync.WaitGroup
+	for d := range devices {
+		id := fmt.Sprintf("ord-%d", d)
+		dev := connectDevice(t, deviceOpts(addr, id))
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range perDevice {
+				dev.Publish(protocol.ReportedTopic(id, fmt.Sprintf("r%d", i)), 1, false, []byte(`{}`)).Wait()
+			}
+		}()
+	}
+	wg.Wait()
+	select {
+	case <-done:
+	case <-time.After(30 * time.Second):
+		t.Fatalf("handler got %d of %d messages", total, devices*perDevice)
+	}
+	for id, ns := range seen {
+		for i, n := range ns {
+			if n != i {
+				t.Fatalf("device %s: message %d handled at position %d: %v", id, n, i, ns)
+			}
+		}
+	}
 }

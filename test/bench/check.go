@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -23,8 +24,8 @@ import (
 // (the acknowledged one with the highest reported version), and, as extra
 // checks, that status.reportedVersion is that version and that the
 // versions the device was answered with are 1, 2, ... without gaps or
-// repeats.
-func verify(ctx context.Context, k8s client.Client, devs []*simDevice, res *results) error {
+// repeats (the device process checked that).
+func verify(ctx context.Context, k8s client.Client, sum reportSummary, res *results) error {
 	progress("verifying every twin against its device's last acknowledged report (non-caching List)")
 	var list v1alpha1.DeviceTwinList
 	if err := k8s.List(ctx, &list, client.InNamespace(devicesNS)); err != nil {
@@ -34,6 +35,11 @@ func verify(ctx context.Context, k8s client.Client, devs []*simDevice, res *resu
 	for i := range list.Items {
 		twins[list.Items[i].Name] = &list.Items[i]
 	}
+	if len(sum.Devices) > 0 {
+		if t, ok := twins[sum.Devices[0].Name]; ok {
+			res.DeviceObjBytes = len(mustJSON(t))
+		}
+	}
 	shown := 0
 	show := func(format string, args ...any) {
 		if shown < 10 {
@@ -41,46 +47,41 @@ func verify(ctx context.Context, k8s client.Client, devs []*simDevice, res *resu
 			progress("  "+format, args...)
 		}
 	}
-	for _, d := range devs {
-		d.mu.Lock()
-		lastVer, lastSeq, lastT := d.lastVer, d.lastSeq, d.lastT
-		versions := slices.Clone(d.versions)
-		d.mu.Unlock()
-
-		t, ok := twins[d.name]
+	for _, d := range sum.Devices {
+		t, ok := twins[d.Name]
 		if !ok {
 			res.Mismatches++
-			show("%s: twin not found", d.name)
+			show("%s: twin not found", d.Name)
 			continue
 		}
 		var want map[string]any
-		if lastVer > 0 {
-			want = map[string]any{"seq": json.Number(strconv.FormatInt(lastSeq, 10)), "t": lastT}
+		if d.Ver > 0 {
+			want = map[string]any{"seq": json.Number(strconv.FormatInt(d.Seq, 10)), "t": d.T}
 		}
 		got, err := decodeReported(t)
 		if err != nil {
 			res.Mismatches++
-			show("%s: status.reported does not decode: %v", d.name, err)
+			show("%s: status.reported does not decode: %v", d.Name, err)
 		} else if !(len(want) == 0 && len(got) == 0) && !reflect.DeepEqual(got, want) {
 			res.Mismatches++
 			show("%s: status.reported = %s (reportedVersion %d), last acknowledged report = %s (version %d)",
-				d.name, rawString(t), t.Status.ReportedVersion, mustJSON(want), lastVer)
+				d.Name, rawString(t), t.Status.ReportedVersion, mustJSON(want), d.Ver)
 		}
-		if t.Status.ReportedVersion != lastVer {
+		if t.Status.ReportedVersion != d.Ver {
 			res.VersionMismatches++
-			show("%s: status.reportedVersion = %d, last acknowledged version = %d", d.name, t.Status.ReportedVersion, lastVer)
+			show("%s: status.reportedVersion = %d, last acknowledged version = %d", d.Name, t.Status.ReportedVersion, d.Ver)
 		}
-		slices.Sort(versions)
-		for i, v := range versions {
-			if v != int64(i+1) {
-				res.DevicesWithVersionGap++
-				show("%s: acknowledged versions are not 1..%d: %v", d.name, len(versions), abbreviate(versions))
-				break
-			}
+		if d.VersionGap != "" {
+			res.DevicesWithVersionGap++
+			show("%s: %s", d.Name, d.VersionGap)
 		}
 	}
+	if len(sum.Devices) != res.Devices {
+		res.Mismatches += res.Devices - len(sum.Devices)
+		show("only %d of %d devices reported their last acknowledged report", len(sum.Devices), res.Devices)
+	}
 	progress("  %d twins checked: %d do not hold the last acknowledged report, %d reportedVersion mismatches, %d devices with version gaps",
-		len(devs), res.Mismatches, res.VersionMismatches, res.DevicesWithVersionGap)
+		len(sum.Devices), res.Mismatches, res.VersionMismatches, res.DevicesWithVersionGap)
 	return nil
 }
 
@@ -109,17 +110,10 @@ func mustJSON(v any) string {
 	return string(b)
 }
 
-func abbreviate(v []int64) string {
-	if len(v) <= 12 {
-		return fmt.Sprint(v)
-	}
-	return fmt.Sprintf("%v ... %v (%d)", v[:6], v[len(v)-6:], len(v))
-}
-
 // runDesired is phase (c): it changes spec.desired of the first cfg.desired
 // twins, cfg.desiredParallel at a time, and times each change from the
 // patch call returning to the device's OnDesired callback with it.
-func runDesired(ctx context.Context, k8s client.Client, devs []*simDevice, cfg config, res *results) error {
+func runDesired(ctx context.Context, k8s client.Client, dp *deviceProc, cfg config, res *results) error {
 	n := cfg.desired
 	res.DesiredChanges = n
 	if n == 0 {
@@ -128,7 +122,7 @@ func runDesired(ctx context.Context, k8s client.Client, devs []*simDevice, cfg c
 	progress("desired: changing spec.desired of %d twins, %d at a time", n, cfg.desiredParallel)
 	var next atomic.Int64
 	var mu sync.Mutex
-	var lats []time.Duration
+	var lats, fromStart []time.Duration
 	var early, timeouts, badVersion int
 	var firstErr error
 	var wg sync.WaitGroup
@@ -141,53 +135,64 @@ func runDesired(ctx context.Context, k8s client.Client, devs []*simDevice, cfg c
 				if i >= n || ctx.Err() != nil {
 					return
 				}
-				d := devs[i]
-				_, before := d.c.Desired()
-				k := int64(1000 + i)
-				select { // nothing stale
-				case <-d.desiredCh:
-				default:
+				name := twinName("dev-", i)
+				var before v1alpha1.DeviceTwin
+				if err := k8s.Get(ctx, client.ObjectKey{Namespace: devicesNS, Name: name}, &before); err != nil {
+					mu.Lock()
+					firstErr = cmp.Or(firstErr, err)
+					mu.Unlock()
+					return
 				}
-				d.desiredWant.Store(k)
+				k := int64(1000 + i)
+				ch := dp.waitDesired(name)
 				t := &v1alpha1.DeviceTwin{}
-				t.Namespace, t.Name = devicesNS, d.name
+				t.Namespace, t.Name = devicesNS, name
 				patch := fmt.Sprintf(`{"spec":{"desired":{"setpoint":%d}}}`, k)
+				called := time.Now()
 				err := k8s.Patch(ctx, t, client.RawPatch(types.MergePatchType, []byte(patch)))
 				returned := time.Now()
 				if err != nil {
+					dp.stopWaiting(name)
 					mu.Lock()
-					if firstErr == nil {
-						firstErr = fmt.Errorf("patching spec.desired of %s: %w", d.name, err)
-					}
+					firstErr = cmp.Or(firstErr, fmt.Errorf("patching spec.desired of %s: %w", name, err))
 					mu.Unlock()
-					d.desiredWant.Store(0)
 					return
 				}
 				timer := time.NewTimer(cfg.desiredTimeout)
-				select {
-				case s := <-d.desiredCh:
-					timer.Stop()
-					lat := s.at.Sub(returned)
-					mu.Lock()
-					if lat < 0 {
-						early++
-						lat = 0
+			wait:
+				for {
+					select {
+					case e := <-ch:
+						if e.Setpoint != k {
+							continue
+						}
+						timer.Stop()
+						lat := time.Unix(0, e.At).Sub(returned)
+						mu.Lock()
+						fromStart = append(fromStart, time.Unix(0, e.At).Sub(called))
+						if lat < 0 {
+							early++
+							lat = 0
+						}
+						if want := before.Status.DesiredVersion + 1; e.Version != want {
+							badVersion++
+							progress("  %s: desired change arrived as version %d, expected %d", name, e.Version, want)
+						}
+						lats = append(lats, lat)
+						mu.Unlock()
+						break wait
+					case <-timer.C:
+						mu.Lock()
+						timeouts++
+						mu.Unlock()
+						progress("  %s: desired setpoint %d did not reach the device within %s", name, k, cfg.desiredTimeout)
+						break wait
+					case <-ctx.Done():
+						timer.Stop()
+						break wait
 					}
-					if s.version != before+1 {
-						badVersion++
-						progress("  %s: desired change arrived as version %d, the device had %d", d.name, s.version, before)
-					}
-					lats = append(lats, lat)
-					mu.Unlock()
-				case <-timer.C:
-					mu.Lock()
-					timeouts++
-					mu.Unlock()
-					progress("  %s: desired setpoint %d did not reach the device within %s", d.name, k, cfg.desiredTimeout)
-				case <-ctx.Done():
-					timer.Stop()
 				}
-				d.desiredWant.Store(0)
+				dp.stopWaiting(name)
 			}
 		}()
 	}
@@ -205,6 +210,10 @@ func runDesired(ctx context.Context, k8s client.Client, devs []*simDevice, cfg c
 	res.DesiredLatencyP50Ms = ms(percentile(lats, 50))
 	res.DesiredLatencyP99Ms = ms(percentile(lats, 99))
 	res.DesiredLatencyMaxMs = ms(percentile(lats, 100))
+	slices.Sort(fromStart)
+	res.DesiredFromStartP50 = ms(percentile(fromStart, 50))
+	res.DesiredFromStartP99 = ms(percentile(fromStart, 99))
+	res.DesiredEarly = early
 	progress("  desired: %d of %d received (p50 %.1f ms, p99 %.1f ms; %d arrived before the patch call returned)",
 		len(lats), n, res.DesiredLatencyP50Ms, res.DesiredLatencyP99Ms, early)
 	return nil

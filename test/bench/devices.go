@@ -16,6 +16,9 @@ import (
 	"github.com/kubetwin/kubetwin/pkg/device"
 )
 
+// This file runs in the device process (see child.go): the simulated
+// devices, their reports and what they saw.
+
 // simDevice is one simulated device and what the benchmark saw of it.
 type simDevice struct {
 	id   string
@@ -36,40 +39,32 @@ type simDevice struct {
 	lastSeq int64
 	lastT   string
 
-	// Desired phase: the setpoint waited for and where to say it arrived.
-	desiredWant atomic.Int64
-	desiredCh   chan desiredSeen
-}
-
-type desiredSeen struct {
-	at      time.Time
-	version int64
+	// onDesired tells the parent about desired changes with a setpoint.
+	desiredOut func(desiredEvent)
 }
 
 // onDesired is the device's OnDesired callback.
 func (d *simDevice) onDesired(u device.Update) {
-	want := d.desiredWant.Load()
-	if want == 0 {
-		return
-	}
+	at := time.Now()
 	v, ok := u.Desired["setpoint"].(json.Number)
-	if !ok || v.String() != strconv.FormatInt(want, 10) {
+	if !ok || d.desiredOut == nil {
 		return
 	}
-	select {
-	case d.desiredCh <- desiredSeen{at: time.Now(), version: u.Version}:
-	default:
+	sp, err := v.Int64()
+	if err != nil {
+		return
 	}
+	d.desiredOut(desiredEvent{Device: d.name, Setpoint: sp, Version: u.Version, At: at.UnixNano()})
 }
 
-// connectDevices connects cfg.devices devices to the broker, cfg.connectParallel at a time.
-func connectDevices(ctx context.Context, brokerURL string, cfg config, devLog *lineLog) ([]*simDevice, error) {
-	progress("connecting %d devices to %s (%d at a time)", cfg.devices, brokerURL, cfg.connectParallel)
+// connectDevices connects n devices to the broker, parallel at a time.
+func connectDevices(ctx context.Context, cc childConfig, devLog *lineLog, desiredOut func(desiredEvent)) ([]*simDevice, error) {
+	progress("devices: connecting %d devices to %s (%d at a time)", cc.Devices, cc.BrokerURL, cc.ConnectParallel)
 	logger := funcr.New(func(prefix, args string) { devLog.Line(prefix + " " + args) }, funcr.Options{})
-	devs := make([]*simDevice, cfg.devices)
+	devs := make([]*simDevice, cc.Devices)
 	for i := range devs {
 		name := twinName("dev-", i)
-		devs[i] = &simDevice{id: name, name: name, desiredCh: make(chan desiredSeen, 1)}
+		devs[i] = &simDevice{id: name, name: name, desiredOut: desiredOut}
 	}
 	start := time.Now()
 	var next, done atomic.Int64
@@ -83,13 +78,13 @@ func connectDevices(ctx context.Context, brokerURL string, cfg config, devLog *l
 		for {
 			select {
 			case <-t.C:
-				progress("  devices: %d/%d connected", done.Load(), cfg.devices)
+				progress("  devices: %d/%d connected", done.Load(), cc.Devices)
 			case <-stopTicker:
 				return
 			}
 		}
 	}()
-	for w := 0; w < cfg.connectParallel; w++ {
+	for w := 0; w < max(cc.ConnectParallel, 1); w++ {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
@@ -103,8 +98,8 @@ func connectDevices(ctx context.Context, brokerURL string, cfg config, devLog *l
 				for attempt := 1; attempt <= 3; attempt++ {
 					cctx, cancel := context.WithTimeout(ctx, 60*time.Second)
 					d.c, err = device.Connect(cctx, device.Options{
-						BrokerURL: brokerURL, DeviceID: d.id, OnDesired: d.onDesired,
-						Logger: logger, RequestTimeout: cfg.requestTimeout,
+						BrokerURL: cc.BrokerURL, DeviceID: d.id, OnDesired: d.onDesired,
+						Logger: logger, RequestTimeout: cc.RequestTimeout,
 					})
 					cancel()
 					if err == nil || ctx.Err() != nil {
@@ -137,10 +132,6 @@ func connectDevices(ctx context.Context, brokerURL string, cfg config, devLog *l
 
 // closeDevices closes the connected devices, 100 at a time, for at most 15s.
 func closeDevices(devs []*simDevice) {
-	if len(devs) == 0 {
-		return
-	}
-	progress("closing the devices")
 	sem := make(chan struct{}, 100)
 	var wg sync.WaitGroup
 	for _, d := range devs {
@@ -160,36 +151,31 @@ func closeDevices(devs []*simDevice) {
 	select {
 	case <-done:
 	case <-time.After(15 * time.Second):
-		progress("devices did not close within 15s; leaving them")
+		progress("devices: did not close within 15s; leaving them")
 	}
 }
 
-// runReports is phase (b).
-func runReports(ctx context.Context, devs []*simDevice, cfg config, res *results) error {
-	mode := fmt.Sprintf("%g reports/s per device (%.0f/s offered)", cfg.rate, cfg.rate*float64(len(devs)))
-	if cfg.rate == 0 {
-		mode = "as fast as acknowledged"
-	}
-	progress("reports: %d devices, %s, %d in flight per device; %s warm-up + %s measured",
-		len(devs), mode, cfg.inflight, cfg.warmup, cfg.duration)
-	res.OfferedPerSec = cfg.rate * float64(len(devs))
-
-	// Reports get their own context: they must be answered (or fail)
-	// after the offering stops, within the drain timeout.
+// runReports is phase (b) on the device side. started is called with the
+// phase's start time before the first report; the measured window is
+// [t0+warmup, t0+warmup+duration].
+func runReports(ctx context.Context, devs []*simDevice, cc childConfig, started func(time.Time)) reportSummary {
 	rctx, rcancel := context.WithCancel(ctx)
 	defer rcancel()
 
 	t0 := time.Now()
-	winStart := t0.Add(cfg.warmup)
-	winEnd := winStart.Add(cfg.duration)
-	var sent, skipped atomic.Int64
-	var ackedWin atomic.Int64
+	winStart := t0.Add(cc.Warmup)
+	winEnd := winStart.Add(cc.Duration)
+	started(t0)
+	var sent, skipped, ackedWin, ackedAll atomic.Int64
 	var latMu sync.Mutex
 	var lats []time.Duration
 
 	report := func(d *simDevice) {
 		defer d.outstanding.Add(-1)
 		seq := d.seq.Add(1)
+		// t is a string: unix nanoseconds (~1.8e18) break the twin rule
+		// that integers stay within ±2^52, and the operator would refuse
+		// the report with 400.
 		ts := strconv.FormatInt(time.Now().UnixNano(), 10)
 		start := time.Now()
 		if !start.Before(winStart) && start.Before(winEnd) {
@@ -205,6 +191,7 @@ func runReports(ctx context.Context, devs []*simDevice, cfg config, res *results
 			return
 		}
 		d.acked++
+		ackedAll.Add(1)
 		d.versions = append(d.versions, v)
 		if v > d.lastVer {
 			d.lastVer, d.lastSeq, d.lastT = v, seq, ts
@@ -220,10 +207,10 @@ func runReports(ctx context.Context, devs []*simDevice, cfg config, res *results
 	stop := make(chan struct{})
 	var offerWG, reportWG sync.WaitGroup
 	for _, d := range devs {
-		if cfg.rate == 0 {
-			// Closed loop: cfg.inflight reporters, each sending the next
-			// report as soon as the previous one is answered.
-			for k := 0; k < cfg.inflight; k++ {
+		if cc.Rate == 0 {
+			// Closed loop: Inflight reporters per device, each sending the
+			// next report as soon as the previous one is answered.
+			for k := 0; k < cc.Inflight; k++ {
 				reportWG.Add(1)
 				go func() {
 					defer reportWG.Done()
@@ -240,12 +227,12 @@ func runReports(ctx context.Context, devs []*simDevice, cfg config, res *results
 			}
 			continue
 		}
-		// Open loop at cfg.rate, with at most cfg.inflight outstanding: a
-		// report due while the device has that many outstanding is skipped.
+		// Open loop at Rate, with at most Inflight outstanding: a report
+		// due while the device has that many outstanding is skipped.
 		offerWG.Add(1)
 		go func() {
 			defer offerWG.Done()
-			interval := time.Duration(float64(time.Second) / cfg.rate)
+			interval := time.Duration(float64(time.Second) / cc.Rate)
 			phase := time.NewTimer(time.Duration(rand.Int64N(int64(interval))))
 			select {
 			case <-phase.C:
@@ -256,7 +243,7 @@ func runReports(ctx context.Context, devs []*simDevice, cfg config, res *results
 			tick := time.NewTicker(interval)
 			defer tick.Stop()
 			for {
-				if d.outstanding.Load() < int32(cfg.inflight) {
+				if d.outstanding.Load() < int32(cc.Inflight) {
 					d.outstanding.Add(1)
 					reportWG.Add(1)
 					go func() { defer reportWG.Done(); report(d) }()
@@ -272,81 +259,69 @@ func runReports(ctx context.Context, devs []*simDevice, cfg config, res *results
 		}()
 	}
 
-	// Progress, and the status-write counter at the window's edges.
-	acked := func() (n int64) {
-		for _, d := range devs {
-			d.mu.Lock()
-			n += d.acked
-			d.mu.Unlock()
+	// No device locks here: with tens of thousands of runnable goroutines,
+	// taking 1,000 contended locks one after another can take a minute.
+	for end := winEnd; ctx.Err() == nil; {
+		left := time.Until(end)
+		if left <= 0 {
+			break
 		}
-		return n
-	}
-	var w0, e0, w1, e1 int64
-	sleepUntil := func(t time.Time) {
-		for {
-			left := time.Until(t)
-			if left <= 0 || ctx.Err() != nil {
-				return
-			}
-			step := min(left, 5*time.Second)
-			time.Sleep(step)
-			if time.Until(t) > 0 {
-				w, _ := statusWrites()
-				progress("  reports: %d acknowledged, %d status writes so far", acked(), w)
-			}
+		time.Sleep(min(left, 5*time.Second))
+		if time.Until(end) > 0 {
+			progress("  devices: %d reports acknowledged so far", ackedAll.Load())
 		}
 	}
-	sleepUntil(winStart)
-	w0, e0 = statusWrites()
-	a0 := acked()
-	sleepUntil(winEnd)
-	w1, e1 = statusWrites()
-	a1 := acked()
 	close(stop)
-	if err := ctx.Err(); err != nil {
-		return err
-	}
-	progress("  measured window over: %d reports acknowledged, %d status writes; draining outstanding reports", a1-a0, w1-w0)
-
+	progress("  devices: offering stopped; %d reports acknowledged in the window; draining outstanding reports", ackedWin.Load())
 	offerWG.Wait()
 	drained := make(chan struct{})
 	go func() { reportWG.Wait(); close(drained) }()
 	select {
 	case <-drained:
-	case <-time.After(cfg.drainTimeout):
-		progress("  outstanding reports not answered within %s; cancelling them", cfg.drainTimeout)
+	case <-time.After(cc.DrainTimeout):
+		progress("  devices: outstanding reports not answered within %s; cancelling them", cc.DrainTimeout)
 		rcancel()
 		<-drained
 	}
-	progress("  drained in %.1fs", time.Since(winEnd).Seconds())
+	progress("  devices: drained in %.1fs", time.Since(winEnd).Seconds())
 
-	win := cfg.duration.Seconds()
-	res.ReportsSent = sent.Load()
-	res.ReportsSkipped = skipped.Load()
-	res.ReportsAcked = ackedWin.Load()
-	res.ReportsPerSec = float64(res.ReportsAcked) / win
-	res.StatusWrites = w1 - w0
-	res.StatusWriteErrors = e1 - e0
-	res.WritesPerSec = float64(res.StatusWrites) / win
-	if res.StatusWrites > 0 {
-		res.ReportsPerWrite = float64(res.ReportsAcked) / float64(res.StatusWrites)
-	}
-	if res.Baseline > 0 {
-		res.WriteRateVsBaseline = 100 * res.WritesPerSec / res.Baseline
+	sum := reportSummary{
+		Type: msgReportsDone, Sent: sent.Load(), Skipped: skipped.Load(), AckedWin: ackedWin.Load(),
+		DrainSec: time.Since(winEnd).Seconds(),
 	}
 	shown := 0
 	for _, d := range devs {
 		d.mu.Lock()
-		res.ReportErrors += d.errs
-		if d.errs > 0 && d.lastErr != nil && shown < 10 {
-			shown++
-			progress("  device %s: %d reports failed, the last with: %v", d.id, d.errs, d.lastErr)
+		ds := devSummary{Name: d.name, Ver: d.lastVer, Seq: d.lastSeq, T: d.lastT, Errs: d.errs}
+		if d.lastErr != nil {
+			ds.LastErr = d.lastErr.Error()
 		}
+		vs := slices.Clone(d.versions)
 		d.mu.Unlock()
+		slices.Sort(vs)
+		for i, v := range vs {
+			if v != int64(i+1) {
+				ds.VersionGap = fmt.Sprintf("acknowledged versions are not 1..%d: %s", len(vs), abbreviate(vs))
+				break
+			}
+		}
+		sum.Errors += ds.Errs
+		if ds.Errs > 0 && shown < 10 {
+			shown++
+			progress("  device %s: %d reports failed, the last with: %s", d.name, ds.Errs, ds.LastErr)
+		}
+		sum.Devices = append(sum.Devices, ds)
 	}
 	slices.Sort(lats)
-	res.ReportLatencyP50Ms = ms(percentile(lats, 50))
-	res.ReportLatencyP99Ms = ms(percentile(lats, 99))
-	res.ReportLatencyMaxMs = ms(percentile(lats, 100))
-	return nil
+	sum.P50Ms = ms(percentile(lats, 50))
+	sum.P99Ms = ms(percentile(lats, 99))
+	sum.MaxMs = ms(percentile(lats, 100))
+	return sum
+}
+
+func abbreviate(v []int64) string {
+	if len(v) <= 12 {
+		return fmt.Sprint(v)
+	}
+	return fmt.Sprintf("%v ... %v (%d)", v[:6], v[len(v)-6:], len(v))
 }

@@ -3,18 +3,22 @@
 // operator (manager, reconciler, bridge, embedded MQTT broker) running in
 // this process, wired as in controllers/suite_test.go:
 //
-//	(a) baseline: the raw API-server rate of DeviceTwin status merge patches,
-//	    sent directly with 32 and 64 in flight to twins in a namespace the
-//	    operator does not watch (measured before the operator starts);
+//	(a) baseline: the raw API-server rate of DeviceTwin status merge patches
+//	    (status.reported changes), sent directly with 32 and 64 in flight to
+//	    --twins twins before the operator starts (they are deleted before it
+//	    does); the best rate is the baseline;
 //	(b) reports: --devices simulated devices (pkg/device, one MQTT connection
-//	    each) report {"seq": n, "t": "<unix nanos>"} at --rate per device per
-//	    second (0: as fast as acknowledgements allow, --inflight per device)
-//	    for --duration; it measures acknowledged (204) reports per second, the
-//	    operator's status writes (bridge.StatusWrites), reports per write and
-//	    publish-to-204 latency, then checks that every twin's status.reported
-//	    is exactly its device's last acknowledged report;
-//	(c) desired: patches spec.desired of --desired twins and measures the time
-//	    from the patch call returning to the device's OnDesired callback.
+//	    each, in a child process: see child.go) report {"seq": n, "t":
+//	    "<unix nanos>"} at --rate per device per second with at most
+//	    --inflight outstanding (--rate 0: --inflight outstanding all the
+//	    time) for --duration after --warmup; it measures acknowledged (204)
+//	    reports per second, the operator's status writes (the
+//	    bridge.StatusWrites counter), reports per write and publish-to-204
+//	    latency, then checks with a non-caching client that every twin's
+//	    status.reported is exactly its device's last acknowledged report;
+//	(c) desired: patches spec.desired ({"setpoint": k}) of --desired twins,
+//	    --desired-parallel at a time, and measures the time from the patch
+//	    call returning to the device's OnDesired callback with that version.
 //
 // It prints a table and one final JSON line on stdout, progress on stderr,
 // and exits 1 when a twin's status does not hold its device's last
@@ -28,12 +32,17 @@ import (
 	"encoding/json"
 	"flag"
 	"fmt"
+	"math"
+	"net/http"
+	_ "net/http/pprof"
 	"os"
 	"os/signal"
 	"strconv"
 	"strings"
 	"syscall"
 	"time"
+
+	"k8s.io/client-go/rest"
 )
 
 // config is the parsed command line.
@@ -41,6 +50,7 @@ type config struct {
 	twins             int
 	baselineInflight  []int
 	baselineDuration  time.Duration
+	baselineAfter     time.Duration
 	devices           int
 	rate              float64
 	inflight          int
@@ -58,6 +68,12 @@ type config struct {
 	operatorLogLimit  int
 	deviceLogLimit    int
 	operatorVerbosity int
+	cpuProfile        string
+	apiProfile        string
+	pprofAddr         string
+	role              string
+
+	restCfg *rest.Config // set once the control plane runs
 }
 
 func parseFlags(args []string) (config, error) {
@@ -66,10 +82,11 @@ func parseFlags(args []string) (config, error) {
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
 	fs.IntVar(&c.twins, "twins", 1000, "(a) DeviceTwins the baseline patches")
 	fs.StringVar(&inflight, "baseline-inflight", "32,64", "(a) status patches in flight, one measurement each (comma-separated); the best is the baseline")
+	fs.DurationVar(&c.baselineAfter, "baseline-device-twins", 5*time.Second, "after the run, with the operator stopped, repeat the best baseline level on the device twins (operator-sized objects) for this long (0: skip)")
 	fs.DurationVar(&c.baselineDuration, "baseline-duration", 10*time.Second, "(a) length of each baseline measurement")
 	fs.IntVar(&c.devices, "devices", 1000, "(b) simulated devices, each with its own MQTT connection and DeviceTwin")
 	fs.Float64Var(&c.rate, "rate", 5, "(b) reports offered per device per second (0: as fast as acknowledgements allow)")
-	fs.IntVar(&c.inflight, "inflight", 1, "(b) reports outstanding per device at most (with --rate>0 a report due while the device has this many outstanding is skipped and counted)")
+	fs.IntVar(&c.inflight, "inflight", 0, "(b) reports outstanding per device: with --rate 0 exactly this many, else at most this many (a report due while the device has this many outstanding is skipped and counted); 0: 4 with --rate 0, else rate x request-timeout")
 	fs.DurationVar(&c.duration, "duration", 20*time.Second, "(b) measured length of the report phase")
 	fs.DurationVar(&c.warmup, "warmup", 3*time.Second, "(b) reporting before the measured window starts (not counted)")
 	fs.DurationVar(&c.drainTimeout, "drain-timeout", 60*time.Second, "(b) how long outstanding reports may take to be answered after the phase")
@@ -84,6 +101,10 @@ func parseFlags(args []string) (config, error) {
 	fs.IntVar(&c.operatorLogLimit, "operator-log-lines", 30, "operator error log lines echoed to stderr (all are counted)")
 	fs.IntVar(&c.deviceLogLimit, "device-log-lines", 20, "device library log lines echoed to stderr (all are counted)")
 	fs.IntVar(&c.operatorVerbosity, "operator-v", 0, "operator log verbosity: 0 errors only, 1 info, 2 debug")
+	fs.StringVar(&c.apiProfile, "apiserver-profile", "", "write CPU profiles of kube-apiserver during each baseline level and the measured report window to PREFIX.baseline-N.pprof and PREFIX.reports.pprof")
+	fs.StringVar(&c.role, "role", "", "internal: \"devices\" runs the device process")
+	fs.StringVar(&c.pprofAddr, "pprof-addr", "", "serve net/http/pprof of this process on this address (e.g. 127.0.0.1:6060)")
+	fs.StringVar(&c.cpuProfile, "cpuprofile", "", "write a CPU profile of this process (operator and broker; the devices run in a child process) during the measured report window to this file")
 	if err := fs.Parse(args); err != nil {
 		return c, err
 	}
@@ -104,12 +125,18 @@ func parseFlags(args []string) (config, error) {
 		return c, fmt.Errorf("--devices must be at least 1")
 	case c.rate < 0:
 		return c, fmt.Errorf("--rate must not be negative")
-	case c.inflight < 1:
-		return c, fmt.Errorf("--inflight must be at least 1")
+	case c.inflight < 0:
+		return c, fmt.Errorf("--inflight must not be negative")
 	case c.duration <= 0:
 		return c, fmt.Errorf("--duration must be positive")
 	case c.desired < 0:
 		return c, fmt.Errorf("--desired must not be negative")
+	}
+	if c.inflight == 0 {
+		c.inflight = 4
+		if c.rate > 0 {
+			c.inflight = max(1, int(math.Ceil(c.rate*c.requestTimeout.Seconds())))
+		}
 	}
 	c.desired = min(c.desired, c.devices)
 	c.desiredParallel = max(c.desiredParallel, 1)
@@ -126,9 +153,19 @@ func main() {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(2)
 	}
+	if cfg.role == childRoleDevices {
+		os.Exit(runDeviceChild())
+	}
 	if os.Getenv("KUBEBUILDER_ASSETS") == "" {
 		fmt.Fprintln(os.Stderr, "bench: KUBEBUILDER_ASSETS is not set: run make bench, or export KUBEBUILDER_ASSETS=$(hack/controlplane.sh)")
 		os.Exit(2)
+	}
+	if cfg.pprofAddr != "" {
+		go func() {
+			if err := http.ListenAndServe(cfg.pprofAddr, nil); err != nil {
+				progress("pprof server: %v", err)
+			}
+		}()
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	code := run(ctx, cfg)
@@ -144,29 +181,41 @@ type results struct {
 	BaselineErrors   int64              `json:"baseline_errors"`
 	BaselineInflight int                `json:"baseline_inflight"`
 	Baseline         float64            `json:"baseline_writes_per_sec"`
+	BaselineObjBytes int                `json:"baseline_object_bytes"`
+	// The baseline's best level again, on the device twins after the run.
+	BaselineDeviceTwins float64            `json:"baseline_device_twins_writes_per_sec"`
+	CPUBaselineDev      map[string]float64 `json:"cpu_cores_baseline_device_twins"`
+	// kube-apiserver CPU milliseconds per write: robust to a busy machine.
+	APIMsPerWriteBase    float64            `json:"apiserver_cpu_ms_per_write_baseline"`
+	APIMsPerWriteBaseDev float64            `json:"apiserver_cpu_ms_per_write_baseline_device_twins"`
+	APIMsPerWriteReports float64            `json:"apiserver_cpu_ms_per_write_reports"`
+	CPUBaseline          map[string]float64 `json:"cpu_cores_baseline"`
 	// (b)
-	Devices               int     `json:"devices"`
-	RatePerDevice         float64 `json:"rate_per_device"`
-	InflightPerDevice     int     `json:"inflight_per_device"`
-	MaxConcurrentRecs     int     `json:"max_concurrent_reconciles"`
-	DurationSec           float64 `json:"duration_sec"`
-	OfferedPerSec         float64 `json:"offered_reports_per_sec"`
-	ReportsSent           int64   `json:"reports_sent"`
-	ReportsSkipped        int64   `json:"reports_skipped_device_busy"`
-	ReportsAcked          int64   `json:"reports_acked"`
-	ReportsPerSec         float64 `json:"reports_per_sec"`
-	ReportErrors          int64   `json:"report_errors"`
-	StatusWrites          int64   `json:"status_writes"`
-	StatusWriteErrors     int64   `json:"status_write_errors"`
-	WritesPerSec          float64 `json:"status_writes_per_sec"`
-	ReportsPerWrite       float64 `json:"reports_per_write"`
-	WriteRateVsBaseline   float64 `json:"write_rate_vs_baseline_pct"`
-	ReportLatencyP50Ms    float64 `json:"report_latency_p50_ms"`
-	ReportLatencyP99Ms    float64 `json:"report_latency_p99_ms"`
-	ReportLatencyMaxMs    float64 `json:"report_latency_max_ms"`
-	Mismatches            int     `json:"mismatches"`
-	VersionMismatches     int     `json:"reported_version_mismatches"`
-	DevicesWithVersionGap int     `json:"devices_with_version_gaps"`
+	Devices               int                `json:"devices"`
+	RatePerDevice         float64            `json:"rate_per_device"`
+	InflightPerDevice     int                `json:"max_inflight_per_device"`
+	MaxConcurrentRecs     int                `json:"max_concurrent_reconciles"`
+	DurationSec           float64            `json:"duration_sec"`
+	OfferedPerSec         float64            `json:"offered_reports_per_sec"`
+	ReportsSent           int64              `json:"reports_sent_in_window"`
+	ReportsSkipped        int64              `json:"reports_skipped_device_busy"`
+	ReportsAcked          int64              `json:"reports_acked"`
+	ReportsPerSec         float64            `json:"reports_per_sec"`
+	ReportErrors          int64              `json:"report_errors"`
+	StatusWrites          int64              `json:"status_writes"`
+	StatusWriteErrors     int64              `json:"status_write_errors"`
+	WritesPerSec          float64            `json:"status_writes_per_sec"`
+	ReportsPerWrite       float64            `json:"reports_per_write"`
+	WriteRateVsBaseline   float64            `json:"write_rate_vs_baseline_pct"`
+	WriteRateVsDevBase    float64            `json:"write_rate_vs_device_twins_baseline_pct"`
+	ReportLatencyP50Ms    float64            `json:"report_latency_p50_ms"`
+	ReportLatencyP99Ms    float64            `json:"report_latency_p99_ms"`
+	ReportLatencyMaxMs    float64            `json:"report_latency_max_ms"`
+	CPUReports            map[string]float64 `json:"cpu_cores_reports"`
+	DeviceObjBytes        int                `json:"device_twin_object_bytes"`
+	Mismatches            int                `json:"mismatches"`
+	VersionMismatches     int                `json:"reported_version_mismatches"`
+	DevicesWithVersionGap int                `json:"devices_with_version_gaps"`
 	// (c)
 	DesiredChanges      int     `json:"desired_changes"`
 	DesiredReceived     int     `json:"desired_received"`
@@ -175,6 +224,9 @@ type results struct {
 	DesiredLatencyP50Ms float64 `json:"desired_latency_p50_ms"`
 	DesiredLatencyP99Ms float64 `json:"desired_latency_p99_ms"`
 	DesiredLatencyMaxMs float64 `json:"desired_latency_max_ms"`
+	DesiredFromStartP50 float64 `json:"desired_latency_from_patch_start_p50_ms"`
+	DesiredFromStartP99 float64 `json:"desired_latency_from_patch_start_p99_ms"`
+	DesiredEarly        int     `json:"desired_before_patch_returned"`
 	// Health.
 	OperatorErrorLogs int64   `json:"operator_error_logs"`
 	DeviceLogLines    int64   `json:"device_log_lines"`
@@ -194,23 +246,33 @@ func printResults(r *results) {
 	}
 	row(fmt.Sprintf("baseline status patches (%d twins)", r.Twins), strings.Join(levels, ", "))
 	row("baseline writes/s (best)", fmt.Sprintf("%.0f  (%d in flight, %d errors)", r.Baseline, r.BaselineInflight, r.BaselineErrors))
+	row("  CPU cores used meanwhile", coresString(r.CPUBaseline))
+	row("  size of a baseline twin (JSON)", fmt.Sprintf("%d bytes (a device twin after the report phase: %d bytes)", r.BaselineObjBytes, r.DeviceObjBytes))
+	row("same patches on the device twins (after)", fmt.Sprintf("%.0f writes/s  (%d in flight, operator stopped)", r.BaselineDeviceTwins, r.BaselineInflight))
+	row("  CPU cores used meanwhile", coresString(r.CPUBaselineDev))
+	row("kube-apiserver CPU per write", fmt.Sprintf("baseline %.1f ms, on device twins %.1f ms, operator's writes %.1f ms",
+		r.APIMsPerWriteBase, r.APIMsPerWriteBaseDev, r.APIMsPerWriteReports))
 	fmt.Fprintln(w, "  ----------------------------------------------------------------------")
-	rate := fmt.Sprintf("%g/s per device, offered %.0f/s", r.RatePerDevice, r.OfferedPerSec)
+	rate := fmt.Sprintf("%g/s per device, offered %.0f/s, at most %d in flight each", r.RatePerDevice, r.OfferedPerSec, r.InflightPerDevice)
 	if r.RatePerDevice == 0 {
-		rate = "as fast as acknowledged"
+		rate = fmt.Sprintf("as fast as acknowledged, %d in flight each", r.InflightPerDevice)
 	}
-	row("devices", fmt.Sprintf("%d (%s, %d in flight each, %d reconcilers, %.0fs)", r.Devices, rate, r.InflightPerDevice, r.MaxConcurrentRecs, r.DurationSec))
-	row("reports acknowledged (204)", fmt.Sprintf("%d  (sent %d in the phase, %d skipped: device busy, %d errors)", r.ReportsAcked, r.ReportsSent, r.ReportsSkipped, r.ReportErrors))
+	row("devices", fmt.Sprintf("%d (%s; %d reconcilers; %.0fs)", r.Devices, rate, r.MaxConcurrentRecs, r.DurationSec))
+	row("reports acknowledged (204) in the window", fmt.Sprintf("%d  (sent in the window %d = %.0f/s, skipped %d: device at its in-flight limit; %d failed)",
+		r.ReportsAcked, r.ReportsSent, float64(r.ReportsSent)/r.DurationSec, r.ReportsSkipped, r.ReportErrors))
 	row("reports/s", fmt.Sprintf("%.0f", r.ReportsPerSec))
 	row("status writes (bridge.StatusWrites, ok)", fmt.Sprintf("%d  (%d errors)", r.StatusWrites, r.StatusWriteErrors))
 	row("status writes/s", fmt.Sprintf("%.0f", r.WritesPerSec))
 	row("reports per write", fmt.Sprintf("%.2f", r.ReportsPerWrite))
-	row("write rate vs baseline", fmt.Sprintf("%.0f%%", r.WriteRateVsBaseline))
+	row("write rate vs baseline", fmt.Sprintf("%.0f%%  (vs the baseline on device twins: %.0f%%)", r.WriteRateVsBaseline, r.WriteRateVsDevBase))
 	row("report latency p50 / p99 / max (publish->204)", fmt.Sprintf("%.1f / %.1f / %.1f ms", r.ReportLatencyP50Ms, r.ReportLatencyP99Ms, r.ReportLatencyMaxMs))
+	row("  CPU cores used meanwhile", coresString(r.CPUReports))
 	row("twins not holding last acked report", fmt.Sprintf("%d  (reportedVersion mismatches %d, devices with version gaps %d)", r.Mismatches, r.VersionMismatches, r.DevicesWithVersionGap))
 	fmt.Fprintln(w, "  ----------------------------------------------------------------------")
 	row("desired changes", fmt.Sprintf("%d  (received %d, timeouts %d, unexpected version %d)", r.DesiredChanges, r.DesiredReceived, r.DesiredTimeouts, r.DesiredBadVersion))
 	row("desired latency p50 / p99 / max (patch->OnDesired)", fmt.Sprintf("%.1f / %.1f / %.1f ms", r.DesiredLatencyP50Ms, r.DesiredLatencyP99Ms, r.DesiredLatencyMaxMs))
+	row("  from the patch call's start instead", fmt.Sprintf("%.1f / %.1f ms  (%d changes reached the device before the patch call returned: counted as 0 above)",
+		r.DesiredFromStartP50, r.DesiredFromStartP99, r.DesiredEarly))
 	fmt.Fprintln(w, "  ----------------------------------------------------------------------")
 	row("operator error log lines", fmt.Sprintf("%d", r.OperatorErrorLogs))
 	row("device library log lines", fmt.Sprintf("%d", r.DeviceLogLines))

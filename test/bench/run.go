@@ -19,7 +19,6 @@ import (
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	"k8s.io/client-go/rest"
 	ctrl "sigs.k8s.io/controller-runtime"
-	"sigs.k8s.io/controller-runtime/pkg/cache"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/envtest"
 	"sigs.k8s.io/controller-runtime/pkg/log/zap"
@@ -32,9 +31,9 @@ import (
 )
 
 const (
-	// baselineNS holds the baseline's twins; the operator does not watch it.
+	// baselineNS holds the baseline's twins (deleted before the operator starts).
 	baselineNS = "bench-baseline"
-	// devicesNS holds the devices' twins; the operator watches only it.
+	// devicesNS holds the devices' twins.
 	devicesNS = "bench-devices"
 )
 
@@ -59,7 +58,6 @@ func run(ctx context.Context, cfg config) (code int) {
 		level = zapcore.ErrorLevel
 	}
 	ctrl.SetLogger(zap.New(zap.WriteTo(opLog), zap.Level(level), zap.StacktraceLevel(zapcore.PanicLevel)))
-	devLog := &lineLog{prefix: "[device] ", limit: int64(cfg.deviceLogLimit), out: os.Stderr}
 
 	crdDir, err := findCRDs()
 	if err != nil {
@@ -79,6 +77,7 @@ func run(ctx context.Context, cfg config) (code int) {
 	}()
 	restCfg = rest.CopyConfig(restCfg)
 	restCfg.QPS, restCfg.Burst = float32(cfg.qps), cfg.burst
+	cfg.restCfg = restCfg
 
 	// The non-caching client of the baseline, the checks and the desired changes.
 	k8s, err := client.New(restCfg, client.Options{Scheme: scheme})
@@ -91,15 +90,20 @@ func run(ctx context.Context, cfg config) (code int) {
 		}
 	}
 
-	// (a) Baseline, before the operator exists.
+	// (a) Baseline, before the operator exists; its twins are deleted
+	// before the operator starts, so the operator (which watches every
+	// namespace, as in controllers/suite_test.go) never sees them.
 	if err := createTwins(ctx, k8s, baselineNS, "base-", cfg.twins, "baseline twins"); err != nil {
 		return fail("creating the baseline twins", err)
 	}
 	if err := runBaseline(ctx, k8s, cfg, res); err != nil {
 		return fail("baseline", err)
 	}
+	if err := deleteTwins(ctx, k8s, baselineNS); err != nil {
+		return fail("deleting the baseline twins", err)
+	}
 
-	// The devices' twins, then the operator.
+	// The devices' twins, then the operator, then the devices.
 	if err := createTwins(ctx, k8s, devicesNS, "dev-", cfg.devices, "device twins"); err != nil {
 		return fail("creating the device twins", err)
 	}
@@ -107,35 +111,61 @@ func run(ctx context.Context, cfg config) (code int) {
 	if err != nil {
 		return fail("starting the operator", err)
 	}
-	var devs []*simDevice
+	var dp *deviceProc
 	defer func() {
-		// The operator goes first, so closing devices costs no status writes.
 		op.stop()
-		closeDevices(devs)
+		if dp != nil {
+			progress("closing the devices")
+			res.DeviceLogLines = dp.shutdown()
+		}
 	}()
-
-	devs, err = connectDevices(ctx, op.brokerURL, cfg, devLog)
+	dp, err = startDeviceProc(childConfig{
+		BrokerURL: op.brokerURL, Devices: cfg.devices, ConnectParallel: cfg.connectParallel,
+		RequestTimeout: cfg.requestTimeout, Rate: cfg.rate, Inflight: cfg.inflight,
+		Warmup: cfg.warmup, Duration: cfg.duration, DrainTimeout: cfg.drainTimeout,
+		DeviceLogLimit: cfg.deviceLogLimit, StartUnixNano: benchStart.UnixNano(),
+	})
 	if err != nil {
+		return fail("starting the device process", err)
+	}
+	devicePID.Store(int64(dp.cmd.Process.Pid))
+	var connected childMsg
+	if err := dp.next(ctx, msgConnected, 10*time.Minute, &connected); err != nil {
 		return fail("connecting the devices", err)
 	}
-	waitQuiet(ctx, k8s, op)
+	waitQuiet(ctx, k8s)
 	res.SetupSec = time.Since(benchStart).Seconds()
 
 	// (b) Reports.
-	if err := runReports(ctx, devs, cfg, res); err != nil {
+	sum, err := runReportsPhase(ctx, dp, cfg, res)
+	if err != nil {
 		return fail("report phase", err)
 	}
-	if err := verify(ctx, k8s, devs, res); err != nil {
+	if err := verify(ctx, k8s, sum, res); err != nil {
 		return fail("verifying the twins", err)
 	}
 
 	// (c) Desired.
-	if err := runDesired(ctx, k8s, devs, cfg, res); err != nil {
+	if err := runDesired(ctx, k8s, dp, cfg, res); err != nil {
 		return fail("desired phase", err)
 	}
 
+	// The operator goes first, so the devices' goodbyes cost no status
+	// writes. (Its errors are counted before: stopping cancels writes.)
 	res.OperatorErrorLogs = opLog.lines.Load()
-	res.DeviceLogLines = devLog.lines.Load()
+	res.DeviceLogLines = dp.logLines(ctx)
+	op.stop()
+	progress("closing the devices")
+	_ = dp.shutdown()
+	dp = nil
+	if cfg.baselineAfter > 0 {
+		if err := runBaselineDeviceTwins(ctx, k8s, cfg, res); err != nil {
+			return fail("baseline on the device twins", err)
+		}
+		if res.BaselineDeviceTwins > 0 {
+			res.WriteRateVsDevBase = 100 * res.WritesPerSec / res.BaselineDeviceTwins
+		}
+	}
 	res.TotalSec = time.Since(benchStart).Seconds()
 	printResults(res)
 	if res.Mismatches > 0 {
@@ -227,14 +257,117 @@ func createTwins(ctx context.Context, k8s client.Client, ns, prefix string, n in
 
 func twinName(prefix string, i int) string { return fmt.Sprintf("%s%04d", prefix, i) }
 
+// deleteTwins deletes every DeviceTwin in ns (they have no finalizers: no
+// operator has seen them) and waits until they are gone.
+func deleteTwins(ctx context.Context, k8s client.Client, ns string) error {
+	progress("deleting the baseline twins")
+	if err := k8s.DeleteAllOf(ctx, &v1alpha1.DeviceTwin{}, client.InNamespace(ns)); err != nil {
+		return err
+	}
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		var list v1alpha1.DeviceTwinList
+		if err := k8s.List(ctx, &list, client.InNamespace(ns), client.Limit(1)); err != nil {
+			return err
+		}
+		if len(list.Items) == 0 {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return errors.New("baseline twins still there after 60s")
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+// runReportsPhase is phase (b): the device process reports; this process
+// samples the operator's status-write counter and the CPU at the edges of
+// the measured window.
+func runReportsPhase(ctx context.Context, dp *deviceProc, cfg config, res *results) (reportSummary, error) {
+	mode := fmt.Sprintf("%g reports/s per device (%.0f/s offered), at most %d outstanding per device", cfg.rate, cfg.rate*float64(cfg.devices), cfg.inflight)
+	if cfg.rate == 0 {
+		mode = fmt.Sprintf("as fast as acknowledged, %d outstanding per device", cfg.inflight)
+	}
+	progress("reports: %d devices, %s; %s warm-up + %s measured", cfg.devices, mode, cfg.warmup, cfg.duration)
+	res.OfferedPerSec = cfg.rate * float64(cfg.devices)
+	var sum reportSummary
+	if err := dp.command(cmdReports); err != nil {
+		return sum, err
+	}
+	var started childMsg
+	if err := dp.next(ctx, msgReportsStart, time.Minute, &started); err != nil {
+		return sum, err
+	}
+	t0 := time.Unix(0, started.T0)
+	winStart := t0.Add(cfg.warmup)
+	winEnd := winStart.Add(cfg.duration)
+	sleepUntil := func(t time.Time) {
+		for ctx.Err() == nil {
+			left := time.Until(t)
+			if left <= 0 {
+				return
+			}
+			time.Sleep(min(left, 5*time.Second))
+			if time.Until(t) > 0 {
+				w, _ := statusWrites()
+				progress("  operator: %d status writes so far", w)
+			}
+		}
+	}
+	sleepUntil(winStart)
+	w0, e0 := statusWrites()
+	tw0 := time.Now()
+	c0 := sampleCPU()
+	stopProfile := startProfile(cfg.cpuProfile)
+	waitAPIProfile := func() {}
+	if cfg.apiProfile != "" {
+		waitAPIProfile = apiserverProfile(cfg.restCfg, cfg.duration-time.Second, cfg.apiProfile+".reports.pprof")
+	}
+	sleepUntil(winEnd)
+	w1, e1 := statusWrites()
+	writeWin := time.Since(tw0).Seconds() // the counter's own window: close to cfg.duration unless this process was starved
+	res.CPUReports = coresBetween(c0, sampleCPU())
+	stopProfile()
+	if err := ctx.Err(); err != nil {
+		return sum, err
+	}
+	progress("  operator: %d status writes in %.1fs; CPU cores: %s", w1-w0, writeWin, coresString(res.CPUReports))
+	waitAPIProfile()
+	if err := dp.next(ctx, msgReportsDone, cfg.drainTimeout+2*time.Minute, &sum); err != nil {
+		return sum, err
+	}
+
+	win := cfg.duration.Seconds()
+	res.ReportsSent = sum.Sent
+	res.ReportsSkipped = sum.Skipped
+	res.ReportsAcked = sum.AckedWin
+	res.ReportErrors = sum.Errors
+	res.ReportsPerSec = float64(sum.AckedWin) / win
+	res.StatusWrites = w1 - w0
+	res.StatusWriteErrors = e1 - e0
+	res.WritesPerSec = float64(res.StatusWrites) / writeWin
+	if res.WritesPerSec > 0 {
+		res.ReportsPerWrite = res.ReportsPerSec / res.WritesPerSec
+	}
+	if res.Baseline > 0 {
+		res.WriteRateVsBaseline = 100 * res.WritesPerSec / res.Baseline
+	}
+	res.ReportLatencyP50Ms, res.ReportLatencyP99Ms, res.ReportLatencyMaxMs = sum.P50Ms, sum.P99Ms, sum.MaxMs
+	res.APIMsPerWriteReports = apiMsPerWrite(res.CPUReports, res.WritesPerSec)
+	return sum, nil
+}
+
 // operator is the in-process kubetwin operator.
 type operator struct {
 	brokerURL string
 	cancel    context.CancelFunc
 	done      chan error
+	stopOnce  sync.Once
 }
 
-func (o *operator) stop() {
+func (o *operator) stop() { o.stopOnce.Do(o.doStop) }
+
+func (o *operator) doStop() {
 	progress("stopping the operator")
 	o.cancel()
 	select {
@@ -245,14 +378,13 @@ func (o *operator) stop() {
 }
 
 // startOperator starts the manager, the bridge, the embedded broker and the
-// reconciler as controllers/suite_test.go does, watching devicesNS only.
+// reconciler as controllers/suite_test.go does.
 func startOperator(ctx context.Context, restCfg *rest.Config, cfg config) (*operator, error) {
-	progress("starting the operator (manager + embedded broker, %d reconcilers, watching %s)", cfg.workers, devicesNS)
+	progress("starting the operator (manager + embedded broker, %d reconcilers)", cfg.workers)
 	mgr, err := ctrl.NewManager(rest.CopyConfig(restCfg), ctrl.Options{
 		Scheme:                 scheme,
 		Metrics:                metricsserver.Options{BindAddress: "0"},
 		HealthProbeBindAddress: "0",
-		Cache:                  cache.Options{DefaultNamespaces: map[string]cache.Config{devicesNS: {}}},
 	})
 	if err != nil {
 		return nil, fmt.Errorf("manager: %w", err)
@@ -313,7 +445,7 @@ func statusWrites() (ok, failed int64) {
 // waitQuiet waits until the operator has written the status of every twin
 // once and stopped writing (initial reconciles and presence), so the report
 // phase counts only what reports cause.
-func waitQuiet(ctx context.Context, k8s client.Client, op *operator) {
+func waitQuiet(ctx context.Context, k8s client.Client) {
 	progress("waiting for the operator to settle (no status writes for 2s)")
 	deadline := time.Now().Add(60 * time.Second)
 	last, _ := statusWrites()

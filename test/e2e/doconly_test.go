@@ -72,6 +72,12 @@ func testDocOnlyDevice(t *testing.T, kind brokerKind) {
 	tw := getTwin(g, ns, name)
 	g.Expect(doc(tw.Status.Reported)).To(Equal(obj{"connectivity": obj{"type": "cellular"}}), "status.reported right after the 204")
 	g.Expect(tw.Status.ReportedVersion).To(Equal(int64(1)), "status.reportedVersion right after the 204")
+	// Sending the same message on reported/r1 again gets the same answer
+	// and changes nothing.
+	pub("-t", prefix+"/reported/r1", "-m", `{"connectivity":{"type":"cellular"}}`)
+	ms := sub.waitForCount("the answer to the resent report", prefix+"/res/r1", 2)
+	g.Expect(ms[1].JSON()).To(Equal(obj{"status": num("204"), "version": num("1")}), "the answer to the resent report: %s", ms[1])
+	g.Expect(getTwin(g, ns, name).Status.ReportedVersion).To(Equal(int64(1)), "status.reportedVersion after the resend")
 	g.Eventually(func(g Gomega) {
 		tw := getTwin(g, ns, name)
 		g.Expect(cond(tw, v1alpha1.ConditionConnected).Status).To(BeEquivalentTo("True"), "Connected condition")

@@ -56,10 +56,11 @@ type operator struct {
 	healthAddr string
 	logPath    string
 
-	mu     sync.Mutex
-	cmd    *exec.Cmd
-	exited chan struct{}
-	starts int
+	mu        sync.Mutex
+	cmd       *exec.Cmd
+	exited    chan struct{}
+	starts    int
+	everReady bool // ports are fixed once it has served
 }
 
 // newOperator prepares (but does not start) an operator for namespace ns.
@@ -72,12 +73,9 @@ func newOperator(t *testing.T, kind brokerKind, ns, brokerAddr string) *operator
 		kind:       kind,
 		namespace:  ns,
 		brokerAddr: brokerAddr,
-		healthAddr: fmt.Sprintf("127.0.0.1:%d", freePort(t)),
 		logPath:    filepath.Join(t.TempDir(), "operator.log"),
 	}
-	if kind == embeddedBroker {
-		o.brokerAddr = fmt.Sprintf("127.0.0.1:%d", freePort(t))
-	}
+	o.pickPorts()
 	t.Cleanup(func() {
 		if o.running() {
 			o.signalAndWait(syscall.SIGKILL, stopWait)
@@ -106,38 +104,76 @@ func (o *operator) args() []string {
 }
 
 // start starts the operator process and waits until it answers devices.
+// If its first start fails because a port was taken meanwhile, it tries
+// again on other ports; later starts keep the ports (devices reconnect to
+// the same address).
 func (o *operator) start() {
 	o.t.Helper()
+	for attempt := 1; ; attempt++ {
+		err := o.startOnce()
+		if err == nil {
+			o.everReady = true
+			return
+		}
+		o.signalAndWait(syscall.SIGKILL, stopWait)
+		if !o.everReady && attempt < 3 && o.lastStartHitPortInUse() {
+			o.t.Logf("operator: %v; a port was taken, trying other ports", err)
+			o.pickPorts()
+			continue
+		}
+		o.t.Fatalf("operator start #%d: %v (its log is below)", o.starts, err)
+	}
+}
+
+// pickPorts chooses the free ports the operator listens on.
+func (o *operator) pickPorts() {
+	o.healthAddr = fmt.Sprintf("127.0.0.1:%d", freePort(o.t))
+	if o.kind == embeddedBroker {
+		o.brokerAddr = fmt.Sprintf("127.0.0.1:%d", freePort(o.t))
+	}
+}
+
+// lastStartHitPortInUse reports whether the log of the last start says a
+// port was in use.
+func (o *operator) lastStartHitPortInUse() bool {
+	b, _ := os.ReadFile(o.logPath)
+	marker := fmt.Sprintf("===== e2e: operator start #%d ", o.starts)
+	i := strings.LastIndex(string(b), marker)
+	return i >= 0 && strings.Contains(string(b[i:]), "address already in use")
+}
+
+func (o *operator) startOnce() error {
 	o.mu.Lock()
 	if o.cmd != nil {
 		o.mu.Unlock()
-		o.t.Fatal("operator already running")
+		return errors.New("operator already running")
 	}
 	o.starts++
+	n := o.starts
 	f, err := os.OpenFile(o.logPath, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
 	if err != nil {
 		o.mu.Unlock()
-		o.t.Fatal(err)
+		return err
 	}
-	fmt.Fprintf(f, "===== e2e: operator start #%d at %s: %s %s\n", o.starts, time.Now().Format(time.RFC3339Nano), managerBin, strings.Join(o.args(), " "))
+	fmt.Fprintf(f, "===== e2e: operator start #%d at %s: %s %s\n", n, time.Now().Format(time.RFC3339Nano), managerBin, strings.Join(o.args(), " "))
 	cmd := exec.Command(managerBin, o.args()...)
 	cmd.Env = append(filteredEnv(), "KUBECONFIG="+kubeconfigPath)
 	cmd.Stdout, cmd.Stderr = f, f
 	if err := cmd.Start(); err != nil {
 		_ = f.Close()
 		o.mu.Unlock()
-		o.t.Fatalf("starting the operator: %v", err)
+		return fmt.Errorf("starting %s: %w", managerBin, err)
 	}
 	exited := make(chan struct{})
 	o.cmd, o.exited = cmd, exited
 	o.mu.Unlock()
 	go func() {
 		err := cmd.Wait()
-		fmt.Fprintf(f, "===== e2e: operator #%d exited at %s: %v\n", o.starts, time.Now().Format(time.RFC3339Nano), err)
+		fmt.Fprintf(f, "===== e2e: operator #%d exited at %s: %v\n", n, time.Now().Format(time.RFC3339Nano), err)
 		_ = f.Close()
 		close(exited)
 	}()
-	o.waitReady()
+	return o.waitReady(exited)
 }
 
 // filteredEnv is the test's environment without what would point the
@@ -220,17 +256,13 @@ func (o *operator) printLog() {
 // waitReady waits until the process serves /readyz and answers a twin GET
 // over MQTT (a 404 for a device id that has no twin): then its cache has
 // synced, and its broker (or broker connection) and subscriptions are up.
-func (o *operator) waitReady() {
-	o.t.Helper()
+func (o *operator) waitReady(exited <-chan struct{}) error {
 	deadline := time.Now().Add(readyWait)
 	hc := &http.Client{Timeout: 2 * time.Second}
 	for {
-		o.mu.Lock()
-		exited := o.exited
-		o.mu.Unlock()
 		select {
 		case <-exited:
-			o.t.Fatalf("the operator exited while starting (see its log below)")
+			return errors.New("the operator exited while starting")
 		default:
 		}
 		if resp, err := hc.Get("http://" + o.healthAddr + "/readyz"); err == nil {
@@ -240,13 +272,14 @@ func (o *operator) waitReady() {
 			}
 		}
 		if time.Now().After(deadline) {
-			o.t.Fatalf("the operator did not serve /readyz on %s within %s", o.healthAddr, readyWait)
+			return fmt.Errorf("the operator did not serve /readyz on %s within %s", o.healthAddr, readyWait)
 		}
 		time.Sleep(tick)
 	}
-	if err := probeMQTT(o.brokerAddr, time.Until(deadline), o.exited); err != nil {
-		o.t.Fatalf("the operator does not answer devices on %s: %v", o.brokerAddr, err)
+	if err := probeMQTT(o.brokerAddr, time.Until(deadline), exited); err != nil {
+		return fmt.Errorf("the operator does not answer devices on %s: %w", o.brokerAddr, err)
 	}
+	return nil
 }
 
 // probeMQTT GETs the twin of a device id that has none until the operator
@@ -255,12 +288,12 @@ func probeMQTT(addr string, d time.Duration, exited <-chan struct{}) error {
 	id := "e2e-probe-" + randomSuffix()
 	got := make(chan protocol.Response, 1)
 	opts := paho.NewClientOptions().
-		AddBroker("tcp://"+addr).
+		AddBroker("tcp://" + addr).
 		SetClientID(id).
 		SetProtocolVersion(4).
 		SetCleanSession(true).
 		SetAutoReconnect(false).
-		SetConnectTimeout(2*time.Second).
+		SetConnectTimeout(2 * time.Second).
 		SetDefaultPublishHandler(func(_ paho.Client, m paho.Message) {
 			var r protocol.Response
 			if json.Unmarshal(m.Payload(), &r) == nil {
@@ -341,7 +374,22 @@ func startMosquitto(t *testing.T) string {
 	if mosquittoBin == "" {
 		t.Fatal("mosquitto is not installed (apt-get install mosquitto)")
 	}
-	port := freePort(t)
+	for attempt := 1; ; attempt++ {
+		addr, log, err := startMosquittoOn(t, freePort(t))
+		if err == nil {
+			return addr
+		}
+		if attempt < 3 && strings.Contains(log, "Address already in use") {
+			t.Logf("mosquitto: %v; trying another port", err)
+			continue
+		}
+		t.Fatalf("%v\n%s", err, log)
+	}
+}
+
+// startMosquittoOn starts Mosquitto on port; on failure it returns its log.
+func startMosquittoOn(t *testing.T, port int) (addr, log string, err error) {
+	t.Helper()
 	dir := t.TempDir()
 	conf := filepath.Join(dir, "mosquitto.conf")
 	cfg := fmt.Sprintf("listener %d 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest stderr\nlog_timestamp_format %%H:%%M:%%S\n", port)
@@ -374,22 +422,26 @@ func startMosquitto(t *testing.T) string {
 			}
 		}
 	})
-	addr := fmt.Sprintf("127.0.0.1:%d", port)
+	addr = fmt.Sprintf("127.0.0.1:%d", port)
 	deadline := time.Now().Add(wait)
 	for {
-		c, err := net.DialTimeout("tcp", addr, time.Second)
-		if err == nil {
-			_ = c.Close()
-			return addr
-		}
 		select {
 		case <-exited:
 			b, _ := os.ReadFile(logf.Name())
-			t.Fatalf("mosquitto exited:\n%s", b)
+			return "", string(b), fmt.Errorf("mosquitto exited (%v)", cmd.ProcessState)
 		default:
 		}
+		// Listening, and it is this Mosquitto that listens.
+		c, err := net.DialTimeout("tcp", addr, time.Second)
+		if err == nil {
+			_ = c.Close()
+			if b, _ := os.ReadFile(logf.Name()); strings.Contains(string(b), " running") {
+				return addr, "", nil
+			}
+		}
 		if time.Now().After(deadline) {
-			t.Fatalf("mosquitto did not listen on %s: %v", addr, err)
+			b, _ := os.ReadFile(logf.Name())
+			return "", string(b), fmt.Errorf("mosquitto did not listen on %s: %v", addr, err)
 		}
 		time.Sleep(20 * time.Millisecond)
 	}

@@ -22,7 +22,7 @@ import (
 // What the suite shares: the control plane, a kubeconfig for it, the built
 // binaries and a non-caching client.
 var (
-	k8s            client.Client
+	k8s            client.WithWatch
 	kubeconfigPath string
 	managerBin     string
 	deviceSimBin   string
@@ -115,7 +115,7 @@ func runSuite(m *testing.M) int {
 	}
 
 	// The tests' own client: no cache, so every read is the API server's truth.
-	k8s, err = client.New(rest.CopyConfig(user.Config()), client.Options{Scheme: testScheme})
+	k8s, err = client.NewWithWatch(rest.CopyConfig(user.Config()), client.Options{Scheme: testScheme})
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "e2e: client: %v\n", err)
 		return 1
