@@ -185,16 +185,26 @@ func (b *Bridge) PublishDesired(ctx context.Context, t *v1alpha1.DeviceTwin, des
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	d := e.d
+	if b.bus == nil {
+		return false, errors.New("no MQTT bus configured")
+	}
 	if twin.Equal(d.published, desired) {
+		if d.retainedSent || d.desiredVersion == 0 {
+			return false, nil
+		}
+		// First time since this process loaded the twin: make sure the
+		// broker holds the retained document (same version, no patch).
+		full, _ := json.Marshal(protocol.WithVersion(d.published, d.desiredVersion))
+		if err := b.bus.Publish(ctx, protocol.DesiredTopic(d.id), full, true); err != nil {
+			return false, fmt.Errorf("republishing desired document of device %q: %w", d.id, err)
+		}
+		d.retainedSent = true
 		return false, nil
 	}
 	change := twin.Diff(d.published, desired)
 	version := d.desiredVersion + 1
 	full, _ := json.Marshal(protocol.WithVersion(desired, version))
 	patch, _ := json.Marshal(protocol.WithVersion(change, version))
-	if b.bus == nil {
-		return false, errors.New("no MQTT bus configured")
-	}
 	// The patch goes first: a subscribed device applies it, then ignores
 	// the retained document of the same version that follows.
 	if err := b.bus.Publish(ctx, protocol.DesiredPatchTopic(d.id), patch, false); err != nil {
@@ -207,6 +217,7 @@ func (b *Bridge) PublishDesired(ctx context.Context, t *v1alpha1.DeviceTwin, des
 	d.desiredMeta = twin.UpdateMetadata(d.desiredMeta, desired, change, b.now(), version)
 	d.published = desired
 	d.desiredVersion = version
+	d.retainedSent = true
 	return true, nil
 }
 
@@ -273,7 +284,12 @@ func (b *Bridge) handleReported(ctx context.Context, t *v1alpha1.DeviceTwin, m b
 	}
 	var refused error
 	answered := int64(-1)
+	busy := false
 	err = b.with(t, func(d *device) {
+		if len(d.pending) >= maxPending {
+			busy = true
+			return
+		}
 		if v, seen := d.recent[m.RequestID]; seen {
 			// A resend of a request already applied: answer it, once
 			// its version is persisted, without applying it again.
@@ -301,6 +317,13 @@ func (b *Bridge) handleReported(ctx context.Context, t *v1alpha1.DeviceTwin, m b
 	})
 	if err != nil {
 		b.refuseInternal(ctx, m, err)
+		return
+	}
+	if busy {
+		reportsThrottled.Inc()
+		b.respond(ctx, m.DeviceID, m.RequestID, protocol.Response{Status: protocol.StatusTooMany,
+			Error: fmt.Sprintf("device %q has %d reports waiting to be stored; retry later", m.DeviceID, maxPending)})
+		m.Ack()
 		return
 	}
 	if answered >= 0 {

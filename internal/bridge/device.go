@@ -36,6 +36,10 @@ type device struct {
 	published      twin.Doc // desired as last sent to the device
 	desiredVersion int64
 	desiredMeta    twin.Doc
+	// retainedSent is set once this process has published the retained
+	// desired document: after a restart the (embedded, or non-persistent)
+	// broker may have lost it.
+	retainedSent bool
 
 	deviceDesiredVersion int64
 
@@ -52,15 +56,24 @@ type device struct {
 	recentOrder []string
 }
 
-// recentRequests bounds how many request ids a device remembers.
+// recentRequests is how many request ids of persisted reports a device
+// remembers; ids of reports not yet persisted are always remembered.
 const recentRequests = 256
+
+// maxPending bounds the messages of one device waiting to be persisted;
+// beyond it reports are refused with 429 until the operator catches up.
+const maxPending = 2048
 
 func (d *device) remember(rid string, version int64) {
 	if d.recent == nil {
 		d.recent = make(map[string]int64, recentRequests)
 	}
-	if len(d.recentOrder) == recentRequests {
-		delete(d.recent, d.recentOrder[0])
+	for len(d.recentOrder) >= recentRequests {
+		oldest := d.recentOrder[0]
+		if d.recent[oldest] > d.persisted.ReportedVersion {
+			break // still pending: a resend must find it
+		}
+		delete(d.recent, oldest)
 		d.recentOrder = d.recentOrder[1:]
 	}
 	d.recent[rid] = version

@@ -16,6 +16,10 @@ var (
 		Subsystem: subsystem, Name: "messages_refused_total",
 		Help: "Device messages refused because they broke the protocol or the twin rules.",
 	})
+	reportsThrottled = prometheus.NewCounter(prometheus.CounterOpts{
+		Subsystem: subsystem, Name: "reports_throttled_total",
+		Help: "Reported patches refused with 429 because too many of the device's reports were waiting to be stored.",
+	})
 	reportsPersisted = prometheus.NewCounter(prometheus.CounterOpts{
 		Subsystem: subsystem, Name: "messages_persisted_total",
 		Help: "Device messages whose effect was written to the Kubernetes API and acknowledged.",
@@ -37,5 +41,5 @@ var (
 )
 
 func init() {
-	metrics.Registry.MustRegister(messagesReceived, reportsRefused, reportsPersisted, reportLatency, desiredNotifications, StatusWrites)
+	metrics.Registry.MustRegister(messagesReceived, reportsRefused, reportsThrottled, reportsPersisted, reportLatency, desiredNotifications, StatusWrites)
 }
