@@ -8,6 +8,11 @@ CONTROLLER_GEN ?= $(LOCALBIN)/controller-gen
 KUBETWIN_CACHE ?= $(HOME)/.cache/kubetwin
 export KUBETWIN_CACHE
 
+# Where make install-plugin puts kubectl-twin (any folder on the PATH works),
+# and the version kubectl twin version reports.
+PREFIX ?= /usr/local/bin
+VERSION ?= dev
+
 # Where the local control plane (kube-apiserver, etcd, kubectl) lives; built on first use.
 CONTROLPLANE = $(shell hack/controlplane.sh)
 
@@ -71,9 +76,13 @@ demo-down: ## Stop what make demo started.
 ##@ Build
 
 .PHONY: build
-build: ## Build the operator and the device simulator into bin/.
+build: build-plugin ## Build the operator, the device simulator and the kubectl plugin into bin/.
 	go build -o $(LOCALBIN)/manager ./cmd/manager
 	go build -o $(LOCALBIN)/device-sim ./cmd/device-sim
+
+.PHONY: build-plugin
+build-plugin: ## Build the kubectl plugin into bin/kubectl-twin.
+	go build -ldflags "-X github.com/kubetwin/kubetwin/internal/kubectltwin.version=$(VERSION)" -o $(LOCALBIN)/kubectl-twin ./cmd/kubectl-twin
 
 .PHONY: run
 run: manifests generate ## Run the operator against the current kubeconfig.
@@ -84,6 +93,16 @@ run: manifests generate ## Run the operator against the current kubeconfig.
 .PHONY: install
 install: manifests ## Install the CRD into the current kubeconfig's cluster.
 	kubectl apply -k config/crd
+
+.PHONY: install-plugin
+install-plugin: build-plugin ## Put kubectl-twin on the PATH (PREFIX=/usr/local/bin) so that `kubectl twin` works.
+	install -d $(PREFIX)
+	install -m 0755 $(LOCALBIN)/kubectl-twin $(PREFIX)/kubectl-twin
+	@echo "installed $(PREFIX)/kubectl-twin: try kubectl twin --help"
+
+.PHONY: uninstall-plugin
+uninstall-plugin: ## Remove kubectl-twin from PREFIX.
+	rm -f $(PREFIX)/kubectl-twin
 
 .PHONY: uninstall
 uninstall: manifests ## Remove the CRD.

@@ -29,6 +29,34 @@ down() {
 step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 run() { printf '$ %s\n' "$*"; "$@"; }
 
+# The two queries of the scenario, in IoT Hub's query language.
+by_plant="SELECT * FROM devices WHERE tags.location.plant = 'Redmond43'"
+by_cellular="$by_plant AND properties.reported.connectivity.type = 'cellular'"
+
+twin_query() { # twin_query <query>: show kubectl twin query and its table
+	printf '$ kubectl twin query "%s"\n' "$1"
+	kubectl twin query "$1"
+}
+
+twin_ids() { # twin_ids <query>: the device ids a query returns, comma-separated
+	local out
+	out=$(kubectl twin query --no-headers "$1" 2>/dev/null) || return 1
+	printf '%s\n' "$out" | awk 'NF {print $1}' | paste -sd, -
+}
+
+has_ids() { # has_ids <query> <ids>: whether the query returns exactly ids
+	local got
+	got=$(twin_ids "$1") || return 1
+	[ "$got" = "$2" ]
+}
+
+expect_ids() { # expect_ids <query> <ids>: fail the demo unless the query returns exactly ids
+	if ! has_ids "$1" "$2"; then
+		echo "demo: kubectl twin query \"$1\" returned '$(twin_ids "$1")', expected '$2'" >&2
+		exit 1
+	fi
+}
+
 wait_for() { # wait_for <seconds> <what> <command...>
 	local n=$1 what=$2; shift 2
 	for _ in $(seq "$n"); do
@@ -41,8 +69,9 @@ wait_for() { # wait_for <seconds> <what> <command...>
 
 up() {
 	: "${KUBEBUILDER_ASSETS:?KUBEBUILDER_ASSETS must point at kube-apiserver, etcd and kubectl (run make demo)}"
-	export PATH=$KUBEBUILDER_ASSETS:$PATH
-	[ -x bin/manager ] && [ -x bin/device-sim ] || { echo "demo: run make build first (make demo does)" >&2; exit 1; }
+	# bin holds kubectl-twin: on the PATH, kubectl runs it as `kubectl twin`.
+	export PATH=$root/bin:$KUBEBUILDER_ASSETS:$PATH
+	[ -x bin/manager ] && [ -x bin/device-sim ] && [ -x bin/kubectl-twin ] || { echo "demo: run make build first (make demo does)" >&2; exit 1; }
 	if [ -f "$state/localcluster.pid" ]; then
 		echo "demo: already running (make demo-down first)"; exit 1
 	fi
@@ -84,6 +113,16 @@ up() {
 	echo "(the device has not connected or reported yet:)"
 	run kubectl get devicetwin mydeviceid -o jsonpath='{.status.conditions[*].reason}{"\n"}'
 
+	step "3. The same in IoT Hub's query language, with the kubectl plugin: kubectl twin query"
+	twin_query "$by_plant"
+	expect_ids "$by_plant" myDeviceId
+	twin_query "$by_cellular"
+	expect_ids "$by_cellular" ""
+	echo "(nothing yet: the device has not reported its connectivity)"
+	echo "How the plugin runs it: the tag condition goes to the API server as a label selector, the rest is checked on what it returns:"
+	printf '$ kubectl twin explain-query "%s"\n' "$by_cellular"
+	kubectl twin explain-query "$by_cellular"
+
 	step "4. The device connects over MQTT, gets its twin, applies desired and reports cellular connectivity"
 	bin/device-sim --broker "tcp://127.0.0.1:$mqtt_port" --id myDeviceId --apply-desired \
 		--report '{"connectivity":{"type":"cellular"}}' >"$state/device.log" 2>&1 &
@@ -97,6 +136,15 @@ up() {
 	run kubectl get devicetwin mydeviceid -o jsonpath='reported: {.status.reported}{"\n"}'
 	echo "devices in Redmond43 reporting cellular:"
 	run bash -c "kubectl get devicetwins -l location.plant=Redmond43 -o jsonpath='{range .items[?(@.status.reported.connectivity.type==\"cellular\")]}{.status.deviceId}{\"\n\"}{end}'"
+
+	step "5. The scenario's two queries now both return myDeviceId"
+	wait_for 30 "kubectl twin query to see the cellular report" has_ids "$by_cellular" myDeviceId
+	twin_query "$by_plant"
+	expect_ids "$by_plant" myDeviceId
+	twin_query "$by_cellular"
+	expect_ids "$by_cellular" myDeviceId
+	printf '$ %s\n' "kubectl twin query -o json \"SELECT deviceId, properties.reported.connectivity.type AS connectivity FROM devices WHERE tags.location.region = 'US'\""
+	kubectl twin query -o json "SELECT deviceId, properties.reported.connectivity.type AS connectivity FROM devices WHERE tags.location.region = 'US'"
 
 	step "6. Change a desired property; the device receives it and reports it back"
 	run kubectl patch devicetwin mydeviceid --type merge -p '{"spec":{"desired":{"telemetryConfig":{"sendFrequencyInSecs":30}}}}'
@@ -126,7 +174,7 @@ up() {
 
 	step "The demo environment keeps running"
 	echo "  export KUBECONFIG=$KUBECONFIG"
-	echo "  export PATH=$KUBEBUILDER_ASSETS:\$PATH    # kubectl v1.37 matching the control plane"
+	echo "  export PATH=$root/bin:$KUBEBUILDER_ASSETS:\$PATH    # kubectl v1.37 matching the control plane, and kubectl twin"
 	echo "  logs: $state/{manager,device,localcluster}.log"
 	echo "  stop: make demo-down"
 }

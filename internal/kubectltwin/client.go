@@ -1,0 +1,228 @@
+package kubectltwin
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"reflect"
+	"sort"
+	"strings"
+
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/fields"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/serializer"
+	"k8s.io/apimachinery/pkg/util/validation"
+	"k8s.io/client-go/rest"
+
+	"github.com/kubetwin/kubetwin/api/v1alpha1"
+	"github.com/kubetwin/kubetwin/internal/hubtwin"
+	"github.com/kubetwin/kubetwin/internal/query"
+)
+
+// Resource is the plural resource name of DeviceTwins.
+const Resource = "devicetwins"
+
+// DefaultChunkSize is how many DeviceTwins one LIST request asks for, as
+// kubectl's --chunk-size.
+const DefaultChunkSize = 500
+
+var codecs = func() serializer.CodecFactory {
+	s := runtime.NewScheme()
+	if err := v1alpha1.AddToScheme(s); err != nil {
+		panic(err)
+	}
+	return serializer.NewCodecFactory(s)
+}()
+
+// NewClient returns a REST client for the kubetwin.io/v1alpha1 API of the
+// cluster cfg points at. It needs no discovery: one request per page.
+func NewClient(cfg *rest.Config) (rest.Interface, error) {
+	c := rest.CopyConfig(cfg)
+	gv := v1alpha1.GroupVersion
+	c.GroupVersion = &gv
+	c.APIPath = "/apis"
+	c.NegotiatedSerializer = codecs.WithoutConversion()
+	if c.UserAgent == "" {
+		c.UserAgent = "kubectl-twin/" + Version() + " " + rest.DefaultKubernetesUserAgent()
+	}
+	return rest.RESTClientFor(c)
+}
+
+// ListOptions are the selectors and page size of a LIST of DeviceTwins.
+type ListOptions struct {
+	// Namespace to list in; "" lists all namespaces.
+	Namespace string
+	// LabelSelector and FieldSelector are sent to the server ("" for none).
+	LabelSelector, FieldSelector string
+	// ChunkSize is the page size (limit); 0 or less lists in one request.
+	ChunkSize int64
+}
+
+// ListTwins lists the DeviceTwins selected by opts page by page (limit and
+// continue, as kubectl does for big lists) and calls visit with each page;
+// a page's items are not used after visit returns. It returns the number
+// of requests made.
+func ListTwins(ctx context.Context, c rest.Interface, opts ListOptions, visit func([]v1alpha1.DeviceTwin) error) (pages int, err error) {
+	lo := metav1.ListOptions{LabelSelector: opts.LabelSelector, FieldSelector: opts.FieldSelector}
+	if opts.ChunkSize > 0 {
+		lo.Limit = opts.ChunkSize
+	}
+	for {
+		var list v1alpha1.DeviceTwinList
+		err := c.Get().
+			NamespaceIfScoped(opts.Namespace, opts.Namespace != "").
+			Resource(Resource).
+			VersionedParams(&lo, metav1.ParameterCodec).
+			Do(ctx).
+			Into(&list)
+		pages++
+		if err != nil {
+			return pages, err
+		}
+		if err := visit(list.Items); err != nil {
+			return pages, err
+		}
+		if list.Continue == "" {
+			return pages, nil
+		}
+		lo.Continue = list.Continue
+	}
+}
+
+// Twin is one DeviceTwin of an answer: its IoT Hub twin document and where
+// the object lives.
+type Twin struct {
+	Namespace, Name string
+	// InSync is the status of the InSync condition ("" without it).
+	InSync string
+	// Doc is the IoT Hub twin document (hubtwin.FromDeviceTwin).
+	Doc map[string]any
+}
+
+// Answer is the result of a query run against the API server.
+type Answer struct {
+	query.Result
+	// Twins holds, for a SELECT * result, the twin behind each item.
+	Twins []*Twin
+	// Listed is how many DeviceTwins the server returned (before the
+	// residual filter); Pages how many LIST requests that took.
+	Listed, Pages int
+}
+
+// Execute answers q over the DeviceTwins of namespace ("" for all): it
+// lists them with the plan's label and field selectors, page by page,
+// renders each as its IoT Hub document, keeps those the WHERE condition
+// matches and runs the query over them.
+func Execute(ctx context.Context, c rest.Interface, namespace string, q *query.Query, chunkSize int64) (*Answer, error) {
+	plan := q.Plan()
+	var (
+		docs []map[string]any
+		kept []*Twin
+		ans  = &Answer{}
+	)
+	pages, err := ListTwins(ctx, c, ListOptions{
+		Namespace: namespace, LabelSelector: plan.LabelSelector, FieldSelector: plan.FieldSelector, ChunkSize: chunkSize,
+	}, func(items []v1alpha1.DeviceTwin) error {
+		for i := range items {
+			ans.Listed++
+			doc := hubtwin.FromDeviceTwin(&items[i])
+			if !q.Match(doc) { // filter each page now: a residual-only query need not hold the fleet
+				continue
+			}
+			kept = append(kept, &Twin{
+				Namespace: items[i].Namespace, Name: items[i].Name,
+				InSync: conditionStatus(&items[i], v1alpha1.ConditionInSync), Doc: doc,
+			})
+			docs = append(docs, doc)
+		}
+		return nil
+	})
+	ans.Pages = pages
+	if err != nil {
+		return nil, err
+	}
+	res, err := q.Run(docs)
+	if err != nil {
+		return nil, err
+	}
+	ans.Result = res
+	if res.ItemType == query.ItemTypeTwin {
+		// Run returns the documents it was given: find each one's twin.
+		byDoc := make(map[uintptr]*Twin, len(kept))
+		for _, t := range kept {
+			byDoc[mapID(t.Doc)] = t
+		}
+		ans.Twins = make([]*Twin, len(res.Items))
+		for i, it := range res.Items {
+			if ans.Twins[i] = byDoc[mapID(it)]; ans.Twins[i] == nil {
+				ans.Twins[i] = &Twin{Doc: it} // not expected: Run returns the documents it is given
+			}
+		}
+	}
+	return ans, nil
+}
+
+// GetTwin returns the DeviceTwin called name in namespace; failing that,
+// the one whose device id is name. With namespace "" it looks up the device
+// id in every namespace.
+func GetTwin(ctx context.Context, c rest.Interface, namespace, name string) (*v1alpha1.DeviceTwin, error) {
+	var getErr error
+	// A device id that cannot be an object name (upper case letters are
+	// fine to ask for; '/', '%', '?' and the like are not) is looked up
+	// by device id only.
+	if namespace != "" && len(validation.IsDNS1123Subdomain(strings.ToLower(name))) == 0 {
+		var t v1alpha1.DeviceTwin
+		getErr = c.Get().Namespace(namespace).Resource(Resource).Name(name).Do(ctx).Into(&t)
+		if getErr == nil {
+			return &t, nil
+		}
+		if !apierrors.IsNotFound(getErr) {
+			return nil, getErr
+		}
+	}
+	var found []v1alpha1.DeviceTwin
+	_, err := ListTwins(ctx, c, ListOptions{
+		Namespace:     namespace,
+		FieldSelector: fields.OneTermEqualSelector(query.FieldDeviceID, name).String(),
+	}, func(items []v1alpha1.DeviceTwin) error {
+		found = append(found, items...)
+		return nil
+	})
+	switch {
+	case err != nil && getErr != nil:
+		return nil, getErr // the lookup by name said more
+	case err != nil:
+		return nil, err
+	case len(found) == 1:
+		return &found[0], nil
+	case len(found) > 1:
+		names := make([]string, len(found))
+		for i := range found {
+			names[i] = found[i].Namespace + "/" + found[i].Name
+		}
+		sort.Strings(names)
+		return nil, fmt.Errorf("device id %q is claimed by %d DeviceTwins: %s", name, len(found), strings.Join(names, ", "))
+	case getErr != nil:
+		return nil, getErr
+	default:
+		return nil, apierrors.NewNotFound(v1alpha1.GroupVersion.WithResource(Resource).GroupResource(), name)
+	}
+}
+
+// conditionStatus returns the status of the condition typ, or "".
+func conditionStatus(t *v1alpha1.DeviceTwin, typ string) string {
+	for _, c := range t.Status.Conditions {
+		if c.Type == typ {
+			return string(c.Status)
+		}
+	}
+	return ""
+}
+
+// errNoCRD explains a 404 on the collection.
+var errNoCRD = errors.New("the server does not serve DeviceTwins (kubetwin.io/v1alpha1): is the CRD installed? (make install)")
+
+// mapID identifies a map by its address.
+func mapID(m map[string]any) uintptr { return reflect.ValueOf(m).Pointer() }

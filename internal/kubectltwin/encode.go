@@ -1,0 +1,207 @@
+package kubectltwin
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"slices"
+	"strings"
+
+	"go.yaml.in/yaml/v3"
+)
+
+// Documents are written with their members in a fixed order, so a twin
+// reads as IoT Hub's does (deviceId first, properties last, $metadata and
+// $version at the end of each section) and a row has its columns in the
+// order of the SELECT list. JSON and YAML use the same order.
+
+// twinOrder is the order of a twin document's root members, as IoT Hub
+// writes them; members not listed follow in name order.
+var twinOrder = []string{
+	"deviceId", "etag", "deviceEtag", "version", "status", "statusReason", "statusUpdateTime",
+	"connectionState", "connectionStateUpdatedTime", "lastActivityTime", "cloudToDeviceMessageCount",
+	"authenticationType", "x509Thumbprint", "modelId", "capabilities", "tags", "properties",
+}
+
+// orderFunc returns the order of the members of the object at path (the
+// keys from the document root).
+type orderFunc func(path []string, keys []string) []string
+
+// twinDocOrder orders a twin document.
+func twinDocOrder(path, keys []string) []string {
+	switch {
+	case len(path) == 0:
+		return ordered(keys, twinOrder, nil)
+	case len(path) == 1 && path[0] == "properties":
+		return ordered(keys, []string{"desired", "reported"}, nil)
+	case len(path) == 2 && path[0] == "properties":
+		return ordered(keys, nil, []string{"$metadata", "$version"})
+	}
+	return ordered(keys, nil, nil)
+}
+
+// rowOrder orders a row of a projection by the query's columns.
+func rowOrder(columns []string) orderFunc {
+	return func(path, keys []string) []string {
+		if len(path) == 0 {
+			return ordered(keys, columns, nil)
+		}
+		return ordered(keys, nil, nil)
+	}
+}
+
+// ordered returns keys with first (those present) first, last (those
+// present) last, and the others in between in byte order.
+func ordered(keys, first, last []string) []string {
+	out := make([]string, 0, len(keys))
+	for _, k := range first {
+		if slices.Contains(keys, k) {
+			out = append(out, k)
+		}
+	}
+	var mid []string
+	for _, k := range keys {
+		if !slices.Contains(first, k) && !slices.Contains(last, k) {
+			mid = append(mid, k)
+		}
+	}
+	slices.Sort(mid)
+	out = append(out, mid...)
+	for _, k := range last {
+		if slices.Contains(keys, k) && !slices.Contains(first, k) {
+			out = append(out, k)
+		}
+	}
+	return out
+}
+
+// encodeJSON writes v (a twin.Doc value, or a slice of documents) as
+// indented JSON, objects ordered by order.
+func encodeJSON(v any, order orderFunc) []byte {
+	var b bytes.Buffer
+	writeJSON(&b, v, order, nil, "")
+	b.WriteByte('\n')
+	return b.Bytes()
+}
+
+const jsonIndent = "    " // as kubectl -o json
+
+func writeJSON(b *bytes.Buffer, v any, order orderFunc, path []string, indent string) {
+	switch x := v.(type) {
+	case map[string]any:
+		if len(x) == 0 {
+			b.WriteString("{}")
+			return
+		}
+		b.WriteString("{\n")
+		for i, k := range order(path, keysOf(x)) {
+			if i > 0 {
+				b.WriteString(",\n")
+			}
+			b.WriteString(indent + jsonIndent)
+			writeString(b, k)
+			b.WriteString(": ")
+			writeJSON(b, x[k], order, append(path, k), indent+jsonIndent)
+		}
+		b.WriteString("\n" + indent + "}")
+	case []map[string]any:
+		items := make([]any, len(x))
+		for i := range x {
+			items[i] = x[i]
+		}
+		writeJSON(b, items, order, path, indent)
+	case []any:
+		if len(x) == 0 {
+			b.WriteString("[]")
+			return
+		}
+		b.WriteString("[\n")
+		for i, it := range x {
+			if i > 0 {
+				b.WriteString(",\n")
+			}
+			b.WriteString(indent + jsonIndent)
+			// Array items are documents of their own: their paths restart.
+			writeJSON(b, it, order, path[:0:0], indent+jsonIndent)
+		}
+		b.WriteString("\n" + indent + "]")
+	case string:
+		writeString(b, x)
+	default:
+		data, err := json.Marshal(x)
+		if err != nil {
+			data = []byte("null")
+		}
+		b.Write(data)
+	}
+}
+
+func writeString(b *bytes.Buffer, s string) {
+	enc := json.NewEncoder(b)
+	enc.SetEscapeHTML(false)
+	_ = enc.Encode(s)
+	b.Truncate(b.Len() - 1) // the encoder's newline
+}
+
+func keysOf(m map[string]any) []string {
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	return keys
+}
+
+// encodeYAML writes v as YAML, objects ordered by order.
+func encodeYAML(v any, order orderFunc) ([]byte, error) {
+	var b bytes.Buffer
+	enc := yaml.NewEncoder(&b)
+	enc.SetIndent(2)
+	if err := enc.Encode(yamlNode(v, order, nil)); err != nil {
+		return nil, err
+	}
+	if err := enc.Close(); err != nil {
+		return nil, err
+	}
+	return b.Bytes(), nil
+}
+
+func yamlNode(v any, order orderFunc, path []string) *yaml.Node {
+	switch x := v.(type) {
+	case map[string]any:
+		n := &yaml.Node{Kind: yaml.MappingNode, Tag: "!!map"}
+		for _, k := range order(path, keysOf(x)) {
+			n.Content = append(n.Content, scalar("!!str", k), yamlNode(x[k], order, append(path, k)))
+		}
+		return n
+	case []map[string]any:
+		n := &yaml.Node{Kind: yaml.SequenceNode, Tag: "!!seq"}
+		for _, it := range x {
+			n.Content = append(n.Content, yamlNode(it, order, nil))
+		}
+		return n
+	case []any:
+		n := &yaml.Node{Kind: yaml.SequenceNode, Tag: "!!seq"}
+		for _, it := range x {
+			n.Content = append(n.Content, yamlNode(it, order, nil))
+		}
+		return n
+	case string:
+		return scalar("!!str", x)
+	case bool:
+		return scalar("!!bool", fmt.Sprint(x))
+	case nil:
+		return scalar("!!null", "null")
+	case json.Number:
+		if strings.ContainsAny(string(x), ".eE") {
+			return scalar("!!float", string(x))
+		}
+		return scalar("!!int", string(x))
+	default:
+		data, _ := json.Marshal(x)
+		return scalar("!!float", string(data))
+	}
+}
+
+func scalar(tag, value string) *yaml.Node {
+	return &yaml.Node{Kind: yaml.ScalarNode, Tag: tag, Value: value}
+}

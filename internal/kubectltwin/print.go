@@ -1,0 +1,199 @@
+package kubectltwin
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"strings"
+	"time"
+
+	"k8s.io/apimachinery/pkg/util/duration"
+	"k8s.io/cli-runtime/pkg/printers"
+
+	"github.com/kubetwin/kubetwin/internal/hubtwin"
+	"github.com/kubetwin/kubetwin/internal/query"
+	"github.com/kubetwin/kubetwin/internal/twin"
+)
+
+// Output formats (-o).
+const (
+	outputJSON  = "json"
+	outputYAML  = "yaml"
+	outputTable = "table"
+	outputWide  = "wide"
+)
+
+var outputFormats = []string{outputJSON, outputTable, outputWide, outputYAML}
+
+// checkOutput refuses an unknown -o value as kubectl does.
+func checkOutput(format string, allowed []string) error {
+	for _, f := range allowed {
+		if f == format {
+			return nil
+		}
+	}
+	return fmt.Errorf("unable to match a printer suitable for the output format %q, allowed formats are: %s",
+		format, strings.Join(allowed, ","))
+}
+
+// tableOptions say how to print a table.
+type tableOptions struct {
+	wide          bool
+	noHeaders     bool
+	withNamespace bool      // a NAMESPACE column first (-A)
+	now           time.Time // for LAST ACTIVITY ages
+}
+
+// printTwinTable prints twins as a table: one row a device.
+//
+//	DEVICE  CONNECTION  LAST ACTIVITY  DESIRED  REPORTED
+//
+// where DESIRED and REPORTED are the $version of each section, and wide
+// adds INSYNC (the InSync condition), VERSION, STATUS, the object's NAME
+// and the TAGS.
+func printTwinTable(w io.Writer, twins []*Twin, o tableOptions) error {
+	tw := printers.GetNewTabWriter(w)
+	var header []string
+	if o.withNamespace {
+		header = append(header, "NAMESPACE")
+	}
+	header = append(header, "DEVICE", "CONNECTION", "LAST ACTIVITY", "DESIRED", "REPORTED")
+	if o.wide {
+		header = append(header, "INSYNC", "VERSION", "STATUS", "NAME", "TAGS")
+	}
+	if !o.noHeaders {
+		writeRow(tw, header)
+	}
+	for _, t := range twins {
+		d := t.Doc
+		var row []string
+		if o.withNamespace {
+			row = append(row, t.Namespace)
+		}
+		row = append(row,
+			cell(d["deviceId"]),
+			cell(d["connectionState"]),
+			age(d["lastActivityTime"], o.now),
+			cell(sectionVersion(d, "desired")),
+			cell(sectionVersion(d, "reported")),
+		)
+		if o.wide {
+			row = append(row, orNone(t.InSync), cell(d["version"]), cell(d["status"]), t.Name, cell(d["tags"]))
+		}
+		writeRow(tw, row)
+	}
+	return tw.Flush()
+}
+
+// printRowTable prints the rows of a projection or aggregate with the
+// query's columns as headers. A value the row lacks (undefined) is <none>.
+func printRowTable(w io.Writer, columns []string, rows []map[string]any, o tableOptions) error {
+	tw := printers.GetNewTabWriter(w)
+	if !o.noHeaders {
+		writeRow(tw, columns)
+	}
+	for _, r := range rows {
+		row := make([]string, len(columns))
+		for i, c := range columns {
+			v, ok := r[c]
+			if !ok {
+				row[i] = "<none>"
+				continue
+			}
+			row[i] = cell(v)
+		}
+		writeRow(tw, row)
+	}
+	return tw.Flush()
+}
+
+func writeRow(w io.Writer, cells []string) {
+	for i, c := range cells {
+		// A tab or newline inside a value would break the columns.
+		cells[i] = strings.NewReplacer("\t", " ", "\n", " ", "\r", " ").Replace(c)
+	}
+	fmt.Fprintln(w, strings.Join(cells, "\t"))
+}
+
+// cell renders a value for a table: strings as they are, numbers as
+// written in JSON, null as null, objects as compact JSON.
+func cell(v any) string {
+	switch x := v.(type) {
+	case nil:
+		return "null"
+	case string:
+		return x
+	case json.Number:
+		return string(x)
+	case bool:
+		return fmt.Sprint(x)
+	case map[string]any:
+		return string(twin.Encode(x))
+	default:
+		data, err := json.Marshal(x)
+		if err != nil {
+			return fmt.Sprint(x)
+		}
+		return string(data)
+	}
+}
+
+func orNone(s string) string {
+	if s == "" {
+		return "<none>"
+	}
+	return s
+}
+
+// sectionVersion returns properties.<section>.$version of a twin document.
+func sectionVersion(d map[string]any, section string) any {
+	props, _ := d["properties"].(map[string]any)
+	s, _ := props[section].(map[string]any)
+	if v, ok := s["$version"]; ok {
+		return v
+	}
+	return "<none>"
+}
+
+// age renders a time of the twin document as kubectl renders ages ("5m"),
+// <never> for IoT Hub's zero time.
+func age(v any, now time.Time) string {
+	s, _ := v.(string)
+	if s == "" || s == hubtwin.ZeroTime {
+		return "<never>"
+	}
+	t, err := time.Parse(time.RFC3339, s)
+	if err != nil {
+		return s
+	}
+	return duration.HumanDuration(now.Sub(t))
+}
+
+// printResult prints a query's answer in format.
+func printResult(w io.Writer, ans *Answer, columns []string, format string, o tableOptions) error {
+	switch format {
+	case outputJSON:
+		_, err := w.Write(encodeJSON(ans.Items, itemOrder(ans.ItemType, columns)))
+		return err
+	case outputYAML:
+		data, err := encodeYAML(ans.Items, itemOrder(ans.ItemType, columns))
+		if err != nil {
+			return err
+		}
+		_, err = w.Write(data)
+		return err
+	default:
+		o.wide = format == outputWide
+		if ans.ItemType == query.ItemTypeTwin {
+			return printTwinTable(w, ans.Twins, o)
+		}
+		return printRowTable(w, columns, ans.Items, o)
+	}
+}
+
+func itemOrder(itemType string, columns []string) orderFunc {
+	if itemType == query.ItemTypeTwin {
+		return twinDocOrder
+	}
+	return rowOrder(columns)
+}

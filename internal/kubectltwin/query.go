@@ -1,0 +1,166 @@
+package kubectltwin
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+
+	"github.com/kubetwin/kubetwin/internal/query"
+)
+
+// queryInput is how a command gets its query: the arguments (joined by
+// spaces) or -f FILE.
+type queryInput struct {
+	file string
+}
+
+func (in *queryInput) addFlags(cmd *cobra.Command) {
+	cmd.Flags().StringVarP(&in.file, "filename", "f", "", "Read the query from this file ('-' for stdin) instead of the arguments.")
+}
+
+// parse returns the parsed query, or a queryError pointing at the problem.
+func (in *queryInput) parse(cmd *cobra.Command, args []string) (*query.Query, string, error) {
+	var text string
+	switch {
+	case in.file != "" && len(args) > 0:
+		return nil, "", usageError{cmd: cmd, err: errors.New("give the query as an argument or with -f, not both")}
+	case in.file == "-":
+		data, err := io.ReadAll(cmd.InOrStdin())
+		if err != nil {
+			return nil, "", err
+		}
+		text = string(data)
+	case in.file != "":
+		data, err := os.ReadFile(in.file)
+		if err != nil {
+			return nil, "", err
+		}
+		text = string(data)
+	case len(args) == 0:
+		return nil, "", usageError{cmd: cmd, err: errors.New(`a query is required, e.g. "SELECT * FROM devices"`)}
+	default:
+		text = strings.Join(args, " ")
+	}
+	if in.file != "" {
+		// A file ends with a newline: an error at the end of the query
+		// should point at the end of its last line, not at an empty one.
+		text = strings.TrimRight(text, " \t\r\n")
+	}
+	q, err := query.Parse(text)
+	if err != nil {
+		var qe *query.Error
+		if errors.As(err, &qe) {
+			return nil, text, queryError{err: qe, text: text}
+		}
+		return nil, text, err
+	}
+	return q, text, nil
+}
+
+const queryLong = `Run an IoT Hub query over the DeviceTwins of the namespace (or of all namespaces with -A).
+
+  SELECT [TOP n] <* | expression [AS alias], ...> FROM devices [WHERE condition] [GROUP BY path]
+
+The answer is the one IoT Hub gives: rows in deviceId order, a missing property matches no
+comparison (so != and NIN skip devices without it), GROUP BY gives one row per group.
+
+What the API server can filter is sent as a label selector (tags are mirrored into labels) and a
+field selector (deviceId, connectionState); the whole condition is then checked here on every
+twin the server returns. 'kubectl twin explain-query' shows the split. Big fleets are listed in
+pages of --chunk-size twins.
+
+Output (-o):
+  table  (default) SELECT * gives a row per device: DEVICE, CONNECTION, LAST ACTIVITY and the
+         $version of the DESIRED and REPORTED properties; projections and aggregates give the
+         query's columns, <none> where a value is undefined
+  wide   also INSYNC, VERSION, STATUS, the DeviceTwin NAME and the TAGS
+  json   a JSON array as IoT Hub's query API returns it: twin documents for SELECT *, else rows
+  yaml   the same as YAML`
+
+const queryExample = `  # The getting-started scenario: devices in a plant, then those of them on cellular
+  kubectl twin query "SELECT * FROM devices WHERE tags.location.plant = 'Redmond43'"
+  kubectl twin query "SELECT * FROM devices WHERE tags.location.plant = 'Redmond43' AND properties.reported.connectivity.type = 'cellular'"
+
+  # Across all namespaces, as IoT Hub JSON
+  kubectl twin query -A -o json "SELECT * FROM devices WHERE properties.reported.connectivity.type IN ['wired', 'wifi']"
+
+  # Projections and aggregates
+  kubectl twin query "SELECT DeviceId, LastActivityTime FROM devices WHERE connectionState = 'Disconnected'"
+  kubectl twin query "SELECT properties.reported.telemetryConfig.status AS status, COUNT() AS numberOfDevices FROM devices GROUP BY properties.reported.telemetryConfig.status"
+  kubectl twin query "SELECT COUNT() AS totalNumberOfDevices FROM devices"
+
+  # A long query from a file
+  kubectl twin query -f fleet-report.sql`
+
+func newQueryCommand(o *options) *cobra.Command {
+	var (
+		in        queryInput
+		output    string
+		noHeaders bool
+		chunkSize int64
+	)
+	cmd := &cobra.Command{
+		Use:     `query "SELECT ..."`,
+		Aliases: []string{"q"},
+		Short:   "Run an IoT Hub query (SELECT ... FROM devices ...) over the DeviceTwins",
+		Long:    queryLong,
+		Example: queryExample,
+		Args:    cobra.ArbitraryArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := checkOutput(output, outputFormats); err != nil {
+				return usageError{cmd: cmd, err: err}
+			}
+			q, _, err := in.parse(cmd, args)
+			if err != nil {
+				return err
+			}
+			ns, err := o.namespace()
+			if err != nil {
+				return err
+			}
+			c, err := o.client()
+			if err != nil {
+				return err
+			}
+			ans, err := Execute(cmd.Context(), c, ns, q, chunkSize)
+			if err != nil {
+				return listError(err)
+			}
+			if len(ans.Items) == 0 && (output == outputTable || output == outputWide) {
+				fmt.Fprintln(o.streams.ErrOut, noDevices(ns))
+				return nil
+			}
+			return printResult(o.streams.Out, ans, q.Columns(), output, tableOptions{
+				noHeaders: noHeaders, withNamespace: o.allNamespaces, now: time.Now(),
+			})
+		},
+	}
+	in.addFlags(cmd)
+	cmd.Flags().StringVarP(&output, "output", "o", outputTable, "Output format: json, yaml, table or wide.")
+	cmd.Flags().BoolVar(&noHeaders, "no-headers", false, "When printing a table, leave out the header row.")
+	cmd.Flags().Int64Var(&chunkSize, "chunk-size", DefaultChunkSize,
+		"List DeviceTwins in pages of this many (limit and continue); 0 lists them in one request.")
+	return cmd
+}
+
+// noDevices is the message for an empty table, as kubectl's "No resources found".
+func noDevices(ns string) string {
+	if ns == "" {
+		return "No devices found."
+	}
+	return fmt.Sprintf("No devices found in %s namespace.", ns)
+}
+
+// listError explains a failed LIST of DeviceTwins.
+func listError(err error) error {
+	if apierrors.IsNotFound(err) {
+		return errNoCRD
+	}
+	return err
+}
