@@ -52,8 +52,16 @@ controlplane: ## Build (once) the local kube-apiserver, etcd and kubectl; prints
 	@hack/controlplane.sh
 
 .PHONY: test
-test: manifests generate vet build ## Unit, envtest integration and end-to-end tests (needs mosquitto).
+test: manifests generate vet build ## Unit, envtest integration and end-to-end tests (needs mosquitto), then a short fuzz run.
 	KUBEBUILDER_ASSETS="$(CONTROLPLANE)" go test ./... -count=1 -timeout 30m
+	$(MAKE) fuzz FUZZTIME=10s
+
+FUZZTIME ?= 60s
+.PHONY: fuzz
+fuzz: ## Run each fuzz target for FUZZTIME (default 60s; make test runs 10s).
+	go test ./internal/query/ -run='^$$' -fuzz='^FuzzParse$$' -fuzztime=$(FUZZTIME)
+	go test ./internal/query/ -run='^$$' -fuzz='^FuzzEval$$' -fuzztime=$(FUZZTIME)
+	go test ./internal/twin/ -run='^$$' -fuzz='^FuzzMergeDiff$$' -fuzztime=$(FUZZTIME)
 
 .PHONY: test-e2e
 test-e2e: build ## End-to-end tests only.
