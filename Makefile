@@ -30,6 +30,7 @@ help: ## Show the targets.
 .PHONY: manifests
 manifests: controller-gen ## Generate the CRD and RBAC manifests.
 	$(CONTROLLER_GEN) rbac:roleName=kubetwin-manager crd paths="./api/...;./controllers/...;./internal/webhook/..." output:crd:artifacts:config=config/crd/bases output:rbac:artifacts:config=config/rbac
+	hack/sync-chart-crds.sh
 
 .PHONY: generate
 generate: controller-gen ## Generate deepcopy code.
@@ -45,7 +46,7 @@ vet: ## go vet.
 
 .PHONY: verify
 verify: manifests generate fmt ## Fail when generated files or formatting are out of date.
-	@git diff --exit-code -- api config controllers || (echo "generated files are out of date: run make manifests generate fmt" && exit 1)
+	@git diff --exit-code -- api config controllers charts || (echo "generated files are out of date: run make manifests generate fmt" && exit 1)
 
 .PHONY: controlplane
 controlplane: ## Build (once) the local kube-apiserver, etcd and kubectl; prints their folder.
@@ -70,6 +71,32 @@ test-e2e: build ## End-to-end tests only.
 .PHONY: bench
 bench: build ## Benchmarks against the real control plane and embedded broker.
 	KUBEBUILDER_ASSETS="$(CONTROLPLANE)" go run ./test/bench $(BENCH_ARGS)
+
+##@ Helm and image
+
+HELM ?= $(LOCALBIN)/helm
+IMG ?= ghcr.io/kubetwin/kubetwin:v0.1.0
+
+.PHONY: helm
+helm: ## Build (once, cached) the pinned helm binary into bin/.
+	@hack/helm.sh >/dev/null
+
+.PHONY: helm-lint
+helm-lint: helm ## helm lint the chart (defaults, and an external broker with cert-manager).
+	$(HELM) lint charts/kubetwin --strict --kube-version 1.37.2
+	$(HELM) lint charts/kubetwin --strict --kube-version 1.37.2 --set broker.external.url=tcp://mosquitto:1883 --set webhook.certificates.mode=cert-manager
+
+.PHONY: helm-template
+helm-template: helm ## Render the chart with its defaults.
+	$(HELM) template kubetwin charts/kubetwin -n kubetwin-system --kube-version 1.37.2
+
+.PHONY: test-helm
+test-helm: ## Chart and GitOps tests only (lint, schema, install into the local control plane, Argo CD/Flux health).
+	KUBEBUILDER_ASSETS="$(CONTROLPLANE)" go test ./test/helm/ ./test/gitops/ -count=1 -v
+
+.PHONY: docker-build
+docker-build: ## Build the operator image (needs a container engine; the dev machines have none).
+	docker build -t $(IMG) .
 
 ##@ Demo
 

@@ -1,0 +1,121 @@
+{{/* Chart name. */}}
+{{- define "kubetwin.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Name prefix of every object: the release name, with the chart name appended unless it is already in it, so
+`helm install kubetwin` gives the same names as config/default (kustomize). Kept short enough for the suffixes.
+*/}}
+{{- define "kubetwin.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "kubetwin.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels on every object. */}}
+{{- define "kubetwin.labels" -}}
+helm.sh/chart: {{ include "kubetwin.chart" . }}
+{{ include "kubetwin.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: kubetwin
+{{- end }}
+
+{{/* Labels that select the operator's pods. */}}
+{{- define "kubetwin.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "kubetwin.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+control-plane: controller-manager
+{{- end }}
+
+{{- define "kubetwin.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (printf "%s-controller-manager" (include "kubetwin.fullname" .)) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* The operator's own identity, exempted from its webhooks by a matchCondition. */}}
+{{- define "kubetwin.serviceAccountUser" -}}
+{{- printf "system:serviceaccount:%s:%s" .Release.Namespace (include "kubetwin.serviceAccountName" .) }}
+{{- end }}
+
+{{- define "kubetwin.webhookServiceName" -}}
+{{- printf "%s-webhook-service" (include "kubetwin.fullname" .) }}
+{{- end }}
+
+{{- define "kubetwin.webhookConfigName" -}}
+{{- printf "%s-admission" (include "kubetwin.fullname" .) }}
+{{- end }}
+
+{{/* Secret holding the webhook serving certificate (self-managed and cert-manager modes). */}}
+{{- define "kubetwin.webhookSecretName" -}}
+{{- if eq .Values.webhook.certificates.mode "provided" }}
+{{- required "webhook.certificates.provided.secretName is required with mode provided" .Values.webhook.certificates.provided.secretName }}
+{{- else }}
+{{- printf "%s-webhook-server-cert" (include "kubetwin.fullname" .) }}
+{{- end }}
+{{- end }}
+
+{{- define "kubetwin.certificateName" -}}
+{{- printf "%s-serving-cert" (include "kubetwin.fullname" .) }}
+{{- end }}
+
+{{- define "kubetwin.issuerName" -}}
+{{- printf "%s-selfsigned-issuer" (include "kubetwin.fullname" .) }}
+{{- end }}
+
+{{- define "kubetwin.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{- define "kubetwin.externalBroker" -}}
+{{- if .Values.broker.external.url }}true{{ end }}
+{{- end }}
+
+{{- define "kubetwin.embeddedTLS" -}}
+{{- if and (not .Values.broker.external.url) .Values.broker.embedded.tls.enabled }}true{{ end }}
+{{- end }}
+
+{{/* Folder the webhook server reads tls.crt and tls.key from. */}}
+{{- define "kubetwin.webhookCertDir" -}}
+/tmp/k8s-webhook-server/serving-certs
+{{- end }}
+
+{{/*
+Checks across values that the schema cannot express well; each fails with a message that says what to change.
+*/}}
+{{- define "kubetwin.validate" -}}
+{{- if and (gt (int .Values.replicas) 1) (not .Values.broker.external.url) }}
+{{- fail "replicas > 1 needs an external broker (broker.external.url): the embedded broker runs on the elected leader only, so the MQTT Service would send some devices to a replica without a broker" }}
+{{- end }}
+{{- if and (gt (int .Values.replicas) 1) (not .Values.leaderElection.enabled) }}
+{{- fail "replicas > 1 needs leaderElection.enabled=true: only one replica may bridge devices" }}
+{{- end }}
+{{- if and .Values.broker.external.url .Values.broker.embedded.tls.enabled }}
+{{- fail "broker.embedded.tls.enabled is for the embedded broker; with broker.external.url the broker's TLS is its own (use an ssl:// URL and broker.external.caSecret)" }}
+{{- end }}
+{{- if and (include "kubetwin.embeddedTLS" .) (not .Values.broker.embedded.tls.secretName) }}
+{{- fail "broker.embedded.tls.enabled needs broker.embedded.tls.secretName (a kubernetes.io/tls Secret with the broker's certificate)" }}
+{{- end }}
+{{- if and .Values.webhook.enabled (eq .Values.webhook.certificates.mode "provided") (not .Values.webhook.certificates.provided.caBundle) }}
+{{- fail "webhook.certificates.mode=provided needs webhook.certificates.provided.caBundle (base64 PEM of the CA that signed the Secret's certificate)" }}
+{{- end }}
+{{- end }}

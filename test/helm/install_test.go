@@ -1,0 +1,768 @@
+package helm
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"reflect"
+	"slices"
+	"sort"
+	"strings"
+	"testing"
+	"time"
+
+	admissionv1 "k8s.io/api/admissionregistration/v1"
+	appsv1 "k8s.io/api/apps/v1"
+	authorizationv1 "k8s.io/api/authorization/v1"
+	corev1 "k8s.io/api/core/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/labels"
+	k8sruntime "k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/apimachinery/pkg/util/intstr"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/yaml"
+
+	"github.com/kubetwin/kubetwin/api/v1alpha1"
+)
+
+const testFieldOwner = client.FieldOwner("kubetwin-chart-test")
+
+// install server-side applies every object into the API server and fails
+// the test on the first one it refuses. It removes the cluster-scoped
+// objects at the end of the test (the webhook configurations would
+// otherwise intercept the next test's twins).
+func install(t *testing.T, objs []*unstructured.Unstructured) {
+	t.Helper()
+	c := apiServer(t)
+	ctx := context.Background()
+	for _, o := range objs {
+		if err := c.Apply(ctx, client.ApplyConfigurationFromUnstructured(o.DeepCopy()), testFieldOwner, client.ForceOwnership); err != nil {
+			t.Fatalf("the API server refused %s %s: %v", o.GetKind(), o.GetName(), err)
+		}
+		if o.GetNamespace() == "" {
+			obj := o.DeepCopy()
+			t.Cleanup(func() { _ = c.Delete(context.Background(), obj) })
+		}
+	}
+}
+
+// get reads a typed object from the API server.
+func get[T client.Object](t *testing.T, obj T, namespace, name string) T {
+	t.Helper()
+	if err := apiServer(t).Get(context.Background(), types.NamespacedName{Namespace: namespace, Name: name}, obj); err != nil {
+		t.Fatalf("reading %T %s/%s: %v", obj, namespace, name, err)
+	}
+	return obj
+}
+
+func createNamespace(t *testing.T, name string) {
+	t.Helper()
+	err := apiServer(t).Create(context.Background(), &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: name}})
+	if err != nil && !apierrors.IsAlreadyExists(err) {
+		t.Fatal(err)
+	}
+}
+
+// release names the objects of one installed configuration.
+type release struct {
+	name, namespace, prefix string
+}
+
+func (r release) sa() string       { return r.prefix + "-controller-manager" }
+func (r release) saUser() string   { return "system:serviceaccount:" + r.namespace + ":" + r.sa() }
+func (r release) webhook() string  { return r.prefix + "-webhook-service" }
+func (r release) config() string   { return r.prefix + "-admission" }
+func (r release) secret() string   { return r.prefix + "-webhook-server-cert" }
+func (r release) manager() string  { return r.prefix + "-controller-manager" }
+func (r release) mqtt() string     { return r.prefix + "-mqtt" }
+func (r release) metrics() string  { return r.prefix + "-metrics-service" }
+func (r release) certName() string { return r.prefix + "-serving-cert" }
+
+// TestInstallDefaults installs what helm template renders with the default
+// values (release kubetwin in kubetwin-system, so the names are those of
+// config/default) into the API server and checks every object.
+func TestInstallDefaults(t *testing.T) {
+	rel := release{name: "kubetwin", namespace: "kubetwin-system", prefix: "kubetwin"}
+	objs := render(t, rel.name, rel.namespace)
+	wantKinds(t, objs, map[string]int{
+		"ServiceAccount": 1, "ClusterRole": 5, "ClusterRoleBinding": 2, "Role": 2, "RoleBinding": 2,
+		"Service": 3, "Deployment": 1, "ValidatingWebhookConfiguration": 1, "MutatingWebhookConfiguration": 1,
+	})
+	createNamespace(t, rel.namespace)
+	probe := createProbeTwin(t, rel.namespace)
+	install(t, objs)
+
+	d := get(t, &appsv1.Deployment{}, rel.namespace, rel.manager())
+	c := checkDeployment(t, rel, d, 1)
+	args := c.Args
+	for _, a := range []string{
+		"--mqtt-bind-address=:1883",
+		"--webhook-secret-name=" + rel.secret(),
+		"--webhook-cert-validity=2160h",
+	} {
+		if !slices.Contains(args, a) {
+			t.Errorf("args %v lack %s", args, a)
+		}
+	}
+	for _, a := range args {
+		if strings.HasPrefix(a, "--broker-") || a == "--webhook-manage-certs=false" {
+			t.Errorf("default args hold %s", a)
+		}
+	}
+	certs := volume(t, d, "webhook-certs")
+	if certs.EmptyDir == nil {
+		t.Errorf("webhook-certs is %+v, want an emptyDir the operator writes its certificate to", certs.VolumeSource)
+	}
+
+	// Services: MQTT 1883, webhook 443 -> 9443, metrics 8443.
+	checkService(t, rel, rel.mqtt(), d, map[string]int32{"mqtt": 1883})
+	checkService(t, rel, rel.webhook(), d, map[string]int32{"webhook-server": 443})
+	checkService(t, rel, rel.metrics(), d, map[string]int32{"metrics": 8443})
+
+	checkWebhooks(t, rel, false)
+	checkRBACMatchesKustomize(t, rel)
+	checkAccess(t, rel, true)
+	checkAdmission(t, rel, probe)
+}
+
+// TestInstallExternalBrokerCertManager installs the external-broker and
+// cert-manager configuration. The cert-manager CRDs are not in the API
+// server, so its Issuer and Certificate are checked as rendered; every other
+// object is installed and checked.
+func TestInstallExternalBrokerCertManager(t *testing.T) {
+	rel := release{name: "twins", namespace: "iot", prefix: "twins-kubetwin"}
+	objs := render(t, rel.name, rel.namespace, "-f", writeValues(t, externalValues))
+	wantKinds(t, objs, map[string]int{
+		"ServiceAccount": 1, "ClusterRole": 5, "ClusterRoleBinding": 2, "Role": 1, "RoleBinding": 1,
+		"Service": 2, "Deployment": 1, "ValidatingWebhookConfiguration": 1, "MutatingWebhookConfiguration": 1,
+		"Certificate": 1, "Issuer": 1,
+	})
+
+	var rest []*unstructured.Unstructured
+	for _, o := range objs {
+		if o.GroupVersionKind().Group != "cert-manager.io" {
+			rest = append(rest, o)
+		}
+	}
+	cert := find(t, objs, "Certificate", rel.certName())
+	issuer := find(t, objs, "Issuer", rel.prefix+"-selfsigned-issuer")
+	checkCertManager(t, rel, cert, issuer)
+
+	createNamespace(t, rel.namespace)
+	probe := createProbeTwin(t, rel.namespace)
+	install(t, rest)
+
+	d := get(t, &appsv1.Deployment{}, rel.namespace, rel.manager())
+	c := checkDeployment(t, rel, d, 2)
+	for _, a := range []string{
+		"--broker-url=ssl://mosquitto.mqtt.svc:8883",
+		"--broker-client-id=kubetwin-operator",
+		"--broker-username=kubetwin",
+		"--broker-password-file=/etc/kubetwin/broker-password/password",
+		"--broker-ca-file=/etc/kubetwin/broker-ca/ca.crt",
+		"--broker-cert-file=/etc/kubetwin/broker-client/tls.crt",
+		"--broker-key-file=/etc/kubetwin/broker-client/tls.key",
+		"--webhook-manage-certs=false",
+	} {
+		if !slices.Contains(c.Args, a) {
+			t.Errorf("args %v lack %s", c.Args, a)
+		}
+	}
+	for _, a := range c.Args {
+		if strings.HasPrefix(a, "--mqtt-bind-address") || strings.HasPrefix(a, "--webhook-secret-name") {
+			t.Errorf("external/cert-manager args hold %s", a)
+		}
+	}
+	for _, p := range c.Ports {
+		if p.Name == "mqtt" {
+			t.Errorf("the operator exposes an MQTT port with an external broker")
+		}
+	}
+	// Every file the flags name is mounted from its Secret.
+	for vol, secret := range map[string]string{
+		"broker-password": "mqtt-password", "broker-ca": "mqtt-ca", "broker-client": "mqtt-client",
+		"webhook-certs": cert.Object["spec"].(map[string]any)["secretName"].(string),
+	} {
+		v := volume(t, d, vol)
+		if v.Secret == nil || v.Secret.SecretName != secret {
+			t.Errorf("volume %s = %+v, want Secret %s", vol, v.VolumeSource, secret)
+		}
+		if !mounted(c, vol, true) {
+			t.Errorf("volume %s is not mounted read-only", vol)
+		}
+	}
+	// Placement values reach the pod.
+	if d.Spec.Template.Spec.NodeSelector["kubernetes.io/os"] != "linux" {
+		t.Errorf("nodeSelector = %v", d.Spec.Template.Spec.NodeSelector)
+	}
+	if tol := d.Spec.Template.Spec.Tolerations; len(tol) != 1 || tol[0].Key != "dedicated" || tol[0].Effect != corev1.TaintEffectNoSchedule {
+		t.Errorf("tolerations = %+v", tol)
+	}
+	if a := d.Spec.Template.Spec.Affinity; a == nil || a.PodAntiAffinity == nil {
+		t.Errorf("affinity = %+v", a)
+	}
+
+	// No MQTT Service: devices use the external broker.
+	if err := apiServer(t).Get(context.Background(), types.NamespacedName{Namespace: rel.namespace, Name: rel.mqtt()}, &corev1.Service{}); !apierrors.IsNotFound(err) {
+		t.Errorf("MQTT Service with an external broker: %v", err)
+	}
+	checkService(t, rel, rel.webhook(), d, map[string]int32{"webhook-server": 443})
+	checkService(t, rel, rel.metrics(), d, map[string]int32{"metrics": 8443})
+
+	checkWebhooks(t, rel, true)
+	checkAccess(t, rel, false)
+	checkAdmission(t, rel, probe)
+}
+
+func wantKinds(t *testing.T, objs []*unstructured.Unstructured, want map[string]int) {
+	t.Helper()
+	got := map[string]int{}
+	for _, o := range objs {
+		got[o.GetKind()]++
+	}
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("rendered kinds %v, want %v\n%v", got, want, names(objs))
+	}
+}
+
+// checkDeployment checks what every configuration shares and returns the
+// manager container.
+func checkDeployment(t *testing.T, rel release, d *appsv1.Deployment, replicas int32) corev1.Container {
+	t.Helper()
+	if d.Spec.Replicas == nil || *d.Spec.Replicas != replicas {
+		t.Errorf("replicas = %v, want %d", d.Spec.Replicas, replicas)
+	}
+	ps := d.Spec.Template.Spec
+	if ps.ServiceAccountName != rel.sa() {
+		t.Errorf("serviceAccountName = %q, want %q", ps.ServiceAccountName, rel.sa())
+	}
+	get(t, &corev1.ServiceAccount{}, rel.namespace, rel.sa())
+	if sc := ps.SecurityContext; sc == nil || sc.RunAsNonRoot == nil || !*sc.RunAsNonRoot ||
+		sc.SeccompProfile == nil || sc.SeccompProfile.Type != corev1.SeccompProfileTypeRuntimeDefault {
+		t.Errorf("pod securityContext = %+v, want runAsNonRoot and seccomp RuntimeDefault", sc)
+	}
+	if len(ps.Containers) != 1 || ps.Containers[0].Name != "manager" {
+		t.Fatalf("containers = %+v, want one named manager", ps.Containers)
+	}
+	c := ps.Containers[0]
+	if c.Image != "ghcr.io/kubetwin/kubetwin:v0.1.0" || c.ImagePullPolicy != corev1.PullIfNotPresent {
+		t.Errorf("image %s (%s), want ghcr.io/kubetwin/kubetwin:v0.1.0 (IfNotPresent)", c.Image, c.ImagePullPolicy)
+	}
+	if !slices.Equal(c.Command, []string{"/manager"}) {
+		t.Errorf("command = %v, want /manager (the Dockerfile's binary)", c.Command)
+	}
+	sc := c.SecurityContext
+	switch {
+	case sc == nil:
+		t.Error("no container securityContext")
+	case sc.ReadOnlyRootFilesystem == nil || !*sc.ReadOnlyRootFilesystem:
+		t.Error("root filesystem is not read-only")
+	case sc.AllowPrivilegeEscalation == nil || *sc.AllowPrivilegeEscalation:
+		t.Error("privilege escalation allowed")
+	case sc.Capabilities == nil || !slices.Equal(sc.Capabilities.Drop, []corev1.Capability{"ALL"}) || len(sc.Capabilities.Add) > 0:
+		t.Errorf("capabilities = %+v, want drop ALL", sc.Capabilities)
+	case sc.RunAsNonRoot == nil || !*sc.RunAsNonRoot:
+		t.Error("container may run as root")
+	}
+	for _, a := range []string{
+		"--leader-elect", "--health-probe-bind-address=:8081", "--metrics-bind-address=:8443",
+		"--webhook-port=9443", "--webhook-cert-dir=/tmp/k8s-webhook-server/serving-certs",
+		"--webhook-service-name=" + rel.webhook(), "--webhook-config-name=" + rel.config(),
+	} {
+		if !slices.Contains(c.Args, a) {
+			t.Errorf("args %v lack %s", c.Args, a)
+		}
+	}
+	// Probes on 8081, the port of --health-probe-bind-address.
+	for name, p := range map[string]*corev1.Probe{"/healthz": c.LivenessProbe, "/readyz": c.ReadinessProbe} {
+		if p == nil || p.HTTPGet == nil || p.HTTPGet.Path != name || containerPort(t, c, p.HTTPGet.Port) != 8081 {
+			t.Errorf("probe %s = %+v, want an HTTP GET of %s on 8081", name, p, name)
+		}
+	}
+	if c.Resources.Requests.Cpu().IsZero() || c.Resources.Requests.Memory().IsZero() || c.Resources.Limits.Memory().IsZero() {
+		t.Errorf("resources = %+v, want requests and a memory limit", c.Resources)
+	}
+	var podNS bool
+	for _, e := range c.Env {
+		if e.Name == "POD_NAMESPACE" && e.ValueFrom != nil && e.ValueFrom.FieldRef != nil && e.ValueFrom.FieldRef.FieldPath == "metadata.namespace" {
+			podNS = true
+		}
+	}
+	if !podNS {
+		t.Errorf("env %+v lacks POD_NAMESPACE from metadata.namespace", c.Env)
+	}
+	if !slices.ContainsFunc(c.VolumeMounts, func(m corev1.VolumeMount) bool {
+		return m.Name == "webhook-certs" && m.MountPath == "/tmp/k8s-webhook-server/serving-certs"
+	}) {
+		t.Errorf("webhook-certs is not mounted at --webhook-cert-dir: %+v", c.VolumeMounts)
+	}
+	// The selector matches the pod template.
+	sel, err := metav1.LabelSelectorAsSelector(d.Spec.Selector)
+	if err != nil || !sel.Matches(labels.Set(d.Spec.Template.Labels)) {
+		t.Errorf("selector %v does not match the pod labels %v", d.Spec.Selector, d.Spec.Template.Labels)
+	}
+	return c
+}
+
+func containerPort(t *testing.T, c corev1.Container, p intstr.IntOrString) int32 {
+	t.Helper()
+	if p.Type == intstr.Int {
+		return p.IntVal
+	}
+	for _, cp := range c.Ports {
+		if cp.Name == p.StrVal {
+			return cp.ContainerPort
+		}
+	}
+	t.Errorf("container has no port named %s", p.StrVal)
+	return 0
+}
+
+func volume(t *testing.T, d *appsv1.Deployment, name string) corev1.Volume {
+	t.Helper()
+	for _, v := range d.Spec.Template.Spec.Volumes {
+		if v.Name == name {
+			return v
+		}
+	}
+	t.Fatalf("no volume %s in %+v", name, d.Spec.Template.Spec.Volumes)
+	return corev1.Volume{}
+}
+
+func mounted(c corev1.Container, vol string, readOnly bool) bool {
+	return slices.ContainsFunc(c.VolumeMounts, func(m corev1.VolumeMount) bool { return m.Name == vol && m.ReadOnly == readOnly })
+}
+
+// checkService checks that a Service selects the operator's pods and maps
+// each of its ports to the named container port: want maps the container
+// port's name to the Service port.
+func checkService(t *testing.T, rel release, name string, d *appsv1.Deployment, want map[string]int32) {
+	t.Helper()
+	s := get(t, &corev1.Service{}, rel.namespace, name)
+	for k, v := range s.Spec.Selector {
+		if d.Spec.Template.Labels[k] != v {
+			t.Errorf("Service %s selects %s=%s, which the pods do not have", name, k, v)
+		}
+	}
+	c := d.Spec.Template.Spec.Containers[0]
+	if len(s.Spec.Ports) != len(want) {
+		t.Errorf("Service %s ports %+v, want %v", name, s.Spec.Ports, want)
+	}
+	for _, p := range s.Spec.Ports {
+		target := p.TargetPort.StrVal
+		if port, ok := want[target]; !ok || p.Port != port {
+			t.Errorf("Service %s port %d -> %s, want %v", name, p.Port, target, want)
+		}
+		containerPort(t, c, p.TargetPort)
+	}
+}
+
+// kustomizeWebhooks reads config/webhook/manifests.yaml.
+func kustomizeWebhooks(t *testing.T) (*admissionv1.ValidatingWebhookConfiguration, *admissionv1.MutatingWebhookConfiguration) {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(root, "config", "webhook", "manifests.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	v := &admissionv1.ValidatingWebhookConfiguration{}
+	m := &admissionv1.MutatingWebhookConfiguration{}
+	for _, doc := range strings.Split(string(b), "\n---\n") {
+		switch {
+		case strings.Contains(doc, "kind: ValidatingWebhookConfiguration"):
+			err = yaml.UnmarshalStrict([]byte(doc), v)
+		case strings.Contains(doc, "kind: MutatingWebhookConfiguration"):
+			err = yaml.UnmarshalStrict([]byte(doc), m)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	return v, m
+}
+
+// checkWebhooks compares the installed webhook configurations with
+// config/webhook (failure policies, rules, paths, timeouts, the operator's
+// exemption), names aside.
+func checkWebhooks(t *testing.T, rel release, certManager bool) {
+	t.Helper()
+	kv, km := kustomizeWebhooks(t)
+	v := get(t, &admissionv1.ValidatingWebhookConfiguration{}, "", rel.config())
+	m := get(t, &admissionv1.MutatingWebhookConfiguration{}, "", rel.config())
+	if len(v.Webhooks) != 1 || len(m.Webhooks) != 1 {
+		t.Fatalf("webhooks: %d validating, %d mutating; want 1 and 1", len(v.Webhooks), len(m.Webhooks))
+	}
+	vw, mw := v.Webhooks[0], m.Webhooks[0]
+	if *vw.FailurePolicy != admissionv1.Fail || *mw.FailurePolicy != admissionv1.Ignore {
+		t.Errorf("failure policies: validating %s, mutating %s; want Fail and Ignore", *vw.FailurePolicy, *mw.FailurePolicy)
+	}
+	exemption := "request.userInfo.username != '" + rel.saUser() + "'"
+	type pair struct {
+		got, want any
+		what      string
+	}
+	for _, p := range []pair{
+		{vw.Name, kv.Webhooks[0].Name, "validating name"},
+		{mw.Name, km.Webhooks[0].Name, "mutating name"},
+		{*vw.FailurePolicy, *kv.Webhooks[0].FailurePolicy, "validating failurePolicy"},
+		{*mw.FailurePolicy, *km.Webhooks[0].FailurePolicy, "mutating failurePolicy"},
+		{vw.Rules, kv.Webhooks[0].Rules, "validating rules"},
+		{mw.Rules, km.Webhooks[0].Rules, "mutating rules"},
+		{*vw.TimeoutSeconds, *kv.Webhooks[0].TimeoutSeconds, "validating timeout"},
+		{*mw.TimeoutSeconds, *km.Webhooks[0].TimeoutSeconds, "mutating timeout"},
+		{*vw.SideEffects, *kv.Webhooks[0].SideEffects, "validating sideEffects"},
+		{*mw.ReinvocationPolicy, *km.Webhooks[0].ReinvocationPolicy, "mutating reinvocationPolicy"},
+		{*vw.ClientConfig.Service.Path, *kv.Webhooks[0].ClientConfig.Service.Path, "validating path"},
+		{*mw.ClientConfig.Service.Path, *km.Webhooks[0].ClientConfig.Service.Path, "mutating path"},
+		{vw.ClientConfig.Service.Name, rel.webhook(), "validating service"},
+		{mw.ClientConfig.Service.Name, rel.webhook(), "mutating service"},
+		{vw.ClientConfig.Service.Namespace, rel.namespace, "validating service namespace"},
+		{mw.ClientConfig.Service.Namespace, rel.namespace, "mutating service namespace"},
+		{vw.MatchConditions, []admissionv1.MatchCondition{{Name: "not-the-operator", Expression: exemption}}, "validating matchConditions"},
+		{mw.MatchConditions, []admissionv1.MatchCondition{{Name: "not-the-operator", Expression: exemption}}, "mutating matchConditions"},
+	} {
+		if !reflect.DeepEqual(p.got, p.want) {
+			t.Errorf("%s = %v, want %v", p.what, p.got, p.want)
+		}
+	}
+	// With the chart's default names, the exemption is config/webhook's, word for word.
+	if rel.name == "kubetwin" && rel.namespace == "kubetwin-system" &&
+		!reflect.DeepEqual(vw.MatchConditions, kv.Webhooks[0].MatchConditions) {
+		t.Errorf("matchConditions %v differ from config/webhook's %v", vw.MatchConditions, kv.Webhooks[0].MatchConditions)
+	}
+	inject := rel.namespace + "/" + rel.certName()
+	for _, o := range []client.Object{v, m} {
+		got, has := o.GetAnnotations()["cert-manager.io/inject-ca-from"]
+		if certManager && got != inject {
+			t.Errorf("%T inject-ca-from = %q, want %q", o, got, inject)
+		}
+		if !certManager && has {
+			t.Errorf("%T has inject-ca-from without cert-manager", o)
+		}
+	}
+	if len(vw.ClientConfig.CABundle) != 0 || len(mw.ClientConfig.CABundle) != 0 {
+		t.Error("the chart sets a caBundle; the operator or cert-manager injects it")
+	}
+}
+
+func checkCertManager(t *testing.T, rel release, cert, issuer *unstructured.Unstructured) {
+	t.Helper()
+	if cert.GetAPIVersion() != "cert-manager.io/v1" || issuer.GetAPIVersion() != "cert-manager.io/v1" {
+		t.Errorf("apiVersions %s, %s; want cert-manager.io/v1", cert.GetAPIVersion(), issuer.GetAPIVersion())
+	}
+	if cert.GetNamespace() != rel.namespace || issuer.GetNamespace() != rel.namespace {
+		t.Errorf("namespaces %s, %s; want %s", cert.GetNamespace(), issuer.GetNamespace(), rel.namespace)
+	}
+	if _, ok, _ := unstructured.NestedMap(issuer.Object, "spec", "selfSigned"); !ok {
+		t.Errorf("Issuer spec = %v, want selfSigned", issuer.Object["spec"])
+	}
+	dns, _, _ := unstructured.NestedStringSlice(cert.Object, "spec", "dnsNames")
+	svc := rel.webhook() + "." + rel.namespace + ".svc"
+	if !slices.Contains(dns, svc) {
+		t.Errorf("dnsNames %v lack %s (the name the API server calls)", dns, svc)
+	}
+	ref, _, _ := unstructured.NestedStringMap(cert.Object, "spec", "issuerRef")
+	if ref["name"] != issuer.GetName() || ref["kind"] != "Issuer" || ref["group"] != "cert-manager.io" {
+		t.Errorf("issuerRef %v, want the Issuer %s", ref, issuer.GetName())
+	}
+	secret, _, _ := unstructured.NestedString(cert.Object, "spec", "secretName")
+	if secret == "" {
+		t.Error("Certificate has no secretName")
+	}
+	usages, _, _ := unstructured.NestedStringSlice(cert.Object, "spec", "usages")
+	if !slices.Contains(usages, "server auth") {
+		t.Errorf("usages %v lack server auth", usages)
+	}
+	for _, d := range []string{"duration", "renewBefore"} {
+		s, _, _ := unstructured.NestedString(cert.Object, "spec", d)
+		if _, err := time.ParseDuration(s); err != nil {
+			t.Errorf("%s %q: %v", d, s, err)
+		}
+	}
+}
+
+// normalizedRules sorts rules and their lists so that equal rule sets compare equal.
+func normalizedRules(rules []rbacv1.PolicyRule) []string {
+	var out []string
+	for _, r := range rules {
+		for _, l := range [][]string{r.APIGroups, r.Resources, r.ResourceNames, r.Verbs, r.NonResourceURLs} {
+			sort.Strings(l)
+		}
+		b, _ := yaml.Marshal(r)
+		out = append(out, string(b))
+	}
+	sort.Strings(out)
+	return out
+}
+
+// checkRBACMatchesKustomize: the chart grants what config/rbac grants, the
+// generated role (role.yaml) and the leader election role included.
+func checkRBACMatchesKustomize(t *testing.T, rel release) {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(root, "config", "rbac", "role.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var kCluster, kNamespaced []rbacv1.PolicyRule
+	for _, doc := range strings.Split(string(b), "\n---\n") {
+		var r struct {
+			Kind  string              `json:"kind"`
+			Rules []rbacv1.PolicyRule `json:"rules"`
+		}
+		if err := yaml.Unmarshal([]byte(doc), &r); err != nil {
+			t.Fatal(err)
+		}
+		switch r.Kind {
+		case "ClusterRole":
+			kCluster = r.Rules
+		case "Role":
+			kNamespaced = r.Rules
+		}
+	}
+	var leader struct {
+		Rules []rbacv1.PolicyRule `json:"rules"`
+	}
+	b, _ = os.ReadFile(filepath.Join(root, "config", "rbac", "leader_election_role.yaml"))
+	if err := yaml.Unmarshal(b, &leader); err != nil {
+		t.Fatal(err)
+	}
+
+	cr := get(t, &rbacv1.ClusterRole{}, "", rel.prefix+"-manager")
+	r := get(t, &rbacv1.Role{}, rel.namespace, rel.prefix+"-manager")
+	le := get(t, &rbacv1.Role{}, rel.namespace, rel.prefix+"-leader-election")
+	for _, c := range []struct {
+		what      string
+		got, want []rbacv1.PolicyRule
+	}{
+		{"ClusterRole " + cr.Name, cr.Rules, kCluster},
+		{"Role " + r.Name, r.Rules, kNamespaced},
+		{"Role " + le.Name, le.Rules, leader.Rules},
+	} {
+		if g, w := normalizedRules(c.got), normalizedRules(c.want); !reflect.DeepEqual(g, w) {
+			t.Errorf("%s rules differ from config/rbac:\n got %v\nwant %v", c.what, g, w)
+		}
+	}
+	for _, rb := range []struct{ kind, ns, name string }{
+		{"ClusterRoleBinding", "", rel.prefix + "-manager"},
+		{"RoleBinding", rel.namespace, rel.prefix + "-manager"},
+		{"RoleBinding", rel.namespace, rel.prefix + "-leader-election"},
+	} {
+		var subjects []rbacv1.Subject
+		if rb.kind == "ClusterRoleBinding" {
+			subjects = get(t, &rbacv1.ClusterRoleBinding{}, "", rb.name).Subjects
+		} else {
+			subjects = get(t, &rbacv1.RoleBinding{}, rb.ns, rb.name).Subjects
+		}
+		want := []rbacv1.Subject{{Kind: "ServiceAccount", Name: rel.sa(), Namespace: rel.namespace}}
+		if !reflect.DeepEqual(subjects, want) {
+			t.Errorf("%s %s subjects %+v, want %+v", rb.kind, rb.name, subjects, want)
+		}
+	}
+}
+
+// checkAccess asks the API server's authorizer what the operator's service
+// account may do, through the installed roles and bindings.
+func checkAccess(t *testing.T, rel release, selfManaged bool) {
+	t.Helper()
+	type q struct {
+		verb, group, resource, sub, ns, name string
+		want                                 bool
+	}
+	qs := []q{
+		{"watch", "kubetwin.io", "devicetwins", "", "", "", true},
+		{"patch", "kubetwin.io", "devicetwins", "status", "devices", "", true},
+		{"update", "kubetwin.io", "devicetwins", "finalizers", "devices", "", true},
+		{"create", "kubetwin.io", "devicetwins", "", "devices", "", false},
+		{"create", "events.k8s.io", "events", "", "devices", "", true},
+		{"create", "coordination.k8s.io", "leases", "", rel.namespace, "", true},
+		{"create", "coordination.k8s.io", "leases", "", "default", "", false},
+		{"create", "authentication.k8s.io", "tokenreviews", "", "", "", true},
+		{"create", "authorization.k8s.io", "subjectaccessreviews", "", "", "", true},
+		{"get", "", "secrets", "", rel.namespace, "someone-elses", false},
+		{"update", "admissionregistration.k8s.io", "validatingwebhookconfigurations", "", "", "someone-elses", false},
+		// The certificate manager's rights, only when it runs.
+		{"create", "", "secrets", "", rel.namespace, "", selfManaged},
+		{"update", "", "secrets", "", rel.namespace, rel.secret(), selfManaged},
+		{"update", "admissionregistration.k8s.io", "validatingwebhookconfigurations", "", "", rel.config(), selfManaged},
+		{"update", "admissionregistration.k8s.io", "mutatingwebhookconfigurations", "", "", rel.config(), selfManaged},
+	}
+	for _, q := range qs {
+		sar := &authorizationv1.SubjectAccessReview{Spec: authorizationv1.SubjectAccessReviewSpec{
+			User:   rel.saUser(),
+			Groups: []string{"system:serviceaccounts", "system:serviceaccounts:" + rel.namespace, "system:authenticated"},
+			ResourceAttributes: &authorizationv1.ResourceAttributes{
+				Verb: q.verb, Group: q.group, Resource: q.resource, Subresource: q.sub, Namespace: q.ns, Name: q.name,
+			},
+		}}
+		if err := apiServer(t).Create(context.Background(), sar); err != nil {
+			t.Fatal(err)
+		}
+		if sar.Status.Allowed != q.want {
+			t.Errorf("%s may %s %s/%s %s in %q named %q: %v, want %v (%s)", rel.sa(), q.verb, q.group, q.resource, q.sub,
+				q.ns, q.name, sar.Status.Allowed, q.want, sar.Status.Reason)
+		}
+	}
+}
+
+// createProbeTwin creates a DeviceTwin before the webhooks exist, for
+// checkAdmission.
+func createProbeTwin(t *testing.T, ns string) *v1alpha1.DeviceTwin {
+	t.Helper()
+	tw := &v1alpha1.DeviceTwin{ObjectMeta: metav1.ObjectMeta{Name: "probe", Namespace: ns}}
+	if err := apiServer(t).Create(context.Background(), tw); err != nil {
+		t.Fatalf("creating a twin before the webhooks are installed: %v", err)
+	}
+	return tw
+}
+
+// checkAdmission proves the installed webhook configuration is live and
+// wired to the chart's Service: a user's twin write reaches the validating
+// webhook (which fails, as no operator runs: failurePolicy Fail), while the
+// operator's own label write is exempt through the matchCondition and
+// allowed by its RBAC.
+func checkAdmission(t *testing.T, rel release, probe *v1alpha1.DeviceTwin) {
+	t.Helper()
+	c := apiServer(t)
+	ctx := context.Background()
+	patch := client.RawPatch(types.MergePatchType, []byte(`{"spec":{"desired":{"telemetry":{"interval":5}}}}`))
+	err := c.Patch(ctx, probe.DeepCopy(), patch)
+	wantCall := `failed calling webhook "validate.devicetwins.kubetwin.io"`
+	if err == nil || !strings.Contains(err.Error(), wantCall) || !strings.Contains(err.Error(), rel.webhook()) {
+		t.Errorf("a user's twin change while no operator runs: %v; want it refused by %s through Service %s", err, wantCall, rel.webhook())
+	}
+
+	cfg := *restConfig
+	cfg.Impersonate.UserName = rel.saUser()
+	cfg.Impersonate.Groups = []string{"system:serviceaccounts", "system:serviceaccounts:" + rel.namespace, "system:authenticated"}
+	asOperator, err := client.New(&cfg, client.Options{Scheme: scheme})
+	if err != nil {
+		t.Fatal(err)
+	}
+	labelPatch := client.RawPatch(types.MergePatchType, []byte(`{"metadata":{"labels":{"location.plant":"Redmond43"}}}`))
+	if err := asOperator.Patch(ctx, probe.DeepCopy(), labelPatch); err != nil {
+		t.Errorf("the operator's label write (exempt from its webhooks): %v", err)
+	}
+}
+
+// TestHelmInstallUpgradeUninstall runs the helm binary against the API
+// server: install (CRDs already there are left alone), an upgrade that keeps
+// the caBundle the operator injected, and uninstall.
+func TestHelmInstallUpgradeUninstall(t *testing.T) {
+	c := apiServer(t)
+	ctx := context.Background()
+	rel := release{name: "kt", namespace: "helm-install", prefix: "kt-kubetwin"}
+	out, err := helm(t, "install", rel.name, chart, "--namespace", rel.namespace, "--create-namespace", "--timeout", "60s")
+	if err != nil {
+		t.Fatalf("helm install: %v\n%s", err, out)
+	}
+	t.Cleanup(func() { _, _ = helm(t, "uninstall", rel.name, "--namespace", rel.namespace) })
+	if !strings.Contains(out, "NOTES:") || !strings.Contains(out, "kt-kubetwin-mqtt.helm-install.svc:1883") {
+		t.Errorf("helm install printed no notes naming the MQTT Service:\n%s", out)
+	}
+	t.Logf("helm install:\n%s", out)
+
+	manifest, err := helm(t, "get", "manifest", rel.name, "--namespace", rel.namespace)
+	if err != nil {
+		t.Fatalf("helm get manifest: %v\n%s", err, manifest)
+	}
+	objs := decodeObjects(t, manifest)
+	if len(objs) < 15 {
+		t.Fatalf("helm installed %d objects: %v", len(objs), names(objs))
+	}
+	for _, o := range objs {
+		live := &unstructured.Unstructured{}
+		live.SetGroupVersionKind(o.GroupVersionKind())
+		if err := c.Get(ctx, client.ObjectKeyFromObject(o), live); err != nil {
+			t.Errorf("%s %s not in the API server after helm install: %v", o.GetKind(), o.GetName(), err)
+		}
+	}
+
+	// The operator injects the caBundle; an upgrade must not take it away.
+	v := get(t, &admissionv1.ValidatingWebhookConfiguration{}, "", rel.config())
+	v.Webhooks[0].ClientConfig.CABundle = []byte("-----BEGIN CERTIFICATE-----\ninjected\n-----END CERTIFICATE-----\n")
+	if err := c.Update(ctx, v); err != nil {
+		t.Fatal(err)
+	}
+	out, err = helm(t, "upgrade", rel.name, chart, "--namespace", rel.namespace, "--reuse-values", "--set", "logLevel=debug", "--timeout", "60s")
+	if err != nil {
+		t.Fatalf("helm upgrade: %v\n%s", err, out)
+	}
+	d := get(t, &appsv1.Deployment{}, rel.namespace, rel.manager())
+	if !slices.Contains(d.Spec.Template.Spec.Containers[0].Args, "--zap-log-level=debug") {
+		t.Errorf("upgrade did not change the args: %v", d.Spec.Template.Spec.Containers[0].Args)
+	}
+	v = get(t, &admissionv1.ValidatingWebhookConfiguration{}, "", rel.config())
+	if len(v.Webhooks[0].ClientConfig.CABundle) == 0 {
+		t.Error("helm upgrade removed the caBundle the operator injected")
+	}
+
+	out, err = helm(t, "uninstall", rel.name, "--namespace", rel.namespace, "--timeout", "60s")
+	if err != nil {
+		t.Fatalf("helm uninstall: %v\n%s", err, out)
+	}
+	err = c.Get(ctx, types.NamespacedName{Name: rel.config()}, &admissionv1.ValidatingWebhookConfiguration{})
+	if !apierrors.IsNotFound(err) {
+		t.Errorf("webhook configuration after uninstall: %v", err)
+	}
+	// Helm never deletes CRDs from crds/ (and so never the twins).
+	if err := c.Get(ctx, types.NamespacedName{Name: "devicetwins.kubetwin.io"}, &unstructured.Unstructured{Object: map[string]any{
+		"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+	}}); err != nil {
+		t.Errorf("CRD after uninstall: %v", err)
+	}
+}
+
+// TestEmbeddedBrokerTLS: with broker.embedded.tls the MQTT Service also
+// serves 8883 from the broker's Secret. Checked with a server-side dry run
+// (every object validated by the API server, nothing stored).
+func TestEmbeddedBrokerTLS(t *testing.T) {
+	rel := release{name: "kubetwin", namespace: "tls-dry-run", prefix: "kubetwin"}
+	objs := render(t, rel.name, rel.namespace, "--set", "broker.embedded.tls.enabled=true",
+		"--set", "broker.embedded.tls.secretName=mqtt-tls", "--set", "broker.embedded.service.type=LoadBalancer",
+		"--set", "broker.embedded.service.nodePorts.mqtt=31883", "--set", "broker.embedded.service.externalTrafficPolicy=Local")
+	c := apiServer(t)
+	createNamespace(t, rel.namespace)
+	for _, o := range objs {
+		if err := c.Apply(context.Background(), client.ApplyConfigurationFromUnstructured(o.DeepCopy()), testFieldOwner,
+			client.ForceOwnership, client.DryRunAll); err != nil {
+			t.Errorf("the API server refused %s %s: %v", o.GetKind(), o.GetName(), err)
+		}
+	}
+
+	svc := &corev1.Service{}
+	if err := k8sFromUnstructured(find(t, objs, "Service", rel.mqtt()), svc); err != nil {
+		t.Fatal(err)
+	}
+	want := []corev1.ServicePort{
+		{Name: "mqtt", Port: 1883, TargetPort: intstr.FromString("mqtt"), Protocol: corev1.ProtocolTCP, NodePort: 31883},
+		{Name: "mqtts", Port: 8883, TargetPort: intstr.FromString("mqtts"), Protocol: corev1.ProtocolTCP},
+	}
+	if !reflect.DeepEqual(svc.Spec.Ports, want) || svc.Spec.Type != corev1.ServiceTypeLoadBalancer ||
+		svc.Spec.ExternalTrafficPolicy != corev1.ServiceExternalTrafficPolicyLocal {
+		t.Errorf("MQTT Service %+v, want LoadBalancer (Local) with ports %+v", svc.Spec, want)
+	}
+	d := &appsv1.Deployment{}
+	if err := k8sFromUnstructured(find(t, objs, "Deployment", rel.manager()), d); err != nil {
+		t.Fatal(err)
+	}
+	mc := d.Spec.Template.Spec.Containers[0]
+	if containerPort(t, mc, intstr.FromString("mqtts")) != 8883 {
+		t.Error("no container port mqtts 8883")
+	}
+	if v := volume(t, d, "mqtt-tls"); v.Secret == nil || v.Secret.SecretName != "mqtt-tls" || !mounted(mc, "mqtt-tls", true) {
+		t.Errorf("mqtt-tls volume %+v", v)
+	}
+	for _, a := range []string{"--mqtt-tls-bind-address=:8883", "--mqtt-tls-cert-file=/etc/kubetwin/mqtt-tls/tls.crt",
+		"--mqtt-tls-key-file=/etc/kubetwin/mqtt-tls/tls.key"} {
+		if !slices.Contains(mc.Args, a) {
+			t.Errorf("args %v lack %s", mc.Args, a)
+		}
+	}
+}
+
+func k8sFromUnstructured(u *unstructured.Unstructured, into any) error {
+	return k8sruntime.DefaultUnstructuredConverter.FromUnstructured(u.Object, into)
+}
