@@ -18,11 +18,20 @@
 //	    status.reported is exactly its device's last acknowledged report;
 //	(c) desired: patches spec.desired ({"setpoint": k}) of --desired twins,
 //	    --desired-parallel at a time, and measures the time from the patch
-//	    call returning to the device's OnDesired callback with that version.
+//	    call returning to the device's OnDesired callback with that version;
+//	(d) queries (see query.go): once the operator has stopped, --query-twins
+//	    twins are created directly (tags over 100 plants mirrored into labels,
+//	    reported telemetry in status), and the kubectl plugin (built from
+//	    cmd/kubectl-twin, run as a process) answers a selective tag query
+//	    and a residual-only query, against kubectl get -l ... and the full
+//	    kubectl get from KUBEBUILDER_ASSETS on the same data: median and p90
+//	    over --query-reps runs, plugin/kubectl ratios, and the plugin's
+//	    answers checked against a full scan with internal/query.
 //
 // It prints a table and one final JSON line on stdout, progress on stderr,
 // and exits 1 when a twin's status does not hold its device's last
-// acknowledged report (2 when the run itself failed).
+// acknowledged report or a query answer differs from the full scan (2 when
+// the run itself failed).
 //
 //	KUBEBUILDER_ASSETS=$(hack/controlplane.sh) go run ./test/bench [flags]
 package main
@@ -72,6 +81,8 @@ type config struct {
 	apiProfile        string
 	pprofAddr         string
 	role              string
+	queryTwins        int
+	queryReps         int
 
 	restCfg *rest.Config // set once the control plane runs
 }
@@ -102,6 +113,8 @@ func parseFlags(args []string) (config, error) {
 	fs.IntVar(&c.deviceLogLimit, "device-log-lines", 20, "device library log lines echoed to stderr (all are counted)")
 	fs.IntVar(&c.operatorVerbosity, "operator-v", 0, "operator log verbosity: 0 errors only, 1 info, 2 debug")
 	fs.StringVar(&c.apiProfile, "apiserver-profile", "", "write CPU profiles of kube-apiserver during each baseline level and the measured report window to PREFIX.baseline-N.pprof and PREFIX.reports.pprof")
+	fs.IntVar(&c.queryTwins, "query-twins", 10000, "(d) DeviceTwins of the query phase's fleet, created after the operator has stopped (0: skip the phase)")
+	fs.IntVar(&c.queryReps, "query-reps", 5, "(d) timed runs of each query command (after one warm-up run)")
 	fs.StringVar(&c.role, "role", "", "internal: \"devices\" runs the device process")
 	fs.StringVar(&c.pprofAddr, "pprof-addr", "", "serve net/http/pprof of this process on this address (e.g. 127.0.0.1:6060)")
 	fs.StringVar(&c.cpuProfile, "cpuprofile", "", "write a CPU profile of this process (operator and broker; the devices run in a child process) during the measured report window to this file")
@@ -131,6 +144,10 @@ func parseFlags(args []string) (config, error) {
 		return c, fmt.Errorf("--duration must be positive")
 	case c.desired < 0:
 		return c, fmt.Errorf("--desired must not be negative")
+	case c.queryTwins < 0:
+		return c, fmt.Errorf("--query-twins must not be negative")
+	case c.queryReps < 1:
+		return c, fmt.Errorf("--query-reps must be at least 1")
 	}
 	if c.inflight == 0 {
 		c.inflight = 4
@@ -227,6 +244,29 @@ type results struct {
 	DesiredFromStartP50 float64 `json:"desired_latency_from_patch_start_p50_ms"`
 	DesiredFromStartP99 float64 `json:"desired_latency_from_patch_start_p99_ms"`
 	DesiredEarly        int     `json:"desired_before_patch_returned"`
+	// (d)
+	QueryTwins                 int     `json:"query_twins"`
+	QueryRepetitions           int     `json:"query_repetitions"`
+	QueryCreateSec             float64 `json:"query_create_sec"`
+	QuerySelectivePluginMs     float64 `json:"query_selective_plugin_ms"`
+	QuerySelectivePluginP90Ms  float64 `json:"query_selective_plugin_p90_ms"`
+	QuerySelectiveKubectlMs    float64 `json:"query_selective_kubectl_ms"`
+	QuerySelectiveKubectlP90Ms float64 `json:"query_selective_kubectl_p90_ms"`
+	QuerySelectiveRatio        float64 `json:"query_selective_ratio"`
+	QuerySelectiveMatched      int     `json:"query_selective_matched"`
+	QuerySelectiveExpected     int     `json:"query_selective_expected"`
+	QuerySelectiveKubectlItems int     `json:"query_selective_kubectl_items"`
+	QueryResidualPluginMs      float64 `json:"query_residual_plugin_ms"`
+	QueryResidualPluginP90Ms   float64 `json:"query_residual_plugin_p90_ms"`
+	QueryResidualKubectlMs     float64 `json:"query_residual_kubectl_ms"`
+	QueryResidualKubectlP90Ms  float64 `json:"query_residual_kubectl_p90_ms"`
+	QueryResidualRatio         float64 `json:"query_residual_ratio"`
+	QueryResidualMatched       int     `json:"query_residual_matched"`
+	QueryResidualExpected      int     `json:"query_residual_expected"`
+	QueryResidualKubectlItems  int     `json:"query_residual_kubectl_items"`
+	QueryResidualPluginBytes   int     `json:"query_residual_plugin_output_bytes"`
+	QueryResidualKubectlBytes  int     `json:"query_residual_kubectl_output_bytes"`
+	QueryMismatches            int     `json:"query_wrong_answers"`
 	// Health.
 	OperatorErrorLogs int64   `json:"operator_error_logs"`
 	DeviceLogLines    int64   `json:"device_log_lines"`
@@ -274,6 +314,20 @@ func printResults(r *results) {
 	row("  from the patch call's start instead", fmt.Sprintf("%.1f / %.1f ms  (%d changes reached the device before the patch call returned: counted as 0 above)",
 		r.DesiredFromStartP50, r.DesiredFromStartP99, r.DesiredEarly))
 	fmt.Fprintln(w, "  ----------------------------------------------------------------------")
+	if r.QueryTwins > 0 {
+		row("query fleet (operator stopped)", fmt.Sprintf("%d twins, %d plants (created in %.0fs); median / p90 of %d runs, each a process",
+			r.QueryTwins, queryPlants, r.QueryCreateSec, r.QueryRepetitions))
+		row("selective: "+querySelective[len("SELECT * FROM devices WHERE "):], fmt.Sprintf("%d twins match (full scan: %d)", r.QuerySelectiveMatched, r.QuerySelectiveExpected))
+		row("  kubectl-twin query -o json", fmt.Sprintf("%.0f / %.0f ms", r.QuerySelectivePluginMs, r.QuerySelectivePluginP90Ms))
+		row("  kubectl get -l location.plant=... -o json", fmt.Sprintf("%.0f / %.0f ms  (%d items)", r.QuerySelectiveKubectlMs, r.QuerySelectiveKubectlP90Ms, r.QuerySelectiveKubectlItems))
+		row("  ratio plugin / kubectl (medians)", fmt.Sprintf("%.2f", r.QuerySelectiveRatio))
+		row("residual: "+queryResidual[len("SELECT * FROM devices WHERE "):], fmt.Sprintf("%d twins match (full scan: %d)", r.QueryResidualMatched, r.QueryResidualExpected))
+		row("  kubectl-twin query -o json", fmt.Sprintf("%.0f / %.0f ms  (%d KB out)", r.QueryResidualPluginMs, r.QueryResidualPluginP90Ms, r.QueryResidualPluginBytes/1024))
+		row("  kubectl get -o json (full list)", fmt.Sprintf("%.0f / %.0f ms  (%d items, %d KB out)", r.QueryResidualKubectlMs, r.QueryResidualKubectlP90Ms, r.QueryResidualKubectlItems, r.QueryResidualKubectlBytes/1024))
+		row("  ratio plugin / kubectl (medians)", fmt.Sprintf("%.2f", r.QueryResidualRatio))
+		row("wrong query answers", fmt.Sprintf("%d", r.QueryMismatches))
+		fmt.Fprintln(w, "  ----------------------------------------------------------------------")
+	}
 	row("operator error log lines", fmt.Sprintf("%d", r.OperatorErrorLogs))
 	row("device library log lines", fmt.Sprintf("%d", r.DeviceLogLines))
 	row("setup / total time", fmt.Sprintf("%.0fs / %.0fs", r.SetupSec, r.TotalSec))
