@@ -6,8 +6,8 @@
 #
 # Not built in this repository's CI or by make: the development machines have no container engine. What the
 # chart and config/manager expect of it: the binary at /manager, user 65532, nothing written outside the
-# mounted webhook certificate folder (the root filesystem is read-only), ports 1883 (MQTT), 8081 (probes),
-# 8443 (metrics) and 9443 (webhooks).
+# mounted webhook certificate folder (the root filesystem is read-only), ports 8883 (MQTT over TLS), 1883
+# (plain MQTT, only with --mqtt-bind-address), 8081 (probes), 8443 (metrics) and 9443 (webhooks).
 
 ARG GO_VERSION=1.26
 
@@ -34,5 +34,5 @@ LABEL org.opencontainers.image.title="kubetwin" \
 WORKDIR /
 COPY --from=builder /out/manager /manager
 USER 65532:65532
-EXPOSE 1883 8081 8443 9443
+EXPOSE 8883 1883 8081 8443 9443
 ENTRYPOINT ["/manager"]

@@ -11,6 +11,7 @@ import (
 	"strings"
 	"time"
 
+	corev1 "k8s.io/api/core/v1"
 	apiextensionsv1 "k8s.io/apiextensions-apiserver/pkg/apis/apiextensions/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -57,6 +58,10 @@ type DeviceTwinReconciler struct {
 	MaxConcurrentReconciles int
 	// Now is the clock (tests may replace it).
 	Now func() time.Time
+	// Credentials, when set, has the operator keep every twin's keys and
+	// tell the broker about them (device authentication); nil leaves
+	// devices unauthenticated.
+	Credentials *Credentials
 }
 
 var _ reconcile.Reconciler = (*DeviceTwinReconciler)(nil)
@@ -91,6 +96,12 @@ func (r *DeviceTwinReconciler) Reconcile(ctx context.Context, req ctrl.Request) 
 	if owner != nil {
 		in.duplicateOf = owner.Namespace + "/" + owner.Name
 	}
+	var provisionErr error // reported in the status, then retried
+	if r.Credentials != nil && owner == nil {
+		if in.creds, provisionErr = r.reconcileCredentials(ctx, t); in.creds == nil && provisionErr != nil {
+			return ctrl.Result{}, provisionErr
+		}
+	}
 	in.desired, in.invalid = validSpec(t)
 	if in.invalid == nil && in.duplicateOf == "" {
 		sent, err := r.Bridge.PublishDesired(ctx, t, in.desired)
@@ -114,6 +125,9 @@ func (r *DeviceTwinReconciler) Reconcile(ctx context.Context, req ctrl.Request) 
 		r.recordTransitions(t, snap.Persisted, st)
 	}
 	r.Bridge.Persisted(ctx, t, snap, st)
+	if provisionErr != nil {
+		return ctrl.Result{}, provisionErr
+	}
 	return r.requeue(snap, st), nil
 }
 
@@ -183,6 +197,10 @@ func (r *DeviceTwinReconciler) recordTransitions(t *v1alpha1.DeviceTwin, old, st
 		return
 	}
 	for _, c := range st.Conditions {
+		switch c.Type {
+		case v1alpha1.ConditionReady, v1alpha1.ConditionReconciling, v1alpha1.ConditionStalled:
+			continue // they repeat InSync and Connected
+		}
 		prev := findCondition(old.Conditions, c.Type)
 		if prev != nil && prev.Status == c.Status && prev.Reason == c.Reason {
 			continue
@@ -238,7 +256,8 @@ func ResolveDeviceID(ctx context.Context, c client.Reader, deviceID string) (*v1
 	return live[0], nil
 }
 
-// finalize clears the device's retained desired document and releases the twin.
+// finalize clears the device's retained desired document, has the broker
+// refuse the device from now on, and releases the twin.
 func (r *DeviceTwinReconciler) finalize(ctx context.Context, t *v1alpha1.DeviceTwin) error {
 	key := types.NamespacedName{Namespace: t.Namespace, Name: t.Name}
 	if !controllerutil.ContainsFinalizer(t, Finalizer) {
@@ -248,6 +267,11 @@ func (r *DeviceTwinReconciler) finalize(ctx context.Context, t *v1alpha1.DeviceT
 	if owner, err := r.owner(ctx, t); err == nil && owner == nil {
 		if err := r.Bridge.ClearRetained(ctx, t.EffectiveDeviceID()); err != nil {
 			return fmt.Errorf("clearing retained desired document: %w", err)
+		}
+		if r.Credentials != nil && r.Credentials.Provisioner != nil {
+			if err := r.Credentials.Provisioner.Deprovision(ctx, t.EffectiveDeviceID()); err != nil {
+				return fmt.Errorf("removing the device from the broker: %w", err)
+			}
 		}
 	}
 	if err := r.applyLabels(ctx, t, false); err != nil {
@@ -340,13 +364,28 @@ func (r *DeviceTwinReconciler) SetupWithManager(ctx context.Context, mgr ctrl.Ma
 	if workers <= 0 {
 		workers = 32
 	}
-	return ctrl.NewControllerManagedBy(mgr).
+	b := ctrl.NewControllerManagedBy(mgr).
 		For(&v1alpha1.DeviceTwin{}, builder.WithPredicates(predicate.Or(
 			predicate.GenerationChangedPredicate{}, predicate.LabelChangedPredicate{}))).
 		WatchesRawSource(source.Channel(r.Bridge.Events(), &handler.EnqueueRequestForObject{})).
 		WithOptions(controller.Options{MaxConcurrentReconciles: workers}).
-		Named("devicetwin").
-		Complete(r)
+		Named("devicetwin")
+	if r.Credentials != nil {
+		// Key Secrets: the twin's own (a key edited or deleted), and those
+		// secretRef names. The cache holds only labelled Secrets
+		// (KeySecretCacheOptions).
+		if err := mgr.GetFieldIndexer().IndexField(ctx, &v1alpha1.DeviceTwin{}, SecretRefIndex, func(o client.Object) []string {
+			if ref := secretRef(o.(*v1alpha1.DeviceTwin)); ref != "" {
+				return []string{ref}
+			}
+			return nil
+		}); err != nil {
+			return err
+		}
+		b = b.Owns(&corev1.Secret{}).
+			Watches(&corev1.Secret{}, handler.EnqueueRequestsFromMapFunc(r.twinsUsingSecret))
+	}
+	return b.Complete(r)
 }
 
 func findCondition(cs []metav1.Condition, typ string) *metav1.Condition {

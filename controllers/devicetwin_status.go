@@ -24,7 +24,10 @@ type statusInput struct {
 	invalid error
 	// duplicateOf names the twin that owns the device id, if not this one.
 	duplicateOf string
-	now         time.Time
+	// creds is the CredentialsReady condition; nil when the operator does
+	// not authenticate devices.
+	creds *credStatus
+	now   time.Time
 }
 
 // computeStatus builds the status to persist. It starts from the persisted
@@ -65,6 +68,9 @@ func computeStatus(in statusInput) v1alpha1.DeviceTwinStatus {
 	case in.duplicateOf != "":
 		setCondition(&st, v1alpha1.ConditionConnected, metav1.ConditionFalse, v1alpha1.ReasonDuplicateDeviceID,
 			"device id "+s.DeviceID+" belongs to DeviceTwin "+in.duplicateOf+"; this twin is not bridged", gen, now)
+	case in.creds != nil && in.twin.Spec.Disabled():
+		setCondition(&st, v1alpha1.ConditionConnected, metav1.ConditionFalse, v1alpha1.ReasonDisabled,
+			"device is disabled (spec.status); the broker refuses it", gen, now)
 	case connected:
 		setCondition(&st, v1alpha1.ConditionConnected, metav1.ConditionTrue, v1alpha1.ReasonConnected, "device is connected", gen, now)
 	case st.ConnectionStateUpdatedTime == nil:
@@ -94,6 +100,8 @@ func computeStatus(in statusInput) v1alpha1.DeviceTwinStatus {
 				fmtMsg("device reports every desired property of version %d", s.DesiredVersion), gen, now)
 		}
 	}
+	setCredentialsCondition(&st, in.creds, gen, now)
+	setKstatusConditions(&st, gen, now)
 	st.ObservedGeneration = gen
 
 	// lastActivityTime: write it with any other change, or alone when it
@@ -120,4 +128,31 @@ func setCondition(st *v1alpha1.DeviceTwinStatus, typ string, status metav1.Condi
 		Type: typ, Status: status, Reason: reason, Message: msg,
 		ObservedGeneration: gen, LastTransitionTime: now,
 	})
+}
+
+// setKstatusConditions derives Ready, Reconciling and Stalled from InSync
+// and Connected, so tools that follow the kstatus convention (Flux, kubectl
+// wait --for=condition=Ready) see what InSync says.
+func setKstatusConditions(st *v1alpha1.DeviceTwinStatus, gen int64, now metav1.Time) {
+	insync := meta.FindStatusCondition(st.Conditions, v1alpha1.ConditionInSync)
+	if insync == nil {
+		return
+	}
+	ready, reason, msg := insync.Status, insync.Reason, insync.Message
+	stalled := insync.Reason == v1alpha1.ReasonInvalidDesired
+	if c := meta.FindStatusCondition(st.Conditions, v1alpha1.ConditionConnected); c != nil && c.Reason == v1alpha1.ReasonDuplicateDeviceID {
+		stalled, ready, reason, msg = true, metav1.ConditionFalse, c.Reason, c.Message
+	}
+	setCondition(st, v1alpha1.ConditionReady, ready, reason, msg, gen, now)
+	switch {
+	case stalled:
+		meta.RemoveStatusCondition(&st.Conditions, v1alpha1.ConditionReconciling)
+		setCondition(st, v1alpha1.ConditionStalled, metav1.ConditionTrue, reason, msg, gen, now)
+	case insync.Status == metav1.ConditionFalse:
+		meta.RemoveStatusCondition(&st.Conditions, v1alpha1.ConditionStalled)
+		setCondition(st, v1alpha1.ConditionReconciling, metav1.ConditionTrue, insync.Reason, insync.Message, gen, now)
+	default:
+		meta.RemoveStatusCondition(&st.Conditions, v1alpha1.ConditionStalled)
+		meta.RemoveStatusCondition(&st.Conditions, v1alpha1.ConditionReconciling)
+	}
 }

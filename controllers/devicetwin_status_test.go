@@ -7,6 +7,9 @@ import (
 
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime"
+	kstatus "sigs.k8s.io/cli-utils/pkg/kstatus/status"
 
 	"github.com/kubetwin/kubetwin/api/v1alpha1"
 	"github.com/kubetwin/kubetwin/internal/bridge"
@@ -26,33 +29,40 @@ func TestComputeStatusConditions(t *testing.T) {
 		wantInSync    string
 		wantDelta     int32
 		wantState     string
+		wantKstatus   kstatus.Status
 	}{
 		"never connected, nothing desired": {
 			snap: bridge.Snapshot{DeviceID: "d"}, desired: twin.Doc{},
 			wantConnected: v1alpha1.ReasonNeverConnected, wantInSync: v1alpha1.ReasonInSync, wantState: v1alpha1.ConnectionStateDisconnected,
+			wantKstatus: kstatus.CurrentStatus,
 		},
 		"desired not yet seen": {
 			snap:          bridge.Snapshot{DeviceID: "d", DesiredVersion: 2, DeviceDesiredVersion: 1, Online: &yes, OnlineChanged: now},
 			desired:       twin.Doc{"a": "x"},
 			wantConnected: v1alpha1.ReasonConnected, wantInSync: v1alpha1.ReasonDesiredNotSeen, wantDelta: 1, wantState: v1alpha1.ConnectionStateConnected,
+			wantKstatus: kstatus.InProgressStatus,
 		},
 		"seen but converging": {
 			snap:          bridge.Snapshot{DeviceID: "d", DesiredVersion: 2, DeviceDesiredVersion: 2, Reported: twin.Doc{"a": "y"}, Online: &no, OnlineChanged: now},
 			desired:       twin.Doc{"a": "x"},
 			wantConnected: v1alpha1.ReasonDisconnected, wantInSync: v1alpha1.ReasonConverging, wantDelta: 1, wantState: v1alpha1.ConnectionStateDisconnected,
+			wantKstatus: kstatus.InProgressStatus,
 		},
 		"in sync": {
 			snap:          bridge.Snapshot{DeviceID: "d", DesiredVersion: 2, DeviceDesiredVersion: 2, Reported: twin.Doc{"a": "x", "b": true}},
 			desired:       twin.Doc{"a": "x"},
 			wantConnected: v1alpha1.ReasonNeverConnected, wantInSync: v1alpha1.ReasonInSync, wantState: v1alpha1.ConnectionStateDisconnected,
+			wantKstatus: kstatus.CurrentStatus,
 		},
 		"invalid desired": {
 			snap: bridge.Snapshot{DeviceID: "d"}, invalid: errors.New("spec.desired.x: arrays are not allowed in device twins"),
 			wantConnected: v1alpha1.ReasonNeverConnected, wantInSync: v1alpha1.ReasonInvalidDesired, wantState: v1alpha1.ConnectionStateDisconnected,
+			wantKstatus: kstatus.FailedStatus,
 		},
 		"duplicate device id": {
 			snap: bridge.Snapshot{DeviceID: "d", Online: &yes}, desired: twin.Doc{}, duplicateOf: "other/d",
 			wantConnected: v1alpha1.ReasonDuplicateDeviceID, wantInSync: v1alpha1.ReasonInSync, wantState: v1alpha1.ConnectionStateConnected,
+			wantKstatus: kstatus.FailedStatus,
 		},
 	}
 	for name, tc := range cases {
@@ -72,6 +82,23 @@ func TestComputeStatusConditions(t *testing.T) {
 			}
 			if st.ObservedGeneration != 4 {
 				t.Errorf("observedGeneration = %d, want 4", st.ObservedGeneration)
+			}
+			// What Flux and other kstatus users conclude from this status.
+			obj := tw.DeepCopy()
+			obj.Status = st
+			u, err := runtime.DefaultUnstructuredConverter.ToUnstructured(obj)
+			if err != nil {
+				t.Fatal(err)
+			}
+			res, err := kstatus.Compute(&unstructured.Unstructured{Object: u})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if res.Status != tc.wantKstatus {
+				t.Errorf("kstatus = %s (%s), want %s", res.Status, res.Message, tc.wantKstatus)
+			}
+			if r := meta.FindStatusCondition(st.Conditions, v1alpha1.ConditionReady); r == nil || (r.Status == metav1.ConditionTrue) != (tc.wantKstatus == kstatus.CurrentStatus) {
+				t.Errorf("Ready = %+v, want True exactly when converged", r)
 			}
 		})
 	}

@@ -12,6 +12,7 @@ import (
 	"k8s.io/apimachinery/pkg/runtime"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/cache"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/envtest"
 	"sigs.k8s.io/controller-runtime/pkg/log/zap"
@@ -21,6 +22,7 @@ import (
 	"github.com/kubetwin/kubetwin/controllers"
 	"github.com/kubetwin/kubetwin/internal/bridge"
 	"github.com/kubetwin/kubetwin/internal/bus"
+	"github.com/kubetwin/kubetwin/internal/deviceauth"
 )
 
 // The suite runs the real manager (cache, controller, embedded broker)
@@ -31,6 +33,22 @@ var (
 	brokerURL  string
 	testScheme = runtime.NewScheme()
 )
+
+// testHub is the suite's --hub-hostname.
+const testHub = "kubetwin.test"
+
+// openWithoutUsername lets a client that sends no username and no password
+// in as an administrator (every topic), as the broker did before devices
+// were authenticated, so the tests written for that keep working; a client
+// with a username is authenticated for real. Security tests always send one.
+type openWithoutUsername struct{ bus.Authenticator }
+
+func (a openWithoutUsername) Authenticate(ctx context.Context, clientID, username string, password []byte) (bus.Grant, error) {
+	if username == "" && len(password) == 0 {
+		return bus.Grant{Admin: true}, nil
+	}
+	return a.Authenticator.Authenticate(ctx, clientID, username, password)
+}
 
 func TestMain(m *testing.M) {
 	os.Exit(runSuite(m))
@@ -68,6 +86,7 @@ func runSuite(m *testing.M) int {
 		Scheme:                 testScheme,
 		Metrics:                metricsserver.Options{BindAddress: "0"},
 		HealthProbeBindAddress: "0",
+		Cache:                  cache.Options{ByObject: controllers.KeySecretCacheOptions()},
 	})
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "manager: %v\n", err)
@@ -79,8 +98,10 @@ func runSuite(m *testing.M) int {
 			return controllers.ResolveDeviceID(ctx, mgr.GetClient(), id)
 		},
 	})
+	auth := &deviceauth.Authenticator{HubHostname: testHub, Lookup: controllers.DeviceLookup(mgr.GetClient())}
 	emb, err := bus.NewEmbedded(bus.EmbeddedOptions{
 		Listen: "127.0.0.1:0", Handler: br.Handle, Presence: br.Presence, Logger: ctrl.Log.WithName("broker"),
+		Auth: openWithoutUsername{auth},
 	})
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "broker: %v\n", err)
@@ -91,7 +112,11 @@ func runSuite(m *testing.M) int {
 		fmt.Fprintf(os.Stderr, "adding broker: %v\n", err)
 		return 1
 	}
-	r := &controllers.DeviceTwinReconciler{Client: mgr.GetClient(), Bridge: br, Recorder: mgr.GetEventRecorder("kubetwin")}
+	r := &controllers.DeviceTwinReconciler{Client: mgr.GetClient(), Bridge: br, Recorder: mgr.GetEventRecorder("kubetwin"),
+		Credentials: &controllers.Credentials{
+			HubHostname: testHub,
+			Provisioner: deviceauth.EmbeddedProvisioner{Broker: emb, Auth: auth},
+		}}
 	if err := r.SetupWithManager(ctx, mgr); err != nil {
 		fmt.Fprintf(os.Stderr, "controller: %v\n", err)
 		return 1

@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 root=$PWD
 state=$root/.demo
-mqtt_port=${KUBETWIN_DEMO_MQTT_PORT:-1883}
+mqtt_port=${KUBETWIN_DEMO_MQTT_PORT:-8883}
 webhook_port=${KUBETWIN_DEMO_WEBHOOK_PORT:-9443}
 webhook_url=https://127.0.0.1:$webhook_port
 
@@ -89,12 +89,15 @@ up() {
 	step "Registering the admission webhooks (config/webhook), served by the operator"
 	run kubectl apply -f config/webhook/manifests.yaml
 
-	step "Starting the operator with its embedded MQTT broker on :$mqtt_port and its webhooks on $webhook_url"
+	step "Starting the operator with its embedded MQTT broker (TLS, devices authenticated) on :$mqtt_port and its webhooks on $webhook_url"
 	# Outside a cluster the API server reaches the webhooks by URL: the operator
 	# points the configurations at it, issues its own CA and serving
 	# certificate (Secret default/kubetwin-webhook-server-cert) and sets the
 	# caBundle.
-	bin/manager --mqtt-bind-address "127.0.0.1:$mqtt_port" --health-probe-bind-address 127.0.0.1:0 \
+	# The broker's TLS certificate is the operator's too (Secret
+	# default/kubetwin-mqtt-server-cert); devices trust the CA it publishes in
+	# the ConfigMap default/kubetwin-mqtt-ca.
+	bin/manager --mqtt-tls-bind-address "127.0.0.1:$mqtt_port" --hub-hostname localhost --health-probe-bind-address 127.0.0.1:0 \
 		--webhook-port "$webhook_port" --webhook-url "$webhook_url" --webhook-config-name admission \
 		--webhook-cert-dir "$state/webhook-certs" >"$state/manager.log" 2>&1 &
 	echo $! >"$state/manager.pid"
@@ -123,8 +126,14 @@ up() {
 	printf '$ kubectl twin explain-query "%s"\n' "$by_cellular"
 	kubectl twin explain-query "$by_cellular"
 
-	step "4. The device connects over MQTT, gets its twin, applies desired and reports cellular connectivity"
-	bin/device-sim --broker "tcp://127.0.0.1:$mqtt_port" --id myDeviceId --apply-desired \
+	step "4. The device connects over MQTT (TLS, a SAS token signed with its own key), gets its twin, applies desired and reports cellular connectivity"
+	echo "Its connection string, from the Secret mydeviceid-device-key the operator keeps for every twin:"
+	wait_for 30 "the device's keys" kubectl get secret mydeviceid-device-key
+	printf '$ kubectl twin connection-string mydeviceid\n'
+	conn=$(kubectl twin connection-string mydeviceid)
+	echo "${conn%%SharedAccessKey=*}SharedAccessKey=(the primary key)"
+	kubectl get configmap kubetwin-mqtt-ca -o jsonpath='{.data.ca\.crt}' >"$state/ca.crt"
+	bin/device-sim --connection-string "$conn" --broker "ssl://localhost:$mqtt_port" --ca-file "$state/ca.crt" --apply-desired \
 		--report '{"connectivity":{"type":"cellular"}}' >"$state/device.log" 2>&1 &
 	echo $! >"$state/device.pid"
 	wait_for 30 "the device to connect" grep -q connected "$state/device.log"

@@ -12,11 +12,31 @@ const (
 	// False once it has gone (last will, disconnect) or has never connected.
 	ConditionConnected = "Connected"
 
+	// ConditionCredentialsReady is True when the device has usable keys
+	// (in the Secret <twin name>-device-key) and the broker has been told
+	// about them. It is present only when the operator authenticates
+	// devices (--device-auth=sas, the default).
+	ConditionCredentialsReady = "CredentialsReady"
+
 	// ConditionInSync is True when the device has seen the current desired
 	// version and every desired leaf has the same value in the reported
 	// properties (the delta is empty). GitOps pipelines wait on it:
 	// `kubectl wait --for=condition=InSync devicetwin/NAME`.
 	ConditionInSync = "InSync"
+)
+
+// Conditions in the kstatus convention (sigs.k8s.io/cli-utils), so Flux,
+// kubectl wait and other generic tools see a twin's progress too.
+const (
+	// ConditionReady mirrors InSync: True when the device has converged.
+	ConditionReady = "Ready"
+	// ConditionReconciling is present, True, while the device has not yet
+	// converged on the current desired state (DesiredNotSeen, Converging).
+	ConditionReconciling = "Reconciling"
+	// ConditionStalled is present, True, when waiting cannot help: the
+	// desired state was refused (InvalidDesired) or another twin owns the
+	// device id (DuplicateDeviceID). The spec must change.
+	ConditionStalled = "Stalled"
 )
 
 // Condition reasons of a DeviceTwin.
@@ -37,7 +57,91 @@ const (
 	ReasonConverging = "Converging"
 	// ReasonInvalidDesired: spec.desired or spec.tags break the twin rules; nothing was sent to the device.
 	ReasonInvalidDesired = "InvalidDesired"
+	// ReasonDisabled: spec.status is disabled; the broker refuses the device.
+	ReasonDisabled = "Disabled"
+	// ReasonKeysReady: the device's keys are in its Secret and the broker knows them.
+	ReasonKeysReady = "KeysReady"
+	// ReasonSecretNotFound: the Secret named in spec.authentication.secretRef
+	// does not exist or lacks the label kubetwin.io/device-keys=true.
+	ReasonSecretNotFound = "SecretNotFound"
+	// ReasonInvalidKeys: a key is not base64 of 16 to 64 bytes (the other
+	// key, if valid, still works).
+	ReasonInvalidKeys = "InvalidKeys"
+	// ReasonSecretConflict: a Secret named <twin name>-device-key exists
+	// that this twin does not own; the operator leaves it alone.
+	ReasonSecretConflict = "SecretConflict"
+	// ReasonProvisioningFailed: the broker could not be told about the
+	// device's keys or status (e.g. Mosquitto's dynamic-security plugin
+	// did not answer); the operator retries.
+	ReasonProvisioningFailed = "ProvisioningFailed"
 )
+
+// Device keys: the Secret the operator keeps for every twin.
+const (
+	// DeviceKeysLabel marks Secrets that hold device keys. The operator
+	// watches (and so sees) only Secrets with DeviceKeysLabel=true: the
+	// Secrets it creates, and those named in spec.authentication.secretRef.
+	DeviceKeysLabel = "kubetwin.io/device-keys"
+	// KeySecretSuffix makes the name of a twin's key Secret:
+	// <twin name>-device-key.
+	KeySecretSuffix = "-device-key"
+	// PrimaryKeyKey and SecondaryKeyKey hold the device's symmetric keys
+	// (base64 of 16 to 64 bytes, as in IoT Hub); ConnectionStringKey holds
+	// HostName=<hub host>;DeviceId=<id>;SharedAccessKey=<primary key>.
+	PrimaryKeyKey       = "primaryKey"
+	SecondaryKeyKey     = "secondaryKey"
+	ConnectionStringKey = "connectionString"
+)
+
+// DeviceStatus is whether a device may connect (IoT Hub's device status).
+// +kubebuilder:validation:Enum=enabled;disabled
+type DeviceStatus string
+
+// Device statuses.
+const (
+	// DeviceEnabled devices may connect.
+	DeviceEnabled DeviceStatus = "enabled"
+	// DeviceDisabled devices are refused, and disconnected if connected.
+	DeviceDisabled DeviceStatus = "disabled"
+)
+
+// AuthenticationType is how a device proves its identity.
+// +kubebuilder:validation:Enum=symmetricKey
+type AuthenticationType string
+
+// AuthenticationSymmetricKey: SAS tokens signed with the device's primary or
+// secondary key, as in IoT Hub.
+const AuthenticationSymmetricKey AuthenticationType = "symmetricKey"
+
+// Authentication is how the device proves its identity to the broker.
+type Authentication struct {
+	// type is the authentication mechanism. symmetricKey (the only one):
+	// the device signs SAS tokens (IoT Hub's format) with its primary or
+	// secondary key and sends them as its MQTT password.
+	// +optional
+	// +kubebuilder:default=symmetricKey
+	Type AuthenticationType `json:"type,omitempty"`
+
+	// secretRef names a Secret in the twin's namespace that holds the
+	// device's keys in primaryKey and secondaryKey (base64 of 16 to 64
+	// bytes; secondaryKey may be left out), for keys made elsewhere. The
+	// Secret must carry the label kubetwin.io/device-keys=true: the
+	// operator sees only Secrets with it. The operator copies the keys
+	// into the Secret <twin name>-device-key it keeps for every twin (with
+	// the connection string), and follows changes to them. Without
+	// secretRef the operator generates the keys there.
+	// +optional
+	SecretRef *SecretReference `json:"secretRef,omitempty"`
+}
+
+// SecretReference names a Secret in the twin's namespace.
+type SecretReference struct {
+	// name is the Secret's name.
+	// +required
+	// +kubebuilder:validation:MinLength=1
+	// +kubebuilder:validation:MaxLength=253
+	Name string `json:"name"`
+}
 
 // Connection states reported in status.connectionState.
 const (
@@ -85,7 +189,33 @@ type DeviceTwinSpec struct {
 	// +kubebuilder:validation:Schemaless
 	// +kubebuilder:validation:Type=object
 	Desired *apiextensionsv1.JSON `json:"desired,omitempty"`
+
+	// status is enabled or disabled, as in IoT Hub. A disabled device is
+	// refused by the broker, and disconnected at once if it is connected;
+	// enabling it again lets it connect. (Enforced when the operator
+	// authenticates devices: --device-auth=sas, the default.)
+	// +optional
+	// +kubebuilder:default=enabled
+	Status DeviceStatus `json:"status,omitempty"`
+
+	// authentication is how the device proves its identity: symmetric keys,
+	// generated by the operator into the Secret <twin name>-device-key
+	// (with the device's connection string) unless secretRef names a
+	// Secret that holds them. Rotate a key by editing the Secret holding
+	// it: the operator keeps what you write, fills in a missing key, and
+	// keeps the connection string on the primary key. Devices whose token
+	// is signed with a key that is no longer there are refused at their
+	// next connect, and disconnected at once on the embedded broker.
+	// +optional
+	Authentication *Authentication `json:"authentication,omitempty"`
 }
+
+// Disabled reports whether spec.status is disabled.
+func (s *DeviceTwinSpec) Disabled() bool { return s.Status == DeviceDisabled }
+
+// KeySecretName is the name of the Secret that holds a twin's keys and
+// connection string: <twin name>-device-key.
+func KeySecretName(twinName string) string { return twinName + KeySecretSuffix }
 
 // TwinMetadata is the twin's $metadata: for every object and leaf of a
 // section, when it last changed.
@@ -184,7 +314,8 @@ type DeviceTwinStatus struct {
 	// +optional
 	ObservedGeneration int64 `json:"observedGeneration,omitempty"`
 
-	// conditions are Connected and InSync.
+	// conditions are Connected, InSync and (with device authentication)
+	// CredentialsReady.
 	// +optional
 	// +listType=map
 	// +listMapKey=type
@@ -201,6 +332,7 @@ type DeviceTwinStatus struct {
 // +kubebuilder:selectablefield:JSONPath=`.status.deviceId`
 // +kubebuilder:selectablefield:JSONPath=`.status.connectionState`
 // +kubebuilder:printcolumn:name="Device",type=string,JSONPath=`.status.deviceId`
+// +kubebuilder:printcolumn:name="Status",type=string,JSONPath=`.spec.status`,priority=1,description="enabled or disabled"
 // +kubebuilder:printcolumn:name="Connected",type=string,JSONPath=`.status.conditions[?(@.type=="Connected")].status`
 // +kubebuilder:printcolumn:name="InSync",type=string,JSONPath=`.status.conditions[?(@.type=="InSync")].status`
 // +kubebuilder:printcolumn:name="Desired",type=integer,JSONPath=`.status.desiredVersion`,description="desired $version"

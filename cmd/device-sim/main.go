@@ -8,6 +8,12 @@
 //	device-sim --id myDeviceId --report '{"connectivity":{"type":"cellular"}}'
 //	device-sim --id myDeviceId --apply-desired
 //	device-sim --count 1000 --prefix sim- --interval 5s --report-field telemetry.counter --quiet --duration 10m
+//	device-sim --connection-string "$(kubectl get secret mydeviceid-device-key -o jsonpath='{.data.connectionString}' | base64 -d)" \
+//	    --broker ssl://127.0.0.1:8883 --ca-file ca.crt --apply-desired
+//
+// With --connection-string (or --sas-key and --hub-hostname) a device
+// authenticates as an IoT Hub device does: with a SAS token signed with its
+// key as the MQTT password (what the operator's embedded broker requires).
 //
 // It exits non-zero if a device cannot connect (or a report is refused), and
 // closes every device cleanly on SIGINT or SIGTERM.
@@ -16,6 +22,8 @@ package main
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -41,6 +49,10 @@ type config struct {
 	broker         string
 	username       string
 	password       string
+	sasKey         string
+	hubHostname    string
+	tokenValidity  time.Duration
+	tlsConfig      *tls.Config
 	id             string
 	count          int
 	prefix         string
@@ -72,12 +84,20 @@ func main() {
 
 func parseFlags(args []string, errOut io.Writer) (config, error) {
 	var cfg config
-	var report, field string
+	var report, field, connectionString, caFile string
 	fs := flag.NewFlagSet("device-sim", flag.ContinueOnError)
 	fs.SetOutput(errOut)
 	fs.StringVar(&cfg.broker, "broker", "tcp://127.0.0.1:1883", "MQTT broker URL (tcp://, ssl://, ws://)")
 	fs.StringVar(&cfg.username, "username", "", "MQTT user name")
 	fs.StringVar(&cfg.password, "password", os.Getenv("DEVICE_SIM_PASSWORD"), "MQTT password (default $DEVICE_SIM_PASSWORD)")
+	fs.StringVar(&connectionString, "connection-string", os.Getenv("DEVICE_SIM_CONNECTION_STRING"),
+		"the device's IoT Hub connection string HostName=...;DeviceId=...;SharedAccessKey=... (default $DEVICE_SIM_CONNECTION_STRING): "+
+			"sets --id, --sas-key, --hub-hostname and, unless given, --broker ssl://<HostName>:8883")
+	fs.StringVar(&cfg.sasKey, "sas-key", os.Getenv("DEVICE_SIM_SAS_KEY"),
+		"authenticate with SAS tokens signed with this device key (base64; default $DEVICE_SIM_SAS_KEY); needs --hub-hostname")
+	fs.StringVar(&cfg.hubHostname, "hub-hostname", "", "the hub host name the SAS tokens are for (the operator's --hub-hostname)")
+	fs.DurationVar(&cfg.tokenValidity, "token-validity", device.DefaultTokenValidity, "how long each SAS token is valid; the device reconnects with a new one when it expires")
+	fs.StringVar(&caFile, "ca-file", "", "PEM CA bundle to verify an ssl:// broker (e.g. ca.crt of the ConfigMap kubetwin-mqtt-ca); default: the system's")
 	fs.StringVar(&cfg.id, "id", "", "simulate the single device with this id")
 	fs.IntVar(&cfg.count, "count", 0, "simulate this many devices, named <prefix>0000, <prefix>0001, ...")
 	fs.StringVar(&cfg.prefix, "prefix", "sim-", "device id prefix for --count")
@@ -100,6 +120,9 @@ func parseFlags(args []string, errOut io.Writer) (config, error) {
 	}
 	if fs.NArg() > 0 {
 		return cfg, fmt.Errorf("unexpected arguments %q", fs.Args())
+	}
+	if err := cfg.security(fs, connectionString, caFile); err != nil {
+		return cfg, err
 	}
 	switch {
 	case cfg.id != "" && cfg.count > 0:
@@ -135,6 +158,45 @@ func parseFlags(args []string, errOut io.Writer) (config, error) {
 		cfg.parallel = 1
 	}
 	return cfg, nil
+}
+
+// security applies --connection-string, --sas-key and --ca-file.
+func (cfg *config) security(fs *flag.FlagSet, connectionString, caFile string) error {
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	if connectionString != "" {
+		o, err := device.ConnectionStringOptions(connectionString, "")
+		if err != nil {
+			return fmt.Errorf("--connection-string: %w", err)
+		}
+		if cfg.id != "" && cfg.id != o.DeviceID {
+			return fmt.Errorf("--id %s differs from the connection string's DeviceId %s", cfg.id, o.DeviceID)
+		}
+		cfg.id, cfg.sasKey, cfg.hubHostname = o.DeviceID, o.SharedAccessKey, o.HubHostname
+		if !set["broker"] {
+			cfg.broker = o.BrokerURL
+		}
+	}
+	if cfg.sasKey != "" {
+		switch {
+		case cfg.hubHostname == "":
+			return errors.New("--sas-key needs --hub-hostname")
+		case cfg.count > 0:
+			return errors.New("--sas-key and --connection-string are for one device (--id): every device has its own key")
+		}
+	}
+	if caFile != "" {
+		pem, err := os.ReadFile(caFile)
+		if err != nil {
+			return fmt.Errorf("--ca-file: %w", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return fmt.Errorf("--ca-file %s holds no PEM certificate", caFile)
+		}
+		cfg.tlsConfig = &tls.Config{MinVersion: tls.VersionTLS12, RootCAs: pool}
+	}
+	return nil
 }
 
 // decodeObject parses a JSON object, keeping numbers as json.Number.
@@ -254,12 +316,16 @@ func run(ctx context.Context, cfg config, out, errOut io.Writer) int {
 func (s *sim) device(ctx context.Context, id string, sem chan struct{}, fail context.CancelCauseFunc) {
 	updates := make(chan device.Update, 16)
 	c, err := device.Connect(ctx, device.Options{
-		BrokerURL:      s.cfg.broker,
-		DeviceID:       id,
-		Username:       s.cfg.username,
-		Password:       s.cfg.password,
-		Logger:         s.log,
-		RequestTimeout: s.cfg.requestTimeout,
+		BrokerURL:       s.cfg.broker,
+		DeviceID:        id,
+		Username:        s.cfg.username,
+		Password:        s.cfg.password,
+		SharedAccessKey: s.cfg.sasKey,
+		HubHostname:     s.cfg.hubHostname,
+		TokenValidity:   s.cfg.tokenValidity,
+		TLSConfig:       s.cfg.tlsConfig,
+		Logger:          s.log,
+		RequestTimeout:  s.cfg.requestTimeout,
 		OnDesired: func(u device.Update) {
 			// Hand over to the device loop; waiting here holds back later
 			// desired versions (and their acks) until it has caught up.

@@ -34,6 +34,7 @@ import (
 	"github.com/kubetwin/kubetwin/controllers"
 	"github.com/kubetwin/kubetwin/internal/bridge"
 	"github.com/kubetwin/kubetwin/internal/bus"
+	"github.com/kubetwin/kubetwin/internal/deviceauth"
 	"github.com/kubetwin/kubetwin/internal/webhook"
 )
 
@@ -57,6 +58,13 @@ type options struct {
 	brokerCAFile, brokerCertFile, brokerKeyFile   string
 	brokerInsecure                                bool
 	mqttListen                                    string
+
+	// deviceAuth is "sas" (keys for every twin, SAS tokens on the embedded
+	// broker) or "none".
+	deviceAuth      string
+	hubHostname     string
+	mosquittoDynsec bool
+	mqtt            mqttOptions
 
 	webhook webhookOptions
 }
@@ -105,7 +113,16 @@ func main() {
 	flag.StringVar(&o.brokerCertFile, "broker-cert-file", "", "PEM client certificate for the external broker.")
 	flag.StringVar(&o.brokerKeyFile, "broker-key-file", "", "PEM client key for the external broker.")
 	flag.BoolVar(&o.brokerInsecure, "broker-insecure-skip-verify", false, "Do not verify the external broker's certificate (testing only).")
-	flag.StringVar(&o.mqttListen, "mqtt-bind-address", ":1883", "Listen address of the embedded MQTT broker.")
+	flag.StringVar(&o.mqttListen, "mqtt-bind-address", "",
+		"Listen address of the embedded broker's plain (unencrypted) MQTT listener, e.g. :1883. Empty (the default): none; devices use --mqtt-tls-bind-address.")
+	flag.StringVar(&o.deviceAuth, "device-auth", deviceAuthSAS,
+		"Device authentication: sas (every twin gets keys; the embedded broker accepts a device only with a SAS token signed with them and confines it to its own topics) "+
+			"or none (any client may connect as any device and use any topic; development and tests only).")
+	flag.StringVar(&o.hubHostname, "hub-hostname", "kubetwin.local",
+		"The hub's host name: the HostName of the devices' connection strings (what devices connect to and sign their SAS tokens for) and a name in the embedded broker's TLS certificate.")
+	flag.BoolVar(&o.mosquittoDynsec, "mosquitto-dynsec", false,
+		"With --broker-url: provision every device (its credential and a role confining it to its topics) in Mosquitto's dynamic-security plugin; the --broker-username must have the plugin's admin role.")
+	bindMQTTFlags(&o.mqtt)
 	bindWebhookFlags(&o.webhook)
 	zapOpts := zap.Options{Development: false}
 	zapOpts.BindFlags(flag.CommandLine)
@@ -120,6 +137,9 @@ func main() {
 
 func run(ctx context.Context, o options) error {
 	log := ctrl.Log.WithName("setup")
+	if err := checkSecurityFlags(o); err != nil {
+		return err
+	}
 	mgr, err := setupManager(o)
 	if err != nil {
 		return err
@@ -130,7 +150,11 @@ func run(ctx context.Context, o options) error {
 			return controllers.ResolveDeviceID(ctx, mgr.GetClient(), id)
 		},
 	})
-	b, err := setupBus(o, br)
+	auth, err := newAuthenticator(mgr, o)
+	if err != nil {
+		return err
+	}
+	b, err := setupBus(ctx, mgr, o, br, auth)
 	if err != nil {
 		return err
 	}
@@ -138,11 +162,16 @@ func run(ctx context.Context, o options) error {
 	if err := mgr.Add(b.(manager.Runnable)); err != nil {
 		return err
 	}
+	creds, err := setupCredentials(mgr, o, b, auth)
+	if err != nil {
+		return err
+	}
 	r := &controllers.DeviceTwinReconciler{
 		Client:                  mgr.GetClient(),
 		Bridge:                  br,
 		Recorder:                mgr.GetEventRecorder("kubetwin"),
 		MaxConcurrentReconciles: o.workers,
+		Credentials:             creds,
 	}
 	if err := r.SetupWithManager(ctx, mgr); err != nil {
 		return fmt.Errorf("setting up the DeviceTwin controller: %w", err)
@@ -153,7 +182,8 @@ func run(ctx context.Context, o options) error {
 	if err := setupWebhook(ctx, mgr, o.webhook); err != nil {
 		return err
 	}
-	log.Info("starting manager", "embeddedBroker", o.brokerURL == "", "brokerUrl", o.brokerURL, "mqttBindAddress", o.mqttListen)
+	log.Info("starting manager", "embeddedBroker", o.brokerURL == "", "brokerUrl", o.brokerURL, "mqttBindAddress", o.mqttListen,
+		"mqttTlsBindAddress", o.mqtt.tlsListen, "deviceAuth", o.deviceAuth, "hubHostname", o.hubHostname, "mosquittoDynsec", o.mosquittoDynsec)
 	return mgr.Start(ctx)
 }
 
@@ -176,8 +206,10 @@ func setupManager(o options) (ctrl.Manager, error) {
 		LeaderElectionID:              "kubetwin.kubetwin.io",
 		LeaderElectionReleaseOnCancel: true,
 	}
+	// The cache holds only Secrets labelled kubetwin.io/device-keys=true.
+	mo.Cache = cache.Options{ByObject: controllers.KeySecretCacheOptions()}
 	if o.namespace != "" {
-		mo.Cache = cache.Options{DefaultNamespaces: map[string]cache.Config{o.namespace: {}}}
+		mo.Cache.DefaultNamespaces = map[string]cache.Config{o.namespace: {}}
 	}
 	if webhookServed(o.webhook) {
 		// HTTP/2 is off for the webhook server too.
@@ -194,39 +226,49 @@ func setupManager(o options) (ctrl.Manager, error) {
 	return mgr, nil
 }
 
-func setupBus(o options, br *bridge.Bridge) (bus.Bus, error) {
+func setupBus(ctx context.Context, mgr ctrl.Manager, o options, br *bridge.Bridge, auth *deviceauth.Authenticator) (bus.Bus, error) {
 	if o.brokerURL == "" {
-		return bus.NewEmbedded(bus.EmbeddedOptions{
-			Listen:   o.mqttListen,
-			Handler:  br.Handle,
-			Presence: br.Presence,
-			Logger:   ctrl.Log.WithName("broker"),
-		})
+		return setupEmbedded(ctx, mgr, o, br, auth)
 	}
 	po := bus.PahoOptions{
 		BrokerURL: o.brokerURL,
 		ClientID:  o.brokerClientID,
 		Username:  o.brokerUsername,
-		Password:  os.Getenv("KUBETWIN_BROKER_PASSWORD"),
 		Handler:   br.Handle,
 		Logger:    ctrl.Log.WithName("mqtt"),
 	}
-	if o.brokerPasswordFile != "" {
-		pw, err := os.ReadFile(o.brokerPasswordFile)
-		if err != nil {
-			return nil, fmt.Errorf("reading --broker-password-file: %w", err)
-		}
-		po.Password = strings.TrimRight(string(pw), "\r\n")
+	var err error
+	if po.Password, err = brokerPassword(o); err != nil {
+		return nil, err
 	}
 	tlsCfg, err := brokerTLS(o)
 	if err != nil {
 		return nil, err
 	}
 	po.TLSConfig = tlsCfg
+	if po.Password != "" && plainURL(o.brokerURL) {
+		ctrl.Log.WithName("setup").Info("the broker password goes to the broker unencrypted: use an ssl:// --broker-url outside a trusted network",
+			"brokerUrl", o.brokerURL)
+	}
 	return bus.NewPaho(po)
 }
 
-// brokerTLS builds the TLS configuration for an external broker.
+// brokerPassword is the external broker's password: the file's, else the
+// environment's.
+func brokerPassword(o options) (string, error) {
+	if o.brokerPasswordFile == "" {
+		return os.Getenv("KUBETWIN_BROKER_PASSWORD"), nil
+	}
+	pw, err := os.ReadFile(o.brokerPasswordFile)
+	if err != nil {
+		return "", fmt.Errorf("reading --broker-password-file: %w", err)
+	}
+	return strings.TrimRight(string(pw), "\r\n"), nil
+}
+
+// brokerTLS builds the TLS configuration for an external broker. Without
+// any of the flags, an ssl:// broker is verified against the system's CAs
+// (paho's default).
 func brokerTLS(o options) (*tls.Config, error) {
 	if o.brokerCAFile == "" && o.brokerCertFile == "" && !o.brokerInsecure {
 		return nil, nil
@@ -342,20 +384,8 @@ func setupWebhook(ctx context.Context, mgr ctrl.Manager, w webhookOptions) error
 	if err != nil {
 		return err
 	}
-	for wait := time.Second; ; wait *= 2 {
-		_, err := cm.Sync(ctx)
-		if err == nil {
-			break
-		}
-		if wait > 16*time.Second {
-			return fmt.Errorf("issuing the webhook serving certificate: %w", err)
-		}
-		log.Error(err, "issuing the webhook serving certificate; retrying", "retryIn", wait)
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(wait):
-		}
+	if err := syncCertificate(ctx, cm, "the webhook serving certificate"); err != nil {
+		return err
 	}
 	log.Info("serving admission webhooks", "port", w.port, "certDir", w.certDir, "secret", co.SecretNamespace+"/"+co.SecretName,
 		"hosts", co.Hosts, "webhookConfiguration", co.ConfigName, "url", co.URL)

@@ -3,6 +3,7 @@ package bus
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -28,8 +29,11 @@ const (
 )
 
 const (
-	embeddedHookID     = "kubetwin-bus"
-	embeddedListenerID = "kubetwin-tcp"
+	embeddedHookID        = "kubetwin-bus"
+	embeddedListenerID    = "kubetwin-tcp"
+	embeddedTLSListenerID = "kubetwin-tls"
+	// authTimeout bounds one Authenticator call.
+	authTimeout = 10 * time.Second
 	// closedPollInterval is how often a QoS 2 publish waiting for its Ack
 	// checks whether its connection was closed (mochi has no channel for
 	// that).
@@ -42,9 +46,21 @@ var errAckTimeout = errors.New("operator did not acknowledge the message in time
 
 // EmbeddedOptions configures NewEmbedded.
 type EmbeddedOptions struct {
-	// Listen is the TCP address the broker listens on; DefaultListen if
-	// empty. Use "127.0.0.1:0" for a free port and read it with Addr.
+	// Listen is the TCP address of the plain MQTT listener; DefaultListen
+	// if both it and TLSListen are empty, none if only it is empty. Use
+	// "127.0.0.1:0" for a free port and read it with Addr.
 	Listen string
+	// TLSListen is the TCP address of the MQTT-over-TLS listener (none if
+	// empty); TLSConfig is then required. Read the bound address with
+	// TLSAddr.
+	TLSListen string
+	// TLSConfig is the TLS listener's configuration: its certificate
+	// (Certificates or GetCertificate, which may rotate it).
+	TLSConfig *tls.Config
+	// Auth authenticates every client at CONNECT and so decides what it
+	// may do (see Grant); devices are confined to their own topics. Nil
+	// lets every client connect and use every topic (development only).
+	Auth Authenticator
 	// Handler receives every message a device publishes on a kubetwin
 	// topic. Required.
 	Handler Handler
@@ -86,11 +102,24 @@ type EmbeddedOptions struct {
 // The Handler is called from the goroutines of many connections at once,
 // for each connection in the order its messages arrive.
 //
-// Every client may connect and use every topic; device authentication is
-// not done yet. Only the client id "inline", which mochi reserves for its
-// own in-process client, is refused.
+// With an Authenticator (EmbeddedOptions.Auth) every CONNECT is checked
+// (a refusal is CONNACK "not authorized", 5 in MQTT 3.1.1), and a device
+// may then publish and subscribe only on its own topics: mochi refuses a
+// subscription with SUBACK failure (0x80), drops a QoS 0 publish and
+// disconnects an MQTT 3.1.1 client that sends a QoS 1 or 2 publish it may
+// not send (an MQTT 5 one gets PUBACK "not authorized"). A device is
+// disconnected when its credential expires, and when Recheck finds it no
+// longer valid (the device was disabled, deleted or re-keyed). Every
+// refusal is logged and counted in kubetwin_broker_refused_total. The
+// operator's own in-process client is not checked. Without an
+// Authenticator every client may connect and use every topic. The client
+// id "inline", which mochi reserves for its own in-process client, is
+// always refused.
 type Embedded struct {
 	listen     string
+	tlsListen  string
+	tlsConfig  *tls.Config
+	auth       Authenticator
 	handler    Handler
 	presence   PresenceHandler
 	log        logr.Logger
@@ -102,10 +131,12 @@ type Embedded struct {
 	ready    chan struct{} // closed once the listener is bound
 	stopping chan struct{} // closed when Start's ctx ends, before the server closes
 	addr     string        // written before ready is closed
+	tlsAddr  string        // written before ready is closed
 
-	mu      sync.Mutex
-	conns   map[string]*mqtt.Client      // live connection per client id, for presence
-	pending map[*mqtt.Client]*deviceConn // connections that published QoS 1 messages
+	mu       sync.Mutex
+	conns    map[string]*mqtt.Client      // live connection per client id, for presence
+	pending  map[*mqtt.Client]*deviceConn // connections that published QoS 1 messages
+	sessions map[*mqtt.Client]*session    // what each authenticated connection may do
 
 	// forwarders are inline clients through which an acknowledged QoS 1
 	// message is published to subscribers (see forward).
@@ -119,14 +150,20 @@ func NewEmbedded(o EmbeddedOptions) (*Embedded, error) {
 	if o.Handler == nil {
 		return nil, errors.New("embedded bus: Handler is required")
 	}
-	if o.Listen == "" {
+	if o.Listen == "" && o.TLSListen == "" {
 		o.Listen = DefaultListen
+	}
+	if o.TLSListen != "" && o.TLSConfig == nil {
+		return nil, errors.New("embedded bus: TLSListen needs a TLSConfig")
 	}
 	if o.AckTimeout <= 0 {
 		o.AckTimeout = DefaultAckTimeout
 	}
 	e := &Embedded{
 		listen:     o.Listen,
+		tlsListen:  o.TLSListen,
+		tlsConfig:  o.TLSConfig,
+		auth:       o.Auth,
 		handler:    o.Handler,
 		presence:   o.Presence,
 		log:        o.Logger,
@@ -135,6 +172,7 @@ func NewEmbedded(o EmbeddedOptions) (*Embedded, error) {
 		stopping:   make(chan struct{}),
 		conns:      map[string]*mqtt.Client{},
 		pending:    map[*mqtt.Client]*deviceConn{},
+		sessions:   map[*mqtt.Client]*session{},
 	}
 	e.server = mqtt.New(&mqtt.Options{
 		InlineClient: true,
@@ -150,30 +188,45 @@ func NewEmbedded(o EmbeddedOptions) (*Embedded, error) {
 }
 
 // Start listens, serves devices until ctx ends, then closes the broker and
-// every connection. It binds the listener before it blocks: once Ready is
-// closed, Addr is the bound address. Start may be called once.
+// every connection. It binds the listeners before it blocks: once Ready is
+// closed, Addr and TLSAddr are the bound addresses. Start may be called once.
 func (e *Embedded) Start(ctx context.Context) error {
 	if !e.started.CompareAndSwap(false, true) {
 		return errors.New("embedded bus: already started")
 	}
-	l := listeners.NewTCP(listeners.Config{ID: embeddedListenerID, Address: e.listen})
 	// AddListener calls l.Init, which binds; after it l.Address is the
 	// bound address (port 0 resolved).
-	if err := e.server.AddListener(l); err != nil {
-		return fmt.Errorf("embedded bus: listen on %s: %w", e.listen, err)
+	var plain, secure *listeners.TCP
+	if e.listen != "" {
+		plain = listeners.NewTCP(listeners.Config{ID: embeddedListenerID, Address: e.listen})
+		if err := e.server.AddListener(plain); err != nil {
+			return fmt.Errorf("embedded bus: listen on %s: %w", e.listen, err)
+		}
+	}
+	if e.tlsListen != "" {
+		secure = listeners.NewTCP(listeners.Config{ID: embeddedTLSListenerID, Address: e.tlsListen, TLSConfig: e.tlsConfig})
+		if err := e.server.AddListener(secure); err != nil {
+			_ = e.server.Close()
+			return fmt.Errorf("embedded bus: listen on %s (TLS): %w", e.tlsListen, err)
+		}
 	}
 	if err := e.server.Serve(); err != nil {
 		_ = e.server.Close()
 		return fmt.Errorf("embedded bus: serve: %w", err)
 	}
-	e.addr = l.Address()
+	if plain != nil {
+		e.addr = plain.Address()
+	}
+	if secure != nil {
+		e.tlsAddr = secure.Address()
+	}
 	e.running.Store(true)
 	close(e.ready)
-	e.log.Info("embedded broker listening", "address", e.addr)
+	e.log.Info("embedded broker listening", "address", e.addr, "tlsAddress", e.tlsAddr, "deviceAuthentication", e.auth != nil)
 
 	<-ctx.Done()
 
-	e.log.Info("embedded broker stopping", "address", e.addr)
+	e.log.Info("embedded broker stopping", "address", e.addr, "tlsAddress", e.tlsAddr)
 	e.running.Store(false)
 	// Release QoS 2 publishes waiting for Ack first: Server.Close waits for
 	// every connection's goroutine, which includes those blocked in our hook.
@@ -187,12 +240,23 @@ func (e *Embedded) Start(ctx context.Context) error {
 // Ready is closed once Start has bound the listener.
 func (e *Embedded) Ready() <-chan struct{} { return e.ready }
 
-// Addr is the address the broker listens on, with the port resolved, or ""
-// before Ready is closed.
+// Addr is the address of the plain listener, with the port resolved, or ""
+// before Ready is closed or without a plain listener.
 func (e *Embedded) Addr() string {
 	select {
 	case <-e.ready:
 		return e.addr
+	default:
+		return ""
+	}
+}
+
+// TLSAddr is the address of the TLS listener, with the port resolved, or ""
+// before Ready is closed or without a TLS listener.
+func (e *Embedded) TLSAddr() string {
+	select {
+	case <-e.ready:
+		return e.tlsAddr
 	default:
 		return ""
 	}
@@ -366,7 +430,7 @@ func (e *Embedded) deliverAndWait(cl *mqtt.Client, in protocol.Inbound, msg Mess
 			e.log.Error(errAckTimeout, "device message not acknowledged; disconnecting device so it resends",
 				"clientID", cl.ID, "deviceID", in.DeviceID, "kind", in.Kind, "requestID", in.RequestID,
 				"ackTimeout", e.ackTimeout)
-			e.disconnect(cl)
+			e.disconnect(cl, packets.ErrServerBusy, errAckTimeout)
 			return errAckTimeout
 		case <-e.stopping:
 			return errors.New("broker is stopping")
@@ -380,14 +444,15 @@ func (e *Embedded) deliverAndWait(cl *mqtt.Client, in protocol.Inbound, msg Mess
 	}
 }
 
-// disconnect closes a device connection. An MQTT 5 client is told why; an
-// MQTT 3.1.1 one has no DISCONNECT from the server and is just closed.
-func (e *Embedded) disconnect(cl *mqtt.Client) {
+// disconnect closes a device connection. An MQTT 5 client is told why
+// (code); an MQTT 3.1.1 one has no DISCONNECT from the server and is just
+// closed, with cause as the stop cause.
+func (e *Embedded) disconnect(cl *mqtt.Client, code packets.Code, cause error) {
 	if cl.Properties.ProtocolVersion >= 5 {
-		_ = e.server.DisconnectClient(cl, packets.ErrServerBusy)
+		_ = e.server.DisconnectClient(cl, code)
 		return
 	}
-	cl.Stop(errAckTimeout)
+	cl.Stop(cause)
 }
 
 // refreshDeadline does what mochi does before it reads each packet
@@ -408,6 +473,7 @@ func (e *Embedded) online(cl *mqtt.Client) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	e.conns[cl.ID] = cl
+	e.startExpiryLocked(cl)
 	if e.presence != nil {
 		e.presence(cl.ID, true, time.Now())
 	}
@@ -449,18 +515,21 @@ func (h *embeddedHook) Provides(b byte) bool {
 	return false
 }
 
-// OnConnectAuthenticate allows every client except one that claims the id
-// of mochi's inline client, which would take over its session.
-func (h *embeddedHook) OnConnectAuthenticate(cl *mqtt.Client, _ packets.Packet) bool {
+// OnConnectAuthenticate refuses a client that claims the id of mochi's
+// inline client, which would take over its session, and asks the
+// Authenticator, if any, about every other.
+func (h *embeddedHook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
 	if cl.ID == mqtt.InlineClientId {
-		h.e.log.Info("refused reserved client id", "clientID", cl.ID, "remote", cl.Net.Remote)
+		h.e.refuseConnect(cl, string(pk.Connect.Username), Refuse(ReasonReservedClientID, "the client id is reserved for the broker's own client"))
 		return false
 	}
-	return true
+	return h.e.authenticate(cl, pk)
 }
 
-// OnACLCheck allows every topic.
-func (h *embeddedHook) OnACLCheck(*mqtt.Client, string, bool) bool { return true }
+// OnACLCheck lets a device use only its own topics (see Embedded).
+func (h *embeddedHook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
+	return h.e.aclCheck(cl, topic, write)
+}
 
 // OnPublish delivers device messages on kubetwin topics. It runs on the
 // publishing connection's read goroutine. Returning packets.ErrRejectPacket
@@ -523,4 +592,5 @@ func (h *embeddedHook) OnDisconnect(cl *mqtt.Client, _ error, _ bool) {
 	}
 	h.e.connEnded(cl, true)
 	h.e.offline(cl)
+	h.e.endSession(cl)
 }

@@ -42,7 +42,8 @@ import (
 
 // Fixed values of the twin document.
 const (
-	// StatusEnabled is the device status: kubetwin has no disabled devices.
+	// StatusEnabled is the device status of a twin whose spec.status is
+	// unset or enabled; otherwise the document carries spec.status.
 	StatusEnabled = "enabled"
 	// AuthenticationTypeSAS is the authentication type: shared access keys.
 	AuthenticationTypeSAS = "sas"
@@ -58,7 +59,8 @@ const (
 //   - version: [Version]: metadata.generation (at least 1) plus
 //     status.reportedVersion, so it grows with every change of tags,
 //     desired or reported properties and never decreases.
-//   - status "enabled" and statusUpdateTime (always [ZeroTime]).
+//   - status: spec.status ("enabled" when unset), and statusUpdateTime
+//     (always [ZeroTime]).
 //   - connectionState: status.connectionState, "Disconnected" when unset;
 //     connectionStateUpdatedTime and lastActivityTime in RFC 3339 (UTC), or
 //     [ZeroTime] when unknown, as IoT Hub writes them.
@@ -117,7 +119,7 @@ func FromDeviceTwin(t *v1alpha1.DeviceTwin) map[string]any {
 		"deviceId":                   deviceID,
 		"etag":                       ETag(t.ResourceVersion),
 		"version":                    number(Version(t)),
-		"status":                     StatusEnabled,
+		"status":                     deviceStatus(t),
 		"statusUpdateTime":           ZeroTime,
 		"connectionState":            connectionState,
 		"connectionStateUpdatedTime": timeOrZero(t.Status.ConnectionStateUpdatedTime),
@@ -188,4 +190,12 @@ func timeOrZero(t *metav1.Time) string {
 		return ZeroTime
 	}
 	return t.UTC().Format(time.RFC3339)
+}
+
+// deviceStatus is spec.status, "enabled" when unset.
+func deviceStatus(t *v1alpha1.DeviceTwin) string {
+	if t.Spec.Status == "" {
+		return StatusEnabled
+	}
+	return string(t.Spec.Status)
 }

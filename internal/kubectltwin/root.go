@@ -81,6 +81,9 @@ const rootExample = `  # Devices in a plant (tags are mirrored into labels, so t
   # One twin as IoT Hub's JSON document (by DeviceTwin name or device id)
   kubectl twin get mydeviceid
 
+  # A device's IoT Hub connection string (from the key Secret the operator keeps)
+  kubectl twin connection-string mydeviceid
+
   # What is sent to the API server and what is filtered here
   kubectl twin explain-query "SELECT * FROM devices WHERE tags.location.region = 'US' AND connectionState = 'Connected'"`
 
@@ -120,6 +123,7 @@ func NewCommand(streams genericiooptions.IOStreams) *cobra.Command {
 	root.AddCommand(
 		newQueryCommand(o),
 		newGetCommand(o),
+		newConnectionStringCommand(o),
 		newExplainCommand(o),
 		newVersionCommand(o),
 		newOptionsCommand(root),

@@ -7,10 +7,10 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
-	"errors"
 	"fmt"
 	"math/big"
 	"net"
@@ -20,6 +20,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/go-logr/logr"
@@ -39,6 +40,14 @@ import (
 // +kubebuilder:rbac:groups="",namespace=system,resources=secrets,verbs=create
 // +kubebuilder:rbac:groups="",namespace=system,resources=secrets,resourceNames=kubetwin-webhook-server-cert,verbs=get;update
 // +kubebuilder:rbac:groups=admissionregistration.k8s.io,resources=validatingwebhookconfigurations;mutatingwebhookconfigurations,resourceNames=kubetwin-admission,verbs=get;update
+//
+// The embedded MQTT broker's certificate manager (Purpose "mqtt") keeps its
+// Secret (kubetwin-mqtt-server-cert; the operator's Secret rights cover
+// it, see controllers) and publishes the CA bundle devices trust in a
+// ConfigMap, by name:
+//
+// +kubebuilder:rbac:groups="",namespace=system,resources=configmaps,verbs=create
+// +kubebuilder:rbac:groups="",namespace=system,resources=configmaps,resourceNames=kubetwin-mqtt-ca,verbs=get;update
 
 // Keys of the certificate Secret (type kubernetes.io/tls). CABundleKey
 // holds every CA certificate that is still trusted (the current one first,
@@ -65,6 +74,15 @@ const (
 
 // CertOptions configure a [CertManager].
 type CertOptions struct {
+	// Purpose names what the certificate serves, in the CA's common name,
+	// the Secret's component label and the logs: "webhook" (the default)
+	// or "mqtt".
+	Purpose string
+	// CAConfigMap, when set, names a ConfigMap in SecretNamespace that the
+	// manager keeps holding the trust bundle under ca.crt, for clients that
+	// must trust the CA (devices of the MQTT broker) but may not read the
+	// Secret, which holds the CA's key.
+	CAConfigMap string
 	// Client reads and writes the Secret and the webhook configurations.
 	// Give it a client without a cache: the manager's cached client would
 	// list and watch every Secret in the cluster.
@@ -73,7 +91,8 @@ type CertOptions struct {
 	// the serving certificate.
 	SecretNamespace, SecretName string
 	// CertDir is the folder the webhook server reads tls.crt and tls.key
-	// from; ca.crt is written next to them.
+	// from; ca.crt is written next to them. Empty: no files are written;
+	// serve GetCertificate instead (no writable filesystem needed).
 	CertDir string
 	// Hosts are the serving certificate's subject alternative names: DNS
 	// names (e.g. the Service's) and IP addresses.
@@ -111,7 +130,8 @@ type CertOptions struct {
 //     It replaces the CA at 2/3 of its lifetime too, and keeps the old CA in
 //     the trust bundle (ca.crt) until the old CA expires, so certificates
 //     it signed stay trusted while replicas pick up the new ones.
-//   - It writes tls.crt, tls.key and ca.crt to CertDir, where
+//   - It serves the current certificate from memory (GetCertificate), and
+//     writes tls.crt, tls.key and ca.crt to CertDir (if set), where
 //     controller-runtime's webhook server watches them (fsnotify, and a
 //     re-read every 10 seconds) and serves the new certificate without a
 //     restart.
@@ -132,6 +152,7 @@ type CertManager struct {
 
 	mu      sync.Mutex // one Sync at a time
 	missing map[string]bool
+	current atomic.Pointer[tls.Certificate] // the serving certificate of the last Sync
 }
 
 var _ manager.LeaderElectionRunnable = (*CertManager)(nil)
@@ -140,11 +161,14 @@ var _ manager.LeaderElectionRunnable = (*CertManager)(nil)
 // mgr.Add, after one successful [CertManager.Sync] so the webhook server
 // finds its certificate when it starts.
 func NewCertManager(o CertOptions) (*CertManager, error) {
-	if o.Client == nil || o.SecretName == "" || o.SecretNamespace == "" || o.CertDir == "" {
-		return nil, errors.New("webhook certificates: Client, SecretNamespace, SecretName and CertDir are required")
+	if o.Purpose == "" {
+		o.Purpose = "webhook"
+	}
+	if o.Client == nil || o.SecretName == "" || o.SecretNamespace == "" {
+		return nil, fmt.Errorf("%s certificates: Client, SecretNamespace and SecretName are required", o.Purpose)
 	}
 	if len(o.Hosts) == 0 {
-		return nil, errors.New("webhook certificates: at least one host is required")
+		return nil, fmt.Errorf("%s certificates: at least one host is required", o.Purpose)
 	}
 	if o.URL != "" {
 		u, err := url.Parse(o.URL)
@@ -182,7 +206,7 @@ func (m *CertManager) Start(ctx context.Context) error {
 			if ctx.Err() != nil {
 				return nil
 			}
-			m.log.Error(err, "syncing webhook certificates", "retryIn", backoff)
+			m.log.Error(err, "syncing certificates", "purpose", m.opts.Purpose, "retryIn", backoff)
 			wait, backoff = backoff, min(2*backoff, m.opts.Resync)
 		} else {
 			backoff = time.Second
@@ -202,10 +226,14 @@ func (m *CertManager) Sync(ctx context.Context) (time.Time, error) {
 	defer m.mu.Unlock()
 	st, err := m.syncSecret(ctx)
 	if err != nil {
-		return time.Time{}, fmt.Errorf("webhook certificate Secret %s/%s: %w", m.opts.SecretNamespace, m.opts.SecretName, err)
+		return time.Time{}, fmt.Errorf("%s certificate Secret %s/%s: %w", m.opts.Purpose, m.opts.SecretNamespace, m.opts.SecretName, err)
 	}
+	m.setCurrent(st)
 	if err := m.writeFiles(st); err != nil {
-		return time.Time{}, fmt.Errorf("writing webhook certificates to %s: %w", m.opts.CertDir, err)
+		return time.Time{}, fmt.Errorf("writing %s certificates to %s: %w", m.opts.Purpose, m.opts.CertDir, err)
+	}
+	if err := m.publishCA(ctx, st.bundlePEM()); err != nil {
+		return time.Time{}, fmt.Errorf("publishing the %s CA bundle in ConfigMap %s/%s: %w", m.opts.Purpose, m.opts.SecretNamespace, m.opts.CAConfigMap, err)
 	}
 	missing, err := m.inject(ctx, st.bundlePEM())
 	if err != nil {
@@ -243,11 +271,11 @@ func (m *CertManager) syncSecret(ctx context.Context) (*certState, error) {
 			err = m.opts.Client.Update(ctx, sec)
 		} else {
 			sec.Namespace, sec.Name, sec.Type = key.Namespace, key.Name, corev1.SecretTypeTLS
-			sec.Labels = map[string]string{"app.kubernetes.io/name": "kubetwin", "app.kubernetes.io/component": "webhook-certificates"}
+			sec.Labels = map[string]string{"app.kubernetes.io/name": "kubetwin", "app.kubernetes.io/component": m.opts.Purpose + "-certificates"}
 			err = m.opts.Client.Create(ctx, sec)
 		}
 		if err == nil {
-			m.log.Info("issued webhook certificates", "reasons", strings.Join(reasons, "; "),
+			m.log.Info("issued certificates", "purpose", m.opts.Purpose, "reasons", strings.Join(reasons, "; "),
 				"caExpires", next.cas[0].NotAfter, "certExpires", next.leaf.NotAfter, "trustedCAs", len(next.cas))
 			return next, nil
 		}
@@ -322,7 +350,7 @@ func (m *CertManager) plan(cur *certState, now time.Time) (*certState, []string,
 			reasons = append(reasons, "expired CA dropped from the trust bundle")
 		}
 	} else {
-		ca, key, err := newCA(now, m.opts.CAValidity)
+		ca, key, err := newCA(now, m.opts.CAValidity, m.opts.Purpose)
 		if err != nil {
 			return nil, nil, err
 		}
@@ -403,6 +431,9 @@ func (st *certState) bundlePEM() []byte {
 // webhook server keeps serving the old pair if it reads a mismatched one,
 // and re-reads on the next change).
 func (m *CertManager) writeFiles(st *certState) error {
+	if m.opts.CertDir == "" {
+		return nil
+	}
 	if err := os.MkdirAll(m.opts.CertDir, 0o700); err != nil {
 		return err
 	}
@@ -444,6 +475,53 @@ func writeAtomic(path string, data []byte, mode os.FileMode) error {
 		return err
 	}
 	return os.Rename(tmp.Name(), path)
+}
+
+// setCurrent makes st's serving certificate the one GetCertificate returns.
+func (m *CertManager) setCurrent(st *certState) {
+	c := &tls.Certificate{Certificate: [][]byte{st.leaf.Raw}, PrivateKey: st.leafKey, Leaf: st.leaf}
+	m.current.Store(c)
+}
+
+// GetCertificate returns the current serving certificate, for
+// tls.Config.GetCertificate: a server using it serves a renewed
+// certificate at once, without files. It fails before the first Sync.
+func (m *CertManager) GetCertificate(*tls.ClientHelloInfo) (*tls.Certificate, error) {
+	if c := m.current.Load(); c != nil {
+		return c, nil
+	}
+	return nil, fmt.Errorf("no %s certificate issued yet", m.opts.Purpose)
+}
+
+// publishCA keeps the ConfigMap CAConfigMap holding the trust bundle,
+// writing it only when it differs.
+func (m *CertManager) publishCA(ctx context.Context, bundle []byte) error {
+	if m.opts.CAConfigMap == "" {
+		return nil
+	}
+	cm := &corev1.ConfigMap{}
+	err := m.opts.Client.Get(ctx, client.ObjectKey{Namespace: m.opts.SecretNamespace, Name: m.opts.CAConfigMap}, cm)
+	switch {
+	case apierrors.IsNotFound(err):
+		cm.Namespace, cm.Name = m.opts.SecretNamespace, m.opts.CAConfigMap
+		cm.Labels = map[string]string{"app.kubernetes.io/name": "kubetwin", "app.kubernetes.io/component": m.opts.Purpose + "-ca"}
+		cm.Data = map[string]string{CABundleKey: string(bundle)}
+		err = m.opts.Client.Create(ctx, cm)
+	case err != nil:
+		return err
+	case cm.Data[CABundleKey] == string(bundle):
+		return nil
+	default:
+		if cm.Data == nil {
+			cm.Data = map[string]string{}
+		}
+		cm.Data[CABundleKey] = string(bundle)
+		err = m.opts.Client.Update(ctx, cm)
+	}
+	if err == nil {
+		m.log.Info("published CA bundle", "purpose", m.opts.Purpose, "configMap", m.opts.SecretNamespace+"/"+m.opts.CAConfigMap)
+	}
+	return err
 }
 
 // inject sets the caBundle (and, with URL, the url) of every webhook in
@@ -530,14 +608,14 @@ func renewAt(c *x509.Certificate) time.Time {
 	return c.NotBefore.Add(c.NotAfter.Sub(c.NotBefore) * 2 / 3)
 }
 
-func newCA(now time.Time, validity time.Duration) (*x509.Certificate, crypto.Signer, error) {
+func newCA(now time.Time, validity time.Duration, purpose string) (*x509.Certificate, crypto.Signer, error) {
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return nil, nil, err
 	}
 	tmpl := &x509.Certificate{
 		SerialNumber:          serialNumber(),
-		Subject:               pkix.Name{CommonName: fmt.Sprintf("kubetwin-webhook-ca@%d", now.Unix())},
+		Subject:               pkix.Name{CommonName: fmt.Sprintf("kubetwin-%s-ca@%d", purpose, now.Unix())},
 		NotBefore:             now.Add(-backdate),
 		NotAfter:              now.Add(validity),
 		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign | x509.KeyUsageDigitalSignature,

@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -516,11 +517,15 @@ func TestNewCertManagerOptions(t *testing.T) {
 	if _, err := NewCertManager(ok); err != nil {
 		t.Errorf("valid options: %v", err)
 	}
+	noDir := ok
+	noDir.CertDir = "" // serves GetCertificate instead of files
+	if _, err := NewCertManager(noDir); err != nil {
+		t.Errorf("no CertDir: %v", err)
+	}
 	for name, mod := range map[string]func(*CertOptions){
 		"no client":  func(o *CertOptions) { o.Client = nil },
 		"no secret":  func(o *CertOptions) { o.SecretName = "" },
 		"no hosts":   func(o *CertOptions) { o.Hosts = nil },
-		"no dir":     func(o *CertOptions) { o.CertDir = "" },
 		"http URL":   func(o *CertOptions) { o.URL = "http://127.0.0.1:9443" },
 		"bare host":  func(o *CertOptions) { o.URL = "127.0.0.1:9443" },
 		"no ns":      func(o *CertOptions) { o.SecretNamespace = "" },
@@ -531,5 +536,63 @@ func TestNewCertManagerOptions(t *testing.T) {
 		if _, err := NewCertManager(o); err == nil {
 			t.Errorf("%s: no error", name)
 		}
+	}
+}
+
+// TestCertManagerPublishesCA: with CAConfigMap (the MQTT broker's
+// certificate) the trust bundle is kept in a ConfigMap for clients, follows
+// a CA rotation, and comes back when changed; the CA is named for its purpose.
+func TestCertManagerPublishesCA(t *testing.T) {
+	c := fakeClient(t, nil)
+	clk := clocktesting.NewFakeClock(t0)
+	f := newFixture(t, c, clk, func(o *CertOptions) {
+		o.Purpose, o.ConfigName, o.CAConfigMap, o.Resync, o.CertDir = "mqtt", "", "kubetwin-mqtt-ca", 3650*day, ""
+	})
+	if _, err := f.m.GetCertificate(nil); err == nil {
+		t.Error("GetCertificate before the first Sync: want an error")
+	}
+	f.sync()
+
+	bundle := func() string {
+		cm := &corev1.ConfigMap{}
+		if err := c.Get(context.Background(), client.ObjectKey{Namespace: testNS, Name: "kubetwin-mqtt-ca"}, cm); err != nil {
+			t.Fatal(err)
+		}
+		return cm.Data[CABundleKey]
+	}
+	st := f.state()
+	if bundle() != string(st.bundlePEM()) {
+		t.Fatalf("ConfigMap ca.crt is not the trust bundle")
+	}
+	if cn := st.cas[0].Subject.CommonName; !strings.HasPrefix(cn, "kubetwin-mqtt-ca@") {
+		t.Errorf("CA common name %q", cn)
+	}
+	if got := f.secret().Labels["app.kubernetes.io/component"]; got != "mqtt-certificates" {
+		t.Errorf("Secret component label %q", got)
+	}
+
+	cm := &corev1.ConfigMap{}
+	_ = c.Get(context.Background(), client.ObjectKey{Namespace: testNS, Name: "kubetwin-mqtt-ca"}, cm)
+	cm.Data[CABundleKey] = "tampered"
+	if err := c.Update(context.Background(), cm); err != nil {
+		t.Fatal(err)
+	}
+	f.sync()
+	if bundle() != string(st.bundlePEM()) {
+		t.Error("a changed ConfigMap was not restored")
+	}
+
+	if c, err := f.m.GetCertificate(nil); err != nil || !c.Leaf.Equal(st.leaf) {
+		t.Errorf("GetCertificate = %v, want the Secret's certificate", err)
+	}
+
+	clk.SetTime(renewAt(st.cas[0]))
+	f.sync()
+	next := f.state()
+	if len(next.cas) != 2 || bundle() != string(next.bundlePEM()) {
+		t.Errorf("after the CA rotation the ConfigMap does not hold the new bundle (%d CAs)", len(next.cas))
+	}
+	if c, err := f.m.GetCertificate(nil); err != nil || !c.Leaf.Equal(next.leaf) {
+		t.Errorf("after the rotation GetCertificate = %v, want the new certificate", err)
 	}
 }

@@ -33,6 +33,14 @@
 //	defer c.Close()
 //	_, err = c.Report(ctx, map[string]any{"connectivity": map[string]any{"type": "cellular"}})
 //
+// A device of the kubetwin operator's embedded broker authenticates with
+// its keys, like an Azure IoT Hub device: build the Options from its
+// connection string (the connectionString of the Secret <twin>-device-key)
+// and trust the broker's CA (ca.crt of the ConfigMap kubetwin-mqtt-ca):
+//
+//	o, err := device.ConnectionStringOptions(connectionString, "ssl://broker:8883")
+//	o.TLSConfig = &tls.Config{RootCAs: pool}
+//
 // Numbers in desired and reported documents are json.Number values.
 package device
 
@@ -44,6 +52,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -52,10 +61,18 @@ import (
 	"github.com/go-logr/logr"
 
 	"github.com/kubetwin/kubetwin/pkg/protocol"
+	"github.com/kubetwin/kubetwin/pkg/sas"
 )
 
 // DefaultRequestTimeout is the Options.RequestTimeout used when it is zero.
 const DefaultRequestTimeout = 10 * time.Second
+
+// DefaultTokenValidity is the Options.TokenValidity used when it is zero.
+const DefaultTokenValidity = time.Hour
+
+// APIVersion is the api-version the client puts in its username when it
+// authenticates with a SharedAccessKey, as IoT Hub device SDKs do.
+const APIVersion = "2021-04-12"
 
 // Backoff bounds for retrying a twin GET after reconnecting and requests the
 // operator answered with 429 or 5xx.
@@ -81,8 +98,25 @@ type Options struct {
 	// ClientID is the MQTT client id; it defaults to DeviceID, which is what
 	// broker ACLs such as Mosquitto's "%c" patterns expect.
 	ClientID string
-	// Username and Password authenticate to the broker (optional).
+	// Username and Password authenticate to the broker (optional). With
+	// SharedAccessKey they are not used.
 	Username, Password string
+	// SharedAccessKey (base64, as in the device's connection string)
+	// authenticates the device the way Azure IoT Hub devices do, which is
+	// what the kubetwin operator's embedded broker checks: for every
+	// connection attempt the client signs a fresh SAS token with it (valid
+	// for TokenValidity) and connects with username
+	// "<HubHostname>/<DeviceID>/?api-version=..." and the token as the
+	// password. The broker disconnects the device when the token expires;
+	// the client then reconnects with a new one. See
+	// ConnectionStringOptions.
+	SharedAccessKey string
+	// HubHostname is the hub the tokens are for: the HostName of the
+	// device's connection string. Required with SharedAccessKey.
+	HubHostname string
+	// TokenValidity is how long each SAS token is valid;
+	// DefaultTokenValidity if zero.
+	TokenValidity time.Duration
 	// TLSConfig is used for ssl://, tls:// and wss:// brokers (optional).
 	TLSConfig *tls.Config
 	// OnDesired is called for every desired version the client applies, one
@@ -179,6 +213,17 @@ func Connect(ctx context.Context, o Options) (*Client, error) {
 	if o.RequestTimeout <= 0 {
 		o.RequestTimeout = DefaultRequestTimeout
 	}
+	if o.TokenValidity <= 0 {
+		o.TokenValidity = DefaultTokenValidity
+	}
+	if o.SharedAccessKey != "" {
+		if o.HubHostname == "" {
+			return nil, errors.New("device: Options.HubHostname is required with SharedAccessKey")
+		}
+		if _, err := sas.DecodeKey(o.SharedAccessKey); err != nil {
+			return nil, fmt.Errorf("device: Options.SharedAccessKey: %w", err)
+		}
+	}
 	c := &Client{
 		opts:          o,
 		log:           o.Logger.WithValues("deviceID", o.DeviceID),
@@ -218,6 +263,9 @@ func Connect(ctx context.Context, o Options) (*Client, error) {
 	if o.TLSConfig != nil {
 		mo.SetTLSConfig(o.TLSConfig)
 	}
+	if o.SharedAccessKey != "" {
+		mo.SetCredentialsProvider(c.sasCredentials)
+	}
 	c.mqtt = mqtt.NewClient(mo)
 
 	go c.run()
@@ -247,6 +295,37 @@ func Connect(ctx context.Context, o Options) (*Client, error) {
 		return nil, fmt.Errorf("device %s: waiting for the twin GET: %w", o.DeviceID, ctx.Err())
 	}
 	return c, nil
+}
+
+// sasCredentials returns the username and a fresh SAS token, for each
+// connection attempt.
+func (c *Client) sasCredentials() (username, password string) {
+	o := c.opts
+	tok, err := sas.SignDevice(o.HubHostname, o.DeviceID, o.SharedAccessKey, time.Now().Add(o.TokenValidity))
+	if err != nil { // the key was checked in Connect
+		c.log.Error(err, "signing a SAS token")
+	}
+	return o.HubHostname + "/" + o.DeviceID + "/?api-version=" + APIVersion, tok
+}
+
+// ConnectionStringOptions returns Options for the device of an IoT Hub
+// connection string (HostName=...;DeviceId=...;SharedAccessKey=..., as in
+// the key Secret the kubetwin operator keeps for every twin), connecting
+// to brokerURL, or, when it is empty, to ssl://<HostName>:8883 (a HostName
+// with a port is used as it is).
+func ConnectionStringOptions(connectionString, brokerURL string) (Options, error) {
+	cs, err := sas.ParseConnectionString(connectionString)
+	if err != nil {
+		return Options{}, err
+	}
+	if brokerURL == "" {
+		host := cs.HostName
+		if _, _, err := net.SplitHostPort(host); err != nil {
+			host = net.JoinHostPort(host, "8883")
+		}
+		brokerURL = "ssl://" + host
+	}
+	return Options{BrokerURL: brokerURL, DeviceID: cs.DeviceID, SharedAccessKey: cs.SharedAccessKey, HubHostname: cs.HostName}, nil
 }
 
 // DeviceID returns the device id the client was connected with.

@@ -275,3 +275,65 @@ func SplitVersion(payload []byte) (map[string]any, int64, error) {
 	delete(doc, VersionKey)
 	return doc, v, nil
 }
+
+// DevicePublishFilters are the topics a device may publish on, as MQTT
+// filters: its twin GETs and reported patches, its acknowledgements and its
+// presence. A broker ACL built from them (and DeviceSubscribeFilters)
+// confines a device to its own twin.
+func DevicePublishFilters(deviceID string) []string {
+	p := DevicePrefix(deviceID)
+	return []string{p + "/" + KindGet + "/+", p + "/" + KindReported + "/+", p + "/" + KindAck, p + "/" + KindPresence}
+}
+
+// DeviceSubscribeFilters are the filters a device may subscribe to (or to
+// narrower ones): its responses, its desired document and notifications,
+// and its own presence (see docs/protocol.md#presence).
+func DeviceSubscribeFilters(deviceID string) []string {
+	return []string{ResponseFilter(deviceID), DesiredFilter(deviceID), PresenceTopic(deviceID)}
+}
+
+// DeviceMayPublish reports whether a device may publish on topic.
+func DeviceMayPublish(deviceID, topic string) bool {
+	if strings.ContainsAny(topic, "+#") {
+		return false
+	}
+	for _, f := range DevicePublishFilters(deviceID) {
+		if FilterCovers(f, topic) {
+			return true
+		}
+	}
+	return false
+}
+
+// DeviceMayReceive reports whether a device may subscribe to filter (or
+// receive a message on the topic filter): whether every topic it matches is
+// one the operator or the device itself sends to the device.
+func DeviceMayReceive(deviceID, filter string) bool {
+	for _, f := range DeviceSubscribeFilters(deviceID) {
+		if FilterCovers(f, filter) {
+			return true
+		}
+	}
+	return false
+}
+
+// FilterCovers reports whether every topic that matches filter (an MQTT
+// topic filter, or a topic name) also matches acl (a filter).
+func FilterCovers(acl, filter string) bool {
+	a, f := strings.Split(acl, "/"), strings.Split(filter, "/")
+	for i, al := range a {
+		switch {
+		case al == "#":
+			return true // the rest, including nothing: "x/#" matches "x"
+		case i >= len(f):
+			return false
+		case f[i] == "#":
+			return false // filter reaches levels acl does not allow
+		case al == "+":
+			// any one level, a '+' of the filter included
+		case f[i] != al:
+			return false // another literal, or a '+' where acl has a literal
+		}
+	}
+	return len(f) == len(a)
+}

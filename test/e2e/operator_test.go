@@ -56,6 +56,16 @@ type operator struct {
 	healthAddr string
 	logPath    string
 
+	// secure runs the operator with device authentication (its default);
+	// otherwise it runs with --device-auth=none and, embedded, no TLS
+	// listener, as the tests that are not about security need.
+	secure bool
+	// extraArgs are added to the operator's flags.
+	extraArgs []string
+	// probeUser and probePassword are the MQTT credentials of the
+	// readiness probe (secure operators refuse anonymous clients).
+	probeUser, probePassword string
+
 	mu        sync.Mutex
 	cmd       *exec.Cmd
 	exited    chan struct{}
@@ -97,10 +107,18 @@ func (o *operator) args() []string {
 		"--metrics-bind-address=0",
 		"--zap-log-level=info",
 	}
-	if o.kind == embeddedBroker {
-		return append(a, "--mqtt-bind-address="+o.brokerAddr)
+	if !o.secure {
+		a = append(a, "--device-auth=none")
 	}
-	return append(a, "--broker-url=tcp://"+o.brokerAddr, "--broker-client-id=kubetwin-operator-"+o.namespace)
+	if o.kind == embeddedBroker {
+		a = append(a, "--mqtt-bind-address="+o.brokerAddr)
+		if !o.secure {
+			a = append(a, "--mqtt-tls-bind-address=")
+		}
+	} else {
+		a = append(a, "--broker-url=tcp://"+o.brokerAddr, "--broker-client-id=kubetwin-operator-"+o.namespace)
+	}
+	return append(a, o.extraArgs...)
 }
 
 // start starts the operator process and waits until it answers devices.
@@ -276,20 +294,22 @@ func (o *operator) waitReady(exited <-chan struct{}) error {
 		}
 		time.Sleep(tick)
 	}
-	if err := probeMQTT(o.brokerAddr, time.Until(deadline), exited); err != nil {
+	if err := probeMQTT(o.brokerAddr, o.probeUser, o.probePassword, time.Until(deadline), exited); err != nil {
 		return fmt.Errorf("the operator does not answer devices on %s: %w", o.brokerAddr, err)
 	}
 	return nil
 }
 
 // probeMQTT GETs the twin of a device id that has none until the operator
-// answers, connecting as often as needed.
-func probeMQTT(addr string, d time.Duration, exited <-chan struct{}) error {
+// answers, connecting (with user and password, if set) as often as needed.
+func probeMQTT(addr, user, password string, d time.Duration, exited <-chan struct{}) error {
 	id := "e2e-probe-" + randomSuffix()
 	got := make(chan protocol.Response, 1)
 	opts := paho.NewClientOptions().
 		AddBroker("tcp://" + addr).
 		SetClientID(id).
+		SetUsername(user).
+		SetPassword(password).
 		SetProtocolVersion(4).
 		SetCleanSession(true).
 		SetAutoReconnect(false).
@@ -374,8 +394,19 @@ func startMosquitto(t *testing.T) string {
 	if mosquittoBin == "" {
 		t.Fatal("mosquitto is not installed (apt-get install mosquitto)")
 	}
+	return startMosquittoConf(t, "allow_anonymous true\n")
+}
+
+// startMosquittoConf runs a Mosquitto broker like startMosquitto, with
+// conf added to its configuration (which has the listener, no persistence
+// and logging to stderr).
+func startMosquittoConf(t *testing.T, conf string) string {
+	t.Helper()
+	if mosquittoBin == "" {
+		t.Fatal("mosquitto is not installed (apt-get install mosquitto)")
+	}
 	for attempt := 1; ; attempt++ {
-		addr, log, err := startMosquittoOn(t, freePort(t))
+		addr, log, err := startMosquittoOn(t, freePort(t), conf)
 		if err == nil {
 			return addr
 		}
@@ -387,12 +418,13 @@ func startMosquitto(t *testing.T) string {
 	}
 }
 
-// startMosquittoOn starts Mosquitto on port; on failure it returns its log.
-func startMosquittoOn(t *testing.T, port int) (addr, log string, err error) {
+// startMosquittoOn starts Mosquitto on port with extra configuration; on
+// failure it returns its log.
+func startMosquittoOn(t *testing.T, port int, extra string) (addr, log string, err error) {
 	t.Helper()
 	dir := t.TempDir()
 	conf := filepath.Join(dir, "mosquitto.conf")
-	cfg := fmt.Sprintf("listener %d 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest stderr\nlog_timestamp_format %%H:%%M:%%S\n", port)
+	cfg := fmt.Sprintf("listener %d 127.0.0.1\npersistence false\nlog_dest stderr\nlog_timestamp_format %%H:%%M:%%S\n", port) + extra
 	if err := os.WriteFile(conf, []byte(cfg), 0o644); err != nil {
 		t.Fatal(err)
 	}

@@ -90,20 +90,23 @@ var twinCases = []twinCase{
 	{
 		name: "in sync",
 		twin: twin(3, 3, connected, cond(v1alpha1.ConditionInSync, metav1.ConditionTrue, v1alpha1.ReasonInSync,
-			"device reports every desired property of version 2", 3)),
+			"device reports every desired property of version 2", 3),
+			cond(v1alpha1.ConditionReady, metav1.ConditionTrue, v1alpha1.ReasonInSync, "device reports every desired property of version 2", 3)),
 		argo: "Healthy", flux: "Current", kstatus: "Current",
 	},
 	{
 		name: "converging",
 		twin: twin(3, 3, connected, cond(v1alpha1.ConditionInSync, metav1.ConditionFalse, v1alpha1.ReasonConverging,
-			"1 desired properties not yet reported with their desired values", 3)),
-		argo: "Progressing", flux: "InProgress", kstatus: "Current",
+			"1 desired properties not yet reported with their desired values", 3),
+			cond(v1alpha1.ConditionReconciling, metav1.ConditionTrue, v1alpha1.ReasonConverging, "1 desired properties not yet reported with their desired values", 3)),
+		argo: "Progressing", flux: "InProgress", kstatus: "InProgress",
 	},
 	{
 		name: "desired not seen, device offline",
 		twin: twin(3, 3, disconnected, cond(v1alpha1.ConditionInSync, metav1.ConditionFalse, v1alpha1.ReasonDesiredNotSeen,
-			"device has not yet acknowledged desired version 2 (it has 1)", 3)),
-		argo: "Progressing", flux: "InProgress", kstatus: "Current",
+			"device has not yet acknowledged desired version 2 (it has 1)", 3),
+			cond(v1alpha1.ConditionReconciling, metav1.ConditionTrue, v1alpha1.ReasonDesiredNotSeen, "device has not yet acknowledged desired version 2 (it has 1)", 3)),
+		argo: "Progressing", flux: "InProgress", kstatus: "InProgress",
 	},
 	{
 		name: "not yet observed (no status)",
@@ -119,8 +122,9 @@ var twinCases = []twinCase{
 	{
 		name: "refused desired state",
 		twin: twin(3, 3, connected, cond(v1alpha1.ConditionInSync, metav1.ConditionFalse, v1alpha1.ReasonInvalidDesired,
-			"not sent to the device: spec.desired.telemetry.intervals: arrays are not allowed in device twins", 3)),
-		argo: "Degraded", flux: "Failed", kstatus: "Current",
+			"not sent to the device: spec.desired.telemetry.intervals: arrays are not allowed in device twins", 3),
+			cond(v1alpha1.ConditionStalled, metav1.ConditionTrue, v1alpha1.ReasonInvalidDesired, "not sent to the device: spec.desired.telemetry.intervals: arrays are not allowed in device twins", 3)),
+		argo: "Degraded", flux: "Failed", kstatus: "Failed",
 	},
 	{
 		name: "duplicate device id",
@@ -128,8 +132,10 @@ var twinCases = []twinCase{
 			cond(v1alpha1.ConditionConnected, metav1.ConditionFalse, v1alpha1.ReasonDuplicateDeviceID,
 				"device id myDeviceId belongs to DeviceTwin devices/older; this twin is not bridged", 1),
 			cond(v1alpha1.ConditionInSync, metav1.ConditionTrue, v1alpha1.ReasonInSync,
-				"device reports every desired property of version 0", 1)),
-		argo: "Degraded", flux: "Failed", kstatus: "Current",
+				"device reports every desired property of version 0", 1),
+			cond(v1alpha1.ConditionStalled, metav1.ConditionTrue, v1alpha1.ReasonDuplicateDeviceID,
+				"device id myDeviceId belongs to DeviceTwin devices/older; this twin is not bridged", 1)),
+		argo: "Degraded", flux: "Failed", kstatus: "Failed",
 	},
 }
 

@@ -14,14 +14,10 @@ import (
 	"sigs.k8s.io/yaml"
 )
 
-// TestKstatusSeesOnlyObservedGeneration pins what Flux computes for a
-// DeviceTwin without healthCheckExprs: kstatus knows Ready, Reconciling and
-// Stalled conditions, not InSync, so a twin is Current as soon as
-// status.observedGeneration matches (or when there is no status yet), even
-// when its device has not converged or its spec was refused. This is why
-// config/flux/kustomizations.yaml ships health check expressions. If the
-// operator ever adds kstatus conditions, this test says so.
-func TestKstatusSeesOnlyObservedGeneration(t *testing.T) {
+// TestKstatus checks what Flux computes for a DeviceTwin without
+// healthCheckExprs: kstatus reads the operator's Reconciling and Stalled
+// conditions, so a converging twin is InProgress and a refused one Failed.
+func TestKstatus(t *testing.T) {
 	for _, tc := range twinCases {
 		t.Run(tc.name, func(t *testing.T) {
 			res, err := status.Compute(unstructuredTwin(t, tc.twin))

@@ -8,8 +8,6 @@ import (
 	"go/token"
 	"os"
 	"path/filepath"
-	"slices"
-	"sort"
 	"strconv"
 	"strings"
 	"testing"
@@ -208,10 +206,6 @@ func deploymentArgs(t *testing.T, objs []*unstructured.Unstructured) []string {
 	return nil
 }
 
-// embeddedTLSFlags are the operator flags the chart passes for
-// broker.embedded.tls; the operator does not have them yet.
-var embeddedTLSFlags = []string{"mqtt-tls-bind-address", "mqtt-tls-cert-file", "mqtt-tls-key-file"}
-
 // TestChartFlagsExist: every flag the chart passes to the operator exists in
 // cmd/manager, in every configuration (a misspelt flag would crash the pod).
 func TestChartFlagsExist(t *testing.T) {
@@ -226,7 +220,6 @@ func TestChartFlagsExist(t *testing.T) {
 		"metrics off":              {"--set", "metrics.enabled=false", "--set", "leaderElection.enabled=false"},
 		"embedded broker with TLS": {"--set", "broker.embedded.tls.enabled=true", "--set", "broker.embedded.tls.secretName=mqtt-tls"},
 	}
-	var missingTLS []string
 	for name, args := range configs {
 		t.Run(name, func(t *testing.T) {
 			for _, a := range deploymentArgs(t, render(t, "kubetwin", "kubetwin-system", args...)) {
@@ -234,17 +227,8 @@ func TestChartFlagsExist(t *testing.T) {
 				if flags[f] {
 					continue
 				}
-				if name == "embedded broker with TLS" && slices.Contains(embeddedTLSFlags, f) {
-					missingTLS = append(missingTLS, f)
-					continue
-				}
 				t.Errorf("the chart passes --%s, which cmd/manager does not define", f)
 			}
 		})
-	}
-	if len(missingTLS) > 0 {
-		sort.Strings(missingTLS)
-		t.Logf("broker.embedded.tls needs operator flags that cmd/manager does not define yet: --%s "+
-			"(the chart passes them only when broker.embedded.tls.enabled=true)", strings.Join(missingTLS, ", --"))
 	}
 }

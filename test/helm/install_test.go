@@ -581,11 +581,14 @@ func checkAccess(t *testing.T, rel release, selfManaged bool) {
 		{"create", "coordination.k8s.io", "leases", "", "default", "", false},
 		{"create", "authentication.k8s.io", "tokenreviews", "", "", "", true},
 		{"create", "authorization.k8s.io", "subjectaccessreviews", "", "", "", true},
-		{"get", "", "secrets", "", rel.namespace, "someone-elses", false},
+		// Device key Secrets: every twin's namespace (RBAC cannot limit
+		// Secrets by label; the operator's cache holds only labelled ones).
+		{"get", "", "secrets", "", "devices", "", true},
+		{"create", "", "secrets", "", "devices", "", true},
+		{"delete", "", "secrets", "", "devices", "", false},
 		{"update", "admissionregistration.k8s.io", "validatingwebhookconfigurations", "", "", "someone-elses", false},
 		// The certificate manager's rights, only when it runs.
-		{"create", "", "secrets", "", rel.namespace, "", selfManaged},
-		{"update", "", "secrets", "", rel.namespace, rel.secret(), selfManaged},
+		{"update", "", "secrets", "", rel.namespace, rel.secret(), true},
 		{"update", "admissionregistration.k8s.io", "validatingwebhookconfigurations", "", "", rel.config(), selfManaged},
 		{"update", "admissionregistration.k8s.io", "mutatingwebhookconfigurations", "", "", rel.config(), selfManaged},
 	}

@@ -1,0 +1,283 @@
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"flag"
+	"fmt"
+	"net"
+	"os"
+	"strings"
+	"time"
+
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/certwatcher"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+
+	"github.com/kubetwin/kubetwin/controllers"
+	"github.com/kubetwin/kubetwin/internal/bridge"
+	"github.com/kubetwin/kubetwin/internal/bus"
+	"github.com/kubetwin/kubetwin/internal/deviceauth"
+	"github.com/kubetwin/kubetwin/internal/dynsec"
+	"github.com/kubetwin/kubetwin/internal/webhook"
+)
+
+// Values of --device-auth.
+const (
+	deviceAuthSAS  = "sas"
+	deviceAuthNone = "none"
+)
+
+// mqttOptions are the flags of the embedded broker's TLS listener and of
+// its administrative credential.
+type mqttOptions struct {
+	tlsListen            string
+	certFile, keyFile    string
+	hosts                stringList
+	secretName, secretNS string
+	caConfigMap          string
+	adminPasswordFile    string
+}
+
+func bindMQTTFlags(m *mqttOptions) {
+	flag.StringVar(&m.tlsListen, "mqtt-tls-bind-address", ":8883", "Listen address of the embedded broker's MQTT-over-TLS listener. Empty: none.")
+	flag.StringVar(&m.certFile, "mqtt-tls-cert-file", "",
+		"PEM certificate (chain) of the TLS listener, e.g. from cert-manager; re-read when it changes. Empty: the operator issues and rotates its own, "+
+			"signed by a CA it keeps in --mqtt-tls-secret-name, and publishes the CA for devices in --mqtt-tls-ca-configmap.")
+	flag.StringVar(&m.keyFile, "mqtt-tls-key-file", "", "PEM private key of --mqtt-tls-cert-file.")
+	flag.Var(&m.hosts, "mqtt-tls-host", "Extra DNS name or IP address for the operator-issued MQTT certificate (repeatable or comma-separated); "+
+		"--hub-hostname, localhost and 127.0.0.1 are always in it.")
+	flag.StringVar(&m.secretName, "mqtt-tls-secret-name", "kubetwin-mqtt-server-cert", "Secret that holds the operator-issued MQTT CA and certificate.")
+	flag.StringVar(&m.secretNS, "mqtt-tls-secret-namespace", "",
+		"Namespace of that Secret and of the CA ConfigMap (default: $POD_NAMESPACE, else \"default\").")
+	flag.StringVar(&m.caConfigMap, "mqtt-tls-ca-configmap", "kubetwin-mqtt-ca",
+		"ConfigMap (key ca.crt) where the operator publishes the CA bundle devices must trust for the operator-issued MQTT certificate.")
+	flag.StringVar(&m.adminPasswordFile, "mqtt-admin-password-file", "",
+		"File holding the password of the embedded broker's administrative user "+deviceauth.AdminUsername+", which may connect with any client id and use every topic (monitoring, debugging). Empty: no such user.")
+}
+
+// checkSecurityFlags refuses contradictory device security flags.
+func checkSecurityFlags(o options) error {
+	switch o.deviceAuth {
+	case deviceAuthSAS, deviceAuthNone:
+	default:
+		return fmt.Errorf("--device-auth must be %s or %s, not %q", deviceAuthSAS, deviceAuthNone, o.deviceAuth)
+	}
+	embedded := o.brokerURL == ""
+	switch {
+	case o.deviceAuth == deviceAuthSAS && o.hubHostname == "":
+		return errors.New("--hub-hostname must not be empty: it goes into every device's connection string")
+	case o.mosquittoDynsec && embedded:
+		return errors.New("--mosquitto-dynsec needs --broker-url (an external Mosquitto)")
+	case o.mosquittoDynsec && o.deviceAuth != deviceAuthSAS:
+		return errors.New("--mosquitto-dynsec needs --device-auth=sas (the devices' keys are their Mosquitto passwords)")
+	case embedded && o.mqttListen == "" && o.mqtt.tlsListen == "":
+		return errors.New("the embedded broker needs a listener: --mqtt-tls-bind-address, --mqtt-bind-address (plain), or both")
+	case (o.mqtt.certFile == "") != (o.mqtt.keyFile == ""):
+		return errors.New("--mqtt-tls-cert-file and --mqtt-tls-key-file go together")
+	case o.mqtt.adminPasswordFile != "" && (!embedded || o.deviceAuth != deviceAuthSAS):
+		return errors.New("--mqtt-admin-password-file is for the embedded broker with --device-auth=sas")
+	}
+	return nil
+}
+
+// newAuthenticator returns the embedded broker's device Authenticator, or
+// nil without device authentication or with an external broker.
+func newAuthenticator(mgr ctrl.Manager, o options) (*deviceauth.Authenticator, error) {
+	if o.deviceAuth != deviceAuthSAS || o.brokerURL != "" {
+		return nil, nil
+	}
+	a := &deviceauth.Authenticator{HubHostname: o.hubHostname, Lookup: controllers.DeviceLookup(mgr.GetClient())}
+	if f := o.mqtt.adminPasswordFile; f != "" {
+		pw, err := os.ReadFile(f)
+		if err != nil {
+			return nil, fmt.Errorf("reading --mqtt-admin-password-file: %w", err)
+		}
+		if a.AdminPassword = strings.TrimRight(string(pw), "\r\n"); a.AdminPassword == "" {
+			return nil, errors.New("--mqtt-admin-password-file is empty")
+		}
+	}
+	return a, nil
+}
+
+// setupEmbedded builds the embedded broker: its TLS listener (with a
+// certificate from files, or issued by the operator), its plain one, and
+// auth (nil: every client may do anything).
+func setupEmbedded(ctx context.Context, mgr ctrl.Manager, o options, br *bridge.Bridge, auth *deviceauth.Authenticator) (bus.Bus, error) {
+	log := ctrl.Log.WithName("setup")
+	eo := bus.EmbeddedOptions{
+		Listen:    o.mqttListen,
+		TLSListen: o.mqtt.tlsListen,
+		Handler:   br.Handle,
+		Presence:  br.Presence,
+		Logger:    ctrl.Log.WithName("broker"),
+	}
+	if eo.TLSListen != "" {
+		var err error
+		if eo.TLSConfig, err = setupMQTTTLS(ctx, mgr, o); err != nil {
+			return nil, err
+		}
+	}
+	if o.mqttListen != "" {
+		log.Info("the embedded broker also serves plain MQTT: what devices send, credentials included, crosses the network unencrypted",
+			"address", o.mqttListen)
+	}
+	if auth == nil {
+		log.Info("device authentication is off (--device-auth=none): any client may connect as any device and use any topic")
+	} else {
+		eo.Auth = auth
+	}
+	e, err := bus.NewEmbedded(eo)
+	if err != nil {
+		return nil, err
+	}
+	return e, nil
+}
+
+// setupMQTTTLS returns the TLS listener's configuration. The certificate
+// comes from --mqtt-tls-cert-file (a certwatcher serves it and follows
+// changes), or is issued and rotated by a certificate manager, which
+// serves it from memory (no writable filesystem needed).
+func setupMQTTTLS(ctx context.Context, mgr ctrl.Manager, o options) (*tls.Config, error) {
+	if o.mqtt.certFile == "" {
+		co := webhook.CertOptions{
+			Purpose:         "mqtt",
+			SecretName:      o.mqtt.secretName,
+			SecretNamespace: mqttSecretNamespace(o.mqtt),
+			Hosts:           mqttHosts(o),
+			CAConfigMap:     o.mqtt.caConfigMap,
+			Logger:          ctrl.Log.WithName("mqtt-certs"),
+		}
+		var err error
+		// A client without a cache: the manager's caches only key Secrets.
+		if co.Client, err = client.New(mgr.GetConfig(), client.Options{Scheme: mgr.GetScheme()}); err != nil {
+			return nil, fmt.Errorf("creating the certificate client: %w", err)
+		}
+		cm, err := webhook.NewCertManager(co)
+		if err != nil {
+			return nil, err
+		}
+		if err := syncCertificate(ctx, cm, "the MQTT TLS certificate"); err != nil {
+			return nil, err
+		}
+		if err := mgr.Add(cm); err != nil {
+			return nil, err
+		}
+		ctrl.Log.WithName("setup").Info("serving MQTT over TLS with an operator-issued certificate", "secret", co.SecretNamespace+"/"+co.SecretName,
+			"hosts", co.Hosts, "caConfigMap", co.SecretNamespace+"/"+co.CAConfigMap)
+		return &tls.Config{MinVersion: tls.VersionTLS12, GetCertificate: cm.GetCertificate}, nil
+	}
+	cw, err := certwatcher.New(o.mqtt.certFile, o.mqtt.keyFile)
+	if err != nil {
+		return nil, fmt.Errorf("loading the MQTT TLS certificate: %w", err)
+	}
+	if err := mgr.Add(cw); err != nil {
+		return nil, err
+	}
+	return &tls.Config{MinVersion: tls.VersionTLS12, GetCertificate: cw.GetCertificate}, nil
+}
+
+// mqttSecretNamespace is the namespace of the MQTT certificate Secret and
+// CA ConfigMap.
+func mqttSecretNamespace(m mqttOptions) string {
+	switch {
+	case m.secretNS != "":
+		return m.secretNS
+	case os.Getenv("POD_NAMESPACE") != "":
+		return os.Getenv("POD_NAMESPACE")
+	}
+	return "default"
+}
+
+// mqttHosts are the names in the operator-issued MQTT certificate.
+func mqttHosts(o options) []string {
+	hub := o.hubHostname
+	if h, _, err := net.SplitHostPort(hub); err == nil {
+		hub = h
+	}
+	var out []string
+	for _, h := range append([]string{hub, "localhost", "127.0.0.1"}, o.mqtt.hosts...) {
+		if h != "" && !containsFold(out, h) {
+			out = append(out, h)
+		}
+	}
+	return out
+}
+
+func containsFold(l []string, s string) bool {
+	for _, x := range l {
+		if strings.EqualFold(x, s) {
+			return true
+		}
+	}
+	return false
+}
+
+// syncCertificate issues a certificate manager's certificate before the
+// manager starts (its server needs it to start), retrying for a while.
+func syncCertificate(ctx context.Context, cm *webhook.CertManager, what string) error {
+	log := ctrl.Log.WithName("setup")
+	for wait := time.Second; ; wait *= 2 {
+		_, err := cm.Sync(ctx)
+		if err == nil {
+			return nil
+		}
+		if wait > 16*time.Second {
+			return fmt.Errorf("issuing %s: %w", what, err)
+		}
+		log.Error(err, "issuing "+what+"; retrying", "retryIn", wait)
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(wait):
+		}
+	}
+}
+
+// setupCredentials configures device keys in the reconciler and, where the
+// operator manages the broker's view of devices, the Provisioner: the
+// embedded broker (which checks connected devices again on a change) or
+// Mosquitto's dynamic-security plugin.
+func setupCredentials(mgr ctrl.Manager, o options, b bus.Bus, auth *deviceauth.Authenticator) (*controllers.Credentials, error) {
+	if o.deviceAuth != deviceAuthSAS {
+		return nil, nil
+	}
+	log := ctrl.Log.WithName("setup")
+	c := &controllers.Credentials{HubHostname: o.hubHostname}
+	switch {
+	case o.brokerURL == "":
+		c.Provisioner = deviceauth.EmbeddedProvisioner{Broker: b.(*bus.Embedded), Auth: auth}
+	case o.mosquittoDynsec:
+		pw, err := brokerPassword(o)
+		if err != nil {
+			return nil, err
+		}
+		tlsCfg, err := brokerTLS(o)
+		if err != nil {
+			return nil, err
+		}
+		if plainURL(o.brokerURL) {
+			log.Info("device keys go to Mosquitto's dynamic-security plugin unencrypted: use an ssl:// --broker-url outside a trusted network",
+				"brokerUrl", o.brokerURL)
+		}
+		ds, err := dynsec.New(dynsec.Options{
+			BrokerURL: o.brokerURL, Username: o.brokerUsername, Password: pw, TLSConfig: tlsCfg,
+			ClientID: o.brokerClientID + "-dynsec", Logger: ctrl.Log.WithName("dynsec"),
+		})
+		if err != nil {
+			return nil, err
+		}
+		if err := mgr.Add(ds); err != nil {
+			return nil, err
+		}
+		c.Provisioner = deviceauth.OnChange(ds)
+	default:
+		log.Info("device keys are kept for every twin, but the external broker authenticates devices itself (see --mosquitto-dynsec)")
+	}
+	return c, nil
+}
+
+func plainURL(u string) bool {
+	return strings.HasPrefix(u, "tcp://") || strings.HasPrefix(u, "mqtt://") || strings.HasPrefix(u, "ws://")
+}

@@ -1,0 +1,298 @@
+package controllers
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/api/meta"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/types"
+	"sigs.k8s.io/controller-runtime/pkg/cache"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/controller/controllerutil"
+	"sigs.k8s.io/controller-runtime/pkg/reconcile"
+
+	"github.com/kubetwin/kubetwin/api/v1alpha1"
+	"github.com/kubetwin/kubetwin/internal/bridge"
+	"github.com/kubetwin/kubetwin/internal/deviceauth"
+	"github.com/kubetwin/kubetwin/pkg/sas"
+)
+
+// The operator keeps a key Secret in every twin's namespace and reads the
+// Secrets that spec.authentication.secretRef names. RBAC cannot limit
+// Secrets by label, so these rights cover every Secret of the namespaces
+// the operator watches; the manager's cache lists and watches only those
+// labelled kubetwin.io/device-keys=true (see KeySecretCacheOptions).
+//
+// +kubebuilder:rbac:groups="",resources=secrets,verbs=get;list;watch;create;update
+
+// SecretRefIndex is the field index of twins by the name of the Secret
+// their spec.authentication.secretRef names.
+const SecretRefIndex = "kubetwin.secretRef"
+
+// Credentials configures device authentication in the reconciler: keys
+// for every twin, and a broker that enforces them.
+type Credentials struct {
+	// HubHostname is the HostName of the devices' connection strings.
+	HubHostname string
+	// Provisioner tells the broker about each device's keys and status;
+	// nil when the broker looks them up itself or is not managed.
+	Provisioner deviceauth.Provisioner
+}
+
+// KeySecretCacheOptions limits the manager's cache of Secrets to those
+// labelled kubetwin.io/device-keys=true, so that the operator does not
+// keep every Secret of the cluster in memory. Put it in
+// cache.Options.ByObject.
+func KeySecretCacheOptions() map[client.Object]cache.ByObject {
+	sel := labels.SelectorFromSet(labels.Set{v1alpha1.DeviceKeysLabel: "true"})
+	return map[client.Object]cache.ByObject{&corev1.Secret{}: {Label: sel}}
+}
+
+// credStatus is the CredentialsReady condition to report.
+type credStatus struct {
+	ok      bool
+	reason  string
+	message string
+}
+
+// deviceKeys are a device's keys as the Secrets hold them (base64 text).
+type deviceKeys struct{ primary, secondary string }
+
+// reconcileCredentials keeps the twin's key Secret and tells the broker
+// about the device's keys and status. A non-nil error with a nil status is
+// an API failure to retry before anything else; with a status it is a
+// provisioning failure, reported in the condition and retried.
+func (r *DeviceTwinReconciler) reconcileCredentials(ctx context.Context, t *v1alpha1.DeviceTwin) (*credStatus, error) {
+	keys, st, err := r.ensureKeySecret(ctx, t)
+	if err != nil {
+		return nil, err
+	}
+	if p := r.Credentials.Provisioner; p != nil {
+		d := deviceauth.Device{ID: t.EffectiveDeviceID(), Disabled: t.Spec.Disabled(), PrimaryKey: keys.primary, SecondaryKey: keys.secondary}
+		if err := p.Provision(ctx, d); err != nil {
+			return &credStatus{reason: v1alpha1.ReasonProvisioningFailed,
+				message: "the broker could not be told about the device's keys and status; retrying: " + err.Error()}, err
+		}
+	}
+	return st, nil
+}
+
+// ensureKeySecret makes the twin's key Secret hold its keys (generated,
+// or copied from spec.authentication.secretRef) and its connection string.
+// It returns the keys in effect and the condition to report.
+func (r *DeviceTwinReconciler) ensureKeySecret(ctx context.Context, t *v1alpha1.DeviceTwin) (deviceKeys, *credStatus, error) {
+	name := v1alpha1.KeySecretName(t.Name)
+	var src *deviceKeys
+	if ref := secretRef(t); ref != "" {
+		s := &corev1.Secret{}
+		err := r.Get(ctx, types.NamespacedName{Namespace: t.Namespace, Name: ref}, s)
+		switch {
+		case apierrors.IsNotFound(err):
+			// Keep the keys last copied: a Secret that goes missing must not
+			// lock the device out, nor let in keys nobody gave.
+			cur, _ := r.currentKeys(ctx, t)
+			return cur, &credStatus{reason: v1alpha1.ReasonSecretNotFound, message: fmt.Sprintf(
+				"Secret %s (spec.authentication.secretRef) not found; it must carry the label %s=true for the operator to see it",
+				ref, v1alpha1.DeviceKeysLabel)}, nil
+		case err != nil:
+			return deviceKeys{}, nil, fmt.Errorf("reading Secret %s: %w", ref, err)
+		}
+		src = &deviceKeys{primary: string(s.Data[v1alpha1.PrimaryKeyKey]), secondary: string(s.Data[v1alpha1.SecondaryKeyKey])}
+	}
+
+	sec := &corev1.Secret{}
+	err := r.Get(ctx, types.NamespacedName{Namespace: t.Namespace, Name: name}, sec)
+	exists := err == nil
+	switch {
+	case apierrors.IsNotFound(err):
+		sec = &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Namespace: t.Namespace, Name: name}, Type: corev1.SecretTypeOpaque}
+	case err != nil:
+		return deviceKeys{}, nil, fmt.Errorf("reading Secret %s: %w", name, err)
+	case !metav1.IsControlledBy(sec, t):
+		return deviceKeys{}, conflict(name), nil
+	}
+
+	keys := deviceKeys{primary: string(sec.Data[v1alpha1.PrimaryKeyKey]), secondary: string(sec.Data[v1alpha1.SecondaryKeyKey])}
+	if src != nil {
+		keys = *src
+	} else {
+		// Keep what is there (the user may have rotated a key); fill in
+		// what is missing.
+		if keys.primary == "" {
+			keys.primary = sas.NewKey()
+		}
+		if keys.secondary == "" {
+			keys.secondary = sas.NewKey()
+		}
+	}
+	data := map[string][]byte{
+		v1alpha1.PrimaryKeyKey:       []byte(keys.primary),
+		v1alpha1.SecondaryKeyKey:     []byte(keys.secondary),
+		v1alpha1.ConnectionStringKey: sec.Data[v1alpha1.ConnectionStringKey],
+	}
+	if keys.secondary == "" {
+		delete(data, v1alpha1.SecondaryKeyKey)
+	}
+	if _, err := sas.DecodeKey(keys.primary); err == nil {
+		cs := sas.ConnectionString{HostName: r.Credentials.HubHostname, DeviceID: t.EffectiveDeviceID(), SharedAccessKey: keys.primary}
+		data[v1alpha1.ConnectionStringKey] = []byte(cs.String())
+	}
+	if data[v1alpha1.ConnectionStringKey] == nil {
+		delete(data, v1alpha1.ConnectionStringKey)
+	}
+
+	if !exists || !sameData(sec.Data, data) {
+		sec.Data = data
+		if sec.Labels == nil {
+			sec.Labels = map[string]string{}
+		}
+		sec.Labels[v1alpha1.DeviceKeysLabel] = "true"
+		sec.Labels["app.kubernetes.io/managed-by"] = "kubetwin"
+		if err := controllerutil.SetControllerReference(t, sec, r.Scheme()); err != nil {
+			return deviceKeys{}, nil, err
+		}
+		if exists {
+			err = r.Update(ctx, sec)
+		} else {
+			err = r.Create(ctx, sec)
+		}
+		switch {
+		case apierrors.IsAlreadyExists(err):
+			// There, but not in the cache: it lacks the label.
+			return deviceKeys{}, conflict(name), nil
+		case err != nil:
+			return deviceKeys{}, nil, fmt.Errorf("writing Secret %s: %w", name, err)
+		}
+	}
+	return keys, keyStatus(keys, name), nil
+}
+
+// currentKeys returns the keys in the twin's key Secret, if it has one.
+func (r *DeviceTwinReconciler) currentKeys(ctx context.Context, t *v1alpha1.DeviceTwin) (deviceKeys, error) {
+	d, err := keysOf(ctx, r.Client, t)
+	return deviceKeys{primary: d.PrimaryKey, secondary: d.SecondaryKey}, err
+}
+
+// keyStatus reports invalid keys.
+func keyStatus(k deviceKeys, secret string) *credStatus {
+	var bad []string
+	for _, x := range []struct{ name, key string }{{v1alpha1.PrimaryKeyKey, k.primary}, {v1alpha1.SecondaryKeyKey, k.secondary}} {
+		if x.key == "" && x.name == v1alpha1.SecondaryKeyKey {
+			continue
+		}
+		if _, err := sas.DecodeKey(x.key); err != nil {
+			bad = append(bad, x.name+": "+err.Error())
+		}
+	}
+	if len(bad) > 0 {
+		return &credStatus{reason: v1alpha1.ReasonInvalidKeys, message: "Secret " + secret + ": " + strings.Join(bad, "; ")}
+	}
+	return &credStatus{ok: true, reason: v1alpha1.ReasonKeysReady, message: "keys and connection string are in Secret " + secret}
+}
+
+func conflict(name string) *credStatus {
+	return &credStatus{reason: v1alpha1.ReasonSecretConflict, message: fmt.Sprintf(
+		"Secret %s exists but is not this twin's (no controller reference to it, or no label %s=true); the operator leaves it alone: delete or rename it",
+		name, v1alpha1.DeviceKeysLabel)}
+}
+
+func sameData(a, b map[string][]byte) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for k, v := range a {
+		if w, ok := b[k]; !ok || !bytes.Equal(v, w) {
+			return false
+		}
+	}
+	return true
+}
+
+func secretRef(t *v1alpha1.DeviceTwin) string {
+	if a := t.Spec.Authentication; a != nil && a.SecretRef != nil {
+		return a.SecretRef.Name
+	}
+	return ""
+}
+
+// setCredentialsCondition sets CredentialsReady from cs, or removes it when
+// the operator does not authenticate devices (cs nil).
+func setCredentialsCondition(st *v1alpha1.DeviceTwinStatus, cs *credStatus, gen int64, now metav1.Time) {
+	if cs == nil {
+		meta.RemoveStatusCondition(&st.Conditions, v1alpha1.ConditionCredentialsReady)
+		return
+	}
+	status := metav1.ConditionFalse
+	if cs.ok {
+		status = metav1.ConditionTrue
+	}
+	setCondition(st, v1alpha1.ConditionCredentialsReady, status, cs.reason, cs.message, gen, now)
+}
+
+// DeviceLookup finds devices for the embedded broker's Authenticator in c
+// (the manager's cache): the twin that owns the device id, its status, and
+// the keys in its key Secret.
+func DeviceLookup(c client.Reader) deviceauth.Lookup {
+	return func(ctx context.Context, deviceID string) (deviceauth.Device, error) {
+		t, err := ResolveDeviceID(ctx, c, deviceID)
+		if errors.Is(err, bridge.ErrNotFound) {
+			return deviceauth.Device{}, deviceauth.ErrUnknownDevice
+		}
+		if err != nil {
+			return deviceauth.Device{}, err
+		}
+		return keysOf(ctx, c, t)
+	}
+}
+
+// keysOf returns the device of twin t with its keys: those of the Secret
+// spec.authentication.secretRef names (read directly, so a rotation there
+// counts before the operator has copied it), else, or when that Secret is
+// gone, those of its key Secret (none when that is missing or not t's).
+func keysOf(ctx context.Context, c client.Reader, t *v1alpha1.DeviceTwin) (deviceauth.Device, error) {
+	d := deviceauth.Device{ID: t.EffectiveDeviceID(), Disabled: t.Spec.Disabled()}
+	s := &corev1.Secret{}
+	if ref := secretRef(t); ref != "" {
+		err := c.Get(ctx, types.NamespacedName{Namespace: t.Namespace, Name: ref}, s)
+		if err == nil {
+			d.PrimaryKey, d.SecondaryKey = string(s.Data[v1alpha1.PrimaryKeyKey]), string(s.Data[v1alpha1.SecondaryKeyKey])
+			return d, nil
+		}
+		if !apierrors.IsNotFound(err) {
+			return d, err
+		}
+	}
+	err := c.Get(ctx, types.NamespacedName{Namespace: t.Namespace, Name: v1alpha1.KeySecretName(t.Name)}, s)
+	if apierrors.IsNotFound(err) {
+		return d, nil
+	}
+	if err != nil {
+		return d, err
+	}
+	if !metav1.IsControlledBy(s, t) {
+		return d, nil
+	}
+	d.PrimaryKey, d.SecondaryKey = string(s.Data[v1alpha1.PrimaryKeyKey]), string(s.Data[v1alpha1.SecondaryKeyKey])
+	return d, nil
+}
+
+// twinsUsingSecret maps a Secret to the twins whose
+// spec.authentication.secretRef names it.
+func (r *DeviceTwinReconciler) twinsUsingSecret(ctx context.Context, o client.Object) []reconcile.Request {
+	var list v1alpha1.DeviceTwinList
+	if err := r.List(ctx, &list, client.InNamespace(o.GetNamespace()), client.MatchingFields{SecretRefIndex: o.GetName()}); err != nil {
+		return nil
+	}
+	out := make([]reconcile.Request, 0, len(list.Items))
+	for _, t := range list.Items {
+		out = append(out, reconcile.Request{NamespacedName: types.NamespacedName{Namespace: t.Namespace, Name: t.Name}})
+	}
+	return out
+}

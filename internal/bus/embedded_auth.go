@@ -1,0 +1,163 @@
+package bus
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/packets"
+
+	"github.com/kubetwin/kubetwin/pkg/protocol"
+)
+
+// session is what the embedded broker knows about an authenticated
+// connection: its grant, and the credentials it connected with, so that
+// Recheck can check them again.
+type session struct {
+	grant    Grant
+	username string
+	password []byte
+	expiry   *time.Timer // disconnects the client when its credential expires
+}
+
+// errRevoked is the stop cause of a connection the broker ended because
+// its credential stopped being valid.
+var errRevoked = errors.New("credential no longer valid")
+
+// authenticate runs the Authenticator on a CONNECT and records the
+// session of an accepted client.
+func (e *Embedded) authenticate(cl *mqtt.Client, pk packets.Packet) bool {
+	if e.auth == nil {
+		return true
+	}
+	username := string(pk.Connect.Username)
+	ctx, cancel := context.WithTimeout(context.Background(), authTimeout)
+	defer cancel()
+	g, err := e.auth.Authenticate(ctx, cl.ID, username, pk.Connect.Password)
+	if err != nil {
+		e.refuseConnect(cl, username, err)
+		return false
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.sessions[cl] = &session{grant: g, username: username, password: append([]byte(nil), pk.Connect.Password...)}
+	// A connection whose CONNACK could not be written never reaches
+	// OnDisconnect; drop such sessions now and then.
+	if len(e.sessions) > 2*len(e.conns)+1024 {
+		for c := range e.sessions {
+			if c.Closed() {
+				e.dropSessionLocked(c)
+			}
+		}
+	}
+	e.log.V(1).Info("authenticated client", "clientID", cl.ID, "deviceID", g.DeviceID, "admin", g.Admin, "expires", g.Expires, "remote", cl.Net.Remote)
+	return true
+}
+
+// refuseConnect logs and counts a refused CONNECT.
+func (e *Embedded) refuseConnect(cl *mqtt.Client, username string, err error) {
+	reason := refusalReason(err)
+	Refused.WithLabelValues(reason).Inc()
+	e.log.Info("refused device connection", "clientID", cl.ID, "username", username, "remote", cl.Net.Remote,
+		"listener", cl.Net.Listener, "reason", reason, "error", err.Error())
+}
+
+// aclCheck is the OnACLCheck hook: write is a publish by the client;
+// otherwise topic is a filter the client subscribes to, or the topic of a
+// message on its way to the client.
+func (e *Embedded) aclCheck(cl *mqtt.Client, topic string, write bool) bool {
+	if e.auth == nil || cl.Net.Inline {
+		return true
+	}
+	e.mu.Lock()
+	s := e.sessions[cl]
+	e.mu.Unlock()
+	if s == nil {
+		return false // not authenticated; cannot happen after CONNECT
+	}
+	g := s.grant
+	if g.Admin {
+		return true
+	}
+	ok, reason := protocol.DeviceMayPublish(g.DeviceID, topic), ReasonPublishDenied
+	if !write {
+		ok, reason = protocol.DeviceMayReceive(g.DeviceID, topic), ReasonSubscribeDenied
+	}
+	if !ok {
+		Refused.WithLabelValues(reason).Inc()
+		e.log.Info("refused topic outside the device's own", "clientID", cl.ID, "deviceID", g.DeviceID,
+			"topic", topic, "publish", write, "reason", reason)
+	}
+	return ok
+}
+
+// startExpiryLocked arms the timer that disconnects cl when its credential
+// expires. e.mu is held.
+func (e *Embedded) startExpiryLocked(cl *mqtt.Client) {
+	s := e.sessions[cl]
+	if s == nil || s.grant.Expires.IsZero() || s.expiry != nil {
+		return
+	}
+	s.expiry = time.AfterFunc(time.Until(s.grant.Expires), func() {
+		e.revoke(cl, Refuse(ReasonExpired, "the SAS token expired at "+s.grant.Expires.UTC().Format(time.RFC3339)))
+	})
+}
+
+// endSession forgets cl's session.
+func (e *Embedded) endSession(cl *mqtt.Client) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.dropSessionLocked(cl)
+}
+
+func (e *Embedded) dropSessionLocked(cl *mqtt.Client) {
+	if s := e.sessions[cl]; s != nil && s.expiry != nil {
+		s.expiry.Stop()
+	}
+	delete(e.sessions, cl)
+}
+
+// revoke disconnects cl, whose credential is no longer valid, unless it
+// is gone already.
+func (e *Embedded) revoke(cl *mqtt.Client, why error) {
+	if cl.Closed() {
+		return
+	}
+	reason := refusalReason(why)
+	Refused.WithLabelValues(reason).Inc()
+	e.log.Info("disconnecting device: its credential is no longer valid", "clientID", cl.ID, "remote", cl.Net.Remote,
+		"reason", reason, "error", why.Error())
+	e.disconnect(cl, packets.ErrNotAuthorized, fmt.Errorf("%w: %w", errRevoked, why))
+}
+
+// Recheck checks the credential of the device connected as deviceID
+// again, with check (normally the device's current keys and status), and
+// disconnects it when check refuses it (a *Refusal): the device was
+// disabled or deleted, or the key it signed its token with was rotated
+// out. The operator calls it whenever a device's twin or keys may have
+// changed. Another error from check leaves the device connected and is
+// returned.
+func (e *Embedded) Recheck(deviceID string, check func(username string, password []byte) error) error {
+	if e.auth == nil {
+		return nil
+	}
+	e.mu.Lock()
+	cl := e.conns[deviceID]
+	s := e.sessions[cl]
+	e.mu.Unlock()
+	if cl == nil || s == nil || s.grant.Admin {
+		return nil
+	}
+	err := check(s.username, s.password)
+	if err == nil {
+		return nil
+	}
+	var r *Refusal
+	if !errors.As(err, &r) {
+		return fmt.Errorf("checking the credential of device %q again: %w", deviceID, err)
+	}
+	e.revoke(cl, err)
+	return nil
+}
