@@ -111,8 +111,17 @@ func (b *Bridge) entry(t *v1alpha1.DeviceTwin) (*deviceEntry, error) {
 // messages are not acknowledged: their effect is gone with the twin.
 func (b *Bridge) Forget(key types.NamespacedName) {
 	b.mu.Lock()
+	e := b.devices[key]
 	delete(b.devices, key)
 	b.mu.Unlock()
+	if e == nil {
+		return
+	}
+	e.mu.Lock()
+	if e.d != nil && e.d.online != nil && *e.d.online {
+		connectedDevices.Dec()
+	}
+	e.mu.Unlock()
 }
 
 // with runs f on the device of t under its lock.
@@ -169,6 +178,9 @@ func (b *Bridge) Persisted(ctx context.Context, t *v1alpha1.DeviceTwin, s Snapsh
 		reportLatency.Observe(now.Sub(p.received).Seconds())
 	}
 	reportsPersisted.Add(float64(len(done)))
+	if reports := countReports(done); reports > 1 {
+		reportsCoalesced.Add(float64(reports - 1))
+	}
 }
 
 // PublishDesired sends the change from the last published desired document
@@ -418,6 +430,12 @@ func (b *Bridge) setPresence(d *device, online bool, at time.Time) bool {
 	if d.online != nil && *d.online == online {
 		return false
 	}
+	switch {
+	case online:
+		connectedDevices.Inc()
+	case d.online != nil: // was online
+		connectedDevices.Dec()
+	}
 	d.online = &online
 	d.onlineChanged = at
 	return true
@@ -466,4 +484,15 @@ func RawJSON(d twin.Doc) *apiextensionsv1.JSON {
 		return nil
 	}
 	return &apiextensionsv1.JSON{Raw: twin.Encode(d)}
+}
+
+// countReports counts the reported patches (not acks or presence) among done.
+func countReports(done []pendingAck) int {
+	n := 0
+	for _, p := range done {
+		if p.rid != "" {
+			n++
+		}
+	}
+	return n
 }

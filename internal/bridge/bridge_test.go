@@ -8,7 +8,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
 
 	"github.com/kubetwin/kubetwin/api/v1alpha1"
 	"github.com/kubetwin/kubetwin/internal/bus"
@@ -92,7 +94,11 @@ func TestResendOfPendingReportNotReapplied(t *testing.T) {
 		t.Fatalf("reported version %d, want %d: the resend was applied again", s.ReportedVersion, want)
 	}
 	st := v1alpha1.DeviceTwinStatus{ReportedVersion: s.ReportedVersion}
+	coalesced := testutil.ToFloat64(reportsCoalesced)
 	b.Persisted(context.Background(), tw, s, st)
+	if got := testutil.ToFloat64(reportsCoalesced) - coalesced; got != recentRequests+11 {
+		t.Errorf("coalesced counter grew by %v, want %d (all answered by one write)", got, recentRequests+11)
+	}
 	rs := fb.responses(t, "d1", "first")
 	if len(rs) != 2 || rs[0].Version != 1 || rs[1].Version != 1 || rs[0].Status != protocol.StatusNoContent {
 		t.Fatalf("responses to the first report and its resend: %+v", rs)
@@ -121,5 +127,26 @@ func TestTooManyPendingReportsThrottled(t *testing.T) {
 	s, _ := b.Snapshot(tw)
 	if _, ok := s.Reported["y"]; ok || s.ReportedVersion != maxPending {
 		t.Fatalf("throttled report changed the state: version %d, reported %v", s.ReportedVersion, s.Reported)
+	}
+}
+
+// The connected-devices gauge follows presence, and forgetting a connected
+// device takes it off.
+func TestConnectedDevicesGauge(t *testing.T) {
+	b, _, tw := newTestBridge(t)
+	before := testutil.ToFloat64(connectedDevices)
+	b.Presence("d1", true, time.Now())
+	b.Presence("d1", true, time.Now()) // no change
+	if got := testutil.ToFloat64(connectedDevices) - before; got != 1 {
+		t.Fatalf("after connect: %v, want 1", got)
+	}
+	b.Presence("d1", false, time.Now())
+	if got := testutil.ToFloat64(connectedDevices) - before; got != 0 {
+		t.Fatalf("after disconnect: %v, want 0", got)
+	}
+	b.Presence("d1", true, time.Now())
+	b.Forget(types.NamespacedName{Namespace: tw.Namespace, Name: tw.Name})
+	if got := testutil.ToFloat64(connectedDevices) - before; got != 0 {
+		t.Fatalf("after forget: %v, want 0", got)
 	}
 }

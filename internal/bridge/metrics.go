@@ -33,6 +33,14 @@ var (
 		Subsystem: subsystem, Name: "desired_notifications_total",
 		Help: "Desired-property change notifications published to devices.",
 	})
+	connectedDevices = prometheus.NewGauge(prometheus.GaugeOpts{
+		Subsystem: subsystem, Name: "connected_devices",
+		Help: "Devices currently connected (from birth and last-will messages, or the embedded broker's own events).",
+	})
+	reportsCoalesced = prometheus.NewCounter(prometheus.CounterOpts{
+		Subsystem: subsystem, Name: "reports_coalesced_total",
+		Help: "Reported patches that shared a status write with an earlier one (reports persisted minus the writes that carried them).",
+	})
 	// StatusWrites counts status patches the operator sent, by result.
 	StatusWrites = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Subsystem: subsystem, Name: "status_writes_total",
@@ -41,5 +49,5 @@ var (
 )
 
 func init() {
-	metrics.Registry.MustRegister(messagesReceived, reportsRefused, reportsThrottled, reportsPersisted, reportLatency, desiredNotifications, StatusWrites)
+	metrics.Registry.MustRegister(messagesReceived, reportsRefused, reportsThrottled, connectedDevices, reportsCoalesced, reportsPersisted, reportLatency, desiredNotifications, StatusWrites)
 }
