@@ -48,7 +48,10 @@ func TestLint(t *testing.T) {
 		"external broker and cert-manager": {"-f", writeValues(t, externalValues)},
 		"provided certificates": {"--set", "webhook.certificates.mode=provided",
 			"--set", "webhook.certificates.provided.secretName=my-cert", "--set", "webhook.certificates.provided.caBundle=Zm9v"},
-		"embedded broker with TLS": {"--set", "broker.embedded.tls.enabled=true", "--set", "broker.embedded.tls.secretName=mqtt-tls"},
+		"embedded broker with your TLS certificate and plain MQTT": {"--set", "broker.embedded.tls.secretName=mqtt-tls",
+			"--set", "broker.embedded.plain.enabled=true"},
+		"plain MQTT only, no device authentication": {"--set", "broker.embedded.tls.enabled=false", "--set", "broker.embedded.plain.enabled=true",
+			"--set", "deviceAuth=none"},
 	} {
 		t.Run(name, func(t *testing.T) {
 			out, err := helm(t, append([]string{"lint", chart, "--strict", "--kube-version", kubeVersion}, args...)...)
@@ -81,16 +84,22 @@ func TestBadValuesFailEarly(t *testing.T) {
 		{"unknown failure policy", []string{"--set", "webhook.failurePolicy=Sometimes"}, "/webhook/failurePolicy"},
 		{"unknown pull policy", []string{"--set", "image.pullPolicy=Sometimes"}, "/image/pullPolicy"},
 		{"bad service type", []string{"--set", "broker.embedded.service.type=External"}, "/broker/embedded/service/type"},
-		{"port out of range", []string{"--set", "broker.embedded.port=70000"}, "/broker/embedded/port"},
+		{"port out of range", []string{"--set", "broker.embedded.tls.port=70000"}, "/broker/embedded/tls/port"},
+		{"plain port out of range", []string{"--set", "broker.embedded.plain.port=0"}, "/broker/embedded/plain/port"},
+		{"old plain port value", []string{"--set", "broker.embedded.port=1883"}, "port"},
+		{"unknown device auth", []string{"--set", "deviceAuth=token"}, "/deviceAuth"},
+		{"hub host name with a scheme", []string{"--set", "hubHostname=mqtts://hub.example.com"}, "/hubHostname"},
 		{"extra argument that is no flag", []string{"--set", "extraArgs[0]=leader-elect"}, "/extraArgs/0"},
 		{"bad duration", []string{"--set", "webhook.certificates.selfManaged.certValidity=90 days"}, "certValidity"},
 		{"provided certificates without a Secret", []string{"--set", "webhook.certificates.mode=provided"}, "provided"},
-		{"embedded TLS without a Secret", []string{"--set", "broker.embedded.tls.enabled=true"}, "secretName"},
+		{"embedded broker without a listener", []string{"--set", "broker.embedded.tls.enabled=false"}, "the embedded broker needs a listener"},
 		{"two replicas with the embedded broker", []string{"--set", "replicas=2"}, "replicas > 1 needs an external broker"},
 		{"two replicas without leader election", []string{"--set", "replicas=2", "--set", "broker.external.url=tcp://m:1883",
 			"--set", "leaderElection.enabled=false"}, "leaderElection.enabled=true"},
-		{"embedded TLS with an external broker", []string{"--set", "broker.external.url=tcp://m:1883",
-			"--set", "broker.embedded.tls.enabled=true", "--set", "broker.embedded.tls.secretName=x"}, "broker.embedded.tls.enabled is for the embedded broker"},
+		{"embedded TLS certificate with an external broker", []string{"--set", "broker.external.url=tcp://m:1883",
+			"--set", "broker.embedded.tls.secretName=x"}, "broker.embedded.tls.secretName is for the embedded broker"},
+		{"embedded plain listener with an external broker", []string{"--set", "broker.external.url=tcp://m:1883",
+			"--set", "broker.embedded.plain.enabled=true"}, "broker.embedded.plain.enabled is for the embedded broker"},
 		{"existing service account without a name", []string{"--set", "serviceAccount.create=false"}, "serviceAccount.name is required"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -218,7 +227,11 @@ func TestChartFlagsExist(t *testing.T) {
 		"no webhook, no metrics, one namespace, insecure metrics": {"--set", "webhook.enabled=false", "--set", "metrics.secure=false",
 			"--set", "watchNamespace=devices", "--set", "broker.external.url=tcp://m:1883", "--set", "broker.external.insecureSkipVerify=true"},
 		"metrics off":              {"--set", "metrics.enabled=false", "--set", "leaderElection.enabled=false"},
-		"embedded broker with TLS": {"--set", "broker.embedded.tls.enabled=true", "--set", "broker.embedded.tls.secretName=mqtt-tls"},
+		"embedded broker with your TLS certificate": {"--set", "broker.embedded.tls.secretName=mqtt-tls"},
+		"embedded broker with plain MQTT and extra hosts": {"--set", "broker.embedded.plain.enabled=true",
+			"--set", "broker.embedded.tls.hosts={mqtt.example.com,10.0.0.1}", "--set", "hubHostname=mqtt.example.com"},
+		"plain MQTT only, no device authentication": {"--set", "broker.embedded.tls.enabled=false", "--set", "broker.embedded.plain.enabled=true",
+			"--set", "deviceAuth=none"},
 	}
 	for name, args := range configs {
 		t.Run(name, func(t *testing.T) {

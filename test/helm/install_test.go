@@ -99,8 +99,16 @@ func TestInstallDefaults(t *testing.T) {
 	d := get(t, &appsv1.Deployment{}, rel.namespace, rel.manager())
 	c := checkDeployment(t, rel, d, 1)
 	args := c.Args
+	svcDNS := rel.mqtt() + "." + rel.namespace + ".svc"
 	for _, a := range []string{
-		"--mqtt-bind-address=:1883",
+		// MQTT over TLS with the operator's own certificate, SAS tokens for the MQTT Service's name.
+		"--mqtt-tls-bind-address=:8883",
+		"--device-auth=sas",
+		"--hub-hostname=" + svcDNS,
+		"--mqtt-tls-host=" + strings.Join([]string{rel.mqtt(), rel.mqtt() + "." + rel.namespace, svcDNS, svcDNS + ".cluster.local"}, ","),
+		"--mqtt-tls-secret-name=" + rel.prefix + "-mqtt-server-cert",
+		"--mqtt-tls-secret-namespace=" + rel.namespace,
+		"--mqtt-tls-ca-configmap=" + rel.prefix + "-mqtt-ca",
 		"--webhook-secret-name=" + rel.secret(),
 		"--webhook-cert-validity=2160h",
 	} {
@@ -109,8 +117,24 @@ func TestInstallDefaults(t *testing.T) {
 		}
 	}
 	for _, a := range args {
-		if strings.HasPrefix(a, "--broker-") || a == "--webhook-manage-certs=false" {
+		// No plain listener, no certificate files: the operator issues the broker's certificate.
+		if strings.HasPrefix(a, "--broker-") || a == "--webhook-manage-certs=false" || strings.HasPrefix(a, "--mqtt-bind-address") ||
+			strings.HasPrefix(a, "--mqtt-tls-cert-file") || strings.HasPrefix(a, "--mqtt-tls-key-file") {
 			t.Errorf("default args hold %s", a)
+		}
+	}
+	// The container serves MQTT over TLS on 8883 and nothing on 1883.
+	if containerPort(t, c, intstr.FromString("mqtts")) != 8883 {
+		t.Error("no container port mqtts 8883")
+	}
+	for _, p := range c.Ports {
+		if p.Name == "mqtt" || p.ContainerPort == 1883 {
+			t.Errorf("the default container exposes plain MQTT: %+v", p)
+		}
+	}
+	for _, v := range d.Spec.Template.Spec.Volumes {
+		if v.Name == "mqtt-tls" {
+			t.Errorf("default Deployment mounts a user MQTT certificate: %+v", v)
 		}
 	}
 	certs := volume(t, d, "webhook-certs")
@@ -118,8 +142,8 @@ func TestInstallDefaults(t *testing.T) {
 		t.Errorf("webhook-certs is %+v, want an emptyDir the operator writes its certificate to", certs.VolumeSource)
 	}
 
-	// Services: MQTT 1883, webhook 443 -> 9443, metrics 8443.
-	checkService(t, rel, rel.mqtt(), d, map[string]int32{"mqtt": 1883})
+	// Services: MQTT over TLS 8883 only, webhook 443 -> 9443, metrics 8443.
+	checkService(t, rel, rel.mqtt(), d, map[string]int32{"mqtts": 8883})
 	checkService(t, rel, rel.webhook(), d, map[string]int32{"webhook-server": 443})
 	checkService(t, rel, rel.metrics(), d, map[string]int32{"metrics": 8443})
 
@@ -167,18 +191,20 @@ func TestInstallExternalBrokerCertManager(t *testing.T) {
 		"--broker-cert-file=/etc/kubetwin/broker-client/tls.crt",
 		"--broker-key-file=/etc/kubetwin/broker-client/tls.key",
 		"--webhook-manage-certs=false",
+		"--device-auth=sas",
+		"--hub-hostname=mosquitto.mqtt.svc", // the broker URL's host
 	} {
 		if !slices.Contains(c.Args, a) {
 			t.Errorf("args %v lack %s", c.Args, a)
 		}
 	}
 	for _, a := range c.Args {
-		if strings.HasPrefix(a, "--mqtt-bind-address") || strings.HasPrefix(a, "--webhook-secret-name") {
+		if strings.HasPrefix(a, "--mqtt-") || strings.HasPrefix(a, "--webhook-secret-name") {
 			t.Errorf("external/cert-manager args hold %s", a)
 		}
 	}
 	for _, p := range c.Ports {
-		if p.Name == "mqtt" {
+		if p.Name == "mqtt" || p.Name == "mqtts" {
 			t.Errorf("the operator exposes an MQTT port with an external broker")
 		}
 	}
@@ -662,7 +688,8 @@ func TestHelmInstallUpgradeUninstall(t *testing.T) {
 		t.Fatalf("helm install: %v\n%s", err, out)
 	}
 	t.Cleanup(func() { _, _ = helm(t, "uninstall", rel.name, "--namespace", rel.namespace) })
-	if !strings.Contains(out, "NOTES:") || !strings.Contains(out, "kt-kubetwin-mqtt.helm-install.svc:1883") {
+	if !strings.Contains(out, "NOTES:") || !strings.Contains(out, "kt-kubetwin-mqtt.helm-install.svc:8883") ||
+		!strings.Contains(out, "kt-kubetwin-mqtt-ca") || strings.Contains(out, ":1883") {
 		t.Errorf("helm install printed no notes naming the MQTT Service:\n%s", out)
 	}
 	t.Logf("helm install:\n%s", out)
@@ -718,30 +745,26 @@ func TestHelmInstallUpgradeUninstall(t *testing.T) {
 	}
 }
 
-// TestEmbeddedBrokerTLS: with broker.embedded.tls the MQTT Service also
-// serves 8883 from the broker's Secret. Checked with a server-side dry run
-// (every object validated by the API server, nothing stored).
+// TestEmbeddedBrokerTLS: with broker.embedded.tls.secretName the TLS
+// listener serves your Secret's certificate, and with
+// broker.embedded.plain.enabled the MQTT Service also serves plain MQTT on
+// 1883. Checked with a server-side dry run (every object validated by the
+// API server, nothing stored).
 func TestEmbeddedBrokerTLS(t *testing.T) {
 	rel := release{name: "kubetwin", namespace: "tls-dry-run", prefix: "kubetwin"}
-	objs := render(t, rel.name, rel.namespace, "--set", "broker.embedded.tls.enabled=true",
+	objs := render(t, rel.name, rel.namespace, "--set", "broker.embedded.plain.enabled=true",
 		"--set", "broker.embedded.tls.secretName=mqtt-tls", "--set", "broker.embedded.service.type=LoadBalancer",
-		"--set", "broker.embedded.service.nodePorts.mqtt=31883", "--set", "broker.embedded.service.externalTrafficPolicy=Local")
-	c := apiServer(t)
-	createNamespace(t, rel.namespace)
-	for _, o := range objs {
-		if err := c.Apply(context.Background(), client.ApplyConfigurationFromUnstructured(o.DeepCopy()), testFieldOwner,
-			client.ForceOwnership, client.DryRunAll); err != nil {
-			t.Errorf("the API server refused %s %s: %v", o.GetKind(), o.GetName(), err)
-		}
-	}
+		"--set", "broker.embedded.service.nodePorts.mqtt=31883", "--set", "broker.embedded.service.externalTrafficPolicy=Local",
+		"--set", "hubHostname=mqtt.example.com")
+	dryRunApply(t, rel, objs)
 
 	svc := &corev1.Service{}
 	if err := k8sFromUnstructured(find(t, objs, "Service", rel.mqtt()), svc); err != nil {
 		t.Fatal(err)
 	}
 	want := []corev1.ServicePort{
-		{Name: "mqtt", Port: 1883, TargetPort: intstr.FromString("mqtt"), Protocol: corev1.ProtocolTCP, NodePort: 31883},
 		{Name: "mqtts", Port: 8883, TargetPort: intstr.FromString("mqtts"), Protocol: corev1.ProtocolTCP},
+		{Name: "mqtt", Port: 1883, TargetPort: intstr.FromString("mqtt"), Protocol: corev1.ProtocolTCP, NodePort: 31883},
 	}
 	if !reflect.DeepEqual(svc.Spec.Ports, want) || svc.Spec.Type != corev1.ServiceTypeLoadBalancer ||
 		svc.Spec.ExternalTrafficPolicy != corev1.ServiceExternalTrafficPolicyLocal {
@@ -752,16 +775,91 @@ func TestEmbeddedBrokerTLS(t *testing.T) {
 		t.Fatal(err)
 	}
 	mc := d.Spec.Template.Spec.Containers[0]
-	if containerPort(t, mc, intstr.FromString("mqtts")) != 8883 {
-		t.Error("no container port mqtts 8883")
+	if containerPort(t, mc, intstr.FromString("mqtts")) != 8883 || containerPort(t, mc, intstr.FromString("mqtt")) != 1883 {
+		t.Error("no container ports mqtts 8883 and mqtt 1883")
 	}
 	if v := volume(t, d, "mqtt-tls"); v.Secret == nil || v.Secret.SecretName != "mqtt-tls" || !mounted(mc, "mqtt-tls", true) {
 		t.Errorf("mqtt-tls volume %+v", v)
 	}
 	for _, a := range []string{"--mqtt-tls-bind-address=:8883", "--mqtt-tls-cert-file=/etc/kubetwin/mqtt-tls/tls.crt",
-		"--mqtt-tls-key-file=/etc/kubetwin/mqtt-tls/tls.key"} {
+		"--mqtt-tls-key-file=/etc/kubetwin/mqtt-tls/tls.key", "--mqtt-bind-address=:1883", "--hub-hostname=mqtt.example.com"} {
 		if !slices.Contains(mc.Args, a) {
 			t.Errorf("args %v lack %s", mc.Args, a)
+		}
+	}
+	for _, a := range mc.Args {
+		if strings.HasPrefix(a, "--mqtt-tls-secret-") || strings.HasPrefix(a, "--mqtt-tls-ca-configmap") || strings.HasPrefix(a, "--mqtt-tls-host") {
+			t.Errorf("args with your certificate hold %s", a)
+		}
+	}
+	// Your certificate: the operator publishes no CA, so the Role has no ConfigMap rights.
+	for _, o := range objs {
+		if o.GetKind() == "Role" && o.GetName() == rel.prefix+"-manager" {
+			r := &rbacv1.Role{}
+			if err := k8sFromUnstructured(o, r); err != nil {
+				t.Fatal(err)
+			}
+			for _, rule := range r.Rules {
+				if slices.Contains(rule.Resources, "configmaps") {
+					t.Errorf("Role %s grants %+v with your MQTT certificate", r.Name, rule)
+				}
+			}
+		}
+	}
+}
+
+// TestEmbeddedBrokerPlainOnly: with the TLS listener off and the plain one
+// on, the operator gets an empty --mqtt-tls-bind-address (its default is
+// :8883) and the Service serves 1883 only.
+func TestEmbeddedBrokerPlainOnly(t *testing.T) {
+	rel := release{name: "kubetwin", namespace: "plain-dry-run", prefix: "kubetwin"}
+	objs := render(t, rel.name, rel.namespace, "--set", "broker.embedded.tls.enabled=false",
+		"--set", "broker.embedded.plain.enabled=true", "--set", "deviceAuth=none")
+	dryRunApply(t, rel, objs)
+
+	svc := &corev1.Service{}
+	if err := k8sFromUnstructured(find(t, objs, "Service", rel.mqtt()), svc); err != nil {
+		t.Fatal(err)
+	}
+	want := []corev1.ServicePort{{Name: "mqtt", Port: 1883, TargetPort: intstr.FromString("mqtt"), Protocol: corev1.ProtocolTCP}}
+	if !reflect.DeepEqual(svc.Spec.Ports, want) {
+		t.Errorf("MQTT Service ports %+v, want %+v", svc.Spec.Ports, want)
+	}
+	args := deploymentArgs(t, objs)
+	for _, a := range []string{"--mqtt-tls-bind-address=", "--mqtt-bind-address=:1883", "--device-auth=none"} {
+		if !slices.Contains(args, a) {
+			t.Errorf("args %v lack %s", args, a)
+		}
+	}
+	for _, a := range args {
+		if strings.HasPrefix(a, "--mqtt-tls-") && a != "--mqtt-tls-bind-address=" {
+			t.Errorf("plain-only args hold %s", a)
+		}
+	}
+	for _, o := range objs {
+		if o.GetKind() == "Role" && o.GetName() == rel.prefix+"-manager" {
+			r := &rbacv1.Role{}
+			if err := k8sFromUnstructured(o, r); err != nil {
+				t.Fatal(err)
+			}
+			for _, rule := range r.Rules {
+				if slices.Contains(rule.Resources, "configmaps") {
+					t.Errorf("Role %s grants %+v without an operator-issued MQTT certificate", r.Name, rule)
+				}
+			}
+		}
+	}
+}
+
+// dryRunApply has the API server validate every rendered object.
+func dryRunApply(t *testing.T, rel release, objs []*unstructured.Unstructured) {
+	t.Helper()
+	c := apiServer(t)
+	createNamespace(t, rel.namespace)
+	for _, o := range objs {
+		if err := c.Apply(context.Background(), client.ApplyConfigurationFromUnstructured(o.DeepCopy()), testFieldOwner,
+			client.ForceOwnership, client.DryRunAll); err != nil {
+			t.Errorf("the API server refused %s %s: %v", o.GetKind(), o.GetName(), err)
 		}
 	}
 }

@@ -90,8 +90,56 @@ control-plane: controller-manager
 {{- if .Values.broker.external.url }}true{{ end }}
 {{- end }}
 
+{{/* The embedded broker's TLS listener is on. */}}
 {{- define "kubetwin.embeddedTLS" -}}
 {{- if and (not .Values.broker.external.url) .Values.broker.embedded.tls.enabled }}true{{ end }}
+{{- end }}
+
+{{/* The embedded broker's TLS listener serves your Secret's certificate (broker.embedded.tls.secretName). */}}
+{{- define "kubetwin.embeddedTLSProvided" -}}
+{{- if and (include "kubetwin.embeddedTLS" .) .Values.broker.embedded.tls.secretName }}true{{ end }}
+{{- end }}
+
+{{/* The operator issues the embedded broker's TLS certificate (and publishes its CA in a ConfigMap). */}}
+{{- define "kubetwin.embeddedTLSManaged" -}}
+{{- if and (include "kubetwin.embeddedTLS" .) (not .Values.broker.embedded.tls.secretName) }}true{{ end }}
+{{- end }}
+
+{{/* The embedded broker's plain listener is on. */}}
+{{- define "kubetwin.embeddedPlain" -}}
+{{- if and (not .Values.broker.external.url) .Values.broker.embedded.plain.enabled }}true{{ end }}
+{{- end }}
+
+{{- define "kubetwin.mqttServiceName" -}}
+{{- printf "%s-mqtt" (include "kubetwin.fullname" .) }}
+{{- end }}
+
+{{/* Secret holding the operator-issued MQTT CA and certificate (--mqtt-tls-secret-name). */}}
+{{- define "kubetwin.mqttSecretName" -}}
+{{- printf "%s-mqtt-server-cert" (include "kubetwin.fullname" .) }}
+{{- end }}
+
+{{/* ConfigMap where the operator publishes the MQTT CA for devices (--mqtt-tls-ca-configmap). */}}
+{{- define "kubetwin.mqttCAConfigMapName" -}}
+{{- printf "%s-mqtt-ca" (include "kubetwin.fullname" .) }}
+{{- end }}
+
+{{/* DNS names of the MQTT Service, comma-separated (--mqtt-tls-host). */}}
+{{- define "kubetwin.mqttServiceHosts" -}}
+{{- $svc := include "kubetwin.mqttServiceName" . }}
+{{- $ns := .Release.Namespace }}
+{{- list $svc (printf "%s.%s" $svc $ns) (printf "%s.%s.svc" $svc $ns) (printf "%s.%s.svc.cluster.local" $svc $ns) | join "," }}
+{{- end }}
+
+{{/* --hub-hostname: hubHostname, else the MQTT Service's DNS name, else (external broker) the broker URL's host. */}}
+{{- define "kubetwin.hubHostname" -}}
+{{- if .Values.hubHostname }}
+{{- .Values.hubHostname }}
+{{- else if .Values.broker.external.url }}
+{{- (urlParse .Values.broker.external.url).hostname }}
+{{- else }}
+{{- printf "%s.%s.svc" (include "kubetwin.mqttServiceName" .) .Release.Namespace }}
+{{- end }}
 {{- end }}
 
 {{/* Folder the webhook server reads tls.crt and tls.key from. */}}
@@ -109,11 +157,14 @@ Checks across values that the schema cannot express well; each fails with a mess
 {{- if and (gt (int .Values.replicas) 1) (not .Values.leaderElection.enabled) }}
 {{- fail "replicas > 1 needs leaderElection.enabled=true: only one replica may bridge devices" }}
 {{- end }}
-{{- if and .Values.broker.external.url .Values.broker.embedded.tls.enabled }}
-{{- fail "broker.embedded.tls.enabled is for the embedded broker; with broker.external.url the broker's TLS is its own (use an ssl:// URL and broker.external.caSecret)" }}
+{{- if and .Values.broker.external.url .Values.broker.embedded.tls.secretName }}
+{{- fail "broker.embedded.tls.secretName is for the embedded broker; with broker.external.url the broker's TLS is its own (use an ssl:// URL and broker.external.caSecret)" }}
 {{- end }}
-{{- if and (include "kubetwin.embeddedTLS" .) (not .Values.broker.embedded.tls.secretName) }}
-{{- fail "broker.embedded.tls.enabled needs broker.embedded.tls.secretName (a kubernetes.io/tls Secret with the broker's certificate)" }}
+{{- if and .Values.broker.external.url .Values.broker.embedded.plain.enabled }}
+{{- fail "broker.embedded.plain.enabled is for the embedded broker; with broker.external.url devices connect to that broker" }}
+{{- end }}
+{{- if not (or .Values.broker.external.url .Values.broker.embedded.tls.enabled .Values.broker.embedded.plain.enabled) }}
+{{- fail "the embedded broker needs a listener: broker.embedded.tls.enabled=true (the default), broker.embedded.plain.enabled=true, or both" }}
 {{- end }}
 {{- if and .Values.webhook.enabled (eq .Values.webhook.certificates.mode "provided") (not .Values.webhook.certificates.provided.caBundle) }}
 {{- fail "webhook.certificates.mode=provided needs webhook.certificates.provided.caBundle (base64 PEM of the CA that signed the Secret's certificate)" }}
