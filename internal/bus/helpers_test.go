@@ -2,14 +2,11 @@ package bus
 
 import (
 	"context"
-	"fmt"
-	"net"
-	"os"
-	"os/exec"
-	"path/filepath"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/kubetwin/kubetwin/internal/testutil/mosquitto"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
 	"github.com/go-logr/logr"
@@ -139,88 +136,21 @@ func waitToken(t *testing.T, what string, tok paho.Token) {
 }
 
 // freePort returns a TCP port on 127.0.0.1 that was free a moment ago.
-func freePort(t *testing.T) int {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatalf("free port: %v", err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
-}
+func freePort(t *testing.T) int { return mosquitto.FreePort(t) }
 
 // startMosquitto runs a Mosquitto broker on a free port of 127.0.0.1 for
-// the rest of the test and returns its address. It skips the test if the
-// mosquitto binary is not installed.
+// the rest of the test and returns its address.
 func startMosquitto(t *testing.T) string {
 	t.Helper()
-	return startMosquittoOn(t, freePort(t))
+	return mosquitto.Start(t, "allow_anonymous true\n")
 }
 
 // startMosquittoOn is startMosquitto on a given port.
 func startMosquittoOn(t *testing.T, port int) string {
 	t.Helper()
-	bin, err := exec.LookPath("mosquitto")
+	addr, log, err := mosquitto.StartOn(t, port, "allow_anonymous true\n")
 	if err != nil {
-		for _, p := range []string{"/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"} {
-			if _, serr := os.Stat(p); serr == nil {
-				bin, err = p, nil
-				break
-			}
-		}
+		t.Fatalf("%v\n%s", err, log)
 	}
-	if err != nil {
-		t.Skip("mosquitto is not installed (apt-get install mosquitto)")
-	}
-	dir := t.TempDir()
-	conf := filepath.Join(dir, "mosquitto.conf")
-	cfg := fmt.Sprintf("listener %d 127.0.0.1\nallow_anonymous true\npersistence false\nmax_inflight_messages 1000\nlog_dest stderr\n", port)
-	if err := os.WriteFile(conf, []byte(cfg), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	logf, err := os.Create(filepath.Join(dir, "mosquitto.log"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	cmd := exec.Command(bin, "-c", conf)
-	cmd.Stdout, cmd.Stderr = logf, logf
-	if err := cmd.Start(); err != nil {
-		t.Fatalf("start mosquitto: %v", err)
-	}
-	exited := make(chan struct{})
-	go func() { _ = cmd.Wait(); close(exited) }()
-	t.Cleanup(func() {
-		_ = cmd.Process.Signal(os.Interrupt)
-		select {
-		case <-exited:
-		case <-time.After(5 * time.Second):
-			_ = cmd.Process.Kill()
-			<-exited
-		}
-		_ = logf.Close()
-		if t.Failed() {
-			if b, err := os.ReadFile(logf.Name()); err == nil {
-				t.Logf("mosquitto log:\n%s", b)
-			}
-		}
-	})
-	addr := fmt.Sprintf("127.0.0.1:%d", port)
-	deadline := time.Now().Add(waitTimeout)
-	for {
-		c, err := net.DialTimeout("tcp", addr, time.Second)
-		if err == nil {
-			_ = c.Close()
-			return addr
-		}
-		select {
-		case <-exited:
-			b, _ := os.ReadFile(logf.Name())
-			t.Fatalf("mosquitto exited:\n%s", b)
-		default:
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("mosquitto did not listen on %s: %v", addr, err)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	return addr
 }

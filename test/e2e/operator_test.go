@@ -7,7 +7,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -17,6 +16,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/kubetwin/kubetwin/internal/testutil/mosquitto"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
 
@@ -371,15 +372,7 @@ func probeMQTT(addr, user, password string, d time.Duration, exited <-chan struc
 }
 
 // freePort returns a TCP port on 127.0.0.1 that was free a moment ago.
-func freePort(t *testing.T) int {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatalf("free port: %v", err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
-}
+func freePort(t *testing.T) int { return mosquitto.FreePort(t) }
 
 func randomSuffix() string {
 	b := make([]byte, 4)
@@ -391,92 +384,14 @@ func randomSuffix() string {
 // the rest of the test and returns its address.
 func startMosquitto(t *testing.T) string {
 	t.Helper()
-	if mosquittoBin == "" {
-		t.Fatal("mosquitto is not installed (apt-get install mosquitto)")
-	}
-	return startMosquittoConf(t, "allow_anonymous true\n")
+	return mosquitto.Start(t, "allow_anonymous true\n")
 }
 
 // startMosquittoConf runs a Mosquitto broker like startMosquitto, with
-// conf added to its configuration (which has the listener, no persistence
-// and logging to stderr).
+// conf added to its configuration.
 func startMosquittoConf(t *testing.T, conf string) string {
 	t.Helper()
-	if mosquittoBin == "" {
-		t.Fatal("mosquitto is not installed (apt-get install mosquitto)")
-	}
-	for attempt := 1; ; attempt++ {
-		addr, log, err := startMosquittoOn(t, freePort(t), conf)
-		if err == nil {
-			return addr
-		}
-		if attempt < 3 && strings.Contains(log, "Address already in use") {
-			t.Logf("mosquitto: %v; trying another port", err)
-			continue
-		}
-		t.Fatalf("%v\n%s", err, log)
-	}
-}
-
-// startMosquittoOn starts Mosquitto on port with extra configuration; on
-// failure it returns its log.
-func startMosquittoOn(t *testing.T, port int, extra string) (addr, log string, err error) {
-	t.Helper()
-	dir := t.TempDir()
-	conf := filepath.Join(dir, "mosquitto.conf")
-	cfg := fmt.Sprintf("listener %d 127.0.0.1\npersistence false\nlog_dest stderr\nlog_timestamp_format %%H:%%M:%%S\n", port) + extra
-	if err := os.WriteFile(conf, []byte(cfg), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	logf, err := os.Create(filepath.Join(dir, "mosquitto.log"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	cmd := exec.Command(mosquittoBin, "-c", conf)
-	cmd.Stdout, cmd.Stderr = logf, logf
-	if err := cmd.Start(); err != nil {
-		t.Fatalf("starting mosquitto: %v", err)
-	}
-	exited := make(chan struct{})
-	go func() { _ = cmd.Wait(); close(exited) }()
-	t.Cleanup(func() {
-		_ = cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-exited:
-		case <-time.After(5 * time.Second):
-			_ = cmd.Process.Kill()
-			<-exited
-		}
-		_ = logf.Close()
-		if t.Failed() {
-			if b, err := os.ReadFile(logf.Name()); err == nil {
-				t.Logf("mosquitto log:\n%s", b)
-			}
-		}
-	})
-	addr = fmt.Sprintf("127.0.0.1:%d", port)
-	deadline := time.Now().Add(wait)
-	for {
-		select {
-		case <-exited:
-			b, _ := os.ReadFile(logf.Name())
-			return "", string(b), fmt.Errorf("mosquitto exited (%v)", cmd.ProcessState)
-		default:
-		}
-		// Listening, and it is this Mosquitto that listens.
-		c, err := net.DialTimeout("tcp", addr, time.Second)
-		if err == nil {
-			_ = c.Close()
-			if b, _ := os.ReadFile(logf.Name()); strings.Contains(string(b), " running") {
-				return addr, "", nil
-			}
-		}
-		if time.Now().After(deadline) {
-			b, _ := os.ReadFile(logf.Name())
-			return "", string(b), fmt.Errorf("mosquitto did not listen on %s: %v", addr, err)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	return mosquitto.Start(t, conf)
 }
 
 // setup is the start of every test: its own namespace, its broker and its
