@@ -226,7 +226,7 @@ func TestChartFlagsExist(t *testing.T) {
 			"--set", "webhook.certificates.provided.secretName=my-cert", "--set", "webhook.certificates.provided.caBundle=Zm9v"},
 		"no webhook, no metrics, one namespace, insecure metrics": {"--set", "webhook.enabled=false", "--set", "metrics.secure=false",
 			"--set", "watchNamespace=devices", "--set", "broker.external.url=tcp://m:1883", "--set", "broker.external.insecureSkipVerify=true"},
-		"metrics off":              {"--set", "metrics.enabled=false", "--set", "leaderElection.enabled=false"},
+		"metrics off": {"--set", "metrics.enabled=false", "--set", "leaderElection.enabled=false"},
 		"embedded broker with your TLS certificate": {"--set", "broker.embedded.tls.secretName=mqtt-tls"},
 		"embedded broker with plain MQTT and extra hosts": {"--set", "broker.embedded.plain.enabled=true",
 			"--set", "broker.embedded.tls.hosts={mqtt.example.com,10.0.0.1}", "--set", "hubHostname=mqtt.example.com"},
