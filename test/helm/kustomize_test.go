@@ -8,7 +8,6 @@ import (
 	"testing"
 
 	corev1 "k8s.io/api/core/v1"
-	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 )
@@ -24,13 +23,21 @@ func TestKustomizeDefaultAccepted(t *testing.T) {
 	}
 	objs := decodeObjects(t, string(out))
 	ctx := context.Background()
-	ns := &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "kubetwin-system"}}
-	if err := c.Create(ctx, ns); err != nil && !apierrors.IsAlreadyExists(err) {
+	// A namespace of its own, so the chart tests' objects (same names in
+	// kubetwin-system) cannot collide with these.
+	ns := &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{GenerateName: "kustomize-"}}
+	if err := c.Create(ctx, ns); err != nil {
 		t.Fatal(err)
 	}
 	kinds := map[string]bool{}
 	for _, o := range objs {
 		kinds[o.GetKind()] = true
+		if o.GetNamespace() != "" {
+			if o.GetNamespace() != "kubetwin-system" {
+				t.Errorf("%s %s is in namespace %q, want kubetwin-system", o.GetKind(), o.GetName(), o.GetNamespace())
+			}
+			o.SetNamespace(ns.Name)
+		}
 		if err := c.Apply(ctx, client.ApplyConfigurationFromUnstructured(o.DeepCopy()), testFieldOwner, client.ForceOwnership, client.DryRunAll); err != nil {
 			t.Errorf("%s %s/%s refused: %v", o.GetKind(), o.GetNamespace(), o.GetName(), err)
 		}
