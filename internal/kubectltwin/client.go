@@ -12,6 +12,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
 	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/runtime/serializer"
 	"k8s.io/apimachinery/pkg/util/validation"
 	"k8s.io/client-go/rest"
@@ -39,11 +40,15 @@ var codecs = func() serializer.CodecFactory {
 // NewClient returns a REST client for the kubetwin.io/v1alpha1 API of the
 // cluster cfg points at. It needs no discovery: one request per page.
 func NewClient(cfg *rest.Config) (rest.Interface, error) {
+	return restClient(cfg, v1alpha1.GroupVersion, "/apis", codecs)
+}
+
+// restClient returns a REST client for one group version, without discovery.
+func restClient(cfg *rest.Config, gv schema.GroupVersion, apiPath string, cf serializer.CodecFactory) (rest.Interface, error) {
 	c := rest.CopyConfig(cfg)
-	gv := v1alpha1.GroupVersion
 	c.GroupVersion = &gv
-	c.APIPath = "/apis"
-	c.NegotiatedSerializer = codecs.WithoutConversion()
+	c.APIPath = apiPath
+	c.NegotiatedSerializer = cf.WithoutConversion()
 	if c.UserAgent == "" {
 		c.UserAgent = "kubectl-twin/" + Version() + " " + rest.DefaultKubernetesUserAgent()
 	}

@@ -114,13 +114,5 @@ var coreCodecs = func() serializer.CodecFactory {
 // coreClient returns a REST client for the core v1 API (Secrets); a
 // clientset would add every API's types to the plugin.
 func coreClient(cfg *rest.Config) (rest.Interface, error) {
-	c := rest.CopyConfig(cfg)
-	gv := corev1.SchemeGroupVersion
-	c.GroupVersion = &gv
-	c.APIPath = "/api"
-	c.NegotiatedSerializer = coreCodecs.WithoutConversion()
-	if c.UserAgent == "" {
-		c.UserAgent = "kubectl-twin/" + Version() + " " + rest.DefaultKubernetesUserAgent()
-	}
-	return rest.RESTClientFor(c)
+	return restClient(cfg, corev1.SchemeGroupVersion, "/api", coreCodecs)
 }
