@@ -66,3 +66,51 @@ func TestConnectionString(t *testing.T) {
 		}
 	}
 }
+
+// TestServiceConnectionString reads a policy's connection string from the
+// policies Secret the operator keeps (written here by hand).
+func TestServiceConnectionString(t *testing.T) {
+	ownerPrimary, ownerSecondary, servicePrimary := sas.NewKey(), sas.NewKey(), sas.NewKey()
+	s := &corev1.Secret{
+		ObjectMeta: metav1.ObjectMeta{Namespace: fleetNS, Name: "kubetwin-service-policies"},
+		StringData: map[string]string{
+			"hostName":                 "hub.example",
+			"iothubowner.primaryKey":   ownerPrimary,
+			"iothubowner.secondaryKey": ownerSecondary,
+			"service.primaryKey":       servicePrimary,
+			"service.secondaryKey":     "not base64!",
+		},
+	}
+	if err := k8s.Create(context.Background(), s); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = k8s.Delete(context.Background(), s) })
+
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"service-connection-string", "-n", fleetNS}, "HostName=hub.example;SharedAccessKeyName=iothubowner;SharedAccessKey=" + ownerPrimary},
+		{[]string{"service-connection-string", "-n", fleetNS, "--key", "secondary"}, "HostName=hub.example;SharedAccessKeyName=iothubowner;SharedAccessKey=" + ownerSecondary},
+		{[]string{"service-connection-string", "-n", fleetNS, "--policy", "service"}, "HostName=hub.example;SharedAccessKeyName=service;SharedAccessKey=" + servicePrimary},
+	} {
+		if r := ok(t, tc.args...); r.stdout != tc.want+"\n" {
+			t.Errorf("%q printed %q, want %q", tc.args, r.stdout, tc.want)
+		}
+	}
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"service-connection-string", "-n", fleetNS, "--policy", "registryRead"}, `no policy "registryRead" (no registryRead.primaryKey entry); its policies: iothubowner, service`},
+		{[]string{"service-connection-string", "-n", fleetNS, "--policy", "service", "--key", "secondary"}, "service.secondaryKey"},
+		{[]string{"service-connection-string", "-n", fleetNS, "--key", "tertiary"}, "--key must be primary or secondary"},
+		{[]string{"service-connection-string", "-n", "default"}, "Secret default/kubetwin-service-policies not found"},
+		{[]string{"service-connection-string", "iothubowner"}, "no arguments are taken"},
+	} {
+		r := twinctl(t, tc.args...)
+		if r.code == 0 || !strings.Contains(r.stderr, tc.want) {
+			t.Errorf("%q: exit %d, stderr %q, want an error with %q", tc.args, r.code, r.stderr, tc.want)
+		}
+	}
+}

@@ -84,6 +84,9 @@ const rootExample = `  # Devices in a plant (tags are mirrored into labels, so t
   # A device's IoT Hub connection string (from the key Secret the operator keeps)
   kubectl twin connection-string mydeviceid
 
+  # A service connection string for back ends using an Azure IoT service SDK
+  kubectl twin service-connection-string -n kubetwin-system --policy service
+
   # What is sent to the API server and what is filtered here
   kubectl twin explain-query "SELECT * FROM devices WHERE tags.location.region = 'US' AND connectionState = 'Connected'"`
 
@@ -124,6 +127,7 @@ func NewCommand(streams genericiooptions.IOStreams) *cobra.Command {
 		newQueryCommand(o),
 		newGetCommand(o),
 		newConnectionStringCommand(o),
+		newServiceConnectionStringCommand(o),
 		newExplainCommand(o),
 		newVersionCommand(o),
 		newOptionsCommand(root),

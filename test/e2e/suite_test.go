@@ -26,6 +26,7 @@ var (
 	kubeconfigPath string
 	managerBin     string
 	deviceSimBin   string
+	pluginBin      string
 	repoRoot       string
 
 	mosquittoBin    string
@@ -77,7 +78,8 @@ func runSuite(m *testing.M) int {
 	// Build the binaries first: it is the slow part, and needs no control plane.
 	managerBin = filepath.Join(tmp, "manager")
 	deviceSimBin = filepath.Join(tmp, "device-sim")
-	for _, b := range []struct{ out, pkg string }{{managerBin, "./cmd/manager"}, {deviceSimBin, "./cmd/device-sim"}} {
+	pluginBin = filepath.Join(tmp, "kubectl-twin")
+	for _, b := range []struct{ out, pkg string }{{managerBin, "./cmd/manager"}, {deviceSimBin, "./cmd/device-sim"}, {pluginBin, "./cmd/kubectl-twin"}} {
 		if err := goBuild(b.out, b.pkg); err != nil {
 			fmt.Fprintf(os.Stderr, "e2e: %v\n", err)
 			return 1
