@@ -67,6 +67,10 @@ type options struct {
 	mqtt            mqttOptions
 
 	webhook webhookOptions
+	service serviceAPIOptions
+
+	// hubTLS is shared by the embedded broker and the service API.
+	hubTLS *hubTLS
 }
 
 // webhookOptions are the flags of the admission webhooks.
@@ -124,6 +128,7 @@ func main() {
 		"With --broker-url: provision every device (its credential and a role confining it to its topics) in Mosquitto's dynamic-security plugin; the --broker-username must have the plugin's admin role.")
 	bindMQTTFlags(&o.mqtt)
 	bindWebhookFlags(&o.webhook)
+	bindServiceAPIFlags(&o.service)
 	zapOpts := zap.Options{Development: false}
 	zapOpts.BindFlags(flag.CommandLine)
 	flag.Parse()
@@ -140,6 +145,10 @@ func run(ctx context.Context, o options) error {
 	if err := checkSecurityFlags(o); err != nil {
 		return err
 	}
+	if err := checkServiceAPIFlags(o); err != nil {
+		return err
+	}
+	o.hubTLS = &hubTLS{}
 	mgr, err := setupManager(o)
 	if err != nil {
 		return err
@@ -182,8 +191,12 @@ func run(ctx context.Context, o options) error {
 	if err := setupWebhook(ctx, mgr, o.webhook); err != nil {
 		return err
 	}
+	if err := setupServiceAPI(ctx, mgr, o); err != nil {
+		return err
+	}
 	log.Info("starting manager", "embeddedBroker", o.brokerURL == "", "brokerUrl", o.brokerURL, "mqttBindAddress", o.mqttListen,
-		"mqttTlsBindAddress", o.mqtt.tlsListen, "deviceAuth", o.deviceAuth, "hubHostname", o.hubHostname, "mosquittoDynsec", o.mosquittoDynsec)
+		"mqttTlsBindAddress", o.mqtt.tlsListen, "deviceAuth", o.deviceAuth, "hubHostname", o.hubHostname, "mosquittoDynsec", o.mosquittoDynsec,
+		"serviceApiBindAddress", o.service.listen)
 	return mgr.Start(ctx)
 }
 

@@ -9,7 +9,6 @@ import (
 	"net"
 	"os"
 	"strings"
-	"time"
 
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/certwatcher"
@@ -115,7 +114,7 @@ func setupEmbedded(ctx context.Context, mgr ctrl.Manager, o options, br *bridge.
 	}
 	if eo.TLSListen != "" {
 		var err error
-		if eo.TLSConfig, err = setupMQTTTLS(ctx, mgr, o); err != nil {
+		if eo.TLSConfig, err = o.hubTLS.get(ctx, mgr, o); err != nil {
 			return nil, err
 		}
 	}
@@ -135,11 +134,31 @@ func setupEmbedded(ctx context.Context, mgr ctrl.Manager, o options, br *bridge.
 	return e, nil
 }
 
-// setupMQTTTLS returns the TLS listener's configuration. The certificate
-// comes from --mqtt-tls-cert-file (a certwatcher serves it and follows
-// changes), or is issued and rotated by a certificate manager, which
-// serves it from memory (no writable filesystem needed).
-func setupMQTTTLS(ctx context.Context, mgr ctrl.Manager, o options) (*tls.Config, error) {
+// hubTLS is the TLS configuration of the hub's endpoints: the embedded
+// broker's TLS listener and the service API. Both serve one certificate,
+// for the hub host name, so that devices and back ends trust one CA.
+type hubTLS struct {
+	cfg *tls.Config
+}
+
+// get returns the hub's TLS configuration, setting it up on first use.
+func (h *hubTLS) get(ctx context.Context, mgr ctrl.Manager, o options) (*tls.Config, error) {
+	if h.cfg != nil {
+		return h.cfg, nil
+	}
+	cfg, err := setupHubTLS(ctx, mgr, o)
+	if err != nil {
+		return nil, err
+	}
+	h.cfg = cfg
+	return cfg, nil
+}
+
+// setupHubTLS returns the hub's TLS configuration. The certificate comes
+// from --mqtt-tls-cert-file (a certwatcher serves it and follows changes),
+// or is issued and rotated by a certificate manager, which serves it from
+// memory (no writable filesystem needed).
+func setupHubTLS(ctx context.Context, mgr ctrl.Manager, o options) (*tls.Config, error) {
 	if o.mqtt.certFile == "" {
 		co := webhook.CertOptions{
 			Purpose:         "mqtt",
@@ -197,7 +216,11 @@ func mqttHosts(o options) []string {
 		hub = h
 	}
 	var out []string
-	for _, h := range append([]string{hub, "localhost", "127.0.0.1"}, o.mqtt.hosts...) {
+	svc := o.service.serviceHostname(hub)
+	if h, _, err := net.SplitHostPort(svc); err == nil {
+		svc = h
+	}
+	for _, h := range append([]string{hub, svc, "localhost", "127.0.0.1"}, o.mqtt.hosts...) {
 		if h != "" && !containsFold(out, h) {
 			out = append(out, h)
 		}
@@ -217,22 +240,10 @@ func containsFold(l []string, s string) bool {
 // syncCertificate issues a certificate manager's certificate before the
 // manager starts (its server needs it to start), retrying for a while.
 func syncCertificate(ctx context.Context, cm *webhook.CertManager, what string) error {
-	log := ctrl.Log.WithName("setup")
-	for wait := time.Second; ; wait *= 2 {
+	return retryStartup(ctx, "issuing "+what, func() error {
 		_, err := cm.Sync(ctx)
-		if err == nil {
-			return nil
-		}
-		if wait > 16*time.Second {
-			return fmt.Errorf("issuing %s: %w", what, err)
-		}
-		log.Error(err, "issuing "+what+"; retrying", "retryIn", wait)
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(wait):
-		}
-	}
+		return err
+	})
 }
 
 // setupCredentials configures device keys in the reconciler and, where the

@@ -58,7 +58,8 @@ const (
 	ReasonExpired = "expired_token"
 	// ReasonBadAdminPassword: the admin username with a wrong password.
 	ReasonBadAdminPassword = "bad_admin_password"
-	// ReasonReservedClientID: the client id of mochi's in-process client.
+	// ReasonReservedClientID: the client id of mochi's in-process client,
+	// or one in the broker's own "$kubetwin" namespace.
 	ReasonReservedClientID = "reserved_client_id"
 	// ReasonPublishDenied: a publish on a topic the device may not use.
 	ReasonPublishDenied = "publish_denied"

@@ -11,6 +11,33 @@
 // acknowledged before it is stored. Embedded goes on reading a device's
 // later QoS 1 messages while earlier ones wait for Ack, so the operator may
 // store several of them together.
+//
+// # Azure IoT Hub devices
+//
+// Embedded also serves devices that speak Azure IoT Hub's device-twin MQTT
+// dialect (unmodified IoT Hub device SDKs; see pkg/protocol/iothub.go), and
+// translates at the broker, so the operator sees only kubetwin messages:
+//
+//   - A twin GET or reported patch on $iothub/twin/... reaches the Handler
+//     as the kubetwin get or reported message of the device (the client's
+//     grant's DeviceID, or its client id without an Authenticator), with the
+//     request id from "$rid" and the usual Ack semantics. One without a
+//     valid "$rid" is answered with status 400 and not handed on.
+//   - The operator's response on kubetwin/v1/<id>/res/<rid> to such a
+//     request, and every desired patch on kubetwin/v1/<id>/desired/patch,
+//     also go, translated, to that device's connection alone (if it
+//     subscribed to them), however many other IoT Hub devices subscribed to
+//     the same "$iothub" filters. The kubetwin messages are published too.
+//   - An IoT Hub device never acknowledges desired versions. Whenever a
+//     desired patch, or a GET response, carrying desired "$version" n has
+//     been written to an IoT Hub device's connection, the Handler gets a
+//     synthesized KindAck message {"$version": n} for that device (QoS 0
+//     semantics: its Ack does nothing). For these devices "the device has
+//     applied desired version n" therefore means "the device has been sent
+//     desired version n".
+//   - A client that connects with clean=false (as the SDKs do) but whose
+//     session the broker no longer has gets both twin subscriptions with
+//     its first twin request, since the SDKs subscribe only once.
 package bus
 
 import (

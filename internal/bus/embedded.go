@@ -112,9 +112,11 @@ type EmbeddedOptions struct {
 // longer valid (the device was disabled, deleted or re-keyed). Every
 // refusal is logged and counted in kubetwin_broker_refused_total. The
 // operator's own in-process client is not checked. Without an
-// Authenticator every client may connect and use every topic. The client
-// id "inline", which mochi reserves for its own in-process client, is
-// always refused.
+// Authenticator every client may connect and use every topic, but for the
+// IoT Hub dialect's and the broker's own namespaces (see the package
+// documentation). The client id "inline", which mochi reserves for its own
+// in-process client, and client ids in the broker's namespace ("$kubetwin"
+// and below) are always refused.
 type Embedded struct {
 	listen     string
 	tlsListen  string
@@ -133,10 +135,15 @@ type Embedded struct {
 	addr     string        // written before ready is closed
 	tlsAddr  string        // written before ready is closed
 
-	mu       sync.Mutex
-	conns    map[string]*mqtt.Client      // live connection per client id, for presence
-	pending  map[*mqtt.Client]*deviceConn // connections that published QoS 1 messages
-	sessions map[*mqtt.Client]*session    // what each authenticated connection may do
+	mu           sync.Mutex
+	conns        map[string]*mqtt.Client      // live connection per client id, for presence
+	pending      map[*mqtt.Client]*deviceConn // connections that published QoS 1 messages
+	sessions     map[*mqtt.Client]*session    // what each authenticated connection may do
+	lostSessions map[*mqtt.Client]struct{}    // clean=false connections whose session the broker lacked
+
+	// iothubRequests are the requests that arrived in the IoT Hub dialect
+	// and wait for their response (see embedded_iothub.go).
+	iothubRequests iothubRequests
 
 	// forwarders are inline clients through which an acknowledged QoS 1
 	// message is published to subscribers (see forward).
@@ -160,19 +167,20 @@ func NewEmbedded(o EmbeddedOptions) (*Embedded, error) {
 		o.AckTimeout = DefaultAckTimeout
 	}
 	e := &Embedded{
-		listen:     o.Listen,
-		tlsListen:  o.TLSListen,
-		tlsConfig:  o.TLSConfig,
-		auth:       o.Auth,
-		handler:    o.Handler,
-		presence:   o.Presence,
-		log:        o.Logger,
-		ackTimeout: o.AckTimeout,
-		ready:      make(chan struct{}),
-		stopping:   make(chan struct{}),
-		conns:      map[string]*mqtt.Client{},
-		pending:    map[*mqtt.Client]*deviceConn{},
-		sessions:   map[*mqtt.Client]*session{},
+		listen:       o.Listen,
+		tlsListen:    o.TLSListen,
+		tlsConfig:    o.TLSConfig,
+		auth:         o.Auth,
+		handler:      o.Handler,
+		presence:     o.Presence,
+		log:          o.Logger,
+		ackTimeout:   o.AckTimeout,
+		ready:        make(chan struct{}),
+		stopping:     make(chan struct{}),
+		conns:        map[string]*mqtt.Client{},
+		pending:      map[*mqtt.Client]*deviceConn{},
+		sessions:     map[*mqtt.Client]*session{},
+		lostSessions: map[*mqtt.Client]struct{}{},
 	}
 	e.server = mqtt.New(&mqtt.Options{
 		InlineClient: true,
@@ -267,6 +275,10 @@ func (e *Embedded) TLSAddr() string {
 // keeps it for devices that subscribe later. It returns once the message is
 // queued for every connected subscriber; for a device that is offline with a
 // persistent session the broker keeps it until the device returns.
+//
+// A response to a request that arrived in the IoT Hub dialect, and a
+// desired patch, also go to the device's IoT Hub client, translated (see
+// the package documentation).
 func (e *Embedded) Publish(ctx context.Context, topic string, payload []byte, retained bool) error {
 	if err := ctx.Err(); err != nil {
 		return err
@@ -277,6 +289,7 @@ func (e *Embedded) Publish(ctx context.Context, topic string, payload []byte, re
 	if err := e.server.Publish(topic, payload, retained, 1); err != nil {
 		return fmt.Errorf("publish %s: %w", topic, err)
 	}
+	e.iothubTranslate(topic, payload)
 	return nil
 }
 
@@ -356,7 +369,8 @@ func (e *Embedded) connEnded(cl *mqtt.Client, forget bool) {
 }
 
 // ack acknowledges the QoS 1 message pk that cl published: it writes the
-// PUBACK and then retains and forwards the message as mochi would have.
+// PUBACK and then retains and forwards the message as mochi would have,
+// except an IoT Hub request, which is never forwarded.
 func (e *Embedded) ack(cl *mqtt.Client, dc *deviceConn, in protocol.Inbound, pk packets.Packet) {
 	dc.mu.Lock()
 	defer dc.mu.Unlock()
@@ -382,6 +396,9 @@ func (e *Embedded) ack(cl *mqtt.Client, dc *deviceConn, in protocol.Inbound, pk 
 		e.log.V(1).Info("sending PUBACK failed; the device resends the message when it reconnects",
 			"clientID", cl.ID, "deviceID", in.DeviceID, "kind", in.Kind, "requestID", in.RequestID, "packetID", pk.PacketID,
 			"reason", err.Error())
+		return
+	}
+	if protocol.IsIoTHubTopic(pk.TopicName) {
 		return
 	}
 	e.forward(cl.ID, pk)
@@ -509,18 +526,22 @@ func (h *embeddedHook) Provides(b byte) bool {
 	switch b {
 	case mqtt.OnConnectAuthenticate, mqtt.OnACLCheck,
 		mqtt.OnPublish, mqtt.OnPacketProcessed,
-		mqtt.OnSessionEstablished, mqtt.OnWill, mqtt.OnDisconnect:
+		mqtt.OnSessionEstablish, mqtt.OnSessionEstablished, mqtt.OnWill, mqtt.OnDisconnect,
+		// The IoT Hub dialect (embedded_iothub.go).
+		mqtt.OnSubscribe, mqtt.OnUnsubscribe, mqtt.OnPacketEncode, mqtt.OnPacketSent:
 		return true
 	}
 	return false
 }
 
 // OnConnectAuthenticate refuses a client that claims the id of mochi's
-// inline client, which would take over its session, and asks the
-// Authenticator, if any, about every other.
+// inline client, which would take over its session, or an id in the
+// broker's own namespace, which its messages would carry as their origin
+// (see embedded_iothub.go), and asks the Authenticator, if any, about every
+// other.
 func (h *embeddedHook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
-	if cl.ID == mqtt.InlineClientId {
-		h.e.refuseConnect(cl, string(pk.Connect.Username), Refuse(ReasonReservedClientID, "the client id is reserved for the broker's own client"))
+	if cl.ID == mqtt.InlineClientId || isReserved(cl.ID) {
+		h.e.refuseConnect(cl, string(pk.Connect.Username), Refuse(ReasonReservedClientID, "the client id is reserved for the broker's own clients"))
 		return false
 	}
 	return h.e.authenticate(cl, pk)
@@ -531,8 +552,9 @@ func (h *embeddedHook) OnACLCheck(cl *mqtt.Client, topic string, write bool) boo
 	return h.e.aclCheck(cl, topic, write)
 }
 
-// OnPublish delivers device messages on kubetwin topics. It runs on the
-// publishing connection's read goroutine. Returning packets.ErrRejectPacket
+// OnPublish delivers device messages on kubetwin topics and IoT Hub twin
+// requests (see iothubPublish). It runs on the publishing connection's read
+// goroutine. Returning packets.ErrRejectPacket
 // makes mochi drop the message without PUBACK, without retaining and without
 // forwarding it (mochi server.go processPublish); it does so for every QoS 1
 // message, whose Ack then does all three. That path also leaves the
@@ -543,6 +565,9 @@ func (h *embeddedHook) OnACLCheck(cl *mqtt.Client, topic string, write bool) boo
 func (h *embeddedHook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
 	if cl.Net.Inline {
 		return pk, nil
+	}
+	if protocol.IsIoTHubTopic(pk.TopicName) || isReserved(pk.TopicName) {
+		return h.e.iothubPublish(cl, pk)
 	}
 	in, err := protocol.ParseInbound(pk.TopicName)
 	if err != nil {
@@ -593,4 +618,7 @@ func (h *embeddedHook) OnDisconnect(cl *mqtt.Client, _ error, _ bool) {
 	h.e.connEnded(cl, true)
 	h.e.offline(cl)
 	h.e.endSession(cl)
+	h.e.mu.Lock()
+	delete(h.e.lostSessions, cl)
+	h.e.mu.Unlock()
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
@@ -66,9 +67,21 @@ func (e *Embedded) refuseConnect(cl *mqtt.Client, username string, err error) {
 
 // aclCheck is the OnACLCheck hook: write is a publish by the client;
 // otherwise topic is a filter the client subscribes to, or the topic of a
-// message on its way to the client.
+// message on its way to the client. The client's own internal IoT Hub
+// filters and topics (see embedded_iothub.go) are judged as the "$iothub"
+// ones they stand for.
 func (e *Embedded) aclCheck(cl *mqtt.Client, topic string, write bool) bool {
-	if e.auth == nil || cl.Net.Inline {
+	if cl.Net.Inline {
+		return true
+	}
+	if !write && strings.HasPrefix(topic, iothubInternalRoot) {
+		external, ok := iothubExternal(cl.ID, topic)
+		if !ok {
+			return false // another client's; mochi never asks
+		}
+		topic = external
+	}
+	if e.auth == nil {
 		return true
 	}
 	e.mu.Lock()

@@ -20,6 +20,12 @@
 // All of it is QoS 1. The operator answers a reported patch only after the
 // patch is stored in the Kubernetes API, so a response with status 204 means
 // the report is durable.
+//
+// The package also describes Azure IoT Hub's device-twin dialect, which
+// kubetwin's embedded broker translates to and from these topics (see
+// ParseIoTHubRequest, IoTHubResponse and IoTHubDesiredPatch). Its topics
+// name no device, so only a broker that knows each connection's device can
+// serve it.
 package protocol
 
 import (
@@ -292,10 +298,18 @@ func DeviceSubscribeFilters(deviceID string) []string {
 	return []string{ResponseFilter(deviceID), DesiredFilter(deviceID), PresenceTopic(deviceID)}
 }
 
-// DeviceMayPublish reports whether a device may publish on topic.
+// DeviceMayPublish reports whether a device may publish on topic: on one
+// of DevicePublishFilters, or on one of the two IoT Hub twin request topics
+// (see ParseIoTHubRequest), which carry no device id because a broker that
+// speaks the IoT Hub dialect knows the device from its connection.
+// DevicePublishFilters does not list those: only such a broker may allow
+// them.
 func DeviceMayPublish(deviceID, topic string) bool {
 	if strings.ContainsAny(topic, "+#") {
 		return false
+	}
+	if iothubRequestKind(topic) != "" {
+		return true
 	}
 	for _, f := range DevicePublishFilters(deviceID) {
 		if FilterCovers(f, topic) {
@@ -307,14 +321,17 @@ func DeviceMayPublish(deviceID, topic string) bool {
 
 // DeviceMayReceive reports whether a device may subscribe to filter (or
 // receive a message on the topic filter): whether every topic it matches is
-// one the operator or the device itself sends to the device.
+// one the operator or the device itself sends to the device. That includes
+// the IoT Hub twin topics (IoTHubResponseFilter, IoTHubDesiredFilter),
+// which a broker that speaks the IoT Hub dialect sends a device only the
+// messages meant for it on; DeviceSubscribeFilters does not list those.
 func DeviceMayReceive(deviceID, filter string) bool {
 	for _, f := range DeviceSubscribeFilters(deviceID) {
 		if FilterCovers(f, filter) {
 			return true
 		}
 	}
-	return false
+	return FilterCovers(IoTHubResponseFilter, filter) || FilterCovers(IoTHubDesiredFilter, filter)
 }
 
 // FilterCovers reports whether every topic that matches filter (an MQTT

@@ -107,6 +107,8 @@ func (o *operator) args() []string {
 		"--health-probe-bind-address=" + o.healthAddr,
 		"--metrics-bind-address=0",
 		"--zap-log-level=info",
+		// The service API only where a test asks for it (extraArgs).
+		"--service-api-bind-address=",
 	}
 	if !o.secure {
 		a = append(a, "--device-auth=none")

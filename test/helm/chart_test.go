@@ -52,6 +52,9 @@ func TestLint(t *testing.T) {
 			"--set", "broker.embedded.plain.enabled=true"},
 		"plain MQTT only, no device authentication": {"--set", "broker.embedded.tls.enabled=false", "--set", "broker.embedded.plain.enabled=true",
 			"--set", "deviceAuth=none"},
+		"no service API": {"--set", "serviceAPI.enabled=false"},
+		"external broker, service API with your certificate": {"--set", "broker.external.url=tcp://m:1883", "--set", "broker.embedded.tls.secretName=hub-tls",
+			"--set", "serviceAPI.service.type=LoadBalancer", "--set", "serviceAPI.hostname=hub.example.com"},
 	} {
 		t.Run(name, func(t *testing.T) {
 			out, err := helm(t, append([]string{"lint", chart, "--strict", "--kube-version", kubeVersion}, args...)...)
@@ -96,8 +99,19 @@ func TestBadValuesFailEarly(t *testing.T) {
 		{"two replicas with the embedded broker", []string{"--set", "replicas=2"}, "replicas > 1 needs an external broker"},
 		{"two replicas without leader election", []string{"--set", "replicas=2", "--set", "broker.external.url=tcp://m:1883",
 			"--set", "leaderElection.enabled=false"}, "leaderElection.enabled=true"},
-		{"embedded TLS certificate with an external broker", []string{"--set", "broker.external.url=tcp://m:1883",
-			"--set", "broker.embedded.tls.secretName=x"}, "broker.embedded.tls.secretName is for the embedded broker"},
+		{"embedded TLS certificate with an external broker and no service API", []string{"--set", "broker.external.url=tcp://m:1883",
+			"--set", "broker.embedded.tls.secretName=x", "--set", "serviceAPI.enabled=false"}, "broker.embedded.tls.secretName is for the embedded broker and the service API"},
+		{"service API port as a string", []string{"--set", "serviceAPI.port=x"}, "/serviceAPI/port"},
+		{"service API port out of range", []string{"--set", "serviceAPI.port=0"}, "/serviceAPI/port"},
+		{"service API switch as a string", []string{"--set-string", "serviceAPI.enabled=yes"}, "/serviceAPI/enabled"},
+		{"misspelt service API key", []string{"--set", "serviceAPI.hostName=hub.example.com"}, "hostName"},
+		{"service host name with a scheme", []string{"--set", "serviceAPI.hostname=https://hub.example.com"}, "/serviceAPI/hostname"},
+		{"bad registry namespace", []string{"--set", "serviceAPI.registryNamespace=Devices"}, "/serviceAPI/registryNamespace"},
+		{"bad service API Service type", []string{"--set", "serviceAPI.service.type=External"}, "/serviceAPI/service/type"},
+		{"service API node port out of range", []string{"--set", "serviceAPI.service.nodePort=70000"}, "/serviceAPI/service/nodePort"},
+		{"hub https node port out of range", []string{"--set", "broker.embedded.service.nodePorts.https=-1"}, "/broker/embedded/service/nodePorts/https"},
+		{"registry namespace outside the watched one", []string{"--set", "watchNamespace=devices", "--set", "serviceAPI.registryNamespace=other"},
+			"serviceAPI.registryNamespace must be watchNamespace"},
 		{"embedded plain listener with an external broker", []string{"--set", "broker.external.url=tcp://m:1883",
 			"--set", "broker.embedded.plain.enabled=true"}, "broker.embedded.plain.enabled is for the embedded broker"},
 		{"existing service account without a name", []string{"--set", "serviceAccount.create=false"}, "serviceAccount.name is required"},
@@ -232,6 +246,9 @@ func TestChartFlagsExist(t *testing.T) {
 			"--set", "broker.embedded.tls.hosts={mqtt.example.com,10.0.0.1}", "--set", "hubHostname=mqtt.example.com"},
 		"plain MQTT only, no device authentication": {"--set", "broker.embedded.tls.enabled=false", "--set", "broker.embedded.plain.enabled=true",
 			"--set", "deviceAuth=none"},
+		"no service API": {"--set", "serviceAPI.enabled=false"},
+		"external broker, service API with your certificate": {"--set", "broker.external.url=tcp://m:1883", "--set", "broker.embedded.tls.secretName=hub-tls",
+			"--set", "serviceAPI.hostname=hub.example.com", "--set", "serviceAPI.registryNamespace=devices"},
 	}
 	for name, args := range configs {
 		t.Run(name, func(t *testing.T) {

@@ -2,6 +2,7 @@ package helm
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -72,15 +73,17 @@ type release struct {
 	name, namespace, prefix string
 }
 
-func (r release) sa() string       { return r.prefix + "-controller-manager" }
-func (r release) saUser() string   { return "system:serviceaccount:" + r.namespace + ":" + r.sa() }
-func (r release) webhook() string  { return r.prefix + "-webhook-service" }
-func (r release) config() string   { return r.prefix + "-admission" }
-func (r release) secret() string   { return r.prefix + "-webhook-server-cert" }
-func (r release) manager() string  { return r.prefix + "-controller-manager" }
-func (r release) mqtt() string     { return r.prefix + "-mqtt" }
-func (r release) metrics() string  { return r.prefix + "-metrics-service" }
-func (r release) certName() string { return r.prefix + "-serving-cert" }
+func (r release) sa() string         { return r.prefix + "-controller-manager" }
+func (r release) saUser() string     { return "system:serviceaccount:" + r.namespace + ":" + r.sa() }
+func (r release) webhook() string    { return r.prefix + "-webhook-service" }
+func (r release) config() string     { return r.prefix + "-admission" }
+func (r release) secret() string     { return r.prefix + "-webhook-server-cert" }
+func (r release) manager() string    { return r.prefix + "-controller-manager" }
+func (r release) mqtt() string       { return r.prefix + "-mqtt" }
+func (r release) metrics() string    { return r.prefix + "-metrics-service" }
+func (r release) certName() string   { return r.prefix + "-serving-cert" }
+func (r release) serviceAPI() string { return r.prefix + "-service-api" }
+func (r release) policies() string   { return r.prefix + "-service-policies" }
 
 // TestInstallDefaults installs what helm template renders with the default
 // values (release kubetwin in kubetwin-system, so the names are those of
@@ -111,6 +114,12 @@ func TestInstallDefaults(t *testing.T) {
 		"--mqtt-tls-ca-configmap=" + rel.prefix + "-mqtt-ca",
 		"--webhook-secret-name=" + rel.secret(),
 		"--webhook-cert-validity=2160h",
+		// The service API on one host name with MQTT (the hub's), behind the MQTT Service's 443.
+		"--service-api-bind-address=:10443",
+		"--service-hostname=" + svcDNS,
+		"--service-policies-secret=" + rel.policies(),
+		"--service-policies-namespace=" + rel.namespace,
+		"--registry-namespace=" + rel.namespace,
 	} {
 		if !slices.Contains(args, a) {
 			t.Errorf("args %v lack %s", args, a)
@@ -123,9 +132,12 @@ func TestInstallDefaults(t *testing.T) {
 			t.Errorf("default args hold %s", a)
 		}
 	}
-	// The container serves MQTT over TLS on 8883 and nothing on 1883.
+	// The container serves MQTT over TLS on 8883, the service API on 10443 and nothing on 1883.
 	if containerPort(t, c, intstr.FromString("mqtts")) != 8883 {
 		t.Error("no container port mqtts 8883")
+	}
+	if containerPort(t, c, intstr.FromString("service-api")) != 10443 {
+		t.Error("no container port service-api 10443")
 	}
 	for _, p := range c.Ports {
 		if p.Name == "mqtt" || p.ContainerPort == 1883 {
@@ -142,8 +154,14 @@ func TestInstallDefaults(t *testing.T) {
 		t.Errorf("webhook-certs is %+v, want an emptyDir the operator writes its certificate to", certs.VolumeSource)
 	}
 
-	// Services: MQTT over TLS 8883 only, webhook 443 -> 9443, metrics 8443.
-	checkService(t, rel, rel.mqtt(), d, map[string]int32{"mqtts": 8883})
+	// Services: the hub's (MQTT over TLS 8883, the service API on 443), webhook 443 -> 9443, metrics 8443.
+	checkService(t, rel, rel.mqtt(), d, map[string]int32{"mqtts": 8883, "service-api": 443})
+	if p := servicePort(t, rel, rel.mqtt(), "https"); p == nil || p.Port != 443 || p.TargetPort != intstr.FromString("service-api") {
+		t.Errorf("MQTT Service port https = %+v, want 443 -> service-api (service SDKs always use 443)", p)
+	}
+	if err := apiServer(t).Get(context.Background(), types.NamespacedName{Namespace: rel.namespace, Name: rel.serviceAPI()}, &corev1.Service{}); !apierrors.IsNotFound(err) {
+		t.Errorf("a separate service API Service with the embedded broker: %v", err)
+	}
 	checkService(t, rel, rel.webhook(), d, map[string]int32{"webhook-server": 443})
 	checkService(t, rel, rel.metrics(), d, map[string]int32{"metrics": 8443})
 
@@ -161,8 +179,8 @@ func TestInstallExternalBrokerCertManager(t *testing.T) {
 	rel := release{name: "twins", namespace: "iot", prefix: "twins-kubetwin"}
 	objs := render(t, rel.name, rel.namespace, "-f", writeValues(t, externalValues))
 	wantKinds(t, objs, map[string]int{
-		"ServiceAccount": 1, "ClusterRole": 5, "ClusterRoleBinding": 2, "Role": 1, "RoleBinding": 1,
-		"Service": 2, "Deployment": 1, "ValidatingWebhookConfiguration": 1, "MutatingWebhookConfiguration": 1,
+		"ServiceAccount": 1, "ClusterRole": 5, "ClusterRoleBinding": 2, "Role": 2, "RoleBinding": 2,
+		"Service": 3, "Deployment": 1, "ValidatingWebhookConfiguration": 1, "MutatingWebhookConfiguration": 1,
 		"Certificate": 1, "Issuer": 1,
 	})
 
@@ -182,6 +200,7 @@ func TestInstallExternalBrokerCertManager(t *testing.T) {
 
 	d := get(t, &appsv1.Deployment{}, rel.namespace, rel.manager())
 	c := checkDeployment(t, rel, d, 2)
+	apiDNS := rel.serviceAPI() + "." + rel.namespace + ".svc"
 	for _, a := range []string{
 		"--broker-url=ssl://mosquitto.mqtt.svc:8883",
 		"--broker-client-id=kubetwin-operator",
@@ -193,13 +212,25 @@ func TestInstallExternalBrokerCertManager(t *testing.T) {
 		"--webhook-manage-certs=false",
 		"--device-auth=sas",
 		"--hub-hostname=mosquitto.mqtt.svc", // the broker URL's host
+		// The service API has a Service and host name of its own; the operator issues its certificate.
+		"--service-api-bind-address=:10443",
+		"--service-hostname=" + apiDNS,
+		"--service-policies-secret=" + rel.policies(),
+		"--service-policies-namespace=" + rel.namespace,
+		"--registry-namespace=" + rel.namespace,
+		"--mqtt-tls-host=" + strings.Join([]string{rel.serviceAPI(), rel.serviceAPI() + "." + rel.namespace, apiDNS, apiDNS + ".cluster.local"}, ","),
+		"--mqtt-tls-secret-name=" + rel.prefix + "-mqtt-server-cert",
+		"--mqtt-tls-secret-namespace=" + rel.namespace,
+		"--mqtt-tls-ca-configmap=" + rel.prefix + "-mqtt-ca",
 	} {
 		if !slices.Contains(c.Args, a) {
 			t.Errorf("args %v lack %s", c.Args, a)
 		}
 	}
 	for _, a := range c.Args {
-		if strings.HasPrefix(a, "--mqtt-") || strings.HasPrefix(a, "--webhook-secret-name") {
+		// No embedded broker listeners, no certificate files.
+		if strings.HasPrefix(a, "--mqtt-tls-bind-address") || strings.HasPrefix(a, "--mqtt-bind-address") ||
+			strings.HasPrefix(a, "--mqtt-tls-cert-file") || strings.HasPrefix(a, "--webhook-secret-name") {
 			t.Errorf("external/cert-manager args hold %s", a)
 		}
 	}
@@ -207,6 +238,9 @@ func TestInstallExternalBrokerCertManager(t *testing.T) {
 		if p.Name == "mqtt" || p.Name == "mqtts" {
 			t.Errorf("the operator exposes an MQTT port with an external broker")
 		}
+	}
+	if containerPort(t, c, intstr.FromString("service-api")) != 10443 {
+		t.Error("no container port service-api 10443")
 	}
 	// Every file the flags name is mounted from its Secret.
 	for vol, secret := range map[string]string{
@@ -232,9 +266,13 @@ func TestInstallExternalBrokerCertManager(t *testing.T) {
 		t.Errorf("affinity = %+v", a)
 	}
 
-	// No MQTT Service: devices use the external broker.
+	// No MQTT Service: devices use the external broker. Back ends reach the service API on 443 of its own Service.
 	if err := apiServer(t).Get(context.Background(), types.NamespacedName{Namespace: rel.namespace, Name: rel.mqtt()}, &corev1.Service{}); !apierrors.IsNotFound(err) {
 		t.Errorf("MQTT Service with an external broker: %v", err)
+	}
+	checkService(t, rel, rel.serviceAPI(), d, map[string]int32{"service-api": 443})
+	if p := servicePort(t, rel, rel.serviceAPI(), "https"); p == nil || p.Port != 443 {
+		t.Errorf("service API Service port https = %+v, want 443", p)
 	}
 	checkService(t, rel, rel.webhook(), d, map[string]int32{"webhook-server": 443})
 	checkService(t, rel, rel.metrics(), d, map[string]int32{"metrics": 8443})
@@ -385,6 +423,18 @@ func checkService(t *testing.T, rel release, name string, d *appsv1.Deployment, 
 		}
 		containerPort(t, c, p.TargetPort)
 	}
+}
+
+// servicePort returns the installed Service's port of a name, or nil.
+func servicePort(t *testing.T, rel release, service, port string) *corev1.ServicePort {
+	t.Helper()
+	s := get(t, &corev1.Service{}, rel.namespace, service)
+	for i := range s.Spec.Ports {
+		if s.Spec.Ports[i].Name == port {
+			return &s.Spec.Ports[i]
+		}
+	}
+	return nil
 }
 
 // kustomizeWebhooks reads config/webhook/manifests.yaml.
@@ -601,7 +651,10 @@ func checkAccess(t *testing.T, rel release, selfManaged bool) {
 		{"watch", "kubetwin.io", "devicetwins", "", "", "", true},
 		{"patch", "kubetwin.io", "devicetwins", "status", "devices", "", true},
 		{"update", "kubetwin.io", "devicetwins", "finalizers", "devices", "", true},
-		{"create", "kubetwin.io", "devicetwins", "", "devices", "", false},
+		// The service API's device registry creates and deletes twins.
+		{"create", "kubetwin.io", "devicetwins", "", "devices", "", true},
+		{"delete", "kubetwin.io", "devicetwins", "", "devices", "", true},
+		{"deletecollection", "kubetwin.io", "devicetwins", "", "devices", "", false},
 		{"create", "events.k8s.io", "events", "", "devices", "", true},
 		{"create", "coordination.k8s.io", "leases", "", rel.namespace, "", true},
 		{"create", "coordination.k8s.io", "leases", "", "default", "", false},
@@ -613,6 +666,10 @@ func checkAccess(t *testing.T, rel release, selfManaged bool) {
 		{"create", "", "secrets", "", "devices", "", true},
 		{"delete", "", "secrets", "", "devices", "", false},
 		{"update", "admissionregistration.k8s.io", "validatingwebhookconfigurations", "", "", "someone-elses", false},
+		// The service API's policies Secret, which the operator creates and keeps.
+		{"create", "", "secrets", "", rel.namespace, "", true},
+		{"get", "", "secrets", "", rel.namespace, rel.policies(), true},
+		{"update", "", "secrets", "", rel.namespace, rel.policies(), true},
 		// The certificate manager's rights, only when it runs.
 		{"update", "", "secrets", "", rel.namespace, rel.secret(), true},
 		{"update", "admissionregistration.k8s.io", "validatingwebhookconfigurations", "", "", rel.config(), selfManaged},
@@ -692,6 +749,10 @@ func TestHelmInstallUpgradeUninstall(t *testing.T) {
 		!strings.Contains(out, "kt-kubetwin-mqtt-ca") || strings.Contains(out, ":1883") {
 		t.Errorf("helm install printed no notes naming the MQTT Service:\n%s", out)
 	}
+	if !strings.Contains(out, "kubectl twin service-connection-string -n helm-install --secret kt-kubetwin-service-policies") ||
+		!strings.Contains(out, "NODE_EXTRA_CA_CERTS") {
+		t.Errorf("helm install printed no notes on the service API's connection string and CA:\n%s", out)
+	}
 	t.Logf("helm install:\n%s", out)
 
 	manifest, err := helm(t, "get", "manifest", rel.name, "--namespace", rel.namespace)
@@ -754,8 +815,8 @@ func TestEmbeddedBrokerTLS(t *testing.T) {
 	rel := release{name: "kubetwin", namespace: "tls-dry-run", prefix: "kubetwin"}
 	objs := render(t, rel.name, rel.namespace, "--set", "broker.embedded.plain.enabled=true",
 		"--set", "broker.embedded.tls.secretName=mqtt-tls", "--set", "broker.embedded.service.type=LoadBalancer",
-		"--set", "broker.embedded.service.nodePorts.mqtt=31883", "--set", "broker.embedded.service.externalTrafficPolicy=Local",
-		"--set", "hubHostname=mqtt.example.com")
+		"--set", "broker.embedded.service.nodePorts.mqtt=31883", "--set", "broker.embedded.service.nodePorts.https=30443",
+		"--set", "broker.embedded.service.externalTrafficPolicy=Local", "--set", "hubHostname=mqtt.example.com")
 	dryRunApply(t, rel, objs)
 
 	svc := &corev1.Service{}
@@ -765,6 +826,7 @@ func TestEmbeddedBrokerTLS(t *testing.T) {
 	want := []corev1.ServicePort{
 		{Name: "mqtts", Port: 8883, TargetPort: intstr.FromString("mqtts"), Protocol: corev1.ProtocolTCP},
 		{Name: "mqtt", Port: 1883, TargetPort: intstr.FromString("mqtt"), Protocol: corev1.ProtocolTCP, NodePort: 31883},
+		{Name: "https", Port: 443, TargetPort: intstr.FromString("service-api"), Protocol: corev1.ProtocolTCP, NodePort: 30443},
 	}
 	if !reflect.DeepEqual(svc.Spec.Ports, want) || svc.Spec.Type != corev1.ServiceTypeLoadBalancer ||
 		svc.Spec.ExternalTrafficPolicy != corev1.ServiceExternalTrafficPolicyLocal {
@@ -781,8 +843,10 @@ func TestEmbeddedBrokerTLS(t *testing.T) {
 	if v := volume(t, d, "mqtt-tls"); v.Secret == nil || v.Secret.SecretName != "mqtt-tls" || !mounted(mc, "mqtt-tls", true) {
 		t.Errorf("mqtt-tls volume %+v", v)
 	}
+	// The service API serves the same certificate, for the same host name.
 	for _, a := range []string{"--mqtt-tls-bind-address=:8883", "--mqtt-tls-cert-file=/etc/kubetwin/mqtt-tls/tls.crt",
-		"--mqtt-tls-key-file=/etc/kubetwin/mqtt-tls/tls.key", "--mqtt-bind-address=:1883", "--hub-hostname=mqtt.example.com"} {
+		"--mqtt-tls-key-file=/etc/kubetwin/mqtt-tls/tls.key", "--mqtt-bind-address=:1883", "--hub-hostname=mqtt.example.com",
+		"--service-hostname=mqtt.example.com", "--service-api-bind-address=:10443"} {
 		if !slices.Contains(mc.Args, a) {
 			t.Errorf("args %v lack %s", mc.Args, a)
 		}
@@ -810,32 +874,57 @@ func TestEmbeddedBrokerTLS(t *testing.T) {
 
 // TestEmbeddedBrokerPlainOnly: with the TLS listener off and the plain one
 // on, the operator gets an empty --mqtt-tls-bind-address (its default is
-// :8883) and the Service serves 1883 only.
+// :8883) and the Service serves 1883 and the service API's 443. The service
+// API still needs the hub's certificate: the operator issues it (and may
+// publish its CA) unless the service API is off too.
 func TestEmbeddedBrokerPlainOnly(t *testing.T) {
-	rel := release{name: "kubetwin", namespace: "plain-dry-run", prefix: "kubetwin"}
-	objs := render(t, rel.name, rel.namespace, "--set", "broker.embedded.tls.enabled=false",
-		"--set", "broker.embedded.plain.enabled=true", "--set", "deviceAuth=none")
-	dryRunApply(t, rel, objs)
+	for _, api := range []bool{true, false} {
+		t.Run(fmt.Sprintf("serviceAPI.enabled=%v", api), func(t *testing.T) {
+			rel := release{name: "kubetwin", namespace: "plain-dry-run", prefix: "kubetwin"}
+			objs := render(t, rel.name, rel.namespace, "--set", "broker.embedded.tls.enabled=false",
+				"--set", "broker.embedded.plain.enabled=true", "--set", "deviceAuth=none", "--set", fmt.Sprintf("serviceAPI.enabled=%v", api))
+			dryRunApply(t, rel, objs)
 
-	svc := &corev1.Service{}
-	if err := k8sFromUnstructured(find(t, objs, "Service", rel.mqtt()), svc); err != nil {
-		t.Fatal(err)
+			svc := &corev1.Service{}
+			if err := k8sFromUnstructured(find(t, objs, "Service", rel.mqtt()), svc); err != nil {
+				t.Fatal(err)
+			}
+			want := []corev1.ServicePort{{Name: "mqtt", Port: 1883, TargetPort: intstr.FromString("mqtt"), Protocol: corev1.ProtocolTCP}}
+			if api {
+				want = append(want, corev1.ServicePort{Name: "https", Port: 443, TargetPort: intstr.FromString("service-api"), Protocol: corev1.ProtocolTCP})
+			}
+			if !reflect.DeepEqual(svc.Spec.Ports, want) {
+				t.Errorf("MQTT Service ports %+v, want %+v", svc.Spec.Ports, want)
+			}
+			args := deploymentArgs(t, objs)
+			for _, a := range []string{"--mqtt-tls-bind-address=", "--mqtt-bind-address=:1883", "--device-auth=none"} {
+				if !slices.Contains(args, a) {
+					t.Errorf("args %v lack %s", args, a)
+				}
+			}
+			issued := slices.ContainsFunc(args, func(a string) bool { return strings.HasPrefix(a, "--mqtt-tls-secret-name=") }) &&
+				slices.ContainsFunc(args, func(a string) bool { return strings.HasPrefix(a, "--mqtt-tls-host=") })
+			if issued != api {
+				t.Errorf("args %v: operator-issued hub certificate %v, want %v (needed by the service API only)", args, issued, api)
+			}
+			if !api {
+				for _, a := range args {
+					if strings.HasPrefix(a, "--mqtt-tls-") && a != "--mqtt-tls-bind-address=" {
+						t.Errorf("plain-only args without the service API hold %s", a)
+					}
+				}
+			}
+			if got := roleGrantsConfigMaps(t, rel, objs); got != api {
+				t.Errorf("Role %s-manager grants ConfigMap rights (the hub CA's): %v, want %v", rel.prefix, got, api)
+			}
+		})
 	}
-	want := []corev1.ServicePort{{Name: "mqtt", Port: 1883, TargetPort: intstr.FromString("mqtt"), Protocol: corev1.ProtocolTCP}}
-	if !reflect.DeepEqual(svc.Spec.Ports, want) {
-		t.Errorf("MQTT Service ports %+v, want %+v", svc.Spec.Ports, want)
-	}
-	args := deploymentArgs(t, objs)
-	for _, a := range []string{"--mqtt-tls-bind-address=", "--mqtt-bind-address=:1883", "--device-auth=none"} {
-		if !slices.Contains(args, a) {
-			t.Errorf("args %v lack %s", args, a)
-		}
-	}
-	for _, a := range args {
-		if strings.HasPrefix(a, "--mqtt-tls-") && a != "--mqtt-tls-bind-address=" {
-			t.Errorf("plain-only args hold %s", a)
-		}
-	}
+}
+
+// roleGrantsConfigMaps tells whether the rendered Role <prefix>-manager
+// grants rights on ConfigMaps (where the operator publishes the hub's CA).
+func roleGrantsConfigMaps(t *testing.T, rel release, objs []*unstructured.Unstructured) bool {
+	t.Helper()
 	for _, o := range objs {
 		if o.GetKind() == "Role" && o.GetName() == rel.prefix+"-manager" {
 			r := &rbacv1.Role{}
@@ -844,10 +933,132 @@ func TestEmbeddedBrokerPlainOnly(t *testing.T) {
 			}
 			for _, rule := range r.Rules {
 				if slices.Contains(rule.Resources, "configmaps") {
-					t.Errorf("Role %s grants %+v without an operator-issued MQTT certificate", r.Name, rule)
+					return true
 				}
 			}
 		}
+	}
+	return false
+}
+
+// TestServiceAPIDisabled: with serviceAPI.enabled=false nothing serves or
+// exposes the service API (--service-api-bind-address= turns off the
+// operator's default :10443), with the embedded and an external broker.
+func TestServiceAPIDisabled(t *testing.T) {
+	for name, args := range map[string][]string{
+		"embedded broker": nil,
+		"external broker": {"--set", "broker.external.url=tcp://mosquitto.mqtt:1883"},
+	} {
+		t.Run(name, func(t *testing.T) {
+			rel := release{name: "kubetwin", namespace: "no-service-api", prefix: "kubetwin"}
+			objs := render(t, rel.name, rel.namespace, append(args, "--set", "serviceAPI.enabled=false")...)
+			dryRunApply(t, rel, objs)
+			external := len(args) > 0
+
+			for _, o := range objs {
+				if o.GetKind() != "Service" {
+					continue
+				}
+				if o.GetName() == rel.serviceAPI() {
+					t.Errorf("Service %s without the service API", o.GetName())
+				}
+				svc := &corev1.Service{}
+				if err := k8sFromUnstructured(o, svc); err != nil {
+					t.Fatal(err)
+				}
+				for _, p := range svc.Spec.Ports {
+					if p.TargetPort.StrVal == "service-api" || (p.Port == 443 && o.GetName() != rel.webhook()) {
+						t.Errorf("Service %s port %+v without the service API", svc.Name, p)
+					}
+				}
+			}
+			d := &appsv1.Deployment{}
+			if err := k8sFromUnstructured(find(t, objs, "Deployment", rel.manager()), d); err != nil {
+				t.Fatal(err)
+			}
+			mc := d.Spec.Template.Spec.Containers[0]
+			for _, p := range mc.Ports {
+				if p.Name == "service-api" || p.ContainerPort == 10443 {
+					t.Errorf("container port %+v without the service API", p)
+				}
+			}
+			if !slices.Contains(mc.Args, "--service-api-bind-address=") {
+				t.Errorf("args %v lack --service-api-bind-address= (the operator's default serves :10443)", mc.Args)
+			}
+			for _, a := range mc.Args {
+				if strings.HasPrefix(a, "--service-") && a != "--service-api-bind-address=" || strings.HasPrefix(a, "--registry-namespace") {
+					t.Errorf("args without the service API hold %s", a)
+				}
+				// An external broker and no service API: nothing serves the hub's certificate.
+				if external && strings.HasPrefix(a, "--mqtt-tls-") {
+					t.Errorf("external broker args without the service API hold %s", a)
+				}
+			}
+			if external && roleGrantsConfigMaps(t, rel, objs) {
+				t.Error("the operator may publish a hub CA that nothing uses")
+			}
+		})
+	}
+}
+
+// TestServiceAPIExternalBrokerYourCertificate: with an external broker the
+// service API gets the Service <fullname>-service-api (type, annotations and
+// node port from serviceAPI.service), serves your certificate when
+// broker.embedded.tls.secretName is set, and takes its host name and registry
+// namespace from the values.
+func TestServiceAPIExternalBrokerYourCertificate(t *testing.T) {
+	rel := release{name: "kubetwin", namespace: "service-api-dry-run", prefix: "kubetwin"}
+	objs := render(t, rel.name, rel.namespace, "-f", writeValues(t, `
+watchNamespace: devices
+broker:
+  external: {url: "tcp://mosquitto.mqtt:1883"}
+  embedded:
+    tls: {secretName: hub-tls}
+serviceAPI:
+  port: 11443
+  hostname: hub.example.com
+  registryNamespace: devices
+  service:
+    type: LoadBalancer
+    annotations: {service.beta.kubernetes.io/aws-load-balancer-type: nlb}
+    nodePort: 30443
+`))
+	dryRunApply(t, rel, objs)
+
+	svc := &corev1.Service{}
+	if err := k8sFromUnstructured(find(t, objs, "Service", rel.serviceAPI()), svc); err != nil {
+		t.Fatal(err)
+	}
+	want := []corev1.ServicePort{{Name: "https", Port: 443, TargetPort: intstr.FromString("service-api"), Protocol: corev1.ProtocolTCP, NodePort: 30443}}
+	if !reflect.DeepEqual(svc.Spec.Ports, want) || svc.Spec.Type != corev1.ServiceTypeLoadBalancer ||
+		svc.Annotations["service.beta.kubernetes.io/aws-load-balancer-type"] != "nlb" {
+		t.Errorf("service API Service %+v %v, want LoadBalancer with its annotation and ports %+v", svc.Spec, svc.Annotations, want)
+	}
+	d := &appsv1.Deployment{}
+	if err := k8sFromUnstructured(find(t, objs, "Deployment", rel.manager()), d); err != nil {
+		t.Fatal(err)
+	}
+	mc := d.Spec.Template.Spec.Containers[0]
+	if containerPort(t, mc, intstr.FromString("service-api")) != 11443 {
+		t.Error("no container port service-api 11443")
+	}
+	if v := volume(t, d, "mqtt-tls"); v.Secret == nil || v.Secret.SecretName != "hub-tls" || !mounted(mc, "mqtt-tls", true) {
+		t.Errorf("mqtt-tls volume %+v", v)
+	}
+	for _, a := range []string{"--service-api-bind-address=:11443", "--service-hostname=hub.example.com",
+		"--registry-namespace=devices", "--service-policies-namespace=" + rel.namespace,
+		"--mqtt-tls-cert-file=/etc/kubetwin/mqtt-tls/tls.crt", "--mqtt-tls-key-file=/etc/kubetwin/mqtt-tls/tls.key"} {
+		if !slices.Contains(mc.Args, a) {
+			t.Errorf("args %v lack %s", mc.Args, a)
+		}
+	}
+	for _, a := range mc.Args {
+		if strings.HasPrefix(a, "--mqtt-tls-secret-") || strings.HasPrefix(a, "--mqtt-tls-host") || strings.HasPrefix(a, "--mqtt-tls-bind-address") {
+			t.Errorf("args with your certificate and an external broker hold %s", a)
+		}
+	}
+	if roleGrantsConfigMaps(t, rel, objs) {
+		t.Error("the operator may publish a CA for your certificate")
 	}
 }
 

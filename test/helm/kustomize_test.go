@@ -5,10 +5,14 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"reflect"
+	"slices"
 	"testing"
 
+	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 )
 
@@ -46,6 +50,35 @@ func TestKustomizeDefaultAccepted(t *testing.T) {
 		"ClusterRoleBinding", "Role", "RoleBinding", "ValidatingWebhookConfiguration", "MutatingWebhookConfiguration"} {
 		if !kinds[k] {
 			t.Errorf("config/default makes no %s", k)
+		}
+	}
+
+	// The hub's Service: MQTT over TLS on 8883 and the service API on 443 (the port service SDKs always use), to
+	// the container's ports of those names; the operator serves the service API for the hub's host name.
+	svc := &corev1.Service{}
+	if err := k8sFromUnstructured(find(t, objs, "Service", "kubetwin-mqtt"), svc); err != nil {
+		t.Fatal(err)
+	}
+	d := &appsv1.Deployment{}
+	if err := k8sFromUnstructured(find(t, objs, "Deployment", "kubetwin-controller-manager"), d); err != nil {
+		t.Fatal(err)
+	}
+	mc := d.Spec.Template.Spec.Containers[0]
+	ports := map[string]int32{}
+	for _, p := range svc.Spec.Ports {
+		ports[p.Name] = p.Port
+		containerPort(t, mc, p.TargetPort)
+	}
+	if want := map[string]int32{"mqtts": 8883, "https": 443}; !reflect.DeepEqual(ports, want) {
+		t.Errorf("Service kubetwin-mqtt ports %v, want %v", ports, want)
+	}
+	if containerPort(t, mc, intstr.FromString("service-api")) != 10443 {
+		t.Error("no container port service-api 10443")
+	}
+	for _, a := range []string{"--service-api-bind-address=:10443", "--service-hostname=kubetwin-mqtt.kubetwin-system.svc",
+		"--hub-hostname=kubetwin-mqtt.kubetwin-system.svc", "--service-policies-secret=kubetwin-service-policies"} {
+		if !slices.Contains(mc.Args, a) {
+			t.Errorf("args %v lack %s", mc.Args, a)
 		}
 	}
 }

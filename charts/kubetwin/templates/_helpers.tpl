@@ -95,14 +95,22 @@ control-plane: controller-manager
 {{- if and (not .Values.broker.external.url) .Values.broker.embedded.tls.enabled }}true{{ end }}
 {{- end }}
 
-{{/* The embedded broker's TLS listener serves your Secret's certificate (broker.embedded.tls.secretName). */}}
-{{- define "kubetwin.embeddedTLSProvided" -}}
-{{- if and (include "kubetwin.embeddedTLS" .) .Values.broker.embedded.tls.secretName }}true{{ end }}
+{{/*
+The operator needs the hub's certificate: the embedded broker's TLS listener or the service API (also with an
+external broker) serves it.
+*/}}
+{{- define "kubetwin.hubTLS" -}}
+{{- if or (include "kubetwin.embeddedTLS" .) .Values.serviceAPI.enabled }}true{{ end }}
 {{- end }}
 
-{{/* The operator issues the embedded broker's TLS certificate (and publishes its CA in a ConfigMap). */}}
-{{- define "kubetwin.embeddedTLSManaged" -}}
-{{- if and (include "kubetwin.embeddedTLS" .) (not .Values.broker.embedded.tls.secretName) }}true{{ end }}
+{{/* The hub's certificate is your Secret's (broker.embedded.tls.secretName, --mqtt-tls-cert-file). */}}
+{{- define "kubetwin.hubTLSProvided" -}}
+{{- if and (include "kubetwin.hubTLS" .) .Values.broker.embedded.tls.secretName }}true{{ end }}
+{{- end }}
+
+{{/* The operator issues the hub's certificate (and publishes its CA in a ConfigMap). */}}
+{{- define "kubetwin.hubTLSManaged" -}}
+{{- if and (include "kubetwin.hubTLS" .) (not .Values.broker.embedded.tls.secretName) }}true{{ end }}
 {{- end }}
 
 {{/* The embedded broker's plain listener is on. */}}
@@ -124,11 +132,52 @@ control-plane: controller-manager
 {{- printf "%s-mqtt-ca" (include "kubetwin.fullname" .) }}
 {{- end }}
 
-{{/* DNS names of the MQTT Service, comma-separated (--mqtt-tls-host). */}}
-{{- define "kubetwin.mqttServiceHosts" -}}
-{{- $svc := include "kubetwin.mqttServiceName" . }}
+{{/*
+The Service in front of the service API with an external broker (with the embedded broker, the MQTT Service
+serves it on 443).
+*/}}
+{{- define "kubetwin.serviceAPIServiceName" -}}
+{{- printf "%s-service-api" (include "kubetwin.fullname" .) }}
+{{- end }}
+
+{{/* The Service in front of the hub's TLS endpoints: the MQTT Service, or with an external broker the service API's. */}}
+{{- define "kubetwin.hubServiceName" -}}
+{{- if .Values.broker.external.url }}
+{{- include "kubetwin.serviceAPIServiceName" . }}
+{{- else }}
+{{- include "kubetwin.mqttServiceName" . }}
+{{- end }}
+{{- end }}
+
+{{/* DNS names of that Service, comma-separated (--mqtt-tls-host). */}}
+{{- define "kubetwin.hubServiceHosts" -}}
+{{- $svc := include "kubetwin.hubServiceName" . }}
 {{- $ns := .Release.Namespace }}
 {{- list $svc (printf "%s.%s" $svc $ns) (printf "%s.%s.svc" $svc $ns) (printf "%s.%s.svc.cluster.local" $svc $ns) | join "," }}
+{{- end }}
+
+{{/* Secret of the service API's shared access policies (--service-policies-secret), in the release namespace. */}}
+{{- define "kubetwin.servicePoliciesSecretName" -}}
+{{- printf "%s-service-policies" (include "kubetwin.fullname" .) }}
+{{- end }}
+
+{{/*
+--service-hostname: serviceAPI.hostname, else the hub host name with the embedded broker (one host, MQTT on 8883 and
+HTTPS on 443, as IoT Hub has), else the service API Service's DNS name.
+*/}}
+{{- define "kubetwin.serviceHostname" -}}
+{{- if .Values.serviceAPI.hostname }}
+{{- .Values.serviceAPI.hostname }}
+{{- else if .Values.broker.external.url }}
+{{- printf "%s.%s.svc" (include "kubetwin.serviceAPIServiceName" .) .Release.Namespace }}
+{{- else }}
+{{- include "kubetwin.hubHostname" . }}
+{{- end }}
+{{- end }}
+
+{{/* --registry-namespace: serviceAPI.registryNamespace, else watchNamespace, else the release namespace. */}}
+{{- define "kubetwin.registryNamespace" -}}
+{{- .Values.serviceAPI.registryNamespace | default .Values.watchNamespace | default .Release.Namespace }}
 {{- end }}
 
 {{/* --hub-hostname: hubHostname, else the MQTT Service's DNS name, else (external broker) the broker URL's host. */}}
@@ -157,8 +206,11 @@ Checks across values that the schema cannot express well; each fails with a mess
 {{- if and (gt (int .Values.replicas) 1) (not .Values.leaderElection.enabled) }}
 {{- fail "replicas > 1 needs leaderElection.enabled=true: only one replica may bridge devices" }}
 {{- end }}
-{{- if and .Values.broker.external.url .Values.broker.embedded.tls.secretName }}
-{{- fail "broker.embedded.tls.secretName is for the embedded broker; with broker.external.url the broker's TLS is its own (use an ssl:// URL and broker.external.caSecret)" }}
+{{- if and .Values.broker.external.url .Values.broker.embedded.tls.secretName (not .Values.serviceAPI.enabled) }}
+{{- fail "broker.embedded.tls.secretName is for the embedded broker and the service API; with broker.external.url and serviceAPI.enabled=false nothing serves it (the broker's TLS is its own: use an ssl:// URL and broker.external.caSecret)" }}
+{{- end }}
+{{- if and .Values.serviceAPI.registryNamespace .Values.watchNamespace (ne .Values.serviceAPI.registryNamespace .Values.watchNamespace) }}
+{{- fail "serviceAPI.registryNamespace must be watchNamespace (or empty): the operator would not see the DeviceTwins the device registry creates elsewhere" }}
 {{- end }}
 {{- if and .Values.broker.external.url .Values.broker.embedded.plain.enabled }}
 {{- fail "broker.embedded.plain.enabled is for the embedded broker; with broker.external.url devices connect to that broker" }}

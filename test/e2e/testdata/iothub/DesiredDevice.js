@@ -11,7 +11,7 @@ var Protocol = require('azure-iot-device-mqtt').Mqtt;
 
 var client = Client.fromConnectionString(process.env.DEVICE_CONNECTION_STRING, Protocol);
 
-client.on('disconnect', function () { console.log('disconnected'); });
+client.on('disconnect', function () { console.log('disconnected (the retry policy gave up)'); });
 client.on('error', function (err) { console.log('client error: ' + err.message); });
 
 client.open(function (err) {

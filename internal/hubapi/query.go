@@ -1,0 +1,265 @@
+package hubapi
+
+import (
+	"bytes"
+	"cmp"
+	"context"
+	"crypto/sha256"
+	"encoding/base64"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"reflect"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"k8s.io/apimachinery/pkg/labels"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+
+	"github.com/kubetwin/kubetwin/api/v1alpha1"
+	"github.com/kubetwin/kubetwin/internal/hubtwin"
+	"github.com/kubetwin/kubetwin/internal/query"
+)
+
+// Headers of the query API.
+const (
+	// HeaderMaxItemCount is the page size a query asks for.
+	HeaderMaxItemCount = "x-ms-max-item-count"
+	// HeaderContinuation carries the continuation token: in a reply when
+	// another page exists (and only then), in a request to get that page.
+	HeaderContinuation = "x-ms-continuation"
+	// HeaderItemType says what the items are: "twin" for SELECT *, "raw"
+	// for projections and aggregates.
+	HeaderItemType = "x-ms-item-type"
+)
+
+// query serves POST /devices/query: {"query": "SELECT ..."} answered over
+// every DeviceTwin in the cache, one page at a time.
+//
+// Every page runs the query again (the server keeps no cursor), so the
+// continuation token says where the next page starts: for SELECT * the
+// position (device id, namespace, name) of the last twin returned, so
+// that twins created or deleted between pages neither shift nor repeat
+// the others; for projections and aggregates the offset of the next row.
+// The token is base64url-encoded JSON bound to the query (a hash of its
+// canonical text), and is opaque to clients.
+//
+// The plan's label selector narrows the twins rendered and evaluated: a
+// twin is skipped when its labels do not match the selector and the
+// operator has reconciled its current spec (status.observedGeneration ==
+// metadata.generation), which is when its labels mirror its tags. A twin
+// whose tags just changed is always evaluated, so a query right after a
+// tag write finds it even before the operator has mirrored the labels.
+// (The cache's List would filter the same way, in memory, without that
+// exception.) Field selectors are not used: the cache cannot evaluate
+// them, and the full condition is evaluated anyway.
+func (h *Handler) query(ctx context.Context, req *request) (reply, *apiError) {
+	data, aerr := h.readBody(req)
+	if aerr != nil {
+		return reply{}, aerr
+	}
+	var body struct {
+		Query *string `json:"query"`
+	}
+	if err := json.Unmarshal(data, &body); err != nil {
+		return reply{}, badRequest(`the request body must be {"query": "SELECT ..."}: ` + err.Error())
+	}
+	if body.Query == nil || strings.TrimSpace(*body.Query) == "" {
+		return reply{}, badRequest(`the request body must be {"query": "SELECT ..."}: the query is missing`)
+	}
+	size, aerr := pageSize(req.r.Header)
+	if aerr != nil {
+		return reply{}, aerr
+	}
+	q, err := query.Parse(*body.Query)
+	if err != nil {
+		return reply{}, badRequest("the query is invalid: " + err.Error())
+	}
+	hash := queryHash(q)
+	var from *continuation
+	if tok := strings.TrimSpace(req.r.Header.Get(HeaderContinuation)); tok != "" {
+		if from, err = decodeContinuation(tok, hash, q.ItemType()); err != nil {
+			return reply{}, badRequest(HeaderContinuation + ": " + err.Error())
+		}
+	}
+
+	start := time.Now()
+	items, next, err := h.runQuery(ctx, q, hash, from, size)
+	queryDuration.Observe(time.Since(start).Seconds())
+	if err != nil {
+		return reply{}, fromAPI("listing the twins", err)
+	}
+	hdr := http.Header{}
+	hdr.Set(HeaderItemType, q.ItemType())
+	if next != "" {
+		hdr.Set(HeaderContinuation, next)
+	}
+	return reply{status: http.StatusOK, body: items, header: hdr}, nil
+}
+
+// pageSize reads x-ms-max-item-count: DefaultPageSize when absent, a whole
+// number from 1 up, cut to MaxPageSize.
+func pageSize(hdr http.Header) (int, *apiError) {
+	v := strings.TrimSpace(hdr.Get(HeaderMaxItemCount))
+	if v == "" {
+		return DefaultPageSize, nil
+	}
+	n, err := strconv.ParseInt(v, 10, 64)
+	if err != nil && errors.Is(err, strconv.ErrRange) && !strings.HasPrefix(v, "-") {
+		n, err = MaxPageSize, nil
+	}
+	if err != nil || n < 1 {
+		return 0, badRequest(fmt.Sprintf("%s: %q is not a page size (a whole number from 1, at most %d are returned)",
+			HeaderMaxItemCount, v, MaxPageSize))
+	}
+	return int(min(n, MaxPageSize)), nil
+}
+
+// runQuery returns one page of the query's result, starting after from
+// (nil: the first page), and the continuation token of the next page, ""
+// when there is none.
+func (h *Handler) runQuery(ctx context.Context, q *query.Query, hash string, from *continuation, size int) ([]map[string]any, string, error) {
+	sel := labels.Everything()
+	if s := q.Plan().LabelSelector; s != "" {
+		var err error
+		if sel, err = labels.Parse(s); err != nil {
+			sel = labels.Everything() // not expected: the planner writes valid selectors
+		}
+	}
+	var list v1alpha1.DeviceTwinList
+	// The cache's objects are only read (rendering copies what it needs).
+	if err := h.opts.Reader.List(ctx, &list, client.UnsafeDisableDeepCopy); err != nil {
+		return nil, "", err
+	}
+	type candidate struct {
+		key twinKey
+		doc map[string]any
+	}
+	// A device id that several twins claim is the oldest one's (see
+	// controllers.ResolveDeviceID): the others are not devices.
+	owners := deviceOwners(list.Items)
+	var cands []candidate
+	for i := range list.Items {
+		t := &list.Items[i]
+		if owners[t.EffectiveDeviceID()] != t {
+			continue
+		}
+		if !sel.Matches(labels.Set(t.Labels)) && t.Status.ObservedGeneration == t.Generation {
+			continue
+		}
+		doc := hubtwin.FromDeviceTwin(t)
+		if !q.Match(doc) {
+			continue
+		}
+		cands = append(cands, candidate{key: twinKey{ID: deviceIDOf(doc), Namespace: t.Namespace, Name: t.Name}, doc: doc})
+	}
+	// Run orders by device id, keeping the given order among equal ids:
+	// give it the twins in key order so that order is total.
+	slices.SortFunc(cands, func(a, b candidate) int { return a.key.compare(b.key) })
+	docs := make([]map[string]any, len(cands))
+	keyOf := make(map[uintptr]twinKey, len(cands))
+	for i, c := range cands {
+		docs[i] = c.doc
+		keyOf[reflect.ValueOf(c.doc).Pointer()] = c.key
+	}
+	res, err := q.Run(docs)
+	if err != nil {
+		return nil, "", err
+	}
+	items := res.Items
+
+	if res.ItemType == query.ItemTypeTwin {
+		// SELECT * returns the documents it was given, in key order.
+		begin := 0
+		if from != nil && from.After != nil {
+			begin, _ = slices.BinarySearchFunc(items, *from.After, func(it map[string]any, k twinKey) int {
+				if it := keyOf[reflect.ValueOf(it).Pointer()]; it.compare(k) <= 0 {
+					return -1
+				}
+				return 1
+			})
+		}
+		end := min(begin+size, len(items))
+		page := items[begin:end]
+		if end == len(items) {
+			return page, "", nil
+		}
+		last := keyOf[reflect.ValueOf(items[end-1]).Pointer()]
+		return page, (&continuation{V: continuationVersion, Query: hash, After: &last}).encode(), nil
+	}
+	begin := 0
+	if from != nil {
+		begin = min(from.Offset, len(items))
+	}
+	end := min(begin+size, len(items))
+	page := items[begin:end]
+	if end == len(items) {
+		return page, "", nil
+	}
+	return page, (&continuation{V: continuationVersion, Query: hash, Offset: end}).encode(), nil
+}
+
+// twinKey is the position of a twin in a query's result.
+type twinKey struct {
+	ID        string `json:"d"`
+	Namespace string `json:"s"`
+	Name      string `json:"n"`
+}
+
+func (k twinKey) compare(o twinKey) int {
+	return cmp.Or(strings.Compare(k.ID, o.ID), strings.Compare(k.Namespace, o.Namespace), strings.Compare(k.Name, o.Name))
+}
+
+func deviceIDOf(doc map[string]any) string {
+	s, _ := doc["deviceId"].(string)
+	return s
+}
+
+// continuationVersion is the format version of continuation tokens.
+const continuationVersion = 1
+
+// continuation is the content of a continuation token.
+type continuation struct {
+	V int `json:"v"`
+	// Query is the hash of the query the token belongs to.
+	Query string `json:"q"`
+	// After is the position of the last twin returned (SELECT *).
+	After *twinKey `json:"a,omitempty"`
+	// Offset is the index of the next row (projections and aggregates).
+	Offset int `json:"o,omitempty"`
+}
+
+func (c *continuation) encode() string {
+	b, _ := json.Marshal(c)
+	return base64.RawURLEncoding.EncodeToString(b)
+}
+
+// decodeContinuation parses a token and checks that it belongs to the
+// query (its hash) and to its item type.
+func decodeContinuation(tok, hash, itemType string) (*continuation, error) {
+	bad := errors.New("not a continuation token of this query: send back the token of the previous page's reply with the same query")
+	b, err := base64.RawURLEncoding.DecodeString(strings.TrimRight(tok, "="))
+	if err != nil {
+		return nil, bad
+	}
+	var c continuation
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&c); err != nil || c.V != continuationVersion || c.Query != hash {
+		return nil, bad
+	}
+	if (itemType == query.ItemTypeTwin) != (c.After != nil) || c.Offset < 0 || (c.After == nil && c.Offset == 0) {
+		return nil, bad
+	}
+	return &c, nil
+}
+
+// queryHash identifies a query by its canonical text.
+func queryHash(q *query.Query) string {
+	sum := sha256.Sum256([]byte(q.String()))
+	return hex.EncodeToString(sum[:8])
+}

@@ -1,0 +1,137 @@
+package hubapi_test
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"strings"
+	"testing"
+)
+
+// queryPages runs a query page by page and returns every page's items and
+// the continuation header of every reply.
+func queryPages(t *testing.T, q string, size int) (pages [][]map[string]any, tokens []string) {
+	t.Helper()
+	body, _ := json.Marshal(map[string]string{"query": q})
+	tok := ""
+	for range 20 {
+		hdr := map[string]string{"x-ms-max-item-count": fmt.Sprint(size)}
+		if tok != "" {
+			hdr["x-ms-continuation"] = tok
+		}
+		r := call(t, http.MethodPost, "/devices/query", hdr, body).expect(t, http.StatusOK)
+		pages = append(pages, r.array(t))
+		vals := r.header.Values("x-ms-continuation")
+		if len(vals) == 0 {
+			tokens = append(tokens, "")
+			return pages, tokens
+		}
+		if len(vals) != 1 || vals[0] == "" {
+			t.Fatalf("x-ms-continuation %q", vals)
+		}
+		tok = vals[0]
+		tokens = append(tokens, tok)
+	}
+	t.Fatal("more than 20 pages")
+	return nil, nil
+}
+
+func TestQueryPaging(t *testing.T) {
+	reset(t)
+	ctx := context.Background()
+	// Created out of order, in two namespaces.
+	for _, i := range []int{4, 0, 6, 2, 5, 1, 3} {
+		ns := devNS
+		if i%2 == 1 {
+			ns = otherNS
+		}
+		newTwin(t, ns, fmt.Sprintf("paging-%d", i), fmt.Sprintf("paging-%d", i), `{"fleet":"paging","n":`+fmt.Sprint(i)+`}`, "")
+	}
+	// One twin the operator has reconciled: it carries the mirrored label,
+	// so the label selector finds it; another one reconciled without a
+	// matching label (its tags say otherwise) is skipped.
+	tw := getTwinObject(t, devNS, "paging-2")
+	tw.Labels = map[string]string{"fleet": "paging", "n": "2"}
+	if err := k8s.Update(ctx, tw); err != nil {
+		t.Fatal(err)
+	}
+	tw.Status.ObservedGeneration = tw.Generation
+	if err := k8s.Status().Update(ctx, tw); err != nil {
+		t.Fatal(err)
+	}
+	waitCached(t, tw)
+	other := newTwin(t, devNS, "paging-other", "paging-other", `{"fleet":"other"}`, "")
+	other.Status.ObservedGeneration = other.Generation
+	if err := k8s.Status().Update(ctx, other); err != nil {
+		t.Fatal(err)
+	}
+	waitCached(t, other)
+
+	// A second twin claiming paging-3 is not a device of its own: the
+	// query shows the twin that owns the id, as GET /twins does.
+	newTwin(t, devNS, "paging-dup", "paging-3", `{"fleet":"paging","n":99}`, "")
+
+	q := "SELECT * FROM devices WHERE tags.fleet = 'paging'"
+	pages, tokens := queryPages(t, q, 3)
+	if len(pages) != 3 || len(pages[0]) != 3 || len(pages[1]) != 3 || len(pages[2]) != 1 {
+		t.Fatalf("page sizes: %d pages %v", len(pages), pages)
+	}
+	if tokens[0] == "" || tokens[1] == "" || tokens[2] != "" {
+		t.Errorf("continuation tokens %q: want one on every page but the last", tokens)
+	}
+	var ids []string
+	for _, p := range pages {
+		for _, it := range p {
+			ids = append(ids, it["deviceId"].(string))
+			if _, ok := it["properties"]; !ok {
+				t.Errorf("item is not a twin: %v", it)
+			}
+		}
+	}
+	if got := strings.Join(ids, ","); got != "paging-0,paging-1,paging-2,paging-3,paging-4,paging-5,paging-6" {
+		t.Errorf("devices %s", got)
+	}
+	owner := call(t, http.MethodGet, "/twins/paging-3", nil, nil).expect(t, http.StatusOK).object(t)
+	valueEqual(t, "tags of paging-3 in the query", pages[1][0]["tags"], mustJSON(owner["tags"]))
+
+	// Item types.
+	body := func(q string) string { b, _ := json.Marshal(map[string]string{"query": q}); return string(b) }
+	r := call(t, http.MethodPost, "/devices/query", nil, body(q)).expect(t, http.StatusOK)
+	if r.header.Get("x-ms-item-type") != "twin" || len(r.array(t)) != 7 || len(r.header.Values("x-ms-continuation")) != 0 {
+		t.Errorf("one page of 7: item type %q, %d items, continuation %q", r.header.Get("x-ms-item-type"), len(r.array(t)), r.header.Values("x-ms-continuation"))
+	}
+	rawQ := "SELECT deviceId, tags.n AS n FROM devices WHERE tags.fleet = 'paging'"
+	pages, tokens = queryPages(t, rawQ, 5)
+	if len(pages) != 2 || len(pages[0]) != 5 || len(pages[1]) != 2 || tokens[1] != "" {
+		t.Fatalf("raw pages %v, tokens %q", pages, tokens)
+	}
+	valueEqual(t, "last row", pages[1][1], `{"deviceId":"paging-6","n":6}`)
+	r = call(t, http.MethodPost, "/devices/query", nil, body(rawQ)).expect(t, http.StatusOK)
+	if r.header.Get("x-ms-item-type") != "raw" {
+		t.Errorf("x-ms-item-type %q, want raw", r.header.Get("x-ms-item-type"))
+	}
+	r = call(t, http.MethodPost, "/devices/query", nil, body("SELECT COUNT() AS total FROM devices WHERE tags.fleet = 'paging'")).expect(t, http.StatusOK)
+	valueEqual(t, "count", r.array(t), `[{"total":7}]`)
+	r = call(t, http.MethodPost, "/devices/query", nil, body("SELECT TOP 4 * FROM devices WHERE tags.fleet = 'paging'")).expect(t, http.StatusOK)
+	if len(r.array(t)) != 4 {
+		t.Errorf("TOP 4 returned %d", len(r.array(t)))
+	}
+	pages, _ = queryPages(t, "SELECT TOP 5 * FROM devices WHERE tags.fleet = 'paging'", 3)
+	if len(pages) != 2 || len(pages[0])+len(pages[1]) != 5 {
+		t.Errorf("TOP 5 in pages of 3: %v", pages)
+	}
+
+	// Errors.
+	call(t, http.MethodPost, "/devices/query", nil, body("SELECT * FROM devices WHERE")).
+		expectError(t, http.StatusBadRequest, "ArgumentInvalid", "the query is invalid: line 1, column 28: expected a value after 'WHERE'")
+	call(t, http.MethodPost, "/devices/query", nil, `{"sql":"SELECT * FROM devices"}`).
+		expectError(t, http.StatusBadRequest, "ArgumentInvalid", `the request body must be {"query": "SELECT ..."}: the query is missing`)
+	call(t, http.MethodPost, "/devices/query", map[string]string{"x-ms-max-item-count": "lots"}, body(q)).
+		expectError(t, http.StatusBadRequest, "ArgumentInvalid", `x-ms-max-item-count: "lots" is not a page size (a whole number from 1, at most 1000 are returned)`)
+	for _, tok := range []string{"garbage!", tokens[0], "eyJ2IjoxfQ"} {
+		call(t, http.MethodPost, "/devices/query", map[string]string{"x-ms-continuation": tok}, body(q)).
+			expectError(t, http.StatusBadRequest, "ArgumentInvalid",
+				"x-ms-continuation: not a continuation token of this query: send back the token of the previous page's reply with the same query")
+	}
+}
