@@ -97,9 +97,15 @@ up() {
 	# The broker's TLS certificate is the operator's too (Secret
 	# default/kubetwin-mqtt-server-cert); devices trust the CA it publishes in
 	# the ConfigMap default/kubetwin-mqtt-ca.
+	# The service API (IoT Hub's REST API for Azure IoT service SDKs) needs
+	# port 443: the SDKs always use it. Served when this user may bind it.
+	service_api=
+	if [ "$(id -u)" = 0 ] && ! (exec 3<>/dev/tcp/127.0.0.1/443) 2>/dev/null; then
+		service_api=127.0.0.1:443
+	fi
 	bin/manager --mqtt-tls-bind-address "127.0.0.1:$mqtt_port" --hub-hostname localhost --health-probe-bind-address 127.0.0.1:0 \
 		--webhook-port "$webhook_port" --webhook-url "$webhook_url" --webhook-config-name admission \
-		--webhook-cert-dir "$state/webhook-certs" >"$state/manager.log" 2>&1 &
+		--webhook-cert-dir "$state/webhook-certs" --service-api-bind-address "$service_api" >"$state/manager.log" 2>&1 &
 	echo $! >"$state/manager.pid"
 	wait_for 30 "the embedded broker" bash -c "exec 3<>/dev/tcp/127.0.0.1/$mqtt_port"
 	wait_for 30 "the webhook server" bash -c "exec 3<>/dev/tcp/127.0.0.1/$webhook_port"
@@ -180,6 +186,22 @@ up() {
 		echo "demo: the bad change was accepted" >&2; exit 1
 	fi
 	run kubectl get devicetwin mydeviceid -o jsonpath='desired: {.spec.desired}{"\n"}'
+
+	if [ -n "$service_api" ] && command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1; then
+		step "8. An unmodified Azure IoT service SDK program (Node.js, npm package azure-iothub) runs the scenario's queries over IoT Hub's REST API"
+		sdk=test/e2e/testdata/iothub
+		[ -d "$sdk/node_modules/azure-iothub" ] || (cd "$sdk" && npm ci --no-audit --no-fund --loglevel=error)
+		kubectl get configmap kubetwin-mqtt-ca -o jsonpath='{.data.ca\.crt}' >"$state/ca.crt"
+		wait_for 30 "the service API" bash -c "exec 3<>/dev/tcp/127.0.0.1/443"
+		cs=$(kubectl twin service-connection-string -n default)
+		printf '$ %s\n' "kubectl twin service-connection-string -n default"
+		echo "${cs%%SharedAccessKey=*}SharedAccessKey=(the iothubowner policy's key, from the Secret kubetwin-service-policies)"
+		printf '$ %s\n' "IOTHUB_CONNECTION_STRING=... NODE_EXTRA_CA_CERTS=ca.crt node $sdk/AddTagsAndQuery.js query"
+		(cd "$sdk" && IOTHUB_CONNECTION_STRING="$cs" NODE_EXTRA_CA_CERTS="$state/ca.crt" node AddTagsAndQuery.js query) | sed 's/^/  node | /'
+		echo "(docs/iothub.md: devices with azure-iot-device work the same way, over MQTT on the embedded broker)"
+	else
+		echo "(skipping the Azure IoT SDK step: it needs Node.js and npm, and root to serve the service API on port 443)"
+	fi
 
 	step "The demo environment keeps running"
 	echo "  export KUBECONFIG=$KUBECONFIG"
