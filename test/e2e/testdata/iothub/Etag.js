@@ -14,6 +14,7 @@ registry.getTwin(deviceId, function (err, twin) {
     console.log('getTwin failed: ' + err.constructor.name + ': ' + err.message);
     process.exit(1);
   }
+  console.log('read: telemetryInterval ' + twin.properties.desired.telemetryInterval + ', desired version ' + twin.properties.desired.$version);
   var stale = twin.etag;
   registry.updateTwin(deviceId, { properties: { desired: { telemetryInterval: 30 } } }, stale, function (err, updated) {
     if (err) {

@@ -1,8 +1,9 @@
 'use strict';
 // Device registry operations through the service SDK: create a device
 // with generated keys, get it, list the devices, delete it, and get it
-// again (DeviceNotFoundError). Only the connection string comes from
-// outside (IOTHUB_CONNECTION_STRING); the device id is the first argument.
+// again (DeviceNotFoundError); or, with a second argument "create", only
+// create it. Only the connection string comes from outside
+// (IOTHUB_CONNECTION_STRING); the device id is the first argument.
 var iothub = require('azure-iothub');
 
 var registry = iothub.Registry.fromConnectionString(process.env.IOTHUB_CONNECTION_STRING);
@@ -11,6 +12,15 @@ var deviceId = process.argv[2];
 function fail(what, err) {
   console.log(what + ' failed: ' + err.constructor.name + ': ' + err.message);
   process.exit(1);
+}
+
+if (process.argv[3] === 'create') {
+  // Only create the device, and print its primary key for its device program.
+  registry.create({ deviceId: deviceId }, function (err, device) {
+    if (err) fail('create', err);
+    console.log('created ' + device.deviceId + ' ' + device.authentication.symmetricKey.primaryKey);
+  });
+  return;
 }
 
 registry.create({ deviceId: deviceId }, function (err, device) {
