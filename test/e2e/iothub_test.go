@@ -263,6 +263,30 @@ func TestIoTHubSDKs(t *testing.T) {
 	t.Run("registry", func(t *testing.T) { testRegistry(t, h) })
 	t.Run("etags and missing devices", func(t *testing.T) { testEtags(t, h) })
 	t.Run("query pages", func(t *testing.T) { testQueryPages(t, h) })
+	t.Run("policy rights", func(t *testing.T) { testPolicyRights(t, h) })
+}
+
+// testPolicyRights: the registryRead policy may query but not read or
+// write twins; the SDK gets UnauthorizedError.
+func testPolicyRights(t *testing.T, h *hubFixture) {
+	g := NewWithT(t)
+	cs := strings.TrimSpace(runPlugin(t, "service-connection-string", "-n", h.ns, "--policy", "registryRead"))
+	g.Expect(cs).To(HavePrefix("HostName=localhost;SharedAccessKeyName=registryRead;SharedAccessKey="))
+	env := map[string]string{"IOTHUB_CONNECTION_STRING": cs}
+	out := h.run(t, env, "AddTagsAndQuery.js", "query")
+	g.Expect(out).To(ConsistOf(
+		"Devices in Redmond43: myDeviceId",
+		"Devices in Redmond43 using cellular network: myDeviceId",
+	))
+	p := h.startNode(t, env, "AddTagsAndQuery.js")
+	select {
+	case <-p.exited:
+	case <-time.After(nodeWait):
+		t.Fatalf("AddTagsAndQuery.js did not finish:\n%s", p.output())
+	}
+	g.Expect(p.cmd.ProcessState.Success()).To(BeFalse())
+	g.Expect(p.output()).To(HavePrefix("UnauthorizedError: "))
+	g.Expect(p.output()).To(ContainSubstring("ServiceConnect"))
 }
 
 // testGettingStarted is spec §2 with the SDKs: the back end tags the
