@@ -135,14 +135,10 @@ func (h *Handler) runQuery(ctx context.Context, q *query.Query, hash string, fro
 	if err := h.opts.Reader.List(ctx, &list, client.UnsafeDisableDeepCopy); err != nil {
 		return nil, "", err
 	}
-	type candidate struct {
-		key twinKey
-		doc map[string]any
-	}
 	// A device id that several twins claim is the oldest one's (see
 	// controllers.ResolveDeviceID): the others are not devices.
 	owners := deviceOwners(list.Items)
-	var cands []candidate
+	var twins []*v1alpha1.DeviceTwin
 	for i := range list.Items {
 		t := &list.Items[i]
 		if owners[t.EffectiveDeviceID()] != t {
@@ -151,6 +147,19 @@ func (h *Handler) runQuery(ctx context.Context, q *query.Query, hash string, fro
 		if !sel.Matches(labels.Set(t.Labels)) && t.Status.ObservedGeneration == t.Generation {
 			continue
 		}
+		twins = append(twins, t)
+	}
+	if _, top := q.Top(); q.ItemType() == query.ItemTypeTwin && !top {
+		items, next := starPage(q, hash, twins, from, size)
+		return items, next, nil
+	}
+
+	type candidate struct {
+		key twinKey
+		doc map[string]any
+	}
+	var cands []candidate
+	for _, t := range twins {
 		doc := hubtwin.FromDeviceTwin(t)
 		if !q.Match(doc) {
 			continue
@@ -201,6 +210,48 @@ func (h *Handler) runQuery(ctx context.Context, q *query.Query, hash string, fro
 		return page, "", nil
 	}
 	return page, (&continuation{V: continuationVersion, Query: hash, Offset: end}).encode(), nil
+}
+
+// starPage answers one page of SELECT * without TOP, whose result is the
+// matching twins' documents in key order: it sorts the twins by key, skips
+// those up to the continuation point, and renders and evaluates the rest
+// only until the page is full and one more match shows that another page
+// exists. A page deep into a large fleet so costs a sort of keys, not a
+// rendering of every twin.
+func starPage(q *query.Query, hash string, twins []*v1alpha1.DeviceTwin, from *continuation, size int) ([]map[string]any, string) {
+	type keyed struct {
+		key twinKey
+		t   *v1alpha1.DeviceTwin
+	}
+	ks := make([]keyed, len(twins))
+	for i, t := range twins {
+		ks[i] = keyed{twinKey{ID: hubtwin.DeviceID(t), Namespace: t.Namespace, Name: t.Name}, t}
+	}
+	slices.SortFunc(ks, func(a, b keyed) int { return a.key.compare(b.key) })
+	begin := 0
+	if from != nil && from.After != nil {
+		begin, _ = slices.BinarySearchFunc(ks, *from.After, func(k keyed, after twinKey) int {
+			if k.key.compare(after) <= 0 {
+				return -1
+			}
+			return 1
+		})
+	}
+	page := []map[string]any{}
+	var last twinKey
+	for _, k := range ks[begin:] {
+		doc := hubtwin.FromDeviceTwin(k.t)
+		if !q.Match(doc) {
+			continue
+		}
+		if len(page) == size {
+			// Another match: the next page starts after the last one here.
+			return page, (&continuation{V: continuationVersion, Query: hash, After: &last}).encode()
+		}
+		page = append(page, doc)
+		last = k.key
+	}
+	return page, ""
 }
 
 // twinKey is the position of a twin in a query's result.

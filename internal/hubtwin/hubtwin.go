@@ -78,10 +78,7 @@ const (
 // operator's validation prevent) is rendered as an empty object. The result
 // shares nothing with t.
 func FromDeviceTwin(t *v1alpha1.DeviceTwin) map[string]any {
-	deviceID := t.Status.DeviceID
-	if deviceID == "" {
-		deviceID = t.EffectiveDeviceID()
-	}
+	deviceID := DeviceID(t)
 	connectionState := t.Status.ConnectionState
 	if connectionState == "" {
 		connectionState = v1alpha1.ConnectionStateDisconnected
@@ -133,6 +130,15 @@ func FromDeviceTwin(t *v1alpha1.DeviceTwin) map[string]any {
 			"reported": reported,
 		},
 	}
+}
+
+// DeviceID is the deviceId member of t's document: status.deviceId, else
+// t.EffectiveDeviceID().
+func DeviceID(t *v1alpha1.DeviceTwin) string {
+	if t.Status.DeviceID != "" {
+		return t.Status.DeviceID
+	}
+	return t.EffectiveDeviceID()
 }
 
 // Version returns the twin's version: metadata.generation (taken as 1 for an

@@ -135,6 +135,9 @@ func (q *Query) ItemType() string {
 	return ItemTypeRaw
 }
 
+// Top returns n of SELECT TOP n, and whether the query has a TOP.
+func (q *Query) Top() (int, bool) { return q.top, q.top >= 0 }
+
 // Columns returns the names of the projections in order, or nil for
 // SELECT *.
 func (q *Query) Columns() []string {

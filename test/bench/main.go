@@ -26,12 +26,25 @@
 //	    and a residual-only query, against kubectl get -l ... and the full
 //	    kubectl get from KUBEBUILDER_ASSETS on the same data: median and p90
 //	    over --query-reps runs, plugin/kubectl ratios, and the plugin's
-//	    answers checked against a full scan with internal/query.
+//	    answers checked against a full scan with internal/query;
+//	(e) service API (see service.go): after (c), with the operator running,
+//	    IoT Hub's service REST API (internal/hubapi, served over HTTPS by
+//	    the operator's manager, requests signed as the service SDKs sign
+//	    them) is driven by --service-concurrency clients in a closed loop
+//	    on --service-twins twins: GET /twins/{id} and PATCH /twins/{id}
+//	    for --service-duration each, a selective tag query and the full
+//	    fleet's query in pages of 100 for a quarter of it each; reads/s,
+//	    updates/s, p50/p99 and the queries' median/p90, each against the
+//	    same workload sent straight to the API server on the same twins
+//	    once the operator has stopped (GET, merge patch of spec.desired,
+//	    List -l, paged List). Every answer is checked: reads and update
+//	    replies carry the twin, every twin holds its last acknowledged
+//	    setpoint, every query returns each twin it should exactly once.
 //
 // It prints a table and one final JSON line on stdout, progress on stderr,
 // and exits 1 when a twin's status does not hold its device's last
-// acknowledged report or a query answer differs from the full scan (2 when
-// the run itself failed).
+// acknowledged report, a query answer differs from the full scan or the
+// service API answered wrongly (2 when the run itself failed).
 //
 //	KUBEBUILDER_ASSETS=$(hack/controlplane.sh) go run ./test/bench [flags]
 package main
@@ -83,6 +96,10 @@ type config struct {
 	role              string
 	queryTwins        int
 	queryReps         int
+	// (e)
+	serviceTwins       int
+	serviceDuration    time.Duration
+	serviceConcurrency int
 
 	restCfg *rest.Config // set once the control plane runs
 }
@@ -115,6 +132,9 @@ func parseFlags(args []string) (config, error) {
 	fs.StringVar(&c.apiProfile, "apiserver-profile", "", "write CPU profiles of kube-apiserver during each baseline level and the measured report window to PREFIX.baseline-N.pprof and PREFIX.reports.pprof")
 	fs.IntVar(&c.queryTwins, "query-twins", 10000, "(d) DeviceTwins of the query phase's fleet, created after the operator has stopped (0: skip the phase)")
 	fs.IntVar(&c.queryReps, "query-reps", 5, "(d) timed runs of each query command (after one warm-up run)")
+	fs.IntVar(&c.serviceTwins, "service-twins", 200, "(e) DeviceTwins the service API phase reads and updates (0: skip the phase)")
+	fs.DurationVar(&c.serviceDuration, "service-duration", 10*time.Second, "(e) length of the read and update workloads and of each of their baselines (the two queries and their baselines run for a quarter of it each)")
+	fs.IntVar(&c.serviceConcurrency, "service-concurrency", 16, "(e) requests in flight in every workload of the service API phase and its baselines")
 	fs.StringVar(&c.role, "role", "", "internal: \"devices\" runs the device process")
 	fs.StringVar(&c.pprofAddr, "pprof-addr", "", "serve net/http/pprof of this process on this address (e.g. 127.0.0.1:6060)")
 	fs.StringVar(&c.cpuProfile, "cpuprofile", "", "write a CPU profile of this process (operator and broker; the devices run in a child process) during the measured report window to this file")
@@ -148,6 +168,12 @@ func parseFlags(args []string) (config, error) {
 		return c, fmt.Errorf("--query-twins must not be negative")
 	case c.queryReps < 1:
 		return c, fmt.Errorf("--query-reps must be at least 1")
+	case c.serviceTwins < 0:
+		return c, fmt.Errorf("--service-twins must not be negative")
+	case c.serviceTwins > 0 && c.serviceDuration < 4*time.Millisecond:
+		return c, fmt.Errorf("--service-duration must be positive")
+	case c.serviceConcurrency < 1:
+		return c, fmt.Errorf("--service-concurrency must be at least 1")
 	}
 	if c.inflight == 0 {
 		c.inflight = 4
@@ -267,6 +293,57 @@ type results struct {
 	QueryResidualPluginBytes   int     `json:"query_residual_plugin_output_bytes"`
 	QueryResidualKubectlBytes  int     `json:"query_residual_kubectl_output_bytes"`
 	QueryMismatches            int     `json:"query_wrong_answers"`
+	// (e) The service API, and the API server's own rate on the same
+	// twins (operator stopped; the "base_" fields).
+	ServiceTwins                 int                `json:"service_twins"`
+	ServiceFleet                 int                `json:"service_fleet_twins"`
+	ServiceConcurrency           int                `json:"service_concurrency"`
+	ServiceDurationSec           float64            `json:"service_duration_sec"`
+	ServiceQueryDurationSec      float64            `json:"service_query_duration_sec"`
+	ServiceReadsPerSec           float64            `json:"service_reads_per_sec"`
+	ServiceReadP50Ms             float64            `json:"service_read_p50_ms"`
+	ServiceReadP99Ms             float64            `json:"service_read_p99_ms"`
+	ServiceReadNon2xx            map[string]int64   `json:"service_read_non_2xx"`
+	BaseReadsPerSec              float64            `json:"service_base_reads_per_sec"`
+	BaseReadP50Ms                float64            `json:"service_base_read_p50_ms"`
+	BaseReadP99Ms                float64            `json:"service_base_read_p99_ms"`
+	BaseReadNon2xx               map[string]int64   `json:"service_base_read_non_2xx"`
+	ServiceReadRatio             float64            `json:"service_read_ratio"`
+	ServiceUpdatesPerSec         float64            `json:"service_updates_per_sec"`
+	ServiceUpdateP50Ms           float64            `json:"service_update_p50_ms"`
+	ServiceUpdateP99Ms           float64            `json:"service_update_p99_ms"`
+	ServiceUpdateNon2xx          map[string]int64   `json:"service_update_non_2xx"`
+	ServiceStatusWritesPerUpdate float64            `json:"service_status_writes_per_update"`
+	CPUServiceUpdates            map[string]float64 `json:"cpu_cores_service_updates"`
+	CPUServiceBaseUpdates        map[string]float64 `json:"cpu_cores_service_base_updates"`
+	BaseUpdatesPerSec            float64            `json:"service_base_updates_per_sec"`
+	BaseUpdateP50Ms              float64            `json:"service_base_update_p50_ms"`
+	BaseUpdateP99Ms              float64            `json:"service_base_update_p99_ms"`
+	BaseUpdateNon2xx             map[string]int64   `json:"service_base_update_non_2xx"`
+	ServiceUpdateRatio           float64            `json:"service_update_ratio"`
+	ServiceSelectiveExpected     int                `json:"service_selective_matches"`
+	ServiceSelectivePages        int                `json:"service_selective_pages"`
+	ServiceSelectiveMs           float64            `json:"service_selective_query_ms"`
+	ServiceSelectiveP90Ms        float64            `json:"service_selective_query_p90_ms"`
+	ServiceSelectivePerSec       float64            `json:"service_selective_queries_per_sec"`
+	ServiceSelectiveNon2xx       map[string]int64   `json:"service_selective_non_2xx"`
+	BaseSelectiveMs              float64            `json:"service_base_selective_list_ms"`
+	BaseSelectiveP90Ms           float64            `json:"service_base_selective_list_p90_ms"`
+	BaseSelectiveNon2xx          map[string]int64   `json:"service_base_selective_non_2xx"`
+	ServiceSelectiveRatio        float64            `json:"service_selective_ratio"`
+	ServiceFullPages             int                `json:"service_full_pages"`
+	ServiceFullMs                float64            `json:"service_full_query_ms"`
+	ServiceFullP90Ms             float64            `json:"service_full_query_p90_ms"`
+	ServiceFullPerSec            float64            `json:"service_full_queries_per_sec"`
+	ServiceFullNon2xx            map[string]int64   `json:"service_full_non_2xx"`
+	BaseFullMs                   float64            `json:"service_base_full_list_ms"`
+	BaseFullP90Ms                float64            `json:"service_base_full_list_p90_ms"`
+	BaseFullNon2xx               map[string]int64   `json:"service_base_full_non_2xx"`
+	ServiceFullRatio             float64            `json:"service_full_ratio"`
+	ServiceReadMismatches        int                `json:"service_read_mismatches"`
+	ServiceUpdateMismatches      int                `json:"service_update_mismatches"`
+	ServiceSetpointMismatches    int                `json:"service_setpoint_mismatches"`
+	ServiceQueryMismatches       int                `json:"service_query_wrong_answers"`
 	// Health.
 	OperatorErrorLogs int64   `json:"operator_error_logs"`
 	DeviceLogLines    int64   `json:"device_log_lines"`
@@ -326,6 +403,10 @@ func printResults(r *results) {
 		row("  kubectl get -o json (full list)", fmt.Sprintf("%.0f / %.0f ms  (%d items, %d KB out)", r.QueryResidualKubectlMs, r.QueryResidualKubectlP90Ms, r.QueryResidualKubectlItems, r.QueryResidualKubectlBytes/1024))
 		row("  ratio plugin / kubectl (medians)", fmt.Sprintf("%.2f", r.QueryResidualRatio))
 		row("wrong query answers", fmt.Sprintf("%d", r.QueryMismatches))
+		fmt.Fprintln(w, "  ----------------------------------------------------------------------")
+	}
+	if r.ServiceTwins > 0 {
+		printService(r, row)
 		fmt.Fprintln(w, "  ----------------------------------------------------------------------")
 	}
 	row("operator error log lines", fmt.Sprintf("%d", r.OperatorErrorLogs))

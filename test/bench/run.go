@@ -84,7 +84,7 @@ func run(ctx context.Context, cfg config) (code int) {
 	if err != nil {
 		return fail("client", err)
 	}
-	for _, ns := range []string{baselineNS, devicesNS} {
+	for _, ns := range []string{baselineNS, devicesNS, serviceNS} {
 		if err := k8s.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}); err != nil && !apierrors.IsAlreadyExists(err) {
 			return fail("creating namespace "+ns, err)
 		}
@@ -106,6 +106,11 @@ func run(ctx context.Context, cfg config) (code int) {
 	// The devices' twins, then the operator, then the devices.
 	if err := createTwins(ctx, k8s, devicesNS, "dev-", cfg.devices, "device twins"); err != nil {
 		return fail("creating the device twins", err)
+	}
+	if cfg.serviceTwins > 0 {
+		if err := createServiceTwins(ctx, k8s, cfg.serviceTwins); err != nil {
+			return fail("creating the service twins", err)
+		}
 	}
 	op, err := startOperator(ctx, restCfg, cfg)
 	if err != nil {
@@ -150,6 +155,14 @@ func run(ctx context.Context, cfg config) (code int) {
 		return fail("desired phase", err)
 	}
 
+	// (e) Service API, with the operator running; its baselines follow
+	// once the operator has stopped.
+	if cfg.serviceTwins > 0 {
+		if err := runServicePhase(ctx, k8s, op.service, cfg, res); err != nil {
+			return fail("service API phase", err)
+		}
+	}
+
 	// The operator goes first, so the devices' goodbyes cost no status
 	// writes. (Its errors are counted before: stopping cancels writes.)
 	res.OperatorErrorLogs = opLog.lines.Load()
@@ -164,6 +177,11 @@ func run(ctx context.Context, cfg config) (code int) {
 		}
 		if res.BaselineDeviceTwins > 0 {
 			res.WriteRateVsDevBase = 100 * res.WritesPerSec / res.BaselineDeviceTwins
+		}
+	}
+	if cfg.serviceTwins > 0 {
+		if err := runServiceBaselines(ctx, cfg, res); err != nil {
+			return fail("service API baselines", err)
 		}
 	}
 	// (d) Queries: last, with the operator stopped, so nothing reconciles
@@ -182,6 +200,11 @@ func run(ctx context.Context, cfg config) (code int) {
 	}
 	if res.QueryMismatches > 0 {
 		progress("FAIL: %d query answers differ from the full scan", res.QueryMismatches)
+		code = 1
+	}
+	if n := res.serviceMismatches(); n > 0 {
+		progress("FAIL: %d wrong service API answers (reads %d, update replies %d, setpoints %d, queries %d)", n,
+			res.ServiceReadMismatches, res.ServiceUpdateMismatches, res.ServiceSetpointMismatches, res.ServiceQueryMismatches)
 		code = 1
 	}
 	return code
@@ -372,6 +395,7 @@ func runReportsPhase(ctx context.Context, dp *deviceProc, cfg config, res *resul
 // operator is the in-process kubetwin operator.
 type operator struct {
 	brokerURL string
+	service   *serviceAPI // the service API of phase (e); nil without it
 	cancel    context.CancelFunc
 	done      chan error
 	stopOnce  sync.Once
@@ -427,6 +451,12 @@ func startOperator(ctx context.Context, restCfg *rest.Config, cfg config) (*oper
 		return nil, fmt.Errorf("controller: %w", err)
 	}
 	op := &operator{cancel: cancel, done: make(chan error, 1)}
+	if cfg.serviceTwins > 0 {
+		if op.service, err = addServiceAPI(ctx, mgr, cfg); err != nil {
+			cancel()
+			return nil, fmt.Errorf("service API: %w", err)
+		}
+	}
 	go func() { op.done <- mgr.Start(mctx) }()
 	select {
 	case <-emb.Ready():
@@ -445,6 +475,16 @@ func startOperator(ctx context.Context, restCfg *rest.Config, cfg config) (*oper
 	}
 	op.brokerURL = "tcp://" + emb.Addr()
 	progress("operator running; embedded broker at %s", op.brokerURL)
+	if op.service != nil {
+		select {
+		case <-op.service.srv.Ready():
+		case <-time.After(60 * time.Second):
+			op.stop()
+			return nil, errors.New("the service API did not listen within 60s")
+		}
+		op.service.baseURL = "https://" + op.service.srv.Addr()
+		progress("service API at %s (hub %s)", op.service.baseURL, serviceHub)
+	}
 	return op, nil
 }
 
