@@ -4,10 +4,12 @@
 #   docker build -t ghcr.io/kubetwin/kubetwin:v0.1.0 .
 #   docker buildx build --platform linux/amd64,linux/arm64 -t ghcr.io/kubetwin/kubetwin:v0.1.0 --push .
 #
-# Not built in this repository's CI or by make: the development machines have no container engine. What the
-# chart and config/manager expect of it: the binary at /manager, user 65532, nothing written outside the
+# The development machines have no container engine, so CI does not build the image; test/helm checks the
+# recipe instead (what it copies, its go build run as written gives a static binary, the final stage). What
+# the chart and config/manager expect of it: the binary at /manager, user 65532, nothing written outside the
 # mounted webhook certificate folder (the root filesystem is read-only), ports 8883 (MQTT over TLS), 1883
-# (plain MQTT, only with --mqtt-bind-address), 8081 (probes), 8443 (metrics) and 9443 (webhooks).
+# (plain MQTT, only with --mqtt-bind-address), 8081 (probes), 8443 (metrics), 9443 (webhooks) and 10443 (the
+# service API).
 
 ARG GO_VERSION=1.26
 
@@ -34,5 +36,5 @@ LABEL org.opencontainers.image.title="kubetwin" \
 WORKDIR /
 COPY --from=builder /out/manager /manager
 USER 65532:65532
-EXPOSE 8883 1883 8081 8443 9443
+EXPOSE 8883 1883 8081 8443 9443 10443
 ENTRYPOINT ["/manager"]
