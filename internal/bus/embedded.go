@@ -592,12 +592,16 @@ func (h *embeddedHook) OnPacketProcessed(cl *mqtt.Client, pk packets.Packet, err
 	h.e.sendParentRetained(cl, pk)
 }
 
-// OnSessionEstablished reports a client online.
+// OnSessionEstablished reports a client online, and gives an Azure IoT
+// SDK client whose session the broker lacked its twin subscriptions back.
 func (h *embeddedHook) OnSessionEstablished(cl *mqtt.Client, _ packets.Packet) {
 	if cl.Net.Inline {
 		return
 	}
 	h.e.online(cl)
+	if isIoTHubSDK(cl) {
+		h.e.iothubRestoreSubscriptions(cl)
+	}
 }
 
 // OnWill stops Acks of cl's messages from sending a PUBACK or forwarding

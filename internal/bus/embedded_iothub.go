@@ -42,12 +42,16 @@ package bus
 //
 // Lost sessions. An IoT Hub SDK connects with clean=false and subscribes
 // once per process. When the broker did not have such a client's session
-// (sessionPresent=false, e.g. the operator restarted), the client's first
-// twin request gives the session both twin subscriptions, unless it has
-// subscribed for responses itself since.
+// (sessionPresent=false, e.g. the operator restarted), the session gets
+// both twin subscriptions back: at once when the client is an Azure IoT
+// SDK (its username carries DeviceClientType, as every Azure IoT device
+// SDK sends it), so that a device that only waits for desired changes
+// still gets them; otherwise on the client's first twin request, unless
+// it has subscribed for responses itself since.
 
 import (
 	"fmt"
+	"net/url"
 	"slices"
 	"strconv"
 	"strings"
@@ -334,6 +338,17 @@ func (e *Embedded) iothubRestoreSubscriptions(cl *mqtt.Client) {
 	}
 	e.log.Info("broker had lost the session of an IoT Hub client; subscribed it to its twin topics",
 		"clientID", cl.ID, "remote", cl.Net.Remote, "filters", added)
+}
+
+// isIoTHubSDK reports whether cl identified itself as an Azure IoT device
+// SDK: its username is "<hub>/<device>/?api-version=...&DeviceClientType=...".
+func isIoTHubSDK(cl *mqtt.Client) bool {
+	_, query, ok := strings.Cut(string(cl.Properties.Username), "?")
+	if !ok {
+		return false
+	}
+	v, err := url.ParseQuery(query)
+	return err == nil && v.Get("DeviceClientType") != ""
 }
 
 // sessionEstablishing notes a client with clean=false (MQTT 5: clean start

@@ -539,6 +539,34 @@ func TestIoTHubLostSessionGetsSubscriptions(t *testing.T) {
 	f.rec.none(t, 100*time.Millisecond)
 }
 
+// TestIoTHubLostSessionOfSDKRestoredAtConnect: an Azure IoT SDK client
+// (DeviceClientType in its username) whose session the broker lost gets
+// its twin subscriptions back as it connects, so a device that only waits
+// for desired changes gets them without sending a request first.
+func TestIoTHubLostSessionOfSDKRestoredAtConnect(t *testing.T) {
+	f := startIoTHub(t, true, bridgeLike)
+	o := iothubOpts(f.bus.Addr(), "dev-1")
+	d := &iothubDevice{t: t, id: "dev-1", msgs: make(chan paho.Message, 100), lost: make(chan struct{})}
+	o.SetDefaultPublishHandler(func(_ paho.Client, m paho.Message) { d.msgs <- m }).
+		SetUsername("myhub.azure-devices.net/dev-1/?api-version=2021-04-12&DeviceClientType=azure-iot-device%2F1.18.4%20(node%20v20)").
+		SetPassword("ok")
+	d.c = paho.NewClient(o)
+	if tok := d.c.Connect(); !tok.WaitTimeout(waitTimeout) || tok.Error() != nil {
+		t.Fatalf("connect: %v", tok.Error())
+	} else if tok.(*paho.ConnectToken).SessionPresent() {
+		t.Fatal("fresh broker: session present")
+	}
+	t.Cleanup(func() { d.c.Disconnect(0) })
+	f.publishDesiredPatch(t, "dev-1", `{"mode":"eco","$version":4}`)
+	d.expect("$iothub/twin/PATCH/properties/desired/?$version=4", `{"mode":"eco","$version":4}`, 0)
+	f.nextAck(t, "dev-1", 4)
+
+	// A client without DeviceClientType keeps waiting for its first request.
+	plain := connectIoTHub(t, iothubOpts(f.bus.Addr(), "dev-2"), "ok")
+	f.publishDesiredPatch(t, "dev-2", `{"$version":4}`)
+	plain.none(300 * time.Millisecond)
+}
+
 func TestIoTHubTakeOver(t *testing.T) {
 	f := startIoTHub(t, true, bridgeLike)
 	first := connectIoTHub(t, iothubOpts(f.bus.Addr(), "dev-1"), "ok")

@@ -11,6 +11,7 @@ var Protocol = require('azure-iot-device-mqtt').Mqtt;
 
 var client = Client.fromConnectionString(process.env.DEVICE_CONNECTION_STRING, Protocol);
 
+client.on('connect', function () { console.log('connected'); });
 client.on('disconnect', function () { console.log('disconnected (the retry policy gave up)'); });
 client.on('error', function (err) { console.log('client error: ' + err.message); });
 
