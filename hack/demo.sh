@@ -198,7 +198,18 @@ up() {
 		echo "${cs%%SharedAccessKey=*}SharedAccessKey=(the iothubowner policy's key, from the Secret kubetwin-service-policies)"
 		printf '$ %s\n' "IOTHUB_CONNECTION_STRING=... NODE_EXTRA_CA_CERTS=ca.crt node $sdk/AddTagsAndQuery.js query"
 		(cd "$sdk" && IOTHUB_CONNECTION_STRING="$cs" NODE_EXTRA_CA_CERTS="$state/ca.crt" node AddTagsAndQuery.js query) | sed 's/^/  node | /'
-		echo "(docs/iothub.md: devices with azure-iot-device work the same way, over MQTT on the embedded broker)"
+
+		step "9. The service SDK registers a device; the device SDK (azure-iot-device over MQTT) connects with its key and reports"
+		printf '$ %s\n' "node $sdk/Registry.js Lab:Sensor.7 create"
+		created=$(cd "$sdk" && IOTHUB_CONNECTION_STRING="$cs" NODE_EXTRA_CA_CERTS="$state/ca.crt" node Registry.js Lab:Sensor.7 create)
+		key=${created##* }
+		echo "  node | ${created% *} (primary key)"
+		run kubectl get devicetwins -o custom-columns='NAME:.metadata.name,DEVICE ID:.spec.deviceId'
+		printf '$ %s\n' "DEVICE_CONNECTION_STRING='HostName=localhost:$mqtt_port;DeviceId=Lab:Sensor.7;SharedAccessKey=...' node $sdk/ReportConnectivity.js"
+		(cd "$sdk" && DEVICE_CONNECTION_STRING="HostName=localhost:$mqtt_port;DeviceId=Lab:Sensor.7;SharedAccessKey=$key" \
+			NODE_EXTRA_CA_CERTS="$state/ca.crt" node ReportConnectivity.js) | sed 's/^/  node | /'
+		run kubectl twin query "SELECT deviceId, properties.reported.connectivity.type AS connectivity FROM devices"
+		echo "(docs/iothub.md: what the IoT Hub endpoints serve and how they map onto DeviceTwins)"
 	else
 		echo "(skipping the Azure IoT SDK step: it needs Node.js and npm, and root to serve the service API on port 443)"
 	fi
