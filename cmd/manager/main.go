@@ -191,7 +191,7 @@ func run(ctx context.Context, o options) error {
 	if err := setupWebhook(ctx, mgr, o.webhook); err != nil {
 		return err
 	}
-	if err := setupServiceAPI(ctx, mgr, o); err != nil {
+	if err := setupServiceAPI(ctx, mgr, o, b); err != nil {
 		return err
 	}
 	log.Info("starting manager", "embeddedBroker", o.brokerURL == "", "brokerUrl", o.brokerURL, "mqttBindAddress", o.mqttListen,

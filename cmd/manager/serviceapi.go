@@ -5,6 +5,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"net/http"
 	"os"
 	"time"
 
@@ -14,6 +15,7 @@ import (
 
 	"github.com/kubetwin/kubetwin/api/v1alpha1"
 	"github.com/kubetwin/kubetwin/controllers"
+	"github.com/kubetwin/kubetwin/internal/bus"
 	"github.com/kubetwin/kubetwin/internal/hubapi"
 )
 
@@ -84,8 +86,10 @@ func checkServiceAPIFlags(o options) error {
 
 // setupServiceAPI serves IoT Hub's service REST API on every replica,
 // over HTTPS with the hub's certificate, after making sure the shared
-// access policies Secret exists.
-func setupServiceAPI(ctx context.Context, mgr ctrl.Manager, o options) error {
+// access policies Secret exists. With the embedded broker (b), the same
+// server serves MQTT over WebSockets at /$iothub/websocket, as IoT Hub
+// does on port 443.
+func setupServiceAPI(ctx context.Context, mgr ctrl.Manager, o options, b bus.Bus) error {
 	s := o.service
 	if s.listen == "" {
 		return nil
@@ -126,7 +130,14 @@ func setupServiceAPI(ctx context.Context, mgr ctrl.Manager, o options) error {
 	if err != nil {
 		return err
 	}
-	srv, err := hubapi.NewServer(hubapi.ServerOptions{Addr: s.listen, TLSConfig: tlsCfg, Handler: h, Logger: ctrl.Log.WithName("service-api")})
+	var handler http.Handler = h
+	if e, ok := b.(*bus.Embedded); ok {
+		mux := http.NewServeMux()
+		mux.Handle(bus.WebSocketPath, e.WebSocketHandler())
+		mux.Handle("/", h)
+		handler = mux
+	}
+	srv, err := hubapi.NewServer(hubapi.ServerOptions{Addr: s.listen, TLSConfig: tlsCfg, Handler: handler, Logger: ctrl.Log.WithName("service-api")})
 	if err != nil {
 		return err
 	}

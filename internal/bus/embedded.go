@@ -218,6 +218,12 @@ func (e *Embedded) Start(ctx context.Context) error {
 			return fmt.Errorf("embedded bus: listen on %s (TLS): %w", e.tlsListen, err)
 		}
 	}
+	// Connections from WebSocketHandler, registered so that they close
+	// with the broker.
+	if err := e.server.AddListener(wsListener{}); err != nil {
+		_ = e.server.Close()
+		return fmt.Errorf("embedded bus: %w", err)
+	}
 	if err := e.server.Serve(); err != nil {
 		_ = e.server.Close()
 		return fmt.Errorf("embedded bus: serve: %w", err)

@@ -318,6 +318,15 @@ func testGettingStarted(t *testing.T, h *hubFixture) {
 		"Devices in Redmond43: myDeviceId",
 		"Devices in Redmond43 using cellular network: myDeviceId",
 	))
+
+	// The same device over MQTT over WebSockets (the SDK's MqttWs, for
+	// networks that let only HTTPS out): wss://<hub>:443/$iothub/websocket
+	// on the service API's port, so the HostName carries no port.
+	createTwin(t, h.ns, "ws-device", "ws-device", "")
+	wsCS := string(secret(t, h.ns, v1alpha1.KeySecretName("ws-device")).Data[v1alpha1.ConnectionStringKey])
+	out = h.run(t, map[string]string{"DEVICE_CONNECTION_STRING": wsCS}, "ReportConnectivity.js", "ws")
+	g.Expect(out).To(Equal([]string{"client opened", "twin state reported"}))
+	g.Expect(doc(getTwin(g, h.ns, "ws-device").Status.Reported)).To(Equal(map[string]any{"connectivity": map[string]any{"type": "cellular"}}))
 }
 
 // testDesiredAndReconnect: a device gets desired changes made with kubectl

@@ -3,7 +3,8 @@
 // connect, get the twin, report the connectivity type.
 // Only the connection string comes from outside (DEVICE_CONNECTION_STRING).
 var Client = require('azure-iot-device').Client;
-var Protocol = require('azure-iot-device-mqtt').Mqtt;
+// MQTT, or with the argument "ws" MQTT over WebSockets (wss://<hub>:443/$iothub/websocket).
+var Protocol = process.argv[2] === 'ws' ? require('azure-iot-device-mqtt').MqttWs : require('azure-iot-device-mqtt').Mqtt;
 
 var connectionString = process.env.DEVICE_CONNECTION_STRING;
 var client = Client.fromConnectionString(connectionString, Protocol);
