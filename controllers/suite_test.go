@@ -20,9 +20,9 @@ import (
 
 	"github.com/kubetwin/kubetwin/api/v1alpha1"
 	"github.com/kubetwin/kubetwin/controllers"
-	"github.com/kubetwin/kubetwin/internal/bridge"
 	"github.com/kubetwin/kubetwin/internal/bus"
 	"github.com/kubetwin/kubetwin/internal/deviceauth"
+	"github.com/kubetwin/kubetwin/internal/operator"
 )
 
 // The suite runs the real manager (cache, controller, embedded broker)
@@ -92,12 +92,7 @@ func runSuite(m *testing.M) int {
 		fmt.Fprintf(os.Stderr, "manager: %v\n", err)
 		return 1
 	}
-	br := bridge.New(bridge.Options{
-		Logger: ctrl.Log.WithName("bridge"),
-		Resolve: func(ctx context.Context, id string) (*v1alpha1.DeviceTwin, error) {
-			return controllers.ResolveDeviceID(ctx, mgr.GetClient(), id)
-		},
-	})
+	br := operator.NewBridge(mgr)
 	auth := &deviceauth.Authenticator{HubHostname: testHub, Lookup: controllers.DeviceLookup(mgr.GetClient())}
 	emb, err := bus.NewEmbedded(bus.EmbeddedOptions{
 		Listen: "127.0.0.1:0", Handler: br.Handle, Presence: br.Presence, Logger: ctrl.Log.WithName("broker"),
@@ -107,18 +102,15 @@ func runSuite(m *testing.M) int {
 		fmt.Fprintf(os.Stderr, "broker: %v\n", err)
 		return 1
 	}
-	br.SetBus(emb)
-	if err := mgr.Add(emb); err != nil {
-		fmt.Fprintf(os.Stderr, "adding broker: %v\n", err)
+	if err := operator.AddBus(mgr, br, emb); err != nil {
+		fmt.Fprintf(os.Stderr, "%v\n", err)
 		return 1
 	}
-	r := &controllers.DeviceTwinReconciler{Client: mgr.GetClient(), Bridge: br, Recorder: mgr.GetEventRecorder("kubetwin"),
-		Credentials: &controllers.Credentials{
-			HubHostname: testHub,
-			Provisioner: deviceauth.EmbeddedProvisioner{Broker: emb, Auth: auth},
-		}}
-	if err := r.SetupWithManager(ctx, mgr); err != nil {
-		fmt.Fprintf(os.Stderr, "controller: %v\n", err)
+	if err := operator.AddReconciler(ctx, mgr, br, operator.ReconcilerOptions{Credentials: &controllers.Credentials{
+		HubHostname: testHub,
+		Provisioner: deviceauth.EmbeddedProvisioner{Broker: emb, Auth: auth},
+	}}); err != nil {
+		fmt.Fprintf(os.Stderr, "%v\n", err)
 		return 1
 	}
 	done := make(chan error, 1)

@@ -25,7 +25,6 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/healthz"
 	"sigs.k8s.io/controller-runtime/pkg/log/zap"
-	"sigs.k8s.io/controller-runtime/pkg/manager"
 	"sigs.k8s.io/controller-runtime/pkg/metrics/filters"
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 	crwebhook "sigs.k8s.io/controller-runtime/pkg/webhook"
@@ -35,6 +34,7 @@ import (
 	"github.com/kubetwin/kubetwin/internal/bridge"
 	"github.com/kubetwin/kubetwin/internal/bus"
 	"github.com/kubetwin/kubetwin/internal/deviceauth"
+	"github.com/kubetwin/kubetwin/internal/operator"
 	"github.com/kubetwin/kubetwin/internal/webhook"
 )
 
@@ -153,12 +153,7 @@ func run(ctx context.Context, o options) error {
 	if err != nil {
 		return err
 	}
-	br := bridge.New(bridge.Options{
-		Logger: ctrl.Log.WithName("bridge"),
-		Resolve: func(ctx context.Context, id string) (*v1alpha1.DeviceTwin, error) {
-			return controllers.ResolveDeviceID(ctx, mgr.GetClient(), id)
-		},
-	})
+	br := operator.NewBridge(mgr)
 	auth, err := newAuthenticator(mgr, o)
 	if err != nil {
 		return err
@@ -167,23 +162,15 @@ func run(ctx context.Context, o options) error {
 	if err != nil {
 		return err
 	}
-	br.SetBus(b)
-	if err := mgr.Add(b.(manager.Runnable)); err != nil {
+	if err := operator.AddBus(mgr, br, b); err != nil {
 		return err
 	}
 	creds, err := setupCredentials(mgr, o, b, auth)
 	if err != nil {
 		return err
 	}
-	r := &controllers.DeviceTwinReconciler{
-		Client:                  mgr.GetClient(),
-		Bridge:                  br,
-		Recorder:                mgr.GetEventRecorder("kubetwin"),
-		MaxConcurrentReconciles: o.workers,
-		Credentials:             creds,
-	}
-	if err := r.SetupWithManager(ctx, mgr); err != nil {
-		return fmt.Errorf("setting up the DeviceTwin controller: %w", err)
+	if err := operator.AddReconciler(ctx, mgr, br, operator.ReconcilerOptions{Workers: o.workers, Credentials: creds}); err != nil {
+		return err
 	}
 	if err := setupProbes(mgr); err != nil {
 		return err

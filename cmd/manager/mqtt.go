@@ -19,6 +19,7 @@ import (
 	"github.com/kubetwin/kubetwin/internal/bus"
 	"github.com/kubetwin/kubetwin/internal/deviceauth"
 	"github.com/kubetwin/kubetwin/internal/dynsec"
+	"github.com/kubetwin/kubetwin/internal/operator"
 	"github.com/kubetwin/kubetwin/internal/webhook"
 )
 
@@ -240,7 +241,7 @@ func containsFold(l []string, s string) bool {
 // syncCertificate issues a certificate manager's certificate before the
 // manager starts (its server needs it to start), retrying for a while.
 func syncCertificate(ctx context.Context, cm *webhook.CertManager, what string) error {
-	return retryStartup(ctx, "issuing "+what, func() error {
+	return operator.RetryStartup(ctx, "issuing "+what, func() error {
 		_, err := cm.Sync(ctx)
 		return err
 	})

@@ -5,18 +5,13 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"net/http"
 	"os"
-	"time"
 
 	"k8s.io/apimachinery/pkg/types"
 	ctrl "sigs.k8s.io/controller-runtime"
-	"sigs.k8s.io/controller-runtime/pkg/client"
 
-	"github.com/kubetwin/kubetwin/api/v1alpha1"
-	"github.com/kubetwin/kubetwin/controllers"
 	"github.com/kubetwin/kubetwin/internal/bus"
-	"github.com/kubetwin/kubetwin/internal/hubapi"
+	"github.com/kubetwin/kubetwin/internal/operator"
 )
 
 // serviceAPIOptions are the flags of the service API: IoT Hub's service
@@ -67,11 +62,6 @@ func firstNonEmpty(v ...string) string {
 	return ""
 }
 
-// awaitReconcile is how long a service API write of tags or desired
-// properties waits for the operator's follow-up writes (see
-// hubapi.Options.AwaitReconcile).
-const awaitReconcile = 2 * time.Second
-
 // checkServiceAPIFlags refuses a registry namespace the operator does not
 // watch: it would never see the twins it creates there.
 func checkServiceAPIFlags(o options) error {
@@ -94,81 +84,27 @@ func setupServiceAPI(ctx context.Context, mgr ctrl.Manager, o options, b bus.Bus
 	if s.listen == "" {
 		return nil
 	}
-	log := ctrl.Log.WithName("setup")
 	host := s.serviceHostname(o.hubHostname)
 	if host == "" {
 		return errors.New("the service API needs a host name: --service-hostname or --hub-hostname")
-	}
-	policies := types.NamespacedName{Namespace: s.policiesNamespace(), Name: s.policiesSecret}
-	// A client without a cache: the manager's caches only key Secrets.
-	live, err := client.New(mgr.GetConfig(), client.Options{Scheme: mgr.GetScheme()})
-	if err != nil {
-		return fmt.Errorf("creating the service API's client: %w", err)
-	}
-	if err := retryStartup(ctx, "creating the shared access policies Secret "+policies.String(), func() error {
-		return hubapi.EnsurePolicies(ctx, live, policies.Namespace, policies.Name, host)
-	}); err != nil {
-		return err
 	}
 	tlsCfg, err := o.hubTLS.get(ctx, mgr, o)
 	if err != nil {
 		return err
 	}
-	h, err := hubapi.NewHandler(hubapi.Options{
-		Client:    mgr.GetClient(),
-		Reader:    mgr.GetClient(),
-		APIReader: mgr.GetAPIReader(),
-		Resolve: func(ctx context.Context, id string) (*v1alpha1.DeviceTwin, error) {
-			return controllers.ResolveDeviceID(ctx, mgr.GetClient(), id)
-		},
+	so := operator.ServiceAPIOptions{
+		Addr:           s.listen,
+		TLSConfig:      tlsCfg,
+		Hostname:       host,
 		Namespace:      s.registryNamespace(o.namespace),
-		HubHostname:    host,
-		PolicySecret:   policies,
-		AwaitReconcile: awaitReconcile,
-		Logger:         ctrl.Log.WithName("service-api"),
-	})
-	if err != nil {
+		Policies:       types.NamespacedName{Namespace: s.policiesNamespace(), Name: s.policiesSecret},
+		AwaitReconcile: operator.AwaitReconcile,
+	}
+	so.Broker, _ = b.(*bus.Embedded)
+	if _, err := operator.AddServiceAPI(ctx, mgr, so); err != nil {
 		return err
 	}
-	var handler http.Handler = h
-	if e, ok := b.(*bus.Embedded); ok {
-		mux := http.NewServeMux()
-		mux.Handle(bus.WebSocketPath, e.WebSocketHandler())
-		mux.Handle("/", h)
-		handler = mux
-	}
-	srv, err := hubapi.NewServer(hubapi.ServerOptions{Addr: s.listen, TLSConfig: tlsCfg, Handler: handler, Logger: ctrl.Log.WithName("service-api")})
-	if err != nil {
-		return err
-	}
-	if err := mgr.Add(srv); err != nil {
-		return err
-	}
-	if err := mgr.AddReadyzCheck("service-api", srv.ReadyCheck); err != nil {
-		return fmt.Errorf("adding the service API ready check: %w", err)
-	}
-	log.Info("serving the service API (IoT Hub service REST API)", "address", s.listen, "hostname", host,
-		"policies", policies.String(), "registryNamespace", s.registryNamespace(o.namespace))
+	ctrl.Log.WithName("setup").Info("serving the service API (IoT Hub service REST API)", "address", s.listen, "hostname", host,
+		"policies", so.Policies.String(), "registryNamespace", so.Namespace, "mqttOverWebSockets", so.Broker != nil)
 	return nil
-}
-
-// retryStartup runs f until it succeeds, backing off, for about half a
-// minute: the API server may not be reachable the moment the pod starts.
-func retryStartup(ctx context.Context, what string, f func() error) error {
-	log := ctrl.Log.WithName("setup")
-	for wait := time.Second; ; wait *= 2 {
-		err := f()
-		if err == nil {
-			return nil
-		}
-		if wait > 16*time.Second {
-			return fmt.Errorf("%s: %w", what, err)
-		}
-		log.Error(err, what+"; retrying", "retryIn", wait)
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(wait):
-		}
-	}
 }

@@ -1,7 +1,7 @@
 // Command bench measures kubetwin in one run against a real control plane
 // (envtest's kube-apiserver and etcd, from KUBEBUILDER_ASSETS) with the
 // operator (manager, reconciler, bridge, embedded MQTT broker) running in
-// this process, wired as in controllers/suite_test.go:
+// this process, wired with internal/operator as cmd/manager wires it:
 //
 //	(a) baseline: the raw API-server rate of DeviceTwin status merge patches
 //	    (status.reported changes), sent directly with 32 and 64 in flight to

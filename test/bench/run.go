@@ -25,9 +25,9 @@ import (
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 
 	"github.com/kubetwin/kubetwin/api/v1alpha1"
-	"github.com/kubetwin/kubetwin/controllers"
 	"github.com/kubetwin/kubetwin/internal/bridge"
 	"github.com/kubetwin/kubetwin/internal/bus"
+	kubetwin "github.com/kubetwin/kubetwin/internal/operator"
 )
 
 const (
@@ -414,7 +414,7 @@ func (o *operator) doStop() {
 }
 
 // startOperator starts the manager, the bridge, the embedded broker and the
-// reconciler as controllers/suite_test.go does.
+// reconciler with internal/operator, as cmd/manager does.
 func startOperator(ctx context.Context, restCfg *rest.Config, cfg config) (*operator, error) {
 	progress("starting the operator (manager + embedded broker, %d reconcilers)", cfg.workers)
 	mgr, err := ctrl.NewManager(rest.CopyConfig(restCfg), ctrl.Options{
@@ -425,30 +425,20 @@ func startOperator(ctx context.Context, restCfg *rest.Config, cfg config) (*oper
 	if err != nil {
 		return nil, fmt.Errorf("manager: %w", err)
 	}
-	br := bridge.New(bridge.Options{
-		Logger: ctrl.Log.WithName("bridge"),
-		Resolve: func(ctx context.Context, id string) (*v1alpha1.DeviceTwin, error) {
-			return controllers.ResolveDeviceID(ctx, mgr.GetClient(), id)
-		},
-	})
+	br := kubetwin.NewBridge(mgr)
 	emb, err := bus.NewEmbedded(bus.EmbeddedOptions{
 		Listen: "127.0.0.1:0", Handler: br.Handle, Presence: br.Presence, Logger: ctrl.Log.WithName("broker"),
 	})
 	if err != nil {
 		return nil, fmt.Errorf("broker: %w", err)
 	}
-	br.SetBus(emb)
-	if err := mgr.Add(emb); err != nil {
-		return nil, fmt.Errorf("adding broker: %w", err)
+	if err := kubetwin.AddBus(mgr, br, emb); err != nil {
+		return nil, err
 	}
 	mctx, cancel := context.WithCancel(ctx)
-	r := &controllers.DeviceTwinReconciler{
-		Client: mgr.GetClient(), Bridge: br, Recorder: mgr.GetEventRecorder("kubetwin"),
-		MaxConcurrentReconciles: cfg.workers,
-	}
-	if err := r.SetupWithManager(mctx, mgr); err != nil {
+	if err := kubetwin.AddReconciler(mctx, mgr, br, kubetwin.ReconcilerOptions{Workers: cfg.workers}); err != nil {
 		cancel()
-		return nil, fmt.Errorf("controller: %w", err)
+		return nil, err
 	}
 	op := &operator{cancel: cancel, done: make(chan error, 1)}
 	if cfg.serviceTwins > 0 {

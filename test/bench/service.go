@@ -4,12 +4,11 @@ package main
 // (internal/hubapi) used the way a back end with an Azure IoT service SDK
 // uses it, against the API server's own rate on the same twins.
 //
-// The handler and its HTTPS server run in the operator's manager, wired as
-// cmd/manager/serviceapi.go wires them when the reconciler runs in the
-// same process: reads from the manager's cache (with the device id index
-// the reconciler registers), writes through the manager's client, the
-// shared access policies from hubapi.EnsurePolicies, and AwaitReconcile
-// set. The server listens on 127.0.0.1:0 with a self-signed certificate
+// The handler and its HTTPS server run in the operator's manager, added
+// with internal/operator.AddServiceAPI as cmd/manager adds them: reads from
+// the manager's cache (with the device id index the reconciler registers),
+// writes through the manager's client, the shared access policies from
+// hubapi.EnsurePolicies, and AwaitReconcile set. The server listens on 127.0.0.1:0 with a self-signed certificate
 // the client trusts. Every request carries the SDKs' token
 // (SharedAccessSignature sr=<hub>&sig=...&skn=service&se=..., signed once
 // for an hour with the "service" policy's key, as the SDKs cache it) and
@@ -102,8 +101,8 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	"github.com/kubetwin/kubetwin/api/v1alpha1"
-	"github.com/kubetwin/kubetwin/controllers"
 	"github.com/kubetwin/kubetwin/internal/hubapi"
+	kubetwin "github.com/kubetwin/kubetwin/internal/operator"
 	"github.com/kubetwin/kubetwin/internal/query"
 	"github.com/kubetwin/kubetwin/internal/twin"
 	"github.com/kubetwin/kubetwin/pkg/sas"
@@ -118,9 +117,6 @@ const (
 	servicePolicySecret = "kubetwin-service-policies"
 	// serviceAPIVersion is the api-version the service SDKs send.
 	serviceAPIVersion = "2021-04-12"
-	// serviceAwaitReconcile is cmd/manager/serviceapi.go's awaitReconcile,
-	// which it sets because the reconciler runs in the same manager.
-	serviceAwaitReconcile = 2 * time.Second
 	// servicePlants is how many plants the twins are spread over (twin i
 	// is in plant i mod servicePlants): the selective query picks one.
 	servicePlants = 20
@@ -210,50 +206,30 @@ type serviceAPI struct {
 // service API's server to mgr (before it starts), as
 // cmd/manager/serviceapi.go does.
 func addServiceAPI(ctx context.Context, mgr ctrl.Manager, cfg config) (*serviceAPI, error) {
-	// A client without a cache, as serviceapi.go's: the manager's cache
-	// would start an informer on every Secret.
+	tlsCfg, pool, err := selfSignedTLS()
+	if err != nil {
+		return nil, fmt.Errorf("certificate: %w", err)
+	}
+	policies := types.NamespacedName{Namespace: serviceNS, Name: servicePolicySecret}
+	srv, err := kubetwin.AddServiceAPI(ctx, mgr, kubetwin.ServiceAPIOptions{
+		Addr: "127.0.0.1:0", TLSConfig: tlsCfg, Hostname: serviceHub, Namespace: serviceNS,
+		Policies: policies, AwaitReconcile: kubetwin.AwaitReconcile,
+	})
+	if err != nil {
+		return nil, err
+	}
+	// The service policy's key, read as a back end's operator would.
 	live, err := client.New(mgr.GetConfig(), client.Options{Scheme: scheme})
 	if err != nil {
 		return nil, err
 	}
-	if err := hubapi.EnsurePolicies(ctx, live, serviceNS, servicePolicySecret, serviceHub); err != nil {
-		return nil, err
-	}
 	sec := &corev1.Secret{}
-	if err := live.Get(ctx, types.NamespacedName{Namespace: serviceNS, Name: servicePolicySecret}, sec); err != nil {
+	if err := live.Get(ctx, policies, sec); err != nil {
 		return nil, err
 	}
 	key, err := sas.DecodeKey(string(sec.Data[hubapi.PolicyService+hubapi.PrimaryKeySuffix]))
 	if err != nil {
 		return nil, fmt.Errorf("the %s policy's key: %w", hubapi.PolicyService, err)
-	}
-	tlsCfg, pool, err := selfSignedTLS()
-	if err != nil {
-		return nil, fmt.Errorf("certificate: %w", err)
-	}
-	log := ctrl.Log.WithName("service-api")
-	h, err := hubapi.NewHandler(hubapi.Options{
-		Client:    mgr.GetClient(),
-		Reader:    mgr.GetClient(),
-		APIReader: mgr.GetAPIReader(),
-		Resolve: func(ctx context.Context, id string) (*v1alpha1.DeviceTwin, error) {
-			return controllers.ResolveDeviceID(ctx, mgr.GetClient(), id)
-		},
-		Namespace:      serviceNS,
-		HubHostname:    serviceHub,
-		PolicySecret:   types.NamespacedName{Namespace: serviceNS, Name: servicePolicySecret},
-		AwaitReconcile: serviceAwaitReconcile,
-		Logger:         log,
-	})
-	if err != nil {
-		return nil, err
-	}
-	srv, err := hubapi.NewServer(hubapi.ServerOptions{Addr: "127.0.0.1:0", TLSConfig: tlsCfg, Handler: h, Logger: log})
-	if err != nil {
-		return nil, err
-	}
-	if err := mgr.Add(srv); err != nil {
-		return nil, err
 	}
 	conns := cfg.serviceConcurrency + 4
 	return &serviceAPI{

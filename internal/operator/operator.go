@@ -1,0 +1,186 @@
+// Package operator wires kubetwin's parts into a controller-runtime
+// manager: the bridge between devices and twins, the MQTT bus, the
+// DeviceTwin reconciler and the service API. cmd/manager, the envtest suite
+// of controllers and the benchmark all assemble the operator with it, so
+// that what the tests and the benchmark run is what ships.
+package operator
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"net/http"
+	"time"
+
+	"github.com/go-logr/logr"
+	"k8s.io/apimachinery/pkg/types"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/manager"
+
+	"github.com/kubetwin/kubetwin/api/v1alpha1"
+	"github.com/kubetwin/kubetwin/controllers"
+	"github.com/kubetwin/kubetwin/internal/bridge"
+	"github.com/kubetwin/kubetwin/internal/bus"
+	"github.com/kubetwin/kubetwin/internal/hubapi"
+)
+
+// AwaitReconcile is how long a service API write of tags or desired
+// properties waits for the operator's follow-up writes when the reconciler
+// runs in the same manager (see hubapi.Options.AwaitReconcile).
+const AwaitReconcile = 2 * time.Second
+
+// NewBridge returns the bridge between devices and twins; it finds a
+// device's twin in mgr's cache (controllers.ResolveDeviceID).
+func NewBridge(mgr ctrl.Manager) *bridge.Bridge {
+	return bridge.New(bridge.Options{
+		Logger:  ctrl.Log.WithName("bridge"),
+		Resolve: resolver(mgr),
+	})
+}
+
+// resolver finds the twin of a device id in mgr's cache.
+func resolver(mgr ctrl.Manager) func(ctx context.Context, id string) (*v1alpha1.DeviceTwin, error) {
+	return func(ctx context.Context, id string) (*v1alpha1.DeviceTwin, error) {
+		return controllers.ResolveDeviceID(ctx, mgr.GetClient(), id)
+	}
+}
+
+// AddBus makes b the bridge's bus and adds it to mgr, which starts and
+// stops it (b must be a manager.Runnable, as bus.Embedded and bus.Paho are).
+func AddBus(mgr ctrl.Manager, br *bridge.Bridge, b bus.Bus) error {
+	r, ok := b.(manager.Runnable)
+	if !ok {
+		return fmt.Errorf("bus %T is not a manager.Runnable", b)
+	}
+	br.SetBus(b)
+	if err := mgr.Add(r); err != nil {
+		return fmt.Errorf("adding the MQTT bus: %w", err)
+	}
+	return nil
+}
+
+// ReconcilerOptions configures AddReconciler.
+type ReconcilerOptions struct {
+	// Workers is the number of parallel reconciles (and status writes in
+	// flight); the reconciler's default if zero.
+	Workers int
+	// Credentials configures device keys; nil without device
+	// authentication.
+	Credentials *controllers.Credentials
+}
+
+// AddReconciler sets up the DeviceTwin reconciler with mgr, working with br.
+func AddReconciler(ctx context.Context, mgr ctrl.Manager, br *bridge.Bridge, o ReconcilerOptions) error {
+	r := &controllers.DeviceTwinReconciler{
+		Client:                  mgr.GetClient(),
+		Bridge:                  br,
+		Recorder:                mgr.GetEventRecorder("kubetwin"),
+		MaxConcurrentReconciles: o.Workers,
+		Credentials:             o.Credentials,
+	}
+	if err := r.SetupWithManager(ctx, mgr); err != nil {
+		return fmt.Errorf("setting up the DeviceTwin controller: %w", err)
+	}
+	return nil
+}
+
+// ServiceAPIOptions configures AddServiceAPI.
+type ServiceAPIOptions struct {
+	// Addr is the listen address, e.g. ":10443" or "127.0.0.1:0".
+	Addr string
+	// TLSConfig is the server's TLS configuration (the hub's certificate).
+	TLSConfig *tls.Config
+	// Hostname is the service host name: the resource of service tokens
+	// and the HostName of service connection strings.
+	Hostname string
+	// Namespace is where devices created through the registry go.
+	Namespace string
+	// Policies is the shared access policies Secret; it is created, or
+	// completed, before the server is added.
+	Policies types.NamespacedName
+	// Broker, if set, also serves MQTT over WebSockets at
+	// bus.WebSocketPath on the same server.
+	Broker *bus.Embedded
+	// AwaitReconcile is hubapi.Options.AwaitReconcile: AwaitReconcile when
+	// the reconciler runs in mgr.
+	AwaitReconcile time.Duration
+}
+
+// AddServiceAPI makes sure the policies Secret exists and adds the service
+// API's HTTPS server to mgr, with a readiness check. The server runs on
+// every replica, leader or not.
+func AddServiceAPI(ctx context.Context, mgr ctrl.Manager, o ServiceAPIOptions) (*hubapi.Server, error) {
+	if o.Hostname == "" {
+		return nil, errors.New("the service API needs a host name")
+	}
+	// A client without a cache: the manager's caches only key Secrets.
+	live, err := client.New(mgr.GetConfig(), client.Options{Scheme: mgr.GetScheme()})
+	if err != nil {
+		return nil, fmt.Errorf("creating the service API's client: %w", err)
+	}
+	if err := RetryStartup(ctx, "creating the shared access policies Secret "+o.Policies.String(), func() error {
+		return hubapi.EnsurePolicies(ctx, live, o.Policies.Namespace, o.Policies.Name, o.Hostname)
+	}); err != nil {
+		return nil, err
+	}
+	log := ctrl.Log.WithName("service-api")
+	h, err := hubapi.NewHandler(hubapi.Options{
+		Client:         mgr.GetClient(),
+		Reader:         mgr.GetClient(),
+		APIReader:      mgr.GetAPIReader(),
+		Resolve:        resolver(mgr),
+		Namespace:      o.Namespace,
+		HubHostname:    o.Hostname,
+		PolicySecret:   o.Policies,
+		AwaitReconcile: o.AwaitReconcile,
+		Logger:         log,
+	})
+	if err != nil {
+		return nil, err
+	}
+	var handler http.Handler = h
+	if o.Broker != nil {
+		mux := http.NewServeMux()
+		mux.Handle(bus.WebSocketPath, o.Broker.WebSocketHandler())
+		mux.Handle("/", h)
+		handler = mux
+	}
+	srv, err := hubapi.NewServer(hubapi.ServerOptions{Addr: o.Addr, TLSConfig: o.TLSConfig, Handler: handler, Logger: log})
+	if err != nil {
+		return nil, err
+	}
+	if err := mgr.Add(srv); err != nil {
+		return nil, err
+	}
+	if err := mgr.AddReadyzCheck("service-api", srv.ReadyCheck); err != nil {
+		return nil, fmt.Errorf("adding the service API ready check: %w", err)
+	}
+	return srv, nil
+}
+
+// RetryStartup runs f until it succeeds, backing off from 1 s, for about
+// half a minute: the API server may not be reachable the moment the pod
+// starts.
+func RetryStartup(ctx context.Context, what string, f func() error) error {
+	return retry(ctx, ctrl.Log.WithName("setup"), what, time.Second, f)
+}
+
+func retry(ctx context.Context, log logr.Logger, what string, first time.Duration, f func() error) error {
+	for wait := first; ; wait *= 2 {
+		err := f()
+		if err == nil {
+			return nil
+		}
+		if wait > 16*first {
+			return fmt.Errorf("%s: %w", what, err)
+		}
+		log.Error(err, what+"; retrying", "retryIn", wait)
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(wait):
+		}
+	}
+}
