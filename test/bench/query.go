@@ -31,7 +31,6 @@ import (
 	"runtime"
 	"slices"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -324,46 +323,16 @@ func createQueryFleet(ctx context.Context, k8s client.Client, n int) error {
 	start := time.Now()
 	c0 := sampleCPU()
 	now := time.Now().UTC().Truncate(time.Second)
-	var next, done atomic.Int64
-	var firstErr error
-	var errOnce sync.Once
-	var wg sync.WaitGroup
-	stopTicker := make(chan struct{})
-	go func() {
-		t := time.NewTicker(5 * time.Second)
-		defer t.Stop()
-		for {
-			select {
-			case <-t.C:
-				progress("  query twins: %d/%d created", done.Load(), n)
-			case <-stopTicker:
-				return
-			}
+	var done atomic.Int64
+	defer reportEvery(5*time.Second, func() { progress("  query twins: %d/%d created", done.Load(), n) })()
+	err := forEachParallel(ctx, n, queryCreateParallel, func(i int) error {
+		if err := createQueryTwin(ctx, k8s, i, now); err != nil {
+			return err
 		}
-	}()
-	for w := 0; w < queryCreateParallel; w++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for {
-				i := int(next.Add(1)) - 1
-				if i >= n || ctx.Err() != nil {
-					return
-				}
-				if err := createQueryTwin(ctx, k8s, i, now); err != nil {
-					errOnce.Do(func() { firstErr = err })
-					return
-				}
-				done.Add(1)
-			}
-		}()
-	}
-	wg.Wait()
-	close(stopTicker)
-	if firstErr != nil {
-		return firstErr
-	}
-	if err := ctx.Err(); err != nil {
+		done.Add(1)
+		return nil
+	})
+	if err != nil {
 		return err
 	}
 	el := time.Since(start)

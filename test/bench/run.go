@@ -242,24 +242,31 @@ func findCRDs() (string, error) {
 func createTwins(ctx context.Context, k8s client.Client, ns, prefix string, n int, what string) error {
 	progress("creating %d %s in namespace %s", n, what, ns)
 	start := time.Now()
-	var next, done atomic.Int64
+	var done atomic.Int64
+	defer reportEvery(2*time.Second, func() { progress("  %s: %d/%d created", what, done.Load(), n) })()
+	err := forEachParallel(ctx, n, 32, func(i int) error {
+		t := &v1alpha1.DeviceTwin{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: twinName(prefix, i)}}
+		if err := k8s.Create(ctx, t); err != nil && !apierrors.IsAlreadyExists(err) {
+			return fmt.Errorf("creating %s/%s: %w", ns, t.Name, err)
+		}
+		done.Add(1)
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	el := time.Since(start)
+	progress("  %s: %d created in %.1fs (%.0f/s)", what, n, el.Seconds(), float64(n)/el.Seconds())
+	return nil
+}
+
+// forEachParallel calls f(0..n-1), par at a time, and returns the first error.
+func forEachParallel(ctx context.Context, n, par int, f func(i int) error) error {
+	var next atomic.Int64
 	var firstErr error
 	var errOnce sync.Once
 	var wg sync.WaitGroup
-	stopTicker := make(chan struct{})
-	go func() {
-		t := time.NewTicker(2 * time.Second)
-		defer t.Stop()
-		for {
-			select {
-			case <-t.C:
-				progress("  %s: %d/%d created", what, done.Load(), n)
-			case <-stopTicker:
-				return
-			}
-		}
-	}()
-	for w := 0; w < 32; w++ {
+	for w := 0; w < par; w++ {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
@@ -268,26 +275,36 @@ func createTwins(ctx context.Context, k8s client.Client, ns, prefix string, n in
 				if i >= n || ctx.Err() != nil {
 					return
 				}
-				t := &v1alpha1.DeviceTwin{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: twinName(prefix, i)}}
-				if err := k8s.Create(ctx, t); err != nil && !apierrors.IsAlreadyExists(err) {
-					errOnce.Do(func() { firstErr = fmt.Errorf("creating %s/%s: %w", ns, t.Name, err) })
+				if err := f(i); err != nil {
+					errOnce.Do(func() { firstErr = err })
 					return
 				}
-				done.Add(1)
 			}
 		}()
 	}
 	wg.Wait()
-	close(stopTicker)
 	if firstErr != nil {
 		return firstErr
 	}
-	if err := ctx.Err(); err != nil {
-		return err
-	}
-	el := time.Since(start)
-	progress("  %s: %d created in %.1fs (%.0f/s)", what, n, el.Seconds(), float64(n)/el.Seconds())
-	return nil
+	return ctx.Err()
+}
+
+// reportEvery calls report every d until the returned stop is called.
+func reportEvery(d time.Duration, report func()) (stop func()) {
+	done := make(chan struct{})
+	go func() {
+		t := time.NewTicker(d)
+		defer t.Stop()
+		for {
+			select {
+			case <-t.C:
+				report()
+			case <-done:
+				return
+			}
+		}
+	}()
+	return func() { close(done) }
 }
 
 func twinName(prefix string, i int) string { return fmt.Sprintf("%s%04d", prefix, i) }

@@ -67,19 +67,13 @@ package main
 import (
 	"bytes"
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"maps"
-	"math/big"
-	"net"
 	"net/http"
 	"net/url"
 	"slices"
@@ -104,6 +98,7 @@ import (
 	"github.com/kubetwin/kubetwin/internal/hubapi"
 	kubetwin "github.com/kubetwin/kubetwin/internal/operator"
 	"github.com/kubetwin/kubetwin/internal/query"
+	"github.com/kubetwin/kubetwin/internal/testutil/selfsigned"
 	"github.com/kubetwin/kubetwin/internal/twin"
 	"github.com/kubetwin/kubetwin/pkg/sas"
 )
@@ -163,35 +158,6 @@ func createServiceTwins(ctx context.Context, k8s client.Client, n int) error {
 	return nil
 }
 
-// forEachParallel calls f(0..n-1), par at a time, and returns the first error.
-func forEachParallel(ctx context.Context, n, par int, f func(i int) error) error {
-	var next atomic.Int64
-	var firstErr error
-	var errOnce sync.Once
-	var wg sync.WaitGroup
-	for w := 0; w < par; w++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for {
-				i := int(next.Add(1)) - 1
-				if i >= n || ctx.Err() != nil {
-					return
-				}
-				if err := f(i); err != nil {
-					errOnce.Do(func() { firstErr = err })
-					return
-				}
-			}
-		}()
-	}
-	wg.Wait()
-	if firstErr != nil {
-		return firstErr
-	}
-	return ctx.Err()
-}
-
 // serviceAPI is the service API served by the operator's manager, and a
 // client of it.
 type serviceAPI struct {
@@ -247,28 +213,11 @@ func addServiceAPI(ctx context.Context, mgr ctrl.Manager, cfg config) (*serviceA
 // selfSignedTLS returns a server TLS configuration for 127.0.0.1 and the
 // pool that trusts it.
 func selfSignedTLS() (*tls.Config, *x509.CertPool, error) {
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	cert, pool, err := selfsigned.New(serviceHub)
 	if err != nil {
 		return nil, nil, err
 	}
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "kubetwin bench service API"},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
-		IPAddresses: []net.IP{net.ParseIP("127.0.0.1")}, DNSNames: []string{"localhost", serviceHub},
-		KeyUsage: x509.KeyUsageDigitalSignature | x509.KeyUsageCertSign, IsCA: true, BasicConstraintsValid: true,
-		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		return nil, nil, err
-	}
-	cert, err := x509.ParseCertificate(der)
-	if err != nil {
-		return nil, nil, err
-	}
-	pool := x509.NewCertPool()
-	pool.AddCert(cert)
-	return &tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{der}, PrivateKey: key, Leaf: cert}}}, pool, nil
+	return &tls.Config{Certificates: []tls.Certificate{cert}}, pool, nil
 }
 
 // do sends one request as the service SDKs do and returns the status, the
