@@ -51,7 +51,7 @@ const (
 	ReasonDuplicateDeviceID = "DuplicateDeviceID"
 	// ReasonInSync: the device has the current desired version and reports every desired value.
 	ReasonInSync = "InSync"
-	// ReasonDesiredNotSeen: the device has not yet acknowledged the current desired version.
+	// ReasonDesiredNotSeen: the device has not yet acknowledged (IoT Hub devices: been sent) the current desired version.
 	ReasonDesiredNotSeen = "DesiredNotSeen"
 	// ReasonConverging: the device has the current desired version but reports other values for some leaves.
 	ReasonConverging = "Converging"
@@ -266,6 +266,8 @@ type DeviceTwinStatus struct {
 
 	// deviceDesiredVersion is the newest desired $version the device is known
 	// to have: from its twin GET, or its acknowledgement of a notification.
+	// Devices speaking IoT Hub's MQTT dialect do not acknowledge: for them it
+	// is the newest version sent to them (a notification or a GET answer).
 	// +optional
 	DeviceDesiredVersion int64 `json:"deviceDesiredVersion,omitempty"`
 
