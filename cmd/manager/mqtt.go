@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"crypto/tls"
 	"errors"
@@ -201,13 +202,7 @@ func setupHubTLS(ctx context.Context, mgr ctrl.Manager, o options) (*tls.Config,
 // mqttSecretNamespace is the namespace of the MQTT certificate Secret and
 // CA ConfigMap.
 func mqttSecretNamespace(m mqttOptions) string {
-	switch {
-	case m.secretNS != "":
-		return m.secretNS
-	case os.Getenv("POD_NAMESPACE") != "":
-		return os.Getenv("POD_NAMESPACE")
-	}
-	return "default"
+	return cmp.Or(m.secretNS, os.Getenv("POD_NAMESPACE"), "default")
 }
 
 // mqttHosts are the names in the operator-issued MQTT certificate.

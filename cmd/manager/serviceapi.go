@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"flag"
@@ -41,25 +42,16 @@ func bindServiceAPIFlags(s *serviceAPIOptions) {
 }
 
 // serviceHostname is the service API's host name.
-func (s serviceAPIOptions) serviceHostname(hub string) string { return firstNonEmpty(s.hostname, hub) }
+func (s serviceAPIOptions) serviceHostname(hub string) string { return cmp.Or(s.hostname, hub) }
 
 // policiesNamespace is the namespace of the policies Secret.
 func (s serviceAPIOptions) policiesNamespace() string {
-	return firstNonEmpty(s.policiesNS, os.Getenv("POD_NAMESPACE"), "default")
+	return cmp.Or(s.policiesNS, os.Getenv("POD_NAMESPACE"), "default")
 }
 
 // registryNamespace is where registry-created twins go.
 func (s serviceAPIOptions) registryNamespace(watched string) string {
-	return firstNonEmpty(s.registryNS, watched, os.Getenv("POD_NAMESPACE"), "default")
-}
-
-func firstNonEmpty(v ...string) string {
-	for _, s := range v {
-		if s != "" {
-			return s
-		}
-	}
-	return ""
+	return cmp.Or(s.registryNS, watched, os.Getenv("POD_NAMESPACE"), "default")
 }
 
 // checkServiceAPIFlags refuses a registry namespace the operator does not
