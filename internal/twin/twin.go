@@ -74,6 +74,24 @@ func (s Section) MaxSize() int {
 	return 0
 }
 
+// MaxStoredSize returns the largest [StoredSize] a document of the section
+// may have: 256 KiB for desired and reported, 0 (no such rule) for tags,
+// which have no $metadata and at most 6 times 8 KB of escaped JSON.
+//
+// A 32 KB document of 1,800 numbers under 10-byte keys takes 227 KB with its
+// desired $metadata; one of 2,700 booleans under 8-byte keys, 326 KB. With
+// 256 KiB for each section, the status the operator writes (reported and its
+// $metadata, the published desired document and its $metadata, and the
+// delta, at most the desired JSON) stays below 720 KiB, half of etcd's
+// 1.5 MiB request limit.
+func (s Section) MaxStoredSize() int {
+	switch s {
+	case Desired, Reported:
+		return 256 * 1024
+	}
+	return 0
+}
+
 // Limits of the twin document rules.
 const (
 	// MaxDepth is how many levels of objects a section may have below its

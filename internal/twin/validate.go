@@ -34,7 +34,10 @@ const (
 //   - integers (literals without fraction or exponent, and numbers with an
 //     integral value) within ±MaxInt: "integer out of range ±2^52";
 //   - [Size] at most s.MaxSize(), reported at path, e.g.
-//     "desired is 32769 bytes, more than the 32768 allowed".
+//     "desired is 32769 bytes, more than the 32768 allowed";
+//   - [StoredSize] at most s.MaxStoredSize() for desired and reported,
+//     reported at path, e.g. "desired takes 262145 bytes as stored with its
+//     $metadata, more than the 262144 allowed".
 func ValidateDocument(s Section, path string, doc Doc) error {
 	v := validator{}
 	if err := v.object(path, doc, 0); err != nil {
@@ -56,10 +59,18 @@ func ValidatePatch(s Section, path string, patch Doc) error {
 }
 
 // CheckSize returns an [*Error] at path when [Size] of doc is more than
-// s.MaxSize(), e.g. "tags is 8193 bytes, more than the 8192 allowed".
+// s.MaxSize(), e.g. "tags is 8193 bytes, more than the 8192 allowed", or
+// when [StoredSize] is more than s.MaxStoredSize() (desired and reported),
+// e.g. "reported takes 270000 bytes as stored with its $metadata, more than
+// the 262144 allowed".
 func CheckSize(s Section, path string, doc Doc) error {
 	if n, limit := Size(doc), s.MaxSize(); n > limit {
 		return &Error{Path: path, Rule: fmt.Sprintf("%s is %d bytes, more than the %d allowed", s, n, limit)}
+	}
+	if limit := s.MaxStoredSize(); limit > 0 {
+		if n := StoredSize(s, doc); n > limit {
+			return &Error{Path: path, Rule: fmt.Sprintf("%s takes %d bytes as stored with its $metadata, more than the %d allowed", s, n, limit)}
+		}
 	}
 	return nil
 }
