@@ -31,7 +31,6 @@ package protocol
 import (
 	"encoding/json"
 	"fmt"
-	"strconv"
 	"strings"
 )
 
@@ -123,29 +122,50 @@ func EscapeID(id string) string {
 	return sb.String()
 }
 
-// UnescapeID reverses EscapeID.
+// UnescapeID reverses EscapeID. It accepts only EscapeID's own output, so
+// every device id has exactly one topic level: an escape must be upper-case
+// %XX of a byte EscapeID escapes, and such a byte must not appear raw.
+// Anything else is an error, since a broker ACL that matches topic levels
+// literally (Mosquitto's "kubetwin/v1/%c/#") would otherwise let a client
+// whose id is another spelling of a device id (say "%64ev1" for "dev1")
+// publish as that device.
 func UnescapeID(level string) (string, error) {
-	if !strings.Contains(level, "%") {
-		return level, nil
-	}
 	var sb strings.Builder
 	for i := 0; i < len(level); i++ {
 		c := level[i]
 		if c != '%' {
+			if !idSafe(c) {
+				return "", fmt.Errorf("topic level %q: byte %d (%q) must be escaped as %%%02X", level, i, c, c)
+			}
 			sb.WriteByte(c)
 			continue
 		}
 		if i+2 >= len(level) {
 			return "", fmt.Errorf("topic level %q: truncated %%-escape at byte %d", level, i)
 		}
-		v, err := strconv.ParseUint(level[i+1:i+3], 16, 8)
-		if err != nil {
-			return "", fmt.Errorf("topic level %q: bad %%-escape at byte %d", level, i)
+		hi, lo := unhex(level[i+1]), unhex(level[i+2])
+		if hi < 0 || lo < 0 {
+			return "", fmt.Errorf("topic level %q: bad %%-escape %q at byte %d (want %%XX, X an upper-case hex digit)", level, level[i:i+3], i)
 		}
-		sb.WriteByte(byte(v))
+		v := byte(hi<<4 | lo)
+		if idSafe(v) {
+			return "", fmt.Errorf("topic level %q: %%-escape %q at byte %d stands for %q, which must not be escaped", level, level[i:i+3], i, v)
+		}
+		sb.WriteByte(v)
 		i += 2
 	}
 	return sb.String(), nil
+}
+
+// unhex is the value of an upper-case hex digit, or -1.
+func unhex(c byte) int {
+	switch {
+	case c >= '0' && c <= '9':
+		return int(c - '0')
+	case c >= 'A' && c <= 'F':
+		return int(c-'A') + 10
+	}
+	return -1
 }
 
 // DevicePrefix is the topic prefix of one device: kubetwin/v1/<id>.
