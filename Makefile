@@ -52,9 +52,16 @@ verify: manifests generate fmt ## Fail when generated files or formatting are ou
 controlplane: ## Build (once) the local kube-apiserver, etcd and kubectl; prints their folder.
 	@hack/controlplane.sh
 
+# The packages whose goroutines share state (broker, bridge, device
+# library, reconciler, service API) run under the race detector; the rest
+# without it, which keeps make test's time down. Each package runs once.
+RACE_PKGS ?= ./internal/bridge/... ./internal/bus/... ./pkg/device/... ./controllers/... ./internal/hubapi/...
+TEST_ENV = KUBEBUILDER_ASSETS="$(CONTROLPLANE)" KUBETWIN_MANAGER=$(LOCALBIN)/manager
+
 .PHONY: test
-test: manifests generate vet build ## Unit, envtest integration and end-to-end tests (needs mosquitto), then a short fuzz run.
-	KUBEBUILDER_ASSETS="$(CONTROLPLANE)" go test ./... -count=1 -timeout 30m
+test: manifests generate vet build ## Unit, envtest, end-to-end and abuse tests (needs mosquitto; race detector on the concurrent packages), then a short fuzz run.
+	$(TEST_ENV) go test -race $(RACE_PKGS) -count=1 -timeout 30m
+	$(TEST_ENV) go test $(filter-out $(shell go list $(RACE_PKGS)),$(shell go list ./...)) -count=1 -timeout 30m
 	$(MAKE) fuzz FUZZTIME=10s
 
 FUZZTIME ?= 60s
@@ -67,6 +74,17 @@ fuzz: ## Run each fuzz target for FUZZTIME (default 60s; make test runs 10s).
 .PHONY: test-e2e
 test-e2e: build ## End-to-end tests only.
 	KUBEBUILDER_ASSETS="$(CONTROLPLANE)" go test ./test/e2e/... -count=1 -v -timeout 30m
+
+.PHONY: test-abuse
+test-abuse: build ## Abuse suite only: the operator with 200 devices under each attack of issue 11.
+	$(TEST_ENV) go test ./test/abuse/ -run '^TestAbuse$$' -count=1 -v -timeout 15m
+
+SOAK_DURATION ?= 10m
+SOAK_DEVICES ?= 1000
+.PHONY: soak
+soak: build ## Abuse soak (not in CI): SOAK_DEVICES devices, every attack repeated for SOAK_DURATION; prints memory, goroutines, latency, lost reports.
+	$(TEST_ENV) KUBETWIN_SOAK_DURATION=$(SOAK_DURATION) KUBETWIN_SOAK_DEVICES=$(SOAK_DEVICES) \
+		go test ./test/abuse/ -run '^TestSoak$$' -count=1 -v -timeout 90m
 
 .PHONY: bench
 bench: build ## Benchmarks against the real control plane and embedded broker.
