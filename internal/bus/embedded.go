@@ -16,6 +16,7 @@ import (
 	"github.com/mochi-mqtt/server/v2/listeners"
 	"github.com/mochi-mqtt/server/v2/packets"
 
+	"github.com/kubetwin/kubetwin/internal/ratelog"
 	"github.com/kubetwin/kubetwin/pkg/protocol"
 )
 
@@ -76,6 +77,12 @@ type EmbeddedOptions struct {
 	// (all the kubetwin protocol uses) have no such bound: they wait for
 	// Ack without holding up the connection; see Embedded.
 	AckTimeout time.Duration
+	// Sessions bounds persistent sessions (expiry, queued messages); zero
+	// fields take their defaults. See embedded_sessions.go.
+	Sessions SessionOptions
+	// LogLimiter rate-limits the log lines clients can cause (refused
+	// connections, mochi's warnings); ratelog.DefaultRate if nil.
+	LogLimiter *ratelog.Limiter
 }
 
 // Embedded is a Bus that runs a mochi-mqtt broker inside the operator.
@@ -126,6 +133,8 @@ type Embedded struct {
 	presence   PresenceHandler
 	log        logr.Logger
 	ackTimeout time.Duration
+	sess       sessionKeeper  // guarded by mu
+	rlog       ratelog.Logger // for lines clients can cause
 
 	server   *mqtt.Server
 	started  atomic.Bool
@@ -166,6 +175,13 @@ func NewEmbedded(o EmbeddedOptions) (*Embedded, error) {
 	if o.AckTimeout <= 0 {
 		o.AckTimeout = DefaultAckTimeout
 	}
+	sessOpts, err := o.Sessions.withDefaults()
+	if err != nil {
+		return nil, err
+	}
+	if o.LogLimiter == nil {
+		o.LogLimiter = ratelog.New(ratelog.DefaultRate)
+	}
 	e := &Embedded{
 		listen:       o.Listen,
 		tlsListen:    o.TLSListen,
@@ -175,6 +191,8 @@ func NewEmbedded(o EmbeddedOptions) (*Embedded, error) {
 		presence:     o.Presence,
 		log:          o.Logger,
 		ackTimeout:   o.AckTimeout,
+		sess:         newSessionKeeper(sessOpts),
+		rlog:         ratelog.NewLogger(o.Logger, o.LogLimiter),
 		ready:        make(chan struct{}),
 		stopping:     make(chan struct{}),
 		conns:        map[string]*mqtt.Client{},
@@ -182,12 +200,19 @@ func NewEmbedded(o EmbeddedOptions) (*Embedded, error) {
 		sessions:     map[*mqtt.Client]*session{},
 		lostSessions: map[*mqtt.Client]struct{}{},
 	}
+	caps := mqtt.NewDefaultServerCapabilities()
+	sessOpts.applyTo(caps)
 	e.server = mqtt.New(&mqtt.Options{
 		InlineClient: true,
+		Capabilities: caps,
 		// The broker logs at Info what the operator only wants at V(1);
-		// its warnings and errors still come out at V(0).
-		Logger: slog.New(logr.ToSlogHandler(o.Logger.WithName("mochi").V(1))),
+		// its warnings and errors still come out at V(0), rate-limited.
+		Logger: slog.New(ratelog.SlogHandler(logr.ToSlogHandler(o.Logger.WithName("mochi").V(1)), o.LogLimiter)),
 	})
+	// Before embeddedHook: see sessionsHook.
+	if err := e.server.AddHook(&sessionsHook{e: e}, nil); err != nil {
+		return nil, fmt.Errorf("embedded bus: add hook: %w", err)
+	}
 	if err := e.server.AddHook(&embeddedHook{e: e}, nil); err != nil {
 		return nil, fmt.Errorf("embedded bus: add hook: %w", err)
 	}

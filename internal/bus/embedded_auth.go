@@ -10,6 +10,7 @@ import (
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/packets"
 
+	"github.com/kubetwin/kubetwin/internal/ratelog"
 	"github.com/kubetwin/kubetwin/pkg/protocol"
 )
 
@@ -61,9 +62,15 @@ func (e *Embedded) authenticate(cl *mqtt.Client, pk packets.Packet) bool {
 func (e *Embedded) refuseConnect(cl *mqtt.Client, username string, err error) {
 	reason := refusalReason(err)
 	Refused.WithLabelValues(reason).Inc()
-	e.log.Info("refused device connection", "clientID", cl.ID, "username", username, "remote", cl.Net.Remote,
+	// Rate-limited and truncated: anyone can send CONNECTs with 64 KiB
+	// usernames.
+	e.rlog.Info("refused device connection", "clientID", cl.ID, "username", username, "remote", cl.Net.Remote,
 		"listener", cl.Net.Listener, "reason", reason, "error", err.Error())
 }
+
+// truncateID shortens a client id or username an attacker may have chosen
+// for a log line that is not rate-limited.
+func truncateID(s string) string { return ratelog.Truncate(s) }
 
 // aclCheck is the OnACLCheck hook: write is a publish by the client;
 // otherwise topic is a filter the client subscribes to, or the topic of a
@@ -100,7 +107,7 @@ func (e *Embedded) aclCheck(cl *mqtt.Client, topic string, write bool) bool {
 	}
 	if !ok {
 		Refused.WithLabelValues(reason).Inc()
-		e.log.Info("refused topic outside the device's own", "clientID", cl.ID, "deviceID", g.DeviceID,
+		e.rlog.Info("refused topic outside the device's own", "clientID", cl.ID, "deviceID", g.DeviceID,
 			"topic", topic, "publish", write, "reason", reason)
 	}
 	return ok
@@ -140,7 +147,7 @@ func (e *Embedded) revoke(cl *mqtt.Client, why error) {
 	}
 	reason := refusalReason(why)
 	Refused.WithLabelValues(reason).Inc()
-	e.log.Info("disconnecting device: its credential is no longer valid", "clientID", cl.ID, "remote", cl.Net.Remote,
+	e.log.Info("disconnecting device: its credential is no longer valid", "clientID", truncateID(cl.ID), "remote", cl.Net.Remote,
 		"reason", reason, "error", why.Error())
 	e.disconnect(cl, packets.ErrNotAuthorized, fmt.Errorf("%w: %w", errRevoked, why))
 }
@@ -149,9 +156,12 @@ func (e *Embedded) revoke(cl *mqtt.Client, why error) {
 // again, with check (normally the device's current keys and status), and
 // disconnects it when check refuses it (a *Refusal): the device was
 // disabled or deleted, or the key it signed its token with was rotated
-// out. The operator calls it whenever a device's twin or keys may have
-// changed. Another error from check leaves the device connected and is
-// returned.
+// out. A device that was disabled or deleted (ReasonDisabled,
+// ReasonUnknownDevice) also loses its persistent session at once, and so
+// does such a device that is offline (checked with the credentials it last
+// connected with). The operator calls it whenever a device's twin or keys
+// may have changed. Another error from check leaves the device connected
+// and is returned.
 func (e *Embedded) Recheck(deviceID string, check func(username string, password []byte) error) error {
 	if e.auth == nil {
 		return nil
@@ -159,11 +169,25 @@ func (e *Embedded) Recheck(deviceID string, check func(username string, password
 	e.mu.Lock()
 	cl := e.conns[deviceID]
 	s := e.sessions[cl]
-	e.mu.Unlock()
-	if cl == nil || s == nil || s.grant.Admin {
+	var (
+		admin    bool
+		username string
+		password []byte
+	)
+	switch off := e.sess.offline[deviceID]; {
+	case cl != nil && s != nil:
+		admin, username, password = s.grant.Admin, s.username, s.password
+	case off != nil && off.creds:
+		cl, admin, username, password = nil, off.admin, off.username, off.password
+	default:
+		e.mu.Unlock()
 		return nil
 	}
-	err := check(s.username, s.password)
+	e.mu.Unlock()
+	if admin {
+		return nil
+	}
+	err := check(username, password)
 	if err == nil {
 		return nil
 	}
@@ -171,6 +195,11 @@ func (e *Embedded) Recheck(deviceID string, check func(username string, password
 	if !errors.As(err, &r) {
 		return fmt.Errorf("checking the credential of device %q again: %w", deviceID, err)
 	}
-	e.revoke(cl, err)
+	switch {
+	case deviceRemoved(err):
+		e.endDeviceSession(deviceID, cl, err)
+	case cl != nil:
+		e.revoke(cl, err)
+	}
 	return nil
 }

@@ -6,6 +6,10 @@ import (
 
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/packets"
+	"github.com/prometheus/client_golang/prometheus"
+	"sigs.k8s.io/controller-runtime/pkg/metrics"
+
+	"github.com/kubetwin/kubetwin/pkg/protocol"
 )
 
 // This file works around a mochi-mqtt v2.7.9 bug. A filter "a/b/#" also
@@ -66,4 +70,49 @@ func (e *Embedded) sendRetained(cl *mqtt.Client, sub packets.Subscription, pk pa
 	if err := cl.WritePacket(out); err != nil {
 		e.log.V(1).Info("sending retained message failed", "clientID", cl.ID, "topic", pk.TopicName, "reason", err.Error())
 	}
+}
+
+// A device may leave a retained message only on its presence topic (its
+// birth and last will, see docs/protocol.md). Anywhere else a retained
+// message would be kept by the broker with no bound (one per request id)
+// and replayed to every new subscriber, e.g. a stale reported patch. So
+// the retain flag of every other publish by a client is stripped: the
+// message is still handled and forwarded, just not kept. The operator's
+// own (inline) publishes, e.g. the retained desired document, keep it.
+
+// mayRetain reports whether a client may retain a message on topic.
+func mayRetain(topic string) bool {
+	in, err := protocol.ParseInbound(topic)
+	return err == nil && in.Kind == protocol.KindPresence
+}
+
+// stripRetain clears the retain flag of a client's publish pk unless it
+// may retain it.
+func (e *Embedded) stripRetain(cl *mqtt.Client, pk packets.Packet) packets.Packet {
+	if cl.Net.Inline || !pk.FixedHeader.Retain || mayRetain(pk.TopicName) {
+		return pk
+	}
+	pk.FixedHeader.Retain = false
+	retainStripped.Inc()
+	e.log.V(1).Info("ignoring the retain flag of a device message", "clientID", truncateID(cl.ID), "topic", truncateID(pk.TopicName))
+	return pk
+}
+
+// stripWillRetain does the same for a last will.
+func (e *Embedded) stripWillRetain(cl *mqtt.Client, will mqtt.Will) mqtt.Will {
+	if cl.Net.Inline || !will.Retain || mayRetain(will.TopicName) {
+		return will
+	}
+	will.Retain = false
+	retainStripped.Inc()
+	return will
+}
+
+var retainStripped = prometheus.NewCounter(prometheus.CounterOpts{
+	Namespace: "kubetwin", Subsystem: "broker", Name: "retain_stripped_total",
+	Help: "Device messages (and last wills) whose retain flag the embedded broker ignored: only a device's presence topic may retain.",
+})
+
+func init() {
+	metrics.Registry.MustRegister(retainStripped)
 }
