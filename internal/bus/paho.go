@@ -14,7 +14,10 @@ import (
 
 	paho "github.com/eclipse/paho.mqtt.golang"
 	"github.com/go-logr/logr"
+	"github.com/prometheus/client_golang/prometheus"
+	"sigs.k8s.io/controller-runtime/pkg/metrics"
 
+	"github.com/kubetwin/kubetwin/internal/ratelog"
 	"github.com/kubetwin/kubetwin/pkg/protocol"
 )
 
@@ -61,6 +64,9 @@ type PahoOptions struct {
 	// ConnectTimeout bounds one connection attempt; DefaultConnectTimeout
 	// if zero.
 	ConnectTimeout time.Duration
+	// LogLimiter rate-limits the log lines devices can cause (retained
+	// requests); ratelog.DefaultRate if nil.
+	LogLimiter *ratelog.Limiter
 }
 
 // Paho is a Bus on an external MQTT 3.1.1 broker, through paho.mqtt.golang.
@@ -86,6 +92,7 @@ type Paho struct {
 	log      logr.Logger
 	handler  Handler
 	started  atomic.Bool
+	rlog     ratelog.Logger
 	subMu    sync.Mutex
 	subReady bool // subscriptions confirmed on the current connection
 	shards   [pahoShards]pahoShard
@@ -169,6 +176,10 @@ func NewPaho(o PahoOptions) (*Paho, error) {
 		log:     o.Logger.WithValues("broker", u.Redacted(), "clientID", o.ClientID),
 		handler: o.Handler,
 	}
+	if o.LogLimiter == nil {
+		o.LogLimiter = ratelog.New(ratelog.DefaultRate)
+	}
+	p.rlog = ratelog.NewLogger(p.log, o.LogLimiter)
 	co := paho.NewClientOptions().
 		AddBroker(o.BrokerURL).
 		SetClientID(o.ClientID).
@@ -308,10 +319,21 @@ func (p *Paho) subscribed() bool {
 
 // onMessage queues one message on its device's shard. paho calls it in
 // delivery order on its router goroutine, and does not PUBACK until m.Ack.
+// A retained get, reported or ack message is acknowledged and dropped.
 func (p *Paho) onMessage(_ paho.Client, m paho.Message) {
 	in, err := protocol.ParseInbound(m.Topic())
 	if err != nil {
 		p.log.Info("dropping message on invalid topic", "topic", m.Topic(), "reason", err.Error())
+		m.Ack()
+		return
+	}
+	if m.Retained() && in.Kind != protocol.KindPresence {
+		// A retained request (left by a device, or anyone who may publish
+		// on its topics) would be handled again at every (re)subscribe,
+		// e.g. rolling the reported state back to an old patch. Only a
+		// retained presence (birth, last will) is meant to be kept.
+		retainedIgnored.Inc()
+		p.rlog.Info("ignoring retained device request", "topic", m.Topic(), "kind", in.Kind)
 		m.Ack()
 		return
 	}
@@ -352,3 +374,13 @@ func (p *Paho) Connected() bool { return p.client.IsConnectionOpen() }
 // NeedLeaderElection makes the manager start the bus only on the leader,
 // so one client holds the operator's session.
 func (p *Paho) NeedLeaderElection() bool { return true }
+
+// retainedIgnored counts retained device requests Paho dropped.
+var retainedIgnored = prometheus.NewCounter(prometheus.CounterOpts{
+	Namespace: "kubetwin", Subsystem: "bus", Name: "retained_requests_ignored_total",
+	Help: "Retained get, reported or ack messages the operator ignored on an external broker (only presence may be retained).",
+})
+
+func init() {
+	metrics.Registry.MustRegister(retainedIgnored)
+}

@@ -1,0 +1,47 @@
+package bus
+
+import (
+	"testing"
+
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/kubetwin/kubetwin/pkg/protocol"
+)
+
+// expectNext waits for the next message and checks its kind and request id.
+func expectNext(t *testing.T, rec *recorder, kind, rid string) {
+	t.Helper()
+	m := rec.next(t)
+	if m.Kind != kind || m.RequestID != rid {
+		t.Fatalf("got %+v %q, want %s %q (a retained request was handled?)", m.Inbound, m.Payload, kind, rid)
+	}
+	m.Ack()
+}
+
+func TestPahoIgnoresRetainedRequests(t *testing.T) {
+	addr := startMosquitto(t)
+	ignored := testutil.ToFloat64(retainedIgnored)
+
+	// A device leaves retained requests (and a retained presence) before
+	// the operator ever connects.
+	dev := connectDevice(t, deviceOpts(addr, "dev-r"))
+	waitToken(t, "publish", dev.Publish(protocol.ReportedTopic("dev-r", "old"), 1, true, `{"temp":-40}`))
+	waitToken(t, "publish", dev.Publish(protocol.GetTopic("dev-r", "g"), 1, true, `{}`))
+	waitToken(t, "publish", dev.Publish(protocol.AckTopic("dev-r"), 1, true, `{"$version":1}`))
+	waitToken(t, "publish", dev.Publish(protocol.PresenceTopic("dev-r"), 1, true, `{"online":true}`))
+
+	for round := range 2 { // the first connect, then a reconnect
+		rec := newRecorder()
+		_, stop := startOperator(t, addr, rec)
+		// One device's messages arrive in order: the retained presence
+		// (sent at subscribe), then a live report. Anything retained in
+		// between fails the test.
+		expectNext(t, rec, protocol.KindPresence, "")
+		waitToken(t, "publish", dev.Publish(protocol.ReportedTopic("dev-r", "live"), 1, false, `{"temp":21}`))
+		expectNext(t, rec, protocol.KindReported, "live")
+		stop()
+		if got := testutil.ToFloat64(retainedIgnored) - ignored; got != float64(3*(round+1)) {
+			t.Errorf("round %d: %v retained requests counted as ignored, want %d", round, got, 3*(round+1))
+		}
+	}
+}
