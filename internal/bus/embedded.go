@@ -13,7 +13,6 @@ import (
 
 	"github.com/go-logr/logr"
 	mqtt "github.com/mochi-mqtt/server/v2"
-	"github.com/mochi-mqtt/server/v2/listeners"
 	"github.com/mochi-mqtt/server/v2/packets"
 
 	"github.com/kubetwin/kubetwin/internal/ratelog"
@@ -77,6 +76,10 @@ type EmbeddedOptions struct {
 	// (all the kubetwin protocol uses) have no such bound: they wait for
 	// Ack without holding up the connection; see Embedded.
 	AckTimeout time.Duration
+	// Limits bounds what clients may cost the broker (connections, packet
+	// size, time to CONNECT, slow readers); zero fields take their
+	// defaults. See embedded_limits.go.
+	Limits EmbeddedLimits
 	// Sessions bounds persistent sessions (expiry, queued messages); zero
 	// fields take their defaults. See embedded_sessions.go.
 	Sessions SessionOptions
@@ -106,6 +109,11 @@ type EmbeddedOptions struct {
 //
 // QoS 0 messages are handed to the Handler with an Ack that does nothing.
 //
+// Nothing the broker writes to a device waits for the device: writes are
+// queued per connection and written with a deadline (see Limits), so Ack,
+// Publish and other devices' messages never block on a device that does
+// not read; such a device is disconnected.
+//
 // The Handler is called from the goroutines of many connections at once,
 // for each connection in the order its messages arrive.
 //
@@ -133,6 +141,8 @@ type Embedded struct {
 	presence   PresenceHandler
 	log        logr.Logger
 	ackTimeout time.Duration
+	limits     EmbeddedLimits
+	limiter    *connLimiter
 	sess       sessionKeeper  // guarded by mu
 	rlog       ratelog.Logger // for lines clients can cause
 
@@ -175,6 +185,10 @@ func NewEmbedded(o EmbeddedOptions) (*Embedded, error) {
 	if o.AckTimeout <= 0 {
 		o.AckTimeout = DefaultAckTimeout
 	}
+	limits, err := o.Limits.withDefaults()
+	if err != nil {
+		return nil, err
+	}
 	sessOpts, err := o.Sessions.withDefaults()
 	if err != nil {
 		return nil, err
@@ -191,6 +205,8 @@ func NewEmbedded(o EmbeddedOptions) (*Embedded, error) {
 		presence:     o.Presence,
 		log:          o.Logger,
 		ackTimeout:   o.AckTimeout,
+		limits:       limits,
+		limiter:      newConnLimiter(limits, o.Logger),
 		sess:         newSessionKeeper(sessOpts),
 		rlog:         ratelog.NewLogger(o.Logger, o.LogLimiter),
 		ready:        make(chan struct{}),
@@ -201,6 +217,7 @@ func NewEmbedded(o EmbeddedOptions) (*Embedded, error) {
 		lostSessions: map[*mqtt.Client]struct{}{},
 	}
 	caps := mqtt.NewDefaultServerCapabilities()
+	limits.applyTo(caps)
 	sessOpts.applyTo(caps)
 	e.server = mqtt.New(&mqtt.Options{
 		InlineClient: true,
@@ -216,6 +233,9 @@ func NewEmbedded(o EmbeddedOptions) (*Embedded, error) {
 	if err := e.server.AddHook(&embeddedHook{e: e}, nil); err != nil {
 		return nil, fmt.Errorf("embedded bus: add hook: %w", err)
 	}
+	if err := e.server.AddHook(&limitsHook{e: e}, nil); err != nil {
+		return nil, fmt.Errorf("embedded bus: add hook: %w", err)
+	}
 	e.forwarders.New = func() any { return e.server.NewClient(nil, mqtt.LocalListener, "", true) }
 	return e, nil
 }
@@ -229,15 +249,15 @@ func (e *Embedded) Start(ctx context.Context) error {
 	}
 	// AddListener calls l.Init, which binds; after it l.Address is the
 	// bound address (port 0 resolved).
-	var plain, secure *listeners.TCP
+	var plain, secure *limitListener
 	if e.listen != "" {
-		plain = listeners.NewTCP(listeners.Config{ID: embeddedListenerID, Address: e.listen})
+		plain = &limitListener{id: embeddedListenerID, address: e.listen, lim: e.limiter, log: e.log}
 		if err := e.server.AddListener(plain); err != nil {
 			return fmt.Errorf("embedded bus: listen on %s: %w", e.listen, err)
 		}
 	}
 	if e.tlsListen != "" {
-		secure = listeners.NewTCP(listeners.Config{ID: embeddedTLSListenerID, Address: e.tlsListen, TLSConfig: e.tlsConfig})
+		secure = &limitListener{id: embeddedTLSListenerID, address: e.tlsListen, tlsConfig: e.tlsConfig, lim: e.limiter, log: e.log}
 		if err := e.server.AddListener(secure); err != nil {
 			_ = e.server.Close()
 			return fmt.Errorf("embedded bus: listen on %s (TLS): %w", e.tlsListen, err)
@@ -245,7 +265,7 @@ func (e *Embedded) Start(ctx context.Context) error {
 	}
 	// Connections from WebSocketHandler, registered so that they close
 	// with the broker.
-	if err := e.server.AddListener(wsListener{}); err != nil {
+	if err := e.server.AddListener(wsListener{lim: e.limiter}); err != nil {
 		_ = e.server.Close()
 		return fmt.Errorf("embedded bus: %w", err)
 	}
@@ -310,6 +330,10 @@ func (e *Embedded) TLSAddr() string {
 // A response to a request that arrived in the IoT Hub dialect, and a
 // desired patch, also go to the device's IoT Hub client, translated (see
 // the package documentation).
+//
+// Publish does not wait for subscribers to read (see Embedded). Should it
+// take longer than ctx allows, it returns ctx's error; the message may
+// still go out.
 func (e *Embedded) Publish(ctx context.Context, topic string, payload []byte, retained bool) error {
 	if err := ctx.Err(); err != nil {
 		return err
@@ -317,6 +341,21 @@ func (e *Embedded) Publish(ctx context.Context, topic string, payload []byte, re
 	if !e.running.Load() {
 		return fmt.Errorf("publish %s: %w", topic, ErrNotConnected)
 	}
+	if ctx.Done() == nil {
+		return e.publish(topic, payload, retained)
+	}
+	done := make(chan error, 1)
+	go func() { done <- e.publish(topic, payload, retained) }()
+	select {
+	case err := <-done:
+		return err
+	case <-ctx.Done():
+		return fmt.Errorf("publish %s: %w", topic, ctx.Err())
+	}
+}
+
+// publish is Publish without its context.
+func (e *Embedded) publish(topic string, payload []byte, retained bool) error {
 	if err := e.server.Publish(topic, payload, retained, 1); err != nil {
 		return fmt.Errorf("publish %s: %w", topic, err)
 	}
@@ -417,7 +456,8 @@ func (e *Embedded) ack(cl *mqtt.Client, dc *deviceConn, in protocol.Inbound, pk 
 	// is just the packet id, as a 3.1.1 one is. Expiry stays 0: it is for
 	// PUBLISHes (WritePacket would turn it into a message expiry property).
 	// WritePacket takes the client's lock, so it is safe next to mochi's own
-	// writes.
+	// writes, and only queues the packet on the connection (limitConn), so
+	// a device that does not read does not hold up the caller.
 	puback := packets.Packet{
 		FixedHeader: packets.FixedHeader{Type: packets.Puback},
 		PacketID:    pk.PacketID,

@@ -49,16 +49,22 @@ func (e *Embedded) WebSocketHandler() http.Handler {
 			http.Error(w, "MQTT over WebSockets: send a WebSocket upgrade (subprotocol mqtt)", http.StatusBadRequest)
 			return
 		}
+		ip, ok := e.limiter.admit(embeddedWSListenerID, r.RemoteAddr)
+		if !ok {
+			http.Error(w, "the MQTT broker has too many connections", http.StatusServiceUnavailable)
+			return
+		}
 		c, err := up.Upgrade(w, r, nil) // writes the error reply itself
 		if err != nil {
+			e.limiter.release(ip)
 			e.log.V(1).Info("WebSocket upgrade failed", "remote", r.RemoteAddr, "reason", err.Error())
 			return
 		}
-		conn := &wsConn{Conn: c.UnderlyingConn(), ws: c}
+		// Replaces the HTTP server's deadlines with the connect timeout;
+		// after CONNECT the broker sets the read deadline (the client's
+		// keepalive) and every write gets the write timeout.
+		conn := e.limiter.wrap(&wsConn{Conn: c.UnderlyingConn(), ws: c}, nil, ip, embeddedWSListenerID)
 		defer func() { _ = conn.Close() }()
-		// The HTTP server's request deadlines must not end the connection:
-		// from here the broker sets its own (the client's keepalive).
-		_ = conn.SetDeadline(time.Time{})
 		// Serves the client until it disconnects.
 		if err := e.server.EstablishConnection(embeddedWSListenerID, conn); err != nil && !errors.Is(err, io.EOF) {
 			e.log.V(1).Info("WebSocket MQTT connection ended", "remote", r.RemoteAddr, "reason", err.Error())
@@ -69,20 +75,24 @@ func (e *Embedded) WebSocketHandler() http.Handler {
 // wsListener registers WebSocket connections with the broker, so that they
 // are closed with it; the connections themselves come from
 // WebSocketHandler.
-type wsListener struct{}
+type wsListener struct{ lim *connLimiter }
 
-func (wsListener) Init(*slog.Logger) error              { return nil }
-func (wsListener) Serve(listeners.EstablishFn)          {}
-func (wsListener) ID() string                           { return embeddedWSListenerID }
-func (wsListener) Address() string                      { return WebSocketPath }
-func (wsListener) Protocol() string                     { return "wss" }
-func (wsListener) Close(closeClients listeners.CloseFn) { closeClients(embeddedWSListenerID) }
+func (wsListener) Init(*slog.Logger) error     { return nil }
+func (wsListener) Serve(listeners.EstablishFn) {}
+func (wsListener) ID() string                  { return embeddedWSListenerID }
+func (wsListener) Address() string             { return WebSocketPath }
+func (wsListener) Protocol() string            { return "wss" }
+func (l wsListener) Close(closeClients listeners.CloseFn) {
+	closeClients(embeddedWSListenerID)
+	l.lim.closeListener(embeddedWSListenerID) // those that sent no CONNECT
+}
 
 // wsConn is a WebSocket connection as the byte stream MQTT runs on: each
 // write is one binary message, and reads run through the binary messages
-// in order.
+// in order. Write deadlines go through the websocket.Conn, which sets its
+// own on the underlying connection before every write.
 type wsConn struct {
-	net.Conn // addresses and deadlines of the underlying connection
+	net.Conn // addresses and read deadlines of the underlying connection
 	ws       *websocket.Conn
 	r        io.Reader
 	wmu      sync.Mutex
@@ -122,3 +132,10 @@ func (c *wsConn) Write(p []byte) (int, error) {
 }
 
 func (c *wsConn) Close() error { return c.ws.Close() }
+
+func (c *wsConn) SetDeadline(t time.Time) error {
+	return errors.Join(c.ws.SetReadDeadline(t), c.ws.SetWriteDeadline(t))
+}
+
+func (c *wsConn) SetReadDeadline(t time.Time) error  { return c.ws.SetReadDeadline(t) }
+func (c *wsConn) SetWriteDeadline(t time.Time) error { return c.ws.SetWriteDeadline(t) }
