@@ -39,6 +39,8 @@ type mqttOptions struct {
 	secretName, secretNS string
 	caConfigMap          string
 	adminPasswordFile    string
+	// What clients may cost the embedded broker (embedded_limits.go).
+	limits bus.EmbeddedLimits
 }
 
 func bindMQTTFlags(m *mqttOptions) {
@@ -56,6 +58,44 @@ func bindMQTTFlags(m *mqttOptions) {
 		"ConfigMap (key ca.crt) where the operator publishes the CA bundle devices must trust for the operator-issued MQTT certificate.")
 	flag.StringVar(&m.adminPasswordFile, "mqtt-admin-password-file", "",
 		"File holding the password of the embedded broker's administrative user "+deviceauth.AdminUsername+", which may connect with any client id and use every topic (monitoring, debugging). Empty: no such user.")
+	bindMQTTLimitFlags(&m.limits)
+}
+
+// bindMQTTLimitFlags binds the flags of the embedded broker's limits.
+func bindMQTTLimitFlags(l *bus.EmbeddedLimits) {
+	flag.IntVar(&l.MaxPacketSize, "mqtt-max-packet-size", bus.DefaultMaxPacketSize,
+		"Largest MQTT packet, in bytes, a client may send the embedded broker (MQTT 5 clients are told in CONNACK). "+
+			"A larger one is refused from its fixed header, before it is read: the connection is closed (MQTT 5: DISCONNECT 0x95). 1024 to 268435460.")
+	flag.DurationVar(&l.ConnectTimeout, "mqtt-connect-timeout", bus.DefaultMQTTConnectTimeout,
+		"How long a connection to the embedded broker may take from accept to a complete CONNECT packet, TLS or WebSocket handshake included; then it is closed.")
+	flag.DurationVar(&l.WriteTimeout, "mqtt-write-timeout", bus.DefaultWriteTimeout,
+		"How long the embedded broker waits for a client to take each packet it writes; a client that takes none for that long is disconnected (it resumes its session when it reconnects).")
+	flag.IntVar(&l.MaxClientQueue, "mqtt-max-client-queue", bus.DefaultMaxClientQueue,
+		"Messages that may wait to be written to one client of the embedded broker; one more disconnects the client instead of dropping the message.")
+	flag.IntVar(&l.MaxConnections, "mqtt-max-connections", bus.DefaultMaxConnections,
+		"Open connections the embedded broker accepts on all its listeners (TCP, TLS, WebSockets), authenticated or not; one more is closed at once (WebSockets: HTTP 503).")
+	flag.IntVar(&l.MaxConnectionsPerIP, "mqtt-max-connections-per-ip", bus.DefaultMaxConnectionsPerIP,
+		"Open connections the embedded broker accepts from one source address, as the pod sees it (behind NAT many devices share one; "+
+			"with a Service of externalTrafficPolicy Cluster it is a node's address); one more is closed at once.")
+}
+
+// checkLimitFlags refuses out-of-range limits of the embedded broker.
+func checkLimitFlags(l bus.EmbeddedLimits) error {
+	switch {
+	case l.MaxPacketSize < 1024 || l.MaxPacketSize > 268435460:
+		return fmt.Errorf("--mqtt-max-packet-size must be between 1024 and 268435460 bytes, not %d", l.MaxPacketSize)
+	case l.ConnectTimeout <= 0:
+		return fmt.Errorf("--mqtt-connect-timeout must be positive, not %s", l.ConnectTimeout)
+	case l.WriteTimeout <= 0:
+		return fmt.Errorf("--mqtt-write-timeout must be positive, not %s", l.WriteTimeout)
+	case l.MaxClientQueue < 1 || l.MaxClientQueue > 1<<20:
+		return fmt.Errorf("--mqtt-max-client-queue must be between 1 and 1048576, not %d", l.MaxClientQueue)
+	case l.MaxConnections < 1:
+		return fmt.Errorf("--mqtt-max-connections must be at least 1, not %d", l.MaxConnections)
+	case l.MaxConnectionsPerIP < 1:
+		return fmt.Errorf("--mqtt-max-connections-per-ip must be at least 1, not %d", l.MaxConnectionsPerIP)
+	}
+	return nil
 }
 
 // checkSecurityFlags refuses contradictory device security flags.
@@ -107,12 +147,16 @@ func newAuthenticator(mgr ctrl.Manager, o options) (*deviceauth.Authenticator, e
 // auth (nil: every client may do anything).
 func setupEmbedded(ctx context.Context, mgr ctrl.Manager, o options, br *bridge.Bridge, auth *deviceauth.Authenticator) (bus.Bus, error) {
 	log := ctrl.Log.WithName("setup")
+	if err := checkLimitFlags(o.mqtt.limits); err != nil {
+		return nil, err
+	}
 	eo := bus.EmbeddedOptions{
 		Listen:    o.mqttListen,
 		TLSListen: o.mqtt.tlsListen,
 		Handler:   br.Handle,
 		Presence:  br.Presence,
 		Logger:    ctrl.Log.WithName("broker"),
+		Limits:    o.mqtt.limits,
 	}
 	if eo.TLSListen != "" {
 		var err error
