@@ -223,13 +223,13 @@ func (e *Embedded) iothubPublish(cl *mqtt.Client, pk packets.Packet) (packets.Pa
 		// With an Authenticator the ACL has refused these already, but
 		// for an administrator.
 		Refused.WithLabelValues(ReasonPublishDenied).Inc()
-		e.log.Info("refused unsupported IoT Hub topic", "clientID", cl.ID, "deviceID", deviceID,
+		e.rlog.Info("refused unsupported IoT Hub topic", "clientID", cl.ID, "deviceID", deviceID,
 			"topic", pk.TopicName, "publish", true, "reason", ReasonPublishDenied)
 		return pk, packets.CodeSuccessIgnore
 	}
 	e.iothubRestoreSubscriptions(cl)
 	if err != nil {
-		e.log.Info("refused IoT Hub twin request", "clientID", cl.ID, "deviceID", deviceID, "topic", pk.TopicName,
+		e.rlog.Info("refused IoT Hub twin request", "clientID", cl.ID, "deviceID", deviceID, "topic", pk.TopicName,
 			"reason", err.Error())
 		e.iothubDeliver(cl.ID, protocol.IoTHubError(protocol.StatusBadRequest, req.RequestID, err.Error()))
 		return pk, packets.CodeSuccessIgnore
@@ -336,7 +336,7 @@ func (e *Embedded) iothubRestoreSubscriptions(cl *mqtt.Client) {
 		cl.State.Subscriptions.Add(filter, sub)
 		added = append(added, f)
 	}
-	e.log.Info("broker had lost the session of an IoT Hub client; subscribed it to its twin topics",
+	e.rlog.Info("broker had lost the session of an IoT Hub client; subscribed it to its twin topics",
 		"clientID", cl.ID, "remote", cl.Net.Remote, "filters", added)
 }
 
@@ -388,7 +388,7 @@ func (e *Embedded) iothubFilters(cl *mqtt.Client, pk packets.Packet, refuse bool
 			filter = iothubInternal(cl.ID, f.Filter)
 		case refuse && isReserved(f.Filter):
 			Refused.WithLabelValues(ReasonSubscribeDenied).Inc()
-			e.log.Info("refused topic outside the device's own", "clientID", cl.ID, "topic", f.Filter,
+			e.rlog.Info("refused topic outside the device's own", "clientID", cl.ID, "topic", f.Filter,
 				"publish", false, "reason", ReasonSubscribeDenied)
 			filter = "" // invalid: SUBACK failure
 		default:

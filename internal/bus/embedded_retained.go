@@ -56,7 +56,7 @@ func (e *Embedded) sendRetained(cl *mqtt.Client, sub packets.Subscription, pk pa
 	if out.FixedHeader.Qos > 0 {
 		id, err := cl.NextPacketID()
 		if err != nil {
-			e.log.Error(err, "no packet id for retained message", "clientID", cl.ID, "topic", pk.TopicName)
+			e.rlog.Error(err, "no packet id for retained message", "clientID", cl.ID, "topic", pk.TopicName)
 			return
 		}
 		out.PacketID = uint16(id)

@@ -323,7 +323,7 @@ func (p *Paho) subscribed() bool {
 func (p *Paho) onMessage(_ paho.Client, m paho.Message) {
 	in, err := protocol.ParseInbound(m.Topic())
 	if err != nil {
-		p.log.Info("dropping message on invalid topic", "topic", m.Topic(), "reason", err.Error())
+		p.rlog.Info("dropping message on invalid topic", "topic", m.Topic(), "reason", err.Error())
 		m.Ack()
 		return
 	}
