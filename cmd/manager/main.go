@@ -35,6 +35,7 @@ import (
 	"github.com/kubetwin/kubetwin/internal/bus"
 	"github.com/kubetwin/kubetwin/internal/deviceauth"
 	"github.com/kubetwin/kubetwin/internal/operator"
+	"github.com/kubetwin/kubetwin/internal/ratelog"
 	"github.com/kubetwin/kubetwin/internal/webhook"
 )
 
@@ -236,6 +237,8 @@ func setupBus(ctx context.Context, mgr ctrl.Manager, o options, br *bridge.Bridg
 		Username:  o.brokerUsername,
 		Handler:   br.Handle,
 		Logger:    ctrl.Log.WithName("mqtt"),
+		// Devices can leave retained requests on an external broker.
+		LogLimiter: ratelog.New(o.mqtt.logRateLimit),
 	}
 	var err error
 	if po.Password, err = brokerPassword(o); err != nil {

@@ -7,9 +7,11 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"math"
 	"net"
 	"os"
 	"strings"
+	"time"
 
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/certwatcher"
@@ -21,6 +23,7 @@ import (
 	"github.com/kubetwin/kubetwin/internal/deviceauth"
 	"github.com/kubetwin/kubetwin/internal/dynsec"
 	"github.com/kubetwin/kubetwin/internal/operator"
+	"github.com/kubetwin/kubetwin/internal/ratelog"
 	"github.com/kubetwin/kubetwin/internal/webhook"
 )
 
@@ -41,6 +44,10 @@ type mqttOptions struct {
 	adminPasswordFile    string
 	// What clients may cost the embedded broker (embedded_limits.go).
 	limits bus.EmbeddedLimits
+	// Sessions and logs (embedded_sessions.go, internal/ratelog).
+	sessionExpiry   time.Duration
+	maxSessionQueue int
+	logRateLimit    float64
 }
 
 func bindMQTTFlags(m *mqttOptions) {
@@ -59,6 +66,28 @@ func bindMQTTFlags(m *mqttOptions) {
 	flag.StringVar(&m.adminPasswordFile, "mqtt-admin-password-file", "",
 		"File holding the password of the embedded broker's administrative user "+deviceauth.AdminUsername+", which may connect with any client id and use every topic (monitoring, debugging). Empty: no such user.")
 	bindMQTTLimitFlags(&m.limits)
+	flag.DurationVar(&m.sessionExpiry, "mqtt-session-expiry", bus.DefaultSessionExpiry,
+		"How long the embedded broker keeps the persistent session (clean=false, as the Azure IoT SDKs connect) of a disconnected client: its subscriptions and queued messages. "+
+			"A device whose twin is deleted or disabled loses its session at once. At least 1s.")
+	flag.IntVar(&m.maxSessionQueue, "mqtt-max-session-queue", bus.DefaultMaxSessionQueue,
+		"Messages the embedded broker keeps per session that the client has not acknowledged (while it is offline: queued for it); further ones are dropped. "+
+			"A device loses no configuration by it: the whole desired document is retained and answers every GET. 1 to 65535.")
+	flag.Float64Var(&m.logRateLimit, "log-rate-limit", ratelog.DefaultRate,
+		"Log lines per second of each kind that clients can cause (refused connections, dropped messages, the broker's warnings), with a burst of twice that; "+
+			"lines over it are counted in kubetwin_log_lines_suppressed_total and reported in one \"log lines suppressed\" line. 0: no limit.")
+}
+
+// checkSessionFlags refuses out-of-range session and log limits.
+func checkSessionFlags(m mqttOptions) error {
+	switch {
+	case m.sessionExpiry < time.Second:
+		return fmt.Errorf("--mqtt-session-expiry must be at least 1s, not %s", m.sessionExpiry)
+	case m.maxSessionQueue < 1 || m.maxSessionQueue > math.MaxUint16:
+		return fmt.Errorf("--mqtt-max-session-queue must be between 1 and 65535, not %d", m.maxSessionQueue)
+	case m.logRateLimit < 0 || math.IsNaN(m.logRateLimit) || math.IsInf(m.logRateLimit, 0):
+		return fmt.Errorf("--log-rate-limit must be a number of lines per second, 0 or more, not %v", m.logRateLimit)
+	}
+	return nil
 }
 
 // bindMQTTLimitFlags binds the flags of the embedded broker's limits.
@@ -120,7 +149,7 @@ func checkSecurityFlags(o options) error {
 	case o.mqtt.adminPasswordFile != "" && (!embedded || o.deviceAuth != deviceAuthSAS):
 		return errors.New("--mqtt-admin-password-file is for the embedded broker with --device-auth=sas")
 	}
-	return nil
+	return checkSessionFlags(o.mqtt)
 }
 
 // newAuthenticator returns the embedded broker's device Authenticator, or
@@ -157,6 +186,11 @@ func setupEmbedded(ctx context.Context, mgr ctrl.Manager, o options, br *bridge.
 		Presence:  br.Presence,
 		Logger:    ctrl.Log.WithName("broker"),
 		Limits:    o.mqtt.limits,
+		Sessions: bus.SessionOptions{
+			Expiry:   o.mqtt.sessionExpiry,
+			MaxQueue: o.mqtt.maxSessionQueue,
+		},
+		LogLimiter: ratelog.New(o.mqtt.logRateLimit),
 	}
 	if eo.TLSListen != "" {
 		var err error

@@ -4,10 +4,14 @@ import (
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/kubetwin/kubetwin/internal/bus"
+	"github.com/kubetwin/kubetwin/internal/ratelog"
 )
 
 func TestCheckSecurityFlags(t *testing.T) {
-	ok := options{deviceAuth: deviceAuthSAS, hubHostname: "hub", mqtt: mqttOptions{tlsListen: ":8883"}}
+	ok := options{deviceAuth: deviceAuthSAS, hubHostname: "hub", mqtt: mqttOptions{tlsListen: ":8883",
+		sessionExpiry: bus.DefaultSessionExpiry, maxSessionQueue: bus.DefaultMaxSessionQueue, logRateLimit: ratelog.DefaultRate}}
 	if err := checkSecurityFlags(ok); err != nil {
 		t.Fatalf("defaults: %v", err)
 	}
@@ -23,6 +27,10 @@ func TestCheckSecurityFlags(t *testing.T) {
 		"cert without key":    {func(o *options) { o.mqtt.certFile = "c.pem" }, "go together"},
 		"admin, external":     {func(o *options) { o.mqtt.adminPasswordFile, o.brokerURL = "f", "tcp://m:1883" }, "embedded broker"},
 		"admin, without auth": {func(o *options) { o.mqtt.adminPasswordFile, o.deviceAuth = "f", deviceAuthNone }, "embedded broker"},
+		"session expiry 0":    {func(o *options) { o.mqtt.sessionExpiry = 0 }, "--mqtt-session-expiry"},
+		"session queue 0":     {func(o *options) { o.mqtt.maxSessionQueue = 0 }, "--mqtt-max-session-queue"},
+		"session queue 65536": {func(o *options) { o.mqtt.maxSessionQueue = 65536 }, "--mqtt-max-session-queue"},
+		"log rate negative":   {func(o *options) { o.mqtt.logRateLimit = -1 }, "--log-rate-limit"},
 	} {
 		t.Run(name, func(t *testing.T) {
 			o := ok
