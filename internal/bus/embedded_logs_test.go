@@ -3,6 +3,7 @@ package bus
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"fmt"
 	"io"
 	"net"
@@ -16,6 +17,7 @@ import (
 	"github.com/mochi-mqtt/server/v2/packets"
 
 	"github.com/kubetwin/kubetwin/internal/ratelog"
+	"github.com/kubetwin/kubetwin/pkg/protocol"
 )
 
 // lineCounter is a logger that counts the lines it writes and keeps the
@@ -131,4 +133,59 @@ func TestEmbeddedRefusedConnectLogsAreBounded(t *testing.T) {
 		t.Errorf("a log line has %d bytes: %.300s", len(longest), longest)
 	}
 	t.Logf("%d refused CONNECTs in %s: %d log lines, the longest %d bytes", attempts, elapsed, lines, len(longest))
+}
+
+func TestEmbeddedDroppedMessageLogsAreBounded(t *testing.T) {
+	const published = 2000
+	counter := &lineCounter{}
+	b, err := NewEmbedded(EmbeddedOptions{
+		Listen: "127.0.0.1:0", Handler: func(Message) {},
+		Logger:     funcr.New(counter.write, funcr.Options{}),
+		LogLimiter: ratelog.New(ratelog.DefaultRate),
+		Sessions:   SessionOptions{MaxQueue: 64},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	runBus(t, b)
+	<-b.Ready()
+
+	// A device that subscribes and then never acknowledges: after 64
+	// messages in flight mochi drops every further one with a warning.
+	dev := dialRaw(t, b.Addr(), "silent", 4)
+	var buf bytes.Buffer
+	sub := packets.Packet{
+		FixedHeader: packets.FixedHeader{Type: packets.Subscribe, Qos: 1},
+		PacketID:    1,
+		Filters:     packets.Subscriptions{{Filter: protocol.DesiredFilter("silent"), Qos: 1}},
+	}
+	sub.ProtocolVersion = 4
+	if err := sub.SubscribeEncode(&buf); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := dev.conn.Write(buf.Bytes()); err != nil {
+		t.Fatal(err)
+	}
+	if ack := dev.read(waitTimeout); len(ack) == 0 || ack[0]>>4 != packets.Suback {
+		t.Fatalf("SUBACK: got % x", ack)
+	}
+	before, _ := counter.get()
+	start := time.Now()
+	for v := range published {
+		if err := b.Publish(context.Background(), protocol.DesiredPatchTopic("silent"), fmt.Appendf(nil, `{"$version":%d}`, v), false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	elapsed := time.Since(start)
+	lines, longest := counter.get()
+	lines -= before
+	if dropped := atomic.LoadInt64(&b.server.Info.InflightDropped); dropped < published-64 {
+		t.Fatalf("mochi dropped %d messages, want at least %d", dropped, published-64)
+	}
+	if bound := 2 * (2*ratelog.DefaultRate + int(elapsed.Seconds()*ratelog.DefaultRate) + 1); lines > bound {
+		t.Errorf("%d dropped messages in %s logged %d lines, want at most %d", published-64, elapsed, lines, bound)
+	}
+	if len(longest) > 2048 {
+		t.Errorf("a log line has %d bytes", len(longest))
+	}
 }
