@@ -1,13 +1,17 @@
 package bus
 
 import (
+	"bufio"
 	"context"
 	"fmt"
+	"math"
+	"net"
 	"sync"
 	"testing"
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
+	"github.com/mochi-mqtt/server/v2/packets"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/kubetwin/kubetwin/pkg/protocol"
@@ -275,4 +279,38 @@ func TestSessionOptionsValidate(t *testing.T) {
 	if err != nil || o.Expiry != DefaultSessionExpiry || o.MaxQueue != DefaultMaxSessionQueue {
 		t.Errorf("defaults: %+v %v", o, err)
 	}
+}
+
+func TestEmbeddedMQTT5SessionExpiryIsCapped(t *testing.T) {
+	b, clk, _ := startSessionBroker(t, SessionOptions{Expiry: time.Hour}, nil)
+	conn, err := net.DialTimeout("tcp", b.Addr(), waitTimeout)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := &rawClient{t: t, conn: conn, r: bufio.NewReader(conn), version: 5}
+	// An MQTT 5 client asks to be kept forever.
+	c.send(packets.Packet{
+		FixedHeader: packets.FixedHeader{Type: packets.Connect},
+		Connect:     packets.ConnectParams{ProtocolName: []byte("MQTT"), Keepalive: 60, ClientIdentifier: "v5"},
+		Properties:  packets.Properties{SessionExpiryInterval: math.MaxUint32, SessionExpiryIntervalFlag: true},
+	})
+	raw := c.read(waitTimeout)
+	connack := packets.Packet{ProtocolVersion: 5, FixedHeader: packets.FixedHeader{Type: packets.Connack}}
+	if len(raw) < 4 || raw[0]>>4 != packets.Connack {
+		t.Fatalf("CONNACK: got % x", raw)
+	}
+	if err := connack.ConnackDecode(raw[2:]); err != nil {
+		t.Fatal(err)
+	}
+	want := uint32((time.Hour + sessionExpirySlack).Seconds())
+	if p := connack.Properties; !p.SessionExpiryIntervalFlag || p.SessionExpiryInterval != want {
+		t.Errorf("CONNACK session expiry %d (flag %v), want %d", p.SessionExpiryInterval, p.SessionExpiryIntervalFlag, want)
+	}
+	_ = conn.Close()
+	eventually(t, "the session is offline", func() bool { return b.hasOfflineSession("v5") })
+	clk.add(time.Hour)
+	eventually(t, "the session has expired", func() bool {
+		_, held := b.server.Clients.Get("v5")
+		return !held
+	})
 }
