@@ -26,7 +26,6 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/handler"
 	"sigs.k8s.io/controller-runtime/pkg/predicate"
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
-	"sigs.k8s.io/controller-runtime/pkg/source"
 
 	"github.com/kubetwin/kubetwin/api/v1alpha1"
 	"github.com/kubetwin/kubetwin/internal/bridge"
@@ -353,7 +352,7 @@ func ownedLabels(t *v1alpha1.DeviceTwin, manager string) map[string]bool {
 }
 
 // SetupWithManager registers the reconciler, the device id index and the
-// bridge's event channel with mgr.
+// bridge's source of woken twins with mgr.
 func (r *DeviceTwinReconciler) SetupWithManager(ctx context.Context, mgr ctrl.Manager) error {
 	if err := mgr.GetFieldIndexer().IndexField(ctx, &v1alpha1.DeviceTwin{}, DeviceIDIndex, func(o client.Object) []string {
 		return []string{o.(*v1alpha1.DeviceTwin).EffectiveDeviceID()}
@@ -367,7 +366,7 @@ func (r *DeviceTwinReconciler) SetupWithManager(ctx context.Context, mgr ctrl.Ma
 	b := ctrl.NewControllerManagedBy(mgr).
 		For(&v1alpha1.DeviceTwin{}, builder.WithPredicates(predicate.Or(
 			predicate.GenerationChangedPredicate{}, predicate.LabelChangedPredicate{}))).
-		WatchesRawSource(source.Channel(r.Bridge.Events(), &handler.EnqueueRequestForObject{})).
+		WatchesRawSource(r.Bridge.Source()).
 		WithOptions(controller.Options{MaxConcurrentReconciles: workers}).
 		Named("devicetwin")
 	if r.Credentials != nil {

@@ -16,13 +16,13 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"hash/maphash"
 	"sync"
 	"time"
 
 	"github.com/go-logr/logr"
 	apiextensionsv1 "k8s.io/apiextensions-apiserver/pkg/apis/apiextensions/v1"
 	"k8s.io/apimachinery/pkg/types"
-	"sigs.k8s.io/controller-runtime/pkg/event"
 
 	"github.com/kubetwin/kubetwin/api/v1alpha1"
 	"github.com/kubetwin/kubetwin/internal/bus"
@@ -37,6 +37,27 @@ var ErrNotFound = errors.New("no DeviceTwin has this device id")
 // manager's cache and a field index). It returns ErrNotFound when there is none.
 type Resolver func(ctx context.Context, deviceID string) (*v1alpha1.DeviceTwin, error)
 
+// Defaults of Options and fixed limits.
+const (
+	// DefaultMaxPendingReports is the default of Options.MaxPendingReports.
+	DefaultMaxPendingReports = 256
+	// DefaultMaxPendingReportBytes is the default of
+	// Options.MaxPendingReportBytes.
+	DefaultMaxPendingReportBytes = 256 * 1024
+	// MaxReportedPatchBytes is the largest reported patch, in bytes of
+	// JSON, checked before it is decoded: a whole 32 KB reported section
+	// written compactly fits, with room for deletions. It equals the
+	// embedded broker's default maximum packet size; an external broker
+	// may let larger messages through.
+	MaxReportedPatchBytes = 64 * 1024
+	// maxSmallPayload bounds ack and presence payloads ({"$version": n},
+	// {"online": bool}).
+	maxSmallPayload = 1024
+	// respondTimeout bounds the publishes of one batch of responses, and
+	// of a desired change, so a stuck bus cannot hold a reconciler.
+	respondTimeout = 10 * time.Second
+)
+
 // Options configure a Bridge.
 type Options struct {
 	// Resolve maps device ids to twins.
@@ -45,15 +66,27 @@ type Options struct {
 	Logger logr.Logger
 	// Now is the clock (tests may replace it).
 	Now func() time.Time
+	// MaxPendingReports bounds the messages of one device waiting to be
+	// stored; a report beyond it is answered 429 and changes nothing.
+	// DefaultMaxPendingReports if zero.
+	MaxPendingReports int
+	// MaxPendingReportBytes bounds the payload bytes of those messages
+	// (the bus holds each message until it is acknowledged), likewise.
+	// DefaultMaxPendingReportBytes if zero.
+	MaxPendingReportBytes int
 }
 
 // Bridge holds the working state of every twin and connects it to the bus.
 type Bridge struct {
-	bus     bus.Bus
-	resolve Resolver
-	log     logr.Logger
-	now     func() time.Time
-	events  chan event.GenericEvent
+	bus             bus.Bus
+	resolve         Resolver
+	log             logr.Logger
+	now             func() time.Time
+	wakes           wakeQueue
+	seed            maphash.Seed
+	maxPending      int
+	maxPendingBytes int
+	respondTimeout  time.Duration
 
 	mu      sync.Mutex
 	devices map[types.NamespacedName]*deviceEntry
@@ -69,21 +102,26 @@ func New(o Options) *Bridge {
 	if o.Now == nil {
 		o.Now = time.Now
 	}
+	if o.MaxPendingReports <= 0 {
+		o.MaxPendingReports = DefaultMaxPendingReports
+	}
+	if o.MaxPendingReportBytes <= 0 {
+		o.MaxPendingReportBytes = DefaultMaxPendingReportBytes
+	}
 	return &Bridge{
-		resolve: o.Resolve,
-		log:     o.Logger,
-		now:     o.Now,
-		events:  make(chan event.GenericEvent, 4096),
-		devices: map[types.NamespacedName]*deviceEntry{},
+		resolve:         o.Resolve,
+		log:             o.Logger,
+		now:             o.Now,
+		seed:            maphash.MakeSeed(),
+		maxPending:      o.MaxPendingReports,
+		maxPendingBytes: o.MaxPendingReportBytes,
+		respondTimeout:  respondTimeout,
+		devices:         map[types.NamespacedName]*deviceEntry{},
 	}
 }
 
 // SetBus sets the bus the Bridge publishes on.
 func (b *Bridge) SetBus(x bus.Bus) { b.bus = x }
-
-// Events is the channel of twins whose working state changed; the
-// controller watches it with source.Channel.
-func (b *Bridge) Events() <-chan event.GenericEvent { return b.events }
 
 // entry returns the entry of a twin, loading it from t's status on first use.
 func (b *Bridge) entry(t *v1alpha1.DeviceTwin) (*deviceEntry, error) {
@@ -121,6 +159,11 @@ func (b *Bridge) Forget(key types.NamespacedName) {
 	if e.d != nil && e.d.online != nil && *e.d.online {
 		connectedDevices.Dec()
 	}
+	if e.d != nil {
+		pendingMessages.Sub(float64(len(e.d.pending)))
+		pendingBytes.Sub(float64(e.d.pendingBytes))
+		e.d.pending, e.d.pendingBytes = nil, 0
+	}
 	e.mu.Unlock()
 }
 
@@ -136,26 +179,40 @@ func (b *Bridge) with(t *v1alpha1.DeviceTwin, f func(d *device)) error {
 	return nil
 }
 
-// wake enqueues t for reconciliation unless it is already queued.
+// wake enqueues t for reconciliation unless it is already queued. It never
+// blocks: it runs on the bus's delivery path.
 func (b *Bridge) wake(t *v1alpha1.DeviceTwin, d *device) {
 	if d.queued {
 		return
 	}
 	d.queued = true
-	obj := &v1alpha1.DeviceTwin{}
-	obj.Namespace, obj.Name = t.Namespace, t.Name
-	b.events <- event.GenericEvent{Object: obj}
+	b.wakes.add(types.NamespacedName{Namespace: t.Namespace, Name: t.Name})
 }
 
 // Snapshot returns the working state of t and marks it as taken: messages
-// that arrive from now on wake the reconciler again.
+// that arrive from now on wake the reconciler again. The pending messages
+// it covers stay in place until Persisted.
 func (b *Bridge) Snapshot(t *v1alpha1.DeviceTwin) (Snapshot, error) {
 	var s Snapshot
+	var superseded []func()
 	err := b.with(t, func(d *device) {
 		d.queued = false
+		// No snapshot of this twin is being persisted now (the controller
+		// reconciles a key at a time), so superseded presence and acks of
+		// an earlier, failed round may go.
+		superseded = d.compact()
+		d.covered = len(d.pending)
 		s = d.snapshot()
 	})
+	ackAll(superseded)
 	return s, err
+}
+
+// ackAll calls the acks of superseded messages.
+func ackAll(acks []func()) {
+	for _, ack := range acks {
+		ack()
+	}
 }
 
 // Persisted records that status st (built from snapshot s) is stored, and
@@ -165,10 +222,12 @@ func (b *Bridge) Persisted(ctx context.Context, t *v1alpha1.DeviceTwin, s Snapsh
 	_ = b.with(t, func(d *device) {
 		d.persisted = *st.DeepCopy()
 		d.persistedReported = s.Reported
-		n := min(s.Pending, len(d.pending))
-		done = append(done, d.pending[:n]...)
-		d.pending = append([]pendingAck(nil), d.pending[n:]...)
+		done = d.takePending(s.Pending)
 	})
+	// One deadline for the whole batch: a reconciler never waits on a
+	// stuck bus for longer.
+	ctx, cancel := context.WithTimeout(ctx, b.respondTimeout)
+	defer cancel()
 	now := b.now()
 	for _, p := range done {
 		if p.rid != "" {
@@ -192,8 +251,10 @@ func (b *Bridge) PublishDesired(ctx context.Context, t *v1alpha1.DeviceTwin, des
 	if err != nil {
 		return false, err
 	}
+	ctx, cancel := context.WithTimeout(ctx, b.respondTimeout)
+	defer cancel()
 	// Hold the device lock across the publishes so GETs never see a
-	// version the broker has not got.
+	// version the broker has not got; the deadline bounds how long.
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	d := e.d
@@ -240,6 +301,8 @@ func (b *Bridge) ClearRetained(ctx context.Context, deviceID string) error {
 	if b.bus == nil {
 		return errors.New("no MQTT bus configured")
 	}
+	ctx, cancel := context.WithTimeout(ctx, b.respondTimeout)
+	defer cancel()
 	return b.bus.Publish(ctx, protocol.DesiredTopic(deviceID), nil, true)
 }
 
@@ -285,6 +348,11 @@ func (b *Bridge) refuse(ctx context.Context, m bus.Message, err error) {
 }
 
 func (b *Bridge) handleReported(ctx context.Context, t *v1alpha1.DeviceTwin, m bus.Message) {
+	if n := len(m.Payload); n > MaxReportedPatchBytes {
+		reportsTooLarge.Inc()
+		b.refuse(ctx, m, fmt.Errorf("reported: patch is %d bytes, more than the %d allowed", n, MaxReportedPatchBytes))
+		return
+	}
 	patch, err := twin.Decode(m.Payload)
 	if err != nil {
 		b.refuse(ctx, m, fmt.Errorf("reported patch: %w", err))
@@ -294,25 +362,29 @@ func (b *Bridge) handleReported(ctx context.Context, t *v1alpha1.DeviceTwin, m b
 		b.refuse(ctx, m, err)
 		return
 	}
+	sum := maphash.Bytes(b.seed, m.Payload)
 	var refused error
 	answered := int64(-1)
 	busy := false
 	err = b.with(t, func(d *device) {
-		if len(d.pending) >= maxPending {
+		if d.full(len(m.Payload), b.maxPending, b.maxPendingBytes) {
 			busy = true
 			return
 		}
-		if v, seen := d.recent[m.RequestID]; seen {
+		if r, seen := d.recent[m.RequestID]; seen && r.sum == sum {
 			// A resend of a request already applied: answer it, once
 			// its version is persisted, without applying it again.
-			if v <= d.persisted.ReportedVersion {
-				answered = v
+			if r.version <= d.persisted.ReportedVersion {
+				answered = r.version
 				return
 			}
-			d.pending = append(d.pending, pendingAck{rid: m.RequestID, version: v, ack: m.Ack, received: m.Received})
+			d.addPending(pendingAck{kind: protocol.KindReported, rid: m.RequestID, version: r.version, ack: m.Ack, received: m.Received, bytes: len(m.Payload)})
 			b.wake(t, d)
 			return
 		}
+		// A new rid, or a rid used before for another payload: a new
+		// report (devices that restart their counter, or SDKs that use
+		// one rid for every report, must not lose it).
 		merged := twin.MergePatch(d.reported, patch)
 		if err := twin.CheckSize(twin.Reported, "reported", merged); err != nil {
 			refused = err
@@ -323,8 +395,8 @@ func (b *Bridge) handleReported(ctx context.Context, t *v1alpha1.DeviceTwin, m b
 		d.reported = merged
 		d.reportedVersion++
 		d.lastActivity = now
-		d.pending = append(d.pending, pendingAck{rid: m.RequestID, version: d.reportedVersion, ack: m.Ack, received: m.Received})
-		d.remember(m.RequestID, d.reportedVersion)
+		d.addPending(pendingAck{kind: protocol.KindReported, rid: m.RequestID, version: d.reportedVersion, ack: m.Ack, received: m.Received, bytes: len(m.Payload)})
+		d.remember(m.RequestID, d.reportedVersion, sum)
 		b.wake(t, d)
 	})
 	if err != nil {
@@ -334,7 +406,7 @@ func (b *Bridge) handleReported(ctx context.Context, t *v1alpha1.DeviceTwin, m b
 	if busy {
 		reportsThrottled.Inc()
 		b.respond(ctx, m.DeviceID, m.RequestID, protocol.Response{Status: protocol.StatusTooMany,
-			Error: fmt.Sprintf("device %q has %d reports waiting to be stored; retry later", m.DeviceID, maxPending)})
+			Error: fmt.Sprintf("device %q has reached %d messages or %d bytes waiting to be stored; retry later", m.DeviceID, b.maxPending, b.maxPendingBytes)})
 		m.Ack()
 		return
 	}
@@ -344,6 +416,7 @@ func (b *Bridge) handleReported(ctx context.Context, t *v1alpha1.DeviceTwin, m b
 		return
 	}
 	if refused != nil {
+		reportsTooLarge.Inc() // CheckSize refuses for size only
 		b.refuse(ctx, m, refused)
 	}
 }
@@ -380,23 +453,30 @@ func (b *Bridge) handleGet(ctx context.Context, t *v1alpha1.DeviceTwin, m bus.Me
 
 func (b *Bridge) handleAck(t *v1alpha1.DeviceTwin, m bus.Message) {
 	var a protocol.Ack
+	if len(m.Payload) > maxSmallPayload {
+		b.refuse(context.Background(), m, fmt.Errorf("ack: payload is %d bytes, more than the %d allowed", len(m.Payload), maxSmallPayload))
+		return
+	}
 	if err := json.Unmarshal(m.Payload, &a); err != nil {
 		b.refuse(context.Background(), m, fmt.Errorf("ack: payload is not {\"$version\": n}: %w", err))
 		return
 	}
+	var acks []func()
 	err := b.with(t, func(d *device) {
 		d.lastActivity = b.now()
 		if a.Version > d.deviceDesiredVersion && a.Version <= d.desiredVersion {
 			d.deviceDesiredVersion = a.Version
-			d.pending = append(d.pending, pendingAck{ack: m.Ack, received: m.Received})
+			acks = d.addPending(pendingAck{kind: protocol.KindAck, ack: m.Ack, received: m.Received, bytes: len(m.Payload)})
 			b.wake(t, d)
 			return
 		}
-		m.Ack()
+		acks = []func(){m.Ack}
 	})
 	if err != nil {
 		b.refuseInternal(context.Background(), m, err)
+		return
 	}
+	ackAll(acks)
 }
 
 func (b *Bridge) handlePresence(t *v1alpha1.DeviceTwin, m bus.Message) {
@@ -405,21 +485,28 @@ func (b *Bridge) handlePresence(t *v1alpha1.DeviceTwin, m bus.Message) {
 		m.Ack() // a cleared retained presence message
 		return
 	}
+	if len(m.Payload) > maxSmallPayload {
+		b.refuse(context.Background(), m, fmt.Errorf("presence: payload is %d bytes, more than the %d allowed", len(m.Payload), maxSmallPayload))
+		return
+	}
 	if err := json.Unmarshal(m.Payload, &p); err != nil {
 		b.refuse(context.Background(), m, fmt.Errorf("presence: payload is not {\"online\": bool}: %w", err))
 		return
 	}
+	var acks []func()
 	err := b.with(t, func(d *device) {
 		if b.setPresence(d, p.Online, m.Received) {
-			d.pending = append(d.pending, pendingAck{ack: m.Ack, received: m.Received})
+			acks = d.addPending(pendingAck{kind: protocol.KindPresence, ack: m.Ack, received: m.Received, bytes: len(m.Payload)})
 			b.wake(t, d)
 			return
 		}
-		m.Ack()
+		acks = []func(){m.Ack}
 	})
 	if err != nil {
 		b.refuseInternal(context.Background(), m, err)
+		return
 	}
+	ackAll(acks)
 }
 
 // setPresence records a presence change; it reports whether anything changed.
@@ -465,6 +552,8 @@ func (b *Bridge) respond(ctx context.Context, deviceID, rid string, r protocol.R
 		b.log.Error(err, "encoding response", "deviceId", deviceID)
 		return
 	}
+	ctx, cancel := context.WithTimeout(ctx, b.respondTimeout)
+	defer cancel()
 	if err := b.bus.Publish(ctx, protocol.ResponseTopic(deviceID, rid), payload, false); err != nil {
 		b.log.Error(err, "publishing response", "deviceId", deviceID, "requestId", rid)
 	}

@@ -51,19 +51,24 @@ func (f *fakeBus) responses(t *testing.T, id, rid string) []protocol.Response {
 }
 
 func newTestBridge(t *testing.T) (*Bridge, *fakeBus, *v1alpha1.DeviceTwin) {
+	return newTestBridgeWith(t, Options{})
+}
+
+// newTestBridgeWith returns a bridge with o (Resolve set to one twin, d1)
+// on a fakeBus. Wake-ups collect in the bridge until a test starts its
+// Source.
+func newTestBridgeWith(t *testing.T, o Options) (*Bridge, *fakeBus, *v1alpha1.DeviceTwin) {
+	t.Helper()
 	tw := &v1alpha1.DeviceTwin{ObjectMeta: metav1.ObjectMeta{Namespace: "ns", Name: "d1"}}
-	b := New(Options{Resolve: func(_ context.Context, id string) (*v1alpha1.DeviceTwin, error) {
+	o.Resolve = func(_ context.Context, id string) (*v1alpha1.DeviceTwin, error) {
 		if id != "d1" {
 			return nil, ErrNotFound
 		}
 		return tw, nil
-	}})
+	}
+	b := New(o)
 	fb := &fakeBus{}
 	b.SetBus(fb)
-	go func() { // drain wake-ups
-		for range b.Events() {
-		}
-	}()
 	return b, fb, tw
 }
 
@@ -79,7 +84,7 @@ func report(b *Bridge, rid, payload string, acked *int) {
 // A resend of a report that is still waiting to be stored is found even
 // when many newer reports arrived since.
 func TestResendOfPendingReportNotReapplied(t *testing.T) {
-	b, fb, tw := newTestBridge(t)
+	b, fb, tw := newTestBridgeWith(t, Options{MaxPendingReports: 2 * recentRequests})
 	acked := 0
 	report(b, "first", `{"a":1}`, &acked)
 	for i := range recentRequests + 10 {
@@ -113,7 +118,8 @@ func TestResendOfPendingReportNotReapplied(t *testing.T) {
 func TestTooManyPendingReportsThrottled(t *testing.T) {
 	b, fb, tw := newTestBridge(t)
 	acked := 0
-	for i := range maxPending {
+	const agreed = 256 // --max-pending-reports default
+	for i := range agreed {
 		report(b, fmt.Sprintf("r%d", i), `{"x":1}`, &acked)
 	}
 	report(b, "over", `{"y":2}`, &acked)
@@ -125,7 +131,7 @@ func TestTooManyPendingReportsThrottled(t *testing.T) {
 		t.Fatalf("acked %d, want only the refused one", acked)
 	}
 	s, _ := b.Snapshot(tw)
-	if _, ok := s.Reported["y"]; ok || s.ReportedVersion != maxPending {
+	if _, ok := s.Reported["y"]; ok || s.ReportedVersion != agreed {
 		t.Fatalf("throttled report changed the state: version %d, reported %v", s.ReportedVersion, s.Reported)
 	}
 }

@@ -1,20 +1,26 @@
 package bridge
 
 import (
+	"slices"
 	"time"
 
 	"github.com/kubetwin/kubetwin/api/v1alpha1"
 	"github.com/kubetwin/kubetwin/internal/twin"
+	"github.com/kubetwin/kubetwin/pkg/protocol"
 )
 
 // pendingAck is a device message whose effect waits to be persisted: once
 // the status write that holds it succeeds, the device gets its response
 // (when rid is set) and the message its MQTT acknowledgement.
 type pendingAck struct {
+	kind     string // protocol.KindReported, KindAck or KindPresence
 	rid      string
 	version  int64 // reported version to answer with (reported patches)
 	ack      func()
 	received time.Time
+	// bytes is the message's payload size: the bus holds the message
+	// until ack is called.
+	bytes int
 }
 
 // device is the operator's working view of one twin: the last status it
@@ -47,37 +53,122 @@ type device struct {
 	onlineChanged time.Time
 	lastActivity  time.Time
 
-	pending []pendingAck
+	pending      []pendingAck
+	pendingBytes int
+	// covered is how many pending messages the snapshot being persisted
+	// holds: Persisted answers exactly those, so they must stay in place.
+	covered int
 	queued  bool // an event for this device is waiting in the controller's queue
 
 	// recent maps the request ids of recent reported patches to the
-	// version they got, so a resend (same rid) is answered, not reapplied.
-	recent      map[string]int64
+	// version they got and a hash of their payload, so a resend (same rid,
+	// same payload) is answered, not reapplied.
+	recent      map[string]recentReport
 	recentOrder []string
+}
+
+// recentReport is what a device's recent request id was used for.
+type recentReport struct {
+	version int64
+	sum     uint64 // maphash of the payload
 }
 
 // recentRequests is how many request ids of persisted reports a device
 // remembers; ids of reports not yet persisted are always remembered.
 const recentRequests = 256
 
-// maxPending bounds the messages of one device waiting to be persisted;
-// beyond it reports are refused with 429 until the operator catches up.
-const maxPending = 2048
-
-func (d *device) remember(rid string, version int64) {
+// remember records that request rid with payload hash sum got version.
+// A rid used before for another payload now means this one.
+func (d *device) remember(rid string, version int64, sum uint64) {
 	if d.recent == nil {
-		d.recent = make(map[string]int64, recentRequests)
+		d.recent = make(map[string]recentReport, recentRequests)
+	}
+	if _, ok := d.recent[rid]; ok {
+		d.recentOrder = slices.DeleteFunc(d.recentOrder, func(r string) bool { return r == rid })
 	}
 	for len(d.recentOrder) >= recentRequests {
 		oldest := d.recentOrder[0]
-		if d.recent[oldest] > d.persisted.ReportedVersion {
+		if d.recent[oldest].version > d.persisted.ReportedVersion {
 			break // still pending: a resend must find it
 		}
 		delete(d.recent, oldest)
 		d.recentOrder = d.recentOrder[1:]
 	}
-	d.recent[rid] = version
+	d.recent[rid] = recentReport{version: version, sum: sum}
 	d.recentOrder = append(d.recentOrder, rid)
+}
+
+// full reports whether a report of n more payload bytes would take the
+// device's pending messages over the bounds.
+func (d *device) full(n, maxCount, maxBytes int) bool {
+	return len(d.pending) >= maxCount || d.pendingBytes+n > maxBytes
+}
+
+// addPending appends p. A presence or ack message supersedes the one of
+// its kind not yet covered by a snapshot (its effect is replaced by p's,
+// which is stored before p is acknowledged); the superseded messages are
+// returned to be acknowledged now. So each kind holds at most one
+// uncovered entry and only reports grow the list.
+func (d *device) addPending(p pendingAck) (superseded []func()) {
+	if coalesced(p.kind) {
+		superseded = d.drop(func(i int, q pendingAck) bool { return i >= d.covered && q.kind == p.kind })
+	}
+	d.pending = append(d.pending, p)
+	d.pendingBytes += p.bytes
+	pendingMessages.Inc()
+	pendingBytes.Add(float64(p.bytes))
+	return superseded
+}
+
+// compact keeps only the last presence and the last ack entry. Call it
+// only when no snapshot is being persisted, so that any entry may go.
+func (d *device) compact() (superseded []func()) {
+	last := map[string]int{}
+	for i, p := range d.pending {
+		if coalesced(p.kind) {
+			last[p.kind] = i
+		}
+	}
+	return d.drop(func(i int, p pendingAck) bool { return coalesced(p.kind) && last[p.kind] != i })
+}
+
+// coalesced reports whether a later message of kind supersedes an earlier.
+func coalesced(kind string) bool { return kind == protocol.KindPresence || kind == protocol.KindAck }
+
+// drop removes the pending entries for which gone is true and returns
+// their acks.
+func (d *device) drop(gone func(i int, p pendingAck) bool) []func() {
+	var acks []func()
+	kept := d.pending[:0]
+	for i, p := range d.pending {
+		if !gone(i, p) {
+			kept = append(kept, p)
+			continue
+		}
+		acks = append(acks, p.ack)
+		d.pendingBytes -= p.bytes
+		pendingMessages.Dec()
+		pendingBytes.Sub(float64(p.bytes))
+	}
+	clear(d.pending[len(kept):])
+	d.pending = kept
+	return acks
+}
+
+// takePending removes and returns the first n pending messages.
+func (d *device) takePending(n int) []pendingAck {
+	n = min(n, len(d.pending))
+	done := slices.Clone(d.pending[:n])
+	bytes := 0
+	for _, p := range done {
+		bytes += p.bytes
+	}
+	d.pending = append([]pendingAck(nil), d.pending[n:]...)
+	d.pendingBytes -= bytes
+	d.covered = max(0, d.covered-n)
+	pendingMessages.Sub(float64(n))
+	pendingBytes.Sub(float64(bytes))
+	return done
 }
 
 // Snapshot is a consistent copy of a device's working state, taken by the

@@ -41,6 +41,18 @@ var (
 		Subsystem: subsystem, Name: "reports_coalesced_total",
 		Help: "Reported patches that shared a status write with an earlier one (reports persisted minus the writes that carried them).",
 	})
+	pendingMessages = prometheus.NewGauge(prometheus.GaugeOpts{
+		Subsystem: subsystem, Name: "pending_reports",
+		Help: "Device messages (reports, and at most one presence and one ack message per device) waiting to be stored, over all devices; bounded per device by --max-pending-reports.",
+	})
+	pendingBytes = prometheus.NewGauge(prometheus.GaugeOpts{
+		Subsystem: subsystem, Name: "pending_report_bytes",
+		Help: "Payload bytes of the device messages waiting to be stored, over all devices; bounded per device by --max-pending-report-bytes.",
+	})
+	reportsTooLarge = prometheus.NewCounter(prometheus.CounterOpts{
+		Subsystem: subsystem, Name: "reports_too_large_total",
+		Help: "Reported patches refused with 400 for size: the patch itself, or the reported section it would make (also counted in messages_refused_total).",
+	})
 	// StatusWrites counts status patches the operator sent, by result.
 	StatusWrites = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Subsystem: subsystem, Name: "status_writes_total",
@@ -49,5 +61,6 @@ var (
 )
 
 func init() {
-	metrics.Registry.MustRegister(messagesReceived, reportsRefused, reportsThrottled, connectedDevices, reportsCoalesced, reportsPersisted, reportLatency, desiredNotifications, StatusWrites)
+	metrics.Registry.MustRegister(messagesReceived, reportsRefused, reportsThrottled, connectedDevices, reportsCoalesced, reportsPersisted, reportLatency, desiredNotifications, StatusWrites,
+		pendingMessages, pendingBytes, reportsTooLarge)
 }
