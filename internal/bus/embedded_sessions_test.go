@@ -314,3 +314,46 @@ func TestEmbeddedMQTT5SessionExpiryIsCapped(t *testing.T) {
 		return !held
 	})
 }
+
+func TestEmbeddedSessionExpiryRacesReconnects(t *testing.T) {
+	const devices, rounds = 20, 10
+	b, clk, _ := startSessionBroker(t, SessionOptions{Expiry: time.Hour}, nil)
+	b.sess.sweepEvery = time.Millisecond // sweep while devices reconnect
+	for round := range rounds {
+		var wg sync.WaitGroup
+		clients := make([]paho.Client, devices)
+		for i := range devices {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				id := fmt.Sprintf("race-%02d", i)
+				if round > 0 {
+					clk.add(time.Hour / devices) // sessions fall due while others connect
+				}
+				clients[i] = persistentDevice(t, b.Addr(), id, "")
+			}()
+		}
+		wg.Wait()
+		// Every connected device is registered with the broker (an expiry
+		// never removes a resumed session) and gets what is published to it.
+		for i, c := range clients {
+			id := fmt.Sprintf("race-%02d", i)
+			cl, ok := b.server.Clients.Get(id)
+			if !ok || cl.Closed() {
+				t.Fatalf("round %d: connected device %s is not registered", round, id)
+			}
+			if held, subs := hasSession(b, id); !held || subs == 0 {
+				t.Fatalf("round %d: device %s lost its subscriptions", round, id)
+			}
+			c.Disconnect(0)
+		}
+		eventually(t, "every session is offline", func() bool {
+			for i := range devices {
+				if !b.hasOfflineSession(fmt.Sprintf("race-%02d", i)) {
+					return false
+				}
+			}
+			return true
+		})
+	}
+}
