@@ -206,7 +206,7 @@ func NewEmbedded(o EmbeddedOptions) (*Embedded, error) {
 		log:          o.Logger,
 		ackTimeout:   o.AckTimeout,
 		limits:       limits,
-		limiter:      newConnLimiter(limits, o.Logger),
+		limiter:      newConnLimiter(limits, ratelog.NewLogger(o.Logger, o.LogLimiter)),
 		sess:         newSessionKeeper(sessOpts),
 		rlog:         ratelog.NewLogger(o.Logger, o.LogLimiter),
 		ready:        make(chan struct{}),
@@ -251,13 +251,13 @@ func (e *Embedded) Start(ctx context.Context) error {
 	// bound address (port 0 resolved).
 	var plain, secure *limitListener
 	if e.listen != "" {
-		plain = &limitListener{id: embeddedListenerID, address: e.listen, lim: e.limiter, log: e.log}
+		plain = &limitListener{id: embeddedListenerID, address: e.listen, lim: e.limiter, log: e.rlog}
 		if err := e.server.AddListener(plain); err != nil {
 			return fmt.Errorf("embedded bus: listen on %s: %w", e.listen, err)
 		}
 	}
 	if e.tlsListen != "" {
-		secure = &limitListener{id: embeddedTLSListenerID, address: e.tlsListen, tlsConfig: e.tlsConfig, lim: e.limiter, log: e.log}
+		secure = &limitListener{id: embeddedTLSListenerID, address: e.tlsListen, tlsConfig: e.tlsConfig, lim: e.limiter, log: e.rlog}
 		if err := e.server.AddListener(secure); err != nil {
 			_ = e.server.Close()
 			return fmt.Errorf("embedded bus: listen on %s (TLS): %w", e.tlsListen, err)

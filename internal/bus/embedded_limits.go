@@ -29,12 +29,13 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/go-logr/logr"
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/listeners"
 	"github.com/mochi-mqtt/server/v2/packets"
 	"github.com/prometheus/client_golang/prometheus"
 	"sigs.k8s.io/controller-runtime/pkg/metrics"
+
+	"github.com/kubetwin/kubetwin/internal/ratelog"
 )
 
 // Defaults of EmbeddedLimits.
@@ -198,7 +199,7 @@ var disconnectTooLarge = []byte{packets.Disconnect << 4, 2, packets.ErrPacketToo
 // connLimiter admits, tracks and configures the broker's connections.
 type connLimiter struct {
 	limits EmbeddedLimits
-	log    logr.Logger
+	log    ratelog.Logger // clients cause these lines
 
 	mu    sync.Mutex
 	total int
@@ -206,7 +207,7 @@ type connLimiter struct {
 	conns map[*limitConn]struct{}
 }
 
-func newConnLimiter(l EmbeddedLimits, log logr.Logger) *connLimiter {
+func newConnLimiter(l EmbeddedLimits, log ratelog.Logger) *connLimiter {
 	return &connLimiter{limits: l, log: log, perIP: map[netip.Addr]int{}, conns: map[*limitConn]struct{}{}}
 }
 
@@ -237,7 +238,8 @@ func (l *connLimiter) admit(listener, remote string) (netip.Addr, bool) {
 	l.mu.Unlock()
 	if reason != "" {
 		BrokerConnectionsRefused.WithLabelValues(reason).Inc()
-		l.log.V(1).Info("refused connection at accept", "remote", remote, "listener", listener, "reason", reason)
+		l.log.Info("refused connection at accept", "remote", remote, "listener", listener, "reason", reason,
+			"maxConnections", l.limits.MaxConnections, "maxConnectionsPerIP", l.limits.MaxConnectionsPerIP)
 		return ip, false
 	}
 	BrokerConnections.Inc()
@@ -607,7 +609,7 @@ type limitListener struct {
 	id, address string
 	tlsConfig   *tls.Config
 	lim         *connLimiter
-	log         logr.Logger
+	log         ratelog.Logger
 	ln          net.Listener
 	closed      atomic.Bool
 }

@@ -627,14 +627,14 @@ func TestEmbeddedSlowConsumer(t *testing.T) {
 // TestEmbeddedSlowConsumerWriteTimeout: a device that takes nothing is
 // disconnected after the write timeout although its queue has room.
 func TestEmbeddedSlowConsumerWriteTimeout(t *testing.T) {
-	const writeTimeout = time.Second
+	const writeTimeout = 2 * time.Second
 	f := startLimited(t, EmbeddedLimits{WriteTimeout: writeTimeout, MaxClientQueue: 100000})
 	before := testutil.ToFloat64(BrokerSlowConsumerDisconnects.WithLabelValues(ReasonWriteTimeout))
 	subscribedStuck(t, f, "stuck")
 	payload := bytes.Repeat([]byte("z"), 60<<10)
 	done := make(chan error, 1)
 	go func() {
-		for range 300 { // 18 MiB: more than the sockets' buffers
+		for range 100 { // 6 MiB: more than the sockets' buffers
 			if err := f.bus.Publish(context.Background(), protocol.ResponseTopic("stuck", "r"), payload, false); err != nil {
 				done <- err
 				return
@@ -647,7 +647,7 @@ func TestEmbeddedSlowConsumerWriteTimeout(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-	case <-time.After(writeTimeout / 2):
+	case <-time.After(writeTimeout):
 		t.Fatal("publishing to a device that does not read blocked")
 	}
 	eventually(t, "the device is disconnected for the write timeout", func() bool {
