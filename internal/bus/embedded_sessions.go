@@ -290,11 +290,11 @@ func (e *Embedded) sessionOffline(cl *mqtt.Client, expire bool) {
 // either it resumes the whole session or none.
 func (e *Embedded) endSessionLocked(id string, cl *mqtt.Client, reason string) bool {
 	k := &e.sess
+	if c := k.connecting[id]; c != nil && !c.Closed() {
+		return false // being resumed; its OnSessionEstablished forgets it
+	}
 	if s := k.offline[id]; s != nil && s.cl == cl {
 		delete(k.offline, id)
-	}
-	if c := k.connecting[id]; c != nil && !c.Closed() {
-		return false // being resumed
 	}
 	cur, ok := e.server.Clients.Get(id)
 	if !ok || cur != cl || !cl.Closed() || cl.IsTakenOver() {

@@ -357,3 +357,29 @@ func TestEmbeddedSessionExpiryRacesReconnects(t *testing.T) {
 		})
 	}
 }
+
+func TestEmbeddedSessionNotExpiredWhileBeingResumed(t *testing.T) {
+	b, clk, _ := startSessionBroker(t, SessionOptions{Expiry: time.Hour}, nil)
+	persistentDevice(t, b.Addr(), "resuming", "").Disconnect(0)
+	eventually(t, "the session is offline", func() bool { return b.hasOfflineSession("resuming") })
+
+	// A connection for the same client id is between OnSessionEstablish
+	// and OnSessionEstablished (mochi is handing it the session) when the
+	// session falls due: the sweep must leave it alone.
+	conn, peer := net.Pipe()
+	t.Cleanup(func() { _ = conn.Close(); _ = peer.Close() })
+	resuming := b.server.NewClient(conn, "test", "resuming", false)
+	(&sessionsHook{e: b}).OnSessionEstablish(resuming, packets.Packet{})
+	clk.add(2 * time.Hour)
+	b.expireSessions()
+	if held, subs := hasSession(b, "resuming"); !held || subs == 0 {
+		t.Fatal("the session expired while a connection was resuming it")
+	}
+
+	// That connection fails before CONNACK: the session expires after all.
+	resuming.Stop(nil)
+	b.expireSessions()
+	if held, subs := hasSession(b, "resuming"); held || subs > 0 {
+		t.Fatal("the session was kept after the resuming connection failed")
+	}
+}
