@@ -509,10 +509,9 @@ func (e *Embedded) deliverAndWait(cl *mqtt.Client, in protocol.Inbound, msg Mess
 	for {
 		select {
 		case <-acked:
-			// mochi set the connection's read and write deadline to 1.5 x
-			// keepalive before it read this packet; waiting may have used it
-			// up, and then the PUBREC write would fail.
-			refreshDeadline(cl)
+			// The PUBREC write has its own deadline (limitConn), whatever
+			// the wait used of the read deadline mochi set from the
+			// keepalive; mochi sets that again before its next read.
 			return nil
 		case <-timeout.C:
 			e.log.Error(errAckTimeout, "device message not acknowledged; disconnecting device so it resends",
@@ -541,19 +540,6 @@ func (e *Embedded) disconnect(cl *mqtt.Client, code packets.Code, cause error) {
 		return
 	}
 	cl.Stop(cause)
-}
-
-// refreshDeadline does what mochi does before it reads each packet
-// (mochi clients.go refreshDeadline).
-func refreshDeadline(cl *mqtt.Client) {
-	if cl.Net.Conn == nil {
-		return
-	}
-	var deadline time.Time
-	if ka := cl.State.Keepalive; ka > 0 {
-		deadline = time.Now().Add(time.Duration(ka+ka/2) * time.Second)
-	}
-	_ = cl.Net.Conn.SetDeadline(deadline)
 }
 
 // online records cl as the live connection of its client id and reports it.
