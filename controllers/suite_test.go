@@ -92,7 +92,7 @@ func runSuite(m *testing.M) int {
 		fmt.Fprintf(os.Stderr, "manager: %v\n", err)
 		return 1
 	}
-	br := operator.NewBridge(mgr)
+	br := operator.NewBridge(mgr, operator.BridgeOptions{})
 	auth := &deviceauth.Authenticator{HubHostname: testHub, Lookup: controllers.DeviceLookup(mgr.GetClient())}
 	emb, err := bus.NewEmbedded(bus.EmbeddedOptions{
 		Listen: "127.0.0.1:0", Handler: br.Handle, Presence: br.Presence, Logger: ctrl.Log.WithName("broker"),

@@ -53,6 +53,8 @@ type options struct {
 	leaderElect            bool
 	namespace              string
 	workers                int
+	// pending bounds the device messages waiting to be stored.
+	pending operator.BridgeOptions
 
 	brokerURL, brokerUsername, brokerPasswordFile string
 	brokerClientID                                string
@@ -110,6 +112,10 @@ func main() {
 	flag.BoolVar(&o.leaderElect, "leader-elect", false, "Elect a leader so that only one replica bridges devices.")
 	flag.StringVar(&o.namespace, "namespace", "", "Watch DeviceTwins in this namespace only (default: all namespaces).")
 	flag.IntVar(&o.workers, "max-concurrent-reconciles", 32, "Parallel DeviceTwin reconciles (and so status writes in flight).")
+	flag.IntVar(&o.pending.MaxPendingReports, "max-pending-reports", bridge.DefaultMaxPendingReports,
+		"Messages of one device (reports, plus its latest presence and ack) waiting to be stored; a report beyond it is answered 429.")
+	flag.IntVar(&o.pending.MaxPendingReportBytes, "max-pending-report-bytes", bridge.DefaultMaxPendingReportBytes,
+		"Payload bytes of one device's messages waiting to be stored; a report beyond it is answered 429. At least the largest reported patch (65536).")
 	flag.StringVar(&o.brokerURL, "broker-url", "", "External MQTT broker, e.g. tcp://mosquitto:1883 or ssl://mosquitto:8883. Empty runs the embedded broker.")
 	flag.StringVar(&o.brokerUsername, "broker-username", "", "Username for the external broker.")
 	flag.StringVar(&o.brokerPasswordFile, "broker-password-file", "", "File holding the password for the external broker (env KUBETWIN_BROKER_PASSWORD also works).")
@@ -149,12 +155,15 @@ func run(ctx context.Context, o options) error {
 	if err := checkServiceAPIFlags(o); err != nil {
 		return err
 	}
+	if err := checkPendingFlags(o.pending); err != nil {
+		return err
+	}
 	o.hubTLS = &hubTLS{}
 	mgr, err := setupManager(o)
 	if err != nil {
 		return err
 	}
-	br := operator.NewBridge(mgr)
+	br := operator.NewBridge(mgr, o.pending)
 	auth, err := newAuthenticator(mgr, o)
 	if err != nil {
 		return err
@@ -186,6 +195,18 @@ func run(ctx context.Context, o options) error {
 		"mqttTlsBindAddress", o.mqtt.tlsListen, "deviceAuth", o.deviceAuth, "hubHostname", o.hubHostname, "mosquittoDynsec", o.mosquittoDynsec,
 		"serviceApiBindAddress", o.service.listen)
 	return mgr.Start(ctx)
+}
+
+// checkPendingFlags refuses bounds under which a device could never report.
+func checkPendingFlags(p operator.BridgeOptions) error {
+	if p.MaxPendingReports < 1 {
+		return fmt.Errorf("--max-pending-reports must be at least 1, not %d", p.MaxPendingReports)
+	}
+	if p.MaxPendingReportBytes < bridge.MaxReportedPatchBytes {
+		return fmt.Errorf("--max-pending-report-bytes must be at least %d (the largest reported patch), not %d",
+			bridge.MaxReportedPatchBytes, p.MaxPendingReportBytes)
+	}
+	return nil
 }
 
 func setupManager(o options) (ctrl.Manager, error) {

@@ -31,12 +31,23 @@ import (
 // runs in the same manager (see hubapi.Options.AwaitReconcile).
 const AwaitReconcile = 2 * time.Second
 
+// BridgeOptions bounds what a device may leave waiting to be stored; zero
+// fields take the bridge's defaults.
+type BridgeOptions struct {
+	// MaxPendingReports is bridge.Options.MaxPendingReports.
+	MaxPendingReports int
+	// MaxPendingReportBytes is bridge.Options.MaxPendingReportBytes.
+	MaxPendingReportBytes int
+}
+
 // NewBridge returns the bridge between devices and twins; it finds a
 // device's twin in mgr's cache (controllers.ResolveDeviceID).
-func NewBridge(mgr ctrl.Manager) *bridge.Bridge {
+func NewBridge(mgr ctrl.Manager, o BridgeOptions) *bridge.Bridge {
 	return bridge.New(bridge.Options{
-		Logger:  ctrl.Log.WithName("bridge"),
-		Resolve: resolver(mgr),
+		Logger:                ctrl.Log.WithName("bridge"),
+		Resolve:               resolver(mgr),
+		MaxPendingReports:     o.MaxPendingReports,
+		MaxPendingReportBytes: o.MaxPendingReportBytes,
 	})
 }
 

@@ -442,7 +442,7 @@ func startOperator(ctx context.Context, restCfg *rest.Config, cfg config) (*oper
 	if err != nil {
 		return nil, fmt.Errorf("manager: %w", err)
 	}
-	br := kubetwin.NewBridge(mgr)
+	br := kubetwin.NewBridge(mgr, kubetwin.BridgeOptions{})
 	emb, err := bus.NewEmbedded(bus.EmbeddedOptions{
 		Listen: "127.0.0.1:0", Handler: br.Handle, Presence: br.Presence, Logger: ctrl.Log.WithName("broker"),
 	})
