@@ -7,11 +7,13 @@ import (
 	"flag"
 	"fmt"
 	"os"
+	"time"
 
 	"k8s.io/apimachinery/pkg/types"
 	ctrl "sigs.k8s.io/controller-runtime"
 
 	"github.com/kubetwin/kubetwin/internal/bus"
+	"github.com/kubetwin/kubetwin/internal/hubapi"
 	"github.com/kubetwin/kubetwin/internal/operator"
 )
 
@@ -23,6 +25,10 @@ type serviceAPIOptions struct {
 	hostname               string
 	policiesSecret         string
 	policiesNS, registryNS string
+
+	maxConcurrentQueries int
+	maxQueryPageBytes    int
+	policyReadTimeout    time.Duration
 }
 
 func bindServiceAPIFlags(s *serviceAPIOptions) {
@@ -39,6 +45,13 @@ func bindServiceAPIFlags(s *serviceAPIOptions) {
 	flag.StringVar(&s.registryNS, "registry-namespace", "",
 		"Namespace where devices created through the service API's device registry get their DeviceTwins "+
 			"(default: --namespace if set, else $POD_NAMESPACE, else \"default\").")
+	flag.IntVar(&s.maxConcurrentQueries, "service-api-max-concurrent-queries", hubapi.DefaultMaxConcurrentQueries,
+		"Queries (POST /devices/query) one replica answers at once; another gets HTTP 429 ThrottlingException with Retry-After: 1.")
+	flag.IntVar(&s.maxQueryPageBytes, "service-api-max-query-page-bytes", hubapi.DefaultMaxQueryPageBytes,
+		"Most bytes of twins in one query page: a page ends early, with a continuation token, rather than grow past it (it always holds one twin).")
+	flag.DurationVar(&s.policyReadTimeout, "service-api-policy-read-timeout", hubapi.DefaultPolicyReadTimeout,
+		"Time limit of one read of the shared access policies Secret; requests are served with the last good copy meanwhile, "+
+			"and wait for the read only when there is none (then 503 ServiceUnavailable when it fails).")
 }
 
 // serviceHostname is the service API's host name.
@@ -57,7 +70,18 @@ func (s serviceAPIOptions) registryNamespace(watched string) string {
 // checkServiceAPIFlags refuses a registry namespace the operator does not
 // watch: it would never see the twins it creates there.
 func checkServiceAPIFlags(o options) error {
-	if o.service.listen == "" || o.namespace == "" {
+	if o.service.listen == "" {
+		return nil
+	}
+	switch s := o.service; {
+	case s.maxConcurrentQueries < 1:
+		return fmt.Errorf("--service-api-max-concurrent-queries must be at least 1, got %d", s.maxConcurrentQueries)
+	case s.maxQueryPageBytes < 1:
+		return fmt.Errorf("--service-api-max-query-page-bytes must be at least 1, got %d", s.maxQueryPageBytes)
+	case s.policyReadTimeout <= 0:
+		return fmt.Errorf("--service-api-policy-read-timeout must be positive, got %v", s.policyReadTimeout)
+	}
+	if o.namespace == "" {
 		return nil
 	}
 	if ns := o.service.registryNamespace(o.namespace); ns != o.namespace {
@@ -91,6 +115,10 @@ func setupServiceAPI(ctx context.Context, mgr ctrl.Manager, o options, b bus.Bus
 		Namespace:      s.registryNamespace(o.namespace),
 		Policies:       types.NamespacedName{Namespace: s.policiesNamespace(), Name: s.policiesSecret},
 		AwaitReconcile: operator.AwaitReconcile,
+
+		MaxConcurrentQueries: s.maxConcurrentQueries,
+		MaxQueryPageBytes:    s.maxQueryPageBytes,
+		PolicyReadTimeout:    s.policyReadTimeout,
 	}
 	so.Broker, _ = b.(*bus.Embedded)
 	if _, err := operator.AddServiceAPI(ctx, mgr, so); err != nil {

@@ -4,6 +4,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 )
 
 func TestServiceAPINamespacesAndHosts(t *testing.T) {
@@ -31,14 +32,28 @@ func TestServiceAPINamespacesAndHosts(t *testing.T) {
 }
 
 func TestCheckServiceAPIFlags(t *testing.T) {
+	// svc is a served API with the flags' defaults, changed by f.
+	svc := func(f func(*serviceAPIOptions)) serviceAPIOptions {
+		s := serviceAPIOptions{listen: ":10443", maxConcurrentQueries: 8, maxQueryPageBytes: 4 << 20, policyReadTimeout: 5 * time.Second}
+		if f != nil {
+			f(&s)
+		}
+		return s
+	}
 	for name, tc := range map[string]struct {
 		o    options
 		want string
 	}{
-		"all namespaces":           {options{service: serviceAPIOptions{listen: ":10443", registryNS: "devices"}}, ""},
-		"registry in the watched":  {options{namespace: "fleet", service: serviceAPIOptions{listen: ":10443"}}, ""},
-		"registry outside watched": {options{namespace: "fleet", service: serviceAPIOptions{listen: ":10443", registryNS: "other"}}, "outside the watched --namespace fleet"},
+		"all namespaces":           {options{service: svc(func(s *serviceAPIOptions) { s.registryNS = "devices" })}, ""},
+		"registry in the watched":  {options{namespace: "fleet", service: svc(nil)}, ""},
+		"registry outside watched": {options{namespace: "fleet", service: svc(func(s *serviceAPIOptions) { s.registryNS = "other" })}, "outside the watched --namespace fleet"},
 		"not served":               {options{namespace: "fleet", service: serviceAPIOptions{registryNS: "other"}}, ""},
+		"no queries": {options{service: svc(func(s *serviceAPIOptions) { s.maxConcurrentQueries = 0 })},
+			"--service-api-max-concurrent-queries must be at least 1, got 0"},
+		"no page bytes": {options{service: svc(func(s *serviceAPIOptions) { s.maxQueryPageBytes = -1 })},
+			"--service-api-max-query-page-bytes must be at least 1, got -1"},
+		"no read time": {options{service: svc(func(s *serviceAPIOptions) { s.policyReadTimeout = 0 })},
+			"--service-api-policy-read-timeout must be positive, got 0s"},
 	} {
 		t.Run(name, func(t *testing.T) {
 			err := checkServiceAPIFlags(tc.o)

@@ -62,7 +62,7 @@ func (h *Handler) authenticate(ctx context.Context, r *http.Request) (*policy, *
 	if tok.Expired(h.now()) {
 		return nil, unauthorized("the token expired at " + tok.Expiry.UTC().Format(time.RFC3339))
 	}
-	set, err := h.policies.get(ctx, h.opts.PolicyTTL)
+	set, err := h.policies.get(ctx)
 	if err != nil {
 		return nil, fromAPI("reading the shared access policies", err)
 	}
@@ -77,7 +77,7 @@ func (h *Handler) authenticate(ctx context.Context, r *http.Request) (*policy, *
 	p := set.policies[tok.KeyName]
 	if p == nil || (p.err == nil && !verifies(p)) {
 		// A policy or key that was just added or rotated: read again.
-		if set, err = h.policies.get(ctx, minRefetch); err != nil {
+		if set, err = h.policies.reread(ctx); err != nil {
 			return nil, fromAPI("reading the shared access policies", err)
 		}
 		p = set.policies[tok.KeyName]

@@ -28,7 +28,9 @@
 // (see [EnsurePolicies] for its layout and the four default policies) that
 // the [Handler] re-reads at most every Options.PolicyTTL, and at once when
 // a signature does not verify, so a rotated key takes effect within a
-// second. Each operation needs a right: reading and writing twins
+// second. One read runs at a time, bounded by Options.PolicyReadTimeout,
+// and requests are served with the last good copy meanwhile (and while the
+// API server fails). Each operation needs a right: reading and writing twins
 // ServiceConnect, queries ServiceConnect or RegistryRead, reading the
 // registry RegistryRead, changing it RegistryWrite.
 //

@@ -36,6 +36,14 @@ const (
 	// DefaultPolicyTTL is how long the shared access policies are used
 	// before the Secret is read again.
 	DefaultPolicyTTL = 5 * time.Second
+	// DefaultPolicyReadTimeout bounds one read of the policies Secret.
+	DefaultPolicyReadTimeout = 5 * time.Second
+	// DefaultMaxConcurrentQueries is how many queries a replica runs at
+	// once; more get 429 ThrottlingException.
+	DefaultMaxConcurrentQueries = 8
+	// DefaultMaxQueryPageBytes bounds the encoded items of one query page:
+	// a page that would grow past it ends early, with a continuation token.
+	DefaultMaxQueryPageBytes = 4 << 20
 	// DefaultCacheWait bounds how long a write waits for the manager's
 	// cache to show it before replying.
 	DefaultCacheWait = 2 * time.Second
@@ -91,6 +99,19 @@ type Options struct {
 	// again (DefaultPolicyTTL). A token that does not verify makes the
 	// handler read it again at once, at most once a second.
 	PolicyTTL time.Duration
+	// PolicyReadTimeout bounds one read of the policies Secret
+	// (DefaultPolicyReadTimeout). Requests do not wait for a read while
+	// a copy exists (see policyStore).
+	PolicyReadTimeout time.Duration
+	// MaxConcurrentQueries is how many queries run at once, from reading
+	// the body to sending the page (DefaultMaxConcurrentQueries); another
+	// gets 429 ThrottlingException with Retry-After.
+	MaxConcurrentQueries int
+	// MaxQueryPageBytes bounds the encoded items of one query page
+	// (DefaultMaxQueryPageBytes): the page ends early, with a continuation
+	// token, rather than grow past it. A page always holds at least one
+	// item.
+	MaxQueryPageBytes int
 	// CacheWait bounds how long a write waits for Reader to show it before
 	// replying, so the client then reads its own write (DefaultCacheWait;
 	// negative: no wait).
@@ -120,6 +141,8 @@ type Handler struct {
 	opts     Options
 	policies *policyStore
 	log      logr.Logger
+	// queries holds a token per query running.
+	queries chan struct{}
 }
 
 var _ http.Handler = (*Handler)(nil)
@@ -146,6 +169,15 @@ func NewHandler(o Options) (*Handler, error) {
 	if o.PolicyTTL <= 0 {
 		o.PolicyTTL = DefaultPolicyTTL
 	}
+	if o.PolicyReadTimeout <= 0 {
+		o.PolicyReadTimeout = DefaultPolicyReadTimeout
+	}
+	if o.MaxConcurrentQueries <= 0 {
+		o.MaxConcurrentQueries = DefaultMaxConcurrentQueries
+	}
+	if o.MaxQueryPageBytes <= 0 {
+		o.MaxQueryPageBytes = DefaultMaxQueryPageBytes
+	}
 	if o.CacheWait == 0 {
 		o.CacheWait = DefaultCacheWait
 	}
@@ -158,8 +190,9 @@ func NewHandler(o Options) (*Handler, error) {
 	if o.Logger.GetSink() == nil {
 		o.Logger = logr.Discard()
 	}
-	h := &Handler{opts: o, log: o.Logger}
-	h.policies = &policyStore{reader: o.APIReader, key: o.PolicySecret, ttl: o.PolicyTTL, log: o.Logger, now: o.Now}
+	h := &Handler{opts: o, log: o.Logger, queries: make(chan struct{}, o.MaxConcurrentQueries)}
+	h.policies = &policyStore{reader: o.APIReader, key: o.PolicySecret, ttl: o.PolicyTTL, timeout: o.PolicyReadTimeout,
+		log: o.Logger, now: o.Now}
 	return h, nil
 }
 
@@ -174,14 +207,19 @@ type request struct {
 	deviceID string
 	// policy is the name of the policy that signed the token, once checked.
 	policy string
+	// release, when set, runs once the reply is written (it frees the
+	// query slot the request holds).
+	release func()
 }
 
 // reply is a successful answer.
 type reply struct {
 	status int
 	// body is encoded as JSON; nil sends no body.
-	body   any
-	header http.Header
+	body any
+	// rawBody, when set, is sent as the JSON body as it is.
+	rawBody []byte
+	header  http.Header
 }
 
 // handlerFunc serves one operation.
@@ -196,6 +234,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	req := &request{w: w, r: r, op: opUnknown}
 	rep, aerr := h.serve(ctx, req)
 	status := h.write(req, rep, aerr)
+	if req.release != nil {
+		req.release()
+	}
 	requestsTotal.WithLabelValues(req.op.name, strconv.Itoa(status)).Inc()
 	requestDuration.WithLabelValues(req.op.name).Observe(time.Since(start).Seconds())
 }
@@ -307,9 +348,12 @@ func (h *Handler) write(req *request, rep reply, aerr *apiError) int {
 		for k, v := range rep.header {
 			w.Header()[k] = v
 		}
-		if rep.body == nil {
+		switch {
+		case rep.rawBody != nil:
+			writeRawJSON(w, rep.status, rep.rawBody)
+		case rep.body == nil:
 			w.WriteHeader(rep.status)
-		} else {
+		default:
 			writeJSON(w, rep.status, rep.body)
 		}
 		if log := h.log.V(1); log.Enabled() {
@@ -367,8 +411,13 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 		buf.Reset()
 		_ = json.NewEncoder(&buf).Encode(newErrorBody(CodeServerError, "encoding the reply failed", newTrackingID(), time.Now()))
 	}
+	writeRawJSON(w, status, buf.Bytes())
+}
+
+// writeRawJSON writes body, encoded JSON, as a reply with the given status.
+func writeRawJSON(w http.ResponseWriter, status int, body []byte) {
 	w.Header().Set("Content-Type", ContentTypeJSON)
-	w.Header().Set("Content-Length", strconv.Itoa(buf.Len()))
+	w.Header().Set("Content-Length", strconv.Itoa(len(body)))
 	w.WriteHeader(status)
-	_, _ = w.Write(buf.Bytes())
+	_, _ = w.Write(body)
 }

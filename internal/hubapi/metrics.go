@@ -36,8 +36,39 @@ var (
 		Help:    "Server-side time to answer one page of an IoT Hub query.",
 		Buckets: prometheus.ExponentialBuckets(0.0005, 2, 16),
 	})
+
+	// queriesInFlight is kubetwin_service_queries_in_flight: queries
+	// running (at most Options.MaxConcurrentQueries).
+	queriesInFlight = prometheus.NewGauge(prometheus.GaugeOpts{
+		Namespace: "kubetwin", Subsystem: "service", Name: "queries_in_flight",
+		Help: "IoT Hub queries being answered, from reading the request to sending the page.",
+	})
+
+	// queriesThrottled is kubetwin_service_queries_throttled_total:
+	// queries refused with 429 because MaxConcurrentQueries were running.
+	queriesThrottled = prometheus.NewCounter(prometheus.CounterOpts{
+		Namespace: "kubetwin", Subsystem: "service", Name: "queries_throttled_total",
+		Help: "IoT Hub queries refused with 429 ThrottlingException because the most allowed were running.",
+	})
+
+	// queryPagesCut is kubetwin_service_query_pages_cut_total: pages that
+	// ended before x-ms-max-item-count items because the next item would
+	// have taken them past MaxQueryPageBytes.
+	queryPagesCut = prometheus.NewCounter(prometheus.CounterOpts{
+		Namespace: "kubetwin", Subsystem: "service", Name: "query_pages_cut_total",
+		Help: "IoT Hub query pages that ended early at the page byte limit (the client follows the continuation token).",
+	})
+
+	// policyReads is kubetwin_service_policy_reads_total{result}: reads of
+	// the shared access policies Secret, by result ("ok", "error"; a read
+	// that times out is an error).
+	policyReads = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: "kubetwin", Subsystem: "service", Name: "policy_reads_total",
+		Help: "Reads of the shared access policies Secret from the API server, by result (ok, error).",
+	}, []string{"result"})
 )
 
 func init() {
-	metrics.Registry.MustRegister(requestsTotal, requestDuration, queryDuration)
+	metrics.Registry.MustRegister(requestsTotal, requestDuration, queryDuration, queriesInFlight, queriesThrottled,
+		queryPagesCut, policyReads)
 }

@@ -299,52 +299,148 @@ type policySet struct {
 // beyond get; the TTL bounds that to one GET per ttl, and a signature that
 // does not verify forces a re-read (at most one a second), so a new key
 // works at once and a removed one stops working within ttl.
+//
+// One read runs at a time, with its own timeout and no lock held, and
+// requests do not queue behind it: once a copy exists, a request takes that
+// copy while a read is under way or the API server fails (a failed read is
+// retried at most once every minRefetch). Only a request with nothing to
+// go on (no copy yet, or a signature that needs the newest keys) waits for
+// the read in progress.
 type policyStore struct {
-	reader client.Reader
-	key    types.NamespacedName
-	ttl    time.Duration
-	log    logr.Logger
-	now    func() time.Time
+	reader  client.Reader
+	key     types.NamespacedName
+	ttl     time.Duration
+	timeout time.Duration
+	log     logr.Logger
+	now     func() time.Time
 
-	mu      sync.Mutex
-	cur     *policySet
+	mu  sync.Mutex
+	cur *policySet
+	// fetched is when the API server last confirmed cur.
 	fetched time.Time
+	// failed is when the last read failed (zero after a success), and
+	// lastErr its error.
+	failed  time.Time
+	lastErr error
+	// flight is the read under way, nil when none is.
+	flight *policyRead
 }
 
-// minRefetch is how often a failed signature may force a re-read.
+// policyRead is one read of the policies Secret.
+type policyRead struct {
+	done chan struct{}
+	// set and err are the outcome, valid once done is closed: set is the
+	// copy to use (the previous one when the read failed), err the
+	// read's error.
+	set *policySet
+	err error
+}
+
+// minRefetch is how often a failed signature, or a failed read, may cause
+// another read.
 const minRefetch = time.Second
 
-// get returns the policies, re-reading them when they are older than
-// maxAge. When the Secret cannot be read the last copy is used, if any.
-func (s *policyStore) get(ctx context.Context, maxAge time.Duration) (*policySet, error) {
+// get returns the policies for a request: the copy when it is younger
+// than ttl, else the last copy while a new one is read in the background.
+// Only without any copy does it wait for the read.
+func (s *policyStore) get(ctx context.Context) (*policySet, error) {
+	return s.read(ctx, s.ttl, false)
+}
+
+// reread returns policies at most minRefetch old, waiting for a read if
+// needed: a token that did not verify may be signed with a key that was
+// just added. When the read fails, the last copy is returned.
+func (s *policyStore) reread(ctx context.Context) (*policySet, error) {
+	return s.read(ctx, minRefetch, true)
+}
+
+func (s *policyStore) read(ctx context.Context, maxAge time.Duration, wait bool) (*policySet, error) {
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	now := s.now()
-	if s.cur != nil && now.Sub(s.fetched) < maxAge {
-		return s.cur, nil
+	cur := s.cur
+	if cur != nil && now.Sub(s.fetched) < maxAge {
+		s.mu.Unlock()
+		return cur, nil
 	}
+	f := s.flight
+	if f == nil {
+		if !s.failed.IsZero() && now.Sub(s.failed) < minRefetch {
+			err := s.lastErr
+			s.mu.Unlock()
+			if cur != nil {
+				return cur, nil
+			}
+			return nil, err
+		}
+		f = s.startRead()
+	}
+	s.mu.Unlock()
+	if cur != nil && !wait {
+		return cur, nil
+	}
+	select {
+	case <-f.done:
+	case <-ctx.Done():
+		if cur != nil {
+			return cur, nil
+		}
+		return nil, fmt.Errorf("waiting for the shared access policies: %w", ctx.Err())
+	}
+	if f.set != nil {
+		return f.set, nil
+	}
+	return nil, f.err
+}
+
+// startRead starts a read of the Secret; s.mu is held.
+func (s *policyStore) startRead() *policyRead {
+	f := &policyRead{done: make(chan struct{})}
+	s.flight = f
+	prev := s.cur
+	go func() {
+		// Not the request's context: other requests may wait for this read.
+		ctx, cancel := context.WithTimeout(context.Background(), s.timeout)
+		defer cancel()
+		next, err := s.fetch(ctx, prev)
+		s.mu.Lock()
+		s.flight = nil
+		if err != nil {
+			policyReads.WithLabelValues("error").Inc()
+			s.failed, s.lastErr = s.now(), err
+			f.set, f.err = s.cur, err
+			if s.cur != nil {
+				s.log.Error(err, "reading the shared access policies failed; using the last copy", "secret", s.key.String())
+			} else {
+				s.log.Error(err, "reading the shared access policies failed; requests are refused until a read succeeds", "secret", s.key.String())
+			}
+		} else {
+			policyReads.WithLabelValues("ok").Inc()
+			if next != s.cur {
+				s.report(next)
+			}
+			s.cur, s.fetched, s.failed, s.lastErr = next, s.now(), time.Time{}, nil
+			f.set = next
+		}
+		s.mu.Unlock()
+		close(f.done)
+	}()
+	return f
+}
+
+// fetch reads the Secret: prev when its resourceVersion did not change, a
+// new set when it did, an empty set when the Secret does not exist.
+func (s *policyStore) fetch(ctx context.Context, prev *policySet) (*policySet, error) {
 	sec := &corev1.Secret{}
 	err := s.reader.Get(ctx, s.key, sec)
-	var next *policySet
 	switch {
 	case apierrors.IsNotFound(err):
-		next = &policySet{policies: map[string]*policy{}}
+		return &policySet{policies: map[string]*policy{}}, nil
 	case err != nil:
-		if s.cur != nil {
-			s.log.Error(err, "reading the shared access policies failed; using the last copy", "secret", s.key.String())
-			return s.cur, nil
-		}
 		return nil, fmt.Errorf("reading shared access policies Secret %s: %w", s.key, err)
-	default:
-		if s.cur != nil && s.cur.version == sec.ResourceVersion {
-			s.fetched = now
-			return s.cur, nil
-		}
-		next = &policySet{policies: parsePolicies(sec.Data), version: sec.ResourceVersion}
+	case prev != nil && prev.version == sec.ResourceVersion:
+		return prev, nil
 	}
-	s.report(next)
-	s.cur, s.fetched = next, now
-	return next, nil
+	return &policySet{policies: parsePolicies(sec.Data), version: sec.ResourceVersion}, nil
 }
 
 // report logs what is wrong with a new version of the policies.

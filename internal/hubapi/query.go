@@ -87,18 +87,95 @@ func (h *Handler) query(ctx context.Context, req *request) (reply, *apiError) {
 		}
 	}
 
+	if aerr := h.admitQuery(req); aerr != nil {
+		return reply{}, aerr
+	}
+
 	start := time.Now()
-	items, next, err := h.runQuery(ctx, q, hash, from, size)
+	p := newPage(size, h.opts.MaxQueryPageBytes)
+	next, err := h.runQuery(ctx, q, hash, from, p)
 	queryDuration.Observe(time.Since(start).Seconds())
 	if err != nil {
-		return reply{}, fromAPI("listing the twins", err)
+		return reply{}, fromAPI("running the query", err)
+	}
+	if p.cut {
+		queryPagesCut.Inc()
 	}
 	hdr := http.Header{}
 	hdr.Set(HeaderItemType, q.ItemType())
 	if next != "" {
 		hdr.Set(HeaderContinuation, next)
 	}
-	return reply{status: http.StatusOK, body: items, header: hdr}, nil
+	return reply{status: http.StatusOK, rawBody: p.body(), header: hdr}, nil
+}
+
+// admitQuery takes one of the MaxConcurrentQueries query slots until the
+// reply is written, or refuses the query with 429 when none is free: the
+// pages queries build are what bounds the API's memory.
+func (h *Handler) admitQuery(req *request) *apiError {
+	select {
+	case h.queries <- struct{}{}:
+	default:
+		queriesThrottled.Inc()
+		return &apiError{status: http.StatusTooManyRequests, code: CodeThrottlingException, retryAfter: time.Second,
+			msg: fmt.Sprintf("too many queries: this server runs at most %d at once; retry later", cap(h.queries))}
+	}
+	queriesInFlight.Inc()
+	req.release = func() {
+		queriesInFlight.Dec()
+		<-h.queries
+	}
+	return nil
+}
+
+// page collects the items of one query page, encoded as JSON, up to a
+// number of items and of bytes.
+type page struct {
+	size, maxBytes int
+	buf            bytes.Buffer // "[" and the items so far, comma-separated
+	item           bytes.Buffer // the item being added
+	enc            *json.Encoder
+	n              int
+	// cut is set when an item did not fit into maxBytes.
+	cut bool
+}
+
+func newPage(size, maxBytes int) *page {
+	p := &page{size: size, maxBytes: maxBytes}
+	p.buf.WriteByte('[')
+	p.enc = json.NewEncoder(&p.item)
+	p.enc.SetEscapeHTML(false) // as writeJSON
+	return p
+}
+
+// add appends item, unless the page is full: it holds size items, or the
+// item would take it past maxBytes (the first item is always taken, so a
+// page makes progress however large a twin is).
+func (p *page) add(item any) (bool, error) {
+	if p.n == p.size {
+		return false, nil
+	}
+	p.item.Reset()
+	if err := p.enc.Encode(item); err != nil {
+		return false, fmt.Errorf("encoding a query result: %w", err)
+	}
+	enc := bytes.TrimSuffix(p.item.Bytes(), []byte("\n"))
+	if p.n > 0 && p.buf.Len()+1+len(enc)+1 > p.maxBytes {
+		p.cut = true
+		return false, nil
+	}
+	if p.n > 0 {
+		p.buf.WriteByte(',')
+	}
+	p.buf.Write(enc)
+	p.n++
+	return true, nil
+}
+
+// body is the page as a JSON array.
+func (p *page) body() []byte {
+	p.item = bytes.Buffer{}
+	return append(p.buf.Bytes(), ']')
 }
 
 // pageSize reads x-ms-max-item-count: DefaultPageSize when absent, a whole
@@ -119,10 +196,10 @@ func pageSize(hdr http.Header) (int, *apiError) {
 	return int(min(n, MaxPageSize)), nil
 }
 
-// runQuery returns one page of the query's result, starting after from
-// (nil: the first page), and the continuation token of the next page, ""
-// when there is none.
-func (h *Handler) runQuery(ctx context.Context, q *query.Query, hash string, from *continuation, size int) ([]map[string]any, string, error) {
+// runQuery fills p with one page of the query's result, starting after
+// from (nil: the first page), and returns the continuation token of the
+// next page, "" when there is none.
+func (h *Handler) runQuery(ctx context.Context, q *query.Query, hash string, from *continuation, p *page) (string, error) {
 	sel := labels.Everything()
 	if s := q.Plan().LabelSelector; s != "" {
 		var err error
@@ -133,7 +210,7 @@ func (h *Handler) runQuery(ctx context.Context, q *query.Query, hash string, fro
 	var list v1alpha1.DeviceTwinList
 	// The cache's objects are only read (rendering copies what it needs).
 	if err := h.opts.Reader.List(ctx, &list, client.UnsafeDisableDeepCopy); err != nil {
-		return nil, "", err
+		return "", err
 	}
 	// A device id that several twins claim is the oldest one's (see
 	// controllers.ResolveDeviceID): the others are not devices.
@@ -150,8 +227,7 @@ func (h *Handler) runQuery(ctx context.Context, q *query.Query, hash string, fro
 		twins = append(twins, t)
 	}
 	if _, top := q.Top(); q.ItemType() == query.ItemTypeTwin && !top {
-		items, next := starPage(q, hash, twins, from, size)
-		return items, next, nil
+		return starPage(q, hash, twins, from, p)
 	}
 
 	type candidate struct {
@@ -177,48 +253,51 @@ func (h *Handler) runQuery(ctx context.Context, q *query.Query, hash string, fro
 	}
 	res, err := q.Run(docs)
 	if err != nil {
-		return nil, "", err
+		return "", err
 	}
 	items := res.Items
 
-	if res.ItemType == query.ItemTypeTwin {
-		// SELECT * returns the documents it was given, in key order.
-		begin := 0
-		if from != nil && from.After != nil {
-			begin, _ = slices.BinarySearchFunc(items, *from.After, func(it map[string]any, k twinKey) int {
-				if it := keyOf[reflect.ValueOf(it).Pointer()]; it.compare(k) <= 0 {
-					return -1
-				}
-				return 1
-			})
-		}
-		end := min(begin+size, len(items))
-		page := items[begin:end]
-		if end == len(items) {
-			return page, "", nil
-		}
-		last := keyOf[reflect.ValueOf(items[end-1]).Pointer()]
-		return page, (&continuation{V: continuationVersion, Query: hash, After: &last}).encode(), nil
-	}
 	begin := 0
-	if from != nil {
+	switch {
+	case res.ItemType == query.ItemTypeTwin && from != nil && from.After != nil:
+		// SELECT * returns the documents it was given, in key order.
+		begin, _ = slices.BinarySearchFunc(items, *from.After, func(it map[string]any, k twinKey) int {
+			if it := keyOf[reflect.ValueOf(it).Pointer()]; it.compare(k) <= 0 {
+				return -1
+			}
+			return 1
+		})
+	case res.ItemType != query.ItemTypeTwin && from != nil:
 		begin = min(from.Offset, len(items))
 	}
-	end := min(begin+size, len(items))
-	page := items[begin:end]
-	if end == len(items) {
-		return page, "", nil
+	end := begin
+	for end < len(items) {
+		ok, err := p.add(items[end])
+		if err != nil {
+			return "", err
+		}
+		if !ok {
+			break
+		}
+		end++
 	}
-	return page, (&continuation{V: continuationVersion, Query: hash, Offset: end}).encode(), nil
+	switch {
+	case end == len(items):
+		return "", nil
+	case res.ItemType == query.ItemTypeTwin:
+		last := keyOf[reflect.ValueOf(items[end-1]).Pointer()]
+		return (&continuation{V: continuationVersion, Query: hash, After: &last}).encode(), nil
+	}
+	return (&continuation{V: continuationVersion, Query: hash, Offset: end}).encode(), nil
 }
 
 // starPage answers one page of SELECT * without TOP, whose result is the
 // matching twins' documents in key order: it sorts the twins by key, skips
 // those up to the continuation point, and renders and evaluates the rest
 // only until the page is full and one more match shows that another page
-// exists. A page deep into a large fleet so costs a sort of keys, not a
-// rendering of every twin.
-func starPage(q *query.Query, hash string, twins []*v1alpha1.DeviceTwin, from *continuation, size int) ([]map[string]any, string) {
+// exists (or the page has no room for it). A page deep into a large fleet
+// so costs a sort of keys, not a rendering of every twin.
+func starPage(q *query.Query, hash string, twins []*v1alpha1.DeviceTwin, from *continuation, p *page) (string, error) {
 	type keyed struct {
 		key twinKey
 		t   *v1alpha1.DeviceTwin
@@ -237,21 +316,23 @@ func starPage(q *query.Query, hash string, twins []*v1alpha1.DeviceTwin, from *c
 			return 1
 		})
 	}
-	page := []map[string]any{}
 	var last twinKey
 	for _, k := range ks[begin:] {
 		doc := hubtwin.FromDeviceTwin(k.t)
 		if !q.Match(doc) {
 			continue
 		}
-		if len(page) == size {
-			// Another match: the next page starts after the last one here.
-			return page, (&continuation{V: continuationVersion, Query: hash, After: &last}).encode()
+		ok, err := p.add(doc)
+		if err != nil {
+			return "", err
 		}
-		page = append(page, doc)
+		if !ok {
+			// Another match: the next page starts after the last one here.
+			return (&continuation{V: continuationVersion, Query: hash, After: &last}).encode(), nil
+		}
 		last = k.key
 	}
-	return page, ""
+	return "", nil
 }
 
 // twinKey is the position of a twin in a query's result.

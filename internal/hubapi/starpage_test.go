@@ -1,6 +1,7 @@
 package hubapi
 
 import (
+	"encoding/json"
 	"fmt"
 	"math/rand/v2"
 	"slices"
@@ -65,6 +66,11 @@ func TestStarPageEqualsFullRun(t *testing.T) {
 		}
 
 		size := 1 + rng.IntN(7)
+		// Every other round, a byte limit that cuts some pages short.
+		maxBytes := DefaultMaxQueryPageBytes
+		if round%2 == 1 {
+			maxBytes = 1 + rng.IntN(1200)
+		}
 		hash := queryHash(q)
 		var got []string
 		var from *continuation
@@ -72,9 +78,21 @@ func TestStarPageEqualsFullRun(t *testing.T) {
 			if pages > len(twins)+1 {
 				t.Fatalf("round %d: %q: more pages than twins", round, text)
 			}
-			items, next := starPage(q, hash, twins, from, size)
-			if len(items) > size || (next != "" && len(items) != size) {
-				t.Fatalf("round %d: %q size %d: page of %d items, next %q", round, text, size, len(items), next)
+			p := newPage(size, maxBytes)
+			next, err := starPage(q, hash, twins, from, p)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var items []map[string]any
+			if err := json.Unmarshal(p.body(), &items); err != nil {
+				t.Fatalf("round %d: page body: %v", round, err)
+			}
+			full := len(items) == size || p.cut
+			if len(items) > size || (next != "" && !full) || (next == "" && p.cut) {
+				t.Fatalf("round %d: %q size %d: page of %d items (cut %v), next %q", round, text, size, len(items), p.cut, next)
+			}
+			if len(items) > 1 && len(p.body()) > maxBytes {
+				t.Fatalf("round %d: a page of %d items is %d bytes, over the %d allowed", round, len(items), len(p.body()), maxBytes)
 			}
 			for _, d := range items {
 				got = append(got, deviceIDOf(d))

@@ -166,11 +166,15 @@ func runSuite(m *testing.M) int {
 }
 
 // newHandler returns a Handler over the suite's manager, with o's fields
-// where set.
+// (readers included) where set.
 func newHandler(o hubapi.Options) (*hubapi.Handler, error) {
 	o.Client = mgr.GetClient()
-	o.Reader = mgr.GetClient()
-	o.APIReader = mgr.GetAPIReader()
+	if o.Reader == nil {
+		o.Reader = mgr.GetClient()
+	}
+	if o.APIReader == nil {
+		o.APIReader = mgr.GetAPIReader()
+	}
 	o.Resolve = func(ctx context.Context, id string) (*v1alpha1.DeviceTwin, error) {
 		return controllers.ResolveDeviceID(ctx, mgr.GetClient(), id)
 	}

@@ -117,6 +117,11 @@ type ServiceAPIOptions struct {
 	// AwaitReconcile is hubapi.Options.AwaitReconcile: AwaitReconcile when
 	// the reconciler runs in mgr.
 	AwaitReconcile time.Duration
+	// MaxConcurrentQueries, MaxQueryPageBytes and PolicyReadTimeout are
+	// hubapi.Options' (its defaults when zero).
+	MaxConcurrentQueries int
+	MaxQueryPageBytes    int
+	PolicyReadTimeout    time.Duration
 }
 
 // AddServiceAPI makes sure the policies Secret exists and adds the service
@@ -147,6 +152,10 @@ func AddServiceAPI(ctx context.Context, mgr ctrl.Manager, o ServiceAPIOptions) (
 		PolicySecret:   o.Policies,
 		AwaitReconcile: o.AwaitReconcile,
 		Logger:         log,
+
+		MaxConcurrentQueries: o.MaxConcurrentQueries,
+		MaxQueryPageBytes:    o.MaxQueryPageBytes,
+		PolicyReadTimeout:    o.PolicyReadTimeout,
 	})
 	if err != nil {
 		return nil, err
