@@ -557,6 +557,15 @@ func TestIoTHubLostSessionOfSDKRestoredAtConnect(t *testing.T) {
 		t.Fatal("fresh broker: session present")
 	}
 	t.Cleanup(func() { d.c.Disconnect(0) })
+	// The broker subscribes it just after the CONNACK (OnSessionEstablished).
+	eventually(t, "the broker has restored the twin subscriptions", func() bool {
+		cl, ok := f.bus.server.Clients.Get("dev-1")
+		if !ok {
+			return false
+		}
+		_, ok = cl.State.Subscriptions.Get(iothubInternal("dev-1", protocol.IoTHubDesiredFilter))
+		return ok
+	})
 	f.publishDesiredPatch(t, "dev-1", `{"mode":"eco","$version":4}`)
 	d.expect("$iothub/twin/PATCH/properties/desired/?$version=4", `{"mode":"eco","$version":4}`, 0)
 	f.nextAck(t, "dev-1", 4)

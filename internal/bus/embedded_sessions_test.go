@@ -35,6 +35,12 @@ func (c *fakeClock) add(d time.Duration) {
 // given session options, a fake clock and a fast sweep.
 func startSessionBroker(t *testing.T, so SessionOptions, auth Authenticator) (*Embedded, *fakeClock, *recorder) {
 	t.Helper()
+	return startSessionBrokerSweeping(t, so, auth, 20*time.Millisecond)
+}
+
+// startSessionBrokerSweeping is startSessionBroker with a sweep interval.
+func startSessionBrokerSweeping(t *testing.T, so SessionOptions, auth Authenticator, sweep time.Duration) (*Embedded, *fakeClock, *recorder) {
+	t.Helper()
 	rec := newRecorder()
 	o := EmbeddedOptions{Listen: "127.0.0.1:0", Handler: rec.handle, Logger: testLogger(t), Sessions: so}
 	if auth != nil {
@@ -46,7 +52,7 @@ func startSessionBroker(t *testing.T, so SessionOptions, auth Authenticator) (*E
 	}
 	clk := &fakeClock{t: time.Unix(1_000_000, 0)}
 	b.sess.now = clk.now
-	b.sess.sweepEvery = 20 * time.Millisecond
+	b.sess.sweepEvery = sweep
 	runBus(t, b)
 	select {
 	case <-b.Ready():
@@ -317,8 +323,8 @@ func TestEmbeddedMQTT5SessionExpiryIsCapped(t *testing.T) {
 
 func TestEmbeddedSessionExpiryRacesReconnects(t *testing.T) {
 	const devices, rounds = 20, 10
-	b, clk, _ := startSessionBroker(t, SessionOptions{Expiry: time.Hour}, nil)
-	b.sess.sweepEvery = time.Millisecond // sweep while devices reconnect
+	// Sweeps all the time while devices reconnect.
+	b, clk, _ := startSessionBrokerSweeping(t, SessionOptions{Expiry: time.Hour}, nil, time.Millisecond)
 	for round := range rounds {
 		var wg sync.WaitGroup
 		clients := make([]paho.Client, devices)
