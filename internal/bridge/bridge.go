@@ -140,6 +140,10 @@ func (b *Bridge) entry(t *v1alpha1.DeviceTwin) (*deviceEntry, error) {
 		if err != nil {
 			return nil, fmt.Errorf("loading status of %s: %w", key, err)
 		}
+		if e.d != nil { // the twin's device id changed: its messages go
+			pendingMessages.Sub(float64(len(e.d.pending)))
+			pendingBytes.Sub(float64(e.d.pendingBytes))
+		}
 		e.d = d
 	}
 	return e, nil
