@@ -7,8 +7,9 @@ package bus
 // client that does not read may hold up writes to it.
 //
 // Every connection, whichever listener it came in on, is a limitConn: a
-// net.Conn whose writes are queued (bounded) and written by a goroutine of
-// its own, each with a deadline, so that no caller of mochi's WritePacket
+// net.Conn whose writes are queued (bounded) and written, each with a
+// deadline, by a goroutine that runs while packets wait (an idle connection
+// costs none), so that no caller of mochi's WritePacket
 // (which holds the client's lock while it writes) waits for the client's
 // socket: not the operator's Publish, not an Ack's PUBACK, not another
 // device's forwarded message. A client whose queue overflows, or that does
