@@ -47,6 +47,9 @@ func TestAbuse(t *testing.T) {
 		t.Logf("the fleet sent %d acknowledged and %d failed reports", ok, failed)
 		h.checkStored(t)
 	})
+	if rss := h.mon.max(&h.mon.rss, time.Time{}); rss > rssBound {
+		t.Errorf("guarantee broken: operator memory: VmRSS reached %s during the suite, over the %s bound", mib(rss), mib(rssBound))
+	}
 }
 
 // TestSoak is make soak: KUBETWIN_SOAK_DEVICES legitimate devices (default

@@ -140,6 +140,23 @@ func (f *fleet) since(from time.Time) (lat []time.Duration, failed []sample) {
 	return lat, failed
 }
 
+// slowest describes the n slowest reports sent since from: when, relative
+// to from, and how long they took.
+func (f *fleet) slowest(from time.Time, n int) string {
+	f.mu.Lock()
+	var ss []sample
+	for i := len(f.samples) - 1; i >= 0 && !f.samples[i].at.Before(from); i-- {
+		ss = append(ss, f.samples[i])
+	}
+	f.mu.Unlock()
+	sort.Slice(ss, func(i, j int) bool { return ss[i].latency > ss[j].latency })
+	var out []string
+	for _, s := range ss[:min(n, len(ss))] {
+		out = append(out, fmt.Sprintf("%s sent at +%s took %s", s.device, s.at.Sub(from).Round(100*time.Millisecond), s.latency.Round(time.Millisecond)))
+	}
+	return strings.Join(out, ", ")
+}
+
 // counts returns how many reports were acknowledged and how many failed.
 func (f *fleet) counts() (ok, failed int) {
 	f.mu.Lock()
@@ -310,10 +327,11 @@ func (m *monitor) metric(name string) (float64, bool, error) {
 type window struct {
 	start time.Time
 	log   int64
+	rss   int64 // VmRSS as it began
 }
 
 func (h *harness) begin() window {
-	return window{start: time.Now(), log: h.op.log.mark()}
+	return window{start: time.Now(), log: h.op.log.mark(), rss: h.mon.last(&h.mon.rss)}
 }
 
 // check fails t for every fleet guarantee the window broke.
@@ -323,8 +341,12 @@ func (h *harness) check(t *testing.T, w window) {
 		t.Fatalf("guarantee broken: the operator process died during the attack")
 	}
 	dur := time.Since(w.start)
-	if rss := h.mon.max(&h.mon.rss, w.start); rss > rssBound {
+	// The Go runtime returns freed memory to the kernel slowly, so VmRSS
+	// an earlier attack left behind is that attack's failure, not this one's.
+	if rss := h.mon.max(&h.mon.rss, w.start); rss > rssBound && w.rss <= rssBound {
 		t.Errorf("guarantee broken: operator memory: VmRSS reached %s, over the %s bound", mib(rss), mib(rssBound))
+	} else if rss > rssBound {
+		t.Logf("operator VmRSS %s is still over the %s bound from an earlier attack", mib(rss), mib(rssBound))
 	}
 	if heap := h.mon.max(&h.mon.heap, w.start); heap > heapBound {
 		t.Errorf("guarantee broken: operator memory: Go heap in use reached %s, over the %s bound", mib(heap), mib(heapBound))
@@ -335,7 +357,8 @@ func (h *harness) check(t *testing.T, w window) {
 		len(lat), p50.Round(time.Millisecond), p99.Round(time.Millisecond), len(failed),
 		mib(h.mon.max(&h.mon.rss, w.start)), mib(h.mon.max(&h.mon.heap, w.start)), h.mon.last(&h.mon.gor))
 	if p99 > reportP99Bound {
-		t.Errorf("guarantee broken: legitimate devices slowed down: report p99 %s over the %s bound (%d reports)", p99.Round(time.Millisecond), reportP99Bound, len(lat))
+		t.Errorf("guarantee broken: legitimate devices slowed down: report p99 %s over the %s bound (%d reports); the slowest: %s",
+			p99.Round(time.Millisecond), reportP99Bound, len(lat), h.fleet.slowest(w.start, 5))
 	}
 	if len(failed) > 0 {
 		s := failed[0]

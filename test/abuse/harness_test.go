@@ -63,7 +63,7 @@ const (
 	hub = "localhost"
 	// sessionExpiry is --mqtt-session-expiry for the suite's operator,
 	// short so that the suite can watch abandoned sessions go.
-	sessionExpiry = 20 * time.Second
+	sessionExpiry = 30 * time.Second
 	// connectTimeout is the agreed --mqtt-connect-timeout default.
 	connectTimeout = 10 * time.Second
 	// maxPacketSize is the agreed --mqtt-max-packet-size default.
@@ -197,7 +197,7 @@ func newNamespace(t *testing.T) string {
 
 // attackerDevices are the twins the attacks use, by prefix: how many.
 var attackerDevices = map[string]int{
-	"slow": 1, "rid": 1, "big": 1, "bigpatch": 1, "presence": 1, "meta": 1, "retain": 1, "flood": 1, "sess": 300,
+	"slow": slowDevices, "rid": 1, "big": 1, "bigpatch": 1, "presence": 1, "meta": 1, "retain": 1, "flood": 1, "sess": 300,
 }
 
 func deviceIDs(prefix string, n int) []string {
