@@ -175,6 +175,9 @@ func run(ctx context.Context, o options) error {
 	if err := operator.AddBus(mgr, br, b); err != nil {
 		return err
 	}
+	if err := setupBrokerLabel(ctx, mgr, b); err != nil {
+		return err
+	}
 	creds, err := setupCredentials(mgr, o, b, auth)
 	if err != nil {
 		return err
@@ -326,9 +329,11 @@ func setupProbes(mgr ctrl.Manager) error {
 	if err := mgr.AddHealthzCheck("healthz", healthz.Ping); err != nil {
 		return fmt.Errorf("adding health check: %w", err)
 	}
-	// Readiness follows the cache, not the broker: a broker outage must not
-	// take the operator out of its Service (devices would lose the embedded
-	// broker too).
+	// Readiness does not follow leadership: every replica serves the
+	// admission webhook (failurePolicy Fail), which must stay available
+	// while leadership moves. Devices reach the embedded broker through the
+	// label its leader sets (setupBrokerLabel), and an external broker's
+	// outage must not take the operator out of its Services.
 	if err := mgr.AddReadyzCheck("readyz", healthz.Ping); err != nil {
 		return fmt.Errorf("adding ready check: %w", err)
 	}

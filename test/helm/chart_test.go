@@ -8,10 +8,14 @@ import (
 	"go/token"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
 
+	appsv1 "k8s.io/api/apps/v1"
+	corev1 "k8s.io/api/core/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"sigs.k8s.io/controller-runtime/pkg/log/zap"
 )
@@ -96,7 +100,8 @@ func TestBadValuesFailEarly(t *testing.T) {
 		{"bad duration", []string{"--set", "webhook.certificates.selfManaged.certValidity=90 days"}, "certValidity"},
 		{"provided certificates without a Secret", []string{"--set", "webhook.certificates.mode=provided"}, "provided"},
 		{"embedded broker without a listener", []string{"--set", "broker.embedded.tls.enabled=false"}, "the embedded broker needs a listener"},
-		{"two replicas with the embedded broker", []string{"--set", "replicas=2"}, "replicas > 1 needs an external broker"},
+		{"two replicas with the embedded broker without leader election", []string{"--set", "replicas=2", "--set", "leaderElection.enabled=false"},
+			"leaderElection.enabled=true"},
 		{"two replicas without leader election", []string{"--set", "replicas=2", "--set", "broker.external.url=tcp://m:1883",
 			"--set", "leaderElection.enabled=false"}, "leaderElection.enabled=true"},
 		{"embedded TLS certificate with an external broker and no service API", []string{"--set", "broker.external.url=tcp://m:1883",
@@ -126,6 +131,60 @@ func TestBadValuesFailEarly(t *testing.T) {
 				t.Errorf("helm template %v failed without naming %q:\n%s", tc.args, tc.want, out)
 			}
 		})
+	}
+}
+
+// TestEmbeddedBrokerReplicas: several replicas with the embedded broker
+// render; the hub Service selects only the Pod the leader labels (its
+// broker listens), the webhook Service every replica, and the right to
+// label is patch on Pods of the release namespace, in a Role.
+func TestEmbeddedBrokerReplicas(t *testing.T) {
+	objs := render(t, "kubetwin", "kubetwin-system", "--set", "replicas=3")
+	var d appsv1.Deployment
+	if err := k8sFromUnstructured(find(t, objs, "Deployment", "kubetwin-controller-manager"), &d); err != nil {
+		t.Fatal(err)
+	}
+	if d.Spec.Replicas == nil || *d.Spec.Replicas != 3 {
+		t.Errorf("replicas = %v, want 3", d.Spec.Replicas)
+	}
+	selects := func(name string) map[string]string {
+		var s corev1.Service
+		if err := k8sFromUnstructured(find(t, objs, "Service", name), &s); err != nil {
+			t.Fatal(err)
+		}
+		return s.Spec.Selector
+	}
+	hub := selects("kubetwin-mqtt")
+	for k, v := range d.Spec.Selector.MatchLabels {
+		if hub[k] != v {
+			t.Errorf("hub Service selector %v lacks the pods' %s=%s", hub, k, v)
+		}
+	}
+	if hub[brokerLabel] != "active" {
+		t.Errorf("hub Service selector %v, want %s=active: it would send devices to replicas without a broker", hub, brokerLabel)
+	}
+	if _, ok := selects("kubetwin-webhook-service")[brokerLabel]; ok {
+		t.Error("the webhook Service selects the broker label: only the leader would serve the webhook")
+	}
+	found := false
+	for _, o := range objs {
+		var r rbacv1.Role // ClusterRoles have the same rules field
+		if err := k8sFromUnstructured(o, &r); err != nil || (o.GetKind() != "Role" && o.GetKind() != "ClusterRole") {
+			continue
+		}
+		for _, rule := range r.Rules {
+			if !slices.Contains(rule.Resources, "pods") {
+				continue
+			}
+			if o.GetKind() != "Role" || o.GetNamespace() != "kubetwin-system" || !slices.Equal(rule.Verbs, []string{"patch"}) {
+				t.Errorf("%s %s/%s grants %v on pods, want only patch in a Role of the release namespace", o.GetKind(),
+					o.GetNamespace(), o.GetName(), rule.Verbs)
+			}
+			found = true
+		}
+	}
+	if !found {
+		t.Error("no Role lets the leader label its own Pod (patch pods)")
 	}
 }
 

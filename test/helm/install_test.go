@@ -164,6 +164,7 @@ func TestInstallDefaults(t *testing.T) {
 	}
 	checkService(t, rel, rel.webhook(), d, map[string]int32{"webhook-server": 443})
 	checkService(t, rel, rel.metrics(), d, map[string]int32{"metrics": 8443})
+	checkBrokerRouting(t, rel, c, true)
 
 	checkWebhooks(t, rel, false)
 	checkRBACMatchesKustomize(t, rel)
@@ -276,6 +277,7 @@ func TestInstallExternalBrokerCertManager(t *testing.T) {
 	}
 	checkService(t, rel, rel.webhook(), d, map[string]int32{"webhook-server": 443})
 	checkService(t, rel, rel.metrics(), d, map[string]int32{"metrics": 8443})
+	checkBrokerRouting(t, rel, c, false)
 
 	checkWebhooks(t, rel, true)
 	checkAccess(t, rel, false)
@@ -408,6 +410,9 @@ func checkService(t *testing.T, rel release, name string, d *appsv1.Deployment, 
 	t.Helper()
 	s := get(t, &corev1.Service{}, rel.namespace, name)
 	for k, v := range s.Spec.Selector {
+		if k == brokerLabel && name == rel.mqtt() {
+			continue // set by the leader on its own Pod (checkBrokerRouting)
+		}
 		if d.Spec.Template.Labels[k] != v {
 			t.Errorf("Service %s selects %s=%s, which the pods do not have", name, k, v)
 		}
@@ -422,6 +427,72 @@ func checkService(t *testing.T, rel release, name string, d *appsv1.Deployment, 
 			t.Errorf("Service %s port %d -> %s, want %v", name, p.Port, target, want)
 		}
 		containerPort(t, c, p.TargetPort)
+	}
+}
+
+// brokerLabel is the label the leader puts on its own Pod once its
+// embedded broker listens (operator.BrokerLabel).
+const brokerLabel = "kubetwin.io/broker"
+
+// checkBrokerRouting: with the embedded broker, the hub Service routes only
+// to the Pod its leader labels kubetwin.io/broker=active, the pod knows its
+// name (downward API) and may patch Pods of its own namespace only; the
+// other Services select every replica, which all serve the webhook. With an
+// external broker none of that exists.
+func checkBrokerRouting(t *testing.T, rel release, c corev1.Container, embedded bool) {
+	t.Helper()
+	if embedded {
+		hub := get(t, &corev1.Service{}, rel.namespace, rel.mqtt())
+		if hub.Spec.Selector[brokerLabel] != "active" || hub.Spec.Selector["app.kubernetes.io/name"] == "" {
+			t.Errorf("hub Service %s selects %v, want the operator's pods labelled %s=active", rel.mqtt(), hub.Spec.Selector, brokerLabel)
+		}
+	}
+	for _, name := range []string{rel.webhook(), rel.metrics(), rel.serviceAPI()} {
+		s := &corev1.Service{}
+		if err := apiServer(t).Get(context.Background(), types.NamespacedName{Namespace: rel.namespace, Name: name}, s); err != nil {
+			continue
+		}
+		if _, ok := s.Spec.Selector[brokerLabel]; ok {
+			t.Errorf("Service %s selects %s: it would lose every replica but the leader", name, brokerLabel)
+		}
+	}
+	var podName *corev1.EnvVar
+	for i := range c.Env {
+		if c.Env[i].Name == "POD_NAME" {
+			podName = &c.Env[i]
+		}
+	}
+	switch {
+	case embedded && (podName == nil || podName.ValueFrom == nil || podName.ValueFrom.FieldRef == nil ||
+		podName.ValueFrom.FieldRef.FieldPath != "metadata.name"):
+		t.Errorf("env POD_NAME = %+v, want the downward API's metadata.name", podName)
+	case !embedded && podName != nil:
+		t.Errorf("env POD_NAME with an external broker: %+v", podName)
+	}
+	for _, q := range []struct {
+		verb, ns string
+		want     bool
+	}{
+		{"patch", rel.namespace, embedded},
+		{"patch", "default", false},
+		{"patch", "devices", false},
+		{"get", rel.namespace, false},
+		{"update", rel.namespace, false},
+		{"delete", rel.namespace, false},
+	} {
+		sar := &authorizationv1.SubjectAccessReview{Spec: authorizationv1.SubjectAccessReviewSpec{
+			User:   rel.saUser(),
+			Groups: []string{"system:serviceaccounts", "system:serviceaccounts:" + rel.namespace, "system:authenticated"},
+			ResourceAttributes: &authorizationv1.ResourceAttributes{
+				Verb: q.verb, Resource: "pods", Namespace: q.ns, Name: rel.manager() + "-abc12",
+			},
+		}}
+		if err := apiServer(t).Create(context.Background(), sar); err != nil {
+			t.Fatal(err)
+		}
+		if sar.Status.Allowed != q.want {
+			t.Errorf("%s may %s pods in %q: %v, want %v (%s)", rel.sa(), q.verb, q.ns, sar.Status.Allowed, q.want, sar.Status.Reason)
+		}
 	}
 }
 

@@ -72,6 +72,16 @@ func TestKustomizeDefaultAccepted(t *testing.T) {
 	if want := map[string]int32{"mqtts": 8883, "https": 443}; !reflect.DeepEqual(ports, want) {
 		t.Errorf("Service kubetwin-mqtt ports %v, want %v", ports, want)
 	}
+	// Only the leader's broker listens: the hub Service selects the label it
+	// puts on its own Pod, which it finds from the downward API.
+	if svc.Spec.Selector[brokerLabel] != "active" {
+		t.Errorf("Service kubetwin-mqtt selects %v, want %s=active", svc.Spec.Selector, brokerLabel)
+	}
+	if !slices.ContainsFunc(mc.Env, func(e corev1.EnvVar) bool {
+		return e.Name == "POD_NAME" && e.ValueFrom != nil && e.ValueFrom.FieldRef != nil && e.ValueFrom.FieldRef.FieldPath == "metadata.name"
+	}) {
+		t.Errorf("env %+v lacks POD_NAME from metadata.name", mc.Env)
+	}
 	if containerPort(t, mc, intstr.FromString("service-api")) != 10443 {
 		t.Error("no container port service-api 10443")
 	}

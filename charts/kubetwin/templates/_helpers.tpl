@@ -200,9 +200,6 @@ HTTPS on 443, as IoT Hub has), else the service API Service's DNS name.
 Checks across values that the schema cannot express well; each fails with a message that says what to change.
 */}}
 {{- define "kubetwin.validate" -}}
-{{- if and (gt (int .Values.replicas) 1) (not .Values.broker.external.url) }}
-{{- fail "replicas > 1 needs an external broker (broker.external.url): the embedded broker runs on the elected leader only, so the MQTT Service would send some devices to a replica without a broker" }}
-{{- end }}
 {{- if and (gt (int .Values.replicas) 1) (not .Values.leaderElection.enabled) }}
 {{- fail "replicas > 1 needs leaderElection.enabled=true: only one replica may bridge devices" }}
 {{- end }}
