@@ -99,10 +99,12 @@ func TestSoak(t *testing.T) {
 	lost := h.checkStored(t)
 	ok, failed := h.fleet.counts()
 	lat, _ := h.fleet.since(start)
-	rss := h.mon.rss
+	h.mon.mu.Lock()
+	first := h.mon.rss[0].v
+	h.mon.mu.Unlock()
 	t.Logf("SOAK SUMMARY: %d devices for %s: %d reports acknowledged, %d failed, %d lost (acknowledged but not stored); report latency p50 %s p99 %s; VmRSS first %s, max %s, last %s; goroutines last %d",
 		n, time.Since(start).Round(time.Second), ok, failed, lost, percentile(lat, 50).Round(time.Millisecond), percentile(lat, 99).Round(time.Millisecond),
-		mib(rss[0].v), mib(h.mon.max(&h.mon.rss, start)), mib(rss[len(rss)-1].v), h.mon.last(&h.mon.gor))
+		mib(first), mib(h.mon.max(&h.mon.rss, start)), mib(h.mon.last(&h.mon.rss)), h.mon.last(&h.mon.gor))
 }
 
 // soakLine prints one line of the soak's progress; latency is over the
