@@ -217,8 +217,9 @@ func attackSlowConsumer(t *testing.T, h *harness) {
 		t.Errorf("a desired change to %s took %s to arrive while %d devices did not read: clients that stall slow the others (bus/bridge, item 2)", victim.id, worst.Round(time.Millisecond), len(ids))
 	}
 	if open > 0 {
-		t.Errorf("the broker kept %d of %d clients that never read for %s: no write deadline or bounded client queue (--mqtt-write-timeout, --mqtt-max-client-queue, broker-limits, item 2)",
-			open, len(ids), flood)
+		ms, _ := scrapeMetrics(h.op.metricsAddr)
+		t.Errorf("the broker kept %d of %d clients that never read for %s: no write deadline or bounded client queue (--mqtt-write-timeout, --mqtt-max-client-queue, broker-limits, item 2); kubetwin_broker_slow_consumer_disconnects_total %v, kubetwin_bridge_messages_received_total %v",
+			open, len(ids), flood, ms["kubetwin_broker_slow_consumer_disconnects_total"], ms["kubetwin_bridge_messages_received_total"])
 	}
 }
 
