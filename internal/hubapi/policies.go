@@ -298,7 +298,7 @@ type policySet struct {
 // holds only device-key Secrets) needs no watch on the Secret and no RBAC
 // beyond get; the TTL bounds that to one GET per ttl, and a signature that
 // does not verify forces a re-read (at most one a second), so a new key
-// works at once and a removed one stops working within ttl.
+// works at once and a removed one stops working within ttl and one read.
 //
 // One read runs at a time, with its own timeout and no lock held, and
 // requests do not queue behind it: once a copy exists, a request takes that
@@ -358,11 +358,13 @@ func (s *policyStore) read(ctx context.Context, maxAge time.Duration, wait bool)
 	s.mu.Lock()
 	now := s.now()
 	cur := s.cur
-	if cur != nil && now.Sub(s.fetched) < maxAge {
+	f := s.flight
+	// A caller that waits wants the newest copy: a read under way may
+	// bring a key the current copy lacks.
+	if cur != nil && now.Sub(s.fetched) < maxAge && (!wait || f == nil) {
 		s.mu.Unlock()
 		return cur, nil
 	}
-	f := s.flight
 	if f == nil {
 		if !s.failed.IsZero() && now.Sub(s.failed) < minRefetch {
 			err := s.lastErr
