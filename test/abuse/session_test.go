@@ -25,15 +25,11 @@ func patchTwin(ns, name, patch string) error {
 // connectOnce connects a device with a persistent session, subscribes to
 // its desired topics and disconnects, leaving the session behind.
 func (h *harness) connectOnce(t *testing.T, id string) error {
-	c, err := dialRaw(h.tlsAddr, dialOptions{tls: h.tlsConfig})
+	c, _, err := h.connectDevice(t, id, false, dialOptions{})
 	if err != nil {
 		return err
 	}
 	defer c.Close()
-	user, pw := h.credentials(t, id)
-	if _, code, err := c.connect(id, user, pw, false); err != nil || code != 0 {
-		return fmt.Errorf("%s: CONNECT: return code %d, %v", id, code, err)
-	}
 	if g, err := c.subscribe(nextID(), protocol.DesiredFilter(id), 1); err != nil || g > 2 {
 		return fmt.Errorf("%s: SUBSCRIBE: granted %d, %v", id, g, err)
 	}
@@ -44,16 +40,11 @@ func (h *harness) connectOnce(t *testing.T, id string) error {
 // CONNACK's session-present flag; with drain it also collects, until the
 // broker goes quiet, the desired patches queued for it.
 func (h *harness) sessionPresent(t *testing.T, id string, drain bool) (bool, int, error) {
-	c, err := dialRaw(h.tlsAddr, dialOptions{tls: h.tlsConfig})
+	c, present, err := h.connectDevice(t, id, false, dialOptions{})
 	if err != nil {
 		return false, 0, err
 	}
 	defer c.Close()
-	user, pw := h.credentials(t, id)
-	present, code, err := c.connect(id, user, pw, false)
-	if err != nil || code != 0 {
-		return false, 0, fmt.Errorf("%s: CONNECT: return code %d, %v", id, code, err)
-	}
 	patches := 0
 	for drain {
 		p, err := c.read(time.Now().Add(2 * time.Second))
