@@ -81,9 +81,10 @@ test-abuse: build ## Abuse suite only: the operator with 200 devices under each 
 
 SOAK_DURATION ?= 10m
 SOAK_DEVICES ?= 1000
+SOAK_REPORT_INTERVAL ?= 10s
 .PHONY: soak
 soak: build ## Abuse soak (not in CI): SOAK_DEVICES devices, every attack repeated for SOAK_DURATION; prints memory, goroutines, latency, lost reports.
-	$(TEST_ENV) KUBETWIN_SOAK_DURATION=$(SOAK_DURATION) KUBETWIN_SOAK_DEVICES=$(SOAK_DEVICES) \
+	$(TEST_ENV) KUBETWIN_SOAK_DURATION=$(SOAK_DURATION) KUBETWIN_SOAK_DEVICES=$(SOAK_DEVICES) KUBETWIN_SOAK_REPORT_INTERVAL=$(SOAK_REPORT_INTERVAL) \
 		go test ./test/abuse/ -run '^TestSoak$$' -count=1 -v -timeout 90m
 
 .PHONY: bench

@@ -34,7 +34,7 @@ var attacks = []struct {
 // legitimate devices (KUBETWIN_ABUSE_DEVICES, default 200), then checks
 // that every report the fleet had acknowledged is stored.
 func TestAbuse(t *testing.T) {
-	h := newHarness(t, envInt(t, "KUBETWIN_ABUSE_DEVICES", 200))
+	h := newHarness(t, envInt(t, "KUBETWIN_ABUSE_DEVICES", 200), reportInterval)
 	// The fleet alone first: the bounds hold without any attack.
 	h.attack(t, "0-baseline", func(t *testing.T, h *harness) {
 		time.Sleep(3 * reportInterval) // a measuring period, not synchronisation
@@ -53,8 +53,9 @@ func TestAbuse(t *testing.T) {
 }
 
 // TestSoak is make soak: KUBETWIN_SOAK_DEVICES legitimate devices (default
-// 1,000) and all attacks, repeated for KUBETWIN_SOAK_DURATION (e.g. 10m),
-// printing memory, goroutines, report latency and lost reports.
+// 1,000, each reporting every KUBETWIN_SOAK_REPORT_INTERVAL, default 10s)
+// and all attacks, repeated for KUBETWIN_SOAK_DURATION (e.g. 10m), printing
+// memory, goroutines, report latency and lost reports.
 func TestSoak(t *testing.T) {
 	d := os.Getenv("KUBETWIN_SOAK_DURATION")
 	if d == "" {
@@ -65,7 +66,13 @@ func TestSoak(t *testing.T) {
 		t.Fatalf("KUBETWIN_SOAK_DURATION: %v", err)
 	}
 	n := envInt(t, "KUBETWIN_SOAK_DEVICES", 1000)
-	h := newHarness(t, n)
+	interval := soakReportInterval
+	if s := os.Getenv("KUBETWIN_SOAK_REPORT_INTERVAL"); s != "" {
+		if interval, err = time.ParseDuration(s); err != nil || interval <= 0 {
+			t.Fatalf("KUBETWIN_SOAK_REPORT_INTERVAL=%q: want a positive duration", s)
+		}
+	}
+	h := newHarness(t, n, interval)
 	start := time.Now()
 	stop := make(chan struct{})
 	done := make(chan struct{})

@@ -18,12 +18,13 @@ import (
 	"github.com/kubetwin/kubetwin/pkg/device"
 )
 
-// fleet is the legitimate devices, each reporting every reportInterval a
+// fleet is the legitimate devices, each reporting every interval a
 // patch {"seq": n} and remembering the last n the operator acknowledged.
 type fleet struct {
-	devs []*legit
-	stop chan struct{}
-	wg   sync.WaitGroup
+	devs     []*legit
+	interval time.Duration
+	stop     chan struct{}
+	wg       sync.WaitGroup
 
 	mu      sync.Mutex
 	samples []sample
@@ -49,7 +50,7 @@ type sample struct {
 // them reporting.
 func (h *harness) startFleet(t *testing.T, ids []string) *fleet {
 	t.Helper()
-	f := &fleet{stop: make(chan struct{})}
+	f := &fleet{stop: make(chan struct{}), interval: h.interval}
 	var mu sync.Mutex
 	parallel(t, 16, ids, func(id string) error {
 		ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
@@ -77,11 +78,11 @@ func (h *harness) startFleet(t *testing.T, ids []string) *fleet {
 	return f
 }
 
-// report is one device's loop: a report every reportInterval, from a
+// report is one device's loop: a report every interval, from a
 // random phase so that the fleet's load is even.
 func (f *fleet) report(d *legit) {
 	defer f.wg.Done()
-	t := time.NewTimer(mrand.N(reportInterval))
+	t := time.NewTimer(mrand.N(f.interval))
 	defer t.Stop()
 	for seq := int64(1); ; seq++ {
 		select {
@@ -89,7 +90,7 @@ func (f *fleet) report(d *legit) {
 			return
 		case <-t.C:
 		}
-		t.Reset(reportInterval)
+		t.Reset(f.interval)
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		start := time.Now()
 		d.inFlight.Store(start.UnixNano())
@@ -364,7 +365,7 @@ func (h *harness) check(t *testing.T, w window) {
 		s := failed[0]
 		t.Errorf("guarantee broken: %d legitimate reports failed, e.g. %s: %v", len(failed), s.device, s.err)
 	}
-	if dur > 2*reportInterval && len(lat) == 0 {
+	if dur > 2*h.interval && len(lat) == 0 {
 		t.Errorf("guarantee broken: no legitimate report was sent during the %s attack", dur.Round(time.Second))
 	}
 	lines, longest, prefix := h.op.log.since(w.log)

@@ -58,8 +58,13 @@ const (
 	// second after a burst of 20, and an attack touches a few kinds.
 	logRateBound  = 40
 	logBurstBound = 200
-	// reportInterval is how often each legitimate device reports.
+	// reportInterval is how often each legitimate device of TestAbuse
+	// reports: 200 devices, 100 reports a second.
 	reportInterval = 2 * time.Second
+	// soakReportInterval is TestSoak's default: 1,000 devices at the same
+	// 100 reports a second (every 2 s they saturate this machine's API
+	// server, and latency then measures the queue, not the attacks).
+	soakReportInterval = 10 * time.Second
 	// hub is the hub host name: devices' SAS tokens are signed for it.
 	hub = "localhost"
 	// sessionExpiry is --mqtt-session-expiry for the suite's operator,
@@ -69,8 +74,8 @@ const (
 	connectTimeout = 10 * time.Second
 	// maxPacketSize is the agreed --mqtt-max-packet-size default.
 	maxPacketSize = 64 << 10
-	// perIPCap is the agreed --mqtt-max-connections-per-ip default.
-	perIPCap = 1000
+	// defaultPerIPCap is the agreed --mqtt-max-connections-per-ip default.
+	defaultPerIPCap = 1000
 	// maxSessionQueue is the agreed --mqtt-max-session-queue default.
 	maxSessionQueue = 64
 	// maxPendingReports is the agreed --max-pending-reports default.
@@ -97,17 +102,24 @@ type harness struct {
 	adminPW   string
 	// missingFlags are the wanted flags the operator does not have yet.
 	missingFlags map[string]bool
-	fleet        *fleet
-	mon          *monitor
-	keys         sync.Map // device id -> primary key
+	// interval is how often each legitimate device reports.
+	interval time.Duration
+	// perIPCap is the operator's --mqtt-max-connections-per-ip: the default,
+	// or, for a fleet near it (all on 127.0.0.1, like devices behind one
+	// NAT), raised as the limits table advises.
+	perIPCap int
+	fleet    *fleet
+	mon      *monitor
+	keys     sync.Map // device id -> primary key
 }
 
 // newHarness starts an operator with the embedded broker on TLS, SAS
 // device authentication and the service API, creates n legitimate devices
 // and starts them reporting.
-func newHarness(t *testing.T, n int) *harness {
+func newHarness(t *testing.T, n int, interval time.Duration) *harness {
 	t.Helper()
-	h := &harness{t: t, ns: newNamespace(t), tlsAddr: freeAddr(t), plainAddr: freeAddr(t), svcAddr: freeAddr(t)}
+	h := &harness{t: t, ns: newNamespace(t), tlsAddr: freeAddr(t), plainAddr: freeAddr(t), svcAddr: freeAddr(t),
+		interval: interval, perIPCap: defaultPerIPCap}
 	h.adminPW = randomHex(16)
 	pwFile := filepath.Join(t.TempDir(), "admin-password")
 	if err := os.WriteFile(pwFile, []byte(h.adminPW+"\n"), 0o600); err != nil {
@@ -135,6 +147,10 @@ func newHarness(t *testing.T, n int) *harness {
 			h.missingFlags[name] = true
 			t.Logf("the operator has no --%s yet: the attacks that need it will fail", name)
 		}
+	}
+	if n+500 > defaultPerIPCap {
+		h.perIPCap = n + 1000
+		args = append(args, fmt.Sprintf("--mqtt-max-connections-per-ip=%d", h.perIPCap))
 	}
 	h.op = newOperatorProc(t, "operator", true, args...)
 	h.op.probe = func() error { return probeGet(h.plainAddr, nil, "kubetwin-admin", h.adminPW) }

@@ -130,7 +130,7 @@ func attackSilent(t *testing.T, h *harness) {
 // attackIPFlood: connections from one address beyond the per-IP cap are
 // refused at once, while a device from another address still connects.
 func attackIPFlood(t *testing.T, h *harness) {
-	n := perIPCap + 200
+	n := h.perIPCap + 200
 	conns := make([]*rawConn, 0, n)
 	for i := range n {
 		c, err := dialRaw(h.tlsAddr, dialOptions{tls: h.tlsConfig, source: floodSource, noHandshake: true})
@@ -140,7 +140,7 @@ func attackIPFlood(t *testing.T, h *harness) {
 		}
 		t.Cleanup(func() { _ = c.Close() })
 		conns = append(conns, c)
-		if i == perIPCap {
+		if i == h.perIPCap {
 			t.Logf("%d connections from %s open", len(conns), floodSource)
 		}
 	}
@@ -149,9 +149,9 @@ func attackIPFlood(t *testing.T, h *harness) {
 		t.Errorf("a device from 127.0.0.1 could not connect and GET its twin during a connection flood from %s: %v", floodSource, err)
 	}
 	open := countOpen(conns, quickClose)
-	if refused := n - open; refused < n-perIPCap {
+	if refused := n - open; refused < n-h.perIPCap {
 		t.Errorf("only %d of %d connections from %s were refused within %s: the per-IP cap of %d is not enforced (--mqtt-max-connections-per-ip, broker-limits, item 1)",
-			refused, n, floodSource, quickClose, perIPCap)
+			refused, n, floodSource, quickClose, h.perIPCap)
 	}
 }
 
