@@ -84,7 +84,7 @@ func attackSessions(t *testing.T, h *harness) {
 	if err := k8s.Delete(context.Background(), &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Namespace: h.ns, Name: v1alpha1.KeySecretName(del)}}); err != nil && !apierrors.IsNotFound(err) {
 		t.Fatal(err)
 	}
-	eventually(t, 30*time.Second, "the deleted twin goes", func() error {
+	eventually(t, 60*time.Second, "the deleted twin goes (the operator removes its finalizer)", func() error {
 		if _, err := h.getTwin(del); err == nil {
 			return fmt.Errorf("%s still exists", del)
 		}
