@@ -101,6 +101,8 @@ func bindMQTTLimitFlags(l *bus.EmbeddedLimits) {
 		"How long the embedded broker waits for a client to take each packet it writes; a client that takes none for that long is disconnected (it resumes its session when it reconnects).")
 	flag.IntVar(&l.MaxClientQueue, "mqtt-max-client-queue", bus.DefaultMaxClientQueue,
 		"Messages that may wait to be written to one client of the embedded broker; one more disconnects the client instead of dropping the message.")
+	flag.IntVar(&l.MaxClientQueueBytes, "mqtt-max-client-queue-bytes", bus.DefaultMaxClientQueueBytes,
+		"Bytes that may wait to be written to one client of the embedded broker; a packet beyond them disconnects the client (a single larger packet is still sent when nothing else waits).")
 	flag.IntVar(&l.MaxConnections, "mqtt-max-connections", bus.DefaultMaxConnections,
 		"Open connections the embedded broker accepts on all its listeners (TCP, TLS, WebSockets), authenticated or not; one more is closed at once (WebSockets: HTTP 503).")
 	flag.IntVar(&l.MaxConnectionsPerIP, "mqtt-max-connections-per-ip", bus.DefaultMaxConnectionsPerIP,
@@ -119,6 +121,8 @@ func checkLimitFlags(l bus.EmbeddedLimits) error {
 		return fmt.Errorf("--mqtt-write-timeout must be positive, not %s", l.WriteTimeout)
 	case l.MaxClientQueue < 1 || l.MaxClientQueue > 1<<20:
 		return fmt.Errorf("--mqtt-max-client-queue must be between 1 and 1048576, not %d", l.MaxClientQueue)
+	case l.MaxClientQueueBytes < 4096:
+		return fmt.Errorf("--mqtt-max-client-queue-bytes must be at least 4096, not %d", l.MaxClientQueueBytes)
 	case l.MaxConnections < 1:
 		return fmt.Errorf("--mqtt-max-connections must be at least 1, not %d", l.MaxConnections)
 	case l.MaxConnectionsPerIP < 1:

@@ -16,7 +16,7 @@ func TestMQTTLimitFlags(t *testing.T) {
 	var l bus.EmbeddedLimits
 	bindMQTTLimitFlags(&l)
 	want := bus.EmbeddedLimits{MaxPacketSize: 65536, ConnectTimeout: 10 * time.Second, WriteTimeout: 10 * time.Second,
-		MaxClientQueue: 256, MaxConnections: 100000, MaxConnectionsPerIP: 1000}
+		MaxClientQueue: 256, MaxClientQueueBytes: 1 << 20, MaxConnections: 100000, MaxConnectionsPerIP: 1000}
 	if l != want {
 		t.Fatalf("flag defaults %+v, want %+v", l, want)
 	}
@@ -24,11 +24,11 @@ func TestMQTTLimitFlags(t *testing.T) {
 		t.Fatalf("defaults: %v", err)
 	}
 	if err := flag.CommandLine.Parse([]string{"--mqtt-max-packet-size=1048576", "--mqtt-connect-timeout=3s", "--mqtt-write-timeout=5s",
-		"--mqtt-max-client-queue=64", "--mqtt-max-connections=10", "--mqtt-max-connections-per-ip=2"}); err != nil {
+		"--mqtt-max-client-queue=64", "--mqtt-max-client-queue-bytes=65536", "--mqtt-max-connections=10", "--mqtt-max-connections-per-ip=2"}); err != nil {
 		t.Fatal(err)
 	}
 	if want := (bus.EmbeddedLimits{MaxPacketSize: 1 << 20, ConnectTimeout: 3 * time.Second, WriteTimeout: 5 * time.Second,
-		MaxClientQueue: 64, MaxConnections: 10, MaxConnectionsPerIP: 2}); l != want {
+		MaxClientQueue: 64, MaxClientQueueBytes: 65536, MaxConnections: 10, MaxConnectionsPerIP: 2}); l != want {
 		t.Errorf("parsed %+v, want %+v", l, want)
 	}
 	for name, tc := range map[string]struct {
@@ -40,6 +40,7 @@ func TestMQTTLimitFlags(t *testing.T) {
 		"connect timeout 0": {func(l *bus.EmbeddedLimits) { l.ConnectTimeout = 0 }, "--mqtt-connect-timeout"},
 		"write timeout -1s": {func(l *bus.EmbeddedLimits) { l.WriteTimeout = -time.Second }, "--mqtt-write-timeout"},
 		"client queue 0":    {func(l *bus.EmbeddedLimits) { l.MaxClientQueue = 0 }, "--mqtt-max-client-queue"},
+		"queue bytes 100":   {func(l *bus.EmbeddedLimits) { l.MaxClientQueueBytes = 100 }, "--mqtt-max-client-queue-bytes"},
 		"connections 0":     {func(l *bus.EmbeddedLimits) { l.MaxConnections = 0 }, "--mqtt-max-connections "},
 		"per IP 0":          {func(l *bus.EmbeddedLimits) { l.MaxConnectionsPerIP = 0 }, "--mqtt-max-connections-per-ip"},
 	} {

@@ -45,6 +45,7 @@ const (
 	DefaultMQTTConnectTimeout  = 10 * time.Second
 	DefaultWriteTimeout        = 10 * time.Second
 	DefaultMaxClientQueue      = 256
+	DefaultMaxClientQueueBytes = 1 << 20
 	DefaultMaxConnections      = 100000
 	DefaultMaxConnectionsPerIP = 1000
 )
@@ -85,6 +86,13 @@ type EmbeddedLimits struct {
 	// client (in mochi's queue and, as many again, in the connection's);
 	// one more disconnects it. DefaultMaxClientQueue if zero.
 	MaxClientQueue int
+	// MaxClientQueueBytes bounds the bytes waiting on one client's
+	// connection; a packet that would pass it disconnects the client (a
+	// single packet larger than it is still sent when nothing else
+	// waits). It bounds what a client that stops reading makes the
+	// broker hold: with 64 KiB packets, MaxClientQueue of them would be
+	// 16 MiB per client. DefaultMaxClientQueueBytes if zero.
+	MaxClientQueueBytes int
 	// MaxConnections bounds the open connections of all listeners, from
 	// accept on; one more is closed at once (WebSocket: HTTP 503).
 	// DefaultMaxConnections if zero.
@@ -105,6 +113,7 @@ func (l EmbeddedLimits) withDefaults() (EmbeddedLimits, error) {
 		{"ConnectTimeout", int64(l.ConnectTimeout)},
 		{"WriteTimeout", int64(l.WriteTimeout)},
 		{"MaxClientQueue", int64(l.MaxClientQueue)},
+		{"MaxClientQueueBytes", int64(l.MaxClientQueueBytes)},
 		{"MaxConnections", int64(l.MaxConnections)},
 		{"MaxConnectionsPerIP", int64(l.MaxConnectionsPerIP)},
 	} {
@@ -130,6 +139,9 @@ func (l EmbeddedLimits) withDefaults() (EmbeddedLimits, error) {
 	}
 	if l.MaxClientQueue == 0 {
 		l.MaxClientQueue = DefaultMaxClientQueue
+	}
+	if l.MaxClientQueueBytes == 0 {
+		l.MaxClientQueueBytes = DefaultMaxClientQueueBytes
 	}
 	if l.MaxConnections == 0 {
 		l.MaxConnections = DefaultMaxConnections
@@ -378,10 +390,10 @@ func (c *limitConn) refuseTooLarge() {
 // Write queues p for the connection's writer and returns at once. It
 // fails once the connection is closing or failed, and disconnects the
 // client (failing) when its queue is full: MaxClientQueue PUBLISH packets
-// (as mochi's own queue), or as many maximum-size packets' worth of bytes
-// (a client that publishes or pings and does not read fills it with
-// acknowledgements). Other packets are not counted: a burst of PUBACKs to
-// a client that reads must not disconnect it.
+// (as mochi's own queue), or MaxClientQueueBytes bytes of any packets (a
+// client that publishes or pings and does not read fills it with
+// acknowledgements). Other packets count only by bytes: a burst of PUBACKs
+// to a client that reads must not disconnect it.
 func (c *limitConn) Write(p []byte) (int, error) {
 	if len(p) == 0 {
 		return 0, nil
@@ -397,7 +409,7 @@ func (c *limitConn) Write(p []byte) (int, error) {
 		c.mu.Unlock()
 		return 0, net.ErrClosed
 	case len(c.queue) > 0 && (publish && c.publishes >= c.lim.limits.MaxClientQueue ||
-		c.bytes+len(p) > c.lim.limits.MaxClientQueue*c.lim.limits.MaxPacketSize):
+		c.bytes+len(p) > c.lim.limits.MaxClientQueueBytes):
 		c.mu.Unlock()
 		c.abort(ReasonQueueFull)
 		return 0, errSlowConsumer
@@ -490,7 +502,7 @@ func (c *limitConn) slowConsumer(reason string) {
 	}
 	c.lim.log.Info("disconnecting client that does not read what the broker sends", "clientID", clientID,
 		"remote", c.RemoteAddr().String(), "listener", c.listener, "reason", reason,
-		"writeTimeout", c.lim.limits.WriteTimeout, "maxClientQueue", c.lim.limits.MaxClientQueue)
+		"writeTimeout", c.lim.limits.WriteTimeout, "maxClientQueue", c.lim.limits.MaxClientQueue, "maxClientQueueBytes", c.lim.limits.MaxClientQueueBytes)
 }
 
 // Close ends the connection: the reading goroutine's Read returns at once,

@@ -146,7 +146,7 @@ func TestEmbeddedLimitsDefaults(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := EmbeddedLimits{MaxPacketSize: 65536, ConnectTimeout: 10 * time.Second, WriteTimeout: 10 * time.Second,
-		MaxClientQueue: 256, MaxConnections: 100000, MaxConnectionsPerIP: 1000}
+		MaxClientQueue: 256, MaxClientQueueBytes: 1 << 20, MaxConnections: 100000, MaxConnectionsPerIP: 1000}
 	if l != want {
 		t.Errorf("defaults %+v, want %+v", l, want)
 	}
@@ -664,7 +664,7 @@ func testSlowConsumer(t *testing.T, requests, size int, responseFilter string, g
 // disconnected after the write timeout although its queue has room.
 func TestEmbeddedSlowConsumerWriteTimeout(t *testing.T) {
 	const writeTimeout = 2 * time.Second
-	f := startLimited(t, EmbeddedLimits{WriteTimeout: writeTimeout, MaxClientQueue: 100000})
+	f := startLimited(t, EmbeddedLimits{WriteTimeout: writeTimeout, MaxClientQueue: 100000, MaxClientQueueBytes: 64 << 20})
 	before := testutil.ToFloat64(BrokerSlowConsumerDisconnects.WithLabelValues(ReasonWriteTimeout))
 	subscribedStuck(t, f, "stuck")
 	payload := bytes.Repeat([]byte("z"), 60<<10)
@@ -705,6 +705,25 @@ func TestEmbeddedSlowConsumerQueueFull(t *testing.T) {
 		}
 	}
 	eventually(t, "the device is disconnected for its full queue", func() bool {
+		return testutil.ToFloat64(BrokerSlowConsumerDisconnects.WithLabelValues(ReasonQueueFull)) > before
+	})
+	eventually(t, "the connection is closed", func() bool { return f.bus.limiter.open() == 0 })
+}
+
+// TestEmbeddedSlowConsumerQueueBytes: a device whose queue holds few
+// messages but many bytes is disconnected at once: what a stalled client
+// makes the broker hold is bounded in bytes, not only in messages.
+func TestEmbeddedSlowConsumerQueueBytes(t *testing.T) {
+	f := startLimited(t, EmbeddedLimits{WriteTimeout: time.Hour, MaxClientQueue: 100000, MaxClientQueueBytes: 256 << 10})
+	before := testutil.ToFloat64(BrokerSlowConsumerDisconnects.WithLabelValues(ReasonQueueFull))
+	subscribedStuck(t, f, "stuck")
+	payload := bytes.Repeat([]byte("z"), 60<<10)
+	for range 300 { // 18 MiB: the sockets' buffers and then the queue fill
+		if err := f.bus.Publish(context.Background(), protocol.ResponseTopic("stuck", "r"), payload, false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	eventually(t, "the device is disconnected for the bytes in its queue", func() bool {
 		return testutil.ToFloat64(BrokerSlowConsumerDisconnects.WithLabelValues(ReasonQueueFull)) > before
 	})
 	eventually(t, "the connection is closed", func() bool { return f.bus.limiter.open() == 0 })
