@@ -1,14 +1,12 @@
 package abuse
 
 import (
-	"context"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
 
 	k8sruntime "k8s.io/apimachinery/pkg/runtime"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
@@ -18,6 +16,7 @@ import (
 
 	"github.com/kubetwin/kubetwin/api/v1alpha1"
 	"github.com/kubetwin/kubetwin/internal/testutil/mosquitto"
+	"github.com/kubetwin/kubetwin/internal/testutil/operatorproc"
 )
 
 // What the tests share: the control plane, a kubeconfig for it, the
@@ -73,7 +72,7 @@ func runSuite(m *testing.M) int {
 	// stale binary.
 	if managerBin = os.Getenv("KUBETWIN_MANAGER"); managerBin == "" {
 		managerBin = filepath.Join(tmp, "manager")
-		if err := goBuild(managerBin, "./cmd/manager"); err != nil {
+		if err := operatorproc.GoBuild(repoRoot, managerBin, "./cmd/manager"); err != nil {
 			return fail("%v", err)
 		}
 	} else if _, err := os.Stat(managerBin); err != nil {
@@ -110,7 +109,7 @@ func runSuite(m *testing.M) int {
 	if k8s, err = client.New(cfg, client.Options{Scheme: testScheme}); err != nil {
 		return fail("client: %v", err)
 	}
-	if err := waitForCRD(); err != nil {
+	if err := operatorproc.WaitForCRD(k8s); err != nil {
 		return fail("%v", err)
 	}
 	return m.Run()
@@ -124,32 +123,4 @@ func listingOnly() bool {
 		}
 	}
 	return false
-}
-
-// goBuild builds a package of the module into out.
-func goBuild(out, pkg string) error {
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, "go", "build", "-o", out, pkg)
-	cmd.Dir = repoRoot
-	if b, err := cmd.CombinedOutput(); err != nil {
-		return fmt.Errorf("go build -o %s %s: %v\n%s", out, pkg, err, b)
-	}
-	return nil
-}
-
-// waitForCRD waits until the API server serves DeviceTwins.
-func waitForCRD() error {
-	deadline := time.Now().Add(60 * time.Second)
-	for {
-		var list v1alpha1.DeviceTwinList
-		err := k8s.List(context.Background(), &list)
-		if err == nil {
-			return nil
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("the API server does not serve DeviceTwins: %w", err)
-		}
-		time.Sleep(200 * time.Millisecond)
-	}
 }

@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/kubetwin/kubetwin/internal/testutil/mosquitto"
+	"github.com/kubetwin/kubetwin/internal/testutil/operatorproc"
 )
 
 const (
@@ -43,9 +44,7 @@ type operatorProc struct {
 
 	log *logCounter
 
-	mu     sync.Mutex
-	cmd    *exec.Cmd
-	exited chan struct{}
+	proc operatorproc.Proc
 }
 
 // newOperatorProc prepares an operator with the given flags (health and
@@ -66,7 +65,7 @@ func newOperatorProc(t *testing.T, name string, metrics bool, args ...string) *o
 		o.args = append(o.args, "--metrics-bind-address=0")
 	}
 	t.Cleanup(func() {
-		o.signalAndWait(syscall.SIGKILL)
+		o.proc.SignalAndWait(syscall.SIGKILL, stopWait)
 		if t.Failed() {
 			o.printLogTail(64 << 10)
 		}
@@ -77,34 +76,23 @@ func newOperatorProc(t *testing.T, name string, metrics bool, args ...string) *o
 // start starts the process and waits until it is ready.
 func (o *operatorProc) start() {
 	o.t.Helper()
-	o.mu.Lock()
-	f, err := os.OpenFile(o.logPath, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
-	if err != nil {
-		o.mu.Unlock()
-		o.t.Fatal(err)
-	}
 	if o.log == nil {
 		o.log = &logCounter{}
 	}
-	o.log.setFile(f)
-	fmt.Fprintf(f, "===== abuse: %s started at %s: %s %s\n", o.name, time.Now().Format(time.RFC3339Nano), managerBin, strings.Join(o.args, " "))
-	cmd := exec.Command(managerBin, o.args...)
-	cmd.Env = append(filteredEnv(), "KUBECONFIG="+kubeconfigPath)
-	cmd.Stdout, cmd.Stderr = o.log, o.log
-	if err := cmd.Start(); err != nil {
-		o.mu.Unlock()
-		o.t.Fatalf("starting %s: %v", managerBin, err)
+	exited, err := o.proc.Start(operatorproc.Spec{
+		Bin:     managerBin,
+		Args:    o.args,
+		Env:     append(filteredEnv(), "KUBECONFIG="+kubeconfigPath),
+		LogPath: o.logPath,
+		Header:  fmt.Sprintf("===== abuse: %s started at %s: %s %s\n", o.name, time.Now().Format(time.RFC3339Nano), managerBin, strings.Join(o.args, " ")),
+		Footer: func(err error) string {
+			return fmt.Sprintf("===== abuse: %s exited at %s: %v\n", o.name, time.Now().Format(time.RFC3339Nano), err)
+		},
+		Output: o.log,
+	})
+	if err != nil {
+		o.t.Fatal(err)
 	}
-	exited := make(chan struct{})
-	o.cmd, o.exited = cmd, exited
-	o.mu.Unlock()
-	go func() {
-		err := cmd.Wait()
-		o.log.setFile(nil)
-		fmt.Fprintf(f, "===== abuse: %s exited at %s: %v\n", o.name, time.Now().Format(time.RFC3339Nano), err)
-		_ = f.Close()
-		close(exited)
-	}()
 	if err := o.waitReady(exited); err != nil {
 		o.t.Fatalf("%s: %v (its log is below)", o.name, err)
 	}
@@ -112,16 +100,7 @@ func (o *operatorProc) start() {
 
 // filteredEnv is the test's environment without what would point the
 // operator at another cluster or make it serve admission webhooks.
-func filteredEnv() []string {
-	var out []string
-	for _, kv := range os.Environ() {
-		if strings.HasPrefix(kv, "KUBECONFIG=") || strings.HasPrefix(kv, "KUBERNETES_SERVICE_") || strings.HasPrefix(kv, "POD_NAMESPACE=") {
-			continue
-		}
-		out = append(out, kv)
-	}
-	return out
-}
+func filteredEnv() []string { return operatorproc.Environ("POD_NAMESPACE=") }
 
 func (o *operatorProc) waitReady(exited <-chan struct{}) error {
 	deadline := time.Now().Add(readyWait)
@@ -155,67 +134,25 @@ func (o *operatorProc) waitReady(exited <-chan struct{}) error {
 }
 
 // pid is the process id, or 0 when it is not running.
-func (o *operatorProc) pid() int {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	if o.cmd == nil {
-		return 0
-	}
-	select {
-	case <-o.exited:
-		return 0
-	default:
-		return o.cmd.Process.Pid
-	}
-}
+func (o *operatorProc) pid() int { return o.proc.Pid() }
 
 // stop sends SIGTERM and waits for the process.
 func (o *operatorProc) stop() {
 	o.t.Helper()
-	if !o.signalAndWait(syscall.SIGTERM) {
+	if !o.proc.SignalAndWait(syscall.SIGTERM, stopWait) {
 		o.t.Errorf("%s did not exit within %s of SIGTERM; killed it", o.name, stopWait)
-	}
-}
-
-func (o *operatorProc) signalAndWait(sig syscall.Signal) bool {
-	o.mu.Lock()
-	cmd, exited := o.cmd, o.exited
-	o.cmd = nil
-	o.mu.Unlock()
-	if cmd == nil {
-		return true
-	}
-	_ = cmd.Process.Signal(sig)
-	select {
-	case <-exited:
-		return true
-	case <-time.After(stopWait):
-		_ = cmd.Process.Kill()
-		<-exited
-		return false
 	}
 }
 
 // printLogTail logs the end of the operator's output, each line cut to
 // 1 KiB (an unbounded line is one of the things the suite looks for).
 func (o *operatorProc) printLogTail(max int) {
-	b, err := os.ReadFile(o.logPath)
+	tail, err := operatorproc.LogTail(o.logPath, max, 1024)
 	if err != nil {
 		o.t.Logf("%s log: %v", o.name, err)
 		return
 	}
-	if len(b) > max {
-		b = b[len(b)-max:]
-	}
-	var out strings.Builder
-	for _, line := range strings.Split(string(b), "\n") {
-		if len(line) > 1024 {
-			line = line[:1024] + fmt.Sprintf(" [... %d bytes cut]", len(line)-1024)
-		}
-		out.WriteString(line)
-		out.WriteByte('\n')
-	}
-	o.t.Logf("%s log (end, %s):\n%s", o.name, o.logPath, out.String())
+	o.t.Logf("%s log (end, %s):\n%s", o.name, o.logPath, tail)
 }
 
 // logCounter passes the operator's output to its log file and counts
@@ -229,7 +166,8 @@ type logCounter struct {
 	maxPrefix string
 }
 
-func (l *logCounter) setFile(f *os.File) {
+// SetFile sets the log file the output is passed to (nil: none).
+func (l *logCounter) SetFile(f *os.File) {
 	l.mu.Lock()
 	l.f = f
 	l.mu.Unlock()

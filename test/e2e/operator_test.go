@@ -9,15 +9,14 @@ import (
 	"fmt"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/kubetwin/kubetwin/internal/testutil/mosquitto"
+	"github.com/kubetwin/kubetwin/internal/testutil/operatorproc"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
 
@@ -67,9 +66,7 @@ type operator struct {
 	// readiness probe (secure operators refuse anonymous clients).
 	probeUser, probePassword string
 
-	mu        sync.Mutex
-	cmd       *exec.Cmd
-	exited    chan struct{}
+	proc      operatorproc.Proc
 	starts    int
 	everReady bool // ports are fixed once it has served
 }
@@ -164,66 +161,34 @@ func (o *operator) lastStartHitPortInUse() bool {
 }
 
 func (o *operator) startOnce() error {
-	o.mu.Lock()
-	if o.cmd != nil {
-		o.mu.Unlock()
+	if o.proc.Started() {
 		return errors.New("operator already running")
 	}
 	o.starts++
 	n := o.starts
-	f, err := os.OpenFile(o.logPath, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
+	args := o.args()
+	exited, err := o.proc.Start(operatorproc.Spec{
+		Bin:     managerBin,
+		Args:    args,
+		Env:     append(filteredEnv(), "KUBECONFIG="+kubeconfigPath),
+		LogPath: o.logPath,
+		Header:  fmt.Sprintf("===== e2e: operator start #%d at %s: %s %s\n", n, time.Now().Format(time.RFC3339Nano), managerBin, strings.Join(args, " ")),
+		Footer: func(err error) string {
+			return fmt.Sprintf("===== e2e: operator #%d exited at %s: %v\n", n, time.Now().Format(time.RFC3339Nano), err)
+		},
+	})
 	if err != nil {
-		o.mu.Unlock()
 		return err
 	}
-	fmt.Fprintf(f, "===== e2e: operator start #%d at %s: %s %s\n", n, time.Now().Format(time.RFC3339Nano), managerBin, strings.Join(o.args(), " "))
-	cmd := exec.Command(managerBin, o.args()...)
-	cmd.Env = append(filteredEnv(), "KUBECONFIG="+kubeconfigPath)
-	cmd.Stdout, cmd.Stderr = f, f
-	if err := cmd.Start(); err != nil {
-		_ = f.Close()
-		o.mu.Unlock()
-		return fmt.Errorf("starting %s: %w", managerBin, err)
-	}
-	exited := make(chan struct{})
-	o.cmd, o.exited = cmd, exited
-	o.mu.Unlock()
-	go func() {
-		err := cmd.Wait()
-		fmt.Fprintf(f, "===== e2e: operator #%d exited at %s: %v\n", n, time.Now().Format(time.RFC3339Nano), err)
-		_ = f.Close()
-		close(exited)
-	}()
 	return o.waitReady(exited)
 }
 
 // filteredEnv is the test's environment without what would point the
 // operator at another cluster.
-func filteredEnv() []string {
-	var out []string
-	for _, kv := range os.Environ() {
-		if strings.HasPrefix(kv, "KUBECONFIG=") || strings.HasPrefix(kv, "KUBERNETES_SERVICE_") {
-			continue
-		}
-		out = append(out, kv)
-	}
-	return out
-}
+func filteredEnv() []string { return operatorproc.Environ() }
 
 // running reports whether the process is running.
-func (o *operator) running() bool {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	if o.cmd == nil {
-		return false
-	}
-	select {
-	case <-o.exited:
-		return false
-	default:
-		return true
-	}
-}
+func (o *operator) running() bool { return o.proc.Running() }
 
 // stop sends SIGTERM and waits for a graceful exit.
 func (o *operator) stop() {
@@ -242,34 +207,15 @@ func (o *operator) kill() {
 // signalAndWait signals the process and waits for it; if it does not exit
 // within d it is killed and signalAndWait returns false.
 func (o *operator) signalAndWait(sig syscall.Signal, d time.Duration) bool {
-	o.mu.Lock()
-	cmd, exited := o.cmd, o.exited
-	o.cmd = nil
-	o.mu.Unlock()
-	if cmd == nil {
-		return true
-	}
-	_ = cmd.Process.Signal(sig)
-	select {
-	case <-exited:
-		return true
-	case <-time.After(d):
-		_ = cmd.Process.Kill()
-		<-exited
-		return false
-	}
+	return o.proc.SignalAndWait(sig, d)
 }
 
 // printLog logs the operator's output (the end of it, if it is long).
 func (o *operator) printLog() {
-	b, err := os.ReadFile(o.logPath)
+	b, err := operatorproc.LogTail(o.logPath, 256<<10, 0)
 	if err != nil {
 		o.t.Logf("operator log: %v", err)
 		return
-	}
-	const max = 256 << 10
-	if len(b) > max {
-		b = append([]byte(fmt.Sprintf("[... %d bytes cut ...]\n", len(b)-max)), b[len(b)-max:]...)
 	}
 	o.t.Logf("operator log (%s broker, namespace %s):\n%s", o.kind, o.namespace, b)
 }

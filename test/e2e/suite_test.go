@@ -1,14 +1,11 @@
 package e2e
 
 import (
-	"context"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"testing"
-	"time"
 
 	k8sruntime "k8s.io/apimachinery/pkg/runtime"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
@@ -17,6 +14,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/envtest"
 
 	"github.com/kubetwin/kubetwin/api/v1alpha1"
+	"github.com/kubetwin/kubetwin/internal/testutil/operatorproc"
 )
 
 // What the suite shares: the control plane, a kubeconfig for it, the built
@@ -80,7 +78,7 @@ func runSuite(m *testing.M) int {
 	deviceSimBin = filepath.Join(tmp, "device-sim")
 	pluginBin = filepath.Join(tmp, "kubectl-twin")
 	for _, b := range []struct{ out, pkg string }{{managerBin, "./cmd/manager"}, {deviceSimBin, "./cmd/device-sim"}, {pluginBin, "./cmd/kubectl-twin"}} {
-		if err := goBuild(b.out, b.pkg); err != nil {
+		if err := operatorproc.GoBuild(repoRoot, b.out, b.pkg); err != nil {
 			fmt.Fprintf(os.Stderr, "e2e: %v\n", err)
 			return 1
 		}
@@ -122,7 +120,7 @@ func runSuite(m *testing.M) int {
 		fmt.Fprintf(os.Stderr, "e2e: client: %v\n", err)
 		return 1
 	}
-	if err := waitForCRD(); err != nil {
+	if err := operatorproc.WaitForCRD(k8s); err != nil {
 		fmt.Fprintf(os.Stderr, "e2e: %v\n", err)
 		return 1
 	}
@@ -150,36 +148,4 @@ func findBinary(name string, more ...string) (string, error) {
 		}
 	}
 	return "", fmt.Errorf("%s is not installed (not in PATH)", name)
-}
-
-// goBuild builds a package of the module into out.
-func goBuild(out, pkg string) error {
-	goBin, err := exec.LookPath("go")
-	if err != nil {
-		goBin = filepath.Join(runtime.GOROOT(), "bin", "go") //nolint:staticcheck // fallback only
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, goBin, "build", "-o", out, pkg)
-	cmd.Dir = repoRoot
-	if b, err := cmd.CombinedOutput(); err != nil {
-		return fmt.Errorf("go build -o %s %s: %v\n%s", out, pkg, err, b)
-	}
-	return nil
-}
-
-// waitForCRD waits until the API server serves DeviceTwins.
-func waitForCRD() error {
-	deadline := time.Now().Add(60 * time.Second)
-	for {
-		var list v1alpha1.DeviceTwinList
-		err := k8s.List(context.Background(), &list)
-		if err == nil {
-			return nil
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("the API server does not serve DeviceTwins: %w", err)
-		}
-		time.Sleep(200 * time.Millisecond)
-	}
 }
