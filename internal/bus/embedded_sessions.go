@@ -300,10 +300,11 @@ func (e *Embedded) endSessionLocked(id string, cl *mqtt.Client, reason string) b
 	if !ok || cur != cl || !cl.Closed() || cl.IsTakenOver() {
 		return false // gone already, or resumed
 	}
+	// Counted first, so whoever sees the session gone sees it counted.
+	sessionsEnded.WithLabelValues(reason).Inc()
 	e.server.UnsubscribeClient(cl)
 	cl.ClearInflights()
 	e.server.Clients.Delete(id)
-	sessionsEnded.WithLabelValues(reason).Inc()
 	e.log.V(1).Info("ended persistent session", "clientID", truncateID(id), "reason", reason)
 	return true
 }
