@@ -34,7 +34,7 @@ var attacks = []struct {
 // legitimate devices (KUBETWIN_ABUSE_DEVICES, default 200), then checks
 // that every report the fleet had acknowledged is stored.
 func TestAbuse(t *testing.T) {
-	h := newHarness(t, envInt(t, "KUBETWIN_ABUSE_DEVICES", 200), reportInterval)
+	h := newHarness(t, envInt(t, "KUBETWIN_ABUSE_DEVICES", abuseDevices), reportInterval)
 	// The fleet alone first: the bounds hold without any attack.
 	h.attack(t, "0-baseline", func(t *testing.T, h *harness) {
 		time.Sleep(3 * reportInterval) // a measuring period, not synchronisation
@@ -47,8 +47,8 @@ func TestAbuse(t *testing.T) {
 		t.Logf("the fleet sent %d acknowledged and %d failed reports", ok, failed)
 		h.checkStored(t)
 	})
-	if rss := h.mon.max(&h.mon.rss, time.Time{}); rss > rssBound {
-		t.Errorf("guarantee broken: operator memory: VmRSS reached %s during the suite, over the %s bound", mib(rss), mib(rssBound))
+	if rss := h.mon.max(&h.mon.rss, time.Time{}); rss > h.rssBound {
+		t.Errorf("guarantee broken: operator memory: VmRSS reached %s during the suite, over the %s bound", mib(rss), mib(h.rssBound))
 	}
 }
 
@@ -93,6 +93,7 @@ func TestSoak(t *testing.T) {
 	}()
 	h.soakLine(start, start)
 	for round := 1; time.Since(start) < dur; round++ {
+		h.round = round // new request ids and values (harness.rid)
 		for _, a := range attacks {
 			if time.Since(start) >= dur {
 				break

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -187,7 +188,7 @@ func attackSlowConsumer(t *testing.T, h *harness) {
 		go func() {
 			defer wg.Done()
 			for rid := 0; time.Since(start) < flood; rid++ {
-				err := conns[i].send(publishPacket(protocol.GetTopic(id, fmt.Sprintf("g%d", rid)), nil, 1, false, nextID()), 200*time.Millisecond)
+				err := conns[i].send(publishPacket(protocol.GetTopic(id, h.rid(fmt.Sprintf("g%d", rid))), nil, 1, false, nextID()), 200*time.Millisecond)
 				var ne net.Error
 				if err != nil && !(errors.As(err, &ne) && ne.Timeout()) {
 					closedAfter[i] = time.Since(start)
@@ -233,19 +234,23 @@ func patchDesired(ns, name, desired string) error {
 // resend and is stored once.
 func attackRIDReuse(t *testing.T, h *harness) {
 	id, c := h.attacker(t, "rid", "", dialOptions{})
-	v1 := report(t, c, id, "r1", `{"temp":35}`)
-	v2 := report(t, c, id, "r1", `{"temp":36}`)
+	// r1 and r2 are new in every round (a soak round repeating the last
+	// one's r1 with {"temp":35} would make it a resend); each round starts
+	// from temp 38, so the values waited for are new too.
+	r1, r2 := h.rid("r1"), h.rid("r2")
+	v1 := report(t, c, id, r1, `{"temp":35}`)
+	v2 := report(t, c, id, r1, `{"temp":36}`)
 	if v2 <= v1 {
 		t.Errorf("a reused request id with a new payload was answered 204 with the old version %d (new %d): the report was dropped (bridge, item 3)", v1, v2)
 	}
 	h.waitReported(t, id, "temp", "36", "a report under a reused request id is stored")
-	v3 := report(t, c, id, "r1", `{"temp":36}`)
+	v3 := report(t, c, id, r1, `{"temp":36}`)
 	if v3 != v2 {
 		t.Errorf("a resend (same request id, same payload) was answered with version %d, want %d: resends must stay idempotent (bridge, item 3)", v3, v2)
 	}
 	// A device that restarts its counter: r1 again, after other ids.
-	report(t, c, id, "r2", `{"temp":37}`)
-	report(t, c, id, "r1", `{"temp":38}`)
+	report(t, c, id, r2, `{"temp":37}`)
+	report(t, c, id, r1, `{"temp":38}`)
 	h.waitReported(t, id, "temp", "38", "a report under a restarted request counter is stored")
 }
 
@@ -256,7 +261,7 @@ func attackOversized(t *testing.T, h *harness) {
 	id := h.devices(t, "big", 1, "")[0]
 	c := h.dialDevice(t, id, true, dialOptions{})
 	const size = 48 << 20
-	topic := protocol.ReportedTopic(id, "huge")
+	topic := protocol.ReportedTopic(id, h.rid("huge"))
 	hdr := append([]byte{pktPublish | 1<<1}, remainingLength(2+len(topic)+2+size)...)
 	hdr = appendString(hdr, topic)
 	hdr = append(hdr, 0, 1)
@@ -285,7 +290,7 @@ func attackOversized(t *testing.T, h *harness) {
 		over[fmt.Sprintf("k%d", i)] = strings.Repeat("y", 4000)
 	}
 	overJSON, _ := json.Marshal(over)
-	if r, err := request(c2, id2, protocol.KindReported, "o1", overJSON); err != nil || r.Status != protocol.StatusBadRequest {
+	if r, err := request(c2, id2, protocol.KindReported, h.rid("o1"), overJSON); err != nil || r.Status != protocol.StatusBadRequest {
 		t.Errorf("a %d-byte reported patch over the 32 KB twin rule: status %d (%s), %v; want 400", len(overJSON), r.Status, r.Error, err)
 	}
 	// The issue's 2.8 MB patch of null deletions (free by the size rule).
@@ -294,7 +299,7 @@ func attackOversized(t *testing.T, h *harness) {
 		nulls[fmt.Sprintf("deleted-key-%012d", i)] = nil
 	}
 	nullJSON, _ := json.Marshal(nulls)
-	r, err := request(c2, id2, protocol.KindReported, "o2", nullJSON)
+	r, err := request(c2, id2, protocol.KindReported, h.rid("o2"), nullJSON)
 	switch {
 	case err == nil && r.Status == protocol.StatusNoContent:
 		t.Errorf("a %d-byte reported patch of %d null deletions was stored: patches are not size-checked, null deletions are free (bridge/broker-limits, item 4)",
@@ -310,8 +315,9 @@ func attackOversized(t *testing.T, h *harness) {
 	if g, err := c3.subscribe(nextID(), protocol.ResponseFilter(id2), 1); err != nil || g > 2 {
 		t.Fatalf("SUBSCRIBE: %d, %v", g, err)
 	}
-	report(t, c3, id2, "after", `{"ok":1}`)
-	h.waitReported(t, id2, "ok", "1", "a report after oversized ones is stored")
+	// The round as the value: a soak round must store something new.
+	report(t, c3, id2, h.rid("after"), fmt.Sprintf(`{"ok":%d}`, h.round))
+	h.waitReported(t, id2, "ok", fmt.Sprint(h.round), "a report after oversized ones is stored")
 }
 
 // attackPresence: alternating presence messages must not pile up without
@@ -343,11 +349,14 @@ func attackPresence(t *testing.T, h *harness) {
 	}
 	defer func() { _ = d.Close() }()
 	rs := time.Now()
-	if _, err := d.Report(ctx, map[string]any{"after": "presence"}); err != nil {
+	// pkg/device makes its own request ids; the value names the round so
+	// that a soak round must store something new.
+	after := fmt.Sprintf("presence %d", h.round)
+	if _, err := d.Report(ctx, map[string]any{"after": after}); err != nil {
 		t.Fatalf("%s: a report after a presence flood failed: %v", id, err)
 	}
 	t.Logf("report after the flood acknowledged in %s", time.Since(rs).Round(time.Millisecond))
-	h.waitReported(t, id, "after", `"presence"`, "a report after a presence flood is stored")
+	h.waitReported(t, id, "after", strconv.Quote(after), "a report after a presence flood is stored")
 	// Over all devices: the flooding one's cap plus a couple per legitimate
 	// device.
 	bound := int64(maxPendingReports + 2*len(h.fleet.devs))
@@ -423,7 +432,7 @@ func attackMetadata(t *testing.T, h *harness) {
 	// tested: ~55 KB of JSON, 13.7 KB by the rule, ~6,900 $metadata nodes.
 	dev := metadataBomb(62, 110, 2)
 	t.Logf("device document: %d bytes of JSON, %d bytes by the size rule", len(dev), ruleSize(dev))
-	r, err := request(c, id, protocol.KindReported, "m1", dev)
+	r, err := request(c, id, protocol.KindReported, h.rid("m1"), dev)
 	if err != nil {
 		t.Fatalf("%s: %v", id, err)
 	}
@@ -433,7 +442,8 @@ func attackMetadata(t *testing.T, h *harness) {
 	} else if r.Status != protocol.StatusBadRequest {
 		t.Errorf("the $metadata amplification document answered %d (%s), want 400", r.Status, r.Error)
 	}
-	report(t, c, id, "m2", `{"after":"metadata"}`)
+	// "metadata" then "service": each round changes the value twice.
+	report(t, c, id, h.rid("m2"), `{"after":"metadata"}`)
 	h.waitReported(t, id, "after", `"metadata"`, "a report after a refused amplification document is stored")
 
 	// The issue's document: 31 KB by the rule, 213 KB as JSON, as desired
@@ -451,7 +461,7 @@ func attackMetadata(t *testing.T, h *harness) {
 	} else if status != 400 && status != 413 {
 		t.Errorf("the amplification document through the service API answered %d: %s; want 400", status, resp)
 	}
-	report(t, c, id, "m3", `{"after":"service"}`)
+	report(t, c, id, h.rid("m3"), `{"after":"service"}`)
 	h.waitReported(t, id, "after", `"service"`, "a report after a refused desired amplification is stored")
 }
 
@@ -491,18 +501,26 @@ func metadataBombTriple() []byte {
 func attackRetainedEmbedded(t *testing.T, h *harness) {
 	id, c := h.attacker(t, "retain", "", dialOptions{})
 	const n = 50
+	// New request ids and values every round. A soak round that repeated
+	// the last one's would send only resends, each answered at once with
+	// its old version and not applied: 100 responses at once to a client
+	// that reads only after sending, more than the broker keeps
+	// unacknowledged for it (--mqtt-max-session-queue, 64), so the last
+	// ones are dropped ("client store quota reached"), and the value
+	// waited for would be the last round's anyway.
+	first := (h.round - 1) * n
 	for k := 1; k <= n; k++ {
-		if err := c.send(publishPacket(protocol.GetTopic(id, fmt.Sprintf("g%d", k)), nil, 1, true, nextID()), 5*time.Second); err != nil {
+		if err := c.send(publishPacket(protocol.GetTopic(id, h.rid(fmt.Sprintf("g%d", k))), nil, 1, true, nextID()), 5*time.Second); err != nil {
 			t.Fatal(err)
 		}
-		if err := c.send(publishPacket(protocol.ReportedTopic(id, fmt.Sprintf("r%d", k)), []byte(fmt.Sprintf(`{"r":%d}`, k)), 1, true, nextID()), 5*time.Second); err != nil {
+		if err := c.send(publishPacket(protocol.ReportedTopic(id, h.rid(fmt.Sprintf("r%d", k))), []byte(fmt.Sprintf(`{"r":%d}`, first+k)), 1, true, nextID()), 5*time.Second); err != nil {
 			t.Fatal(err)
 		}
 	}
-	if _, err := awaitResponse(c, id, fmt.Sprintf("r%d", n), 30*time.Second); err != nil {
+	if _, err := awaitResponse(c, id, h.rid(fmt.Sprintf("r%d", n)), 30*time.Second); err != nil {
 		t.Fatalf("the last retained-flagged report got no response: %v", err)
 	}
-	h.waitReported(t, id, "r", fmt.Sprint(n), "reports sent with the retain flag are still served")
+	h.waitReported(t, id, "r", fmt.Sprint(first+n), "reports sent with the retain flag are still served")
 
 	// A client that subscribes later sees only the retained topics the
 	// protocol has: presence and desired.

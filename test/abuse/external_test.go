@@ -96,19 +96,20 @@ func attackRetainedExternal(t *testing.T, h *harness) {
 	}
 	waitObserved(t, x.ns, id)
 	c := x.device(t, id)
-	if err := c.send(publishPacket(protocol.ReportedTopic(id, "r1"), []byte(`{"v":1}`), 1, true, nextID()), 5*time.Second); err != nil {
+	r1 := h.rid("r1")
+	if err := c.send(publishPacket(protocol.ReportedTopic(id, r1), []byte(`{"v":1}`), 1, true, nextID()), 5*time.Second); err != nil {
 		t.Fatal(err)
 	}
-	if r, err := awaitResponse(c, id, "r1", 30*time.Second); err != nil || r.Status != protocol.StatusNoContent {
+	if r, err := awaitResponse(c, id, r1, 30*time.Second); err != nil || r.Status != protocol.StatusNoContent {
 		t.Fatalf("the retained-flagged report: %+v, %v", r, err)
 	}
-	report(t, c, id, "r2", `{"v":2}`)
+	report(t, c, id, h.rid("r2"), `{"v":2}`)
 
 	x.op.stop()
 	x.op.start()
 	// Mosquitto sends retained messages as the operator subscribes, so
 	// they come before this report.
-	report(t, c, id, "r3", `{"w":1}`)
+	report(t, c, id, h.rid("r3"), `{"w":1}`)
 	check := func() error {
 		r, err := x.reportedOf(id)
 		if err != nil {
@@ -137,7 +138,7 @@ func attackEscapes(t *testing.T, h *harness) {
 	}
 	waitObserved(t, x.ns, victim)
 	atk := x.device(t, spoof)
-	topic := protocol.Root + "/" + spoof + "/" + protocol.KindReported + "/x1"
+	topic := protocol.Root + "/" + spoof + "/" + protocol.KindReported + "/" + h.rid("x1")
 	if err := atk.send(publishPacket(topic, []byte(`{"owned":true}`), 1, false, nextID()), 5*time.Second); err != nil {
 		t.Fatal(err)
 	}
@@ -155,7 +156,7 @@ func attackEscapes(t *testing.T, h *harness) {
 	// The victim's own report goes through the same device's queue after
 	// the spoofed one (if the operator took it for dev1's).
 	dev := x.device(t, victim)
-	report(t, dev, victim, "s1", `{"seq":1}`)
+	report(t, dev, victim, h.rid("s1"), `{"seq":1}`)
 	for deadline := time.Now().Add(3 * time.Second); time.Now().Before(deadline); time.Sleep(200 * time.Millisecond) {
 		r, err := x.reportedOf(victim)
 		if err != nil {

@@ -32,16 +32,34 @@ import (
 // The bounds the suite holds the operator to while attacks run. They were
 // set from runs on a 2-core machine that also runs kube-apiserver and etcd
 // (and, in make test, other test packages): there, 200 devices reporting
-// every 2 s keep the operator at about 100 MiB resident, 35 MiB of heap.
+// every 2 s keep the operator at about 100-110 MiB resident, 35-40 MiB of
+// heap; TestSoak's 1,000 devices (every 10 s) at 270-290 MiB resident,
+// 135-170 MiB of heap between attacks.
 const (
-	// rssBound caps the operator's resident memory (VmRSS). The chart's
-	// limit is 512Mi; before the fixes three connections announcing 200 MiB
-	// packets took the heap past 600 MiB.
-	rssBound = 300 << 20
-	// heapBound caps the Go heap in use (go_memstats_heap_inuse_bytes): an
-	// allocation the kernel has not backed with pages yet is invisible in
-	// VmRSS but is one write away from it.
-	heapBound = 256 << 20
+	// abuseDevices is TestAbuse's default fleet, the size the memory
+	// bounds below are stated for.
+	abuseDevices = 200
+	// rssBoundAbuse caps the operator's resident memory (VmRSS) with
+	// abuseDevices devices; a fleet of n devices gets rssPerDevice more
+	// (or less) for each device over (under) that: rssBoundFor(n), 300 MiB
+	// for 200 devices, 500 MiB for the soak's 1,000. The per-device cost is
+	// measured: the fleet at rest takes 100-110 MiB with 200 devices and
+	// 270-290 MiB with 1,000, about 0.21-0.23 MiB a device; so every fleet
+	// size leaves the attacks the same ~200 MiB over the fleet's own.
+	// The chart's limit is 512Mi; before the fixes three connections
+	// announcing 200 MiB packets took the heap past 600 MiB.
+	rssBoundAbuse = 300 << 20
+	rssPerDevice  = 256 << 10
+	// heapBoundAbuse caps the Go heap in use (go_memstats_heap_inuse_bytes)
+	// with abuseDevices devices, heapPerDevice more (less) for each device
+	// over (under) that:
+	// heapBoundFor(n), 256 MiB for 200 devices, 381 MiB for 1,000 (the
+	// fleet's heap: 35-40 MiB with 200 devices, 135-170 MiB with 1,000,
+	// about 0.13-0.16 MiB a device). An allocation the kernel has not
+	// backed with pages yet is invisible in VmRSS but is one write away
+	// from it.
+	heapBoundAbuse = 256 << 20
+	heapPerDevice  = 160 << 10
 	// reportP99Bound is the p99 time from a legitimate device sending a
 	// reported patch to its 204, per attack.
 	// Measured on the 2-core machine: with no attack p50 15 ms and p99
@@ -84,6 +102,16 @@ const (
 	maxQueries = 8
 )
 
+// rssBoundFor is the VmRSS bound with a fleet of n legitimate devices.
+func rssBoundFor(n int) int64 {
+	return rssBoundAbuse + int64(n-abuseDevices)*rssPerDevice
+}
+
+// heapBoundFor is the Go heap bound with a fleet of n legitimate devices.
+func heapBoundFor(n int) int64 {
+	return heapBoundAbuse + int64(n-abuseDevices)*heapPerDevice
+}
+
 // wantFlags are flags the suite passes when the operator has them; the
 // attacks that need one fail while it is missing.
 var wantFlags = map[string]string{
@@ -108,9 +136,17 @@ type harness struct {
 	// or, for a fleet near it (all on 127.0.0.1, like devices behind one
 	// NAT), raised as the limits table advises.
 	perIPCap int
-	fleet    *fleet
-	mon      *monitor
-	keys     sync.Map // device id -> primary key
+	// rssBound and heapBound are the memory bounds for this fleet's size
+	// (rssBoundFor, heapBoundFor).
+	rssBound, heapBound int64
+	// round is TestSoak's round (1 in TestAbuse): attacks put it into
+	// their request ids (rid) and, where they wait for a value to be
+	// stored, into the value, so that a round does not repeat the last
+	// one's requests.
+	round int
+	fleet *fleet
+	mon   *monitor
+	keys  sync.Map // device id -> primary key
 }
 
 // newHarness starts an operator with the embedded broker on TLS, SAS
@@ -119,7 +155,7 @@ type harness struct {
 func newHarness(t *testing.T, n int, interval time.Duration) *harness {
 	t.Helper()
 	h := &harness{t: t, ns: newNamespace(t), tlsAddr: freeAddr(t), plainAddr: freeAddr(t), svcAddr: freeAddr(t),
-		interval: interval, perIPCap: defaultPerIPCap}
+		interval: interval, perIPCap: defaultPerIPCap, rssBound: rssBoundFor(n), heapBound: heapBoundFor(n), round: 1}
 	h.adminPW = randomHex(16)
 	pwFile := filepath.Join(t.TempDir(), "admin-password")
 	if err := os.WriteFile(pwFile, []byte(h.adminPW+"\n"), 0o600); err != nil {
@@ -152,6 +188,7 @@ func newHarness(t *testing.T, n int, interval time.Duration) *harness {
 		h.perIPCap = n + 1000
 		args = append(args, fmt.Sprintf("--mqtt-max-connections-per-ip=%d", h.perIPCap))
 	}
+	t.Logf("memory bounds for %d devices: VmRSS %s, Go heap in use %s", n, mib(h.rssBound), mib(h.heapBound))
 	h.op = newOperatorProc(t, "operator", true, args...)
 	h.op.probe = func() error { return probeGet(h.plainAddr, nil, "kubetwin-admin", h.adminPW) }
 	h.op.start()
@@ -192,6 +229,15 @@ func mapKeys[K comparable, V any](m map[K]V) func(func(K) bool) {
 		}
 	}
 }
+
+// rid is the request id an attack uses for base in this round. The
+// operator takes a request id it has seen with the same payload for a
+// resend: it answers it with the version it got then and applies nothing.
+// So a TestSoak round that repeated the last round's ids and payloads
+// would test nothing new (a report "stored" only because the last round
+// stored it) and fail where an attack expects a change. Within a round an
+// attack reuses ids as it means to (attackRIDReuse).
+func (h *harness) rid(base string) string { return fmt.Sprintf("%s.%d", base, h.round) }
 
 // requireFlag fails the test when the operator lacks a flag it needs.
 func (h *harness) requireFlag(t *testing.T, name, owner string) {

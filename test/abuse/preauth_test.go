@@ -141,7 +141,8 @@ func attackIPFlood(t *testing.T, h *harness) {
 		t.Cleanup(func() { _ = c.Close() })
 		conns = append(conns, c)
 		if i == h.perIPCap {
-			t.Logf("%d connections from %s open", len(conns), floodSource)
+			// TCP accepts them all; the broker closes those over the cap.
+			t.Logf("%d connections from %s dialed, the cap (--mqtt-max-connections-per-ip) is %d", len(conns), floodSource, h.perIPCap)
 		}
 	}
 	ids := h.devices(t, "flood", 1, "")
@@ -169,7 +170,7 @@ func probeDevice(h *harness, t *testing.T, id string) error {
 	if g, err := c.subscribe(1, protocol.ResponseFilter(id), 1); err != nil || g > 2 {
 		return fmt.Errorf("SUBSCRIBE: granted %d, %v", g, err)
 	}
-	r, err := request(c, id, protocol.KindGet, "p1", nil)
+	r, err := request(c, id, protocol.KindGet, h.rid("p1"), nil)
 	if err != nil {
 		return err
 	}
