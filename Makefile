@@ -29,7 +29,7 @@ help: ## Show the targets.
 
 .PHONY: manifests
 manifests: controller-gen ## Generate the CRD and RBAC manifests.
-	$(CONTROLLER_GEN) rbac:roleName=kubetwin-manager crd paths="./api/...;./controllers/...;./internal/webhook/...;./internal/hubapi/..." output:crd:artifacts:config=config/crd/bases output:rbac:artifacts:config=config/rbac
+	$(CONTROLLER_GEN) rbac:roleName=kubetwin-manager crd paths="./api/...;./controllers/...;./internal/webhook/...;./internal/certs/...;./internal/hubapi/..." output:crd:artifacts:config=config/crd/bases output:rbac:artifacts:config=config/rbac
 	hack/sync-chart-crds.sh
 
 .PHONY: generate

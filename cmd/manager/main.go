@@ -33,6 +33,7 @@ import (
 	"github.com/kubetwin/kubetwin/controllers"
 	"github.com/kubetwin/kubetwin/internal/bridge"
 	"github.com/kubetwin/kubetwin/internal/bus"
+	"github.com/kubetwin/kubetwin/internal/certs"
 	"github.com/kubetwin/kubetwin/internal/deviceauth"
 	"github.com/kubetwin/kubetwin/internal/operator"
 	"github.com/kubetwin/kubetwin/internal/ratelog"
@@ -356,8 +357,8 @@ func bindWebhookFlags(w *webhookOptions) {
 	flag.StringVar(&w.url, "webhook-url", "",
 		"Base URL (https://host:port) the API server should call instead of the Service, for an operator outside the cluster; the webhook configurations are pointed at it and its host goes into the certificate.")
 	flag.StringVar(&w.configName, "webhook-config-name", "kubetwin-admission", "Name of the ValidatingWebhookConfiguration and MutatingWebhookConfiguration to keep the caBundle of.")
-	flag.DurationVar(&w.certValidity, "webhook-cert-validity", webhook.DefaultCertValidity, "Lifetime of the serving certificate; it is replaced at 2/3 of it.")
-	flag.DurationVar(&w.caValidity, "webhook-ca-validity", webhook.DefaultCAValidity, "Lifetime of the webhook CA; it is replaced at 2/3 of it.")
+	flag.DurationVar(&w.certValidity, "webhook-cert-validity", certs.DefaultCertValidity, "Lifetime of the serving certificate; it is replaced at 2/3 of it.")
+	flag.DurationVar(&w.caValidity, "webhook-ca-validity", certs.DefaultCAValidity, "Lifetime of the webhook CA; it is replaced at 2/3 of it.")
 }
 
 // serviceNamespace is the webhook Service's namespace: the flag, else the
@@ -409,7 +410,7 @@ func setupWebhook(ctx context.Context, mgr ctrl.Manager, w webhookOptions) error
 	if err != nil {
 		return fmt.Errorf("creating the certificate client: %w", err)
 	}
-	cm, err := webhook.NewCertManager(co)
+	cm, err := certs.NewCertManager(co)
 	if err != nil {
 		return err
 	}
@@ -422,8 +423,8 @@ func setupWebhook(ctx context.Context, mgr ctrl.Manager, w webhookOptions) error
 }
 
 // certOptions derives the certificate manager's options from the flags.
-func certOptions(w webhookOptions) (webhook.CertOptions, error) {
-	co := webhook.CertOptions{
+func certOptions(w webhookOptions) (certs.CertOptions, error) {
+	co := certs.CertOptions{
 		SecretName:   w.secretName,
 		CertDir:      w.certDir,
 		ConfigName:   w.configName,

@@ -20,11 +20,11 @@ import (
 	"github.com/kubetwin/kubetwin/controllers"
 	"github.com/kubetwin/kubetwin/internal/bridge"
 	"github.com/kubetwin/kubetwin/internal/bus"
+	"github.com/kubetwin/kubetwin/internal/certs"
 	"github.com/kubetwin/kubetwin/internal/deviceauth"
 	"github.com/kubetwin/kubetwin/internal/dynsec"
 	"github.com/kubetwin/kubetwin/internal/operator"
 	"github.com/kubetwin/kubetwin/internal/ratelog"
-	"github.com/kubetwin/kubetwin/internal/webhook"
 )
 
 // Values of --device-auth.
@@ -244,7 +244,7 @@ func (h *hubTLS) get(ctx context.Context, mgr ctrl.Manager, o options) (*tls.Con
 // memory (no writable filesystem needed).
 func setupHubTLS(ctx context.Context, mgr ctrl.Manager, o options) (*tls.Config, error) {
 	if o.mqtt.certFile == "" {
-		co := webhook.CertOptions{
+		co := certs.CertOptions{
 			Purpose:         "mqtt",
 			SecretName:      o.mqtt.secretName,
 			SecretNamespace: mqttSecretNamespace(o.mqtt),
@@ -257,7 +257,7 @@ func setupHubTLS(ctx context.Context, mgr ctrl.Manager, o options) (*tls.Config,
 		if co.Client, err = client.New(mgr.GetConfig(), client.Options{Scheme: mgr.GetScheme()}); err != nil {
 			return nil, fmt.Errorf("creating the certificate client: %w", err)
 		}
-		cm, err := webhook.NewCertManager(co)
+		cm, err := certs.NewCertManager(co)
 		if err != nil {
 			return nil, err
 		}
@@ -317,7 +317,7 @@ func containsFold(l []string, s string) bool {
 
 // syncCertificate issues a certificate manager's certificate before the
 // manager starts (its server needs it to start), retrying for a while.
-func syncCertificate(ctx context.Context, cm *webhook.CertManager, what string) error {
+func syncCertificate(ctx context.Context, cm *certs.CertManager, what string) error {
 	return operator.RetryStartup(ctx, "issuing "+what, func() error {
 		_, err := cm.Sync(ctx)
 		return err

@@ -22,6 +22,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	"github.com/kubetwin/kubetwin/api/v1alpha1"
+	ktcerts "github.com/kubetwin/kubetwin/internal/certs"
 	"github.com/kubetwin/kubetwin/internal/twin/twintest"
 	"github.com/kubetwin/kubetwin/internal/webhook"
 )
@@ -353,7 +354,7 @@ func TestCABundleInjected(t *testing.T) {
 	ctx := context.Background()
 	g := NewWithT(t)
 
-	bundle := certSecretData(t)[webhook.CABundleKey]
+	bundle := certSecretData(t)[ktcerts.CABundleKey]
 	v := &admissionregistrationv1.ValidatingWebhookConfiguration{}
 	g.Expect(k8s.Get(ctx, client.ObjectKey{Name: configName}, v)).To(Succeed())
 	m := &admissionregistrationv1.MutatingWebhookConfiguration{}

@@ -28,6 +28,7 @@ import (
 	crwebhook "sigs.k8s.io/controller-runtime/pkg/webhook"
 
 	"github.com/kubetwin/kubetwin/api/v1alpha1"
+	ktcerts "github.com/kubetwin/kubetwin/internal/certs"
 	"github.com/kubetwin/kubetwin/internal/webhook"
 )
 
@@ -41,7 +42,7 @@ var (
 	env        *envtest.Environment
 	restConfig *rest.Config
 	k8s        client.Client
-	certs      *webhook.CertManager
+	certs      *ktcerts.CertManager
 	certClock  *clocktesting.FakeClock
 	webhookURL string // https://127.0.0.1:port
 	servingHP  string // 127.0.0.1:port
@@ -127,7 +128,7 @@ func setup() (int, func()) {
 	// validity with the real time, so tests only step it within the
 	// certificates' hour of backdating.
 	certClock = clocktesting.NewFakeClock(time.Now())
-	certs, err = webhook.NewCertManager(webhook.CertOptions{
+	certs, err = ktcerts.NewCertManager(ktcerts.CertOptions{
 		Client: k8s, SecretNamespace: certNS, SecretName: certSecret, CertDir: certDir,
 		Hosts: []string{"127.0.0.1", "localhost"}, ConfigName: configName, URL: webhookURL,
 		CertValidity: 90 * time.Minute, Resync: time.Hour, Clock: certClock,
@@ -209,7 +210,7 @@ func servedCertificate() (*x509.Certificate, error) {
 		return nil, err
 	}
 	pool := x509.NewCertPool()
-	if !pool.AppendCertsFromPEM(s.Data[webhook.CABundleKey]) {
+	if !pool.AppendCertsFromPEM(s.Data[ktcerts.CABundleKey]) {
 		return nil, errors.New("no CA in the Secret")
 	}
 	d := &net.Dialer{Timeout: 5 * time.Second}

@@ -1,5 +1,4 @@
-// Package webhook holds the DeviceTwin admission webhooks and the
-// certificates they are served with.
+// Package webhook holds the DeviceTwin admission webhooks.
 //
 // The validating webhook refuses a DeviceTwin whose spec.tags or
 // spec.desired break the twin rules (package twin, the same checks and
@@ -25,8 +24,8 @@
 // it is unset (and the name is a valid device id). See docs/admission.md
 // for the failure policy and for how this plays with server-side apply.
 //
-// [CertManager] issues and rotates the serving certificate and keeps the
-// caBundle of the webhook configurations current.
+// The CertManager of package internal/certs issues and rotates the serving
+// certificate and keeps the caBundle of the webhook configurations current.
 package webhook
 
 import (

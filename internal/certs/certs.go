@@ -1,4 +1,8 @@
-package webhook
+// Package certs issues and rotates the operator's own TLS certificates
+// without cert-manager: a CA and a serving certificate kept in a Secret,
+// for the admission webhook and for the hub (embedded broker and service
+// API). See [CertManager].
+package certs
 
 import (
 	"bytes"

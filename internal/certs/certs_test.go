@@ -1,4 +1,4 @@
-package webhook
+package certs
 
 import (
 	"context"
@@ -28,6 +28,10 @@ const (
 	testSecret = "kubetwin-webhook-server-cert"
 	testConfig = "kubetwin-admission"
 	day        = 24 * time.Hour
+	// The webhook paths as config/webhook has them; the manager keeps
+	// whatever path a configuration names.
+	validatePath = "/validate-kubetwin-io-v1alpha1-devicetwin"
+	defaultPath  = "/mutate-kubetwin-io-v1alpha1-devicetwin"
 )
 
 var (
@@ -45,11 +49,11 @@ func webhookConfigs() []client.Object {
 	return []client.Object{
 		&admissionregistrationv1.ValidatingWebhookConfiguration{
 			ObjectMeta: metav1.ObjectMeta{Name: testConfig},
-			Webhooks:   []admissionregistrationv1.ValidatingWebhook{{Name: "validate.devicetwins.kubetwin.io", ClientConfig: cc(ValidatePath)}},
+			Webhooks:   []admissionregistrationv1.ValidatingWebhook{{Name: "validate.devicetwins.kubetwin.io", ClientConfig: cc(validatePath)}},
 		},
 		&admissionregistrationv1.MutatingWebhookConfiguration{
 			ObjectMeta: metav1.ObjectMeta{Name: testConfig},
-			Webhooks:   []admissionregistrationv1.MutatingWebhook{{Name: "default.devicetwins.kubetwin.io", ClientConfig: cc(DefaultPath)}},
+			Webhooks:   []admissionregistrationv1.MutatingWebhook{{Name: "default.devicetwins.kubetwin.io", ClientConfig: cc(defaultPath)}},
 		},
 	}
 }
@@ -432,22 +436,22 @@ func TestCertManagerInjectsURLAndRestoresCABundle(t *testing.T) {
 	f := newFixture(t, c, clocktesting.NewFakeClock(t0), func(o *CertOptions) { o.URL = "https://127.0.0.1:9443/" })
 	f.sync()
 	v, mu := f.configs()
-	if u := v.Webhooks[0].ClientConfig.URL; u == nil || *u != "https://127.0.0.1:9443"+ValidatePath || v.Webhooks[0].ClientConfig.Service != nil {
+	if u := v.Webhooks[0].ClientConfig.URL; u == nil || *u != "https://127.0.0.1:9443"+validatePath || v.Webhooks[0].ClientConfig.Service != nil {
 		t.Errorf("validating client config = %+v", v.Webhooks[0].ClientConfig)
 	}
-	if u := mu.Webhooks[0].ClientConfig.URL; u == nil || *u != "https://127.0.0.1:9443"+DefaultPath {
+	if u := mu.Webhooks[0].ClientConfig.URL; u == nil || *u != "https://127.0.0.1:9443"+defaultPath {
 		t.Errorf("mutating client config = %+v", mu.Webhooks[0].ClientConfig)
 	}
 
 	// envtest writes URLs with a doubled slash; they are normalised.
-	mu.Webhooks[0].ClientConfig.URL = ptr.To("https://127.0.0.1:1234/" + DefaultPath)
+	mu.Webhooks[0].ClientConfig.URL = ptr.To("https://127.0.0.1:1234/" + defaultPath)
 	mu.Webhooks[0].ClientConfig.CABundle = []byte("someone else's CA")
 	if err := c.Update(context.Background(), mu); err != nil {
 		t.Fatal(err)
 	}
 	f.sync()
 	_, mu = f.configs()
-	if u := mu.Webhooks[0].ClientConfig.URL; *u != "https://127.0.0.1:9443"+DefaultPath {
+	if u := mu.Webhooks[0].ClientConfig.URL; *u != "https://127.0.0.1:9443"+defaultPath {
 		t.Errorf("url = %s", *u)
 	}
 	if string(mu.Webhooks[0].ClientConfig.CABundle) != string(f.secret().Data[CABundleKey]) {
