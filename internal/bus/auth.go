@@ -56,6 +56,9 @@ const (
 	ReasonBadSignature = "bad_signature"
 	// ReasonExpired: the token has expired (at CONNECT, or while connected).
 	ReasonExpired = "expired_token"
+	// ReasonTokenLifetime: the token expires further ahead than the
+	// operator allows (--max-sas-token-lifetime).
+	ReasonTokenLifetime = "token_lifetime_too_long"
 	// ReasonBadAdminPassword: the admin username with a wrong password.
 	ReasonBadAdminPassword = "bad_admin_password"
 	// ReasonReservedClientID: the client id of mochi's in-process client,

@@ -159,6 +159,7 @@ type Embedded struct {
 	pending      map[*mqtt.Client]*deviceConn // connections that published QoS 1 messages
 	sessions     map[*mqtt.Client]*session    // what each authenticated connection may do
 	lostSessions map[*mqtt.Client]struct{}    // clean=false connections whose session the broker lacked
+	authing      authWindow                   // connections not yet registered in conns (embedded_auth.go)
 
 	// iothubRequests are the requests that arrived in the IoT Hub dialect
 	// and wait for their response (see embedded_iothub.go).
@@ -542,14 +543,25 @@ func (e *Embedded) disconnect(cl *mqtt.Client, code packets.Code, cause error) {
 	cl.Stop(cause)
 }
 
-// online records cl as the live connection of its client id and reports it.
+// online records cl as the live connection of its client id and reports
+// it, or ends it if Recheck refused its credentials since it was
+// authenticated (see authWindow).
 func (e *Embedded) online(cl *mqtt.Client) {
+	if h := e.authing.beforeRegister; h != nil {
+		h(cl.ID)
+	}
 	e.mu.Lock()
-	defer e.mu.Unlock()
-	e.conns[cl.ID] = cl
-	e.startExpiryLocked(cl)
-	if e.presence != nil {
-		e.presence(cl.ID, true, time.Now())
+	why := e.registerLocked(cl)
+	if why == nil {
+		e.conns[cl.ID] = cl
+		e.startExpiryLocked(cl)
+		if e.presence != nil {
+			e.presence(cl.ID, true, time.Now())
+		}
+	}
+	e.mu.Unlock()
+	if why != nil {
+		e.refuseRegistered(cl, why)
 	}
 }
 

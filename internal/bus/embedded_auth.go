@@ -24,6 +24,68 @@ type session struct {
 	expiry   *time.Timer // disconnects the client when its credential expires
 }
 
+// authWindow holds the connections between the start of their
+// authentication and their registration as the live connection of their
+// client id (online), where Recheck cannot find them in conns. Recheck
+// checks them too, so that a device disabled or re-keyed in that window
+// is refused or disconnected instead of keeping its access until its
+// token expires. Guarded by Embedded.mu.
+type authWindow struct {
+	pending map[string]map[*mqtt.Client]*pendingAuth // by client id
+	// Test hooks, run without the lock: after the Authenticator returned,
+	// and before registration.
+	afterAuthenticate, beforeRegister func(clientID string)
+}
+
+// pendingAuth is one connection in the authWindow.
+type pendingAuth struct {
+	cl       *mqtt.Client
+	username string
+	password []byte
+	// admin is known once the Authenticator granted it: administrators
+	// are not devices, whatever their client id.
+	admin bool
+	// refused is what Recheck found wrong with the credentials; the
+	// CONNECT is refused, or the connection ended at registration.
+	refused error
+	// registered: online has run, so Recheck ends the connection itself.
+	registered bool
+}
+
+func (w *authWindow) add(p *pendingAuth) {
+	if w.pending == nil {
+		w.pending = map[string]map[*mqtt.Client]*pendingAuth{}
+	}
+	m := w.pending[p.cl.ID]
+	if m == nil {
+		m = map[*mqtt.Client]*pendingAuth{}
+		w.pending[p.cl.ID] = m
+	}
+	m[p.cl] = p
+}
+
+func (w *authWindow) remove(cl *mqtt.Client) *pendingAuth {
+	m := w.pending[cl.ID]
+	p := m[cl]
+	delete(m, cl)
+	if len(m) == 0 {
+		delete(w.pending, cl.ID)
+	}
+	return p
+}
+
+// of returns the connections of client id deviceID that may turn out to
+// be that device.
+func (w *authWindow) of(deviceID string) []*pendingAuth {
+	var out []*pendingAuth
+	for _, p := range w.pending[deviceID] {
+		if !p.admin {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
 // errRevoked is the stop cause of a connection the broker ended because
 // its credential stopped being valid.
 var errRevoked = errors.New("credential no longer valid")
@@ -35,16 +97,28 @@ func (e *Embedded) authenticate(cl *mqtt.Client, pk packets.Packet) bool {
 		return true
 	}
 	username := string(pk.Connect.Username)
+	p := &pendingAuth{cl: cl, username: username, password: append([]byte(nil), pk.Connect.Password...)}
+	e.mu.Lock()
+	e.authing.add(p)
+	e.mu.Unlock()
 	ctx, cancel := context.WithTimeout(context.Background(), authTimeout)
 	defer cancel()
 	g, err := e.auth.Authenticate(ctx, cl.ID, username, pk.Connect.Password)
+	if h := e.authing.afterAuthenticate; h != nil {
+		h(cl.ID)
+	}
+	e.mu.Lock()
+	if err == nil && !g.Admin && p.refused != nil {
+		err = p.refused // Recheck ran meanwhile and refused the credentials
+	}
 	if err != nil {
+		e.authing.remove(cl)
+		e.mu.Unlock()
 		e.refuseConnect(cl, username, err)
 		return false
 	}
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	e.sessions[cl] = &session{grant: g, username: username, password: append([]byte(nil), pk.Connect.Password...)}
+	p.admin = g.Admin
+	e.sessions[cl] = &session{grant: g, username: username, password: p.password}
 	// A connection whose CONNACK could not be written never reaches
 	// OnDisconnect; drop such sessions now and then.
 	if len(e.sessions) > 2*len(e.conns)+1024 {
@@ -54,6 +128,7 @@ func (e *Embedded) authenticate(cl *mqtt.Client, pk packets.Packet) bool {
 			}
 		}
 	}
+	e.mu.Unlock()
 	e.log.V(1).Info("authenticated client", "clientID", cl.ID, "deviceID", g.DeviceID, "admin", g.Admin, "expires", g.Expires, "remote", cl.Net.Remote)
 	return true
 }
@@ -137,6 +212,56 @@ func (e *Embedded) dropSessionLocked(cl *mqtt.Client) {
 		s.expiry.Stop()
 	}
 	delete(e.sessions, cl)
+	e.authing.remove(cl)
+}
+
+// registerLocked takes cl out of the authWindow as online registers it,
+// and returns why Recheck refused its credentials meanwhile, if it did.
+// e.mu is held.
+func (e *Embedded) registerLocked(cl *mqtt.Client) error {
+	p := e.authing.remove(cl)
+	if p == nil {
+		return nil
+	}
+	p.registered = true
+	if p.admin {
+		return nil
+	}
+	return p.refused
+}
+
+// refuseRegistered ends the connection of cl, refused by Recheck between
+// its authentication and its registration.
+func (e *Embedded) refuseRegistered(cl *mqtt.Client, why error) {
+	if deviceRemoved(why) {
+		e.endDeviceSession(cl.ID, cl, why)
+		return
+	}
+	e.revoke(cl, why)
+}
+
+// recheckPending runs check on a connection of the authWindow and records
+// a refusal for authenticate or online to act on, or acts on it itself
+// when online has run meanwhile.
+func (e *Embedded) recheckPending(deviceID string, p *pendingAuth, check func(username string, password []byte) error) error {
+	err := check(p.username, p.password)
+	if err == nil {
+		return nil
+	}
+	var r *Refusal
+	if !errors.As(err, &r) {
+		return fmt.Errorf("checking the credential of device %q again: %w", deviceID, err)
+	}
+	e.mu.Lock()
+	registered, admin := p.registered, p.admin
+	if !registered {
+		p.refused = err
+	}
+	e.mu.Unlock()
+	if registered && !admin {
+		e.refuseRegistered(p.cl, err)
+	}
+	return nil
 }
 
 // revoke disconnects cl, whose credential is no longer valid, unless it
@@ -162,9 +287,21 @@ func (e *Embedded) revoke(cl *mqtt.Client, why error) {
 // connected with). The operator calls it whenever a device's twin or keys
 // may have changed. Another error from check leaves the device connected
 // and is returned.
+//
+// A connection of deviceID that is being authenticated, or is
+// authenticated but not yet registered, is checked too: a refusal refuses
+// its CONNECT, or ends it as it is registered.
 func (e *Embedded) Recheck(deviceID string, check func(username string, password []byte) error) error {
 	if e.auth == nil {
 		return nil
+	}
+	e.mu.Lock()
+	pending := e.authing.of(deviceID)
+	e.mu.Unlock()
+	for _, p := range pending {
+		if err := e.recheckPending(deviceID, p, check); err != nil {
+			return err
+		}
 	}
 	e.mu.Lock()
 	cl := e.conns[deviceID]

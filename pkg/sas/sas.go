@@ -158,19 +158,78 @@ func (t Token) Verify(key []byte) bool {
 func (t Token) Expired(now time.Time) bool { return !now.Before(t.Expiry) }
 
 // DeviceOf splits a device token's resource "<host>/devices/<id>" into the
-// host and the device id. A device id that the signer URL-encoded once
-// more (some SDKs do) is decoded.
+// host and the device id as the resource names it: sr decoded once, as it
+// is signed the documented way (the URL-encoded "<host>/devices/<id>").
+// Some SDKs URL-encode the id once more before that; ForDevice accepts
+// both forms for a known device id, which DeviceOf alone cannot tell apart
+// (the id "a%2Bb" is also "a+b" encoded once more).
 func (t Token) DeviceOf() (host, deviceID string, err error) {
 	host, id, ok := strings.Cut(t.Resource, "/devices/")
 	if !ok || host == "" || id == "" || strings.Contains(id, "/") {
 		return "", "", fmt.Errorf("SAS token: resource %q is not <host>/devices/<device id>", clip(t.Resource))
 	}
-	if strings.Contains(id, "%") {
-		if dec, err := url.PathUnescape(id); err == nil {
-			id = dec
-		}
-	}
 	return host, id, nil
+}
+
+// ForDevice reports whether the token's resource names the device
+// deviceID: the id as DeviceOf returns it, or that id URL-encoded once
+// more. An escape of a character that no encoder escapes (a letter, a
+// digit, "-", ".", "_", "~") is not an encoding, so a token for the device
+// "a%41" never counts as one for "aA".
+func (t Token) ForDevice(deviceID string) bool {
+	_, id, err := t.DeviceOf()
+	switch {
+	case err != nil:
+		return false
+	case id == deviceID:
+		return true
+	case !strings.Contains(id, "%") || !escapesOnlyReserved(id):
+		return false
+	}
+	dec, err := url.PathUnescape(id)
+	return err == nil && dec == deviceID
+}
+
+// escapesOnlyReserved reports whether every %XX escape in s stands for a
+// character outside RFC 3986's unreserved set.
+func escapesOnlyReserved(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if s[i] != '%' {
+			continue
+		}
+		if i+2 >= len(s) {
+			return false
+		}
+		b, err := strconv.ParseUint(s[i+1:i+3], 16, 8)
+		if err != nil || unreserved(byte(b)) {
+			return false
+		}
+		i += 2
+	}
+	return true
+}
+
+func unreserved(c byte) bool {
+	return 'a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || c == '-' || c == '.' || c == '_' || c == '~'
+}
+
+// DefaultMaxLifetime is the default bound on how far in the future a
+// token's expiry may be (kubetwin's --max-sas-token-lifetime).
+const DefaultMaxLifetime = 365 * 24 * time.Hour
+
+// ErrLifetimeTooLong is the error of CheckLifetime.
+var ErrLifetimeTooLong = errors.New("SAS token lifetime too long")
+
+// CheckLifetime returns an error wrapping ErrLifetimeTooLong when the
+// token expires more than max after now; max <= 0 sets no bound. A token
+// that long-lived is as good as the key for years: whoever holds a copy
+// keeps access after a rotation would have been due.
+func (t Token) CheckLifetime(now time.Time, max time.Duration) error {
+	if max <= 0 || !t.Expiry.After(now.Add(max)) {
+		return nil
+	}
+	return fmt.Errorf("%w: it expires at %s, %s from now, more than the %s allowed",
+		ErrLifetimeTooLong, t.Expiry.UTC().Format(time.RFC3339), t.Expiry.Sub(now).Round(time.Second), max)
 }
 
 // NewKey returns a new random symmetric key of KeyBytes bytes, base64-encoded.
