@@ -11,8 +11,9 @@
 //	password:  SharedAccessSignature sr=<hub host>%2Fdevices%2F<device id>&sig=...&se=...
 //
 // and is accepted when the token is signed with its primary or secondary
-// key, has not expired, names this hub and this device, and the device's
-// twin exists and is enabled. See docs/security.md.
+// key, has not expired, does not expire further ahead than
+// MaxTokenLifetime, names this hub and this device (sas.Token.ForDevice),
+// and the device's twin exists and is enabled. See docs/security.md.
 package deviceauth
 
 import (
@@ -83,6 +84,9 @@ type Authenticator struct {
 	// AdminPassword, when set, lets a client with username AdminUsername
 	// and this password connect with any client id and use every topic.
 	AdminPassword string
+	// MaxTokenLifetime refuses a token whose expiry is further than this
+	// from now (--max-sas-token-lifetime); zero sets no bound.
+	MaxTokenLifetime time.Duration
 	// Now is the clock (default time.Now).
 	Now func() time.Time
 }
@@ -136,7 +140,7 @@ func (a *Authenticator) parse(clientID, username string, password []byte) (sas.T
 	if err != nil {
 		return sas.Token{}, bus.Refuse(bus.ReasonBadToken, err.Error())
 	}
-	if id != clientID {
+	if !tok.ForDevice(clientID) {
 		return sas.Token{}, bus.Refuse(bus.ReasonWrongDevice, fmt.Sprintf("the token is for device %q, the client id is %q", id, clientID))
 	}
 	if !sameHost(host, a.HubHostname) {
@@ -168,6 +172,9 @@ func (a *Authenticator) check(d Device, tok sas.Token) (bus.Grant, error) {
 	}
 	if tok.Expired(now()) {
 		return bus.Grant{}, bus.Refuse(bus.ReasonExpired, "the SAS token expired at "+tok.Expiry.UTC().Format(time.RFC3339))
+	}
+	if err := tok.CheckLifetime(now(), a.MaxTokenLifetime); err != nil {
+		return bus.Grant{}, bus.Refuse(bus.ReasonTokenLifetime, err.Error()+" (--max-sas-token-lifetime)")
 	}
 	return bus.Grant{DeviceID: d.ID, Expires: tok.Expiry}, nil
 }
