@@ -38,6 +38,7 @@ import (
 	"github.com/kubetwin/kubetwin/internal/operator"
 	"github.com/kubetwin/kubetwin/internal/ratelog"
 	"github.com/kubetwin/kubetwin/internal/webhook"
+	"github.com/kubetwin/kubetwin/pkg/sas"
 )
 
 var scheme = runtime.NewScheme()
@@ -68,7 +69,11 @@ type options struct {
 	deviceAuth      string
 	hubHostname     string
 	mosquittoDynsec bool
-	mqtt            mqttOptions
+	// maxTokenLifetime bounds how far ahead a SAS token's expiry may be
+	// (device tokens at the embedded broker, service tokens at the
+	// service API); 0: no bound.
+	maxTokenLifetime time.Duration
+	mqtt             mqttOptions
 
 	webhook webhookOptions
 	service serviceAPIOptions
@@ -134,6 +139,8 @@ func main() {
 		"The hub's host name: the HostName of the devices' connection strings (what devices connect to and sign their SAS tokens for) and a name in the embedded broker's TLS certificate.")
 	flag.BoolVar(&o.mosquittoDynsec, "mosquitto-dynsec", false,
 		"With --broker-url: provision every device (its credential and a role confining it to its topics) in Mosquitto's dynamic-security plugin; the --broker-username must have the plugin's admin role.")
+	flag.DurationVar(&o.maxTokenLifetime, "max-sas-token-lifetime", sas.DefaultMaxLifetime,
+		"Refuse a SAS token (a device's at the embedded broker, a service's at the service API) that expires further ahead than this; 0: no bound.")
 	bindMQTTFlags(&o.mqtt)
 	bindWebhookFlags(&o.webhook)
 	bindServiceAPIFlags(&o.service)
@@ -158,6 +165,9 @@ func run(ctx context.Context, o options) error {
 	}
 	if err := checkPendingFlags(o.pending); err != nil {
 		return err
+	}
+	if o.maxTokenLifetime < 0 {
+		return fmt.Errorf("--max-sas-token-lifetime must be 0 (no bound) or more, not %s", o.maxTokenLifetime)
 	}
 	o.hubTLS = &hubTLS{}
 	mgr, err := setupManager(o)

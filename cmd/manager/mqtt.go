@@ -162,7 +162,8 @@ func newAuthenticator(mgr ctrl.Manager, o options) (*deviceauth.Authenticator, e
 	if o.deviceAuth != deviceAuthSAS || o.brokerURL != "" {
 		return nil, nil
 	}
-	a := &deviceauth.Authenticator{HubHostname: o.hubHostname, Lookup: controllers.DeviceLookup(mgr.GetClient())}
+	a := &deviceauth.Authenticator{HubHostname: o.hubHostname, Lookup: controllers.DeviceLookup(mgr.GetClient()),
+		MaxTokenLifetime: o.maxTokenLifetime}
 	if f := o.mqtt.adminPasswordFile; f != "" {
 		pw, err := os.ReadFile(f)
 		if err != nil {
