@@ -70,6 +70,11 @@ const (
 	// ReasonSecretConflict: a Secret named <twin name>-device-key exists
 	// that this twin does not own; the operator leaves it alone.
 	ReasonSecretConflict = "SecretConflict"
+	// ReasonSecretRefNotAllowed: the Secret named in
+	// spec.authentication.secretRef may not give keys: it is owned by a
+	// DeviceTwin (another twin's key Secret) or lacks the label
+	// kubetwin.io/device-keys=true. No key is taken from it.
+	ReasonSecretRefNotAllowed = "SecretRefNotAllowed"
 	// ReasonProvisioningFailed: the broker could not be told about the
 	// device's keys or status (e.g. Mosquitto's dynamic-security plugin
 	// did not answer); the operator retries.
