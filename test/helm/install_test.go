@@ -92,7 +92,7 @@ func TestInstallDefaults(t *testing.T) {
 	rel := release{name: "kubetwin", namespace: "kubetwin-system", prefix: "kubetwin"}
 	objs := render(t, rel.name, rel.namespace)
 	wantKinds(t, objs, map[string]int{
-		"ServiceAccount": 1, "ClusterRole": 5, "ClusterRoleBinding": 2, "Role": 2, "RoleBinding": 2,
+		"ServiceAccount": 1, "ClusterRole": 5, "ClusterRoleBinding": 2, "Role": 3, "RoleBinding": 3,
 		"Service": 3, "Deployment": 1, "ValidatingWebhookConfiguration": 1, "MutatingWebhookConfiguration": 1,
 	})
 	createNamespace(t, rel.namespace)
@@ -180,7 +180,7 @@ func TestInstallExternalBrokerCertManager(t *testing.T) {
 	rel := release{name: "twins", namespace: "iot", prefix: "twins-kubetwin"}
 	objs := render(t, rel.name, rel.namespace, "-f", writeValues(t, externalValues))
 	wantKinds(t, objs, map[string]int{
-		"ServiceAccount": 1, "ClusterRole": 5, "ClusterRoleBinding": 2, "Role": 2, "RoleBinding": 2,
+		"ServiceAccount": 1, "ClusterRole": 5, "ClusterRoleBinding": 2, "Role": 3, "RoleBinding": 3,
 		"Service": 3, "Deployment": 1, "ValidatingWebhookConfiguration": 1, "MutatingWebhookConfiguration": 1,
 		"Certificate": 1, "Issuer": 1,
 	})
@@ -649,44 +649,22 @@ func normalizedRules(rules []rbacv1.PolicyRule) []string {
 // generated role (role.yaml) and the leader election role included.
 func checkRBACMatchesKustomize(t *testing.T, rel release) {
 	t.Helper()
-	b, err := os.ReadFile(filepath.Join(root, "config", "rbac", "role.yaml"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	var kCluster, kNamespaced []rbacv1.PolicyRule
-	for _, doc := range strings.Split(string(b), "\n---\n") {
-		var r struct {
-			Kind  string              `json:"kind"`
-			Rules []rbacv1.PolicyRule `json:"rules"`
-		}
-		if err := yaml.Unmarshal([]byte(doc), &r); err != nil {
-			t.Fatal(err)
-		}
-		switch r.Kind {
-		case "ClusterRole":
-			kCluster = r.Rules
-		case "Role":
-			kNamespaced = r.Rules
-		}
-	}
-	var leader struct {
-		Rules []rbacv1.PolicyRule `json:"rules"`
-	}
-	b, _ = os.ReadFile(filepath.Join(root, "config", "rbac", "leader_election_role.yaml"))
-	if err := yaml.Unmarshal(b, &leader); err != nil {
-		t.Fatal(err)
-	}
+	kCluster, kNamespaced := generatedRoles(t)
+	leader := kustomizeRole(t, "leader_election_role.yaml")
+	claims := kustomizeRole(t, "deviceidclaim_role.yaml")
 
 	cr := get(t, &rbacv1.ClusterRole{}, "", rel.prefix+"-manager")
 	r := get(t, &rbacv1.Role{}, rel.namespace, rel.prefix+"-manager")
 	le := get(t, &rbacv1.Role{}, rel.namespace, rel.prefix+"-leader-election")
+	cl := get(t, &rbacv1.Role{}, rel.namespace, rel.prefix+"-manager-claims")
 	for _, c := range []struct {
 		what      string
 		got, want []rbacv1.PolicyRule
 	}{
 		{"ClusterRole " + cr.Name, cr.Rules, kCluster},
 		{"Role " + r.Name, r.Rules, kNamespaced},
-		{"Role " + le.Name, le.Rules, leader.Rules},
+		{"Role " + le.Name, le.Rules, leader},
+		{"Role " + cl.Name, cl.Rules, claims},
 	} {
 		if g, w := normalizedRules(c.got), normalizedRules(c.want); !reflect.DeepEqual(g, w) {
 			t.Errorf("%s rules differ from config/rbac:\n got %v\nwant %v", c.what, g, w)
@@ -696,6 +674,7 @@ func checkRBACMatchesKustomize(t *testing.T, rel release) {
 		{"ClusterRoleBinding", "", rel.prefix + "-manager"},
 		{"RoleBinding", rel.namespace, rel.prefix + "-manager"},
 		{"RoleBinding", rel.namespace, rel.prefix + "-leader-election"},
+		{"RoleBinding", rel.namespace, rel.prefix + "-manager-claims"},
 	} {
 		var subjects []rbacv1.Subject
 		if rb.kind == "ClusterRoleBinding" {
@@ -708,6 +687,55 @@ func checkRBACMatchesKustomize(t *testing.T, rel release) {
 			t.Errorf("%s %s subjects %+v, want %+v", rb.kind, rb.name, subjects, want)
 		}
 	}
+}
+
+// generatedRoles returns the rules of config/rbac/role.yaml, generated from
+// the +kubebuilder:rbac markers: its ClusterRole and its Role.
+func generatedRoles(t *testing.T) (cluster, namespaced []rbacv1.PolicyRule) {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(root, "config", "rbac", "role.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, doc := range strings.Split(string(b), "\n---\n") {
+		var r struct {
+			Kind  string              `json:"kind"`
+			Rules []rbacv1.PolicyRule `json:"rules"`
+		}
+		if err := yaml.Unmarshal([]byte(doc), &r); err != nil {
+			t.Fatal(err)
+		}
+		switch r.Kind {
+		case "ClusterRole":
+			cluster = r.Rules
+		case "Role":
+			namespaced = r.Rules
+		}
+	}
+	return cluster, namespaced
+}
+
+// kustomizeRole returns the rules of the first Role in a file of config/rbac.
+func kustomizeRole(t *testing.T, file string) []rbacv1.PolicyRule {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(root, "config", "rbac", file))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, doc := range strings.Split(string(b), "\n---\n") {
+		var r struct {
+			Kind  string              `json:"kind"`
+			Rules []rbacv1.PolicyRule `json:"rules"`
+		}
+		if err := yaml.Unmarshal([]byte(doc), &r); err != nil {
+			t.Fatalf("config/rbac/%s: %v", file, err)
+		}
+		if r.Kind == "Role" {
+			return r.Rules
+		}
+	}
+	t.Fatalf("config/rbac/%s holds no Role", file)
+	return nil
 }
 
 // checkAccess asks the API server's authorizer what the operator's service
@@ -741,6 +769,11 @@ func checkAccess(t *testing.T, rel release, selfManaged bool) {
 		{"create", "", "secrets", "", rel.namespace, "", true},
 		{"get", "", "secrets", "", rel.namespace, rel.policies(), true},
 		{"update", "", "secrets", "", rel.namespace, rel.policies(), true},
+		// Device id claims: in the operator's own namespace only, in every mode.
+		{"create", "kubetwin.io", "deviceidclaims", "", rel.namespace, "", true},
+		{"delete", "kubetwin.io", "deviceidclaims", "", rel.namespace, "id-x", true},
+		{"list", "kubetwin.io", "deviceidclaims", "", "", "", false},
+		{"create", "kubetwin.io", "deviceidclaims", "", "devices", "", false},
 		// The certificate manager's rights, only when it runs.
 		{"update", "", "secrets", "", rel.namespace, rel.secret(), true},
 		{"update", "admissionregistration.k8s.io", "validatingwebhookconfigurations", "", "", rel.config(), selfManaged},
@@ -1139,6 +1172,10 @@ func dryRunApply(t *testing.T, rel release, objs []*unstructured.Unstructured) {
 	c := apiServer(t)
 	createNamespace(t, rel.namespace)
 	for _, o := range objs {
+		// The watched namespace must exist for its Role (helm install does not create it).
+		if ns := o.GetNamespace(); ns != "" && ns != rel.namespace {
+			createNamespace(t, ns)
+		}
 		if err := c.Apply(context.Background(), client.ApplyConfigurationFromUnstructured(o.DeepCopy()), testFieldOwner,
 			client.ForceOwnership, client.DryRunAll); err != nil {
 			t.Errorf("the API server refused %s %s: %v", o.GetKind(), o.GetName(), err)

@@ -197,6 +197,33 @@ HTTPS on 443, as IoT Hub has), else the service API Service's DNS name.
 {{- end }}
 
 {{/*
+The operator's rules on twins, their key Secrets and events: cluster-wide without watchNamespace (the ClusterRole),
+else a Role in that namespace. The same rules as config/rbac/role.yaml's ClusterRole but for the webhook
+configurations.
+*/}}
+{{- define "kubetwin.twinRules" }}
+- apiGroups: ["events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+# Device key Secrets (<twin>-device-key) in the twins' namespaces, and the Secrets spec.authentication.secretRef
+# names. RBAC cannot limit Secrets by label; the operator caches only those labelled kubetwin.io/device-keys=true.
+# No delete: a key Secret goes with its twin (owner reference, garbage collector).
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["create", "get", "list", "update", "watch"]
+# Twins; create and delete for the service API's device registry.
+- apiGroups: ["kubetwin.io"]
+  resources: ["devicetwins"]
+  verbs: ["create", "delete", "get", "list", "patch", "update", "watch"]
+- apiGroups: ["kubetwin.io"]
+  resources: ["devicetwins/finalizers"]
+  verbs: ["update"]
+- apiGroups: ["kubetwin.io"]
+  resources: ["devicetwins/status"]
+  verbs: ["get", "patch", "update"]
+{{- end }}
+
+{{/*
 Checks across values that the schema cannot express well; each fails with a message that says what to change.
 */}}
 {{- define "kubetwin.validate" -}}
