@@ -11,7 +11,6 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
-	"reflect"
 	"slices"
 	"strconv"
 	"strings"
@@ -41,12 +40,16 @@ const (
 // every DeviceTwin in the cache, one page at a time.
 //
 // Every page runs the query again (the server keeps no cursor), so the
-// continuation token says where the next page starts: for SELECT * the
-// position (device id, namespace, name) of the last twin returned, so
-// that twins created or deleted between pages neither shift nor repeat
-// the others; for projections and aggregates the offset of the next row.
-// The token is base64url-encoded JSON bound to the query (a hash of its
-// canonical text), and is opaque to clients.
+// continuation token says where the next page starts. Where each row
+// comes from one twin (SELECT *, projections) it is the position (device
+// id, namespace, name) of the last twin returned, so that twins created
+// or deleted between pages neither shift nor repeat the others. Rows of
+// GROUP BY are groups, with no position of their own: the token holds the
+// offset of the next row and a hash of the groups before it, and is
+// refused (400) once those groups have changed, rather than skip or
+// repeat some. The token is base64url-encoded JSON bound to the query (a
+// hash of its canonical text), and is opaque to clients; a token that
+// cannot be honoured gets 400 ArgumentInvalid, never a page.
 //
 // The plan's label selector narrows the twins rendered and evaluated: a
 // twin is skipped when its labels do not match the selector and the
@@ -82,7 +85,7 @@ func (h *Handler) query(ctx context.Context, req *request) (reply, *apiError) {
 	hash := queryHash(q)
 	var from *continuation
 	if tok := strings.TrimSpace(req.r.Header.Get(HeaderContinuation)); tok != "" {
-		if from, err = decodeContinuation(tok, hash, q.ItemType()); err != nil {
+		if from, err = decodeContinuation(tok, hash, q.PerTwin()); err != nil {
 			return reply{}, badRequest(HeaderContinuation + ": " + err.Error())
 		}
 	}
@@ -95,6 +98,9 @@ func (h *Handler) query(ctx context.Context, req *request) (reply, *apiError) {
 	p := newPage(size, h.opts.MaxQueryPageBytes)
 	next, err := h.runQuery(ctx, q, hash, from, p)
 	queryDuration.Observe(time.Since(start).Seconds())
+	if errors.Is(err, errStaleContinuation) {
+		return reply{}, badRequest(HeaderContinuation + ": " + err.Error())
+	}
 	if err != nil {
 		return reply{}, fromAPI("running the query", err)
 	}
@@ -212,8 +218,8 @@ func (h *Handler) runQuery(ctx context.Context, q *query.Query, hash string, fro
 	if err := h.opts.Reader.List(ctx, &list, client.UnsafeDisableDeepCopy); err != nil {
 		return "", err
 	}
-	// A device id that several twins claim is the oldest one's (see
-	// controllers.ResolveDeviceID): the others are not devices.
+	// A device id is its holder's (internal/deviceid): twins that only
+	// want it are not devices.
 	owners := deviceOwners(list.Items)
 	var twins []*v1alpha1.DeviceTwin
 	for i := range list.Items {
@@ -243,13 +249,12 @@ func (h *Handler) runQuery(ctx context.Context, q *query.Query, hash string, fro
 		cands = append(cands, candidate{key: twinKey{ID: deviceIDOf(doc), Namespace: t.Namespace, Name: t.Name}, doc: doc})
 	}
 	// Run orders by device id, keeping the given order among equal ids:
-	// give it the twins in key order so that order is total.
+	// give it the matching twins in key order, so that row i of a per-twin
+	// result is cands[i] (TOP only cuts the end).
 	slices.SortFunc(cands, func(a, b candidate) int { return a.key.compare(b.key) })
 	docs := make([]map[string]any, len(cands))
-	keyOf := make(map[uintptr]twinKey, len(cands))
 	for i, c := range cands {
 		docs[i] = c.doc
-		keyOf[reflect.ValueOf(c.doc).Pointer()] = c.key
 	}
 	res, err := q.Run(docs)
 	if err != nil {
@@ -259,16 +264,21 @@ func (h *Handler) runQuery(ctx context.Context, q *query.Query, hash string, fro
 
 	begin := 0
 	switch {
-	case res.ItemType == query.ItemTypeTwin && from != nil && from.After != nil:
-		// SELECT * returns the documents it was given, in key order.
-		begin, _ = slices.BinarySearchFunc(items, *from.After, func(it map[string]any, k twinKey) int {
-			if it := keyOf[reflect.ValueOf(it).Pointer()]; it.compare(k) <= 0 {
+	case from == nil:
+	case q.PerTwin():
+		begin, _ = slices.BinarySearchFunc(cands[:len(items)], *from.After, func(c candidate, after twinKey) int {
+			if c.key.compare(after) <= 0 {
 				return -1
 			}
 			return 1
 		})
-	case res.ItemType != query.ItemTypeTwin && from != nil:
-		begin = min(from.Offset, len(items))
+	default:
+		// Rows of groups have no key of their own: the token holds their
+		// offset, valid only while the groups before it are the same ones.
+		if from.Offset > len(items) || groupsHash(res.GroupKeys[:from.Offset]) != from.Groups {
+			return "", errStaleContinuation
+		}
+		begin = from.Offset
 	}
 	end := begin
 	for end < len(items) {
@@ -284,11 +294,28 @@ func (h *Handler) runQuery(ctx context.Context, q *query.Query, hash string, fro
 	switch {
 	case end == len(items):
 		return "", nil
-	case res.ItemType == query.ItemTypeTwin:
-		last := keyOf[reflect.ValueOf(items[end-1]).Pointer()]
+	case q.PerTwin():
+		last := cands[end-1].key
 		return (&continuation{V: continuationVersion, Query: hash, After: &last}).encode(), nil
 	}
-	return (&continuation{V: continuationVersion, Query: hash, Offset: end}).encode(), nil
+	return (&continuation{V: continuationVersion, Query: hash, Offset: end, Groups: groupsHash(res.GroupKeys[:end])}).encode(), nil
+}
+
+// errStaleContinuation: a GROUP BY token whose groups have changed since
+// the page that issued it. Going on would skip or repeat groups.
+var errStaleContinuation = errors.New("the groups of this query have changed since the previous page " +
+	"(a twin joined, left or changed group): run the query again from the first page")
+
+// groupsHash identifies a sequence of group keys.
+func groupsHash(keys []string) string {
+	h := sha256.New()
+	for _, k := range keys {
+		// Length-prefixed, so that no two sequences write the same bytes.
+		h.Write(strconv.AppendInt(nil, int64(len(k)), 10))
+		h.Write([]byte{':'})
+		h.Write([]byte(k))
+	}
+	return hex.EncodeToString(h.Sum(nil)[:8])
 }
 
 // starPage answers one page of SELECT * without TOP, whose result is the
@@ -352,17 +379,22 @@ func deviceIDOf(doc map[string]any) string {
 }
 
 // continuationVersion is the format version of continuation tokens.
-const continuationVersion = 1
+// Version 1 used offsets for projections, which skip or repeat rows when
+// twins come and go between pages; its tokens are refused.
+const continuationVersion = 2
 
 // continuation is the content of a continuation token.
 type continuation struct {
 	V int `json:"v"`
 	// Query is the hash of the query the token belongs to.
 	Query string `json:"q"`
-	// After is the position of the last twin returned (SELECT *).
+	// After is the position of the last twin returned, for results with a
+	// row per twin (SELECT *, projections).
 	After *twinKey `json:"a,omitempty"`
-	// Offset is the index of the next row (projections and aggregates).
+	// Offset is the index of the next row, for rows of groups (GROUP BY).
 	Offset int `json:"o,omitempty"`
+	// Groups is the groupsHash of the rows before Offset.
+	Groups string `json:"g,omitempty"`
 }
 
 func (c *continuation) encode() string {
@@ -370,22 +402,30 @@ func (c *continuation) encode() string {
 	return base64.RawURLEncoding.EncodeToString(b)
 }
 
+// errNotOurToken: a token that is malformed, of another query or of
+// another version.
+var errNotOurToken = errors.New("not a continuation token of this query: " +
+	"send back the token of the previous page's reply with the same query")
+
 // decodeContinuation parses a token and checks that it belongs to the
-// query (its hash) and to its item type.
-func decodeContinuation(tok, hash, itemType string) (*continuation, error) {
-	bad := errors.New("not a continuation token of this query: send back the token of the previous page's reply with the same query")
+// query (its hash) and has the query's kind of position.
+func decodeContinuation(tok, hash string, perTwin bool) (*continuation, error) {
 	b, err := base64.RawURLEncoding.DecodeString(strings.TrimRight(tok, "="))
 	if err != nil {
-		return nil, bad
+		return nil, errNotOurToken
 	}
 	var c continuation
 	dec := json.NewDecoder(bytes.NewReader(b))
 	dec.DisallowUnknownFields()
-	if err := dec.Decode(&c); err != nil || c.V != continuationVersion || c.Query != hash {
-		return nil, bad
+	if err := dec.Decode(&c); err != nil || dec.More() || c.V != continuationVersion || c.Query != hash {
+		return nil, errNotOurToken
 	}
-	if (itemType == query.ItemTypeTwin) != (c.After != nil) || c.Offset < 0 || (c.After == nil && c.Offset == 0) {
-		return nil, bad
+	if perTwin {
+		if c.After == nil || c.Offset != 0 || c.Groups != "" {
+			return nil, errNotOurToken
+		}
+	} else if c.After != nil || c.Offset <= 0 || c.Groups == "" {
+		return nil, errNotOurToken
 	}
 	return &c, nil
 }

@@ -100,7 +100,7 @@ func TestStarPageEqualsFullRun(t *testing.T) {
 			if next == "" {
 				break
 			}
-			if from, err = decodeContinuation(next, hash, query.ItemTypeTwin); err != nil {
+			if from, err = decodeContinuation(next, hash, true); err != nil {
 				t.Fatalf("round %d: token %q: %v", round, next, err)
 			}
 		}

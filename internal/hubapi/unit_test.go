@@ -70,19 +70,23 @@ func TestContinuation(t *testing.T) {
 	if strings.ContainsAny(tok, "+/=;, ") {
 		t.Errorf("token %q is not header-safe base64url", tok)
 	}
-	c, err := decodeContinuation(tok, hash, query.ItemTypeTwin)
+	c, err := decodeContinuation(tok, hash, true)
 	if err != nil || c.After == nil || c.After.ID != "d;1" {
 		t.Errorf("decode: %+v, %v", c, err)
 	}
-	for _, bad := range []struct{ tok, itemType string }{
-		{tok, query.ItemTypeRaw},
-		{(&continuation{V: continuationVersion, Query: hash, Offset: 3}).encode(), query.ItemTypeTwin},
-		{(&continuation{V: 2, Query: hash, Offset: 3}).encode(), query.ItemTypeRaw},
-		{(&continuation{V: continuationVersion, Query: "other", Offset: 3}).encode(), query.ItemTypeRaw},
-		{"not base64!", query.ItemTypeRaw},
+	for _, bad := range []struct {
+		tok     string
+		perTwin bool
+	}{
+		{tok, false},
+		{(&continuation{V: continuationVersion, Query: hash, Offset: 3, Groups: "g"}).encode(), true},
+		{(&continuation{V: 1, Query: hash, Offset: 3}).encode(), false},
+		{(&continuation{V: continuationVersion, Query: "other", Offset: 3, Groups: "g"}).encode(), false},
+		{(&continuation{V: continuationVersion, Query: hash, Offset: 3}).encode(), false},
+		{"not base64!", false},
 	} {
-		if _, err := decodeContinuation(bad.tok, hash, bad.itemType); err == nil {
-			t.Errorf("decodeContinuation(%q, %s): want an error", bad.tok, bad.itemType)
+		if _, err := decodeContinuation(bad.tok, hash, bad.perTwin); err == nil {
+			t.Errorf("decodeContinuation(%q, perTwin %v): want an error", bad.tok, bad.perTwin)
 		}
 	}
 }

@@ -87,6 +87,9 @@ type Result struct {
 	// Items are the twins (for SELECT *: the documents given to Run, not
 	// copies) or rows of the result, in order.
 	Items []map[string]any
+	// GroupKeys holds, with GROUP BY, the key of each item's group: equal
+	// for equal GROUP BY values, whether or not the row shows the value.
+	GroupKeys []string
 }
 
 // String returns the query in a canonical form: keywords and functions in
@@ -134,6 +137,11 @@ func (q *Query) ItemType() string {
 	}
 	return ItemTypeRaw
 }
+
+// PerTwin reports whether every item of the result comes from one twin,
+// in deviceId order (SELECT * and projections), rather than from a group
+// of twins (GROUP BY, aggregates).
+func (q *Query) PerTwin() bool { return q.star || (q.groupBy == nil && !q.aggregates) }
 
 // Top returns n of SELECT TOP n, and whether the query has a TOP.
 func (q *Query) Top() (int, bool) { return q.top, q.top >= 0 }
@@ -185,6 +193,7 @@ func (q *Query) Run(twins []map[string]any) (Result, error) {
 	case q.groupBy != nil:
 		for _, g := range group(q.groupBy, matched) {
 			res.Items = append(res.Items, q.row(g))
+			res.GroupKeys = append(res.GroupKeys, groupKey(lookup(g[0], q.groupBy.segs)))
 		}
 	case q.aggregates:
 		res.Items = append(res.Items, q.row(matched))
@@ -195,6 +204,9 @@ func (q *Query) Run(twins []map[string]any) (Result, error) {
 	}
 	if q.top >= 0 && len(res.Items) > q.top {
 		res.Items = res.Items[:q.top]
+		if res.GroupKeys != nil {
+			res.GroupKeys = res.GroupKeys[:q.top]
+		}
 	}
 	return res, nil
 }
