@@ -31,6 +31,7 @@ import (
 	admissionregistrationv1 "k8s.io/api/admissionregistration/v1"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/util/validation"
 	"k8s.io/utils/clock"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/manager"
@@ -74,6 +75,12 @@ const (
 	// backdate is how far before issuance certificates become valid, so
 	// that API servers whose clock is a little behind accept them.
 	backdate = time.Hour
+	// namesGrace is how long a CA that permits more names than this
+	// replica's hosts is kept: in a rolling update that removes names, the
+	// replicas still running with the old names need them for a while.
+	namesGrace = 10 * time.Minute
+	// maxRetiredCAs bounds the replaced CAs kept in the trust bundle.
+	maxRetiredCAs = 2
 )
 
 // CertOptions configure a [CertManager].
@@ -99,7 +106,10 @@ type CertOptions struct {
 	// serve GetCertificate instead (no writable filesystem needed).
 	CertDir string
 	// Hosts are the serving certificate's subject alternative names: DNS
-	// names (e.g. the Service's) and IP addresses.
+	// names (e.g. the Service's) and IP addresses. The CA carries critical
+	// X.509 name constraints that permit exactly these names (a DNS name
+	// permits its subdomains too, as RFC 5280 has it) and these addresses,
+	// so a client that trusts it trusts it for nothing else.
 	Hosts []string
 	// ConfigName names the ValidatingWebhookConfiguration and the
 	// MutatingWebhookConfiguration whose webhooks get the caBundle. Either
@@ -134,6 +144,14 @@ type CertOptions struct {
 //     It replaces the CA at 2/3 of its lifetime too, and keeps the old CA in
 //     the trust bundle (ca.crt) until the old CA expires, so certificates
 //     it signed stay trusted while replicas pick up the new ones.
+//   - The CA's name constraints permit the Hosts and nothing else. When the
+//     Hosts change the CA is replaced: at once when a host is not
+//     permitted, after namesGrace when the CA permits names no longer
+//     served (replicas of a rolling update may still serve them); a CA that
+//     permits names no longer served leaves the trust bundle.
+//   - The trust bundle holds only CAs it issued (its own form, with name
+//     constraints within the current CA's): a certificate someone else put
+//     into the Secret's ca.crt is dropped, never published.
 //   - It serves the current certificate from memory (GetCertificate), and
 //     writes tls.crt, tls.key and ca.crt to CertDir (if set), where
 //     controller-runtime's webhook server watches them (fsnotify, and a
@@ -173,6 +191,11 @@ func NewCertManager(o CertOptions) (*CertManager, error) {
 	}
 	if len(o.Hosts) == 0 {
 		return nil, fmt.Errorf("%s certificates: at least one host is required", o.Purpose)
+	}
+	for _, h := range o.Hosts {
+		if !validHost(h) {
+			return nil, fmt.Errorf("%s certificates: host %q is neither an IP address nor a DNS name", o.Purpose, h)
+		}
 	}
 	if o.URL != "" {
 		u, err := url.Parse(o.URL)
@@ -335,35 +358,53 @@ func parseState(data map[string][]byte) *certState {
 func (m *CertManager) plan(cur *certState, now time.Time) (*certState, []string, error) {
 	next := &certState{}
 	var reasons []string
+	want := constraintSet(m.opts.Hosts)
+	caNames := m.opts.Hosts
 	caOK := cur.caKey != nil
 	switch {
 	case !caOK:
 		reasons = append(reasons, "no usable CA")
+	case !m.issuedByUs(cur.cas[0]):
+		caOK = false
+		reasons = append(reasons, "CA without the operator's name constraints")
 	case !now.Before(renewAt(cur.cas[0])):
 		caOK = false
 		reasons = append(reasons, "CA due for renewal")
+	case !subset(want, permitted(cur.cas[0])):
+		caOK = false
+		reasons = append(reasons, "CA name constraints do not permit "+strings.Join(m.opts.Hosts, ","))
+		if now.Before(issuedAt(cur.cas[0]).Add(namesGrace)) {
+			// Just issued, maybe by a replica with other hosts (a rolling
+			// update): permit both, so neither replaces the other's CA.
+			caNames = union(permitted(cur.cas[0]), caNames)
+		}
+	case !subset(permitted(cur.cas[0]), want) && !now.Before(issuedAt(cur.cas[0]).Add(namesGrace)):
+		caOK = false
+		reasons = append(reasons, "CA name constraints permit names no longer served")
 	}
 	if caOK {
 		next.cas, next.caKey = []*x509.Certificate{cur.cas[0]}, cur.caKey
-		for _, c := range cur.cas[1:] {
-			if now.Before(c.NotAfter) {
-				next.cas = append(next.cas, c)
-			}
-		}
-		if len(next.cas) < len(cur.cas) {
-			reasons = append(reasons, "expired CA dropped from the trust bundle")
-		}
 	} else {
-		ca, key, err := newCA(now, m.opts.CAValidity, m.opts.Purpose)
+		ca, key, err := newCA(now, m.opts.CAValidity, m.opts.Purpose, caNames)
 		if err != nil {
 			return nil, nil, err
 		}
 		next.cas, next.caKey = []*x509.Certificate{ca}, key
-		for _, c := range cur.cas {
-			if now.Before(c.NotAfter) {
-				next.cas = append(next.cas, c) // still trusted until it expires
-			}
+	}
+	old := cur.cas
+	if caOK {
+		old = cur.cas[1:]
+	}
+	dropped := false
+	for _, c := range old {
+		if len(next.cas) <= maxRetiredCAs && m.retain(c, next.cas[0], now) {
+			next.cas = append(next.cas, c) // still trusted: replicas may serve what it signed
+		} else {
+			dropped = true
 		}
+	}
+	if caOK && dropped {
+		reasons = append(reasons, "CA dropped from the trust bundle (expired, not the operator's, or for names no longer served)")
 	}
 
 	hosts := m.opts.Hosts
@@ -376,6 +417,8 @@ func (m *CertManager) plan(cur *certState, now time.Time) (*certState, []string,
 		reasons = append(reasons, "serving certificate not signed by the current CA")
 	case !now.Before(renewAt(cur.leaf)):
 		reasons = append(reasons, "serving certificate due for renewal")
+	case !subset(constraintSet(leafHosts(cur.leaf)), permitted(next.cas[0])):
+		reasons = append(reasons, "serving certificate names hosts its CA does not permit")
 	case !covers(cur.leaf, hosts):
 		// Another replica may run with other hosts (say, during a rolling
 		// update that changes them): cover both, so neither replaces the
@@ -392,6 +435,26 @@ func (m *CertManager) plan(cur *certState, now time.Time) (*certState, []string,
 	}
 	next.leaf, next.leafKey = leaf, key
 	return next, reasons, nil
+}
+
+// issuedByUs reports whether c is a CA this manager issues: self-signed,
+// named for its purpose, with critical name constraints. Anything else in
+// the Secret is not trusted, however it got there.
+func (m *CertManager) issuedByUs(c *x509.Certificate) bool {
+	return c.IsCA && strings.HasPrefix(c.Subject.CommonName, caNamePrefix(m.opts.Purpose)) &&
+		c.PermittedDNSDomainsCritical && len(permitted(c)) > 0 && c.CheckSignatureFrom(c) == nil
+}
+
+// retain reports whether the replaced CA c stays in the trust bundle next
+// to current: it is the manager's own, unexpired, and permits no name that
+// current does not.
+func (m *CertManager) retain(c, current *x509.Certificate, now time.Time) bool {
+	return now.Before(c.NotAfter) && m.issuedByUs(c) && subset(permitted(c), permitted(current))
+}
+
+// issuedAt is when c was issued (its validity starts backdate earlier).
+func issuedAt(c *x509.Certificate) time.Time {
+	return c.NotBefore.Add(backdate)
 }
 
 // due returns the earliest of limit and the times something in st must be
@@ -612,22 +675,111 @@ func renewAt(c *x509.Certificate) time.Time {
 	return c.NotBefore.Add(c.NotAfter.Sub(c.NotBefore) * 2 / 3)
 }
 
-func newCA(now time.Time, validity time.Duration, purpose string) (*x509.Certificate, crypto.Signer, error) {
+func caNamePrefix(purpose string) string { return "kubetwin-" + purpose + "-ca@" }
+
+// newCA issues a CA whose critical name constraints permit hosts only: a
+// kind of name that hosts has none of (DNS names, IP addresses) is
+// excluded altogether, as an empty permitted list would permit any.
+func newCA(now time.Time, validity time.Duration, purpose string, hosts []string) (*x509.Certificate, crypto.Signer, error) {
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return nil, nil, err
 	}
 	tmpl := &x509.Certificate{
 		SerialNumber:          serialNumber(),
-		Subject:               pkix.Name{CommonName: fmt.Sprintf("kubetwin-%s-ca@%d", purpose, now.Unix())},
+		Subject:               pkix.Name{CommonName: fmt.Sprintf("%s%d", caNamePrefix(purpose), now.Unix())},
 		NotBefore:             now.Add(-backdate),
 		NotAfter:              now.Add(validity),
 		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign | x509.KeyUsageDigitalSignature,
 		BasicConstraintsValid: true,
 		IsCA:                  true,
 		MaxPathLenZero:        true,
+
+		PermittedDNSDomainsCritical: true,
+	}
+	for _, h := range constraintSet(hosts) {
+		if ip := net.ParseIP(h); ip != nil {
+			tmpl.PermittedIPRanges = append(tmpl.PermittedIPRanges, hostRange(ip))
+		} else {
+			tmpl.PermittedDNSDomains = append(tmpl.PermittedDNSDomains, h)
+		}
+	}
+	if len(tmpl.PermittedIPRanges) == 0 {
+		tmpl.ExcludedIPRanges = []*net.IPNet{
+			{IP: net.IPv4zero.To4(), Mask: net.CIDRMask(0, 32)},
+			{IP: net.IPv6zero, Mask: net.CIDRMask(0, 128)},
+		}
+	}
+	if len(tmpl.PermittedDNSDomains) == 0 {
+		tmpl.ExcludedDNSDomains = []string{""} // the empty name matches every name
 	}
 	return sign(tmpl, tmpl, key, key)
+}
+
+// hostRange is the range of exactly ip.
+func hostRange(ip net.IP) *net.IPNet {
+	if v4 := ip.To4(); v4 != nil {
+		return &net.IPNet{IP: v4, Mask: net.CIDRMask(32, 32)}
+	}
+	return &net.IPNet{IP: ip.To16(), Mask: net.CIDRMask(128, 128)}
+}
+
+// constraintOf is the name constraint that permits host h: the IP address
+// in canonical form, or the DNS name in lower case without a trailing dot
+// or a wildcard label (a constraint permits the subdomains anyway).
+func constraintOf(h string) string {
+	if ip := net.ParseIP(h); ip != nil {
+		return ip.String()
+	}
+	return strings.TrimPrefix(normalHost(h), "*.")
+}
+
+// constraintSet returns the constraints of hosts, each once, in order.
+func constraintSet(hosts []string) []string {
+	var out []string
+	for _, h := range hosts {
+		if c := constraintOf(h); !slices.Contains(out, c) {
+			out = append(out, c)
+		}
+	}
+	return out
+}
+
+// permitted returns the names c's name constraints permit, as
+// constraintOf writes them; a range wider than one address is written as
+// a CIDR, which no host matches.
+func permitted(c *x509.Certificate) []string {
+	out := slices.Clone(c.PermittedDNSDomains)
+	for i := range out {
+		out[i] = strings.ToLower(out[i])
+	}
+	for _, n := range c.PermittedIPRanges {
+		if ones, bits := n.Mask.Size(); ones == bits && bits > 0 {
+			out = append(out, n.IP.String())
+		} else {
+			out = append(out, n.String())
+		}
+	}
+	return out
+}
+
+// subset reports whether every name of a is in b.
+func subset(a, b []string) bool {
+	for _, x := range a {
+		if !slices.Contains(b, x) {
+			return false
+		}
+	}
+	return true
+}
+
+// validHost reports whether h is an IP address or a DNS name (a leading
+// wildcard label allowed), which a name constraint can express.
+func validHost(h string) bool {
+	if net.ParseIP(h) != nil {
+		return true
+	}
+	return len(validation.IsDNS1123Subdomain(constraintOf(h))) == 0
 }
 
 func newLeaf(now time.Time, validity time.Duration, hosts []string, ca *x509.Certificate, caKey crypto.Signer) (*x509.Certificate, crypto.Signer, error) {
@@ -637,11 +789,13 @@ func newLeaf(now time.Time, validity time.Duration, hosts []string, ca *x509.Cer
 	}
 	tmpl := &x509.Certificate{
 		SerialNumber: serialNumber(),
-		Subject:      pkix.Name{CommonName: hosts[0]},
-		NotBefore:    now.Add(-backdate),
-		NotAfter:     now.Add(validity),
-		KeyUsage:     x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		// A DNS name or none: OpenSSL checks a common name that looks like
+		// one (an IP address does) against the CA's DNS name constraints.
+		Subject:     pkix.Name{CommonName: firstDNSName(hosts)},
+		NotBefore:   now.Add(-backdate),
+		NotAfter:    now.Add(validity),
+		KeyUsage:    x509.KeyUsageDigitalSignature,
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
 	}
 	if tmpl.NotAfter.After(ca.NotAfter) {
 		tmpl.NotAfter = ca.NotAfter
@@ -650,10 +804,20 @@ func newLeaf(now time.Time, validity time.Duration, hosts []string, ca *x509.Cer
 		if ip := net.ParseIP(h); ip != nil {
 			tmpl.IPAddresses = append(tmpl.IPAddresses, ip)
 		} else {
-			tmpl.DNSNames = append(tmpl.DNSNames, h)
+			tmpl.DNSNames = append(tmpl.DNSNames, normalHost(h))
 		}
 	}
 	return sign(tmpl, ca, key, caKey)
+}
+
+// firstDNSName returns the first of hosts that is not an IP address, or "".
+func firstDNSName(hosts []string) string {
+	for _, h := range hosts {
+		if net.ParseIP(h) == nil {
+			return normalHost(h)
+		}
+	}
+	return ""
 }
 
 func sign(tmpl, parent *x509.Certificate, key, parentKey crypto.Signer) (*x509.Certificate, crypto.Signer, error) {
@@ -696,11 +860,13 @@ func leafHosts(c *x509.Certificate) []string {
 	return hosts
 }
 
+// normalHost is h as certificates name it: an IP address in canonical
+// form, a DNS name in lower case without a trailing dot.
 func normalHost(h string) string {
 	if ip := net.ParseIP(h); ip != nil {
 		return ip.String()
 	}
-	return h
+	return strings.TrimSuffix(strings.ToLower(h), ".")
 }
 
 // union returns a followed by the members of b not in a.
