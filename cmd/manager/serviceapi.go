@@ -15,6 +15,7 @@ import (
 	"github.com/kubetwin/kubetwin/internal/bus"
 	"github.com/kubetwin/kubetwin/internal/hubapi"
 	"github.com/kubetwin/kubetwin/internal/operator"
+	"github.com/kubetwin/kubetwin/internal/ratelog"
 )
 
 // serviceAPIOptions are the flags of the service API: IoT Hub's service
@@ -43,7 +44,8 @@ func bindServiceAPIFlags(s *serviceAPIOptions) {
 			"the operator creates it with generated keys and fills in what is missing.")
 	flag.StringVar(&s.policiesNS, "service-policies-namespace", "", "Namespace of that Secret (default: $POD_NAMESPACE, else \"default\").")
 	flag.StringVar(&s.registryNS, "registry-namespace", "",
-		"Namespace where devices created through the service API's device registry get their DeviceTwins "+
+		"The one namespace the service API serves: every policy reads and writes only the DeviceTwins there (a device elsewhere is DeviceNotFound), "+
+			"GET /devices and queries list only there, and devices created through the registry get their DeviceTwins there "+
 			"(default: --namespace if set, else $POD_NAMESPACE, else \"default\").")
 	flag.IntVar(&s.maxConcurrentQueries, "service-api-max-concurrent-queries", hubapi.DefaultMaxConcurrentQueries,
 		"Queries (POST /devices/query) one replica answers at once; another gets HTTP 429 ThrottlingException with Retry-After: 1.")
@@ -62,9 +64,18 @@ func (s serviceAPIOptions) policiesNamespace() string {
 	return cmp.Or(s.policiesNS, os.Getenv("POD_NAMESPACE"), "default")
 }
 
-// registryNamespace is where registry-created twins go.
+// registryNamespace is the namespace the service API serves.
 func (s serviceAPIOptions) registryNamespace(watched string) string {
 	return cmp.Or(s.registryNS, watched, os.Getenv("POD_NAMESPACE"), "default")
+}
+
+// serviceTokenLifetime is hubapi.Options.MaxTokenLifetime for
+// --max-sas-token-lifetime, whose 0 means no bound (hubapi's: negative).
+func serviceTokenLifetime(flag time.Duration) time.Duration {
+	if flag == 0 {
+		return -1
+	}
+	return flag
 }
 
 // checkServiceAPIFlags refuses a registry namespace the operator does not
@@ -119,8 +130,11 @@ func setupServiceAPI(ctx context.Context, mgr ctrl.Manager, o options, b bus.Bus
 		MaxConcurrentQueries: s.maxConcurrentQueries,
 		MaxQueryPageBytes:    s.maxQueryPageBytes,
 		PolicyReadTimeout:    s.policyReadTimeout,
+		MaxTokenLifetime:     serviceTokenLifetime(o.maxTokenLifetime),
+		LogLimiter:           ratelog.New(o.mqtt.logRateLimit),
 	}
 	so.Broker, _ = b.(*bus.Embedded)
+	so.ClaimsNamespace = o.claimsNamespace()
 	if _, err := operator.AddServiceAPI(ctx, mgr, so); err != nil {
 		return err
 	}

@@ -139,16 +139,19 @@ func deref(s *string) string {
 // createDevice serves PUT /devices/{id} without If-Match: it creates the
 // device's DeviceTwin in Options.Namespace (named by [TwinName], with
 // spec.deviceId the id) and its key Secret with the keys given, or new
-// ones for those left empty. It is 409 DeviceAlreadyExists when a twin
-// has the id. If the keys cannot be stored the twin is deleted again.
+// ones for those left empty. It is 409 DeviceAlreadyExists when a twin in
+// any namespace holds the id (ids are unique per hub): seen in the cache
+// first, and as the admission webhook's refusal when the cache is behind
+// or two creates race. If the keys cannot be stored the twin is deleted
+// again.
 func (h *Handler) createDevice(ctx context.Context, req *request) (reply, *apiError) {
 	in, aerr := h.readDevice(req)
 	if aerr != nil {
 		return reply{}, aerr
 	}
 	id := req.deviceID
-	if _, aerr := h.resolve(ctx, id); aerr == nil {
-		return reply{}, errorf(http.StatusConflict, CodeDeviceAlreadyExists, fmt.Sprintf("device %q already exists", id))
+	if other, aerr := h.holder(ctx, id); aerr == nil {
+		return reply{}, h.alreadyExists(id, other.Namespace, other.Name)
 	} else if aerr.code != CodeDeviceNotFound {
 		return reply{}, aerr
 	}
@@ -169,9 +172,13 @@ func (h *Handler) createDevice(ctx context.Context, req *request) (reply, *apiEr
 		if apierrors.IsAlreadyExists(err) {
 			return reply{}, h.nameTaken(ctx, t, id)
 		}
+		if ns, name, ok := heldBy(err); ok {
+			return reply{}, h.alreadyExists(id, ns, name)
+		}
 		return reply{}, fromAPI("creating the device's DeviceTwin", err)
 	}
-	if aerr := h.writeKeys(ctx, t, in.primary, in.secondary); aerr != nil {
+	version, aerr := h.writeKeys(ctx, t, in.primary, in.secondary, nil)
+	if aerr != nil {
 		// Leave nothing half-made: the twin goes, and its Secret with it.
 		dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
 		defer cancel()
@@ -181,7 +188,38 @@ func (h *Handler) createDevice(ctx context.Context, req *request) (reply, *apiEr
 		return reply{}, aerr
 	}
 	t = h.awaitWrite(ctx, t, false)
-	return reply{status: http.StatusOK, body: h.device(t, in.primary, in.secondary)}, nil
+	h.awaitKeys(ctx, t, version)
+	h.awaitHolder(ctx, t)
+	return reply{status: http.StatusOK, body: h.device(t, deviceKeySet{in.primary, in.secondary, version})}, nil
+}
+
+// alreadyExists is the 409 for a device id that the DeviceTwin ns/name
+// holds. The holder is named only when it is in the served namespace:
+// the caller may see nothing outside it.
+func (h *Handler) alreadyExists(id, ns, name string) *apiError {
+	msg := fmt.Sprintf("device %q already exists (its id is held by DeviceTwin %s/%s)", id, ns, name)
+	if ns != h.opts.Namespace {
+		msg = fmt.Sprintf("device %q already exists: its id is held by a DeviceTwin outside namespace %s, which this hub serves (device ids are unique per hub)",
+			id, h.opts.Namespace)
+	}
+	return errorf(http.StatusConflict, CodeDeviceAlreadyExists, msg)
+}
+
+// heldByText is the admission webhook's refusal of a device id another
+// twin holds: `spec.deviceId: device id "X" is already held by DeviceTwin
+// ns/name`.
+const heldByText = " is already held by DeviceTwin "
+
+// heldBy reads the holder ns/name from an API error that refuses a
+// DeviceTwin because another twin holds its device id.
+func heldBy(err error) (ns, name string, ok bool) {
+	_, rest, found := strings.Cut(apiMessage(err), heldByText)
+	if !found {
+		return "", "", false
+	}
+	ref, _, _ := strings.Cut(rest, " ")
+	ns, name, ok = strings.Cut(strings.TrimRight(ref, ".,;\"\n"), "/")
+	return ns, name, ok && ns != "" && name != ""
 }
 
 // nameTaken explains why the twin name of a new device is in use.
@@ -189,7 +227,7 @@ func (h *Handler) nameTaken(ctx context.Context, t *v1alpha1.DeviceTwin, id stri
 	other := &v1alpha1.DeviceTwin{}
 	err := h.opts.APIReader.Get(ctx, client.ObjectKeyFromObject(t), other)
 	if err == nil && other.EffectiveDeviceID() == id {
-		return errorf(http.StatusConflict, CodeDeviceAlreadyExists, fmt.Sprintf("device %q already exists", id))
+		return h.alreadyExists(id, other.Namespace, other.Name)
 	}
 	msg := fmt.Sprintf("the DeviceTwin %s/%s that device %q would get exists", t.Namespace, t.Name, id)
 	if err == nil {
@@ -198,15 +236,26 @@ func (h *Handler) nameTaken(ctx context.Context, t *v1alpha1.DeviceTwin, id stri
 	return errorf(http.StatusConflict, CodeConflict, msg)
 }
 
-// errSecretTaken is a key Secret that is not the twin's.
-var errSecretTaken = errors.New("secret taken")
+var (
+	// errSecretTaken is a key Secret that is not the twin's.
+	errSecretTaken = errors.New("secret taken")
+	// errKeysChanged is a key Secret that is not at the version a
+	// precondition names.
+	errKeysChanged = errors.New("keys changed")
+)
 
 // writeKeys makes the twin's key Secret (<twin>-device-key, controlled by
 // the twin and labelled kubetwin.io/device-keys=true, the same Secret the
-// operator keeps) hold the keys and the device's connection string. The
-// operator may create that Secret first, with keys of its own: it is then
-// updated, and the operator keeps the keys it finds there.
-func (h *Handler) writeKeys(ctx context.Context, t *v1alpha1.DeviceTwin, primary, secondary string) *apiError {
+// operator keeps) hold the keys and the device's connection string, and
+// returns the Secret's new resourceVersion. The operator may create that
+// Secret first, with keys of its own: it is then updated, and the operator
+// keeps the keys it finds there.
+//
+// With ifVersion (from an If-Match etag) the write happens only if the
+// Secret is still at that resourceVersion ("": there is none), and is
+// preconditioned on it, so of two concurrent rotations from the same etag
+// one fails with 412.
+func (h *Handler) writeKeys(ctx context.Context, t *v1alpha1.DeviceTwin, primary, secondary string, ifVersion *string) (string, *apiError) {
 	key := types.NamespacedName{Namespace: t.Namespace, Name: v1alpha1.KeySecretName(t.Name)}
 	want := map[string][]byte{
 		v1alpha1.PrimaryKeyKey:   []byte(primary),
@@ -214,9 +263,13 @@ func (h *Handler) writeKeys(ctx context.Context, t *v1alpha1.DeviceTwin, primary
 		v1alpha1.ConnectionStringKey: []byte(sas.ConnectionString{
 			HostName: h.opts.HubHostname, DeviceID: t.EffectiveDeviceID(), SharedAccessKey: primary}.String()),
 	}
+	version := ""
 	err := retry.RetryOnConflict(retry.DefaultBackoff, func() error {
 		s := &corev1.Secret{}
 		err := h.opts.APIReader.Get(ctx, key, s)
+		if ifVersion != nil && (err == nil || apierrors.IsNotFound(err)) && managedVersion(s, t) != *ifVersion {
+			return errKeysChanged
+		}
 		switch {
 		case apierrors.IsNotFound(err):
 			s = &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Namespace: key.Namespace, Name: key.Name}, Type: corev1.SecretTypeOpaque}
@@ -225,10 +278,14 @@ func (h *Handler) writeKeys(ctx context.Context, t *v1alpha1.DeviceTwin, primary
 			}
 			s.Data = want
 			err := h.opts.Client.Create(ctx, s, client.FieldOwner(FieldManager))
-			if apierrors.IsAlreadyExists(err) {
+			switch {
+			case apierrors.IsAlreadyExists(err) && ifVersion != nil:
+				return errKeysChanged
+			case apierrors.IsAlreadyExists(err):
 				// The operator was first: read it again and update it.
 				return apierrors.NewConflict(corev1.Resource("secrets"), key.Name, err)
 			}
+			version = s.ResourceVersion
 			return err
 		case err != nil:
 			return err
@@ -249,28 +306,52 @@ func (h *Handler) writeKeys(ctx context.Context, t *v1alpha1.DeviceTwin, primary
 		for k, v := range want {
 			data[k] = v
 		}
-		if sameData(s.Data, data) && s.Labels[v1alpha1.DeviceKeysLabel] == "true" {
+		if sameData(s.Data, data) && managedVersion(s, t) != "" {
+			version = s.ResourceVersion
 			return nil
 		}
 		s.Data = data
 		if err := h.labelAndOwn(s, t); err != nil {
 			return err
 		}
+		// The update carries the resourceVersion read: a concurrent
+		// write makes it fail.
 		err = h.opts.Client.Update(ctx, s, client.FieldOwner(FieldManager))
-		if apierrors.IsNotFound(err) {
+		switch {
+		case (apierrors.IsConflict(err) || apierrors.IsNotFound(err)) && ifVersion != nil:
+			return errKeysChanged
+		case apierrors.IsNotFound(err):
 			// Deleted meanwhile (by the garbage collector): create it.
 			return apierrors.NewConflict(corev1.Resource("secrets"), key.Name, err)
 		}
+		version = s.ResourceVersion
 		return err
 	})
 	switch {
 	case err == nil:
-		return nil
+		return version, nil
+	case errors.Is(err, errKeysChanged):
+		return "", keysChanged(t.EffectiveDeviceID())
 	case errors.Is(err, errSecretTaken):
-		return errorf(http.StatusConflict, CodeConflict, fmt.Sprintf(
+		return "", errorf(http.StatusConflict, CodeConflict, fmt.Sprintf(
 			"the Secret %s that holds the keys of device %q exists and is not its DeviceTwin's: delete or rename it", key, t.EffectiveDeviceID()))
 	}
-	return fromAPI("storing the device's keys", err)
+	return "", fromAPI("storing the device's keys", err)
+}
+
+// keysChanged is the 412 for an etag whose keys are not current.
+func keysChanged(id string) *apiError {
+	return preconditionFailed(fmt.Sprintf("the etag is not current: the keys of device %q have changed since it was read", id))
+}
+
+// managedVersion is the resourceVersion of s if it is t's managed key
+// Secret (labelled kubetwin.io/device-keys=true and controlled by t), ""
+// for any other Secret: only that Secret's keys are the device's.
+func managedVersion(s *corev1.Secret, t *v1alpha1.DeviceTwin) string {
+	if s.Labels[v1alpha1.DeviceKeysLabel] != "true" || !metav1.IsControlledBy(s, t) {
+		return ""
+	}
+	return s.ResourceVersion
 }
 
 // staleOwner reports whether s is controlled by an earlier DeviceTwin of
@@ -291,44 +372,141 @@ func (h *Handler) labelAndOwn(s *corev1.Secret, t *v1alpha1.DeviceTwin) error {
 	return controllerutil.SetControllerReference(t, s, h.opts.Client.Scheme())
 }
 
-// deviceKeys returns the device's keys: those of the Secret
-// spec.authentication.secretRef names, else those of its key Secret if
-// that is the twin's; "" for a key there is none of. Secrets come from
-// the cache; with live, a Secret the cache lacks is read from the API
-// server (it may be new, or lack the label the cache selects on).
-func (h *Handler) deviceKeys(ctx context.Context, t *v1alpha1.DeviceTwin, live bool) (primary, secondary string, err error) {
-	get := func(name string) (*corev1.Secret, error) {
-		key := types.NamespacedName{Namespace: t.Namespace, Name: name}
-		s := &corev1.Secret{}
-		err := h.opts.Reader.Get(ctx, key, s)
-		if apierrors.IsNotFound(err) && live {
-			err = h.opts.APIReader.Get(ctx, key, s)
-		}
-		return s, err
+// deviceKeySet is what a client may learn of a device's keys.
+type deviceKeySet struct {
+	// primary and secondary are the keys, "" for none.
+	primary, secondary string
+	// version is the resourceVersion of the key Secret ("" for none): part
+	// of the device's etag, so that If-Match covers the keys.
+	version string
+}
+
+// deviceKeys returns the device's keys from its managed key Secret
+// (<twin>-device-key, labelled kubetwin.io/device-keys=true and
+// controlled by the twin); none when there is no such Secret. Never from
+// the Secret spec.authentication.secretRef names: a twin editor can point
+// that at any Secret of the namespace, and the operator copies the keys
+// of an allowed one into the managed Secret anyway. The Secret comes from
+// the cache; with live, one the cache lacks is read from the API server
+// (it may be new).
+func (h *Handler) deviceKeys(ctx context.Context, t *v1alpha1.DeviceTwin, live bool) (deviceKeySet, error) {
+	key := types.NamespacedName{Namespace: t.Namespace, Name: v1alpha1.KeySecretName(t.Name)}
+	s := &corev1.Secret{}
+	err := h.opts.Reader.Get(ctx, key, s)
+	if apierrors.IsNotFound(err) && live {
+		err = h.opts.APIReader.Get(ctx, key, s)
 	}
-	if a := t.Spec.Authentication; a != nil && a.SecretRef != nil {
-		s, err := get(a.SecretRef.Name)
-		if err == nil {
-			return string(s.Data[v1alpha1.PrimaryKeyKey]), string(s.Data[v1alpha1.SecondaryKeyKey]), nil
-		}
-		if !apierrors.IsNotFound(err) {
-			return "", "", err
-		}
-	}
-	s, err := get(v1alpha1.KeySecretName(t.Name))
 	switch {
 	case apierrors.IsNotFound(err):
-		return "", "", nil
+		return deviceKeySet{}, nil
 	case err != nil:
-		return "", "", err
-	case !metav1.IsControlledBy(s, t):
-		return "", "", nil
+		return deviceKeySet{}, err
+	case managedVersion(s, t) == "":
+		return deviceKeySet{}, nil
 	}
-	return string(s.Data[v1alpha1.PrimaryKeyKey]), string(s.Data[v1alpha1.SecondaryKeyKey]), nil
+	return deviceKeySet{primary: string(s.Data[v1alpha1.PrimaryKeyKey]), secondary: string(s.Data[v1alpha1.SecondaryKeyKey]),
+		version: s.ResourceVersion}, nil
+}
+
+// liveKeyVersion is the resourceVersion of the twin's managed key Secret
+// on the API server, "" when there is none.
+func (h *Handler) liveKeyVersion(ctx context.Context, t *v1alpha1.DeviceTwin) (string, *apiError) {
+	s := &corev1.Secret{}
+	err := h.opts.APIReader.Get(ctx, types.NamespacedName{Namespace: t.Namespace, Name: v1alpha1.KeySecretName(t.Name)}, s)
+	switch {
+	case apierrors.IsNotFound(err):
+		return "", nil
+	case err != nil:
+		return "", fromAPI("reading the device's keys", err)
+	}
+	return managedVersion(s, t), nil
+}
+
+// awaitKeys waits, at most Options.CacheWait, until the cache holds the
+// twin's key Secret at version or newer, so a GET after the reply shows
+// the keys (and etag) written.
+func (h *Handler) awaitKeys(ctx context.Context, t *v1alpha1.DeviceTwin, version string) {
+	if h.opts.CacheWait < 0 || version == "" {
+		return
+	}
+	key := types.NamespacedName{Namespace: t.Namespace, Name: v1alpha1.KeySecretName(t.Name)}
+	h.poll(ctx, h.opts.CacheWait, func() bool {
+		s := &corev1.Secret{}
+		return h.opts.Reader.Get(ctx, key, s) == nil && atLeast(s.ResourceVersion, version)
+	})
+}
+
+// awaitHolder waits, at most Options.CacheWait, until the id of the new
+// twin t resolves to it (its claim, made at admission or by the operator,
+// is in the cache), so a GET after the reply finds the device.
+func (h *Handler) awaitHolder(ctx context.Context, t *v1alpha1.DeviceTwin) {
+	if h.opts.CacheWait < 0 {
+		return
+	}
+	h.poll(ctx, h.opts.CacheWait, func() bool {
+		got, err := h.opts.Resolve(ctx, t.EffectiveDeviceID())
+		return err == nil && got != nil && got.UID == t.UID
+	})
+}
+
+// deviceETag is a device's etag: it covers the twin and its key Secret,
+// so an If-Match on PUT /devices/{id} fails when either changed.
+func deviceETag(twinVersion, keysVersion string) string {
+	return hubtwin.ETag(twinVersion + "/" + keysVersion)
+}
+
+// devicePrecondition is what an If-Match header on /devices/{id} asks
+// for: the twin's resourceVersion (in precondition) and the key Secret's.
+type devicePrecondition struct {
+	precondition
+	keysVersion string
+}
+
+// parseDeviceIfMatch reads If-Match for a device. A twin's etag (from
+// GET /twins) is not a device's: it matches nothing.
+func parseDeviceIfMatch(hdr http.Header) devicePrecondition {
+	p := parseIfMatch(hdr)
+	if p.any || p.rv == "" {
+		return devicePrecondition{precondition: p}
+	}
+	twinVersion, keysVersion, ok := strings.Cut(p.rv, "/")
+	if !ok {
+		p.rv = ""
+		return devicePrecondition{precondition: p}
+	}
+	p.rv = twinVersion
+	return devicePrecondition{precondition: p, keysVersion: keysVersion}
+}
+
+// deviceMismatch rewrites a 412 of the twin's precondition for a device.
+func (p devicePrecondition) deviceMismatch(aerr *apiError) *apiError {
+	if aerr == nil || aerr.code != CodePreconditionFailed {
+		return aerr
+	}
+	if p.rv == "" {
+		return preconditionFailed(fmt.Sprintf("If-Match %q is not an etag of this device: read the device (GET /devices/{id}) for its etag, or send \"*\"", p.etag))
+	}
+	return preconditionFailed(fmt.Sprintf("the etag %q is not current: the device has changed since it was read", p.etag))
+}
+
+// checkKeys fails with 412 when the key Secret is not at the version the
+// etag names.
+func (h *Handler) checkKeys(ctx context.Context, t *v1alpha1.DeviceTwin, p devicePrecondition) *apiError {
+	if p.any {
+		return nil
+	}
+	v, aerr := h.liveKeyVersion(ctx, t)
+	if aerr != nil {
+		return aerr
+	}
+	if v != p.keysVersion {
+		return keysChanged(t.EffectiveDeviceID())
+	}
+	return nil
 }
 
 // device renders a device identity.
-func (h *Handler) device(t *v1alpha1.DeviceTwin, primary, secondary string) deviceJSON {
+func (h *Handler) device(t *v1alpha1.DeviceTwin, keys deviceKeySet) deviceJSON {
 	optional := func(s string) *string {
 		if s == "" {
 			return nil
@@ -340,14 +518,14 @@ func (h *Handler) device(t *v1alpha1.DeviceTwin, primary, secondary string) devi
 	return deviceJSON{
 		DeviceID:                   str("deviceId"),
 		GenerationID:               string(t.UID),
-		ETag:                       hubtwin.ETag(t.ResourceVersion),
+		ETag:                       deviceETag(t.ResourceVersion, keys.version),
 		ConnectionState:            str("connectionState"),
 		Status:                     str("status"),
 		ConnectionStateUpdatedTime: str("connectionStateUpdatedTime"),
 		StatusUpdatedTime:          hubtwin.ZeroTime,
 		LastActivityTime:           str("lastActivityTime"),
 		Authentication: authenticationJSON{
-			SymmetricKey: symmetricKeyJSON{PrimaryKey: optional(primary), SecondaryKey: optional(secondary)},
+			SymmetricKey: symmetricKeyJSON{PrimaryKey: optional(keys.primary), SecondaryKey: optional(keys.secondary)},
 			Type:         hubtwin.AuthenticationTypeSAS,
 		},
 	}
@@ -359,16 +537,16 @@ func (h *Handler) getDevice(ctx context.Context, req *request) (reply, *apiError
 	if aerr != nil {
 		return reply{}, aerr
 	}
-	primary, secondary, err := h.deviceKeys(ctx, t, true)
+	keys, err := h.deviceKeys(ctx, t, true)
 	if err != nil {
 		return reply{}, fromAPI("reading the device's keys", err)
 	}
-	return reply{status: http.StatusOK, body: h.device(t, primary, secondary)}, nil
+	return reply{status: http.StatusOK, body: h.device(t, keys)}, nil
 }
 
-// listDevices serves GET /devices: the devices in device id order, at most
-// MaxListDevices (or ?top=n, if fewer). Where twins share a device id only
-// the one that owns it is listed. Keys come from the cache.
+// listDevices serves GET /devices: the devices of the served namespace in
+// device id order, at most MaxListDevices (or ?top=n, if fewer). Only
+// twins that hold their device id are listed. Keys come from the cache.
 func (h *Handler) listDevices(ctx context.Context, req *request) (reply, *apiError) {
 	limit := MaxListDevices
 	if v := req.r.URL.Query().Get("top"); v != "" {
@@ -382,7 +560,7 @@ func (h *Handler) listDevices(ctx context.Context, req *request) (reply, *apiErr
 	if err := h.opts.Reader.List(ctx, &list, client.UnsafeDisableDeepCopy); err != nil {
 		return reply{}, fromAPI("listing the twins", err)
 	}
-	owners := deviceOwners(list.Items)
+	owners := h.deviceOwners(ctx, list.Items)
 	twins := make([]*v1alpha1.DeviceTwin, 0, len(owners))
 	for _, t := range owners {
 		twins = append(twins, t)
@@ -393,91 +571,58 @@ func (h *Handler) listDevices(ctx context.Context, req *request) (reply, *apiErr
 	twins = twins[:min(len(twins), limit)]
 	out := make([]deviceJSON, 0, len(twins))
 	for _, t := range twins {
-		primary, secondary, err := h.deviceKeys(ctx, t, false)
+		keys, err := h.deviceKeys(ctx, t, false)
 		if err != nil {
 			return reply{}, fromAPI("reading the devices' keys", err)
 		}
-		out = append(out, h.device(t, primary, secondary))
+		out = append(out, h.device(t, keys))
 	}
 	return reply{status: http.StatusOK, body: out}, nil
 }
 
-// deviceOwners returns, for every device id, the twin that owns it among
-// those not being deleted.
-func deviceOwners(twins []v1alpha1.DeviceTwin) map[string]*v1alpha1.DeviceTwin {
+// deviceOwners returns, for every device id, the twin among twins that
+// holds it (Options.Resolve): a twin that wants an id another twin holds
+// (refused, or stalled as a duplicate by the operator) is not a device.
+func (h *Handler) deviceOwners(ctx context.Context, twins []v1alpha1.DeviceTwin) map[string]*v1alpha1.DeviceTwin {
 	owners := make(map[string]*v1alpha1.DeviceTwin, len(twins))
 	for i := range twins {
 		t := &twins[i]
 		if !t.DeletionTimestamp.IsZero() {
 			continue
 		}
-		id := t.EffectiveDeviceID()
-		if cur, ok := owners[id]; !ok || owns(t, cur) {
-			owners[id] = t
+		if holder, err := h.opts.Resolve(ctx, t.EffectiveDeviceID()); err == nil && holder != nil && holder.UID == t.UID {
+			owners[t.EffectiveDeviceID()] = t
 		}
 	}
 	return owners
 }
 
-// owns reports whether a owns its device id rather than b: it is older,
-// or as old and first by namespace and name (controllers.ResolveDeviceID's
-// rule).
-func owns(a, b *v1alpha1.DeviceTwin) bool {
-	if !a.CreationTimestamp.Equal(&b.CreationTimestamp) {
-		return a.CreationTimestamp.Before(&b.CreationTimestamp)
-	}
-	return cmp.Or(strings.Compare(a.Namespace, b.Namespace), strings.Compare(a.Name, b.Name)) < 0
-}
-
 // updateDevice serves PUT /devices/{id} with If-Match ("*" or the device's
-// etag): it sets spec.status when the body's status differs, and stores
-// the keys of the body that differ from the current ones (empty keys keep
-// the current ones). Keys that come from a Secret named by
+// etag, which covers the twin and its keys): it stores the keys of the body
+// that differ from the current ones (empty keys keep the current ones),
+// then sets spec.status when the body's status differs. Each write is
+// preconditioned on the version the etag names, so of two updates from
+// the same etag one fails with 412 PreconditionFailed. The two objects
+// cannot change atomically: an update of keys and status whose status
+// write fails has stored the keys. Keys that come from a Secret named by
 // spec.authentication.secretRef are changed there, not here.
 func (h *Handler) updateDevice(ctx context.Context, req *request) (reply, *apiError) {
 	in, aerr := h.readDevice(req)
 	if aerr != nil {
 		return reply{}, aerr
 	}
-	pre := parseIfMatch(req.r.Header)
-	var t *v1alpha1.DeviceTwin
-	for attempt := 0; ; attempt++ {
-		base, aerr := h.current(ctx, req.deviceID, pre, attempt > 0)
-		if aerr != nil {
-			return reply{}, aerr
-		}
-		t = base
-		if in.status == "" || in.status == statusOf(base) {
-			break
-		}
-		patch, _ := json.Marshal(map[string]any{
-			"metadata": map[string]string{"resourceVersion": base.ResourceVersion},
-			"spec":     map[string]string{"status": string(in.status)},
-		})
-		obj := &v1alpha1.DeviceTwin{}
-		obj.Namespace, obj.Name = base.Namespace, base.Name
-		err := h.opts.Client.Patch(ctx, obj, client.RawPatch(types.MergePatchType, patch), client.FieldOwner(FieldManager))
-		switch {
-		case err == nil:
-			t = obj
-		case apierrors.IsConflict(err) && pre.any && attempt+1 < maxWriteAttempts:
-			continue
-		case apierrors.IsConflict(err) && !pre.any:
-			return reply{}, preconditionFailed(fmt.Sprintf("the etag %q is not current: the device has changed since it was read", pre.etag))
-		case apierrors.IsNotFound(err):
-			return reply{}, deviceNotFound(req.deviceID)
-		default:
-			return reply{}, fromAPI("updating the device", err)
-		}
-		break
+	pre := parseDeviceIfMatch(req.r.Header)
+	t, aerr := h.current(ctx, req.deviceID, pre.precondition, false)
+	if aerr != nil {
+		return reply{}, pre.deviceMismatch(aerr)
 	}
 
-	primary, secondary, err := h.deviceKeys(ctx, t, true)
+	keys, err := h.deviceKeys(ctx, t, true)
 	if err != nil {
 		return reply{}, fromAPI("reading the device's keys", err)
 	}
-	newPrimary, newSecondary := cmp.Or(in.primary, primary), cmp.Or(in.secondary, secondary)
-	if newPrimary != primary || newSecondary != secondary {
+	newPrimary, newSecondary := cmp.Or(in.primary, keys.primary), cmp.Or(in.secondary, keys.secondary)
+	if newPrimary != keys.primary || newSecondary != keys.secondary {
 		if a := t.Spec.Authentication; a != nil && a.SecretRef != nil {
 			return reply{}, badRequest(fmt.Sprintf("authentication.symmetricKey: the keys of device %q come from the Secret %s (spec.authentication.secretRef): change them there",
 				req.deviceID, a.SecretRef.Name))
@@ -488,13 +633,47 @@ func (h *Handler) updateDevice(ctx context.Context, req *request) (reply, *apiEr
 		if newSecondary == "" {
 			newSecondary = sas.NewKey()
 		}
-		if aerr := h.writeKeys(ctx, t, newPrimary, newSecondary); aerr != nil {
+		var ifVersion *string
+		if !pre.any {
+			ifVersion = &pre.keysVersion
+		}
+		version, aerr := h.writeKeys(ctx, t, newPrimary, newSecondary, ifVersion)
+		if aerr != nil {
 			return reply{}, aerr
 		}
-		primary, secondary = newPrimary, newSecondary
+		keys = deviceKeySet{newPrimary, newSecondary, version}
+	} else if aerr := h.checkKeys(ctx, t, pre); aerr != nil {
+		return reply{}, aerr
+	}
+
+	for attempt := 0; in.status != "" && in.status != statusOf(t); attempt++ {
+		patch, _ := json.Marshal(map[string]any{
+			"metadata": map[string]string{"resourceVersion": t.ResourceVersion},
+			"spec":     map[string]string{"status": string(in.status)},
+		})
+		obj := &v1alpha1.DeviceTwin{}
+		obj.Namespace, obj.Name = t.Namespace, t.Name
+		err := h.opts.Client.Patch(ctx, obj, client.RawPatch(types.MergePatchType, patch), client.FieldOwner(FieldManager))
+		switch {
+		case err == nil:
+			t = obj
+		case apierrors.IsConflict(err) && pre.any && attempt+1 < maxWriteAttempts:
+			if t, aerr = h.current(ctx, req.deviceID, pre.precondition, true); aerr != nil {
+				return reply{}, aerr
+			}
+			continue
+		case apierrors.IsConflict(err) && !pre.any:
+			return reply{}, pre.deviceMismatch(preconditionFailed(""))
+		case apierrors.IsNotFound(err):
+			return reply{}, deviceNotFound(req.deviceID)
+		default:
+			return reply{}, fromAPI("updating the device", err)
+		}
+		break
 	}
 	t = h.awaitWrite(ctx, t, false)
-	return reply{status: http.StatusOK, body: h.device(t, primary, secondary)}, nil
+	h.awaitKeys(ctx, t, keys.version)
+	return reply{status: http.StatusOK, body: h.device(t, keys)}, nil
 }
 
 // statusOf is the twin's device status: spec.status, enabled when unset.
@@ -503,13 +682,16 @@ func statusOf(t *v1alpha1.DeviceTwin) v1alpha1.DeviceStatus {
 }
 
 // deleteDevice serves DELETE /devices/{id} (If-Match "*" or the device's
-// etag): the DeviceTwin is deleted, and its key Secret with it (by owner
+// etag, of the twin and its keys): the DeviceTwin is deleted, and its key Secret with it (by owner
 // reference). The reply is 204, once the cache no longer lists the twin
 // (the operator's finalizer may keep it a little longer).
 func (h *Handler) deleteDevice(ctx context.Context, req *request) (reply, *apiError) {
-	pre := parseIfMatch(req.r.Header)
-	t, aerr := h.current(ctx, req.deviceID, pre, false)
+	pre := parseDeviceIfMatch(req.r.Header)
+	t, aerr := h.current(ctx, req.deviceID, pre.precondition, false)
 	if aerr != nil {
+		return reply{}, pre.deviceMismatch(aerr)
+	}
+	if aerr := h.checkKeys(ctx, t, pre); aerr != nil {
 		return reply{}, aerr
 	}
 	key := client.ObjectKeyFromObject(t)
@@ -526,7 +708,7 @@ func (h *Handler) deleteDevice(ctx context.Context, req *request) (reply, *apiEr
 	case apierrors.IsNotFound(err):
 		return reply{}, deviceNotFound(req.deviceID)
 	case apierrors.IsConflict(err) && !pre.any:
-		return reply{}, preconditionFailed(fmt.Sprintf("the etag %q is not current: the device has changed since it was read", pre.etag))
+		return reply{}, pre.deviceMismatch(preconditionFailed(""))
 	case apierrors.IsConflict(err):
 		// Another twin of that name (deleted and created again meanwhile).
 		return reply{}, deviceNotFound(req.deviceID)

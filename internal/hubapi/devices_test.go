@@ -117,7 +117,7 @@ func TestRegistry(t *testing.T) {
 
 	// Duplicates, bad bodies.
 	call(t, http.MethodPut, "/devices/reg-1", nil, sdkDevice("reg-1", "", "")).
-		expectError(t, http.StatusConflict, "DeviceAlreadyExists", `device "reg-1" already exists`)
+		expectError(t, http.StatusConflict, "DeviceAlreadyExists", `device "reg-1" already exists (its id is held by DeviceTwin devices/reg-1)`)
 	call(t, http.MethodPut, "/devices/reg-3", nil, sdkDevice("reg-3", "c2hvcnQ=", "")).
 		expectError(t, http.StatusBadRequest, "ArgumentInvalid", "authentication.symmetricKey.primaryKey: key is 5 bytes long, want 16 to 64")
 	call(t, http.MethodPut, "/devices/reg-3", nil, sdkDevice("reg-4", "", "")).
@@ -248,7 +248,7 @@ func TestSpecialDeviceIDs(t *testing.T) {
 			}
 			// A ';' in the id must not cut the SDK's error message short.
 			call(t, http.MethodPut, "/devices/"+enc, nil, sdkDevice(id, "", "")).
-				expectError(t, http.StatusConflict, "DeviceAlreadyExists", `device "`+strings.ReplaceAll(id, ";", "%3B")+`" already exists`)
+				expectError(t, http.StatusConflict, "DeviceAlreadyExists", `device "`+strings.ReplaceAll(id, ";", "%3B")+`" already exists (its id is held by DeviceTwin devices/`+tw.Name+`)`)
 			call(t, http.MethodDelete, "/devices/"+enc, map[string]string{"If-Match": `"*"`}, nil).expect(t, http.StatusNoContent)
 			call(t, http.MethodGet, "/twins/"+enc, nil, nil).expectError(t, http.StatusNotFound, "DeviceNotFound", "")
 		})

@@ -18,6 +18,16 @@
 // Device ids are URL-encoded path segments and are decoded from the raw
 // path, so ids holding '+', '#', '?', '%' or ';' survive.
 //
+// # Scope
+//
+// The API serves one namespace, Options.Namespace (--registry-namespace):
+// a hub is the DeviceTwins there. Every operation, with every policy,
+// reads and writes only those twins; a device whose twin is in another
+// namespace is DeviceNotFound, and GET /devices and queries list only
+// that namespace. Device ids are unique per hub installation (see
+// internal/deviceid), so creating a device whose id a twin elsewhere
+// holds is 409 DeviceAlreadyExists, without naming that twin.
+//
 // # Authorization
 //
 // Requests carry IoT Hub's service token in the Authorization header:
@@ -32,7 +42,27 @@
 // and requests are served with the last good copy meanwhile (and while the
 // API server fails). Each operation needs a right: reading and writing twins
 // ServiceConnect, queries ServiceConnect or RegistryRead, reading the
-// registry RegistryRead, changing it RegistryWrite.
+// registry RegistryRead, changing it RegistryWrite. A token whose expiry is
+// further than Options.MaxTokenLifetime (--max-sas-token-lifetime) from now
+// is refused.
+//
+// A token's resource (sr) is the hub host name (hub-wide: every operation
+// its policy's rights allow), or a device scope below it, compared with the
+// route's decoded path segments, never as a prefix of the path:
+//
+//	sr=<hub>/devices/<id>   GET, PATCH, PUT /twins/<id>; GET, PUT, DELETE /devices/<id>
+//	sr=<hub>/twins/<id>     GET, PATCH, PUT /twins/<id>
+//
+// (each still needs the right the operation needs). A device-scoped token
+// never lists devices nor runs queries, which reach the whole fleet: the
+// token for "<hub>/devices/query" covers the device named "query", not
+// POST /devices/query. Ids are compared decoded: "<hub>/devices/x" does not
+// cover /devices/x%2Fy. Any other resource below the hub covers nothing.
+//
+// Every refusal is 401 with IoT Hub's body, "ErrorCode:IotHubUnauthorizedAccess;Unauthorized":
+// the caller learns nothing of which policies exist, which key failed or
+// which policy is broken. The reason goes to the log (rate-limited, see
+// internal/ratelog) and to kubetwin_service_unauthorized_total{reason}.
 //
 // # Errors
 //
@@ -47,7 +77,14 @@
 // # Storage
 //
 // A device is a DeviceTwin: tags are spec.tags, desired properties
-// spec.desired, the device's keys the Secret <twin name>-device-key. Reads
+// spec.desired, the device's keys the Secret <twin name>-device-key. The
+// API returns keys only from that Secret, and only when it carries the
+// label kubetwin.io/device-keys=true and is controlled by the twin; never
+// from the Secret spec.authentication.secretRef names (the operator
+// copies an allowed one's keys into the managed Secret). A device's etag
+// covers the twin and its keys (both resourceVersions), so PUT
+// /devices/{id} with If-Match fails with 412 when either changed, and of
+// two key rotations from the same etag one fails. Reads
 // come from the manager's cache; writes go to the API server with
 // resourceVersion preconditions (the etag is the resourceVersion, see
 // internal/hubtwin), and a write's reply waits (briefly) until the cache

@@ -18,8 +18,9 @@ import (
 const (
 	// CodeArgumentInvalid (400): a malformed or invalid request.
 	CodeArgumentInvalid = "ArgumentInvalid"
-	// CodeIotHubUnauthorizedAccess (401): no valid token, or a policy
-	// without the right the operation needs.
+	// CodeIotHubUnauthorizedAccess (401): no valid token, a token whose
+	// scope does not cover the request, or a policy without the right the
+	// operation needs. The message is always "Unauthorized".
 	CodeIotHubUnauthorizedAccess = "IotHubUnauthorizedAccess"
 	// CodeDeviceNotFound (404): no device has the id.
 	CodeDeviceNotFound = "DeviceNotFound"
@@ -60,6 +61,8 @@ type apiError struct {
 	retryAfter time.Duration
 	// allow is the Allow header of a 405.
 	allow string
+	// reason labels a 401 in the log and kubetwin_service_unauthorized_total.
+	reason string
 }
 
 func (e *apiError) Error() string { return e.code + ": " + e.msg }
@@ -69,10 +72,6 @@ func errorf(status int, code, msg string) *apiError {
 }
 
 func badRequest(msg string) *apiError { return errorf(http.StatusBadRequest, CodeArgumentInvalid, msg) }
-
-func unauthorized(msg string) *apiError {
-	return errorf(http.StatusUnauthorized, CodeIotHubUnauthorizedAccess, msg)
-}
 
 func deviceNotFound(id string) *apiError {
 	return errorf(http.StatusNotFound, CodeDeviceNotFound, "device "+strconv.Quote(id)+" is not registered")

@@ -15,11 +15,15 @@ import (
 	"time"
 
 	"github.com/go-logr/logr"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/types"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	"github.com/kubetwin/kubetwin/api/v1alpha1"
+	"github.com/kubetwin/kubetwin/internal/ratelog"
 	"github.com/kubetwin/kubetwin/internal/twin"
+	"github.com/kubetwin/kubetwin/pkg/sas"
 )
 
 // The service API creates, patches and deletes DeviceTwins, reads the
@@ -61,6 +65,9 @@ const (
 	// cap too); the first ones in device id order. Use a query to page
 	// through more.
 	MaxListDevices = 1000
+	// DefaultMaxTokenLifetime is the default of Options.MaxTokenLifetime:
+	// 8760h, a year (--max-sas-token-lifetime).
+	DefaultMaxTokenLifetime = sas.DefaultMaxLifetime
 	// requestTimeout bounds the work of one request.
 	requestTimeout = 30 * time.Second
 )
@@ -74,20 +81,24 @@ type Options struct {
 	// (its writes go to the API server).
 	Client client.Client
 	// Reader reads DeviceTwins and device-key Secrets: the manager's cache
-	// (mgr.GetClient() or mgr.GetCache()). Queries and the device list
-	// list every DeviceTwin it holds.
+	// (mgr.GetClient() or mgr.GetCache()). The handler reads only
+	// Namespace through it: queries and the device list list the
+	// DeviceTwins it holds there.
 	Reader client.Reader
 	// APIReader reads from the API server itself (mgr.GetAPIReader()): the
 	// shared access policies Secret, and a twin when the cached copy is
 	// older than the etag a client sent.
 	APIReader client.Reader
-	// Resolve returns the DeviceTwin that owns a device id, from Reader:
-	// controllers.ResolveDeviceID over Reader. It returns an error
-	// matching bridge.ErrNotFound (or a NotFound API error) when no twin
-	// has the id. The handler does not modify the twin it returns.
+	// Resolve returns the DeviceTwin that holds a device id, in any
+	// namespace, from the manager's cache. It returns an error matching
+	// deviceid.ErrNotFound (or a NotFound API error) when no twin has the
+	// id. The handler does not modify the twin it returns, and serves it
+	// only when it is in Namespace.
 	Resolve func(ctx context.Context, deviceID string) (*v1alpha1.DeviceTwin, error)
-	// Namespace is where devices created through the API get their
-	// DeviceTwin and key Secret.
+	// Namespace is the one namespace the API serves (--registry-namespace):
+	// every read and write, with every policy, acts only on DeviceTwins
+	// there, and devices created through the API get their DeviceTwin and
+	// key Secret there. A device whose twin is elsewhere is DeviceNotFound.
 	Namespace string
 	// HubHostname is the hub host name: the resource (sr) of service
 	// tokens, and the HostName of connection strings.
@@ -128,6 +139,13 @@ type Options struct {
 	AwaitReconcile time.Duration
 	// MaxBodyBytes caps request bodies (DefaultMaxBodyBytes).
 	MaxBodyBytes int64
+	// MaxTokenLifetime refuses a token whose expiry (se) is further than
+	// this from now (DefaultMaxTokenLifetime; --max-sas-token-lifetime): a
+	// leaked token must not be good for a century.
+	MaxTokenLifetime time.Duration
+	// LogLimiter bounds the lines that clients can cause (refused
+	// requests); ratelog.DefaultRate per second and kind if nil.
+	LogLimiter *ratelog.Limiter
 	// Logger receives one line per refused or failed request (V(0)) and
 	// per served request (V(1)). Keys and tokens are never logged.
 	Logger logr.Logger
@@ -141,6 +159,8 @@ type Handler struct {
 	opts     Options
 	policies *policyStore
 	log      logr.Logger
+	// rlog logs what clients can cause, rate-limited.
+	rlog ratelog.Logger
 	// queries holds a token per query running.
 	queries chan struct{}
 }
@@ -184,13 +204,23 @@ func NewHandler(o Options) (*Handler, error) {
 	if o.MaxBodyBytes <= 0 {
 		o.MaxBodyBytes = DefaultMaxBodyBytes
 	}
+	if o.MaxTokenLifetime <= 0 {
+		o.MaxTokenLifetime = DefaultMaxTokenLifetime
+	}
+	if o.LogLimiter == nil {
+		o.LogLimiter = ratelog.New(ratelog.DefaultRate)
+	}
 	if o.Now == nil {
 		o.Now = time.Now
 	}
 	if o.Logger.GetSink() == nil {
 		o.Logger = logr.Discard()
 	}
-	h := &Handler{opts: o, log: o.Logger, queries: make(chan struct{}, o.MaxConcurrentQueries)}
+	// Every read of twins and key Secrets goes through the served
+	// namespace: nothing outside it can be listed, read or found.
+	o.Reader = namespaceReader{Reader: o.Reader, ns: o.Namespace}
+	h := &Handler{opts: o, log: o.Logger, rlog: ratelog.NewLogger(o.Logger, o.LogLimiter),
+		queries: make(chan struct{}, o.MaxConcurrentQueries)}
 	h.policies = &policyStore{reader: o.APIReader, key: o.PolicySecret, ttl: o.PolicyTTL, timeout: o.PolicyReadTimeout,
 		log: o.Logger, now: o.Now}
 	return h, nil
@@ -244,22 +274,28 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 func (h *Handler) serve(ctx context.Context, req *request) (reply, *apiError) {
 	op, fn, rawID, routeErr := h.route(req.r)
 	req.op = op
-	p, aerr := h.authenticate(ctx, req.r)
+	cred, aerr := h.authenticate(ctx, req.r)
 	if aerr != nil {
 		return reply{}, aerr
 	}
-	req.policy = p.name
+	req.policy = cred.policy.name
 	if routeErr != nil {
 		return reply{}, routeErr
 	}
-	if aerr := authorize(p, op); aerr != nil {
+	id := ""
+	if rawID != "" {
+		var err error
+		if id, err = url.PathUnescape(rawID); err != nil {
+			return reply{}, badRequest("the device id in the path is not properly URL-encoded")
+		}
+	}
+	if aerr := checkScope(cred, op, id); aerr != nil {
+		return reply{}, aerr
+	}
+	if aerr := authorize(cred.policy, op); aerr != nil {
 		return reply{}, aerr
 	}
 	if rawID != "" {
-		id, err := url.PathUnescape(rawID)
-		if err != nil {
-			return reply{}, badRequest("the device id in the path is not properly URL-encoded")
-		}
 		if err := twin.ValidateDeviceID("deviceId", id); err != nil {
 			return reply{}, badRequest(err.Error())
 		}
@@ -374,13 +410,17 @@ func (h *Handler) write(req *request, rep reply, aerr *apiError) int {
 		reason = aerr.logMsg
 	}
 	kv := append(h.logValues(req, aerr.status), "code", aerr.code, "reason", reason, "trackingId", tracking)
-	if aerr.status >= http.StatusInternalServerError {
+	switch {
+	case aerr.status >= http.StatusInternalServerError:
 		h.log.Error(aerr.cause, "service API request failed", kv...)
-	} else {
+	case aerr.status == http.StatusUnauthorized:
+		unauthorizedTotal.WithLabelValues(aerr.reason).Inc()
+		h.rlog.Info("service API request unauthorized", append(kv, "unauthorizedReason", aerr.reason)...)
+	default:
 		if aerr.cause != nil {
 			kv = append(kv, "error", aerr.cause.Error())
 		}
-		h.log.Info("service API request refused", kv...)
+		h.rlog.Info("service API request refused", kv...)
 	}
 	return aerr.status
 }
@@ -420,4 +460,23 @@ func writeRawJSON(w http.ResponseWriter, status int, body []byte) {
 	w.Header().Set("Content-Length", strconv.Itoa(len(body)))
 	w.WriteHeader(status)
 	_, _ = w.Write(body)
+}
+
+// namespaceReader reads only objects in one namespace: a Get elsewhere is
+// NotFound, and a List lists that namespace only.
+type namespaceReader struct {
+	client.Reader
+	ns string
+}
+
+func (r namespaceReader) Get(ctx context.Context, key client.ObjectKey, obj client.Object, opts ...client.GetOption) error {
+	if key.Namespace != r.ns {
+		return apierrors.NewNotFound(schema.GroupResource{}, key.Name)
+	}
+	return r.Reader.Get(ctx, key, obj, opts...)
+}
+
+func (r namespaceReader) List(ctx context.Context, list client.ObjectList, opts ...client.ListOption) error {
+	// Last, so it overrides any namespace in opts.
+	return r.Reader.List(ctx, list, append(opts, client.InNamespace(r.ns))...)
 }

@@ -142,6 +142,12 @@ func TestPoliciesServedWhileSecretReadHangs(t *testing.T) {
 			t.Fatalf("only %d of %d requests finished while the policies Secret read hung: they wait for it", i, n)
 		}
 	}
+	// The refresh runs in the background: wait until it has started.
+	select {
+	case <-rd.entered:
+	case <-time.After(20 * time.Second):
+		t.Fatal("no refresh of the policies started")
+	}
 	if got := rd.gets.Load(); got != 2 {
 		t.Errorf("%d reads of the policies Secret, want 2 (one at the start, one refresh for all %d requests)", got, n)
 	}

@@ -59,6 +59,16 @@ var (
 		Help: "IoT Hub query pages that ended early at the page byte limit (the client follows the continuation token).",
 	})
 
+	// unauthorizedTotal is kubetwin_service_unauthorized_total{reason}:
+	// requests refused with 401, by why (noToken, malformedToken,
+	// deviceToken, otherHub, expired, lifetimeTooLong, unknownPolicy,
+	// invalidPolicy, badSignature, outOfScope, missingRight). The client
+	// is told only "Unauthorized"; the log line has the details.
+	unauthorizedTotal = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: "kubetwin", Subsystem: "service", Name: "unauthorized_total",
+		Help: "Requests to the IoT Hub service API refused with 401, by reason.",
+	}, []string{"reason"})
+
 	// policyReads is kubetwin_service_policy_reads_total{result}: reads of
 	// the shared access policies Secret, by result ("ok", "error"; a read
 	// that times out is an error).
@@ -70,5 +80,5 @@ var (
 
 func init() {
 	metrics.Registry.MustRegister(requestsTotal, requestDuration, queryDuration, queriesInFlight, queriesThrottled,
-		queryPagesCut, policyReads)
+		queryPagesCut, policyReads, unauthorizedTotal)
 }

@@ -19,6 +19,7 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/util/retry"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/controller/controllerutil"
 
 	"github.com/kubetwin/kubetwin/pkg/sas"
 )
@@ -112,41 +113,25 @@ func PolicyConnectionString(hubHostname, policy, key string) string {
 // with client.New (or a client whose cache is disabled for Secrets).
 func EnsurePolicies(ctx context.Context, c client.Client, namespace, name, hubHostname string) error {
 	key := types.NamespacedName{Namespace: namespace, Name: name}
-	return retry.RetryOnConflict(retry.DefaultRetry, func() error {
-		s := &corev1.Secret{}
-		err := c.Get(ctx, key, s)
-		switch {
-		case apierrors.IsNotFound(err):
-			s = &corev1.Secret{
-				ObjectMeta: metav1.ObjectMeta{Namespace: namespace, Name: name,
-					Labels: map[string]string{"app.kubernetes.io/managed-by": "kubetwin"}},
-				Type: corev1.SecretTypeOpaque,
-				Data: fillPolicies(nil, hubHostname),
+	err := retry.RetryOnConflict(retry.DefaultRetry, func() error {
+		s := &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Namespace: namespace, Name: name}}
+		_, err := controllerutil.CreateOrUpdate(ctx, c, s, func() error {
+			if s.CreationTimestamp.IsZero() {
+				s.Labels = map[string]string{"app.kubernetes.io/managed-by": "kubetwin"}
+				s.Type = corev1.SecretTypeOpaque
 			}
-			err := c.Create(ctx, s)
-			if apierrors.IsAlreadyExists(err) {
-				return fmt.Errorf("creating shared access policies Secret %s: it exists, but the client cannot read it (is it reading through a cache?): %w", key, err)
-			}
-			if err != nil {
-				return fmt.Errorf("creating shared access policies Secret %s: %w", key, err)
-			}
+			s.Data = fillPolicies(s.Data, hubHostname)
 			return nil
-		case err != nil:
-			return fmt.Errorf("reading shared access policies Secret %s: %w", key, err)
-		}
-		data := fillPolicies(s.Data, hubHostname)
-		if sameData(s.Data, data) {
-			return nil
-		}
-		s.Data = data
-		if err := c.Update(ctx, s); err != nil {
-			if apierrors.IsConflict(err) {
-				return err // retried
-			}
-			return fmt.Errorf("updating shared access policies Secret %s: %w", key, err)
-		}
-		return nil
+		})
+		return err
 	})
+	switch {
+	case apierrors.IsAlreadyExists(err):
+		return fmt.Errorf("creating shared access policies Secret %s: it exists, but the client cannot read it (is it reading through a cache?): %w", key, err)
+	case err != nil:
+		return fmt.Errorf("writing shared access policies Secret %s: %w", key, err)
+	}
+	return nil
 }
 
 // fillPolicies returns a copy of data with the default policies' missing

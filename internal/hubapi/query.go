@@ -220,7 +220,7 @@ func (h *Handler) runQuery(ctx context.Context, q *query.Query, hash string, fro
 	}
 	// A device id is its holder's (internal/deviceid): twins that only
 	// want it are not devices.
-	owners := deviceOwners(list.Items)
+	owners := h.deviceOwners(ctx, list.Items)
 	var twins []*v1alpha1.DeviceTwin
 	for i := range list.Items {
 		t := &list.Items[i]

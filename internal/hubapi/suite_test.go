@@ -6,6 +6,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -29,9 +30,11 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/log/zap"
 	"sigs.k8s.io/controller-runtime/pkg/manager"
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
+	"sigs.k8s.io/controller-runtime/pkg/reconcile"
 
 	"github.com/kubetwin/kubetwin/api/v1alpha1"
 	"github.com/kubetwin/kubetwin/controllers"
+	"github.com/kubetwin/kubetwin/internal/deviceid"
 	"github.com/kubetwin/kubetwin/internal/hubapi"
 	"github.com/kubetwin/kubetwin/internal/testutil/selfsigned"
 	"github.com/kubetwin/kubetwin/pkg/sas"
@@ -39,7 +42,10 @@ import (
 
 // The suite runs a manager (its cache, with the device id index, and the
 // service API server) against a real kube-apiserver and etcd. No
-// reconciler runs: tests write status themselves where they need it.
+// DeviceTwin reconciler runs: tests write status themselves where they
+// need it. A small controller claims each new twin's device id
+// (internal/deviceid), as the admission webhook and the reconciler do in
+// the operator; a twin whose id another live twin holds stays unclaimed.
 var (
 	k8s        client.Client // reads and writes the API server directly
 	mgr        manager.Manager
@@ -47,6 +53,7 @@ var (
 	baseURL    string
 	httpc      *http.Client
 	policyKeys map[string][2]string // policy -> primary, secondary key
+	resolver   deviceid.Resolver
 )
 
 const (
@@ -54,6 +61,7 @@ const (
 	devNS        = "devices"
 	otherNS      = "other-devices"
 	policyNS     = "kubetwin-system"
+	claimsNS     = policyNS
 	policySecret = "kubetwin-service-policies"
 	testTTL      = 200 * time.Millisecond
 )
@@ -114,10 +122,13 @@ func runSuite(m *testing.M) int {
 		fmt.Fprintf(os.Stderr, "manager: %v\n", err)
 		return 1
 	}
-	if err := mgr.GetFieldIndexer().IndexField(ctx, &v1alpha1.DeviceTwin{}, controllers.DeviceIDIndex, func(o client.Object) []string {
-		return []string{o.(*v1alpha1.DeviceTwin).EffectiveDeviceID()}
-	}); err != nil {
+	if err := deviceid.IndexTwins(ctx, mgr.GetFieldIndexer()); err != nil {
 		fmt.Fprintf(os.Stderr, "index: %v\n", err)
+		return 1
+	}
+	resolver = deviceid.Resolver{Reader: mgr.GetClient(), Namespace: claimsNS}
+	if err := addClaimer(mgr); err != nil {
+		fmt.Fprintf(os.Stderr, "claimer: %v\n", err)
 		return 1
 	}
 	h, err := newHandler(hubapi.Options{})
@@ -165,6 +176,23 @@ func runSuite(m *testing.M) int {
 	return code
 }
 
+// addClaimer adds the controller that claims the device id of every twin.
+func addClaimer(mgr manager.Manager) error {
+	claims := &deviceid.Claims{Client: mgr.GetClient(), APIReader: mgr.GetAPIReader(), Namespace: claimsNS}
+	return ctrl.NewControllerManagedBy(mgr).Named("test-claimer").For(&v1alpha1.DeviceTwin{}).
+		Complete(reconcile.Func(func(ctx context.Context, req reconcile.Request) (reconcile.Result, error) {
+			t := &v1alpha1.DeviceTwin{}
+			if err := mgr.GetAPIReader().Get(ctx, req.NamespacedName, t); err != nil || !t.DeletionTimestamp.IsZero() {
+				return reconcile.Result{}, client.IgnoreNotFound(err)
+			}
+			var held *deviceid.HeldError
+			if err := claims.Claim(ctx, t); err != nil && !errors.As(err, &held) {
+				return reconcile.Result{}, err
+			}
+			return reconcile.Result{}, nil
+		}))
+}
+
 // newHandler returns a Handler over the suite's manager, with o's fields
 // (readers included) where set.
 func newHandler(o hubapi.Options) (*hubapi.Handler, error) {
@@ -175,9 +203,7 @@ func newHandler(o hubapi.Options) (*hubapi.Handler, error) {
 	if o.APIReader == nil {
 		o.APIReader = mgr.GetAPIReader()
 	}
-	o.Resolve = func(ctx context.Context, id string) (*v1alpha1.DeviceTwin, error) {
-		return controllers.ResolveDeviceID(ctx, mgr.GetClient(), id)
-	}
+	o.Resolve = resolver.Resolve
 	if o.Namespace == "" {
 		o.Namespace = devNS
 	}
@@ -369,8 +395,9 @@ func (r response) errorMessage(t testing.TB) string {
 }
 
 // reset deletes every DeviceTwin and every Secret of the device
-// namespaces, and waits until the cache has seen it, so that a test
-// starts from an empty fleet (and the suite can run with -count=n).
+// namespaces and every device id claim, and waits until the cache has
+// seen it, so that a test starts from an empty fleet (and the suite can
+// run with -count=n).
 func reset(t testing.TB) {
 	t.Helper()
 	ctx := context.Background()
@@ -388,18 +415,30 @@ func reset(t testing.TB) {
 		if err := mgr.GetClient().List(ctx, &list); err != nil {
 			t.Fatal(err)
 		}
-		if len(list.Items) == 0 {
+		var claims v1alpha1.DeviceIDClaimList
+		if err := mgr.GetClient().List(ctx, &claims, client.InNamespace(claimsNS)); err != nil {
+			t.Fatal(err)
+		}
+		if len(list.Items) == 0 && len(claims.Items) == 0 {
 			return
 		}
+		if len(list.Items) == 0 {
+			// Once the twins are gone, as often as the claimer may have
+			// claimed for a twin being deleted.
+			if err := k8s.DeleteAllOf(ctx, &v1alpha1.DeviceIDClaim{}, client.InNamespace(claimsNS)); err != nil {
+				t.Fatalf("deleting claims: %v", err)
+			}
+		}
 		if time.Now().After(deadline) {
-			t.Fatalf("the cache still holds %d twins", len(list.Items))
+			t.Fatalf("the cache still holds %d twins and %d claims", len(list.Items), len(claims.Items))
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
 }
 
-// newTwin creates a DeviceTwin in ns and waits until the cache resolves its
-// device id. Tags and desired are JSON texts ("" for none).
+// newTwin creates a DeviceTwin in ns and waits until the cache holds it
+// and, unless another twin holds its device id, resolves the id to it.
+// Tags and desired are JSON texts ("" for none).
 func newTwin(t testing.TB, ns, name, deviceID, tags, desired string) *v1alpha1.DeviceTwin {
 	t.Helper()
 	tw := &v1alpha1.DeviceTwin{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name},
@@ -417,7 +456,25 @@ func newTwin(t testing.TB, ns, name, deviceID, tags, desired string) *v1alpha1.D
 	return tw
 }
 
-// waitCached waits until the cache holds tw at its resourceVersion.
+// waitHolder waits until tw's device id resolves to tw, or to another live
+// twin that holds it.
+func waitHolder(t testing.TB, tw *v1alpha1.DeviceTwin) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		got, err := resolver.Resolve(context.Background(), tw.EffectiveDeviceID())
+		if err == nil && got != nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("device id %q of twin %s resolves to no twin: %v", tw.EffectiveDeviceID(), tw.Name, err)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// waitCached waits until the cache holds tw at its resourceVersion and
+// resolves its device id (to tw, or to another twin that holds it).
 func waitCached(t testing.TB, tw *v1alpha1.DeviceTwin) {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
@@ -425,6 +482,7 @@ func waitCached(t testing.TB, tw *v1alpha1.DeviceTwin) {
 		got := &v1alpha1.DeviceTwin{}
 		err := mgr.GetClient().Get(context.Background(), client.ObjectKeyFromObject(tw), got)
 		if err == nil && got.ResourceVersion == tw.ResourceVersion {
+			waitHolder(t, tw)
 			return
 		}
 		if time.Now().After(deadline) {

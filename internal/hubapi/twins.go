@@ -18,7 +18,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	"github.com/kubetwin/kubetwin/api/v1alpha1"
-	"github.com/kubetwin/kubetwin/internal/bridge"
+	"github.com/kubetwin/kubetwin/internal/deviceid"
 	"github.com/kubetwin/kubetwin/internal/hubtwin"
 	"github.com/kubetwin/kubetwin/internal/twin"
 )
@@ -221,13 +221,26 @@ func (p precondition) mismatch(t *v1alpha1.DeviceTwin) *apiError {
 		p.etag, hubtwin.ETag(t.ResourceVersion)))
 }
 
-// resolve returns the twin that owns the device id, from the cache.
+// resolve returns the twin that holds the device id, from the cache, when
+// it is in the served namespace: a device elsewhere is not this hub's.
 func (h *Handler) resolve(ctx context.Context, id string) (*v1alpha1.DeviceTwin, *apiError) {
+	t, aerr := h.holder(ctx, id)
+	if aerr != nil {
+		return nil, aerr
+	}
+	if t.Namespace != h.opts.Namespace {
+		return nil, deviceNotFound(id)
+	}
+	return t, nil
+}
+
+// holder returns the twin that holds the device id, in any namespace.
+func (h *Handler) holder(ctx context.Context, id string) (*v1alpha1.DeviceTwin, *apiError) {
 	t, err := h.opts.Resolve(ctx, id)
 	switch {
 	case err == nil && t != nil:
 		return t, nil
-	case err == nil, errors.Is(err, bridge.ErrNotFound), apierrors.IsNotFound(err):
+	case err == nil, errors.Is(err, deviceid.ErrNotFound), apierrors.IsNotFound(err):
 		return nil, deviceNotFound(id)
 	}
 	return nil, fromAPI("looking up the device", err)
