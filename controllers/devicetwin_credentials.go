@@ -89,7 +89,8 @@ func (r *DeviceTwinReconciler) reconcileCredentials(ctx context.Context, t *v1al
 // It returns the keys in effect and the condition to report.
 func (r *DeviceTwinReconciler) ensureKeySecret(ctx context.Context, t *v1alpha1.DeviceTwin) (deviceKeys, *credStatus, error) {
 	name := v1alpha1.KeySecretName(t.Name)
-	var src *deviceKeys
+	var src, banned *deviceKeys
+	var refused *credStatus
 	if ref := secretRef(t); ref != "" {
 		s := &corev1.Secret{}
 		err := r.Get(ctx, types.NamespacedName{Namespace: t.Namespace, Name: ref}, s)
@@ -105,6 +106,16 @@ func (r *DeviceTwinReconciler) ensureKeySecret(ctx context.Context, t *v1alpha1.
 			return deviceKeys{}, nil, fmt.Errorf("reading Secret %s: %w", ref, err)
 		}
 		src = &deviceKeys{primary: string(s.Data[v1alpha1.PrimaryKeyKey]), secondary: string(s.Data[v1alpha1.SecondaryKeyKey])}
+		if err := deviceauth.CheckSecretRef(s); err != nil {
+			// Take nothing from it, and replace any key an older operator
+			// copied from it (unless it is the twin's own).
+			if ref != name {
+				banned = src
+			}
+			src = nil
+			refused = &credStatus{reason: v1alpha1.ReasonSecretRefNotAllowed, message: fmt.Sprintf(
+				"spec.authentication.secretRef: %v; the device keeps its own keys in Secret %s", err, name)}
+		}
 	}
 
 	sec := &corev1.Secret{}
@@ -120,6 +131,7 @@ func (r *DeviceTwinReconciler) ensureKeySecret(ctx context.Context, t *v1alpha1.
 	}
 
 	keys := deviceKeys{primary: string(sec.Data[v1alpha1.PrimaryKeyKey]), secondary: string(sec.Data[v1alpha1.SecondaryKeyKey])}
+	keys = keys.without(banned)
 	if src != nil {
 		keys = *src
 	} else {
@@ -171,7 +183,23 @@ func (r *DeviceTwinReconciler) ensureKeySecret(ctx context.Context, t *v1alpha1.
 			return deviceKeys{}, nil, fmt.Errorf("writing Secret %s: %w", name, err)
 		}
 	}
+	if refused != nil {
+		return keys, refused, nil
+	}
 	return keys, keyStatus(keys, name), nil
+}
+
+// without returns k with the keys that are also in b removed.
+func (k deviceKeys) without(b *deviceKeys) deviceKeys {
+	if b == nil {
+		return k
+	}
+	for _, x := range []*string{&k.primary, &k.secondary} {
+		if *x != "" && (*x == b.primary || *x == b.secondary) {
+			*x = ""
+		}
+	}
+	return k
 }
 
 // currentKeys returns the keys in the twin's key Secret, if it has one.
@@ -256,18 +284,26 @@ func DeviceLookup(c client.Reader) deviceauth.Lookup {
 // spec.authentication.secretRef names (read directly, so a rotation there
 // counts before the operator has copied it), else, or when that Secret is
 // gone, those of its key Secret (none when that is missing or not t's).
+// A secretRef that deviceauth.CheckSecretRef refuses gives no key, and
+// the key Secret's keys that equal its keys do not count either.
 func keysOf(ctx context.Context, c client.Reader, t *v1alpha1.DeviceTwin) (deviceauth.Device, error) {
 	d := deviceauth.Device{ID: t.EffectiveDeviceID(), Disabled: t.Spec.Disabled()}
 	s := &corev1.Secret{}
+	var banned *deviceKeys
 	if ref := secretRef(t); ref != "" {
 		err := c.Get(ctx, types.NamespacedName{Namespace: t.Namespace, Name: ref}, s)
-		if err == nil {
+		switch {
+		case err == nil && deviceauth.CheckSecretRef(s) != nil:
+			if ref != v1alpha1.KeySecretName(t.Name) {
+				banned = &deviceKeys{primary: string(s.Data[v1alpha1.PrimaryKeyKey]), secondary: string(s.Data[v1alpha1.SecondaryKeyKey])}
+			}
+		case err == nil:
 			d.PrimaryKey, d.SecondaryKey = string(s.Data[v1alpha1.PrimaryKeyKey]), string(s.Data[v1alpha1.SecondaryKeyKey])
 			return d, nil
-		}
-		if !apierrors.IsNotFound(err) {
+		case !apierrors.IsNotFound(err):
 			return d, err
 		}
+		s = &corev1.Secret{}
 	}
 	err := c.Get(ctx, types.NamespacedName{Namespace: t.Namespace, Name: v1alpha1.KeySecretName(t.Name)}, s)
 	if apierrors.IsNotFound(err) {
@@ -279,7 +315,8 @@ func keysOf(ctx context.Context, c client.Reader, t *v1alpha1.DeviceTwin) (devic
 	if !metav1.IsControlledBy(s, t) {
 		return d, nil
 	}
-	d.PrimaryKey, d.SecondaryKey = string(s.Data[v1alpha1.PrimaryKeyKey]), string(s.Data[v1alpha1.SecondaryKeyKey])
+	k := deviceKeys{primary: string(s.Data[v1alpha1.PrimaryKeyKey]), secondary: string(s.Data[v1alpha1.SecondaryKeyKey])}.without(banned)
+	d.PrimaryKey, d.SecondaryKey = k.primary, k.secondary
 	return d, nil
 }
 
