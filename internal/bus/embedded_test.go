@@ -13,6 +13,7 @@ import (
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
+	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/packets"
 
 	"github.com/kubetwin/kubetwin/pkg/protocol"
@@ -303,10 +304,37 @@ func TestEmbeddedPresence(t *testing.T) {
 	}
 }
 
+// disconnectCounter counts the connections whose OnDisconnect mochi has
+// run. Added after Embedded's own hooks, it runs after them for the same
+// connection, so a count of n means Embedded has handled n disconnects.
+type disconnectCounter struct {
+	mqtt.HookBase
+	mu sync.Mutex
+	n  map[string]int
+}
+
+func (d *disconnectCounter) ID() string           { return "test-disconnect-counter" }
+func (d *disconnectCounter) Provides(b byte) bool { return b == mqtt.OnDisconnect }
+func (d *disconnectCounter) OnDisconnect(cl *mqtt.Client, _ error, _ bool) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.n[cl.ID]++
+}
+
+func (d *disconnectCounter) of(id string) int {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.n[id]
+}
+
 func TestEmbeddedPresenceTakeOver(t *testing.T) {
 	for _, clean := range []bool{true, false} {
 		t.Run(fmt.Sprintf("clean=%v", clean), func(t *testing.T) {
 			f := startEmbedded(t, time.Minute)
+			disconnects := &disconnectCounter{n: map[string]int{}}
+			if err := f.bus.server.AddHook(disconnects, nil); err != nil {
+				t.Fatal(err)
+			}
 			const id = "dev-t"
 			var last paho.Client
 			for i := range 5 {
@@ -324,7 +352,9 @@ func TestEmbeddedPresenceTakeOver(t *testing.T) {
 					}
 					return n == i+1
 				})
-				time.Sleep(100 * time.Millisecond) // let the old connection's disconnect run
+				// The old connection's disconnect has run: it must not
+				// have reported the device offline.
+				eventually(t, "the old connection's disconnect is handled", func() bool { return disconnects.of(id) == i })
 				if on, _ := f.presence.last(id); !on {
 					t.Fatalf("after take-over %d: last event is offline; events %+v", i, f.presence.of(id))
 				}
@@ -708,6 +738,7 @@ func TestEmbeddedLateAckBeyondKeepalive(t *testing.T) {
 			dev := connectDevice(t, o)
 			tok := dev.Publish(protocol.ReportedTopic("dev-k", "r1"), qos, false, []byte(`{}`))
 			m := f.rec.next(t)
+			// Not synchronisation: the time passing is what is tested.
 			time.Sleep(3500 * time.Millisecond)
 			m.Ack()
 			waitToken(t, "publish", tok)

@@ -3,6 +3,7 @@ package bus
 import (
 	"context"
 	"fmt"
+	"net"
 	"strings"
 	"sync"
 	"testing"
@@ -69,8 +70,64 @@ func TestNewPahoValidates(t *testing.T) {
 	}
 }
 
+// attemptListener stands where a broker should be: it counts the
+// connections made to it and, unlike a broker, never answers them.
+type attemptListener struct {
+	ln    net.Listener
+	mu    sync.Mutex
+	conns []net.Conn
+}
+
+// listenAttempts starts an attemptListener on a free port of 127.0.0.1.
+// With hold it keeps every connection open (a connect attempt that hangs),
+// otherwise it closes it at once (a connect attempt that fails).
+func listenAttempts(t *testing.T, hold bool) *attemptListener {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := &attemptListener{ln: ln}
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			a.mu.Lock()
+			a.conns = append(a.conns, c)
+			a.mu.Unlock()
+			if !hold {
+				_ = c.Close()
+			}
+		}
+	}()
+	t.Cleanup(a.close)
+	return a
+}
+
+func (a *attemptListener) port() int { return a.ln.Addr().(*net.TCPAddr).Port }
+
+func (a *attemptListener) attempts() int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return len(a.conns)
+}
+
+// close stops listening and drops every connection.
+func (a *attemptListener) close() {
+	_ = a.ln.Close()
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	for _, c := range a.conns {
+		_ = c.Close()
+	}
+}
+
 func TestPahoStartRetriesUntilBrokerUp(t *testing.T) {
-	port := freePort(t) // nothing listens here yet
+	// No broker yet: every connect attempt fails.
+	l := listenAttempts(t, false)
+	port := l.port()
 	rec := newRecorder()
 	p, err := NewPaho(PahoOptions{
 		BrokerURL:      fmt.Sprintf("tcp://127.0.0.1:%d", port),
@@ -83,26 +140,30 @@ func TestPahoStartRetriesUntilBrokerUp(t *testing.T) {
 		t.Fatal(err)
 	}
 	runBus(t, p)
-	time.Sleep(1500 * time.Millisecond) // at least one failed attempt
+	eventually(t, "a failed attempt and a retry", func() bool { return l.attempts() >= 2 })
 	if p.Connected() {
 		t.Fatal("connected without a broker")
 	}
+	l.close()
 	startMosquittoOn(t, port)
 	eventually(t, "the operator has subscribed", p.subscribed)
 }
 
 func TestPahoStartReturnsWhileConnecting(t *testing.T) {
+	// A broker that never answers CONNECT: the attempt hangs for a minute.
+	l := listenAttempts(t, true)
 	p, err := NewPaho(PahoOptions{
-		BrokerURL: fmt.Sprintf("tcp://127.0.0.1:%d", freePort(t)),
-		Handler:   func(Message) {},
-		Logger:    testLogger(t),
+		BrokerURL:      fmt.Sprintf("tcp://127.0.0.1:%d", l.port()),
+		Handler:        func(Message) {},
+		Logger:         testLogger(t),
+		ConnectTimeout: time.Minute,
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
 	stop := runBus(t, p)
-	time.Sleep(200 * time.Millisecond)
-	stop() // fails the test if Start does not return
+	eventually(t, "a connect attempt under way", func() bool { return l.attempts() >= 1 })
+	stop() // fails the test if Start does not return within waitTimeout
 	if err := p.Start(context.Background()); err == nil {
 		t.Error("second Start: want error")
 	}

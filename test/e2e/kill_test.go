@@ -139,6 +139,8 @@ func testKillLosesNoAcknowledgedReport(t *testing.T, kind brokerKind) {
 					st.ackedAfter++
 				}
 				r.mu.Unlock()
+				// Pacing, not synchronisation: devices report at uneven
+				// rates, as real ones do.
 				time.Sleep(time.Duration(10+(int(n)*7+i*13)%40) * time.Millisecond)
 			}
 		})
@@ -164,30 +166,45 @@ func testKillLosesNoAcknowledgedReport(t *testing.T, kind brokerKind) {
 		stopAll()
 	})
 
-	time.Sleep(2 * time.Second)
-	before := 0
-	for _, r := range reporters {
-		before += r.snapshot().acked
-	}
-	t.Logf("%d reports acknowledged before the kill; killing the operator (SIGKILL)", before)
-	g.Expect(before).To(BeNumerically(">", 0), "no report was acknowledged before the kill")
-	op.kill()
-	time.Sleep(time.Second)
-	op.start()
-	restarted.Store(true)
-	t.Logf("operator restarted")
-
-	// Let the devices recover and keep reporting for a few more seconds.
+	// Kill it in mid-stream: once every device has had reports
+	// acknowledged.
 	g.Eventually(func(g Gomega) {
 		for _, r := range reporters {
 			s := r.snapshot()
 			if s.err != nil {
 				StopTrying("a device's report failed").Wrap(s.err).Now()
 			}
-			g.Expect(s.ackedAfter).To(BeNumerically(">=", 3), "acknowledged reports after the restart: %s", s)
+			g.Expect(s.acked).To(BeNumerically(">=", 3), "acknowledged reports before the kill: %s", s)
+		}
+	}, wait, tick).Should(Succeed())
+	before := 0
+	for _, r := range reporters {
+		before += r.snapshot().acked
+	}
+	t.Logf("%d reports acknowledged before the kill; killing the operator (SIGKILL)", before)
+	op.kill()
+	// Restart it once every device has a report the dead operator did not
+	// answer, so the restarted one must deal with reports in flight.
+	g.Eventually(func(g Gomega) {
+		for _, r := range reporters {
+			s := r.snapshot()
+			g.Expect(s.sent).To(BeNumerically(">", s.lastAcked), "a device with no unanswered report: %s", s)
+		}
+	}, wait, tick).Should(Succeed())
+	op.start()
+	restarted.Store(true)
+	t.Logf("operator restarted")
+
+	// Let the devices recover and keep reporting for a while.
+	g.Eventually(func(g Gomega) {
+		for _, r := range reporters {
+			s := r.snapshot()
+			if s.err != nil {
+				StopTrying("a device's report failed").Wrap(s.err).Now()
+			}
+			g.Expect(s.ackedAfter).To(BeNumerically(">=", 10), "acknowledged reports after the restart: %s", s)
 		}
 	}, 90*time.Second, 200*time.Millisecond).Should(Succeed())
-	time.Sleep(2 * time.Second)
 	stopAll()
 
 	total := 0
