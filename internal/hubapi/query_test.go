@@ -135,3 +135,46 @@ func TestQueryPaging(t *testing.T) {
 				"x-ms-continuation: not a continuation token of this query: send back the token of the previous page's reply with the same query")
 	}
 }
+
+// TestQueryLanguageConformance pins, through POST /devices/query, where
+// kubetwin's query language departs from what IoT Hub documents for twin
+// queries (docs/iothub.md, "Conformance"): the lenient parts it keeps on
+// purpose, and what it refuses with the reason.
+func TestQueryLanguageConformance(t *testing.T) {
+	reset(t)
+	newTwin(t, devNS, "conf-a", "conf-a1", `{"group":{"name":"g1"},"floor":2}`, "")
+	newTwin(t, devNS, "conf-b", "conf-b2", `{"group":{"name":"g2"},"floor":3}`, "")
+	body := func(q string) string { b, _ := json.Marshal(map[string]string{"query": q}); return string(b) }
+	rows := func(q string) string {
+		t.Helper()
+		b, _ := json.Marshal(call(t, http.MethodPost, "/devices/query", nil, body(q)).expect(t, http.StatusOK).array(t))
+		return string(b)
+	}
+	// Kept: STARTSWITH (and STARTS_WITH), ENDSWITH, which IoT Hub documents
+	// for routing conditions; expressions as projections.
+	for q, want := range map[string]string{
+		"SELECT deviceId FROM devices WHERE STARTSWITH(deviceId, 'conf-a')":    `[{"deviceId":"conf-a1"}]`,
+		"SELECT deviceId FROM devices WHERE STARTS_WITH(deviceId, 'conf-b')":   `[{"deviceId":"conf-b2"}]`,
+		"SELECT deviceId FROM devices WHERE ENDSWITH(deviceId, 'b2')":          `[{"deviceId":"conf-b2"}]`,
+		"SELECT tags.floor + 1 AS next FROM devices":                           `[{"next":3},{"next":4}]`,
+		"SELECT deviceId FROM devices WHERE tags.[[group]].name = 'g2'":        `[{"deviceId":"conf-b2"}]`,
+		"SELECT deviceId FROM devices WHERE NOT IS_DEFINED(tags.nothing.here)": `[{"deviceId":"conf-a1"},{"deviceId":"conf-b2"}]`,
+	} {
+		if got := rows(q); got != want {
+			t.Errorf("%s: %s, want %s", q, got, want)
+		}
+	}
+	// Refused, saying why.
+	for q, msg := range map[string]string{
+		"SELECT * FROM devices WHERE CONTAINS(deviceId, 'a')": "line 1, column 29: unknown function 'CONTAINS'",
+		"SELECT * FROM devices WHERE tags.x = undefined": "line 1, column 38: unknown property 'undefined': a path starts with " +
+			"deviceId, status, connectionState, lastActivityTime, version, etag, tags, properties or capabilities",
+		"SELECT * FROM devices.modules":                      "line 1, column 15: unknown collection 'devices.modules': only FROM devices can be queried",
+		"SELECT * FROM devices.jobs":                         "line 1, column 15: unknown collection 'devices.jobs': only FROM devices can be queried",
+		"SELECT * FROM devices ORDER BY deviceId":            "line 1, column 23: ORDER BY is not supported: results come in deviceId order",
+		"SELECT * FROM devices WHERE tags.group.name = 'g1'": "line 1, column 34: 'group' is a reserved word: write it as [[group]]",
+	} {
+		call(t, http.MethodPost, "/devices/query", nil, body(q)).
+			expectError(t, http.StatusBadRequest, "ArgumentInvalid", "the query is invalid: "+msg)
+	}
+}
