@@ -6,15 +6,13 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"slices"
-	"sort"
 	"strings"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	apiextensionsv1 "k8s.io/apiextensions-apiserver/pkg/apis/apiextensions/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/api/meta"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/tools/events"
@@ -29,6 +27,7 @@ import (
 
 	"github.com/kubetwin/kubetwin/api/v1alpha1"
 	"github.com/kubetwin/kubetwin/internal/bridge"
+	"github.com/kubetwin/kubetwin/internal/deviceid"
 	"github.com/kubetwin/kubetwin/internal/twin"
 )
 
@@ -42,8 +41,6 @@ const (
 	LabelManager = "kubetwin-labels"
 	// StatusManager is the field manager of the operator's status patches.
 	StatusManager = "kubetwin"
-	// DeviceIDIndex is the field index of twins by effective device id.
-	DeviceIDIndex = "kubetwin.deviceId"
 )
 
 // DeviceTwinReconciler persists each twin's working state (reported
@@ -61,6 +58,9 @@ type DeviceTwinReconciler struct {
 	// tell the broker about them (device authentication); nil leaves
 	// devices unauthenticated.
 	Credentials *Credentials
+	// Claims takes and releases device ids; only the twin that holds its
+	// id is served (required).
+	Claims *deviceid.Claims
 }
 
 var _ reconcile.Reconciler = (*DeviceTwinReconciler)(nil)
@@ -87,28 +87,30 @@ func (r *DeviceTwinReconciler) Reconcile(ctx context.Context, req ctrl.Request) 
 		return ctrl.Result{}, fmt.Errorf("mirroring tags into labels: %w", err)
 	}
 
-	owner, err := r.owner(ctx, t)
+	held, err := r.claim(ctx, t)
 	if err != nil {
 		return ctrl.Result{}, err
 	}
 	in := statusInput{twin: t, now: r.now()}
-	if owner != nil {
-		in.duplicateOf = owner.Namespace + "/" + owner.Name
+	if held != nil {
+		in.duplicateOf = held.Holder.Namespace + "/" + held.Holder.Name
 	}
-	var provisionErr error // reported in the status, then retried
-	if r.Credentials != nil && owner == nil {
-		if in.creds, provisionErr = r.reconcileCredentials(ctx, t); in.creds == nil && provisionErr != nil {
-			return ctrl.Result{}, provisionErr
-		}
-	}
+	// The desired document goes out before the keys: a device that can
+	// log in finds its twin's document retained, never an empty one.
 	in.desired, in.invalid = validSpec(t)
-	if in.invalid == nil && in.duplicateOf == "" {
+	if in.invalid == nil && held == nil {
 		sent, err := r.Bridge.PublishDesired(ctx, t, in.desired)
 		if err != nil {
 			return ctrl.Result{}, err
 		}
 		if sent {
 			log.V(1).Info("desired change sent to device", "deviceId", t.EffectiveDeviceID())
+		}
+	}
+	var provisionErr error // reported in the status, then retried
+	if r.Credentials != nil && held == nil {
+		if in.creds, provisionErr = r.reconcileCredentials(ctx, t); in.creds == nil && provisionErr != nil {
+			return ctrl.Result{}, provisionErr
 		}
 	}
 	snap, err := r.Bridge.Snapshot(t)
@@ -200,7 +202,7 @@ func (r *DeviceTwinReconciler) recordTransitions(t *v1alpha1.DeviceTwin, old, st
 		case v1alpha1.ConditionReady, v1alpha1.ConditionReconciling, v1alpha1.ConditionStalled:
 			continue // they repeat InSync and Connected
 		}
-		prev := findCondition(old.Conditions, c.Type)
+		prev := meta.FindStatusCondition(old.Conditions, c.Type)
 		if prev != nil && prev.Status == c.Status && prev.Reason == c.Reason {
 			continue
 		}
@@ -212,58 +214,24 @@ func (r *DeviceTwinReconciler) recordTransitions(t *v1alpha1.DeviceTwin, old, st
 	}
 }
 
-// owner returns the twin that owns t's device id when that is another
-// twin (the oldest claim wins), else nil.
-func (r *DeviceTwinReconciler) owner(ctx context.Context, t *v1alpha1.DeviceTwin) (*v1alpha1.DeviceTwin, error) {
-	o, err := ResolveDeviceID(ctx, r.Client, t.EffectiveDeviceID())
-	if err != nil {
-		if errors.Is(err, bridge.ErrNotFound) {
-			return nil, nil
-		}
-		return nil, err
-	}
-	if o.Namespace == t.Namespace && o.Name == t.Name {
-		return nil, nil
-	}
-	return o, nil
-}
-
-// ResolveDeviceID finds the twin that owns a device id: the oldest of the
-// twins that claim it. c is the manager's cache; the result is shared with
-// it (no deep copy on this per-message path) and must not be modified.
-func ResolveDeviceID(ctx context.Context, c client.Reader, deviceID string) (*v1alpha1.DeviceTwin, error) {
-	var list v1alpha1.DeviceTwinList
-	if err := c.List(ctx, &list, client.MatchingFields{DeviceIDIndex: deviceID}, client.UnsafeDisableDeepCopy); err != nil {
-		return nil, err
-	}
-	var live []*v1alpha1.DeviceTwin
-	for i := range list.Items {
-		if list.Items[i].DeletionTimestamp.IsZero() {
-			live = append(live, &list.Items[i])
-		}
-	}
-	if len(live) == 0 {
-		return nil, bridge.ErrNotFound
-	}
-	sort.Slice(live, func(i, j int) bool {
-		a, b := live[i], live[j]
-		if !a.CreationTimestamp.Equal(&b.CreationTimestamp) {
-			return a.CreationTimestamp.Before(&b.CreationTimestamp)
-		}
-		return a.Namespace+"/"+a.Name < b.Namespace+"/"+b.Name
-	})
-	return live[0], nil
-}
-
-// finalize clears the device's retained desired document, has the broker
-// refuse the device from now on, and releases the twin.
+// finalize releases the twin. Only the twin that holds its device id
+// touches the device: it clears the retained desired document and has the
+// broker refuse (and disconnect) the device, and only then releases the id,
+// which wakes the twins that want it. A twin being deleted may still take
+// a free id, so that no other twin is served while it cleans up.
 func (r *DeviceTwinReconciler) finalize(ctx context.Context, t *v1alpha1.DeviceTwin) error {
 	key := types.NamespacedName{Namespace: t.Namespace, Name: t.Name}
 	if !controllerutil.ContainsFinalizer(t, Finalizer) {
 		r.Bridge.Forget(key)
 		return nil
 	}
-	if owner, err := r.owner(ctx, t); err == nil && owner == nil {
+	var held *deviceid.HeldError
+	switch err := r.Claims.Claim(ctx, t); {
+	case errors.As(err, &held):
+		// Another twin's device: leave it alone.
+	case err != nil:
+		return fmt.Errorf("claiming the device id to release it: %w", err)
+	default:
 		if err := r.Bridge.ClearRetained(ctx, t.EffectiveDeviceID()); err != nil {
 			return fmt.Errorf("clearing retained desired document: %w", err)
 		}
@@ -271,6 +239,9 @@ func (r *DeviceTwinReconciler) finalize(ctx context.Context, t *v1alpha1.DeviceT
 			if err := r.Credentials.Provisioner.Deprovision(ctx, t.EffectiveDeviceID()); err != nil {
 				return fmt.Errorf("removing the device from the broker: %w", err)
 			}
+		}
+		if err := r.Claims.Release(ctx, t); err != nil {
+			return err
 		}
 	}
 	if err := r.applyLabels(ctx, t, false); err != nil {
@@ -351,12 +322,13 @@ func ownedLabels(t *v1alpha1.DeviceTwin, manager string) map[string]bool {
 	return out
 }
 
-// SetupWithManager registers the reconciler, the device id index and the
-// bridge's source of woken twins with mgr.
+// SetupWithManager registers the reconciler, the device id index, the
+// bridge's source of woken twins and the watch of claims with mgr.
 func (r *DeviceTwinReconciler) SetupWithManager(ctx context.Context, mgr ctrl.Manager) error {
-	if err := mgr.GetFieldIndexer().IndexField(ctx, &v1alpha1.DeviceTwin{}, DeviceIDIndex, func(o client.Object) []string {
-		return []string{o.(*v1alpha1.DeviceTwin).EffectiveDeviceID()}
-	}); err != nil {
+	if r.Claims == nil {
+		return errors.New("the DeviceTwin reconciler needs Claims")
+	}
+	if err := deviceid.IndexTwins(ctx, mgr.GetFieldIndexer()); err != nil {
 		return err
 	}
 	workers := r.MaxConcurrentReconciles
@@ -367,6 +339,9 @@ func (r *DeviceTwinReconciler) SetupWithManager(ctx context.Context, mgr ctrl.Ma
 		For(&v1alpha1.DeviceTwin{}, builder.WithPredicates(predicate.Or(
 			predicate.GenerationChangedPredicate{}, predicate.LabelChangedPredicate{}))).
 		WatchesRawSource(r.Bridge.Source()).
+		// A claim that goes or changes hands wakes the twins that want
+		// its id, so the next holder is served at once.
+		Watches(&v1alpha1.DeviceIDClaim{}, handler.EnqueueRequestsFromMapFunc(r.twinsWantingClaim)).
 		WithOptions(controller.Options{MaxConcurrentReconciles: workers}).
 		Named("devicetwin")
 	if r.Credentials != nil {
@@ -385,12 +360,4 @@ func (r *DeviceTwinReconciler) SetupWithManager(ctx context.Context, mgr ctrl.Ma
 			Watches(&corev1.Secret{}, handler.EnqueueRequestsFromMapFunc(r.twinsUsingSecret))
 	}
 	return b.Complete(r)
-}
-
-func findCondition(cs []metav1.Condition, typ string) *metav1.Condition {
-	i := slices.IndexFunc(cs, func(c metav1.Condition) bool { return c.Type == typ })
-	if i < 0 {
-		return nil
-	}
-	return &cs[i]
 }

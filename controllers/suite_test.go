@@ -9,6 +9,8 @@ import (
 	"time"
 
 	"go.uber.org/zap/zapcore"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	ctrl "sigs.k8s.io/controller-runtime"
@@ -36,6 +38,9 @@ var (
 
 // testHub is the suite's --hub-hostname.
 const testHub = "kubetwin.test"
+
+// claimsNS is the suite's --claims-namespace.
+const claimsNS = "kubetwin-system"
 
 // openWithoutUsername lets a client that sends no username and no password
 // in as an administrator (every topic), as the broker did before devices
@@ -81,6 +86,10 @@ func runSuite(m *testing.M) int {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
+	if err := k8s.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: claimsNS}}); err != nil {
+		fmt.Fprintf(os.Stderr, "namespace: %v\n", err)
+		return 1
+	}
 
 	mgr, err := ctrl.NewManager(cfg, ctrl.Options{
 		Scheme:                 testScheme,
@@ -92,8 +101,8 @@ func runSuite(m *testing.M) int {
 		fmt.Fprintf(os.Stderr, "manager: %v\n", err)
 		return 1
 	}
-	br := operator.NewBridge(mgr, operator.BridgeOptions{})
-	auth := &deviceauth.Authenticator{HubHostname: testHub, Lookup: controllers.DeviceLookup(mgr.GetClient())}
+	br := operator.NewBridge(mgr, operator.BridgeOptions{ClaimsNamespace: claimsNS})
+	auth := &deviceauth.Authenticator{HubHostname: testHub, Lookup: controllers.DeviceLookup(operator.Resolver(mgr, claimsNS))}
 	emb, err := bus.NewEmbedded(bus.EmbeddedOptions{
 		Listen: "127.0.0.1:0", Handler: br.Handle, Presence: br.Presence, Logger: ctrl.Log.WithName("broker"),
 		Auth: openWithoutUsername{auth},
@@ -106,7 +115,7 @@ func runSuite(m *testing.M) int {
 		fmt.Fprintf(os.Stderr, "%v\n", err)
 		return 1
 	}
-	if err := operator.AddReconciler(ctx, mgr, br, operator.ReconcilerOptions{Credentials: &controllers.Credentials{
+	if err := operator.AddReconciler(ctx, mgr, br, operator.ReconcilerOptions{ClaimsNamespace: claimsNS, Credentials: &controllers.Credentials{
 		HubHostname: testHub,
 		Provisioner: deviceauth.EmbeddedProvisioner{Broker: emb, Auth: auth},
 	}}); err != nil {

@@ -163,8 +163,16 @@ type DeviceTwinSpec struct {
 	// It defaults to metadata.name and, unlike a Kubernetes name, may hold
 	// upper case letters and any of - : . + % _ # * ? ! ( ) , = @ ; $ '
 	// (the IoT Hub device id character set), up to 128 characters. It cannot
-	// be changed once set. Device ids are unique across the namespaces the
-	// operator watches.
+	// be changed once set.
+	//
+	// A device id is unique per hub (operator install): one twin holds it,
+	// recorded in a DeviceIDClaim in the operator's namespace. Creating a
+	// second twin with an id another twin holds is refused at admission with
+	// a message naming the holder; without the webhook, the second twin is
+	// Stalled with reason DuplicateDeviceID and never served (no keys, nothing
+	// published). Deleting the holder cuts its device's credentials and
+	// connection and clears its retained desired document, then releases the
+	// id: a twin that wants it next is served at once, with its own keys.
 	// +optional
 	// +kubebuilder:validation:MinLength=1
 	// +kubebuilder:validation:MaxLength=128

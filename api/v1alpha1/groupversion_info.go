@@ -1,5 +1,5 @@
 // Package v1alpha1 contains the API types of the kubetwin.io group: the
-// DeviceTwin resource.
+// DeviceTwin resource and the DeviceIDClaim that makes a device id unique.
 //
 // +kubebuilder:object:generate=true
 // +groupName=kubetwin.io

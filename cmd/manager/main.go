@@ -4,6 +4,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -57,6 +58,8 @@ type options struct {
 	workers                int
 	// pending bounds the device messages waiting to be stored.
 	pending operator.BridgeOptions
+	// claimsNS is --claims-namespace (see claimsNamespace).
+	claimsNS string
 
 	brokerURL, brokerUsername, brokerPasswordFile string
 	brokerClientID                                string
@@ -117,6 +120,8 @@ func main() {
 	flag.StringVar(&o.probeAddr, "health-probe-bind-address", ":8081", "Address of the /healthz and /readyz endpoints.")
 	flag.BoolVar(&o.leaderElect, "leader-elect", false, "Elect a leader so that only one replica bridges devices.")
 	flag.StringVar(&o.namespace, "namespace", "", "Watch DeviceTwins in this namespace only (default: all namespaces).")
+	flag.StringVar(&o.claimsNS, "claims-namespace", "",
+		"Namespace of the DeviceIDClaims that make each device id unique to one DeviceTwin (default: $POD_NAMESPACE, else \"default\"). Tenants need no rights there.")
 	flag.IntVar(&o.workers, "max-concurrent-reconciles", 32, "Parallel DeviceTwin reconciles (and so status writes in flight).")
 	flag.IntVar(&o.pending.MaxPendingReports, "max-pending-reports", bridge.DefaultMaxPendingReports,
 		"Messages of one device (reports, plus its latest presence and ack) waiting to be stored; a report beyond it is answered 429.")
@@ -174,6 +179,7 @@ func run(ctx context.Context, o options) error {
 	if err != nil {
 		return err
 	}
+	o.pending.ClaimsNamespace = o.claimsNamespace()
 	br := operator.NewBridge(mgr, o.pending)
 	auth, err := newAuthenticator(mgr, o)
 	if err != nil {
@@ -193,13 +199,15 @@ func run(ctx context.Context, o options) error {
 	if err != nil {
 		return err
 	}
-	if err := operator.AddReconciler(ctx, mgr, br, operator.ReconcilerOptions{Workers: o.workers, Credentials: creds}); err != nil {
+	if err := operator.AddReconciler(ctx, mgr, br, operator.ReconcilerOptions{
+		Workers: o.workers, Credentials: creds, ClaimsNamespace: o.claimsNamespace(),
+	}); err != nil {
 		return err
 	}
 	if err := setupProbes(mgr); err != nil {
 		return err
 	}
-	if err := setupWebhook(ctx, mgr, o.webhook); err != nil {
+	if err := setupWebhook(ctx, mgr, o); err != nil {
 		return err
 	}
 	if err := setupServiceAPI(ctx, mgr, o, b); err != nil {
@@ -242,8 +250,10 @@ func setupManager(o options) (ctrl.Manager, error) {
 		LeaderElectionID:              "kubetwin.kubetwin.io",
 		LeaderElectionReleaseOnCancel: true,
 	}
-	// The cache holds only Secrets labelled kubetwin.io/device-keys=true.
+	// The cache holds only Secrets labelled kubetwin.io/device-keys=true,
+	// and the claims of the claims namespace, wherever twins are watched.
 	mo.Cache = cache.Options{ByObject: controllers.KeySecretCacheOptions()}
+	mo.Cache.ByObject[&v1alpha1.DeviceIDClaim{}] = cache.ByObject{Namespaces: map[string]cache.Config{o.claimsNamespace(): {}}}
 	if o.namespace != "" {
 		mo.Cache.DefaultNamespaces = map[string]cache.Config{o.namespace: {}}
 	}
@@ -371,6 +381,12 @@ func bindWebhookFlags(w *webhookOptions) {
 	flag.DurationVar(&w.caValidity, "webhook-ca-validity", certs.DefaultCAValidity, "Lifetime of the webhook CA; it is replaced at 2/3 of it.")
 }
 
+// claimsNamespace is where the device id claims are: --claims-namespace,
+// else the pod's namespace, else "default".
+func (o options) claimsNamespace() string {
+	return cmp.Or(o.claimsNS, os.Getenv("POD_NAMESPACE"), operator.DefaultClaimsNamespace)
+}
+
 // serviceNamespace is the webhook Service's namespace: the flag, else the
 // pod's namespace from the downward API.
 func (w webhookOptions) serviceNamespace() string {
@@ -392,7 +408,8 @@ func webhookServed(w webhookOptions) bool {
 // come from elsewhere, issues the serving certificate before the manager
 // starts (the webhook server needs it to start) and adds the certificate
 // manager that rotates it.
-func setupWebhook(ctx context.Context, mgr ctrl.Manager, w webhookOptions) error {
+func setupWebhook(ctx context.Context, mgr ctrl.Manager, o options) error {
+	w := o.webhook
 	log := ctrl.Log.WithName("setup")
 	if !webhookServed(w) {
 		reason := "--disable-webhook"
@@ -403,7 +420,9 @@ func setupWebhook(ctx context.Context, mgr ctrl.Manager, w webhookOptions) error
 		return nil
 	}
 	srv := mgr.GetWebhookServer()
-	webhook.Register(srv, mgr.GetScheme())
+	webhook.Register(srv, mgr.GetScheme(), webhook.Validator{
+		Claims: operator.Claims(mgr, o.claimsNamespace()), Namespace: o.namespace,
+	})
 	if err := mgr.AddReadyzCheck("webhook", srv.StartedChecker()); err != nil {
 		return fmt.Errorf("adding webhook ready check: %w", err)
 	}

@@ -162,7 +162,7 @@ func newAuthenticator(mgr ctrl.Manager, o options) (*deviceauth.Authenticator, e
 	if o.deviceAuth != deviceAuthSAS || o.brokerURL != "" {
 		return nil, nil
 	}
-	a := &deviceauth.Authenticator{HubHostname: o.hubHostname, Lookup: controllers.DeviceLookup(mgr.GetClient()),
+	a := &deviceauth.Authenticator{HubHostname: o.hubHostname, Lookup: controllers.DeviceLookup(operator.Resolver(mgr, o.claimsNamespace())),
 		MaxTokenLifetime: o.maxTokenLifetime}
 	if f := o.mqtt.adminPasswordFile; f != "" {
 		pw, err := os.ReadFile(f)

@@ -26,15 +26,14 @@ import (
 
 	"github.com/kubetwin/kubetwin/api/v1alpha1"
 	"github.com/kubetwin/kubetwin/internal/bus"
+	"github.com/kubetwin/kubetwin/internal/deviceid"
 	"github.com/kubetwin/kubetwin/internal/twin"
 	"github.com/kubetwin/kubetwin/pkg/protocol"
 )
 
-// ErrNotFound means no DeviceTwin has the device id.
-var ErrNotFound = errors.New("no DeviceTwin has this device id")
-
-// Resolver finds the DeviceTwin that owns a device id (normally through the
-// manager's cache and a field index). It returns ErrNotFound when there is none.
+// Resolver finds the DeviceTwin that holds a device id (deviceid.Resolver
+// over the manager's cache). It returns an error matching
+// deviceid.ErrNotFound when there is none.
 type Resolver func(ctx context.Context, deviceID string) (*v1alpha1.DeviceTwin, error)
 
 // Defaults of Options and fixed limits.
@@ -319,7 +318,7 @@ func (b *Bridge) Handle(m bus.Message) {
 	if err != nil {
 		if m.RequestID != "" {
 			st, msg := protocol.StatusError, fmt.Sprintf("looking up device %q: %v", m.DeviceID, err)
-			if errors.Is(err, ErrNotFound) {
+			if errors.Is(err, deviceid.ErrNotFound) {
 				st, msg = protocol.StatusNotFound, fmt.Sprintf("no DeviceTwin for device id %q", m.DeviceID)
 			}
 			b.respond(ctx, m.DeviceID, m.RequestID, protocol.Response{Status: st, Error: msg})

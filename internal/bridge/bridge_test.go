@@ -14,6 +14,7 @@ import (
 
 	"github.com/kubetwin/kubetwin/api/v1alpha1"
 	"github.com/kubetwin/kubetwin/internal/bus"
+	"github.com/kubetwin/kubetwin/internal/deviceid"
 	"github.com/kubetwin/kubetwin/pkg/protocol"
 )
 
@@ -62,7 +63,7 @@ func newTestBridgeWith(t *testing.T, o Options) (*Bridge, *fakeBus, *v1alpha1.De
 	tw := &v1alpha1.DeviceTwin{ObjectMeta: metav1.ObjectMeta{Namespace: "ns", Name: "d1"}}
 	o.Resolve = func(_ context.Context, id string) (*v1alpha1.DeviceTwin, error) {
 		if id != "d1" {
-			return nil, ErrNotFound
+			return nil, deviceid.ErrNotFound
 		}
 		return tw, nil
 	}

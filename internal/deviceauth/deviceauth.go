@@ -28,11 +28,9 @@ import (
 	"time"
 
 	"github.com/kubetwin/kubetwin/internal/bus"
+	"github.com/kubetwin/kubetwin/internal/deviceid"
 	"github.com/kubetwin/kubetwin/pkg/sas"
 )
-
-// ErrUnknownDevice is returned by a Lookup for a device id no twin has.
-var ErrUnknownDevice = errors.New("no DeviceTwin has this device id")
 
 // Device is what decides whether a device may connect.
 type Device struct {
@@ -66,7 +64,8 @@ func (d Device) keys() [][]byte {
 	return out
 }
 
-// Lookup returns the device with an id, or ErrUnknownDevice.
+// Lookup returns the device with an id, or an error matching
+// deviceid.ErrNotFound.
 type Lookup func(ctx context.Context, deviceID string) (Device, error)
 
 // AdminUsername is the username of the operator's administrative MQTT
@@ -107,7 +106,7 @@ func (a *Authenticator) Authenticate(ctx context.Context, clientID, username str
 		return bus.Grant{}, err
 	}
 	d, err := a.Lookup(ctx, clientID)
-	if errors.Is(err, ErrUnknownDevice) {
+	if errors.Is(err, deviceid.ErrNotFound) {
 		return bus.Grant{}, bus.Refuse(bus.ReasonUnknownDevice, fmt.Sprintf("no DeviceTwin has device id %q", clientID))
 	}
 	if err != nil {

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/kubetwin/kubetwin/internal/bus"
+	"github.com/kubetwin/kubetwin/internal/deviceid"
 	"github.com/kubetwin/kubetwin/pkg/sas"
 )
 
@@ -26,7 +27,7 @@ func lookup(devices ...Device) Lookup {
 		if id == "broken" {
 			return Device{}, errors.New("cache not synced")
 		}
-		return Device{}, ErrUnknownDevice
+		return Device{}, deviceid.ErrNotFound
 	}
 }
 

@@ -6,6 +6,7 @@
 package operator
 
 import (
+	"cmp"
 	"context"
 	"crypto/tls"
 	"errors"
@@ -19,17 +20,22 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/manager"
 
-	"github.com/kubetwin/kubetwin/api/v1alpha1"
 	"github.com/kubetwin/kubetwin/controllers"
 	"github.com/kubetwin/kubetwin/internal/bridge"
 	"github.com/kubetwin/kubetwin/internal/bus"
+	"github.com/kubetwin/kubetwin/internal/deviceid"
 	"github.com/kubetwin/kubetwin/internal/hubapi"
+	"github.com/kubetwin/kubetwin/internal/ratelog"
 )
 
 // AwaitReconcile is how long a service API write of tags or desired
 // properties waits for the operator's follow-up writes when the reconciler
 // runs in the same manager (see hubapi.Options.AwaitReconcile).
 const AwaitReconcile = 2 * time.Second
+
+// DefaultClaimsNamespace is where device id claims are kept when no
+// namespace is given (--claims-namespace outside a pod).
+const DefaultClaimsNamespace = "default"
 
 // BridgeOptions bounds what a device may leave waiting to be stored; zero
 // fields take the bridge's defaults.
@@ -38,24 +44,32 @@ type BridgeOptions struct {
 	MaxPendingReports int
 	// MaxPendingReportBytes is bridge.Options.MaxPendingReportBytes.
 	MaxPendingReportBytes int
+	// ClaimsNamespace is where the device id claims are
+	// (DefaultClaimsNamespace if empty).
+	ClaimsNamespace string
 }
 
-// NewBridge returns the bridge between devices and twins; it finds a
-// device's twin in mgr's cache (controllers.ResolveDeviceID).
+// NewBridge returns the bridge between devices and twins; it finds the
+// twin that holds a device id in mgr's cache (Resolver).
 func NewBridge(mgr ctrl.Manager, o BridgeOptions) *bridge.Bridge {
 	return bridge.New(bridge.Options{
 		Logger:                ctrl.Log.WithName("bridge"),
-		Resolve:               resolver(mgr),
+		Resolve:               Resolver(mgr, o.ClaimsNamespace).Resolve,
 		MaxPendingReports:     o.MaxPendingReports,
 		MaxPendingReportBytes: o.MaxPendingReportBytes,
 	})
 }
 
-// resolver finds the twin of a device id in mgr's cache.
-func resolver(mgr ctrl.Manager) func(ctx context.Context, id string) (*v1alpha1.DeviceTwin, error) {
-	return func(ctx context.Context, id string) (*v1alpha1.DeviceTwin, error) {
-		return controllers.ResolveDeviceID(ctx, mgr.GetClient(), id)
-	}
+// Resolver finds the twin that holds a device id in mgr's cache, through
+// the claims of claimsNS (DefaultClaimsNamespace if empty).
+func Resolver(mgr ctrl.Manager, claimsNS string) deviceid.Resolver {
+	return deviceid.Resolver{Reader: mgr.GetClient(), Namespace: cmp.Or(claimsNS, DefaultClaimsNamespace)}
+}
+
+// Claims takes and releases device ids in claimsNS (DefaultClaimsNamespace
+// if empty) for mgr's webhook and reconciler.
+func Claims(mgr ctrl.Manager, claimsNS string) *deviceid.Claims {
+	return &deviceid.Claims{Client: mgr.GetClient(), APIReader: mgr.GetAPIReader(), Namespace: cmp.Or(claimsNS, DefaultClaimsNamespace)}
 }
 
 // AddBus makes b the bridge's bus and adds it to mgr, which starts and
@@ -80,19 +94,29 @@ type ReconcilerOptions struct {
 	// Credentials configures device keys; nil without device
 	// authentication.
 	Credentials *controllers.Credentials
+	// ClaimsNamespace is where the device id claims are
+	// (DefaultClaimsNamespace if empty).
+	ClaimsNamespace string
 }
 
-// AddReconciler sets up the DeviceTwin reconciler with mgr, working with br.
+// AddReconciler sets up the DeviceTwin reconciler with mgr, working with
+// br, and the reconciler that removes stale device id claims.
 func AddReconciler(ctx context.Context, mgr ctrl.Manager, br *bridge.Bridge, o ReconcilerOptions) error {
+	claims := Claims(mgr, o.ClaimsNamespace)
 	r := &controllers.DeviceTwinReconciler{
 		Client:                  mgr.GetClient(),
 		Bridge:                  br,
 		Recorder:                mgr.GetEventRecorder("kubetwin"),
 		MaxConcurrentReconciles: o.Workers,
 		Credentials:             o.Credentials,
+		Claims:                  claims,
 	}
 	if err := r.SetupWithManager(ctx, mgr); err != nil {
 		return fmt.Errorf("setting up the DeviceTwin controller: %w", err)
+	}
+	gc := &controllers.DeviceIDClaimReconciler{Client: mgr.GetClient(), Claims: claims}
+	if err := gc.SetupWithManager(mgr); err != nil {
+		return fmt.Errorf("setting up the DeviceIDClaim controller: %w", err)
 	}
 	return nil
 }
@@ -106,8 +130,12 @@ type ServiceAPIOptions struct {
 	// Hostname is the service host name: the resource of service tokens
 	// and the HostName of service connection strings.
 	Hostname string
-	// Namespace is where devices created through the registry go.
+	// Namespace is the one namespace the service API serves (and where
+	// devices created through the registry go).
 	Namespace string
+	// ClaimsNamespace is where the device id claims are
+	// (DefaultClaimsNamespace if empty).
+	ClaimsNamespace string
 	// Policies is the shared access policies Secret; it is created, or
 	// completed, before the server is added.
 	Policies types.NamespacedName
@@ -122,6 +150,9 @@ type ServiceAPIOptions struct {
 	MaxConcurrentQueries int
 	MaxQueryPageBytes    int
 	PolicyReadTimeout    time.Duration
+	// MaxTokenLifetime and LogLimiter are hubapi.Options'.
+	MaxTokenLifetime time.Duration
+	LogLimiter       *ratelog.Limiter
 }
 
 // AddServiceAPI makes sure the policies Secret exists and adds the service
@@ -146,7 +177,7 @@ func AddServiceAPI(ctx context.Context, mgr ctrl.Manager, o ServiceAPIOptions) (
 		Client:         mgr.GetClient(),
 		Reader:         mgr.GetClient(),
 		APIReader:      mgr.GetAPIReader(),
-		Resolve:        resolver(mgr),
+		Resolve:        Resolver(mgr, o.ClaimsNamespace).Resolve,
 		Namespace:      o.Namespace,
 		HubHostname:    o.Hostname,
 		PolicySecret:   o.Policies,
@@ -156,6 +187,8 @@ func AddServiceAPI(ctx context.Context, mgr ctrl.Manager, o ServiceAPIOptions) (
 		MaxConcurrentQueries: o.MaxConcurrentQueries,
 		MaxQueryPageBytes:    o.MaxQueryPageBytes,
 		PolicyReadTimeout:    o.PolicyReadTimeout,
+		MaxTokenLifetime:     o.MaxTokenLifetime,
+		LogLimiter:           o.LogLimiter,
 	})
 	if err != nil {
 		return nil, err

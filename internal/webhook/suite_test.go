@@ -29,6 +29,7 @@ import (
 
 	"github.com/kubetwin/kubetwin/api/v1alpha1"
 	ktcerts "github.com/kubetwin/kubetwin/internal/certs"
+	"github.com/kubetwin/kubetwin/internal/deviceid"
 	"github.com/kubetwin/kubetwin/internal/webhook"
 )
 
@@ -54,6 +55,7 @@ const (
 	// config/webhook/manifests.yaml (kustomize prefixes it when deploying).
 	configName   = "admission"
 	certNS       = "kubetwin-system"
+	claimsNS     = certNS
 	certSecret   = "webhook-server-cert"
 	operatorUser = "system:serviceaccount:kubetwin-system:kubetwin-controller-manager"
 	wait         = 20 * time.Second
@@ -155,7 +157,9 @@ func setup() (int, func()) {
 		cleanup()
 		return fail("manager: %v", err)
 	}
-	webhook.Register(mgr.GetWebhookServer(), testScheme)
+	webhook.Register(mgr.GetWebhookServer(), testScheme, webhook.Validator{Claims: &deviceid.Claims{
+		Client: mgr.GetClient(), APIReader: mgr.GetAPIReader(), Namespace: claimsNS,
+	}})
 	if err := mgr.Add(certs); err != nil {
 		cleanup()
 		return fail("adding the cert manager: %v", err)

@@ -20,6 +20,15 @@
 // webhook existed can still get labels, finalizers and fixes to the other
 // section.
 //
+// A device id is unique per hub: on create the validating webhook takes
+// the id's DeviceIDClaim for the new twin (package deviceid), and refuses
+// the twin when another live twin holds the id, naming it:
+//
+//	spec.deviceId: device id "X" is already held by DeviceTwin ns/name
+//
+// Two concurrent creates race on creating one claim, so exactly one wins.
+// A dry-run create only checks (sideEffects: NoneOnDryRun).
+//
 // The defaulting webhook sets spec.deviceId to metadata.name on create when
 // it is unset (and the name is a valid device id). See docs/admission.md
 // for the failure policy and for how this plays with server-side apply.
@@ -46,6 +55,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/webhook/admission"
 
 	"github.com/kubetwin/kubetwin/api/v1alpha1"
+	"github.com/kubetwin/kubetwin/internal/deviceid"
 	"github.com/kubetwin/kubetwin/internal/twin"
 )
 
@@ -56,20 +66,52 @@ const (
 	DefaultPath  = "/mutate-kubetwin-io-v1alpha1-devicetwin"
 )
 
-// Register serves the validating and the defaulting webhook on srv.
-func Register(srv crwebhook.Server, scheme *runtime.Scheme) {
-	srv.Register(ValidatePath, admission.WithValidator[*v1alpha1.DeviceTwin](scheme, Validator{}))
+// Register serves v as the validating webhook and the defaulting webhook
+// on srv.
+func Register(srv crwebhook.Server, scheme *runtime.Scheme, v Validator) {
+	srv.Register(ValidatePath, admission.WithValidator[*v1alpha1.DeviceTwin](scheme, v))
 	srv.Register(DefaultPath, &admission.Webhook{Handler: &Defaulter{decoder: admission.NewDecoder(scheme)}})
 }
 
 // Validator is the validating webhook for DeviceTwins.
-type Validator struct{}
+type Validator struct {
+	// Claims takes the device id of a new twin; nil checks no uniqueness.
+	Claims *deviceid.Claims
+	// Namespace, when set, is the only namespace whose twins this hub
+	// serves (--namespace): twins elsewhere claim no id here.
+	Namespace string
+}
 
 var _ admission.Validator[*v1alpha1.DeviceTwin] = Validator{}
 
-// ValidateCreate refuses a new twin that breaks the rules.
-func (Validator) ValidateCreate(_ context.Context, t *v1alpha1.DeviceTwin) (admission.Warnings, error) {
-	return nil, Invalid(t, Validate(nil, t))
+// ValidateCreate refuses a new twin that breaks the rules or whose device
+// id another twin holds, and otherwise makes it the holder.
+func (v Validator) ValidateCreate(ctx context.Context, t *v1alpha1.DeviceTwin) (admission.Warnings, error) {
+	if err := Invalid(t, Validate(nil, t)); err != nil {
+		return nil, err
+	}
+	return nil, v.claim(ctx, t)
+}
+
+// claim takes t's device id (only checks, on dry run).
+func (v Validator) claim(ctx context.Context, t *v1alpha1.DeviceTwin) error {
+	if v.Claims == nil || (v.Namespace != "" && t.Namespace != v.Namespace) {
+		return nil
+	}
+	var err error
+	if req, rerr := admission.RequestFromContext(ctx); rerr == nil && req.DryRun != nil && *req.DryRun {
+		err = v.Claims.Check(ctx, t)
+	} else {
+		err = v.Claims.Claim(ctx, t)
+	}
+	var held *deviceid.HeldError
+	if errors.As(err, &held) {
+		return Invalid(t, []*twin.Error{{Path: "spec.deviceId", Rule: held.Error()}})
+	}
+	if err != nil {
+		return apierrors.NewInternalError(fmt.Errorf("claiming device id %q: %w", t.EffectiveDeviceID(), err))
+	}
+	return nil
 }
 
 // ValidateUpdate refuses a change that breaks the rules or the device id.

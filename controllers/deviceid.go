@@ -1,0 +1,119 @@
+package controllers
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/types"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/builder"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/event"
+	"sigs.k8s.io/controller-runtime/pkg/handler"
+	"sigs.k8s.io/controller-runtime/pkg/predicate"
+	"sigs.k8s.io/controller-runtime/pkg/reconcile"
+
+	"github.com/kubetwin/kubetwin/api/v1alpha1"
+	"github.com/kubetwin/kubetwin/internal/deviceid"
+)
+
+// Claims live in the operator's own namespace (config/rbac names it
+// "system"; kustomize and the chart put the release namespace there). The
+// operator reads twins everywhere it watches to tell live holders from
+// stale claims.
+//
+// +kubebuilder:rbac:groups=kubetwin.io,resources=deviceidclaims,verbs=get;list;watch;create;update;delete,namespace=system
+
+// claim makes t the holder of its device id if it can, and returns the
+// *deviceid.HeldError naming the holder when another live twin holds it.
+// A twin that already holds its id, as the cache shows, costs nothing
+// more; anything else is decided on live data.
+func (r *DeviceTwinReconciler) claim(ctx context.Context, t *v1alpha1.DeviceTwin) (*deviceid.HeldError, error) {
+	cl := &v1alpha1.DeviceIDClaim{}
+	key := types.NamespacedName{Namespace: r.Claims.Namespace, Name: deviceid.ClaimName(t.EffectiveDeviceID())}
+	if err := r.Get(ctx, key, cl, client.UnsafeDisableDeepCopy); err == nil && deviceid.HeldBy(cl, t) {
+		return nil, nil
+	}
+	var held *deviceid.HeldError
+	switch err := r.Claims.Claim(ctx, t); {
+	case errors.As(err, &held):
+		return held, nil
+	case err != nil:
+		return nil, err
+	}
+	return nil, nil
+}
+
+// twinsWantingClaim maps a claim to the twins with its device id.
+func (r *DeviceTwinReconciler) twinsWantingClaim(ctx context.Context, o client.Object) []reconcile.Request {
+	cl, ok := o.(*v1alpha1.DeviceIDClaim)
+	if !ok {
+		return nil
+	}
+	keys, err := deviceid.TwinsWanting(ctx, r.Client, cl.Spec.DeviceID)
+	if err != nil {
+		ctrl.LoggerFrom(ctx).Error(err, "listing the twins that want a device id", "deviceId", cl.Spec.DeviceID)
+		return nil
+	}
+	out := make([]reconcile.Request, len(keys))
+	for i, k := range keys {
+		out[i] = reconcile.Request{NamespacedName: k}
+	}
+	return out
+}
+
+// DeviceIDClaimReconciler removes stale claims: those whose twin does not
+// exist (never stored, or deleted without its finalizer) once they are
+// older than deviceid.StaleAfter.
+type DeviceIDClaimReconciler struct {
+	client.Client
+	Claims *deviceid.Claims
+}
+
+var _ reconcile.Reconciler = (*DeviceIDClaimReconciler)(nil)
+
+// Reconcile checks one claim.
+func (r *DeviceIDClaimReconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Result, error) {
+	cl := &v1alpha1.DeviceIDClaim{}
+	if err := r.Get(ctx, req.NamespacedName, cl); err != nil {
+		return ctrl.Result{}, client.IgnoreNotFound(err)
+	}
+	// The usual case, a holder the cache holds, needs no API call.
+	t := &v1alpha1.DeviceTwin{}
+	h := cl.Spec.Twin
+	if err := r.Get(ctx, types.NamespacedName{Namespace: h.Namespace, Name: h.Name}, t, client.UnsafeDisableDeepCopy); err == nil && t.UID == h.UID {
+		return ctrl.Result{}, nil
+	}
+	wait, err := r.Claims.Collect(ctx, cl)
+	switch {
+	case apierrors.IsConflict(err):
+		return ctrl.Result{RequeueAfter: time.Second}, nil // changed meanwhile; look again
+	case err != nil:
+		return ctrl.Result{}, err
+	case wait > 0:
+		return ctrl.Result{RequeueAfter: wait}, nil
+	}
+	return ctrl.Result{}, nil
+}
+
+// SetupWithManager registers the reconciler of the claims in
+// r.Claims.Namespace; a twin deleted without releasing its claim wakes it.
+func (r *DeviceIDClaimReconciler) SetupWithManager(mgr ctrl.Manager) error {
+	ns := r.Claims.Namespace
+	inNS := predicate.NewPredicateFuncs(func(o client.Object) bool { return o.GetNamespace() == ns })
+	onDelete := predicate.Funcs{
+		CreateFunc:  func(event.CreateEvent) bool { return false },
+		UpdateFunc:  func(event.UpdateEvent) bool { return false },
+		GenericFunc: func(event.GenericEvent) bool { return false },
+	}
+	return ctrl.NewControllerManagedBy(mgr).
+		For(&v1alpha1.DeviceIDClaim{}, builder.WithPredicates(inNS)).
+		Watches(&v1alpha1.DeviceTwin{}, handler.EnqueueRequestsFromMapFunc(func(_ context.Context, o client.Object) []reconcile.Request {
+			t := o.(*v1alpha1.DeviceTwin)
+			return []reconcile.Request{{NamespacedName: types.NamespacedName{Namespace: ns, Name: deviceid.ClaimName(t.EffectiveDeviceID())}}}
+		}), builder.WithPredicates(onDelete)).
+		Named("deviceidclaim").
+		Complete(r)
+}
