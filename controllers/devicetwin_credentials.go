@@ -1,8 +1,9 @@
 package controllers
 
 import (
-	"bytes"
+	"cmp"
 	"context"
+	"errors"
 	"fmt"
 	"strings"
 
@@ -18,8 +19,8 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
 
 	"github.com/kubetwin/kubetwin/api/v1alpha1"
+	"github.com/kubetwin/kubetwin/internal/bridge"
 	"github.com/kubetwin/kubetwin/internal/deviceauth"
-	"github.com/kubetwin/kubetwin/internal/deviceid"
 	"github.com/kubetwin/kubetwin/pkg/sas"
 )
 
@@ -117,75 +118,60 @@ func (r *DeviceTwinReconciler) ensureKeySecret(ctx context.Context, t *v1alpha1.
 		}
 	}
 
-	sec := &corev1.Secret{}
-	err := r.Get(ctx, types.NamespacedName{Namespace: t.Namespace, Name: name}, sec)
-	exists := err == nil
-	switch {
-	case apierrors.IsNotFound(err):
-		sec = &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Namespace: t.Namespace, Name: name}, Type: corev1.SecretTypeOpaque}
-	case err != nil:
-		return deviceKeys{}, nil, fmt.Errorf("reading Secret %s: %w", name, err)
-	case !metav1.IsControlledBy(sec, t):
-		return deviceKeys{}, conflict(name), nil
-	}
-
-	keys := deviceKeys{primary: string(sec.Data[v1alpha1.PrimaryKeyKey]), secondary: string(sec.Data[v1alpha1.SecondaryKeyKey])}
-	keys = keys.without(banned)
-	if src != nil {
-		keys = *src
-	} else {
-		// Keep what is there (the user may have rotated a key); fill in
-		// what is missing.
-		if keys.primary == "" {
-			keys.primary = sas.NewKey()
+	sec := &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Namespace: t.Namespace, Name: name}}
+	var keys deviceKeys
+	_, err := controllerutil.CreateOrUpdate(ctx, r.Client, sec, func() error {
+		if sec.ResourceVersion != "" && !metav1.IsControlledBy(sec, t) {
+			return errNotOurs
 		}
-		if keys.secondary == "" {
-			keys.secondary = sas.NewKey()
+		keys = deviceKeys{primary: string(sec.Data[v1alpha1.PrimaryKeyKey]), secondary: string(sec.Data[v1alpha1.SecondaryKeyKey])}.without(banned)
+		if src != nil {
+			keys = *src
+		} else {
+			// Keep what is there (the user may have rotated a key); fill
+			// in what is missing.
+			keys.primary = cmp.Or(keys.primary, sas.NewKey())
+			keys.secondary = cmp.Or(keys.secondary, sas.NewKey())
 		}
-	}
-	data := map[string][]byte{
-		v1alpha1.PrimaryKeyKey:       []byte(keys.primary),
-		v1alpha1.SecondaryKeyKey:     []byte(keys.secondary),
-		v1alpha1.ConnectionStringKey: sec.Data[v1alpha1.ConnectionStringKey],
-	}
-	if keys.secondary == "" {
-		delete(data, v1alpha1.SecondaryKeyKey)
-	}
-	if _, err := sas.DecodeKey(keys.primary); err == nil {
-		cs := sas.ConnectionString{HostName: r.Credentials.HubHostname, DeviceID: t.EffectiveDeviceID(), SharedAccessKey: keys.primary}
-		data[v1alpha1.ConnectionStringKey] = []byte(cs.String())
-	}
-	if data[v1alpha1.ConnectionStringKey] == nil {
-		delete(data, v1alpha1.ConnectionStringKey)
-	}
-
-	if !exists || !sameData(sec.Data, data) {
-		sec.Data = data
+		sec.Type = cmp.Or(sec.Type, corev1.SecretTypeOpaque)
+		sec.Data = r.keyData(t, keys, sec.Data[v1alpha1.ConnectionStringKey])
 		if sec.Labels == nil {
 			sec.Labels = map[string]string{}
 		}
 		sec.Labels[v1alpha1.DeviceKeysLabel] = "true"
 		sec.Labels["app.kubernetes.io/managed-by"] = "kubetwin"
-		if err := controllerutil.SetControllerReference(t, sec, r.Scheme()); err != nil {
-			return deviceKeys{}, nil, err
-		}
-		if exists {
-			err = r.Update(ctx, sec)
-		} else {
-			err = r.Create(ctx, sec)
-		}
-		switch {
-		case apierrors.IsAlreadyExists(err):
-			// There, but not in the cache: it lacks the label.
-			return deviceKeys{}, conflict(name), nil
-		case err != nil:
-			return deviceKeys{}, nil, fmt.Errorf("writing Secret %s: %w", name, err)
-		}
+		return controllerutil.SetControllerReference(t, sec, r.Scheme())
+	})
+	switch {
+	case errors.Is(err, errNotOurs), apierrors.IsAlreadyExists(err):
+		// AlreadyExists: there, but not in the cache, so it lacks the label.
+		return deviceKeys{}, conflict(name), nil
+	case err != nil:
+		return deviceKeys{}, nil, fmt.Errorf("writing Secret %s: %w", name, err)
 	}
 	if refused != nil {
 		return keys, refused, nil
 	}
 	return keys, keyStatus(keys, name), nil
+}
+
+// errNotOurs: the key Secret exists but is not controlled by the twin.
+var errNotOurs = errors.New("not this twin's key Secret")
+
+// keyData is the data of the twin's key Secret with keys: the connection
+// string follows a valid primary key, else stays as it was (cs).
+func (r *DeviceTwinReconciler) keyData(t *v1alpha1.DeviceTwin, keys deviceKeys, cs []byte) map[string][]byte {
+	if _, err := sas.DecodeKey(keys.primary); err == nil {
+		cs = []byte(sas.ConnectionString{HostName: r.Credentials.HubHostname, DeviceID: t.EffectiveDeviceID(), SharedAccessKey: keys.primary}.String())
+	}
+	data := map[string][]byte{v1alpha1.PrimaryKeyKey: []byte(keys.primary)}
+	if keys.secondary != "" {
+		data[v1alpha1.SecondaryKeyKey] = []byte(keys.secondary)
+	}
+	if cs != nil {
+		data[v1alpha1.ConnectionStringKey] = cs
+	}
+	return data
 }
 
 // without returns k with the keys that are also in b removed.
@@ -230,18 +216,6 @@ func conflict(name string) *credStatus {
 		name, v1alpha1.DeviceKeysLabel)}
 }
 
-func sameData(a, b map[string][]byte) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for k, v := range a {
-		if w, ok := b[k]; !ok || !bytes.Equal(v, w) {
-			return false
-		}
-	}
-	return true
-}
-
 func secretRef(t *v1alpha1.DeviceTwin) string {
 	if a := t.Spec.Authentication; a != nil && a.SecretRef != nil {
 		return a.SecretRef.Name
@@ -263,16 +237,19 @@ func setCredentialsCondition(st *v1alpha1.DeviceTwinStatus, cs *credStatus, gen 
 	setCondition(st, v1alpha1.ConditionCredentialsReady, status, cs.reason, cs.message, gen, now)
 }
 
-// DeviceLookup finds devices for the embedded broker's Authenticator
-// through r (the manager's cache): the twin that holds the device id, its
-// status, and the keys in its key Secret.
-func DeviceLookup(r deviceid.Resolver) deviceauth.Lookup {
+// DeviceLookup finds devices for the embedded broker's Authenticator in c
+// (the manager's cache): the twin that owns the device id, its status, and
+// the keys in its key Secret.
+func DeviceLookup(c client.Reader) deviceauth.Lookup {
 	return func(ctx context.Context, deviceID string) (deviceauth.Device, error) {
-		t, err := r.Resolve(ctx, deviceID)
+		t, err := ResolveDeviceID(ctx, c, deviceID)
+		if errors.Is(err, bridge.ErrNotFound) {
+			return deviceauth.Device{}, deviceauth.ErrUnknownDevice
+		}
 		if err != nil {
 			return deviceauth.Device{}, err
 		}
-		return keysOf(ctx, r.Reader, t)
+		return keysOf(ctx, c, t)
 	}
 }
 
