@@ -92,7 +92,7 @@ func TestInstallDefaults(t *testing.T) {
 	rel := release{name: "kubetwin", namespace: "kubetwin-system", prefix: "kubetwin"}
 	objs := render(t, rel.name, rel.namespace)
 	wantKinds(t, objs, map[string]int{
-		"ServiceAccount": 1, "ClusterRole": 5, "ClusterRoleBinding": 2, "Role": 3, "RoleBinding": 3,
+		"ServiceAccount": 1, "ClusterRole": 5, "ClusterRoleBinding": 2, "Role": 2, "RoleBinding": 2,
 		"Service": 3, "Deployment": 1, "ValidatingWebhookConfiguration": 1, "MutatingWebhookConfiguration": 1,
 	})
 	createNamespace(t, rel.namespace)
@@ -120,6 +120,7 @@ func TestInstallDefaults(t *testing.T) {
 		"--service-policies-secret=" + rel.policies(),
 		"--service-policies-namespace=" + rel.namespace,
 		"--registry-namespace=" + rel.namespace,
+		"--claims-namespace=" + rel.namespace, // where the Role grants DeviceIDClaims
 	} {
 		if !slices.Contains(args, a) {
 			t.Errorf("args %v lack %s", args, a)
@@ -180,7 +181,7 @@ func TestInstallExternalBrokerCertManager(t *testing.T) {
 	rel := release{name: "twins", namespace: "iot", prefix: "twins-kubetwin"}
 	objs := render(t, rel.name, rel.namespace, "-f", writeValues(t, externalValues))
 	wantKinds(t, objs, map[string]int{
-		"ServiceAccount": 1, "ClusterRole": 5, "ClusterRoleBinding": 2, "Role": 3, "RoleBinding": 3,
+		"ServiceAccount": 1, "ClusterRole": 5, "ClusterRoleBinding": 2, "Role": 2, "RoleBinding": 2,
 		"Service": 3, "Deployment": 1, "ValidatingWebhookConfiguration": 1, "MutatingWebhookConfiguration": 1,
 		"Certificate": 1, "Issuer": 1,
 	})
@@ -651,12 +652,10 @@ func checkRBACMatchesKustomize(t *testing.T, rel release) {
 	t.Helper()
 	kCluster, kNamespaced := generatedRoles(t)
 	leader := kustomizeRole(t, "leader_election_role.yaml")
-	claims := kustomizeRole(t, "deviceidclaim_role.yaml")
 
 	cr := get(t, &rbacv1.ClusterRole{}, "", rel.prefix+"-manager")
 	r := get(t, &rbacv1.Role{}, rel.namespace, rel.prefix+"-manager")
 	le := get(t, &rbacv1.Role{}, rel.namespace, rel.prefix+"-leader-election")
-	cl := get(t, &rbacv1.Role{}, rel.namespace, rel.prefix+"-manager-claims")
 	for _, c := range []struct {
 		what      string
 		got, want []rbacv1.PolicyRule
@@ -664,7 +663,6 @@ func checkRBACMatchesKustomize(t *testing.T, rel release) {
 		{"ClusterRole " + cr.Name, cr.Rules, kCluster},
 		{"Role " + r.Name, r.Rules, kNamespaced},
 		{"Role " + le.Name, le.Rules, leader},
-		{"Role " + cl.Name, cl.Rules, claims},
 	} {
 		if g, w := normalizedRules(c.got), normalizedRules(c.want); !reflect.DeepEqual(g, w) {
 			t.Errorf("%s rules differ from config/rbac:\n got %v\nwant %v", c.what, g, w)
@@ -674,7 +672,6 @@ func checkRBACMatchesKustomize(t *testing.T, rel release) {
 		{"ClusterRoleBinding", "", rel.prefix + "-manager"},
 		{"RoleBinding", rel.namespace, rel.prefix + "-manager"},
 		{"RoleBinding", rel.namespace, rel.prefix + "-leader-election"},
-		{"RoleBinding", rel.namespace, rel.prefix + "-manager-claims"},
 	} {
 		var subjects []rbacv1.Subject
 		if rb.kind == "ClusterRoleBinding" {
