@@ -14,6 +14,7 @@ import (
 	. "github.com/onsi/gomega"
 	corev1 "k8s.io/api/core/v1"
 	apiextensionsv1 "k8s.io/apiextensions-apiserver/pkg/apis/apiextensions/v1"
+	"k8s.io/apimachinery/pkg/api/equality"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -329,7 +330,8 @@ func TestInvalidDesiredNotSent(t *testing.T) {
 }
 
 // Many reports from one device are coalesced into far fewer status writes,
-// and the final state is exactly the last report.
+// and the final state is exactly the last report. The writes are counted on
+// a watch of this twin alone: every change of its status is one write.
 func TestReportsCoalesced(t *testing.T) {
 	g := NewWithT(t)
 	ctx := context.Background()
@@ -338,12 +340,14 @@ func TestReportsCoalesced(t *testing.T) {
 	waitObserved(t, ns, "busy")
 	dev := connect(t, "busy-1", nil)
 
-	var rvBefore string
+	// The state after the connect settled: Connected, version 0.
+	var before *v1alpha1.DeviceTwin
 	g.Eventually(func(g Gomega) {
-		tw := getTwin(g, ns, "busy")
-		g.Expect(tw.Status.ObservedGeneration).To(Equal(tw.Generation))
-		rvBefore = tw.ResourceVersion
+		before = getTwin(g, ns, "busy")
+		g.Expect(before.Status.ObservedGeneration).To(Equal(before.Generation))
+		g.Expect(cond(before, v1alpha1.ConditionConnected).Status).To(BeEquivalentTo("True"))
 	}, wait, tick).Should(Succeed())
+	writes := watchStatusWrites(t, before)
 
 	const n = 200
 	var wg sync.WaitGroup
@@ -365,21 +369,82 @@ func TestReportsCoalesced(t *testing.T) {
 	g.Expect(tw.Status.ReportedVersion).To(BeEquivalentTo(n))
 	g.Expect(doc(tw.Status.Reported)).To(HaveLen(n))
 
-	// Count the writes between the two resource versions through a watch-free
-	// measure: the object's generation of status writes is not exposed, so
-	// use the managed-fields timestamps' resource versions via list+RV diff.
-	before, after := parseRV(t, rvBefore), parseRV(t, tw.ResourceVersion)
-	writes := after - before
-	t.Logf("%d reports -> at most %d writes to the object", n, writes)
-	g.Expect(writes).To(BeNumerically("<", n/2), "reports were not coalesced")
+	// Every 204 came after its report was stored, so the watch has (or
+	// is about to have) the write that reached version n.
+	w := writes.until(t, func(tw *v1alpha1.DeviceTwin) bool { return tw.Status.ReportedVersion == n })
+	t.Logf("%d reports -> %d status writes to the twin (reportedVersion after each: %v)", n, len(w), w)
+	g.Expect(len(w)).To(BeNumerically("<", n/2), "reports were not coalesced: reportedVersion after each write %v", w)
 }
 
-func parseRV(t *testing.T, rv string) int64 {
-	var v int64
-	if _, err := fmt.Sscan(rv, &v); err != nil {
-		t.Fatalf("resourceVersion %q: %v", rv, err)
+// statusWrites follows one twin's status writes through a watch from a
+// resource version on: a watch sees every change of the object, in order.
+type statusWrites struct {
+	mu       sync.Mutex
+	versions []int64 // status.reportedVersion after each status write
+	last     *v1alpha1.DeviceTwin
+	changed  chan struct{}
+	err      error
+}
+
+func watchStatusWrites(t *testing.T, from *v1alpha1.DeviceTwin) *statusWrites {
+	t.Helper()
+	wc, ok := k8s.(client.WithWatch)
+	if !ok {
+		t.Fatal("the suite's client cannot watch (controllers/suite_test.go must use client.NewWithWatch)")
 	}
-	return v
+	ctx, cancel := context.WithCancel(context.Background())
+	w, err := wc.Watch(ctx, &v1alpha1.DeviceTwinList{}, client.InNamespace(from.Namespace),
+		client.MatchingFields{"metadata.name": from.Name},
+		&client.ListOptions{Raw: &metav1.ListOptions{ResourceVersion: from.ResourceVersion}})
+	if err != nil {
+		cancel()
+		t.Fatalf("watching DeviceTwin %s/%s: %v", from.Namespace, from.Name, err)
+	}
+	s := &statusWrites{last: from, changed: make(chan struct{})}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for ev := range w.ResultChan() {
+			tw, ok := ev.Object.(*v1alpha1.DeviceTwin)
+			s.mu.Lock()
+			switch {
+			case !ok:
+				s.err = fmt.Errorf("watch event %s: %v", ev.Type, ev.Object)
+			case !equality.Semantic.DeepEqual(tw.Status, s.last.Status):
+				s.versions = append(s.versions, tw.Status.ReportedVersion)
+				s.last = tw
+			}
+			close(s.changed)
+			s.changed = make(chan struct{})
+			s.mu.Unlock()
+		}
+	}()
+	t.Cleanup(func() { w.Stop(); cancel(); <-done })
+	return s
+}
+
+// until waits until the last status written satisfies done and returns the
+// reportedVersion after each write so far.
+func (s *statusWrites) until(t *testing.T, done func(*v1alpha1.DeviceTwin) bool) []int64 {
+	t.Helper()
+	deadline := time.NewTimer(wait)
+	defer deadline.Stop()
+	for {
+		s.mu.Lock()
+		last, versions, err, ch := s.last, append([]int64(nil), s.versions...), s.err, s.changed
+		s.mu.Unlock()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if done(last) {
+			return versions
+		}
+		select {
+		case <-ch:
+		case <-deadline.C:
+			t.Fatalf("the watch did not see the expected status within %s; writes so far (reportedVersion after each): %v", wait, versions)
+		}
+	}
 }
 
 // Two twins claiming one device id: the older owns it, the other says so.

@@ -31,7 +31,7 @@ import (
 // against a real kube-apiserver and etcd; tests talk to it with a
 // non-caching client and real MQTT devices.
 var (
-	k8s        client.Client
+	k8s        client.WithWatch
 	brokerURL  string
 	testScheme = runtime.NewScheme()
 )
@@ -79,7 +79,7 @@ func runSuite(m *testing.M) int {
 	}
 	defer func() { _ = env.Stop() }()
 
-	k8s, err = client.New(cfg, client.Options{Scheme: testScheme})
+	k8s, err = client.NewWithWatch(cfg, client.Options{Scheme: testScheme})
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "client: %v\n", err)
 		return 1
