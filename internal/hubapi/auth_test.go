@@ -196,6 +196,14 @@ func TestTokenLifetime(t *testing.T) {
 		expectError(t, 401, "IotHubUnauthorizedAccess", "Unauthorized")
 	serve(t, h, http.MethodGet, "/twins/life-1", map[string]string{"Authorization": token(t, "iothubowner", owner, clock.now().Add(59*time.Minute))}, "").
 		expect(t, http.StatusOK)
+
+	// Negative: no bound (--max-sas-token-lifetime=0).
+	unbounded, err := newHandler(hubapi.Options{MaxTokenLifetime: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	serve(t, unbounded, http.MethodGet, "/twins/life-1", map[string]string{"Authorization": token(t, "iothubowner", owner, time.Now().AddDate(100, 0, 0))}, "").
+		expect(t, http.StatusOK)
 }
 
 // TestTokenScope: a token for a path below the hub is checked against the

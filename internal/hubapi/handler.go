@@ -140,8 +140,9 @@ type Options struct {
 	// MaxBodyBytes caps request bodies (DefaultMaxBodyBytes).
 	MaxBodyBytes int64
 	// MaxTokenLifetime refuses a token whose expiry (se) is further than
-	// this from now (DefaultMaxTokenLifetime; --max-sas-token-lifetime): a
-	// leaked token must not be good for a century.
+	// this from now (--max-sas-token-lifetime): a leaked token must not be
+	// good for a century. Zero: DefaultMaxTokenLifetime; negative: no
+	// bound.
 	MaxTokenLifetime time.Duration
 	// LogLimiter bounds the lines that clients can cause (refused
 	// requests); ratelog.DefaultRate per second and kind if nil.
@@ -204,7 +205,7 @@ func NewHandler(o Options) (*Handler, error) {
 	if o.MaxBodyBytes <= 0 {
 		o.MaxBodyBytes = DefaultMaxBodyBytes
 	}
-	if o.MaxTokenLifetime <= 0 {
+	if o.MaxTokenLifetime == 0 {
 		o.MaxTokenLifetime = DefaultMaxTokenLifetime
 	}
 	if o.LogLimiter == nil {
