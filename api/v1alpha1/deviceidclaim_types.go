@@ -6,7 +6,6 @@ import (
 )
 
 // DeviceIDClaimSpec says which DeviceTwin holds a device id.
-// +kubebuilder:validation:XValidation:rule="self.holder == self.twin.namespace + '/' + self.twin.name",message="holder must be twin.namespace/twin.name"
 type DeviceIDClaimSpec struct {
 	// deviceId is the claimed device id.
 	// +required
