@@ -387,6 +387,10 @@ func TestCertManagerHostsChange(t *testing.T) {
 	if !covers(st.leaf, b.m.opts.Hosts) || !covers(st.leaf, a.m.opts.Hosts) {
 		t.Fatalf("certificate covers %v", leafHosts(st.leaf))
 	}
+	// The CA's name constraints permit both too, or one replica's certificate would not verify.
+	if want := constraintSet(b.m.opts.Hosts); !subset(want, permitted(st.cas[0])) {
+		t.Fatalf("CA permits %v, want %v", permitted(st.cas[0]), want)
+	}
 	rv := b.secret().ResourceVersion
 	a.sync()
 	b.sync()
