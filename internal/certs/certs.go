@@ -268,6 +268,12 @@ func (m *CertManager) Sync(ctx context.Context) (time.Time, error) {
 	}
 	now := m.clock.Now()
 	next := st.due(now.Add(m.opts.Resync))
+	if !subset(permitted(st.cas[0]), constraintSet(m.opts.Hosts)) {
+		// The CA permits names no longer served: replace it when the grace ends.
+		if end := issuedAt(st.cas[0]).Add(namesGrace); end.Before(next) {
+			next = end
+		}
+	}
 	if missing && next.After(now.Add(missingRetry)) {
 		next = now.Add(missingRetry)
 	}

@@ -136,9 +136,11 @@ func TestCAReissuedWhenNamesChange(t *testing.T) {
 	// 127.0.0.1 removed: within the grace the CA (which permits it) stays,
 	// after it a CA for the remaining name replaces it, alone in the bundle.
 	fewer := testHosts[:1]
-	g := newFixture(t, c, clk, func(o *CertOptions) { o.Hosts = fewer })
+	g := newFixture(t, c, clk, func(o *CertOptions) { o.Hosts = fewer; o.Resync = 365 * day })
 	clk.SetTime(issuedAt(added.cas[0]).Add(namesGrace - time.Second))
-	g.sync()
+	if next, end := g.sync(), issuedAt(added.cas[0]).Add(namesGrace); !next.Equal(end) {
+		t.Errorf("next sync at %v, want the end of the grace %v", next, end)
+	}
 	if !g.state().cas[0].Equal(added.cas[0]) {
 		t.Fatal("the CA was replaced within the grace of a rolling update")
 	}
