@@ -270,7 +270,7 @@ func (m *CertManager) Sync(ctx context.Context) (time.Time, error) {
 	next := st.due(now.Add(m.opts.Resync))
 	if !subset(permitted(st.cas[0]), constraintSet(m.opts.Hosts)) {
 		// The CA permits names no longer served: replace it when the grace ends.
-		if end := issuedAt(st.cas[0]).Add(namesGrace); end.Before(next) {
+		if end := issuedAt(st.cas[0]).Add(namesGrace); end.After(now) && end.Before(next) {
 			next = end
 		}
 	}
