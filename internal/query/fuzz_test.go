@@ -14,8 +14,8 @@ import (
 	"github.com/kubetwin/kubetwin/internal/twin"
 )
 
-// fuzzQueries seed both fuzz targets: the spec's examples, the test tables'
-// queries and some odd ones.
+// fuzzQueries seed both fuzz targets: the queries of testdata/examples.json,
+// the test tables' queries and some odd ones.
 var fuzzQueries = []string{
 	"SELECT * FROM devices WHERE tags.location.region = 'US'",
 	"SELECT * FROM devices WHERE tags.location.region = 'US' AND properties.reported.telemetryConfig.sendFrequencyInSecs >= 60",

@@ -2,6 +2,9 @@ package query
 
 import (
 	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
 	"testing"
 	"time"
 
@@ -60,41 +63,46 @@ func docs(devices ...device) []map[string]any {
 	return out
 }
 
-// fleet is the fixture fleet of the spec's examples: myDeviceId is in
-// Redmond43 and reports cellular; the others vary.
-var fleet = []device{
-	{
-		id:       "myDeviceId",
-		tags:     `{"location":{"region":"US","plant":"Redmond43"}}`,
-		reported: `{"connectivity":{"type":"cellular"},"telemetryConfig":{"status":"Success","sendFrequencyInSecs":300}}`,
-		state:    "Connected",
-		activity: "2024-05-02T10:00:00Z",
-	},
-	{
-		id:       "device-wired",
-		tags:     `{"location":{"region":"US","plant":"Seattle01"},"floor":3}`,
-		reported: `{"connectivity":{"type":"wired"},"telemetryConfig":{"status":"Pending","sendFrequencyInSecs":30}}`,
-		state:    "Disconnected",
-		activity: "2024-05-01T08:00:00Z",
-	},
-	{
-		id:       "device-wifi",
-		tags:     `{"location":{"region":"EU","plant":"Dublin7"},"floor":"3"}`,
-		reported: `{"connectivity":{"type":"wifi"},"telemetryConfig":{"status":"Success","sendFrequencyInSecs":60}}`,
-		state:    "", // never connected
-	},
-	{
-		id:    "device-new",
-		tags:  `{"location":{"region":"US"}}`,
-		state: "Disconnected",
-	},
-	{
-		id:       "device-eu2",
-		tags:     `{"location":{"region":"EU","plant":"Paris2"},"group":"pilot"}`,
-		reported: `{"connectivity":{"type":"wifi"},"telemetryConfig":{"status":"Failed","sendFrequencyInSecs":120}}`,
-		state:    "Connected",
-		activity: "2024-05-02T09:00:00Z",
-	},
+// fleet and examples are the example fleet and queries of
+// testdata/examples.json: myDeviceId is in Redmond43 and reports cellular;
+// the others vary.
+var fleet, examples = loadExamples()
+
+// example is a query of testdata/examples.json with its answer: the
+// deviceIds of a SELECT *, or the rows (JSON) of a projection or aggregate.
+type example struct {
+	Name      string          `json:"name"`
+	Query     string          `json:"query"`
+	DeviceIDs []string        `json:"deviceIds"`
+	Rows      json.RawMessage `json:"rows"`
+}
+
+func loadExamples() ([]device, []example) {
+	b, err := os.ReadFile(filepath.Join("testdata", "examples.json"))
+	if err != nil {
+		panic(err)
+	}
+	var f struct {
+		Fleet []struct {
+			DeviceID         string          `json:"deviceId"`
+			Tags             json.RawMessage `json:"tags"`
+			Reported         json.RawMessage `json:"reported"`
+			ConnectionState  string          `json:"connectionState"`
+			LastActivityTime string          `json:"lastActivityTime"`
+		} `json:"fleet"`
+		Examples []example `json:"examples"`
+	}
+	if err := json.Unmarshal(b, &f); err != nil {
+		panic(fmt.Sprintf("testdata/examples.json: %v", err))
+	}
+	devices := make([]device, len(f.Fleet))
+	for i, d := range f.Fleet {
+		devices[i] = device{id: d.DeviceID, tags: string(d.Tags), reported: string(d.Reported), state: d.ConnectionState, activity: d.LastActivityTime}
+	}
+	if len(devices) == 0 || len(f.Examples) == 0 {
+		panic("testdata/examples.json: want a fleet and examples")
+	}
+	return devices, f.Examples
 }
 
 // mustParse parses a query for a test.

@@ -175,8 +175,8 @@ func TestCanonical(t *testing.T) {
 	}
 }
 
-// TestCaseQuotingReserved checks the spec's rules on case, quoting and
-// reserved words against the fixture fleet.
+// TestCaseQuotingReserved checks the rules on case, quoting and reserved
+// words (docs/queries.md, The language) against the example fleet.
 func TestCaseQuotingReserved(t *testing.T) {
 	twins := docs(append(slices.Clone(fleet),
 		device{id: "quoted", tags: `{"group":"it's","select":{"from":"say \"hi\""},"my-key":"é😀","Location":{"plant":"Redmond43"}}`},

@@ -115,9 +115,10 @@ func TestPlanWithoutWhere(t *testing.T) {
 	}
 }
 
-// TestPlanSpecExamples shows what the spec's example queries send to the API
+// TestPlanExamples shows what example queries (those of
+// testdata/examples.json and the getting-started scenario's) send to the API
 // server.
-func TestPlanSpecExamples(t *testing.T) {
+func TestPlanExamples(t *testing.T) {
 	tests := []struct{ query, labels, fields string }{
 		{"SELECT * FROM devices WHERE tags.location.plant = 'Redmond43'", "location.plant=Redmond43", ""},
 		{"SELECT * FROM devices WHERE tags.location.plant = 'Redmond43' AND properties.reported.connectivity.type = 'cellular'", "location.plant=Redmond43", ""},

@@ -27,7 +27,7 @@
 //
 // A missing path is undefined. A comparison is defined only between two
 // primitives (null, booleans, numbers, strings) of the same type; with
-// undefined, across types or with an object it is undefined (the spec
+// undefined, across types or with an object it is undefined (IoT Hub
 // says "false": undefined is the kind of false that NOT cannot turn true),
 // and so is anything built on it: NOT undefined is undefined, false AND
 // undefined is false, true OR undefined is true. A condition holds only when it is
