@@ -447,22 +447,6 @@ func (s *statusWrites) until(t *testing.T, done func(*v1alpha1.DeviceTwin) bool)
 	}
 }
 
-// Two twins claiming one device id: the older owns it, the other says so.
-func TestDuplicateDeviceID(t *testing.T) {
-	g := NewWithT(t)
-	a, b := newNamespace(t), newNamespace(t)
-	createTwin(t, a, "first", "dup-1", "", "")
-	time.Sleep(1100 * time.Millisecond) // creationTimestamp has second resolution
-	createTwin(t, b, "second", "dup-1", "", "")
-	g.Eventually(func(g Gomega) {
-		tw := getTwin(g, b, "second")
-		c := cond(tw, v1alpha1.ConditionConnected)
-		g.Expect(c.Reason).To(Equal(v1alpha1.ReasonDuplicateDeviceID))
-		g.Expect(c.Message).To(ContainSubstring(a + "/first"))
-		g.Expect(cond(getTwin(g, a, "first"), v1alpha1.ConditionConnected).Reason).To(Equal(v1alpha1.ReasonNeverConnected))
-	}, wait, tick).Should(Succeed())
-}
-
 // A device with no twin is told so.
 func TestUnknownDevice(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), wait)
