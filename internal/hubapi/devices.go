@@ -218,7 +218,7 @@ func heldBy(err error) (ns, name string, ok bool) {
 		return "", "", false
 	}
 	ref, _, _ := strings.Cut(rest, " ")
-	ns, name, ok = strings.Cut(strings.TrimRight(ref, ".,;\"\n"), "/")
+	ns, name, ok = strings.Cut(strings.TrimRight(ref, ".,;]\"\n"), "/")
 	return ns, name, ok && ns != "" && name != ""
 }
 
