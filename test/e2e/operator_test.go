@@ -101,6 +101,8 @@ func (o *operator) brokerURL() string { return "tcp://" + o.brokerAddr }
 func (o *operator) args() []string {
 	a := []string{
 		"--namespace=" + o.namespace,
+		// One hub per test: device ids are unique per claims namespace.
+		"--claims-namespace=" + o.namespace,
 		"--health-probe-bind-address=" + o.healthAddr,
 		"--metrics-bind-address=0",
 		"--zap-log-level=info",
