@@ -47,7 +47,7 @@ var (
 
 // Namespaces of the fixtures.
 const (
-	fleetNS    = "fleet"    // the spec's example fleet
+	fleetNS    = "fleet"    // the example fleet of internal/query/testdata/examples.json
 	otherNS    = "other"    // a second namespace, for -n and -A
 	scenarioNS = "scenario" // the getting-started scenario
 )
@@ -132,50 +132,60 @@ type device struct {
 	activity string // RFC 3339, "" for never
 }
 
-// fleet is the fixture fleet of the spec's examples (§3), the same as
-// internal/query's: myDeviceId is in Redmond43 and reports cellular; the
-// others vary.
-var fleet = []device{
-	{
-		ns: fleetNS, id: "myDeviceId",
-		tags:     `{"location":{"region":"US","plant":"Redmond43"}}`,
-		desired:  `{"telemetryConfig":{"sendFrequencyInSecs":300}}`,
-		reported: `{"connectivity":{"type":"cellular"},"telemetryConfig":{"status":"Success","sendFrequencyInSecs":300}}`,
-		state:    "Connected",
-		activity: "2024-05-02T10:00:00Z",
-	},
-	{
-		ns: fleetNS, id: "device-wired",
-		tags:     `{"location":{"region":"US","plant":"Seattle01"},"floor":3}`,
-		reported: `{"connectivity":{"type":"wired"},"telemetryConfig":{"status":"Pending","sendFrequencyInSecs":30}}`,
-		state:    "Disconnected",
-		activity: "2024-05-01T08:00:00Z",
-	},
-	{
-		ns: fleetNS, id: "device-wifi",
-		tags:     `{"location":{"region":"EU","plant":"Dublin7"},"floor":"3"}`,
-		reported: `{"connectivity":{"type":"wifi"},"telemetryConfig":{"status":"Success","sendFrequencyInSecs":60}}`,
-	},
-	{
-		ns: fleetNS, id: "device-new",
-		tags:  `{"location":{"region":"US"}}`,
-		state: "Disconnected",
-	},
-	{
-		ns: fleetNS, id: "device-eu2",
-		tags:     `{"location":{"region":"EU","plant":"Paris2"},"group":"pilot"}`,
-		reported: `{"connectivity":{"type":"wifi"},"telemetryConfig":{"status":"Failed","sendFrequencyInSecs":120}}`,
-		state:    "Connected",
-		activity: "2024-05-02T09:00:00Z",
-	},
-	// Another namespace: only -A or -n other sees it.
-	{
+// fleet is the example fleet of internal/query/testdata/examples.json in
+// namespace fleet (myDeviceId is in Redmond43 and reports cellular; the
+// others vary), plus a twin in another namespace that only -A or -n other
+// sees. myDeviceId also gets a desired document, which no example's answer
+// depends on.
+var fleet, examples = loadExamples()
+
+// example is a query of examples.json with its answer: the deviceIds of a
+// SELECT *, in order, or the rows (JSON) of a projection or aggregate.
+type example struct {
+	Name      string          `json:"name"`
+	Query     string          `json:"query"`
+	DeviceIDs []string        `json:"deviceIds"`
+	Rows      json.RawMessage `json:"rows"`
+}
+
+func loadExamples() ([]device, []example) {
+	const path = "../../internal/query/testdata/examples.json"
+	b, err := os.ReadFile(path)
+	if err != nil {
+		panic(err)
+	}
+	var f struct {
+		Fleet []struct {
+			DeviceID         string          `json:"deviceId"`
+			Tags             json.RawMessage `json:"tags"`
+			Reported         json.RawMessage `json:"reported"`
+			ConnectionState  string          `json:"connectionState"`
+			LastActivityTime string          `json:"lastActivityTime"`
+		} `json:"fleet"`
+		Examples []example `json:"examples"`
+	}
+	if err := json.Unmarshal(b, &f); err != nil {
+		panic(fmt.Sprintf("%s: %v", path, err))
+	}
+	var devices []device
+	for _, d := range f.Fleet {
+		dev := device{ns: fleetNS, id: d.DeviceID, tags: string(d.Tags), reported: string(d.Reported), state: d.ConnectionState, activity: d.LastActivityTime}
+		if d.DeviceID == "myDeviceId" {
+			dev.desired = `{"telemetryConfig":{"sendFrequencyInSecs":300}}`
+		}
+		devices = append(devices, dev)
+	}
+	if len(devices) == 0 || len(f.Examples) == 0 {
+		panic(path + ": want a fleet and examples")
+	}
+	devices = append(devices, device{
 		ns: otherNS, id: "other-pilot",
 		tags:     `{"location":{"region":"US","plant":"Austin1"},"group":"pilot"}`,
 		reported: `{"connectivity":{"type":"wired"}}`,
 		state:    "Connected",
 		activity: "2024-05-02T11:00:00Z",
-	},
+	})
+	return devices, f.Examples
 }
 
 // name is the DeviceTwin name of a device id.
@@ -318,70 +328,21 @@ func canon(t *testing.T, s string) string {
 	return string(data)
 }
 
-// specExamples are the example queries of the spec (§3) with their
-// documented results on the fixture fleet.
-var specExamples = []struct {
-	name  string
-	query string
-	ids   []string // SELECT *: the deviceIds, in order
-	rows  string   // projections and aggregates: the rows, JSON
-}{
-	{
-		name:  "tag equality",
-		query: "SELECT * FROM devices WHERE tags.location.region = 'US'",
-		ids:   []string{"device-new", "device-wired", "myDeviceId"},
-	},
-	{
-		name:  "tag and reported number",
-		query: "SELECT * FROM devices WHERE tags.location.region = 'US' AND properties.reported.telemetryConfig.sendFrequencyInSecs >= 60",
-		ids:   []string{"myDeviceId"},
-	},
-	{
-		name:  "IN",
-		query: "SELECT * FROM devices WHERE properties.reported.connectivity.type IN ['wired', 'wifi']",
-		ids:   []string{"device-eu2", "device-wifi", "device-wired"},
-	},
-	{
-		name:  "is_defined",
-		query: "SELECT * FROM devices WHERE is_defined(properties.reported.connectivity)",
-		ids:   []string{"device-eu2", "device-wifi", "device-wired", "myDeviceId"},
-	},
-	{
-		name: "GROUP BY",
-		query: "SELECT properties.reported.telemetryConfig.status AS status, COUNT() AS numberOfDevices\n" +
-			"  FROM devices GROUP BY properties.reported.telemetryConfig.status",
-		rows: `[{"status":"Failed","numberOfDevices":1},{"numberOfDevices":1},
-			{"status":"Success","numberOfDevices":2},{"status":"Pending","numberOfDevices":1}]`,
-	},
-	{
-		name:  "projection of root fields",
-		query: "SELECT DeviceId, LastActivityTime FROM devices WHERE status = 'enabled' AND connectionState = 'Disconnected'",
-		rows: `[{"deviceId":"device-new","lastActivityTime":"0001-01-01T00:00:00Z"},
-			{"deviceId":"device-wifi","lastActivityTime":"0001-01-01T00:00:00Z"},
-			{"deviceId":"device-wired","lastActivityTime":"2024-05-01T08:00:00Z"}]`,
-	},
-	{
-		name:  "COUNT",
-		query: "SELECT COUNT() AS totalNumberOfDevices FROM devices",
-		rows:  `[{"totalNumberOfDevices":5}]`,
-	},
-}
-
-// TestSpecExamples runs every example query of the spec through the plugin
-// against the API server, in the current context's namespace (fleet), in
-// one request and in pages of two.
-func TestSpecExamples(t *testing.T) {
+// TestExamples runs every example query of examples.json through the
+// plugin against the API server, in the current context's namespace
+// (fleet), in one request and in pages of two.
+func TestExamples(t *testing.T) {
 	for _, chunk := range []string{"500", "2"} {
-		for _, ex := range specExamples {
-			t.Run(ex.name+"/chunk-size="+chunk, func(t *testing.T) {
-				r := ok(t, "query", "-o", "json", "--chunk-size", chunk, ex.query)
-				if ex.ids != nil {
-					if got := deviceIDs(t, r.stdout); !slices.Equal(got, ex.ids) {
-						t.Errorf("got %v, want %v", got, ex.ids)
+		for _, ex := range examples {
+			t.Run(ex.Name+"/chunk-size="+chunk, func(t *testing.T) {
+				r := ok(t, "query", "-o", "json", "--chunk-size", chunk, ex.Query)
+				if ex.DeviceIDs != nil {
+					if got := deviceIDs(t, r.stdout); !slices.Equal(got, ex.DeviceIDs) {
+						t.Errorf("got %v, want %v", got, ex.DeviceIDs)
 					}
 					return
 				}
-				if got, want := canon(t, r.stdout), canon(t, ex.rows); got != want {
+				if got, want := canon(t, r.stdout), canon(t, string(ex.Rows)); got != want {
 					t.Errorf("got  %s\nwant %s", got, want)
 				}
 			})
@@ -411,7 +372,7 @@ func TestTables(t *testing.T) {
 	}
 	checkRows(t, strings.Split(strings.TrimSpace(r.stdout), "\n"), wantRows)
 
-	r = ok(t, "query", specExamples[4].query)
+	r = ok(t, "query", "SELECT properties.reported.telemetryConfig.status AS status, COUNT() AS numberOfDevices FROM devices GROUP BY properties.reported.telemetryConfig.status")
 	checkRows(t, strings.Split(strings.TrimSpace(r.stdout), "\n"), [][]string{
 		{"status", "numberOfDevices"},
 		{"Failed", "1"},
@@ -457,8 +418,8 @@ func checkRows(t *testing.T, lines []string, want [][]string) {
 	}
 }
 
-// TestScenario follows the getting-started scenario (§2): both queries
-// before and after the device reports cellular.
+// TestScenario follows the getting-started scenario (README.md, make demo):
+// both queries before and after the device reports cellular.
 func TestScenario(t *testing.T) {
 	const (
 		byPlant    = "SELECT * FROM devices WHERE tags.location.plant = 'Redmond43'"
