@@ -828,7 +828,8 @@ func runServiceBaselines(ctx context.Context, cfg config, res *results) error {
 }
 
 // printService prints phase (e)'s rows of the table. IoT Hub's reference
-// points are those of one S3 unit (spec §5).
+// points are IoT Hub's documented throttles for one S3 unit (as in the
+// README's table).
 func printService(r *results, row func(name, value string)) {
 	non2xx := func(m map[string]int64) string {
 		if len(m) == 0 {

@@ -289,7 +289,8 @@ func testPolicyRights(t *testing.T, h *hubFixture) {
 	g.Expect(p.output()).To(ContainSubstring("ServiceConnect"))
 }
 
-// testGettingStarted is spec §2 with the SDKs: the back end tags the
+// testGettingStarted is the getting-started scenario (the one make demo
+// runs) with the SDKs: the back end tags the
 // twin and queries; the device reports cellular; the queries find it.
 func testGettingStarted(t *testing.T, h *hubFixture) {
 	g := NewWithT(t)
