@@ -253,6 +253,9 @@ func TestPagingEveryShape(t *testing.T) {
 	for _, n := range []int{0, 1, 2, 5, 9, 14, 20} {
 		reset(t)
 		pagingFleet(t, rng, n)
+		// Every twin of the fleet is a device the queries see.
+		r := queryReq(t, "SELECT COUNT() AS total FROM devices", 0, "").expect(t, http.StatusOK)
+		valueEqual(t, "devices in the fleet", r.array(t), fmt.Sprintf(`[{"total":%d}]`, n))
 		for range 40 {
 			if time.Now().After(deadline) {
 				t.Fatalf("seed %d: over 40 s after %d queries: the test is too slow for CI", seed, queries)
