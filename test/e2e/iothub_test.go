@@ -470,7 +470,8 @@ func testEtags(t *testing.T, h *hubFixture) {
 }
 
 // testQueryPages: a query read 3 rows at a time returns every matching
-// twin once, in device id order, with x-ms-continuation between pages.
+// twin (or row) once, in device id order, with x-ms-continuation between
+// pages, and the SDK's paging ends.
 func testQueryPages(t *testing.T, h *hubFixture) {
 	g := NewWithT(t)
 	var ids []string
@@ -495,6 +496,29 @@ func testQueryPages(t *testing.T, h *hubFixture) {
 		"page 3: " + strings.Join(ids[6:8], ","),
 		"done",
 	}))
+
+	// Raw rows (projections, GROUP BY, aggregates) paged with query.next:
+	// every row once, and the paging ends.
+	rows := func(ids []string, row string) string {
+		var b []string
+		for _, id := range ids {
+			b = append(b, fmt.Sprintf(row, id))
+		}
+		return "[" + strings.Join(b, ",") + "]"
+	}
+	for _, tc := range []struct{ query, row string }{
+		{"SELECT deviceId FROM devices WHERE tags.batch = 'pages'", `{"deviceId":%q}`},
+		{"SELECT deviceId, COUNT() AS n FROM devices WHERE tags.batch = 'pages' GROUP BY deviceId", `{"deviceId":%q,"n":1}`},
+	} {
+		g.Expect(h.run(t, h.service(), "QueryRows.js", tc.query, "3")).To(Equal([]string{
+			"page 1: " + rows(ids[0:3], tc.row),
+			"page 2: " + rows(ids[3:6], tc.row),
+			"page 3: " + rows(ids[6:8], tc.row),
+			"done",
+		}), tc.query)
+	}
+	g.Expect(h.run(t, h.service(), "QueryRows.js", "SELECT COUNT() AS total FROM devices WHERE tags.batch = 'pages'", "3")).
+		To(Equal([]string{`page 1: [{"total":8}]`, "done"}))
 }
 
 // runPlugin runs kubectl-twin against the test's control plane and returns
