@@ -13,9 +13,11 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/client/fake"
 
 	"github.com/kubetwin/kubetwin/api/v1alpha1"
 	"github.com/kubetwin/kubetwin/internal/deviceid"
+	"github.com/kubetwin/kubetwin/internal/webhook"
 )
 
 // getClaim returns the claim of a device id.
@@ -192,4 +194,24 @@ func TestDeviceIDConcurrentCreates(t *testing.T) {
 		}
 	}
 	g.Expect(stored).To(Equal(1))
+}
+
+// A twin outside the namespace the hub serves (--namespace) claims
+// nothing: it is not this hub's device.
+func TestDeviceIDOtherNamespaceClaimsNothing(t *testing.T) {
+	g := NewWithT(t)
+	ctx := context.Background()
+	c := fake.NewClientBuilder().WithScheme(testScheme).Build()
+	v := webhook.Validator{Claims: &deviceid.Claims{Client: c, APIReader: c, Namespace: claimsNS}, Namespace: "served"}
+	for _, tc := range []struct {
+		ns      string
+		claimed bool
+	}{{"elsewhere", false}, {"served", true}} {
+		tw := newTwin(tc.ns, "t", "ns-id-"+tc.ns, "", "")
+		tw.UID = types.UID("uid-" + tc.ns)
+		_, err := v.ValidateCreate(ctx, tw)
+		g.Expect(err).NotTo(HaveOccurred())
+		err = c.Get(ctx, types.NamespacedName{Namespace: claimsNS, Name: deviceid.ClaimName("ns-id-" + tc.ns)}, &v1alpha1.DeviceIDClaim{})
+		g.Expect(err == nil).To(Equal(tc.claimed), "twin in %s: %v", tc.ns, err)
+	}
 }
