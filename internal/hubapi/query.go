@@ -273,12 +273,9 @@ func (h *Handler) runQuery(ctx context.Context, q *query.Query, hash string, fro
 			return 1
 		})
 	default:
-		// Rows of groups have no key of their own: the token holds their
-		// offset, valid only while the groups before it are the same ones.
-		if from.Offset > len(items) || groupsHash(res.GroupKeys[:from.Offset]) != from.Groups {
-			return "", errStaleContinuation
+		if begin, err = groupStart(from, res.GroupKeys); err != nil {
+			return "", err
 		}
-		begin = from.Offset
 	}
 	end := begin
 	for end < len(items) {
@@ -299,6 +296,17 @@ func (h *Handler) runQuery(ctx context.Context, q *query.Query, hash string, fro
 		return (&continuation{V: continuationVersion, Query: hash, After: &last}).encode(), nil
 	}
 	return (&continuation{V: continuationVersion, Query: hash, Offset: end, Groups: groupsHash(res.GroupKeys[:end])}).encode(), nil
+}
+
+// groupStart returns the index of the first row of a page of groups:
+// rows of groups have no key of their own, so the token holds their
+// offset, valid only while the groups before it are the same ones. (A
+// query without GROUP BY has no keys: any token of it is stale.)
+func groupStart(from *continuation, keys []string) (int, error) {
+	if from.Offset > len(keys) || groupsHash(keys[:from.Offset]) != from.Groups {
+		return 0, errStaleContinuation
+	}
+	return from.Offset, nil
 }
 
 // errStaleContinuation: a GROUP BY token whose groups have changed since

@@ -2,6 +2,7 @@ package hubapi
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"slices"
@@ -107,5 +108,40 @@ func TestStarPageEqualsFullRun(t *testing.T) {
 		if !slices.Equal(got, want) {
 			t.Fatalf("round %d: %q in pages of %d:\n got %v\nwant %v", round, text, size, got, want)
 		}
+	}
+}
+
+// TestGroupStart: a GROUP BY token is honoured only while the groups
+// before its offset are the same; a token naming rows that do not exist,
+// e.g. one forged for an aggregate without GROUP BY (one row, no group
+// keys), is stale, not a panic.
+func TestGroupStart(t *testing.T) {
+	keys := []string{`"a"`, `"b"`, "u", "n1;"}
+	tok := func(offset int, prefix []string) *continuation {
+		return &continuation{V: continuationVersion, Query: "q", Offset: offset, Groups: groupsHash(prefix)}
+	}
+	if i, err := groupStart(tok(2, keys[:2]), keys); err != nil || i != 2 {
+		t.Errorf("unchanged groups: %d, %v", i, err)
+	}
+	if i, err := groupStart(tok(4, keys), keys); err != nil || i != 4 {
+		t.Errorf("at the end: %d, %v", i, err)
+	}
+	for name, c := range map[string]*continuation{
+		"a group before it changed": tok(2, []string{`"a"`, `"c"`}),
+		"groups reordered":          tok(2, []string{`"b"`, `"a"`}),
+		"past the last group":       tok(5, append(keys, "x")),
+		"no groups at all":          tok(1, []string{"u"}),
+	} {
+		k := keys
+		if name == "no groups at all" {
+			k = nil
+		}
+		if _, err := groupStart(c, k); !errors.Is(err, errStaleContinuation) {
+			t.Errorf("%s: %v, want errStaleContinuation", name, err)
+		}
+	}
+	// Length-prefixed: keys that concatenate alike still differ.
+	if groupsHash([]string{"ab", "c"}) == groupsHash([]string{"a", "bc"}) {
+		t.Error("groupsHash confuses [ab c] with [a bc]")
 	}
 }
