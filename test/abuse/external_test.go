@@ -45,6 +45,7 @@ func startExternal(t *testing.T) *external {
 	x.addr = mosquitto.Start(t, fmt.Sprintf("allow_anonymous true\nuser root\npassword_file %s\nacl_file %s\n", pwFile, aclFile))
 	x.op = newOperatorProc(t, "operator-mosquitto", false,
 		"--namespace="+x.ns,
+		"--claims-namespace="+x.ns,
 		"--device-auth=none",
 		"--broker-url=tcp://"+x.addr,
 		"--broker-client-id=kubetwin-operator-"+x.ns,

@@ -163,6 +163,7 @@ func newHarness(t *testing.T, n int, interval time.Duration) *harness {
 	}
 	args := []string{
 		"--namespace=" + h.ns,
+		"--claims-namespace=" + h.ns,
 		"--mqtt-bind-address=" + h.plainAddr,
 		"--mqtt-tls-bind-address=" + h.tlsAddr,
 		"--hub-hostname=" + hub,
