@@ -10,7 +10,7 @@
 //	POST   /devices/query     run an IoT Hub query, in pages (x-ms-max-item-count, x-ms-continuation)
 //	PUT    /devices/{id}      create a device (no If-Match) or update its status and keys (If-Match)
 //	GET    /devices/{id}      the device identity, with its keys
-//	GET    /devices/          every device (at most MaxListDevices)
+//	GET    /devices/          every device of the namespace (at most MaxListDevices)
 //	DELETE /devices/{id}      delete the device and its twin
 //
 // Every path takes ?api-version=...; the value is not checked, so SDKs of
