@@ -14,15 +14,35 @@ mqtt_port=${KUBETWIN_DEMO_MQTT_PORT:-8883}
 webhook_port=${KUBETWIN_DEMO_WEBHOOK_PORT:-9443}
 webhook_url=https://127.0.0.1:$webhook_port
 
+# running <pid>: the process exists and is not a zombie (an exited child
+# that nobody reaped, as under a container's init that does not reap).
+running() {
+	local st
+	st=$(ps -o stat= -p "$1" 2>/dev/null) || return 1
+	[[ $st != Z* ]]
+}
+
 down() {
+	local alive=() pid
 	for p in device manager localcluster; do
 		if [ -f "$state/$p.pid" ]; then
-			kill "$(cat "$state/$p.pid")" 2>/dev/null || true
+			pid=$(cat "$state/$p.pid")
+			if kill "$pid" 2>/dev/null; then
+				# localcluster exits once it has stopped etcd and
+				# kube-apiserver, so waiting for it waits for them.
+				for _ in $(seq 300); do
+					running "$pid" || break
+					sleep 0.1
+				done
+				if running "$pid"; then alive+=("$p (pid $pid)"); fi
+			fi
 			rm -f "$state/$p.pid"
 		fi
 	done
-	# Give the control plane a moment to stop etcd and kube-apiserver.
-	sleep 2
+	if [ ${#alive[@]} -gt 0 ]; then
+		echo "demo: still running 30s after SIGTERM: ${alive[*]}" >&2
+		exit 1
+	fi
 	echo "demo stopped"
 }
 

@@ -383,18 +383,6 @@ func (c *Client) publishAsync(topic string, payload []byte, retained bool) {
 	}()
 }
 
-// waitToken waits for t, ctx or the client's end.
-func (c *Client) waitToken(ctx context.Context, t mqtt.Token) error {
-	select {
-	case <-t.Done():
-		return t.Error()
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-c.ctx.Done():
-		return ErrClosed
-	}
-}
-
 func presencePayload(online bool) []byte {
 	b, _ := json.Marshal(protocol.Presence{Online: online})
 	return b
