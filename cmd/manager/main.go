@@ -422,6 +422,7 @@ func setupWebhook(ctx context.Context, mgr ctrl.Manager, o options) error {
 	srv := mgr.GetWebhookServer()
 	webhook.Register(srv, mgr.GetScheme(), webhook.Validator{
 		Claims: operator.Claims(mgr, o.claimsNamespace()), Namespace: o.namespace,
+		SecretRefs: webhook.SecretRefs{Reader: mgr.GetClient()},
 	})
 	if err := mgr.AddReadyzCheck("webhook", srv.StartedChecker()); err != nil {
 		return fmt.Errorf("adding webhook ready check: %w", err)

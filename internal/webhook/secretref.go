@@ -41,6 +41,14 @@ func (s SecretRefs) Check(ctx context.Context, old, t *v1alpha1.DeviceTwin) *twi
 	return nil
 }
 
+// errs is Check's error as a list for Invalid.
+func (s SecretRefs) errs(ctx context.Context, old, t *v1alpha1.DeviceTwin) []*twin.Error {
+	if err := s.Check(ctx, old, t); err != nil {
+		return []*twin.Error{err}
+	}
+	return nil
+}
+
 func secretRefName(t *v1alpha1.DeviceTwin) string {
 	if a := t.Spec.Authentication; a != nil && a.SecretRef != nil {
 		return a.SecretRef.Name

@@ -159,7 +159,7 @@ func setup() (int, func()) {
 	}
 	webhook.Register(mgr.GetWebhookServer(), testScheme, webhook.Validator{Claims: &deviceid.Claims{
 		Client: mgr.GetClient(), APIReader: mgr.GetAPIReader(), Namespace: claimsNS,
-	}})
+	}, SecretRefs: webhook.SecretRefs{Reader: mgr.GetClient()}})
 	if err := mgr.Add(certs); err != nil {
 		cleanup()
 		return fail("adding the cert manager: %v", err)

@@ -80,6 +80,9 @@ type Validator struct {
 	// Namespace, when set, is the only namespace whose twins this hub
 	// serves (--namespace): twins elsewhere claim no id here.
 	Namespace string
+	// SecretRefs refuses a spec.authentication.secretRef to a Secret that
+	// may not give keys (secretref.go).
+	SecretRefs SecretRefs
 }
 
 var _ admission.Validator[*v1alpha1.DeviceTwin] = Validator{}
@@ -87,7 +90,7 @@ var _ admission.Validator[*v1alpha1.DeviceTwin] = Validator{}
 // ValidateCreate refuses a new twin that breaks the rules or whose device
 // id another twin holds, and otherwise makes it the holder.
 func (v Validator) ValidateCreate(ctx context.Context, t *v1alpha1.DeviceTwin) (admission.Warnings, error) {
-	if err := Invalid(t, Validate(nil, t)); err != nil {
+	if err := Invalid(t, append(Validate(nil, t), v.SecretRefs.errs(ctx, nil, t)...)); err != nil {
 		return nil, err
 	}
 	return nil, v.claim(ctx, t)
@@ -114,9 +117,10 @@ func (v Validator) claim(ctx context.Context, t *v1alpha1.DeviceTwin) error {
 	return nil
 }
 
-// ValidateUpdate refuses a change that breaks the rules or the device id.
-func (Validator) ValidateUpdate(_ context.Context, old, t *v1alpha1.DeviceTwin) (admission.Warnings, error) {
-	return nil, Invalid(t, Validate(old, t))
+// ValidateUpdate refuses a change that breaks the rules or the device id,
+// or a new secretRef to a Secret that may not give keys.
+func (v Validator) ValidateUpdate(ctx context.Context, old, t *v1alpha1.DeviceTwin) (admission.Warnings, error) {
+	return nil, Invalid(t, append(Validate(old, t), v.SecretRefs.errs(ctx, old, t)...))
 }
 
 // ValidateDelete allows every deletion (the webhook is not registered for
