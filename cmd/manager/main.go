@@ -144,8 +144,7 @@ func main() {
 		"The hub's host name: the HostName of the devices' connection strings (what devices connect to and sign their SAS tokens for) and a name in the embedded broker's TLS certificate.")
 	flag.BoolVar(&o.mosquittoDynsec, "mosquitto-dynsec", false,
 		"With --broker-url: provision every device (its credential and a role confining it to its topics) in Mosquitto's dynamic-security plugin; the --broker-username must have the plugin's admin role.")
-	flag.DurationVar(&o.maxTokenLifetime, "max-sas-token-lifetime", sas.DefaultMaxLifetime,
-		"Refuse a SAS token (a device's at the embedded broker, a service's at the service API) that expires further ahead than this; 0: no bound.")
+	bindTokenLifetimeFlag(&o.maxTokenLifetime)
 	bindMQTTFlags(&o.mqtt)
 	bindWebhookFlags(&o.webhook)
 	bindServiceAPIFlags(&o.service)
@@ -171,8 +170,8 @@ func run(ctx context.Context, o options) error {
 	if err := checkPendingFlags(o.pending); err != nil {
 		return err
 	}
-	if o.maxTokenLifetime < 0 {
-		return fmt.Errorf("--max-sas-token-lifetime must be 0 (no bound) or more, not %s", o.maxTokenLifetime)
+	if err := checkTokenLifetimeFlag(o.maxTokenLifetime); err != nil {
+		return err
 	}
 	o.hubTLS = &hubTLS{}
 	mgr, err := setupManager(o)
@@ -379,6 +378,19 @@ func bindWebhookFlags(w *webhookOptions) {
 	flag.StringVar(&w.configName, "webhook-config-name", "kubetwin-admission", "Name of the ValidatingWebhookConfiguration and MutatingWebhookConfiguration to keep the caBundle of.")
 	flag.DurationVar(&w.certValidity, "webhook-cert-validity", certs.DefaultCertValidity, "Lifetime of the serving certificate; it is replaced at 2/3 of it.")
 	flag.DurationVar(&w.caValidity, "webhook-ca-validity", certs.DefaultCAValidity, "Lifetime of the webhook CA; it is replaced at 2/3 of it.")
+}
+
+// bindTokenLifetimeFlag binds --max-sas-token-lifetime.
+func bindTokenLifetimeFlag(d *time.Duration) {
+	flag.DurationVar(d, "max-sas-token-lifetime", sas.DefaultMaxLifetime,
+		"Refuse a SAS token (a device's at the embedded broker, a service's at the service API) that expires further ahead than this; 0: no bound.")
+}
+
+func checkTokenLifetimeFlag(d time.Duration) error {
+	if d < 0 {
+		return fmt.Errorf("--max-sas-token-lifetime must be 0 (no bound) or more, not %s", d)
+	}
+	return nil
 }
 
 // claimsNamespace is where the device id claims are: --claims-namespace,
