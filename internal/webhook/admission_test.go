@@ -288,7 +288,7 @@ func TestDeviceIDDefaulted(t *testing.T) {
 	g.Expect(tw.Spec.DeviceID).To(Equal("applied"))
 	for _, mf := range tw.ManagedFields {
 		if mf.Manager == "gitops" {
-			g.Expect(string(mf.FieldsV1.Raw)).NotTo(ContainSubstring("deviceId"), "the applier owns the defaulted field")
+			g.Expect(mf.FieldsV1.GetRawString()).NotTo(ContainSubstring("deviceId"), "the applier owns the defaulted field")
 		}
 	}
 	// Applying again without spec.deviceId neither removes it nor fails.
