@@ -108,10 +108,11 @@ soak: build ## Abuse soak (not in CI): SOAK_DEVICES devices, every attack repeat
 
 # BENCH_SIZE=tiny: every phase at a few twins and a second or two, a check
 # that the benchmark still runs and its answers are right (CI runs it), not a
-# measurement. BENCH_ARGS are passed on after it.
+# measurement; 200 query twins, so both queries match some (6 and 1) and the
+# comparison with a full scan checks something. BENCH_ARGS follow it.
 BENCH_SIZE ?= full
 BENCH_TINY_ARGS = --twins 20 --baseline-inflight 4 --baseline-duration 1s --baseline-device-twins 1s \
-	--devices 10 --rate 2 --warmup 1s --duration 2s --desired 5 --query-twins 40 --query-reps 1 \
+	--devices 10 --rate 2 --warmup 1s --duration 2s --desired 5 --query-twins 200 --query-reps 1 \
 	--service-twins 10 --service-duration 2s --service-concurrency 2
 BENCH_SIZE_ARGS_full =
 BENCH_SIZE_ARGS_tiny = $(BENCH_TINY_ARGS)
