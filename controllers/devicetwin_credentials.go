@@ -19,8 +19,8 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
 
 	"github.com/kubetwin/kubetwin/api/v1alpha1"
-	"github.com/kubetwin/kubetwin/internal/bridge"
 	"github.com/kubetwin/kubetwin/internal/deviceauth"
+	"github.com/kubetwin/kubetwin/internal/deviceid"
 	"github.com/kubetwin/kubetwin/pkg/sas"
 )
 
@@ -237,19 +237,16 @@ func setCredentialsCondition(st *v1alpha1.DeviceTwinStatus, cs *credStatus, gen 
 	setCondition(st, v1alpha1.ConditionCredentialsReady, status, cs.reason, cs.message, gen, now)
 }
 
-// DeviceLookup finds devices for the embedded broker's Authenticator in c
-// (the manager's cache): the twin that owns the device id, its status, and
-// the keys in its key Secret.
-func DeviceLookup(c client.Reader) deviceauth.Lookup {
+// DeviceLookup finds devices for the embedded broker's Authenticator
+// through r (the manager's cache): the twin that holds the device id, its
+// status, and the keys in its key Secret.
+func DeviceLookup(r deviceid.Resolver) deviceauth.Lookup {
 	return func(ctx context.Context, deviceID string) (deviceauth.Device, error) {
-		t, err := ResolveDeviceID(ctx, c, deviceID)
-		if errors.Is(err, bridge.ErrNotFound) {
-			return deviceauth.Device{}, deviceauth.ErrUnknownDevice
-		}
+		t, err := r.Resolve(ctx, deviceID)
 		if err != nil {
 			return deviceauth.Device{}, err
 		}
-		return keysOf(ctx, c, t)
+		return keysOf(ctx, r.Reader, t)
 	}
 }
 
