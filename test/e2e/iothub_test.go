@@ -28,9 +28,9 @@ import (
 // The Azure IoT SDK tests run Node programs written against the SDKs'
 // public APIs, in the style of IoT Hub's getting-started guides, in
 // testdata/iothub. They use the real npm packages (package-lock.json pins
-// them; .ci/run installs them, and the test does if they are missing) and
-// differ from what runs against IoT Hub only in their connection strings
-// and the CA they trust (NODE_EXTRA_CA_CERTS).
+// them; make test installs them with hack/deps.sh, and the test does if
+// they are missing) and differ from what runs against IoT Hub only in
+// their connection strings and the CA they trust (NODE_EXTRA_CA_CERTS).
 
 const (
 	sdkDir = "testdata/iothub"
