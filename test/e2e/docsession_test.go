@@ -66,7 +66,7 @@ func (s docStep) where() string { return fmt.Sprintf("%s:%d", docSessionFile, s.
 var (
 	fenceRE      = regexp.MustCompile("^```\\s*(\\S*)")
 	assignmentRE = regexp.MustCompile(`^([A-Za-z_][A-Za-z0-9_]*)=('[^']*'|"[^"]*"|\S*)$`)
-	mosquittoRE  = regexp.MustCompile(`mosquitto_(pub|sub)\b`)
+	mosquittoRE  = regexp.MustCompile(`mosquitto_(pub|sub|rr)\b`)
 	placeholder  = regexp.MustCompile(`<[a-z][a-z0-9-]*>`)
 )
 
@@ -249,10 +249,10 @@ func (r *docRunner) run(st docStep) {
 		if len(st.output) > 0 {
 			r.expectTerminal1(docStep{line: st.line + 1, output: st.output})
 		}
-	case "mosquitto_pub", "kubectl":
+	case "mosquitto_pub", "mosquitto_rr", "kubectl":
 		r.runCommand(st, cmd)
 	default:
-		r.t.Fatalf("%s: the session test runs only mosquitto_pub, mosquitto_sub, kubectl and variable assignments, not %q", st.where(), cmd)
+		r.t.Fatalf("%s: the session test runs only mosquitto_pub, mosquitto_sub, mosquitto_rr, kubectl and variable assignments, not %q", st.where(), cmd)
 	}
 }
 
