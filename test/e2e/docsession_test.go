@@ -16,7 +16,6 @@ import (
 	"time"
 
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/tools/clientcmd"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
@@ -390,24 +389,47 @@ func (r *docRunner) expectTerminal1(st docStep) {
 // operator has released them.
 func (r *docRunner) deleteTwins() {
 	for _, name := range r.twins {
-		tw := &v1alpha1.DeviceTwin{ObjectMeta: metav1.ObjectMeta{Namespace: r.ns, Name: name}}
+		tw := &v1alpha1.DeviceTwin{}
+		key := client.ObjectKey{Namespace: r.ns, Name: name}
+		if err := k8s.Get(context.Background(), key, tw); err != nil {
+			if !apierrors.IsNotFound(err) {
+				r.t.Errorf("reading DeviceTwin %s: %v", key, err)
+			}
+			continue
+		}
+		uid := tw.UID
 		if err := k8s.Delete(context.Background(), tw); err != nil && !apierrors.IsNotFound(err) {
-			r.t.Errorf("deleting DeviceTwin %s/%s: %v", r.ns, name, err)
+			r.t.Errorf("deleting DeviceTwin %s: %v", key, err)
 			continue
 		}
 		deadline := time.Now().Add(wait)
 		for {
-			err := k8s.Get(context.Background(), client.ObjectKeyFromObject(tw), tw)
+			now := &v1alpha1.DeviceTwin{}
+			err := k8s.Get(context.Background(), key, now)
 			if apierrors.IsNotFound(err) {
 				break
 			}
+			if err == nil && now.UID != uid {
+				r.t.Errorf("DeviceTwin %s was created again after its deletion (uid %s, then %s, spec %+v, managed by %v)",
+					key, uid, now.UID, now.Spec, managers(now))
+				break
+			}
 			if time.Now().After(deadline) {
-				r.t.Errorf("DeviceTwin %s/%s is still there %s after its deletion (err %v)", r.ns, name, wait, err)
+				r.t.Errorf("DeviceTwin %s is still there %s after its deletion (err %v, finalizers %v)", key, wait, err, now.Finalizers)
 				break
 			}
 			time.Sleep(tick)
 		}
 	}
+}
+
+// managers lists who wrote an object.
+func managers(o *v1alpha1.DeviceTwin) []string {
+	var m []string
+	for _, f := range o.ManagedFields {
+		m = append(m, f.Manager+"/"+string(f.Operation))
+	}
+	return m
 }
 
 // lineCollector holds what a background command printed.
