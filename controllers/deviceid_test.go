@@ -11,9 +11,12 @@ import (
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
+	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	"github.com/kubetwin/kubetwin/api/v1alpha1"
+	"github.com/kubetwin/kubetwin/controllers"
+	"github.com/kubetwin/kubetwin/internal/bridge"
 	"github.com/kubetwin/kubetwin/internal/deviceid"
 	"github.com/kubetwin/kubetwin/pkg/protocol"
 )
@@ -116,4 +119,61 @@ func TestDeviceIDStaleClaims(t *testing.T) {
 		g.Expect(claimOf(g, "wanted-1").Spec.Twin.UID).To(Equal(tw.UID))
 		g.Expect(meta.FindStatusCondition(getTwin(g, ns, "wanted").Status.Conditions, v1alpha1.ConditionStalled)).To(BeNil())
 	}, wait, tick).Should(Succeed())
+}
+
+// staleReads answers reads of one twin with a snapshot, as a cache that
+// has not yet seen the latest events would, and everything else from the
+// API server.
+type staleReads struct {
+	client.Client
+	twin *v1alpha1.DeviceTwin
+}
+
+func (s staleReads) Get(ctx context.Context, key client.ObjectKey, obj client.Object, opts ...client.GetOption) error {
+	if t, ok := obj.(*v1alpha1.DeviceTwin); ok && key == client.ObjectKeyFromObject(s.twin) {
+		s.twin.DeepCopyInto(t)
+		return nil
+	}
+	return s.Client.Get(ctx, key, obj, opts...)
+}
+
+// nopBus takes every publish.
+type nopBus struct{}
+
+func (nopBus) Start(context.Context) error                         { return nil }
+func (nopBus) Publish(context.Context, string, []byte, bool) error { return nil }
+func (nopBus) Connected() bool                                     { return true }
+
+// A reconcile that still sees a released twin as being deleted with the
+// operator's finalizer (the claim its release deleted wakes it at once,
+// before the cache has caught up) must not touch the device id again, nor
+// create the twin anew.
+func TestStaleFinalizeLeavesDeletedTwinAlone(t *testing.T) {
+	g := NewWithT(t)
+	ctx := context.Background()
+	ns := newNamespace(t)
+	createTwin(t, ns, "once", "Once-1", "", `{"a":1}`)
+	waitObserved(t, ns, "once")
+	stale := getTwin(g, ns, "once")
+	g.Expect(stale.Finalizers).To(ContainElement(controllers.Finalizer))
+	g.Expect(k8s.Delete(ctx, stale)).To(Succeed())
+	g.Eventually(func() bool {
+		return apierrors.IsNotFound(k8s.Get(ctx, client.ObjectKeyFromObject(stale), &v1alpha1.DeviceTwin{}))
+	}, wait, tick).Should(BeTrue())
+	now := metav1.Now()
+	stale.DeletionTimestamp = &now
+
+	br := bridge.New(bridge.Options{Resolve: func(context.Context, string) (*v1alpha1.DeviceTwin, error) { return nil, deviceid.ErrNotFound }})
+	br.SetBus(nopBus{})
+	r := &controllers.DeviceTwinReconciler{
+		Client: staleReads{Client: k8s, twin: stale},
+		Bridge: br,
+		Claims: &deviceid.Claims{Client: k8s, APIReader: k8s, Namespace: claimsNS},
+	}
+	_, err := r.Reconcile(ctx, ctrl.Request{NamespacedName: client.ObjectKeyFromObject(stale)})
+	g.Expect(err).NotTo(HaveOccurred())
+	err = k8s.Get(ctx, client.ObjectKeyFromObject(stale), &v1alpha1.DeviceTwin{})
+	g.Expect(apierrors.IsNotFound(err)).To(BeTrue(), "the deleted twin was created again: %v", err)
+	err = k8s.Get(ctx, types.NamespacedName{Namespace: claimsNS, Name: deviceid.ClaimName("Once-1")}, &v1alpha1.DeviceIDClaim{})
+	g.Expect(apierrors.IsNotFound(err)).To(BeTrue(), "the released id was claimed again: %v", err)
 }

@@ -83,7 +83,7 @@ func (r *DeviceTwinReconciler) Reconcile(ctx context.Context, req ctrl.Request) 
 	if !t.DeletionTimestamp.IsZero() {
 		return ctrl.Result{}, r.finalize(ctx, t)
 	}
-	if err := r.applyLabels(ctx, t, true); err != nil {
+	if err := r.applyLabels(ctx, t); err != nil {
 		return ctrl.Result{}, fmt.Errorf("mirroring tags into labels: %w", err)
 	}
 
@@ -225,6 +225,17 @@ func (r *DeviceTwinReconciler) finalize(ctx context.Context, t *v1alpha1.DeviceT
 		r.Bridge.Forget(key)
 		return nil
 	}
+	// The cache can still show the finalizer of a twin already released
+	// (the claim that round released wakes it at once): act on the live
+	// object only.
+	live := &v1alpha1.DeviceTwin{}
+	if err := r.Claims.APIReader.Get(ctx, key, live); client.IgnoreNotFound(err) != nil {
+		return err
+	} else if err != nil || live.UID != t.UID || !controllerutil.ContainsFinalizer(live, Finalizer) {
+		r.Bridge.Forget(key)
+		return nil
+	}
+	t = live
 	var held *deviceid.HeldError
 	switch err := r.Claims.Claim(ctx, t); {
 	case errors.As(err, &held):
@@ -244,27 +255,28 @@ func (r *DeviceTwinReconciler) finalize(ctx context.Context, t *v1alpha1.DeviceT
 			return err
 		}
 	}
-	if err := r.applyLabels(ctx, t, false); err != nil {
+	// A merge patch under the resourceVersion: unlike an apply, it never
+	// creates the twin again should it be gone meanwhile.
+	base := t.DeepCopy()
+	controllerutil.RemoveFinalizer(t, Finalizer)
+	if err := r.Patch(ctx, t, client.MergeFromWithOptions(base, client.MergeFromWithOptimisticLock{})); client.IgnoreNotFound(err) != nil {
 		return fmt.Errorf("removing finalizer: %w", err)
 	}
 	r.Bridge.Forget(key)
 	return nil
 }
 
-// applyLabels makes the labels mirrored from tags (and, when keep is true,
-// the finalizer) exactly what the operator owns, through server-side apply,
-// and only when something differs.
-func (r *DeviceTwinReconciler) applyLabels(ctx context.Context, t *v1alpha1.DeviceTwin, keep bool) error {
+// applyLabels makes the labels mirrored from tags and the finalizer
+// exactly what the operator owns, through server-side apply, and only when
+// something differs.
+func (r *DeviceTwinReconciler) applyLabels(ctx context.Context, t *v1alpha1.DeviceTwin) error {
 	tags, err := specDoc(t.Spec.Tags)
 	if err != nil {
 		tags = twin.Doc{}
 	}
-	want := map[string]string{}
-	if keep {
-		want = twin.MirrorLabels(tags)
-	}
+	want := twin.MirrorLabels(tags)
 	owned := ownedLabels(t, LabelManager)
-	need := keep != controllerutil.ContainsFinalizer(t, Finalizer)
+	need := !controllerutil.ContainsFinalizer(t, Finalizer)
 	for k, v := range want {
 		if cur, ok := t.Labels[k]; !ok || cur != v || !owned[k] {
 			need = true
@@ -285,12 +297,13 @@ func (r *DeviceTwinReconciler) applyLabels(ctx context.Context, t *v1alpha1.Devi
 	u.SetKind("DeviceTwin")
 	u.SetNamespace(t.Namespace)
 	u.SetName(t.Name)
+	// The uid makes the apply fail (Conflict) rather than create the twin
+	// again if it is gone meanwhile.
+	u.SetUID(t.UID)
 	if len(want) > 0 {
 		u.SetLabels(want)
 	}
-	if keep {
-		u.SetFinalizers([]string{Finalizer})
-	}
+	u.SetFinalizers([]string{Finalizer})
 	err = r.Apply(ctx, client.ApplyConfigurationFromUnstructured(u), client.FieldOwner(LabelManager), client.ForceOwnership)
 	if apierrors.IsNotFound(err) {
 		return nil
