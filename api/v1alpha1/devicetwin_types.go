@@ -34,8 +34,9 @@ const (
 	// converged on the current desired state (DesiredNotSeen, Converging).
 	ConditionReconciling = "Reconciling"
 	// ConditionStalled is present, True, when waiting cannot help: the
-	// desired state was refused (InvalidDesired) or another twin owns the
-	// device id (DuplicateDeviceID). The spec must change.
+	// desired state was refused (InvalidDesired; the spec must change) or
+	// another twin holds the device id (DuplicateDeviceID; until it is
+	// deleted).
 	ConditionStalled = "Stalled"
 )
 
@@ -47,7 +48,7 @@ const (
 	ReasonDisconnected = "Disconnected"
 	// ReasonNeverConnected: the device has not connected since the twin was created.
 	ReasonNeverConnected = "NeverConnected"
-	// ReasonDuplicateDeviceID: another DeviceTwin claims the same device id and owns the device.
+	// ReasonDuplicateDeviceID: another DeviceTwin holds the device id (its DeviceIDClaim); this twin is not served until that one is deleted.
 	ReasonDuplicateDeviceID = "DuplicateDeviceID"
 	// ReasonInSync: the device has the current desired version and reports every desired value.
 	ReasonInSync = "InSync"
