@@ -37,7 +37,7 @@ const (
 )
 
 func TestDocSession(t *testing.T) {
-	steps, err := parseDocSession(filepath.Join(repoRoot, docSessionFile))
+	steps, err := parseDocSection(docSessionFile, docSessionHeading)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -54,13 +54,14 @@ func TestDocSession(t *testing.T) {
 // docStep is one thing the session shows: a command with what it prints,
 // or (cmd == "") lines the running mosquitto_sub prints next.
 type docStep struct {
+	file   string
 	line   int // of the command, or of the first output line
 	cmd    string
 	output []string
 	yaml   string // the last YAML block before the step
 }
 
-func (s docStep) where() string { return fmt.Sprintf("%s:%d", docSessionFile, s.line) }
+func (s docStep) where() string { return fmt.Sprintf("%s:%d", s.file, s.line) }
 
 var (
 	fenceRE      = regexp.MustCompile("^```\\s*(\\S*)")
@@ -69,27 +70,28 @@ var (
 	placeholder  = regexp.MustCompile(`<[a-z][a-z0-9-]*>`)
 )
 
-// parseDocSession extracts the steps of the worked session: the console
-// blocks between its heading and the next level-2 heading.
-func parseDocSession(path string) ([]docStep, error) {
-	b, err := os.ReadFile(path)
+// parseDocSection extracts the steps of a section of a file of the
+// repository: the console blocks between the heading (a prefix of its
+// line) and the next level-2 heading.
+func parseDocSection(file, heading string) ([]docStep, error) {
+	b, err := os.ReadFile(filepath.Join(repoRoot, file))
 	if err != nil {
 		return nil, err
 	}
-	return parseDocSessionText(string(b))
+	return parseDocSectionText(file, heading, string(b))
 }
 
-func parseDocSessionText(text string) ([]docStep, error) {
+func parseDocSectionText(file, heading, text string) ([]docStep, error) {
 	lines := strings.Split(text, "\n")
 	start := -1
 	for i, l := range lines {
-		if strings.HasPrefix(l, docSessionHeading) {
+		if strings.HasPrefix(l, heading) {
 			start = i + 1
 			break
 		}
 	}
 	if start < 0 {
-		return nil, fmt.Errorf("%s: no section %q", docSessionFile, docSessionHeading)
+		return nil, fmt.Errorf("%s: no section %q", file, heading)
 	}
 	var (
 		steps    []docStep
@@ -109,7 +111,7 @@ func parseDocSessionText(text string) ([]docStep, error) {
 			end++
 		}
 		if end == len(lines) {
-			return nil, fmt.Errorf("%s:%d: the block is not closed", docSessionFile, i+1)
+			return nil, fmt.Errorf("%s:%d: the block is not closed", file, i+1)
 		}
 		block := lines[open:end]
 		i = end
@@ -117,7 +119,7 @@ func parseDocSessionText(text string) ([]docStep, error) {
 		case "yaml":
 			lastYAML = strings.Join(block, "\n") + "\n"
 		case "console":
-			bs, err := parseConsoleBlock(block, open+1, lastYAML)
+			bs, err := parseConsoleBlock(file, block, open+1, lastYAML)
 			if err != nil {
 				return nil, err
 			}
@@ -125,24 +127,24 @@ func parseDocSessionText(text string) ([]docStep, error) {
 		}
 	}
 	if len(steps) == 0 {
-		return nil, fmt.Errorf("%s: the section %q has no console block", docSessionFile, docSessionHeading)
+		return nil, fmt.Errorf("%s: the section %q has no console block", file, heading)
 	}
 	return steps, nil
 }
 
 // parseConsoleBlock parses one console block whose first line is line
 // first of the file.
-func parseConsoleBlock(block []string, first int, yaml string) ([]docStep, error) {
+func parseConsoleBlock(file string, block []string, first int, yaml string) ([]docStep, error) {
 	if len(block) == 0 {
-		return nil, fmt.Errorf("%s:%d: empty console block", docSessionFile, first)
+		return nil, fmt.Errorf("%s:%d: empty console block", file, first)
 	}
 	if !strings.HasPrefix(block[0], "$ ") {
 		for j, l := range block {
 			if strings.HasPrefix(l, "$ ") {
-				return nil, fmt.Errorf("%s:%d: a console block is either output of terminal 1 or starts with a command; this one has a command after output", docSessionFile, first+j)
+				return nil, fmt.Errorf("%s:%d: a console block is either output of terminal 1 or starts with a command; this one has a command after output", file, first+j)
 			}
 		}
-		return []docStep{{line: first, output: block}}, nil
+		return []docStep{{file: file, line: first, output: block}}, nil
 	}
 	var steps []docStep
 	for j := 0; j < len(block); j++ {
@@ -151,7 +153,7 @@ func parseConsoleBlock(block []string, first int, yaml string) ([]docStep, error
 			steps[len(steps)-1].output = append(steps[len(steps)-1].output, l)
 			continue
 		}
-		st := docStep{line: first + j, cmd: strings.TrimPrefix(l, "$ "), yaml: yaml}
+		st := docStep{file: file, line: first + j, cmd: strings.TrimPrefix(l, "$ "), yaml: yaml}
 		for strings.HasSuffix(st.cmd, `\`) && j+1 < len(block) {
 			j++
 			st.cmd += "\n" + block[j]
@@ -171,6 +173,12 @@ func matchLine(want, got string) bool {
 		re.WriteString(regexp.QuoteMeta(want[last:loc[0]]))
 		re.WriteString(`\S+`)
 		last = loc[1]
+		// A table column is as wide as its widest value: the spaces after
+		// a value that varies vary too.
+		if n := len(want[last:]) - len(strings.TrimLeft(want[last:], " ")); n > 0 {
+			re.WriteString(` +`)
+			last += n
+		}
 	}
 	re.WriteString(regexp.QuoteMeta(want[last:]))
 	re.WriteString("$")
@@ -209,7 +217,8 @@ func newDocRunner(t *testing.T, ns, brokerArgs string) *docRunner {
 	if err := clientcmd.WriteToFile(*cfg, kc); err != nil {
 		t.Fatal(err)
 	}
-	path := strings.Join([]string{filepath.Dir(mosquittoPubBin), filepath.Dir(mosquittoSubBin), os.Getenv("KUBEBUILDER_ASSETS"), "/usr/bin", "/bin"}, ":")
+	// kubectl-twin is found as a kubectl plugin on the PATH.
+	path := strings.Join([]string{filepath.Dir(mosquittoPubBin), filepath.Dir(mosquittoSubBin), os.Getenv("KUBEBUILDER_ASSETS"), filepath.Dir(pluginBin), "/usr/bin", "/bin"}, ":")
 	r := &docRunner{
 		t: t, ns: ns, dir: dir, brokerArgs: brokerArgs, varValues: map[string]string{},
 		env: []string{"PATH=" + path, "HOME=" + dir, "KUBECONFIG=" + kc, "LC_ALL=C"},
@@ -246,7 +255,7 @@ func (r *docRunner) run(st docStep) {
 		}
 		r.term1 = r.start(st, cmd)
 		if len(st.output) > 0 {
-			r.expectTerminal1(docStep{line: st.line + 1, output: st.output})
+			r.expectTerminal1(docStep{file: st.file, line: st.line + 1, output: st.output})
 		}
 	case "mosquitto_pub", "mosquitto_rr", "kubectl":
 		r.runCommand(st, cmd)
@@ -501,6 +510,8 @@ func TestDocSessionParser(t *testing.T) {
 		{"a <age> b", "a 3s b", true},
 		{"a <age> b", "a  b", false},
 		{"a <age> b", "a 3 s b", false},
+		{"a <age>   b", "a 13s b", true},
+		{"a <age>   b", "a 13sb", false},
 		{`{"$version":1}`, `{"$version":1}`, true},
 		{`{"$version":1}`, `{"$version":2}`, false},
 		{"x.y", "xzy", false},
@@ -510,22 +521,22 @@ func TestDocSessionParser(t *testing.T) {
 		}
 	}
 	doc := "## A worked session with x\n```yaml\nkind: X\n```\n```console\n$ a \\\n  b\nout1\n$ c\n```\n```console\nt1\nt2\n```\n## Next\n```console\n$ ignored\n```\n"
-	steps, err := parseDocSessionText(doc)
+	steps, err := parseDocSectionText("x.md", docSessionHeading, doc)
 	if err != nil {
 		t.Fatal(err)
 	}
 	want := []docStep{
-		{line: 6, cmd: "a \\\n  b", output: []string{"out1"}, yaml: "kind: X\n"},
-		{line: 9, cmd: "c", yaml: "kind: X\n"},
-		{line: 12, output: []string{"t1", "t2"}},
+		{file: "x.md", line: 6, cmd: "a \\\n  b", output: []string{"out1"}, yaml: "kind: X\n"},
+		{file: "x.md", line: 9, cmd: "c", yaml: "kind: X\n"},
+		{file: "x.md", line: 12, output: []string{"t1", "t2"}},
 	}
 	if fmt.Sprint(steps) != fmt.Sprint(want) {
 		t.Errorf("steps:\n%v\nwant\n%v", steps, want)
 	}
-	if _, err := parseDocSessionText("## A worked session with x\n```console\nout\n$ cmd\n```\n"); err == nil {
+	if _, err := parseDocSectionText("x.md", docSessionHeading, "## A worked session with x\n```console\nout\n$ cmd\n```\n"); err == nil {
 		t.Error("a command after output was accepted")
 	}
-	if _, err := parseDocSessionText("## A worked session with x\n```console\n$ cmd\n"); err == nil {
+	if _, err := parseDocSectionText("x.md", docSessionHeading, "## A worked session with x\n```console\n$ cmd\n"); err == nil {
 		t.Error("an unclosed block was accepted")
 	}
 }
