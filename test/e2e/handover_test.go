@@ -16,6 +16,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	"github.com/kubetwin/kubetwin/api/v1alpha1"
+	"github.com/kubetwin/kubetwin/internal/deviceid"
 	"github.com/kubetwin/kubetwin/pkg/device"
 	"github.com/kubetwin/kubetwin/pkg/protocol"
 )
@@ -47,7 +48,11 @@ func TestDeviceIDHandover(t *testing.T) {
 	op := newOperator(t, mosquittoBroker, ns, addr)
 	op.secure = true
 	op.probeUser, op.probePassword = "kubetwin-operator", pw
-	op.extraArgs = []string{"--broker-username=kubetwin-operator", "--broker-password-file=" + pwFile, "--mosquitto-dynsec"}
+	// Claims in a namespace of their own, apart from the watched one: the
+	// operator's cache must hold them all the same.
+	claimsNS := newNamespace(t)
+	op.extraArgs = []string{"--broker-username=kubetwin-operator", "--broker-password-file=" + pwFile, "--mosquitto-dynsec",
+		"--claims-namespace=" + claimsNS}
 	op.start()
 
 	id := "Hand-" + randomSuffix()
@@ -110,4 +115,8 @@ func TestDeviceIDHandover(t *testing.T) {
 	g.Expect(desired).To(HaveKeyWithValue("owner", "new"))
 	g.Expect(desired).NotTo(HaveKey("setting"))
 	g.Expect(version).To(BeNumerically(">", 0))
+
+	cl := &v1alpha1.DeviceIDClaim{}
+	g.Expect(k8s.Get(ctx, client.ObjectKey{Namespace: claimsNS, Name: deviceid.ClaimName(id)}, cl)).To(Succeed())
+	g.Expect(cl.Spec.Holder).To(Equal(ns + "/new"))
 }
