@@ -388,12 +388,8 @@ type statusWrites struct {
 
 func watchStatusWrites(t *testing.T, from *v1alpha1.DeviceTwin) *statusWrites {
 	t.Helper()
-	wc, ok := k8s.(client.WithWatch)
-	if !ok {
-		t.Fatal("the suite's client cannot watch (controllers/suite_test.go must use client.NewWithWatch)")
-	}
 	ctx, cancel := context.WithCancel(context.Background())
-	w, err := wc.Watch(ctx, &v1alpha1.DeviceTwinList{}, client.InNamespace(from.Namespace),
+	w, err := k8s.Watch(ctx, &v1alpha1.DeviceTwinList{}, client.InNamespace(from.Namespace),
 		client.MatchingFields{"metadata.name": from.Name},
 		&client.ListOptions{Raw: &metav1.ListOptions{ResourceVersion: from.ResourceVersion}})
 	if err != nil {

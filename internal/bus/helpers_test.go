@@ -135,9 +135,6 @@ func waitToken(t *testing.T, what string, tok paho.Token) {
 	}
 }
 
-// freePort returns a TCP port on 127.0.0.1 that was free a moment ago.
-func freePort(t *testing.T) int { return mosquitto.FreePort(t) }
-
 // startMosquitto runs a Mosquitto broker on a free port of 127.0.0.1 for
 // the rest of the test and returns its address.
 func startMosquitto(t *testing.T) string {

@@ -168,35 +168,6 @@ func (s *mosquittoSub) waitFor(what, topic string, match func(m cliMessage) bool
 	}
 }
 
-// waitForCount waits until n messages arrived on topic and returns them.
-func (s *mosquittoSub) waitForCount(what, topic string, n int) []cliMessage {
-	s.t.Helper()
-	deadline := time.NewTimer(wait)
-	defer deadline.Stop()
-	for {
-		var got []cliMessage
-		s.mu.Lock()
-		for _, m := range s.msgs {
-			if m.Topic == topic {
-				got = append(got, m)
-			}
-		}
-		ch, done := s.changed, s.done
-		s.mu.Unlock()
-		if len(got) >= n {
-			return got
-		}
-		if done {
-			s.t.Fatalf("%s: waiting for %s (%d messages on %s), but mosquitto_sub exited; %s", s.name, what, n, topic, s.describe())
-		}
-		select {
-		case <-ch:
-		case <-deadline.C:
-			s.t.Fatalf("%s: no %s (%d messages on %s) within %s; %s", s.name, what, n, topic, wait, s.describe())
-		}
-	}
-}
-
 // stop ends mosquitto_sub with SIGINT: it disconnects cleanly (no will).
 func (s *mosquittoSub) stop() { s.signal(syscall.SIGINT) }
 
