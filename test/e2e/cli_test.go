@@ -134,13 +134,6 @@ func (s *mosquittoSub) describe() string {
 	return b.String()
 }
 
-// messages returns what was received so far.
-func (s *mosquittoSub) messages() []cliMessage {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return append([]cliMessage(nil), s.msgs...)
-}
-
 // waitFor waits for a message (received at any time so far) on topic for
 // which match holds, and returns it.
 func (s *mosquittoSub) waitFor(what, topic string, match func(m cliMessage) bool) cliMessage {

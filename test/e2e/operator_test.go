@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"context"
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
@@ -363,11 +362,4 @@ func forEachBroker(t *testing.T, f func(t *testing.T, kind brokerKind)) {
 	for _, kind := range brokerKinds {
 		t.Run(string(kind), func(t *testing.T) { f(t, kind) })
 	}
-}
-
-// withTimeout is a context for one step.
-func withTimeout(t *testing.T, d time.Duration) context.Context {
-	ctx, cancel := context.WithTimeout(context.Background(), d)
-	t.Cleanup(cancel)
-	return ctx
 }
