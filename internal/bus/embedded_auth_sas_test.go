@@ -57,9 +57,9 @@ func startSASBroker(t *testing.T, key string, ids ...string) *bus.Embedded {
 // returns the CONNACK code.
 func connack(t *testing.T, b *bus.Embedded, id, password string) byte {
 	t.Helper()
-	o := paho.NewClientOptions().AddBroker("tcp://"+b.Addr()).SetClientID(id).SetProtocolVersion(4).
-		SetUsername(sasHub+"/"+id+"/?api-version=2021-04-12").SetPassword(password).
-		SetAutoReconnect(false).SetConnectTimeout(5*time.Second)
+	o := paho.NewClientOptions().AddBroker("tcp://" + b.Addr()).SetClientID(id).SetProtocolVersion(4).
+		SetUsername(sasHub + "/" + id + "/?api-version=2021-04-12").SetPassword(password).
+		SetAutoReconnect(false).SetConnectTimeout(5 * time.Second)
 	c := paho.NewClient(o)
 	tok := c.Connect()
 	if !tok.WaitTimeout(10 * time.Second) {
