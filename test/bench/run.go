@@ -116,6 +116,13 @@ func run(ctx context.Context, cfg config) (code int) {
 	if err != nil {
 		return fail("starting the operator", err)
 	}
+	// Twins created without the webhook, as these are, get their device id
+	// claim from the reconciler; until then the id resolves to no twin and
+	// a connecting device is answered 404.
+	if err := waitClaims(ctx, k8s, cfg.devices+cfg.serviceTwins); err != nil {
+		op.stop()
+		return fail("waiting for the device id claims", err)
+	}
 	var dp *deviceProc
 	defer func() {
 		op.stop()
@@ -493,6 +500,38 @@ func startOperator(ctx context.Context, restCfg *rest.Config, cfg config) (*oper
 		progress("service API at %s (hub %s)", op.service.baseURL, serviceHub)
 	}
 	return op, nil
+}
+
+// waitClaims waits until the operator has claimed the device ids of n
+// twins (of the device and service phases) in the claims namespace.
+func waitClaims(ctx context.Context, k8s client.Client, n int) error {
+	progress("waiting for the operator to claim %d device ids", n)
+	start := time.Now()
+	deadline := start.Add(2 * time.Minute)
+	for {
+		var claims v1alpha1.DeviceIDClaimList
+		if err := k8s.List(ctx, &claims, client.InNamespace(kubetwin.DefaultClaimsNamespace)); err != nil {
+			return err
+		}
+		got := 0
+		for _, c := range claims.Items {
+			if ns := c.Spec.Twin.Namespace; ns == devicesNS || ns == serviceNS {
+				got++
+			}
+		}
+		if got >= n {
+			progress("  %d device ids claimed in %.1fs", got, time.Since(start).Seconds())
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%d of %d device ids claimed after %s", got, n, time.Since(start).Round(time.Second))
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
 }
 
 // statusWrites returns the operator's successful and failed status patches so far.

@@ -30,7 +30,8 @@ package main
 //     sent after it whose request failed: it may have been applied);
 //   - queries: POST /devices/query with a selective tag query (one plant;
 //     one page), and the full fleet (SELECT * FROM devices: every twin of
-//     every namespace, the device twins too) in pages of 100 following
+//     the namespace the service API serves, --registry-namespace; the
+//     device phase's twins are in another) in pages of 100 following
 //     x-ms-continuation; the answer must be exactly the twins expected,
 //     each once.
 //
@@ -416,7 +417,7 @@ func runServicePhase(ctx context.Context, k8s client.Client, svc *serviceAPI, cf
 	var bad serviceCounters
 
 	// What the queries must answer: the twins of the selected plant, and
-	// every twin there is, each once.
+	// every twin of the namespace the service API serves, each once.
 	var selWant []string
 	for i := 0; i < n; i++ {
 		if i%servicePlants == 7 {
@@ -670,12 +671,12 @@ func (s *serviceAPI) query(ctx context.Context, q string) (int, []string, int, [
 	}
 }
 
-// allDeviceIDs lists every DeviceTwin of every namespace from the API
-// server and returns their device ids, sorted.
+// allDeviceIDs lists every DeviceTwin of serviceNS (the namespace the
+// service API serves) from the API server and returns their device ids, sorted.
 func allDeviceIDs(ctx context.Context, k8s client.Client) ([]string, error) {
 	var list v1alpha1.DeviceTwinList
-	if err := k8s.List(ctx, &list); err != nil {
-		return nil, fmt.Errorf("listing every twin: %w", err)
+	if err := k8s.List(ctx, &list, client.InNamespace(serviceNS)); err != nil {
+		return nil, fmt.Errorf("listing the twins of %s: %w", serviceNS, err)
 	}
 	ids := make([]string, 0, len(list.Items))
 	for i := range list.Items {
@@ -771,16 +772,16 @@ func runServiceBaselines(ctx context.Context, cfg config, res *results) error {
 		p90    *float64
 		non2xx *map[string]int64
 	}{
-		{"List -l " + sel.String() + " (every namespace)", func(ctx context.Context) (int, error) {
+		{"List -l " + sel.String() + " (namespace " + serviceNS + ")", func(ctx context.Context) (int, error) {
 			var l v1alpha1.DeviceTwinList
-			err := raw.List(ctx, &l, client.MatchingLabelsSelector{Selector: sel})
+			err := raw.List(ctx, &l, client.InNamespace(serviceNS), client.MatchingLabelsSelector{Selector: sel})
 			return len(l.Items), err
 		}, res.ServiceSelectiveExpected, &res.BaseSelectiveMs, &res.BaseSelectiveP90Ms, &res.BaseSelectiveNon2xx},
-		{fmt.Sprintf("List of every twin, pages of %d", servicePageSize), func(ctx context.Context) (int, error) {
+		{fmt.Sprintf("List of every twin of %s, pages of %d", serviceNS, servicePageSize), func(ctx context.Context) (int, error) {
 			items, cont := 0, ""
 			for {
 				var l v1alpha1.DeviceTwinList
-				if err := raw.List(ctx, &l, client.Limit(servicePageSize), client.Continue(cont)); err != nil {
+				if err := raw.List(ctx, &l, client.InNamespace(serviceNS), client.Limit(servicePageSize), client.Continue(cont)); err != nil {
 					return items, err
 				}
 				items += len(l.Items)
