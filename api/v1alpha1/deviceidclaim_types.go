@@ -86,7 +86,3 @@ type DeviceIDClaimList struct {
 	// items are the DeviceIDClaims.
 	Items []DeviceIDClaim `json:"items"`
 }
-
-func init() {
-	SchemeBuilder.Register(&DeviceIDClaim{}, &DeviceIDClaimList{})
-}

@@ -391,7 +391,3 @@ type DeviceTwinList struct {
 	// items are the DeviceTwins.
 	Items []DeviceTwin `json:"items"`
 }
-
-func init() {
-	SchemeBuilder.Register(&DeviceTwin{}, &DeviceTwinList{})
-}
