@@ -16,8 +16,9 @@ import (
 // its Dup flag races with the write of the packet to the network
 // (eclipse-paho/paho.mqtt.golang#703). So:
 //
-//   - Get returns a copy of a stored PUBLISH, so resume never modifies a
-//     packet that is being written; and
+//   - Put stores a copy of a PUBLISH and Get returns a copy of it, so
+//     resume never reads or modifies a packet that is being written (the
+//     writer sets its RemainingLength as it encodes it); and
 //   - All, which paho calls exactly once per connection (from resume, as
 //     ConnectRetry is off), is counted, so the worker can wait for resume's
 //     snapshot before it subscribes and publishes, avoiding the duplicates.
@@ -31,6 +32,15 @@ type resumeStore struct {
 
 func newResumeStore() *resumeStore {
 	return &resumeStore{MemoryStore: mqtt.NewMemoryStore(), changed: make(chan struct{})}
+}
+
+// Put stores a copy of a PUBLISH packet, and other packets as given.
+func (s *resumeStore) Put(key string, p packets.ControlPacket) {
+	if pub, ok := p.(*packets.PublishPacket); ok {
+		cp := *pub
+		p = &cp
+	}
+	s.MemoryStore.Put(key, p)
 }
 
 // Get returns a copy of a stored PUBLISH packet, and other packets as stored.
