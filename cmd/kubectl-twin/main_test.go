@@ -37,6 +37,7 @@ import (
 	"github.com/kubetwin/kubetwin/internal/hubtwin"
 	"github.com/kubetwin/kubetwin/internal/kubectltwin"
 	"github.com/kubetwin/kubetwin/internal/query"
+	"github.com/kubetwin/kubetwin/internal/query/querytest"
 	"github.com/kubetwin/kubetwin/internal/twin"
 )
 
@@ -141,31 +142,12 @@ var fleet, examples = loadExamples()
 
 // example is a query of examples.json with its answer: the deviceIds of a
 // SELECT *, in order, or the rows (JSON) of a projection or aggregate.
-type example struct {
-	Name      string          `json:"name"`
-	Query     string          `json:"query"`
-	DeviceIDs []string        `json:"deviceIds"`
-	Rows      json.RawMessage `json:"rows"`
-}
+type example = querytest.Example
 
 func loadExamples() ([]device, []example) {
-	const path = "../../internal/query/testdata/examples.json"
-	b, err := os.ReadFile(path)
+	f, err := querytest.Load("../../internal/query/testdata/examples.json")
 	if err != nil {
 		panic(err)
-	}
-	var f struct {
-		Fleet []struct {
-			DeviceID         string          `json:"deviceId"`
-			Tags             json.RawMessage `json:"tags"`
-			Reported         json.RawMessage `json:"reported"`
-			ConnectionState  string          `json:"connectionState"`
-			LastActivityTime string          `json:"lastActivityTime"`
-		} `json:"fleet"`
-		Examples []example `json:"examples"`
-	}
-	if err := json.Unmarshal(b, &f); err != nil {
-		panic(fmt.Sprintf("%s: %v", path, err))
 	}
 	var devices []device
 	for _, d := range f.Fleet {
@@ -174,9 +156,6 @@ func loadExamples() ([]device, []example) {
 			dev.desired = `{"telemetryConfig":{"sendFrequencyInSecs":300}}`
 		}
 		devices = append(devices, dev)
-	}
-	if len(devices) == 0 || len(f.Examples) == 0 {
-		panic(path + ": want a fleet and examples")
 	}
 	devices = append(devices, device{
 		ns: otherNS, id: "other-pilot",

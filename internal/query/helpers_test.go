@@ -2,8 +2,6 @@ package query
 
 import (
 	"encoding/json"
-	"fmt"
-	"os"
 	"path/filepath"
 	"testing"
 	"time"
@@ -13,6 +11,7 @@ import (
 
 	"github.com/kubetwin/kubetwin/api/v1alpha1"
 	"github.com/kubetwin/kubetwin/internal/hubtwin"
+	"github.com/kubetwin/kubetwin/internal/query/querytest"
 	"github.com/kubetwin/kubetwin/internal/twin"
 )
 
@@ -70,37 +69,16 @@ var fleet, examples = loadExamples()
 
 // example is a query of testdata/examples.json with its answer: the
 // deviceIds of a SELECT *, or the rows (JSON) of a projection or aggregate.
-type example struct {
-	Name      string          `json:"name"`
-	Query     string          `json:"query"`
-	DeviceIDs []string        `json:"deviceIds"`
-	Rows      json.RawMessage `json:"rows"`
-}
+type example = querytest.Example
 
 func loadExamples() ([]device, []example) {
-	b, err := os.ReadFile(filepath.Join("testdata", "examples.json"))
+	f, err := querytest.Load(filepath.Join("testdata", "examples.json"))
 	if err != nil {
 		panic(err)
-	}
-	var f struct {
-		Fleet []struct {
-			DeviceID         string          `json:"deviceId"`
-			Tags             json.RawMessage `json:"tags"`
-			Reported         json.RawMessage `json:"reported"`
-			ConnectionState  string          `json:"connectionState"`
-			LastActivityTime string          `json:"lastActivityTime"`
-		} `json:"fleet"`
-		Examples []example `json:"examples"`
-	}
-	if err := json.Unmarshal(b, &f); err != nil {
-		panic(fmt.Sprintf("testdata/examples.json: %v", err))
 	}
 	devices := make([]device, len(f.Fleet))
 	for i, d := range f.Fleet {
 		devices[i] = device{id: d.DeviceID, tags: string(d.Tags), reported: string(d.Reported), state: d.ConnectionState, activity: d.LastActivityTime}
-	}
-	if len(devices) == 0 || len(f.Examples) == 0 {
-		panic("testdata/examples.json: want a fleet and examples")
 	}
 	return devices, f.Examples
 }
