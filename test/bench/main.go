@@ -41,6 +41,9 @@
 //	    replies carry the twin, every twin holds its last acknowledged
 //	    setpoint, every query returns each twin it should exactly once.
 //
+// With --scale N (make bench-scale) it runs none of these but the
+// fleet-size measurements of scale.go instead.
+//
 // It prints a table and one final JSON line on stdout, progress on stderr,
 // and exits 1 when a twin's status does not hold its device's last
 // acknowledged report, a query answer differs from the full scan or the
@@ -102,6 +105,14 @@ type config struct {
 	serviceConcurrency int
 
 	restCfg *rest.Config // set once the control plane runs
+	// cacheSyncTimeout bounds the operator's first cache sync (0: 60s);
+	// scale mode lists far more twins than the phases above.
+	cacheSyncTimeout time.Duration
+	// brokerConnsPerIP is the embedded broker's per-address connection
+	// limit (0: its default, 1,000); every simulated device comes from
+	// 127.0.0.1, so scale mode raises it.
+	brokerConnsPerIP int
+	scale            scaleConfig
 }
 
 func parseFlags(args []string) (config, error) {
@@ -135,6 +146,7 @@ func parseFlags(args []string) (config, error) {
 	fs.IntVar(&c.serviceTwins, "service-twins", 200, "(e) DeviceTwins the service API phase reads and updates (0: skip the phase)")
 	fs.DurationVar(&c.serviceDuration, "service-duration", 10*time.Second, "(e) length of the read and update workloads and of each of their baselines (the two queries and their baselines run for a quarter of it each)")
 	fs.IntVar(&c.serviceConcurrency, "service-concurrency", 16, "(e) requests in flight in every workload of the service API phase and its baselines")
+	addScaleFlags(fs, &c.scale)
 	fs.StringVar(&c.role, "role", "", "internal: \"devices\" runs the device process")
 	fs.StringVar(&c.pprofAddr, "pprof-addr", "", "serve net/http/pprof of this process on this address (e.g. 127.0.0.1:6060)")
 	fs.StringVar(&c.cpuProfile, "cpuprofile", "", "write a CPU profile of this process (operator and broker; the devices run in a child process) during the measured report window to this file")
@@ -211,7 +223,12 @@ func main() {
 		}()
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
-	code := run(ctx, cfg)
+	var code int
+	if cfg.scale.twins > 0 {
+		code = runScale(ctx, cfg, cfg.scale)
+	} else {
+		code = run(ctx, cfg)
+	}
 	stop()
 	os.Exit(code)
 }

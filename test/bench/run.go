@@ -452,6 +452,7 @@ func startOperator(ctx context.Context, restCfg *rest.Config, cfg config) (*oper
 	br := kubetwin.NewBridge(mgr, kubetwin.BridgeOptions{})
 	emb, err := bus.NewEmbedded(bus.EmbeddedOptions{
 		Listen: "127.0.0.1:0", Handler: br.Handle, Presence: br.Presence, Logger: ctrl.Log.WithName("broker"),
+		Limits: bus.EmbeddedLimits{MaxConnectionsPerIP: cfg.brokerConnsPerIP},
 	})
 	if err != nil {
 		return nil, fmt.Errorf("broker: %w", err)
@@ -481,11 +482,15 @@ func startOperator(ctx context.Context, restCfg *rest.Config, cfg config) (*oper
 		op.stop()
 		return nil, errors.New("embedded broker did not start within 60s")
 	}
-	syncCtx, syncCancel := context.WithTimeout(ctx, 60*time.Second)
+	syncTimeout := 60 * time.Second
+	if cfg.cacheSyncTimeout > 0 {
+		syncTimeout = cfg.cacheSyncTimeout
+	}
+	syncCtx, syncCancel := context.WithTimeout(ctx, syncTimeout)
 	defer syncCancel()
 	if !mgr.GetCache().WaitForCacheSync(syncCtx) {
 		op.stop()
-		return nil, errors.New("the operator's cache did not sync within 60s")
+		return nil, fmt.Errorf("the operator's cache did not sync within %s", syncTimeout)
 	}
 	op.brokerURL = "tcp://" + emb.Addr()
 	progress("operator running; embedded broker at %s", op.brokerURL)

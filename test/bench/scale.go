@@ -1,0 +1,855 @@
+package main
+
+// Scale mode (--scale N, make bench-scale): the fleet-size figures of
+// docs/sizing.md, not part of make bench. One run:
+//
+//  1. creates N twins (tags mirrored into labels, as the operator leaves
+//     them) in the namespace the service API serves, --scale-create-parallel
+//     at a time, and reports the create rate;
+//  2. starts the operator and times start -> cache synced -> every device
+//     id claimed -> no status write for --scale-quiet, counting the API
+//     server's writes (apiserver_request_total) and the operator's status
+//     writes meanwhile;
+//  3. times `kubectl twin query` (a process, as a user runs it) and the
+//     service API for a selective tag query and a residual query that has
+//     to look at every twin, and the service API's full query in pages;
+//  4. connects --scale-devices devices and has them report
+//     --scale-report-rate reports/s in total (default: half the distinct-
+//     twin write capacity measured on this machine, issue 14), measuring
+//     report -> 204 p50/p99 and the CPU each process used.
+//
+// It samples RSS (kube-apiserver, etcd, this process) and etcd's database
+// size after steps 1, 2 and 4, and stops early (exit 2) when the machine's
+// available memory falls under --scale-min-available, before it swaps.
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap/zapcore"
+	corev1 "k8s.io/api/core/v1"
+	apiextensionsv1 "k8s.io/apiextensions-apiserver/pkg/apis/apiextensions/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
+	"k8s.io/client-go/rest"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/envtest"
+	"sigs.k8s.io/controller-runtime/pkg/log/zap"
+
+	"github.com/kubetwin/kubetwin/api/v1alpha1"
+	kubetwin "github.com/kubetwin/kubetwin/internal/operator"
+	"github.com/kubetwin/kubetwin/internal/twin"
+)
+
+// scaleNS is the fleet's namespace: the one the service API serves, so
+// its queries see the whole fleet.
+const scaleNS = serviceNS
+
+// scaleConfig is the scale mode's part of the command line.
+type scaleConfig struct {
+	twins          int
+	createParallel int
+	devices        int
+	reportRate     float64 // reports/s offered by all devices together
+	warmup         time.Duration
+	duration       time.Duration
+	quiet          time.Duration
+	settleTimeout  time.Duration
+	queryReps      int
+	fullQuery      bool
+	minAvailMiB    int
+}
+
+func addScaleFlags(fs interface {
+	IntVar(*int, string, int, string)
+	Float64Var(*float64, string, float64, string)
+	DurationVar(*time.Duration, string, time.Duration, string)
+	BoolVar(*bool, string, bool, string)
+}, s *scaleConfig) {
+	fs.IntVar(&s.twins, "scale", 0, "scale mode (make bench-scale): a fleet of this many twins instead of the phases above (0: off)")
+	fs.IntVar(&s.createParallel, "scale-create-parallel", 64, "scale: twins created at a time")
+	fs.IntVar(&s.devices, "scale-devices", 10000, "scale: connected devices of the latency measurement (the fleet's first twins; 0: skip it)")
+	fs.Float64Var(&s.reportRate, "scale-report-rate", 140, "scale: reports/s offered by all devices together (default: half the ~280/s distinct-twin write capacity measured on the 2-core machine, issue 14)")
+	fs.DurationVar(&s.warmup, "scale-warmup", 15*time.Second, "scale: reporting before the measured window")
+	fs.DurationVar(&s.duration, "scale-duration", 60*time.Second, "scale: measured report window")
+	fs.DurationVar(&s.quiet, "scale-quiet", 5*time.Second, "scale: the operator has settled when it has written no status for this long")
+	fs.DurationVar(&s.settleTimeout, "scale-settle-timeout", 30*time.Minute, "scale: longest wait for the operator to sync, claim and settle")
+	fs.IntVar(&s.queryReps, "scale-query-reps", 3, "scale: timed runs of each query (after one warm-up of the selective ones)")
+	fs.BoolVar(&s.fullQuery, "scale-full-query", false, "scale: also time the service API's SELECT * over the whole fleet in pages of 100 (each page costs about a scan of the fleet: 96s at 30,000 twins)")
+	fs.IntVar(&s.minAvailMiB, "scale-min-available", 2048, "scale: stop the run when the machine's MemAvailable falls under this many MiB")
+}
+
+// memSample is the RSS of the processes that matter and etcd's database.
+type memSample struct {
+	At              string  `json:"at"`
+	APIServerMiB    float64 `json:"kube_apiserver_rss_mib"`
+	EtcdMiB         float64 `json:"etcd_rss_mib"`
+	OperatorMiB     float64 `json:"operator_rss_mib"`
+	OperatorHeapMiB float64 `json:"operator_go_heap_inuse_mib"`
+	DevicesMiB      float64 `json:"devices_rss_mib,omitempty"`
+	EtcdDBMiB       float64 `json:"etcd_db_mib"`
+	EtcdDBInUseMiB  float64 `json:"etcd_db_in_use_mib"`
+}
+
+// scaleResults are the scale mode's numbers.
+type scaleResults struct {
+	Date          string      `json:"date"`
+	Cores         int         `json:"cores"`
+	MemTotalGiB   float64     `json:"machine_mem_gib"`
+	Twins         int         `json:"twins"`
+	CreateSec     float64     `json:"create_sec"`
+	CreatePerSec  float64     `json:"creates_per_sec"`
+	CreateCPU     string      `json:"create_cpu"`
+	Mem           []memSample `json:"memory"`
+	CacheSyncSec  float64     `json:"operator_cache_sync_sec"`
+	Claimed       int         `json:"operator_claimed"`
+	ClaimedSec    float64     `json:"operator_all_claimed_sec"`
+	SettledSec    float64     `json:"operator_settled_sec"`
+	StartWrites   int64       `json:"operator_start_status_writes"`
+	StartWriteErr int64       `json:"operator_start_status_write_errors"`
+	StartAPI      apiWrites   `json:"operator_start_api_writes"`
+	StartCPU      string      `json:"operator_start_cpu"`
+	// Queries (ms): median of the reps.
+	Selective          string  `json:"query_selective"`
+	Residual           string  `json:"query_residual"`
+	SelectiveExpected  int     `json:"query_selective_expected"`
+	PluginSelectiveMs  float64 `json:"plugin_selective_ms"`
+	PluginSelectiveN   int     `json:"plugin_selective_items"`
+	PluginResidualMs   float64 `json:"plugin_residual_ms"`
+	PluginResidualN    int     `json:"plugin_residual_items"`
+	ServiceSelectiveMs float64 `json:"service_selective_ms"`
+	ServiceSelectiveN  int     `json:"service_selective_items"`
+	ServiceResidualMs  float64 `json:"service_residual_ms"`
+	ServiceResidualN   int     `json:"service_residual_items"`
+	ServiceFullMs      float64 `json:"service_full_ms"`
+	ServiceFullN       int     `json:"service_full_items"`
+	ServiceFullPages   int     `json:"service_full_pages"`
+	WrongAnswers       int     `json:"query_wrong_answers"`
+	// Devices.
+	Devices          int                `json:"devices"`
+	ConnectSec       float64            `json:"devices_connect_sec"`
+	ConnectSettleSec float64            `json:"devices_connect_settled_sec"`
+	ConnectWrites    int64              `json:"devices_connect_status_writes"`
+	OfferedPerSec    float64            `json:"offered_reports_per_sec"`
+	ReportsPerSec    float64            `json:"reports_per_sec"`
+	WritesPerSec     float64            `json:"status_writes_per_sec"`
+	ReportErrors     int64              `json:"report_errors"`
+	ReportsSkipped   int64              `json:"reports_skipped"`
+	P50Ms            float64            `json:"report_latency_p50_ms"`
+	P99Ms            float64            `json:"report_latency_p99_ms"`
+	MaxMs            float64            `json:"report_latency_max_ms"`
+	ReportCPU        map[string]float64 `json:"cpu_cores_reports"`
+	// Derived (docs/sizing.md).
+	TwinsPerGiBAPI      float64 `json:"twins_per_gib_apiserver"`
+	TwinsPerGiBOperator float64 `json:"twins_per_gib_operator"`
+	ReportsPerAPICore   float64 `json:"reports_per_sec_per_apiserver_core"`
+	ConnsPerOpCore      float64 `json:"connections_per_operator_core"`
+	OperatorErrorLogs   int64   `json:"operator_error_logs"`
+	TotalSec            float64 `json:"total_sec"`
+}
+
+// runScale is the scale mode; it returns the exit code.
+func runScale(ctx context.Context, cfg config, sc scaleConfig) int {
+	res := &scaleResults{Date: time.Now().UTC().Format("2006-01-02"), Cores: runtime.NumCPU(), Twins: sc.twins, MemTotalGiB: memTotalGiB()}
+	if err := clientgoscheme.AddToScheme(scheme); err != nil {
+		return fail("scheme", err)
+	}
+	if err := v1alpha1.AddToScheme(scheme); err != nil {
+		return fail("scheme", err)
+	}
+	opLog := &lineLog{prefix: "[operator] ", limit: int64(cfg.operatorLogLimit), out: os.Stderr}
+	ctrl.SetLogger(zap.New(zap.WriteTo(opLog), zap.Level(zapcore.ErrorLevel), zap.StacktraceLevel(zapcore.PanicLevel)))
+
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	go memoryGuard(ctx, cancel, sc.minAvailMiB)
+
+	crdDir, err := findCRDs()
+	if err != nil {
+		return fail("finding the CRDs", err)
+	}
+	progress("scale: starting the control plane")
+	env := &envtest.Environment{CRDDirectoryPaths: []string{crdDir}, ErrorIfCRDPathMissing: true}
+	restCfg, err := env.Start()
+	if err != nil {
+		return fail("starting envtest", err)
+	}
+	defer func() {
+		progress("stopping the control plane")
+		if err := env.Stop(); err != nil {
+			progress("stopping envtest: %v", err)
+		}
+	}()
+	restCfg = rest.CopyConfig(restCfg)
+	restCfg.QPS, restCfg.Burst = float32(cfg.qps), cfg.burst
+	cfg.restCfg = restCfg
+	k8s, err := client.New(restCfg, client.Options{Scheme: scheme})
+	if err != nil {
+		return fail("client", err)
+	}
+	if err := k8s.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: scaleNS}}); err != nil && !apierrors.IsAlreadyExists(err) {
+		return fail("creating namespace "+scaleNS, err)
+	}
+	failed := func(what string, err error) int {
+		if c := context.Cause(ctx); c != nil && !errors.Is(c, context.Canceled) {
+			err = c
+		}
+		return fail(what, err)
+	}
+	sample := func(at string) {
+		m := sampleMem(env, at)
+		res.Mem = append(res.Mem, m)
+		progress("  memory %s: kube-apiserver %.0f MiB, etcd %.0f MiB, operator %.0f MiB (Go heap in use %.0f), devices %.0f MiB; etcd db %.0f MiB (%.0f in use)",
+			at, m.APIServerMiB, m.EtcdMiB, m.OperatorMiB, m.OperatorHeapMiB, m.DevicesMiB, m.EtcdDBMiB, m.EtcdDBInUseMiB)
+	}
+
+	// 1. The fleet.
+	c0 := sampleCPU()
+	t0 := time.Now()
+	if err := createScaleFleet(ctx, k8s, sc); err != nil {
+		return failed("creating the fleet", err)
+	}
+	res.CreateSec = time.Since(t0).Seconds()
+	res.CreatePerSec = float64(sc.twins) / res.CreateSec
+	res.CreateCPU = coresString(coresBetween(c0, sampleCPU()))
+	sample("fleet created")
+
+	// 2. The operator's start.
+	cfg.serviceTwins = sc.twins // serve the service API (on scaleNS)
+	cfg.cacheSyncTimeout = sc.settleTimeout
+	cfg.brokerConnsPerIP = max(sc.devices+100, 1000)
+	api0, err := apiserverWrites(restCfg)
+	if err != nil {
+		return failed("reading the API server's metrics", err)
+	}
+	w0, e0 := statusWrites()
+	c0 = sampleCPU()
+	opStart := time.Now()
+	op, err := startOperator(ctx, restCfg, cfg)
+	if err != nil {
+		return failed("starting the operator", err)
+	}
+	defer op.stop()
+	res.CacheSyncSec = time.Since(opStart).Seconds()
+	progress("scale: operator cache synced %.1fs after start", res.CacheSyncSec)
+	// A start-up slower than --scale-settle-timeout is a result too: the
+	// run goes on with what was claimed (and connects no devices).
+	claimed, err := waitClaimCount(ctx, k8s, sc.twins, sc.settleTimeout)
+	if err != nil {
+		return failed("waiting for the device id claims", err)
+	}
+	res.Claimed = claimed
+	res.ClaimedSec = time.Since(opStart).Seconds()
+	if claimed >= sc.twins {
+		last := waitWritesQuiet(ctx, sc.quiet, sc.settleTimeout)
+		res.SettledSec = last.Sub(opStart).Seconds()
+	} else {
+		progress("scale: only %d of %d device ids claimed after %s: going on without the devices", claimed, sc.twins, sc.settleTimeout)
+		sc.devices = 0
+	}
+	w1, e1 := statusWrites()
+	res.StartWrites, res.StartWriteErr = w1-w0, e1-e0
+	res.StartCPU = coresString(coresBetween(c0, sampleCPU()))
+	api1, err := apiserverWrites(restCfg)
+	if err != nil {
+		return failed("reading the API server's metrics", err)
+	}
+	res.StartAPI = api1.minus(api0)
+	progress("scale: operator start-up: %d status writes (%d failed); API server writes: %s", res.StartWrites, res.StartWriteErr, res.StartAPI)
+	sample("operator settled")
+
+	// 3. Queries.
+	if err := runScaleQueries(ctx, env, op.service, cfg, sc, res); err != nil {
+		return failed("queries", err)
+	}
+
+	// 4. Devices.
+	var dp *deviceProc
+	if sc.devices > 0 {
+		dp, err = runScaleDevices(ctx, op, cfg, sc, res)
+		if dp != nil {
+			// The operator stops first, so the devices' goodbyes cost no
+			// status writes (as in run).
+			defer func() {
+				op.stop()
+				progress("closing the devices")
+				_ = dp.shutdown()
+			}()
+		}
+		if err != nil {
+			return failed("devices", err)
+		}
+		sample("devices connected, after the report window")
+	}
+	res.OperatorErrorLogs = opLog.lines.Load()
+
+	derive(res)
+	res.TotalSec = time.Since(benchStart).Seconds()
+	printScale(res)
+	if res.WrongAnswers > 0 || res.ReportErrors > 0 {
+		progress("FAIL: %d wrong query answers, %d failed reports", res.WrongAnswers, res.ReportErrors)
+		return 1
+	}
+	return 0
+}
+
+// scaleTwinName is twin i of the fleet; the devices are the first ones,
+// named as the device process names them.
+func scaleTwinName(i int) string { return twinName("dev-", i) }
+
+// createScaleFleet creates the fleet: twin i has queryTwinDocs(i)'s tags,
+// mirrored into labels as the operator would (so the selective query
+// pushes down to a label selector over ~1% of the twins).
+func createScaleFleet(ctx context.Context, k8s client.Client, sc scaleConfig) error {
+	n := sc.twins
+	progress("scale: creating %d twins in namespace %s, %d at a time", n, scaleNS, sc.createParallel)
+	start := time.Now()
+	var done atomic.Int64
+	defer reportEvery(10*time.Second, func() {
+		d := done.Load()
+		progress("  twins: %d/%d created (%.0f/s)", d, n, float64(d)/time.Since(start).Seconds())
+	})()
+	err := forEachParallel(ctx, n, sc.createParallel, func(i int) error {
+		tags, _, _ := queryTwinDocs(i)
+		t := &v1alpha1.DeviceTwin{ObjectMeta: metav1.ObjectMeta{Namespace: scaleNS, Name: scaleTwinName(i), Labels: twin.MirrorLabels(tags)}}
+		t.Spec.Tags = &apiextensionsv1.JSON{Raw: twin.Encode(tags)}
+		if err := k8s.Create(ctx, t); err != nil && !apierrors.IsAlreadyExists(err) {
+			return fmt.Errorf("creating %s/%s: %w", scaleNS, t.Name, err)
+		}
+		done.Add(1)
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	el := time.Since(start)
+	progress("  twins: %d created in %.1fs (%.0f/s)", n, el.Seconds(), float64(n)/el.Seconds())
+	return nil
+}
+
+// waitClaimCount waits until the claims namespace holds n claims (only
+// the fleet's twins make claims). A one-item list carries the remaining
+// count, so polling does not list 100,000 objects each time.
+func waitClaimCount(ctx context.Context, k8s client.Client, n int, timeout time.Duration) (int, error) {
+	start := time.Now()
+	lastLog := start
+	for {
+		var l v1alpha1.DeviceIDClaimList
+		if err := k8s.List(ctx, &l, client.InNamespace(kubetwin.DefaultClaimsNamespace), client.Limit(1)); err != nil {
+			return 0, err
+		}
+		got := len(l.Items)
+		if l.RemainingItemCount != nil {
+			got += int(*l.RemainingItemCount)
+		}
+		if got >= n {
+			progress("scale: %d device ids claimed %.1fs after the wait began", got, time.Since(start).Seconds())
+			return got, nil
+		}
+		if time.Since(start) > timeout {
+			return got, nil
+		}
+		if time.Since(lastLog) >= 10*time.Second {
+			lastLog = time.Now()
+			w, _ := statusWrites()
+			progress("  %d/%d device ids claimed, %d status writes (%.0fs)", got, n, w, time.Since(start).Seconds())
+		}
+		select {
+		case <-ctx.Done():
+			return 0, ctx.Err()
+		case <-time.After(time.Second):
+		}
+	}
+}
+
+// waitWritesQuiet waits until the operator has written no status for
+// quiet and returns when the last write was seen.
+func waitWritesQuiet(ctx context.Context, quiet, timeout time.Duration) time.Time {
+	deadline := time.Now().Add(timeout)
+	last, _ := statusWrites()
+	lastChange := time.Now()
+	for time.Now().Before(deadline) && ctx.Err() == nil {
+		time.Sleep(250 * time.Millisecond)
+		if n, _ := statusWrites(); n != last {
+			last, lastChange = n, time.Now()
+		}
+		if time.Since(lastChange) >= quiet {
+			break
+		}
+	}
+	return lastChange
+}
+
+// runScaleQueries times the plugin (a process per run) and the service API.
+func runScaleQueries(ctx context.Context, env *envtest.Environment, svc *serviceAPI, cfg config, sc scaleConfig, res *scaleResults) error {
+	res.Selective, res.Residual = querySelective, queryResidual
+	for i := 0; i < sc.twins; i++ {
+		if tags, _, _ := queryTwinDocs(i); tags["location"].(twin.Doc)["plant"] == queryPlant {
+			res.SelectiveExpected++
+		}
+	}
+	tmp, err := os.MkdirTemp("", "kubetwin-bench-scale-")
+	if err != nil {
+		return err
+	}
+	defer func() { _ = os.RemoveAll(tmp) }()
+	plugin := filepath.Join(tmp, "kubectl-twin")
+	if err := buildPlugin(ctx, plugin); err != nil {
+		return err
+	}
+	user, err := env.ControlPlane.AddUser(envtest.User{Name: "bench-scale", Groups: []string{"system:masters"}}, nil)
+	if err != nil {
+		return fmt.Errorf("adding a kubeconfig user: %w", err)
+	}
+	kc, err := user.KubeConfig()
+	if err != nil {
+		return err
+	}
+	kubeconfig := filepath.Join(tmp, "kubeconfig")
+	if err := os.WriteFile(kubeconfig, kc, 0o600); err != nil {
+		return err
+	}
+	common := []string{"--kubeconfig", kubeconfig, "-n", scaleNS}
+	type timed struct {
+		name  string
+		want  int // -1: any
+		run   func() (int, error)
+		ms    *float64
+		n     *int
+		pages *int // the full query's
+	}
+	plug := func(q string) func() (int, error) {
+		return func() (int, error) {
+			_, out, err := timeProcess(ctx, plugin, append([]string{"query", q, "-o", "json"}, common...))
+			if err != nil {
+				return 0, err
+			}
+			ids, err := pluginIDs(out)
+			return len(ids), err
+		}
+	}
+	svcQ := func(q string, pages *int) func() (int, error) {
+		return func() (int, error) {
+			code, ids, p, body, err := svc.query(ctx, q)
+			if err == nil && code != http.StatusOK {
+				err = fmt.Errorf("status %d: %s", code, clipBody(body))
+			}
+			if pages != nil {
+				*pages = p
+			}
+			return len(ids), err
+		}
+	}
+	// The residual query matches no twin here (the devices report no
+	// temperature), but it must read every one of them to say so.
+	runs := []timed{
+		{"kubectl twin query (selective)", res.SelectiveExpected, plug(querySelective), &res.PluginSelectiveMs, &res.PluginSelectiveN, nil},
+		{"service API query (selective)", res.SelectiveExpected, svcQ(querySelective, nil), &res.ServiceSelectiveMs, &res.ServiceSelectiveN, nil},
+		{"kubectl twin query (residual)", 0, plug(queryResidual), &res.PluginResidualMs, &res.PluginResidualN, nil},
+		{"service API query (residual)", 0, svcQ(queryResidual, nil), &res.ServiceResidualMs, &res.ServiceResidualN, nil},
+	}
+	if sc.fullQuery {
+		runs = append(runs, timed{"service API query (SELECT *, pages of 100)", sc.twins, svcQ(serviceFullQuery, &res.ServiceFullPages), &res.ServiceFullMs, &res.ServiceFullN, &res.ServiceFullPages})
+	}
+	if res.Claimed < sc.twins {
+		// The service API answers only twins whose device id is claimed:
+		// with the start-up unfinished, that is a part of the fleet.
+		for i := range runs {
+			if strings.HasPrefix(runs[i].name, "service") {
+				runs[i].want = -1
+			}
+		}
+	}
+	// Warm-up: the plugin's binary and discovery, the service's connections.
+	for _, r := range runs[:2] {
+		if _, err := r.run(); err != nil {
+			return fmt.Errorf("%s: %w", r.name, err)
+		}
+	}
+	for _, r := range runs {
+		var times []time.Duration
+		reps := sc.queryReps
+		if r.pages != nil {
+			reps = 1 // the full fleet in pages: one run says enough
+		}
+		for k := 0; k < reps; k++ {
+			start := time.Now()
+			n, err := r.run()
+			d := time.Since(start)
+			if err != nil {
+				return fmt.Errorf("%s: %w", r.name, err)
+			}
+			times = append(times, d)
+			*r.n = n
+			if r.want >= 0 && n != r.want {
+				res.WrongAnswers++
+				progress("  WRONG ANSWER: %s returned %d twins, want %d", r.name, n, r.want)
+			}
+		}
+		slices.Sort(times)
+		*r.ms = ms(percentile(times, 50))
+		progress("scale: %s: %d twins, median %.0f ms of %d (%v)", r.name, *r.n, *r.ms, len(times), times)
+	}
+	return nil
+}
+
+// runScaleDevices connects the devices, waits for the presence writes to
+// settle, then measures reports at sc.reportRate in total.
+func runScaleDevices(ctx context.Context, op *operator, cfg config, sc scaleConfig, res *scaleResults) (*deviceProc, error) {
+	n := min(sc.devices, sc.twins)
+	res.Devices, res.OfferedPerSec = n, sc.reportRate
+	rate := sc.reportRate / float64(n)
+	inflight := max(1, int(rate*cfg.requestTimeout.Seconds()+0.999))
+	w0, _ := statusWrites()
+	start := time.Now()
+	dp, err := startDeviceProc(childConfig{
+		BrokerURL: op.brokerURL, Devices: n, ConnectParallel: cfg.connectParallel,
+		RequestTimeout: cfg.requestTimeout, Rate: rate, Inflight: inflight,
+		Warmup: sc.warmup, Duration: sc.duration, DrainTimeout: cfg.drainTimeout,
+		DeviceLogLimit: cfg.deviceLogLimit, StartUnixNano: benchStart.UnixNano(),
+	})
+	if err != nil {
+		return nil, err
+	}
+	devicePID.Store(int64(dp.cmd.Process.Pid))
+	var connected childMsg
+	if err := dp.next(ctx, msgConnected, 30*time.Minute, &connected); err != nil {
+		return dp, fmt.Errorf("connecting: %w", err)
+	}
+	res.ConnectSec = time.Since(start).Seconds()
+	// Each connection is a presence change the operator writes: the
+	// report window starts once those writes are done.
+	last := waitWritesQuiet(ctx, sc.quiet, sc.settleTimeout)
+	res.ConnectSettleSec = last.Sub(start).Seconds()
+	w1, _ := statusWrites()
+	res.ConnectWrites = w1 - w0
+	progress("scale: %d devices connected in %.1fs; presence written by %.1fs (%d status writes)", n, res.ConnectSec, res.ConnectSettleSec, res.ConnectWrites)
+
+	rcfg := cfg
+	rcfg.devices, rcfg.rate, rcfg.inflight, rcfg.warmup, rcfg.duration = n, rate, inflight, sc.warmup, sc.duration
+	var r results
+	sum, err := runReportsPhase(ctx, dp, rcfg, &r)
+	if err != nil {
+		return dp, err
+	}
+	res.ReportsPerSec, res.WritesPerSec = r.ReportsPerSec, r.WritesPerSec
+	res.ReportErrors, res.ReportsSkipped = sum.Errors, sum.Skipped
+	res.P50Ms, res.P99Ms, res.MaxMs = sum.P50Ms, sum.P99Ms, sum.MaxMs
+	res.ReportCPU = r.CPUReports
+	return dp, nil
+}
+
+// derive computes the sizing figures from the last memory sample and the
+// report window.
+func derive(r *scaleResults) {
+	if len(r.Mem) == 0 {
+		return
+	}
+	// After the operator settled: the fleet at rest, devices not yet there.
+	m := r.Mem[min(1, len(r.Mem)-1)]
+	if m.APIServerMiB > 0 {
+		r.TwinsPerGiBAPI = float64(r.Twins) / (m.APIServerMiB / 1024)
+	}
+	if m.OperatorMiB > 0 {
+		r.TwinsPerGiBOperator = float64(r.Twins) / (m.OperatorMiB / 1024)
+	}
+	if c := r.ReportCPU["kube_apiserver"]; c > 0 {
+		r.ReportsPerAPICore = r.ReportsPerSec / c
+	}
+	if c := r.ReportCPU["operator"]; c > 0 {
+		r.ConnsPerOpCore = float64(r.Devices) / c
+	}
+}
+
+func printScale(r *scaleResults) {
+	w := os.Stdout
+	row := func(name, value string) { fmt.Fprintf(w, "  %-50s %s\n", name, value) }
+	line := func() {
+		fmt.Fprintln(w, "  ----------------------------------------------------------------------------")
+	}
+	fmt.Fprintln(w)
+	fmt.Fprintf(w, "kubetwin bench-scale: %d twins, %s, %d cores, %.0f GiB\n", r.Twins, r.Date, r.Cores, r.MemTotalGiB)
+	line()
+	row("twins created", fmt.Sprintf("%d in %.0fs = %.0f/s", r.Twins, r.CreateSec, r.CreatePerSec))
+	row("  CPU cores meanwhile", r.CreateCPU)
+	for _, m := range r.Mem {
+		row("RSS, "+m.At, fmt.Sprintf("kube-apiserver %.0f MiB, etcd %.0f MiB, operator %.0f MiB (heap %.0f), devices %.0f MiB",
+			m.APIServerMiB, m.EtcdMiB, m.OperatorMiB, m.OperatorHeapMiB, m.DevicesMiB))
+		row("  etcd database", fmt.Sprintf("%.0f MiB (%.0f MiB in use)", m.EtcdDBMiB, m.EtcdDBInUseMiB))
+	}
+	line()
+	row("operator start -> cache synced", fmt.Sprintf("%.1fs", r.CacheSyncSec))
+	if r.Claimed < r.Twins {
+		row("operator start -> device ids claimed", fmt.Sprintf("only %d of %d after %.1fs (--scale-settle-timeout)", r.Claimed, r.Twins, r.ClaimedSec))
+	} else {
+		row("operator start -> every device id claimed", fmt.Sprintf("%.1fs", r.ClaimedSec))
+		row("operator start -> last start-up status write", fmt.Sprintf("%.1fs", r.SettledSec))
+	}
+	row("start-up status writes (operator)", fmt.Sprintf("%d (%d failed)", r.StartWrites, r.StartWriteErr))
+	row("start-up API server writes", r.StartAPI.String())
+	row("  CPU cores meanwhile", r.StartCPU)
+	line()
+	row(fmt.Sprintf("selective query (%d expected)", r.SelectiveExpected), r.Selective[len("SELECT * FROM devices WHERE "):])
+	row("  kubectl twin query -o json", fmt.Sprintf("%.0f ms (%d twins)", r.PluginSelectiveMs, r.PluginSelectiveN))
+	row("  service API, pages of 100", fmt.Sprintf("%.0f ms (%d twins)", r.ServiceSelectiveMs, r.ServiceSelectiveN))
+	row("residual query (reads every twin)", r.Residual[len("SELECT * FROM devices WHERE "):])
+	row("  kubectl twin query -o json", fmt.Sprintf("%.0f ms (%d twins)", r.PluginResidualMs, r.PluginResidualN))
+	row("  service API", fmt.Sprintf("%.0f ms (%d twins)", r.ServiceResidualMs, r.ServiceResidualN))
+	if r.ServiceFullPages > 0 {
+		row("service API SELECT * (whole fleet)", fmt.Sprintf("%.0f ms (%d twins, %d pages)", r.ServiceFullMs, r.ServiceFullN, r.ServiceFullPages))
+	}
+	row("wrong query answers", strconv.Itoa(r.WrongAnswers))
+	line()
+	if r.Devices > 0 {
+		row("devices connected", fmt.Sprintf("%d in %.0fs; presence written by %.0fs (%d status writes)", r.Devices, r.ConnectSec, r.ConnectSettleSec, r.ConnectWrites))
+		row("reports offered / stored", fmt.Sprintf("%.0f/s / %.0f/s (%d failed, %d skipped); status writes %.0f/s", r.OfferedPerSec, r.ReportsPerSec, r.ReportErrors, r.ReportsSkipped, r.WritesPerSec))
+		row("report -> 204 p50 / p99 / max", fmt.Sprintf("%.1f / %.1f / %.1f ms", r.P50Ms, r.P99Ms, r.MaxMs))
+		row("  CPU cores meanwhile", coresString(r.ReportCPU))
+		line()
+	}
+	row("twins per GiB of kube-apiserver RSS", fmt.Sprintf("%.0f", r.TwinsPerGiBAPI))
+	row("twins per GiB of operator RSS", fmt.Sprintf("%.0f", r.TwinsPerGiBOperator))
+	row("stored reports/s per kube-apiserver core", fmt.Sprintf("%.0f", r.ReportsPerAPICore))
+	row("connected devices per operator core", fmt.Sprintf("%.0f", r.ConnsPerOpCore))
+	row("operator error log lines", strconv.FormatInt(r.OperatorErrorLogs, 10))
+	row("total time", fmt.Sprintf("%.0fs", r.TotalSec))
+	fmt.Fprintln(w)
+	b, _ := json.Marshal(r)
+	fmt.Fprintln(w, string(b))
+}
+
+// apiWrites are the API server's mutating requests by resource.
+type apiWrites map[string]float64
+
+func (a apiWrites) minus(b apiWrites) apiWrites {
+	out := apiWrites{}
+	for k, v := range a {
+		if d := v - b[k]; d > 0 {
+			out[k] = d
+		}
+	}
+	return out
+}
+
+func (a apiWrites) String() string {
+	keys := make([]string, 0, len(a))
+	total := 0.0
+	for k, v := range a {
+		keys = append(keys, k)
+		total += v
+	}
+	slices.Sort(keys)
+	parts := make([]string, 0, len(keys))
+	for _, k := range keys {
+		parts = append(parts, fmt.Sprintf("%s %.0f", k, a[k]))
+	}
+	return fmt.Sprintf("%.0f (%s)", total, strings.Join(parts, ", "))
+}
+
+// apiserverWrites reads apiserver_request_total and sums the mutating
+// verbs by "resource[/subresource] VERB".
+func apiserverWrites(restCfg *rest.Config) (apiWrites, error) {
+	hc, err := rest.HTTPClientFor(restCfg)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := hc.Get(strings.TrimSuffix(restCfg.Host, "/") + "/metrics")
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("/metrics: %s", resp.Status)
+	}
+	out := apiWrites{}
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for sc.Scan() {
+		l := sc.Text()
+		if !strings.HasPrefix(l, "apiserver_request_total{") {
+			continue
+		}
+		labels := promLabels(l)
+		switch labels["verb"] {
+		case "POST", "PUT", "PATCH", "DELETE", "APPLY":
+		default:
+			continue
+		}
+		key := labels["resource"]
+		if s := labels["subresource"]; s != "" {
+			key += "/" + s
+		}
+		v, err := strconv.ParseFloat(l[strings.LastIndexByte(l, ' ')+1:], 64)
+		if err == nil {
+			out[key+" "+labels["verb"]] += v
+		}
+	}
+	return out, sc.Err()
+}
+
+// promLabels parses the labels of one Prometheus text sample line (the
+// values here hold no escaped quotes).
+func promLabels(l string) map[string]string {
+	out := map[string]string{}
+	open, end := strings.IndexByte(l, '{'), strings.LastIndexByte(l, '}')
+	if open < 0 || end < open {
+		return out
+	}
+	for _, kv := range strings.Split(l[open+1:end], ",") {
+		k, v, ok := strings.Cut(kv, "=")
+		if ok {
+			out[k] = strings.Trim(v, `"`)
+		}
+	}
+	return out
+}
+
+// sampleMem reads the RSS of kube-apiserver and etcd (children of this
+// process), this process (the operator and broker; the bench's own
+// clients are small beside them) and the device process, and etcd's
+// database size from its metrics.
+func sampleMem(env *envtest.Environment, at string) memSample {
+	m := memSample{At: at}
+	self := os.Getpid()
+	m.OperatorMiB = rssMiB(self)
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	m.OperatorHeapMiB = float64(ms.HeapInuse) / (1 << 20)
+	if pid := int(devicePID.Load()); pid > 0 {
+		m.DevicesMiB = rssMiB(pid)
+	}
+	dirs, _ := filepath.Glob("/proc/[0-9]*")
+	for _, d := range dirs {
+		pid, err := strconv.Atoi(filepath.Base(d))
+		if err != nil || pid == self {
+			continue
+		}
+		raw, err := os.ReadFile(filepath.Join(d, "stat"))
+		if err != nil {
+			continue
+		}
+		comm, ppid, _, ok := parseStat(string(raw))
+		if !ok || ppid != self {
+			continue
+		}
+		switch comm {
+		case "kube-apiserver":
+			m.APIServerMiB += rssMiB(pid)
+		case "etcd":
+			m.EtcdMiB += rssMiB(pid)
+		}
+	}
+	if env.ControlPlane.Etcd != nil && env.ControlPlane.Etcd.URL != nil {
+		m.EtcdDBMiB, m.EtcdDBInUseMiB = etcdDBSize(env.ControlPlane.Etcd.URL.String())
+	}
+	return m
+}
+
+// rssMiB is VmRSS of pid in MiB (0 when unknown).
+func rssMiB(pid int) float64 {
+	raw, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
+	if err != nil {
+		return 0
+	}
+	for _, l := range strings.Split(string(raw), "\n") {
+		if f := strings.Fields(l); len(f) >= 2 && f[0] == "VmRSS:" {
+			kb, _ := strconv.ParseFloat(f[1], 64)
+			return kb / 1024
+		}
+	}
+	return 0
+}
+
+// etcdDBSize reads etcd_mvcc_db_total_size_in_bytes and ..._in_use_in_bytes.
+func etcdDBSize(base string) (total, inUse float64) {
+	hc := &http.Client{Timeout: 10 * time.Second}
+	resp, err := hc.Get(strings.TrimSuffix(base, "/") + "/metrics")
+	if err != nil {
+		progress("etcd metrics: %v", err)
+		return 0, 0
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	for _, l := range strings.Split(string(b), "\n") {
+		f := strings.Fields(l)
+		if len(f) != 2 {
+			continue
+		}
+		v, _ := strconv.ParseFloat(f[1], 64)
+		switch f[0] {
+		case "etcd_mvcc_db_total_size_in_bytes":
+			total = v / (1 << 20)
+		case "etcd_mvcc_db_total_size_in_use_in_bytes":
+			inUse = v / (1 << 20)
+		}
+	}
+	return total, inUse
+}
+
+// memoryGuard cancels the run when MemAvailable falls under minMiB: a
+// swapping machine measures nothing, and the fleet size is what fills it.
+func memoryGuard(ctx context.Context, cancel context.CancelCauseFunc, minMiB int) {
+	t := time.NewTicker(2 * time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		if avail := memInfoMiB("MemAvailable:"); avail > 0 && avail < float64(minMiB) {
+			err := fmt.Errorf("stopped: MemAvailable %.0f MiB is under --scale-min-available %d MiB (kube-apiserver %.0f MiB)",
+				avail, minMiB, childRSS("kube-apiserver"))
+			progress("%v", err)
+			cancel(err)
+			return
+		}
+	}
+}
+
+func childRSS(comm string) float64 {
+	dirs, _ := filepath.Glob("/proc/[0-9]*")
+	total := 0.0
+	for _, d := range dirs {
+		raw, err := os.ReadFile(filepath.Join(d, "stat"))
+		if err != nil {
+			continue
+		}
+		if c, ppid, _, ok := parseStat(string(raw)); ok && c == comm && ppid == os.Getpid() {
+			pid, _ := strconv.Atoi(filepath.Base(d))
+			total += rssMiB(pid)
+		}
+	}
+	return total
+}
+
+func memInfoMiB(key string) float64 {
+	raw, err := os.ReadFile("/proc/meminfo")
+	if err != nil {
+		return 0
+	}
+	for _, l := range strings.Split(string(raw), "\n") {
+		if f := strings.Fields(l); len(f) >= 2 && f[0] == key {
+			kb, _ := strconv.ParseFloat(f[1], 64)
+			return kb / 1024
+		}
+	}
+	return 0
+}
+
+func memTotalGiB() float64 { return memInfoMiB("MemTotal:") / 1024 }
