@@ -28,6 +28,7 @@ func addKnownTypes(s *runtime.Scheme) error {
 	s.AddKnownTypes(GroupVersion,
 		&DeviceTwin{}, &DeviceTwinList{},
 		&DeviceIDClaim{}, &DeviceIDClaimList{},
+		&TwinConfiguration{}, &TwinConfigurationList{},
 	)
 	metav1.AddToGroupVersion(s, GroupVersion)
 	return nil
