@@ -192,7 +192,10 @@ func (r *DeviceTwinReconciler) patchStatus(ctx context.Context, t *v1alpha1.Devi
 	return nil
 }
 
-// recordTransitions emits an event for every condition that changed status.
+// recordTransitions emits an event for every condition that changed status
+// or reason. A condition seen for the first time (a twin's first status, or
+// one the operator starts to report) is no transition: at start-up that
+// would be an Event write per twin and condition, and the status says it.
 func (r *DeviceTwinReconciler) recordTransitions(t *v1alpha1.DeviceTwin, old, st v1alpha1.DeviceTwinStatus) {
 	if r.Recorder == nil {
 		return
@@ -203,7 +206,7 @@ func (r *DeviceTwinReconciler) recordTransitions(t *v1alpha1.DeviceTwin, old, st
 			continue // they repeat InSync and Connected
 		}
 		prev := meta.FindStatusCondition(old.Conditions, c.Type)
-		if prev != nil && prev.Status == c.Status && prev.Reason == c.Reason {
+		if prev == nil || prev.Status == c.Status && prev.Reason == c.Reason {
 			continue
 		}
 		typ := "Normal"
