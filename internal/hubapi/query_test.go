@@ -165,7 +165,7 @@ func TestQueryLanguageConformance(t *testing.T) {
 	for q, msg := range map[string]string{
 		"SELECT * FROM devices WHERE CONTAINS(deviceId, 'a')": "line 1, column 29: unknown function 'CONTAINS'",
 		"SELECT * FROM devices WHERE tags.x = undefined": "line 1, column 38: unknown property 'undefined': a path starts with " +
-			"deviceId, status, connectionState, lastActivityTime, version, etag, tags, properties or capabilities",
+			"deviceId, status, connectionState, lastActivityTime, version, etag, tags, properties, capabilities or configurations",
 		"SELECT * FROM devices.modules":                      "line 1, column 15: unknown collection 'devices.modules': only FROM devices can be queried",
 		"SELECT * FROM devices.jobs":                         "line 1, column 15: unknown collection 'devices.jobs': only FROM devices can be queried",
 		"SELECT * FROM devices ORDER BY deviceId":            "line 1, column 23: ORDER BY is not supported: results come in deviceId order",

@@ -73,6 +73,9 @@ const (
 //   - properties.reported: status.reported plus "$version"
 //     (status.reportedVersion) and "$metadata" (status.metadata.reported, or
 //     a root node likewise).
+//   - configurations: {"<name>": {"status": "Targeted" | "Applied"}} from the
+//     twin's labels configurations.kubetwin.io/<name> (IoT Hub's
+//     configurations.[[id]].status); left out when the twin has none.
 //
 // A section that does not hold a JSON object (which the CRD schema and the
 // operator's validation prevent) is rendered as an empty object. The result
@@ -112,7 +115,7 @@ func FromDeviceTwin(t *v1alpha1.DeviceTwin) map[string]any {
 	}
 	reported["$metadata"] = rm
 
-	return map[string]any{
+	doc := map[string]any{
 		"deviceId":                   deviceID,
 		"etag":                       ETag(t.ResourceVersion),
 		"version":                    number(Version(t)),
@@ -130,6 +133,27 @@ func FromDeviceTwin(t *v1alpha1.DeviceTwin) map[string]any {
 			"reported": reported,
 		},
 	}
+	if c := configurations(t.Labels); c != nil {
+		doc["configurations"] = c
+	}
+	return doc
+}
+
+// configurations returns the configurations member from the labels that
+// the configurations targeting a twin set, nil when there are none.
+func configurations(labels map[string]string) map[string]any {
+	var c map[string]any
+	for k, v := range labels {
+		name, ok := strings.CutPrefix(k, v1alpha1.ConfigurationsLabelPrefix)
+		if !ok || name == "" {
+			continue
+		}
+		if c == nil {
+			c = map[string]any{}
+		}
+		c[name] = map[string]any{"status": v}
+	}
+	return c
 }
 
 // DeviceID is the deviceId member of t's document: status.deviceId, else

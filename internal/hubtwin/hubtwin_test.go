@@ -248,3 +248,26 @@ func TestResourceVersionErrors(t *testing.T) {
 		}
 	}
 }
+
+// TestFromDeviceTwinConfigurations: the labels the configurations set on a
+// twin are its configurations member, as IoT Hub shows
+// configurations.[[id]].status; other labels are not.
+func TestFromDeviceTwinConfigurations(t *testing.T) {
+	tw := &v1alpha1.DeviceTwin{ObjectMeta: metav1.ObjectMeta{Name: "d", Labels: map[string]string{
+		v1alpha1.ConfigurationsLabelPrefix + "telemetry-30s": v1alpha1.ConfigurationApplied,
+		v1alpha1.ConfigurationsLabelPrefix + "firmware":      v1alpha1.ConfigurationTargeted,
+		"location.plant":                     "Redmond43",
+		"configurations.kubetwin.io.other/x": "Applied",
+	}}}
+	got, ok := FromDeviceTwin(tw)["configurations"].(map[string]any)
+	if !ok {
+		t.Fatalf("no configurations member in %v", FromDeviceTwin(tw))
+	}
+	if want := `{"firmware":{"status":"Targeted"},"telemetry-30s":{"status":"Applied"}}`; encode(got) != want {
+		t.Errorf("configurations = %s, want %s", encode(got), want)
+	}
+	tw.Labels = map[string]string{"location.plant": "Redmond43"}
+	if c, ok := FromDeviceTwin(tw)["configurations"]; ok {
+		t.Errorf("a twin no configuration targets has configurations %v", c)
+	}
+}

@@ -40,6 +40,10 @@ var (
 	}
 	genDeviceIDs = []string{"dev-1", "dev-2", "Dev:3", "a,b=c", "x!y", "myDeviceId", "p(1)", "dev-1"}
 	genStates    = []string{"", "Connected", "Disconnected"}
+	// genConfigs are configuration names; a twin carries each one's label
+	// configurations.kubetwin.io/<name> with one of genConfigStates.
+	genConfigs      = []string{"cfg-a", "b"}
+	genConfigStates = []any{"Applied", "Targeted"}
 )
 
 type generator struct {
@@ -112,9 +116,16 @@ func (g generator) fleet() []object {
 		if err != nil {
 			panic(err)
 		}
+		lbls := labels.Set(twin.MirrorLabels(decoded))
+		tw.Labels = lbls
+		for _, c := range genConfigs {
+			if g.chance(0.4) {
+				lbls[v1alpha1.ConfigurationsLabelPrefix+c] = genConfigStates[g.pick(len(genConfigStates))].(string)
+			}
+		}
 		out[i] = object{
 			doc:    hubtwin.FromDeviceTwin(tw),
-			labels: labels.Set(twin.MirrorLabels(decoded)),
+			labels: lbls,
 			fields: fields.Set{
 				"metadata.name":      tw.Name,
 				FieldDeviceID:        tw.Status.DeviceID,
@@ -204,7 +215,11 @@ func (g generator) pathText() (string, []any) {
 	case r < 18:
 		return "connectionState", []any{"Connected", "Disconnected", "", "connected", json.Number("1")}
 	case r < 19:
-		return "status", []any{"enabled", "disabled"}
+		if g.chance(0.5) {
+			return "status", []any{"enabled", "disabled"}
+		}
+		c := genConfigs[g.pick(len(genConfigs))]
+		return "configurations." + pathString([]string{c}) + ".status", append(genConfigStates, "applied", json.Number("1"))
 	}
 	return "tags.nope", genValues
 }

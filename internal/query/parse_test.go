@@ -62,7 +62,7 @@ func TestParseErrors(t *testing.T) {
 		{"SELECT * FROM devices WHERE tags.x IN ['a' 'b']", "line 1, column 44: expected ',' or ']' in the array, got the string 'b'"},
 		{"SELECT * FROM devices WHERE tags.x IN [-'a']", "line 1, column 41: expected a number after '-', got the string 'a'"},
 		// Paths.
-		{"SELECT * FROM devices WHERE foo = 1", "line 1, column 29: unknown property 'foo': a path starts with deviceId, status, connectionState, lastActivityTime, version, etag, tags, properties or capabilities"},
+		{"SELECT * FROM devices WHERE foo = 1", "line 1, column 29: unknown property 'foo': a path starts with deviceId, status, connectionState, lastActivityTime, version, etag, tags, properties, capabilities or configurations"},
 		{"SELECT * FROM devices WHERE tags.group = 'a'", "line 1, column 34: 'group' is a reserved word: write it as [[group]]"},
 		{"SELECT * FROM devices WHERE tags.Select = 'a'", "line 1, column 34: 'Select' is a reserved word: write it as [[Select]]"},
 		{"SELECT * FROM devices WHERE tags.[[x", "line 1, column 34: unterminated [[ escape: expected ]]"},
@@ -72,6 +72,8 @@ func TestParseErrors(t *testing.T) {
 		{"SELECT * FROM devices WHERE properties.foo.x = 1", "line 1, column 40: expected desired or reported after properties, got 'foo'"},
 		{"SELECT * FROM devices WHERE capabilities.foo = 1", "line 1, column 42: unknown capability 'foo': the only one is iotEdge"},
 		{"SELECT * FROM devices WHERE capabilities.iotEdge.x = 1", "line 1, column 50: capabilities.iotEdge has no members"},
+		{"SELECT * FROM devices WHERE configurations.[[cfg-1]].state = 'Applied'", "line 1, column 54: expected status after configurations.[[cfg-1]], got 'state'"},
+		{"SELECT * FROM devices WHERE configurations.c.status.x = 'Applied'", "line 1, column 53: configurations.c.status has no members"},
 		{"SELECT * FROM devices WHERE devices = 2", "line 1, column 37: expected '.' and a property after devices, got '='"},
 		{"SELECT * FROM devices WHERE [[tags]].x = 2", "line 1, column 29: a path must start with a property name such as tags or properties, not [[tags]]"},
 		// Functions.

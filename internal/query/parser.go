@@ -40,10 +40,11 @@ var functions = map[string]*function{
 type rootKind int
 
 const (
-	rootScalar       rootKind = iota // no members
-	rootObject                       // any keys: tags
-	rootProperties                   // desired or reported, then any keys
-	rootCapabilities                 // iotEdge
+	rootScalar         rootKind = iota // no members
+	rootObject                         // any keys: tags
+	rootProperties                     // desired or reported, then any keys
+	rootCapabilities                   // iotEdge
+	rootConfigurations                 // a configuration's name, then status
 )
 
 // roots maps lower-case root names to their name in the twin document.
@@ -65,6 +66,7 @@ var roots = map[string]struct {
 	"capabilities":               {"capabilities", rootCapabilities},
 	"tags":                       {"tags", rootObject},
 	"properties":                 {"properties", rootProperties},
+	"configurations":             {"configurations", rootConfigurations},
 }
 
 // maxDepth bounds the nesting of expressions.
@@ -589,7 +591,7 @@ func (p *parser) path(root token) *path {
 	r, ok := roots[strings.ToLower(root.text)]
 	if !ok {
 		p.fail(root.pos, "unknown property '%s': a path starts with deviceId, status, connectionState, "+
-			"lastActivityTime, version, etag, tags, properties or capabilities", root.text)
+			"lastActivityTime, version, etag, tags, properties, capabilities or configurations", root.text)
 	}
 	pt := &path{p: root.pos, segs: []string{r.name}}
 	for p.tok.isPunct(".") {
@@ -620,6 +622,15 @@ func (p *parser) path(root token) *path {
 			name = "iotEdge"
 		case r.kind == rootCapabilities:
 			p.fail(key.pos, "capabilities.iotEdge has no members")
+		case r.kind == rootConfigurations && len(pt.segs) == 2:
+			// IoT Hub's configurations.[[id]].status: a twin records
+			// only the status of each configuration.
+			if !strings.EqualFold(name, "status") {
+				p.fail(key.pos, "expected status after configurations.%s, got '%s'", nameString(pt.segs[1]), name)
+			}
+			name = "status"
+		case r.kind == rootConfigurations && len(pt.segs) == 3:
+			p.fail(key.pos, "configurations.%s.status has no members", nameString(pt.segs[1]))
 		}
 		pt.segs = append(pt.segs, name)
 		p.next()

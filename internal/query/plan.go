@@ -10,6 +10,7 @@ import (
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/selection"
 
+	"github.com/kubetwin/kubetwin/api/v1alpha1"
 	"github.com/kubetwin/kubetwin/internal/twin"
 )
 
@@ -54,6 +55,10 @@ const (
 //   - deviceId = 'x' (or IN ['x']) becomes status.deviceId=x, deviceId !=
 //     'x' and NIN become status.deviceId!=x. IN with several ids cannot be
 //     written as a field selector, which only ANDs = and != terms.
+//   - configurations.[[id]].status = 'Applied' (or 'Targeted', IN, !=,
+//     NIN) becomes the requirement on the label configurations.kubetwin.io/<id>
+//     that the configuration's own apply sets with its content (the twin
+//     document's configurations member is rendered from those labels).
 //   - connectionState = 'Connected' becomes status.connectionState=Connected;
 //     connectionState = 'Disconnected' becomes status.connectionState!=Connected,
 //     because a twin whose status has no connectionState yet is
@@ -151,6 +156,33 @@ func (q *Query) Plan() Plan {
 				} else if len(texts) > 1 {
 					addLabel(key, selection.NotIn, texts)
 				}
+			}
+		case len(p.segs) == 3 && p.segs[0] == "configurations":
+			// configurations.[[id]].status is the twin's label
+			// configurations.kubetwin.io/<id> (see hubtwin): = and IN
+			// select the label's value; != and NIN keep twins without
+			// the label, as for tags.
+			key := v1alpha1.ConfigurationsLabelPrefix + p.segs[1]
+			eq := op == "=" || op == "IN"
+			var texts []string
+			for _, v := range values {
+				if s, ok := v.(string); ok && twin.IsLabelValue(s) {
+					texts = append(texts, s)
+				} else if eq {
+					texts = nil // a value no label has: leave it to the residual
+					break
+				}
+			}
+			switch {
+			case len(texts) == 0:
+			case eq && len(texts) == 1:
+				addLabel(key, selection.Equals, texts)
+			case eq:
+				addLabel(key, selection.In, texts)
+			case len(texts) == 1:
+				addLabel(key, selection.NotEquals, texts)
+			default:
+				addLabel(key, selection.NotIn, texts)
 			}
 		case len(p.segs) == 1 && (p.segs[0] == "deviceId" || p.segs[0] == "connectionState"):
 			field := FieldDeviceID

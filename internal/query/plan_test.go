@@ -1,10 +1,15 @@
 package query
 
 import (
+	"strings"
 	"testing"
 
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
 	"k8s.io/apimachinery/pkg/labels"
+
+	"github.com/kubetwin/kubetwin/api/v1alpha1"
+	"github.com/kubetwin/kubetwin/internal/hubtwin"
 )
 
 func TestPlan(t *testing.T) {
@@ -54,6 +59,16 @@ func TestPlan(t *testing.T) {
 		{"tags.x NIN ['a', 'b']", "x notin (a,b)", ""},
 		{"tags.x NIN ['a', 'two words', -1]", "x!=a", ""},
 		{"tags.x NIN ['two words']", "", ""},
+		// A configuration's status is its label on the twin.
+		{"configurations.[[cfg-1]].status = 'Applied'", "configurations.kubetwin.io/cfg-1=Applied", ""},
+		{"configurations.cfg.STATUS = 'Targeted'", "configurations.kubetwin.io/cfg=Targeted", ""},
+		{"configurations.cfg.status IN ['Applied', 'Targeted']", "configurations.kubetwin.io/cfg in (Applied,Targeted)", ""},
+		{"configurations.cfg.status != 'Applied'", "configurations.kubetwin.io/cfg!=Applied", ""},
+		{"configurations.cfg.status NIN ['Applied', 1]", "configurations.kubetwin.io/cfg!=Applied", ""},
+		{"configurations.cfg.status = 1", "", ""},
+		{"configurations.cfg.status IN ['Applied', 'two words']", "", ""},
+		{"configurations.[[a/b]].status = 'Applied'", "", ""},
+		{"tags.a = 'x' AND configurations.cfg.status = 'Applied'", "a=x,configurations.kubetwin.io/cfg=Applied", ""},
 		// OR, NOT and other operators stay residual.
 		{"tags.x = 'a' OR tags.y = 'b'", "", ""},
 		{"NOT (tags.x = 'a')", "", ""},
@@ -130,6 +145,47 @@ func TestPlanExamples(t *testing.T) {
 		p := mustParse(t, tc.query).Plan()
 		if p.LabelSelector != tc.labels || p.FieldSelector != tc.fields {
 			t.Errorf("%s: got -l %q --field-selector %q, want %q, %q", tc.query, p.LabelSelector, p.FieldSelector, tc.labels, tc.fields)
+		}
+	}
+}
+
+// TestConfigurationStatusQuery: IoT Hub's configurations.[[id]].status
+// selects the twins whose configuration label has that value, both
+// evaluated on the rendered twin and through the plan's label selector.
+func TestConfigurationStatusQuery(t *testing.T) {
+	mk := func(name, state string) *v1alpha1.DeviceTwin {
+		tw := &v1alpha1.DeviceTwin{ObjectMeta: metav1.ObjectMeta{Name: name, Labels: map[string]string{}}}
+		if state != "" {
+			tw.Labels[v1alpha1.ConfigurationsLabelPrefix+"telemetry-30s"] = state
+		}
+		return tw
+	}
+	twins := []*v1alpha1.DeviceTwin{mk("applied", "Applied"), mk("targeted", "Targeted"), mk("none", "")}
+	for _, tc := range []struct{ where, want string }{
+		{"configurations.[[telemetry-30s]].status = 'Applied'", "applied"},
+		{"configurations.[[telemetry-30s]].status = 'Targeted'", "targeted"},
+		{"configurations.[[telemetry-30s]].status IN ['Applied', 'Targeted']", "applied,targeted"},
+		{"IS_DEFINED(configurations.[[telemetry-30s]])", "applied,targeted"},
+	} {
+		q, err := Parse("SELECT deviceId FROM devices WHERE " + tc.where)
+		if err != nil {
+			t.Fatal(err)
+		}
+		sel, err := labels.Parse(q.Plan().LabelSelector)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var matched, selected []string
+		for _, tw := range twins {
+			if q.Match(hubtwin.FromDeviceTwin(tw)) {
+				matched = append(matched, tw.Name)
+			}
+			if sel.Matches(labels.Set(tw.Labels)) && q.Match(hubtwin.FromDeviceTwin(tw)) {
+				selected = append(selected, tw.Name)
+			}
+		}
+		if strings.Join(matched, ",") != tc.want || strings.Join(selected, ",") != tc.want {
+			t.Errorf("%s: evaluated %v, through the plan %v, want %s", tc.where, matched, selected, tc.want)
 		}
 	}
 }
