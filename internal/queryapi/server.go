@@ -1,0 +1,510 @@
+// Package queryapi serves the aggregated API query.kubetwin.io/v1alpha1
+// (see package wire for its shape): IoT Hub queries answered from the
+// operator's cache of DeviceTwins instead of a LIST of every twin through
+// kube-apiserver, with Kubernetes RBAC deciding who may read.
+//
+// kube-apiserver proxies the API to the operator (an APIService); the
+// operator trusts the user kube-apiserver names only on a request signed
+// with its front-proxy certificate, and answers a query over a namespace
+// only for a user a SubjectAccessReview allows to list
+// devicetwins.kubetwin.io there (over all namespaces: cluster-wide), the
+// same right a LIST of the twins needs.
+package queryapi
+
+import (
+	"bytes"
+	"cmp"
+	"context"
+	"crypto/tls"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"runtime"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/go-logr/logr"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/apiserver/pkg/authentication/authenticator"
+	"k8s.io/apiserver/pkg/authentication/user"
+	"k8s.io/apiserver/pkg/authorization/authorizer"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+
+	"github.com/kubetwin/kubetwin/api/v1alpha1"
+	"github.com/kubetwin/kubetwin/internal/hubtwin"
+	"github.com/kubetwin/kubetwin/internal/query"
+	"github.com/kubetwin/kubetwin/internal/queryapi/wire"
+)
+
+// Defaults of the bounds.
+const (
+	// DefaultMaxConcurrentQueries is how many queries run at once; each
+	// holds its matches and its encoded answer.
+	DefaultMaxConcurrentQueries = 4
+	// DefaultMaxResponseBytes bounds one answer: about 10,000 whole twin
+	// documents. A larger answer is refused (kubectl-twin then lists).
+	DefaultMaxResponseBytes = 32 << 20
+	// maxRequestBytes bounds a request body: a query and its envelope.
+	maxRequestBytes = 256 << 10
+)
+
+// Options configure the API.
+type Options struct {
+	// Reader lists DeviceTwins: the operator's cache.
+	Reader client.Reader
+	// Namespace is the one namespace the operator watches, "" for all.
+	// Queries elsewhere are refused (ReasonNamespaceNotServed): the cache
+	// has no twins there.
+	Namespace string
+	// Authenticator and Authorizer decide who may query (Delegating).
+	Authenticator authenticator.Request
+	Authorizer    authorizer.Authorizer
+	// MaxConcurrentQueries queries run at once; more get 429.
+	MaxConcurrentQueries int
+	// MaxResponseBytes bounds the items of one answer; a larger answer
+	// is refused.
+	MaxResponseBytes int
+	Log              logr.Logger
+}
+
+// Handler serves the API.
+type Handler struct {
+	o     Options
+	slots chan struct{}
+}
+
+// NewHandler returns the API's HTTP handler.
+func NewHandler(o Options) *Handler {
+	o.MaxConcurrentQueries = max(o.MaxConcurrentQueries, 1)
+	if o.MaxResponseBytes <= 0 {
+		o.MaxResponseBytes = DefaultMaxResponseBytes
+	}
+	return &Handler{o: o, slots: make(chan struct{}, o.MaxConcurrentQueries)}
+}
+
+const apiPrefix = "/apis/" + wire.GroupVersion
+
+// ServeHTTP authenticates every request, then serves discovery to any
+// user and queries to users allowed to list the twins they read.
+func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	code := h.serve(w, r)
+	requestsTotal.WithLabelValues(strconv.Itoa(code)).Inc()
+}
+
+func (h *Handler) serve(w http.ResponseWriter, r *http.Request) int {
+	resp, ok, err := h.o.Authenticator.AuthenticateRequest(r)
+	if err != nil || !ok {
+		// No detail: the caller is not kube-apiserver's front proxy.
+		return writeStatus(w, apierrors.NewUnauthorized("Unauthorized"))
+	}
+	p := strings.TrimSuffix(r.URL.Path, "/")
+	switch p {
+	case "/apis":
+		return h.discovery(w, r, &metav1.APIGroupList{
+			TypeMeta: metav1.TypeMeta{Kind: "APIGroupList", APIVersion: "v1"},
+			Groups:   []metav1.APIGroup{apiGroup()},
+		})
+	case "/apis/" + wire.Group:
+		g := apiGroup()
+		g.TypeMeta = metav1.TypeMeta{Kind: "APIGroup", APIVersion: "v1"}
+		return h.discovery(w, r, &g)
+	case apiPrefix:
+		return h.discovery(w, r, &metav1.APIResourceList{
+			TypeMeta:     metav1.TypeMeta{Kind: "APIResourceList", APIVersion: "v1"},
+			GroupVersion: wire.GroupVersion,
+			APIResources: []metav1.APIResource{{
+				Name: wire.Resource, SingularName: "twinquery", Namespaced: true, Kind: wire.Kind,
+				Verbs: metav1.Verbs{"create"},
+			}},
+		})
+	}
+	rest, ok := strings.CutPrefix(p, apiPrefix+"/")
+	if !ok {
+		return writeStatus(w, apierrors.NewNotFound(schema.GroupResource{}, p))
+	}
+	var ns string
+	switch segs := strings.Split(rest, "/"); {
+	case len(segs) == 1 && segs[0] == wire.Resource:
+	case len(segs) == 3 && segs[0] == "namespaces" && segs[1] != "" && segs[2] == wire.Resource:
+		ns = segs[1]
+	default:
+		return writeStatus(w, apierrors.NewNotFound(schema.GroupResource{Group: wire.Group, Resource: wire.Resource}, rest))
+	}
+	if r.Method != http.MethodPost {
+		return writeStatus(w, apierrors.NewMethodNotSupported(schema.GroupResource{Group: wire.Group, Resource: wire.Resource}, r.Method))
+	}
+	return h.query(w, r, resp.User, ns)
+}
+
+func apiGroup() metav1.APIGroup {
+	v := metav1.GroupVersionForDiscovery{GroupVersion: wire.GroupVersion, Version: wire.Version}
+	return metav1.APIGroup{Name: wire.Group, Versions: []metav1.GroupVersionForDiscovery{v}, PreferredVersion: v}
+}
+
+func (h *Handler) discovery(w http.ResponseWriter, r *http.Request, body any) int {
+	if r.Method != http.MethodGet && r.Method != http.MethodHead {
+		return writeStatus(w, apierrors.NewMethodNotSupported(schema.GroupResource{}, r.Method))
+	}
+	b, _ := json.Marshal(body)
+	return writeJSON(w, http.StatusOK, b)
+}
+
+// devicetwins is what a query reads, and what the user must be allowed to list.
+var devicetwins = schema.GroupResource{Group: v1alpha1.GroupVersion.Group, Resource: "devicetwins"}
+
+func (h *Handler) query(w http.ResponseWriter, r *http.Request, u user.Info, ns string) int {
+	if h.o.Namespace != "" && ns != h.o.Namespace {
+		where := "all namespaces"
+		if ns != "" {
+			where = "namespace " + ns
+		}
+		return writeStatus(w, &apierrors.StatusError{ErrStatus: metav1.Status{
+			Status: metav1.StatusFailure, Code: http.StatusNotFound, Reason: wire.ReasonNamespaceNotServed,
+			Message: fmt.Sprintf("this query API serves the DeviceTwins of namespace %s only (the operator's --namespace), not %s",
+				h.o.Namespace, where),
+		}})
+	}
+	decision, reason, err := h.o.Authorizer.Authorize(r.Context(), authorizer.AttributesRecord{
+		User: u, Verb: "list", APIGroup: devicetwins.Group, APIVersion: v1alpha1.GroupVersion.Version,
+		Resource: devicetwins.Resource, Namespace: ns, ResourceRequest: true,
+	})
+	if decision != authorizer.DecisionAllow {
+		scope := "at the cluster scope"
+		if ns != "" {
+			scope = fmt.Sprintf("in the namespace %q", ns)
+		}
+		msg := fmt.Sprintf("User %q cannot list resource %q in API group %q %s, which a query over them needs",
+			u.GetName(), devicetwins.Resource, devicetwins.Group, scope)
+		if reason != "" {
+			msg += ": " + reason
+		}
+		if err != nil {
+			h.o.Log.Error(err, "authorizing a query", "user", u.GetName(), "namespace", ns)
+			msg += " (the SubjectAccessReview failed: " + err.Error() + ")"
+		}
+		return writeStatus(w, apierrors.NewForbidden(devicetwins, "", errors.New(msg)))
+	}
+
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxRequestBytes))
+	if err != nil {
+		return writeStatus(w, apierrors.NewRequestEntityTooLargeError(
+			fmt.Sprintf("the request body is over %d bytes: it should hold a TwinQuery", maxRequestBytes)))
+	}
+	var tq wire.TwinQuery
+	dec := json.NewDecoder(bytes.NewReader(body))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&tq); err != nil {
+		return writeStatus(w, apierrors.NewBadRequest(`the request body must be a TwinQuery {"apiVersion": "`+wire.GroupVersion+
+			`", "kind": "`+wire.Kind+`", "spec": {"query": "SELECT ..."}}: `+err.Error()))
+	}
+	switch {
+	case tq.APIVersion != "" && tq.APIVersion != wire.GroupVersion:
+		return writeStatus(w, apierrors.NewBadRequest(fmt.Sprintf("apiVersion %q: this API serves %s", tq.APIVersion, wire.GroupVersion)))
+	case tq.Kind != "" && tq.Kind != wire.Kind:
+		return writeStatus(w, apierrors.NewBadRequest(fmt.Sprintf("kind %q: this resource takes a %s", tq.Kind, wire.Kind)))
+	case tq.Namespace != "" && tq.Namespace != ns:
+		return writeStatus(w, apierrors.NewBadRequest(fmt.Sprintf("metadata.namespace %q does not match the namespace of the request %q", tq.Namespace, ns)))
+	case strings.TrimSpace(tq.Spec.Query) == "":
+		return writeStatus(w, apierrors.NewBadRequest(`spec.query is missing: it holds the query, e.g. "SELECT * FROM devices"`))
+	}
+	q, err := query.Parse(tq.Spec.Query)
+	if err != nil {
+		return writeStatus(w, apierrors.NewBadRequest("spec.query: "+err.Error()))
+	}
+
+	select {
+	case h.slots <- struct{}{}:
+	default:
+		queriesThrottled.Inc()
+		return writeStatus(w, apierrors.NewTooManyRequests(
+			fmt.Sprintf("too many queries: this server answers at most %d at once (--query-api-max-concurrent-queries)", cap(h.slots)), 1))
+	}
+	queriesInFlight.Inc()
+	defer func() {
+		queriesInFlight.Dec()
+		<-h.slots
+	}()
+
+	start := time.Now()
+	status, err := h.answer(r.Context(), q, ns)
+	queryDuration.Observe(time.Since(start).Seconds())
+	var tooLarge *tooLargeError
+	switch {
+	case errors.As(err, &tooLarge):
+		responsesTooLarge.Inc()
+		return writeStatus(w, &apierrors.StatusError{ErrStatus: metav1.Status{
+			Status: metav1.StatusFailure, Code: http.StatusUnprocessableEntity, Reason: wire.ReasonResponseTooLarge,
+			Message: tooLarge.Error(),
+		}})
+	case err != nil:
+		h.o.Log.Error(err, "answering a query", "namespace", ns)
+		return writeStatus(w, apierrors.NewInternalError(err))
+	}
+	tq.TypeMeta = metav1.TypeMeta{Kind: wire.Kind, APIVersion: wire.GroupVersion}
+	tq.Namespace = ns
+	tq.Status = *status
+	b, err := json.Marshal(&tq)
+	if err != nil {
+		return writeStatus(w, apierrors.NewInternalError(err))
+	}
+	// Created, as for other create-only reviews: the answer is new.
+	return writeJSON(w, http.StatusCreated, b)
+}
+
+// tooLargeError: the answer would exceed MaxResponseBytes.
+type tooLargeError struct{ items, limit int }
+
+func (e *tooLargeError) Error() string {
+	return fmt.Sprintf("the answer is larger than this server sends (%d bytes, --query-api-max-response-bytes) after %d items: "+
+		"narrow the query (WHERE, TOP n, or a projection instead of SELECT *)", e.limit, e.items)
+}
+
+// candidate is a twin whose document matched the condition.
+type candidate struct {
+	t   *v1alpha1.DeviceTwin
+	id  string
+	doc map[string]any // the partial document
+}
+
+// answer runs q over the cached twins of ns ("" for all) in the order
+// kubectl-twin's listing gives: by deviceId, then namespace and name.
+func (h *Handler) answer(ctx context.Context, q *query.Query, ns string) (*wire.TwinQueryStatus, error) {
+	var list v1alpha1.DeviceTwinList
+	opts := []client.ListOption{client.UnsafeDisableDeepCopy} // only read; rendering copies what it keeps
+	if ns != "" {
+		opts = append(opts, client.InNamespace(ns))
+	}
+	if err := h.o.Reader.List(ctx, &list, opts...); err != nil {
+		return nil, fmt.Errorf("listing the cached DeviceTwins: %w", err)
+	}
+	sel := labels.Everything()
+	if s := q.Plan().LabelSelector; s != "" {
+		var err error
+		if sel, err = labels.Parse(s); err != nil {
+			return nil, fmt.Errorf("the plan's label selector %q: %w", s, err)
+		}
+	}
+	// The label selector only narrows, as the API server's would for a
+	// LIST. A twin whose spec the operator has not reconciled yet may not
+	// carry its tags' labels: it is evaluated anyway.
+	twins := make([]*v1alpha1.DeviceTwin, 0, len(list.Items))
+	for i := range list.Items {
+		t := &list.Items[i]
+		if sel.Matches(labels.Set(t.Labels)) || t.Status.ObservedGeneration != t.Generation {
+			twins = append(twins, t)
+		}
+	}
+	star := q.ItemType() == query.ItemTypeTwin
+	paths := q.Paths()
+	if star {
+		paths = q.WherePaths() // the documents returned are rendered whole
+	}
+	cands := match(q, newPartial(paths), twins)
+	slices.SortFunc(cands, func(a, b candidate) int {
+		return cmp.Or(strings.Compare(a.id, b.id), strings.Compare(a.t.Namespace, b.t.Namespace), strings.Compare(a.t.Name, b.t.Name))
+	})
+
+	st := &wire.TwinQueryStatus{ItemType: q.ItemType(), Items: []json.RawMessage{}, Evaluated: len(twins)}
+	enc := newItemEncoder(h.o.MaxResponseBytes)
+	if star {
+		n := len(cands)
+		if top, ok := q.Top(); ok {
+			n = min(n, top)
+		}
+		for _, c := range cands[:n] {
+			b, err := enc.encode(hubtwin.FromDeviceTwin(c.t))
+			if err != nil {
+				return nil, err
+			}
+			st.Items = append(st.Items, b)
+			st.Twins = append(st.Twins, wire.TwinRef{Namespace: c.t.Namespace, Name: c.t.Name, InSync: inSync(c.t)})
+		}
+		return st, nil
+	}
+	docs := make([]map[string]any, len(cands))
+	for i, c := range cands {
+		docs[i] = c.doc
+	}
+	res, err := q.Run(docs)
+	if err != nil {
+		return nil, err
+	}
+	for _, it := range res.Items {
+		b, err := enc.encode(it)
+		if err != nil {
+			return nil, err
+		}
+		st.Items = append(st.Items, b)
+	}
+	st.GroupKeys = res.GroupKeys
+	return st, nil
+}
+
+// match evaluates q's condition on each twin's partial document, on every
+// core: it is where a residual query over a large fleet spends its time.
+func match(q *query.Query, p *partial, twins []*v1alpha1.DeviceTwin) []candidate {
+	const chunk = 2048
+	workers := min(runtime.GOMAXPROCS(0), (len(twins)+chunk-1)/chunk)
+	if workers <= 1 {
+		return matchRange(q, p, twins, nil)
+	}
+	parts := make([][]candidate, workers)
+	var wg sync.WaitGroup
+	per := (len(twins) + workers - 1) / workers
+	for i := range workers {
+		lo, hi := i*per, min((i+1)*per, len(twins))
+		wg.Go(func() { parts[i] = matchRange(q, p, twins[lo:hi], nil) })
+	}
+	wg.Wait()
+	return slices.Concat(parts...)
+}
+
+func matchRange(q *query.Query, p *partial, twins []*v1alpha1.DeviceTwin, out []candidate) []candidate {
+	for _, t := range twins {
+		doc := p.doc(t)
+		if q.Match(doc) {
+			out = append(out, candidate{t: t, id: hubtwin.DeviceID(t), doc: doc})
+		}
+	}
+	return out
+}
+
+func inSync(t *v1alpha1.DeviceTwin) string {
+	for _, c := range t.Status.Conditions {
+		if c.Type == v1alpha1.ConditionInSync {
+			return string(c.Status)
+		}
+	}
+	return ""
+}
+
+// itemEncoder encodes items, counting their bytes against a limit.
+type itemEncoder struct {
+	buf        bytes.Buffer
+	enc        *json.Encoder
+	n, total   int
+	limit      int
+}
+
+func newItemEncoder(limit int) *itemEncoder {
+	e := &itemEncoder{limit: limit}
+	e.enc = json.NewEncoder(&e.buf)
+	e.enc.SetEscapeHTML(false)
+	return e
+}
+
+func (e *itemEncoder) encode(item any) (json.RawMessage, error) {
+	e.buf.Reset()
+	if err := e.enc.Encode(item); err != nil {
+		return nil, fmt.Errorf("encoding a query result: %w", err)
+	}
+	b := bytes.TrimSuffix(e.buf.Bytes(), []byte("\n"))
+	e.total += len(b) + 1
+	if e.total > e.limit {
+		return nil, &tooLargeError{items: e.n, limit: e.limit}
+	}
+	e.n++
+	return slices.Clone(b), nil
+}
+
+func writeStatus(w http.ResponseWriter, err *apierrors.StatusError) int {
+	st := err.Status()
+	st.TypeMeta = metav1.TypeMeta{Kind: "Status", APIVersion: "v1"}
+	if st.Code == http.StatusTooManyRequests && st.Details != nil && st.Details.RetryAfterSeconds > 0 {
+		w.Header().Set("Retry-After", strconv.Itoa(int(st.Details.RetryAfterSeconds)))
+	}
+	b, _ := json.Marshal(&st)
+	return writeJSON(w, int(st.Code), b)
+}
+
+func writeJSON(w http.ResponseWriter, code int, b []byte) int {
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Content-Length", strconv.Itoa(len(b)))
+	w.WriteHeader(code)
+	_, _ = w.Write(b)
+	return code
+}
+
+// Server serves the API over HTTPS on every replica (each has the cache).
+type Server struct {
+	// Addr is the listen address.
+	Addr string
+	// TLSConfig has the serving certificate; client certificates are
+	// requested and checked by the Authenticator.
+	TLSConfig *tls.Config
+	Handler   *Handler
+	// Delegating, if set, is started first and awaited (up to
+	// ReadyTimeout) before serving.
+	Delegating   *Delegating
+	ReadyTimeout time.Duration
+	Log          logr.Logger
+
+	mu   sync.Mutex
+	addr net.Addr
+}
+
+// NeedLeaderElection is false: every replica answers from its own cache.
+func (s *Server) NeedLeaderElection() bool { return false }
+
+// ListenAddr returns the address the server listens on once started.
+func (s *Server) ListenAddr() net.Addr {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.addr
+}
+
+// Start serves until ctx ends.
+func (s *Server) Start(ctx context.Context) error {
+	if d := s.Delegating; d != nil {
+		d.Start(ctx)
+		wctx, cancel := context.WithTimeout(ctx, cmp.Or(s.ReadyTimeout, 30*time.Second))
+		for !d.Ready() && wctx.Err() == nil {
+			select {
+			case <-wctx.Done():
+			case <-time.After(100 * time.Millisecond):
+			}
+		}
+		cancel()
+		if !d.Ready() {
+			// Serve anyway: requests are refused until the ConfigMap
+			// appears, and the operator's other work goes on.
+			s.Log.Error(errNotReady, "query API authentication not ready: refusing requests until it is")
+		}
+	}
+	tc := s.TLSConfig.Clone()
+	tc.ClientAuth = tls.RequestClientCert
+	tc.MinVersion = max(tc.MinVersion, tls.VersionTLS12)
+	tc.NextProtos = []string{"http/1.1"} // no HTTP/2 (CVE-2023-44487), as the operator's other servers
+	ln, err := tls.Listen("tcp", s.Addr, tc)
+	if err != nil {
+		return fmt.Errorf("query API: listening on %s: %w", s.Addr, err)
+	}
+	s.mu.Lock()
+	s.addr = ln.Addr()
+	s.mu.Unlock()
+	srv := &http.Server{
+		Handler:           s.Handler,
+		ReadHeaderTimeout: 10 * time.Second,
+		IdleTimeout:       90 * time.Second,
+	}
+	go func() {
+		<-ctx.Done()
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = srv.Shutdown(sctx)
+	}()
+	s.Log.Info("serving the query API", "address", ln.Addr().String(), "groupVersion", wire.GroupVersion)
+	if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	return nil
+}
