@@ -224,4 +224,3 @@ func BenchmarkResidualPartial(b *testing.B) {
 	}
 	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*len(twins)), "ns/twin")
 }
-

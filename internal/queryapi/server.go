@@ -389,10 +389,10 @@ func inSync(t *v1alpha1.DeviceTwin) string {
 
 // itemEncoder encodes items, counting their bytes against a limit.
 type itemEncoder struct {
-	buf        bytes.Buffer
-	enc        *json.Encoder
-	n, total   int
-	limit      int
+	buf      bytes.Buffer
+	enc      *json.Encoder
+	n, total int
+	limit    int
 }
 
 func newItemEncoder(limit int) *itemEncoder {
