@@ -67,10 +67,11 @@ const (
 )
 
 // Register serves v as the validating webhook and the defaulting webhook
-// on srv.
+// on srv, and the TwinConfiguration validating webhook.
 func Register(srv crwebhook.Server, scheme *runtime.Scheme, v Validator) {
 	srv.Register(ValidatePath, admission.WithValidator[*v1alpha1.DeviceTwin](scheme, v))
 	srv.Register(DefaultPath, &admission.Webhook{Handler: &Defaulter{decoder: admission.NewDecoder(scheme)}})
+	srv.Register(ValidateConfigurationPath, admission.WithValidator[*v1alpha1.TwinConfiguration](scheme, ConfigurationValidator{}))
 }
 
 // Validator is the validating webhook for DeviceTwins.

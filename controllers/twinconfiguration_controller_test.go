@@ -1,0 +1,276 @@
+package controllers_test
+
+import (
+	"context"
+	"encoding/json"
+	"strings"
+	"testing"
+
+	. "github.com/onsi/gomega"
+	"k8s.io/apimachinery/pkg/api/meta"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/apimachinery/pkg/util/intstr"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+
+	"github.com/kubetwin/kubetwin/api/v1alpha1"
+	"github.com/kubetwin/kubetwin/controllers"
+)
+
+func createConfig(t *testing.T, ns, name string, priority int32, target, desired string, opts ...func(*v1alpha1.TwinConfiguration)) {
+	t.Helper()
+	c := &v1alpha1.TwinConfiguration{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name}}
+	c.Spec.Priority = priority
+	c.Spec.TargetCondition = target
+	c.Spec.Content.Desired = rawJSON(t, desired)
+	for _, o := range opts {
+		o(c)
+	}
+	if err := k8s.Create(context.Background(), c); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func getConfig(g Gomega, ns, name string) *v1alpha1.TwinConfiguration {
+	c := &v1alpha1.TwinConfiguration{}
+	g.Expect(k8s.Get(context.Background(), client.ObjectKey{Namespace: ns, Name: name}, c)).To(Succeed())
+	return c
+}
+
+func patchConfig(t *testing.T, ns, name, patch string) {
+	t.Helper()
+	c := &v1alpha1.TwinConfiguration{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name}}
+	if err := k8s.Patch(context.Background(), c, client.RawPatch(types.MergePatchType, []byte(patch))); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func configCond(c *v1alpha1.TwinConfiguration, typ string) metav1.Condition {
+	x := meta.FindStatusCondition(c.Status.Conditions, typ)
+	if x == nil {
+		return metav1.Condition{}
+	}
+	return *x
+}
+
+// desiredJSON is a twin's spec.desired as compact JSON with sorted keys.
+func desiredJSON(tw *v1alpha1.DeviceTwin) string {
+	b, _ := json.Marshal(doc(tw.Spec.Desired))
+	return string(b)
+}
+
+// pathOwners returns, for every leaf under spec.desired, the managers
+// that own it, as kubectl get -o yaml --show-managed-fields shows them.
+func pathOwners(tw *v1alpha1.DeviceTwin) map[string][]string {
+	out := map[string][]string{}
+	for _, mf := range tw.ManagedFields {
+		if mf.FieldsV1 == nil || mf.Subresource != "" {
+			continue
+		}
+		var f map[string]any
+		_ = json.Unmarshal(mf.FieldsV1.Raw, &f)
+		spec, _ := f["f:spec"].(map[string]any)
+		desired, _ := spec["f:desired"].(map[string]any)
+		var walk func(prefix string, n map[string]any)
+		walk = func(prefix string, n map[string]any) {
+			children := 0
+			for k, v := range n {
+				name, ok := strings.CutPrefix(k, "f:")
+				if !ok {
+					continue
+				}
+				children++
+				sub, _ := v.(map[string]any)
+				p := name
+				if prefix != "" {
+					p = prefix + "." + name
+				}
+				walk(p, sub)
+			}
+			if children == 0 && prefix != "" {
+				out[prefix] = append(out[prefix], mf.Manager)
+			}
+		}
+		if desired != nil {
+			walk("", desired)
+		}
+	}
+	return out
+}
+
+func manager(name string) string { return controllers.ConfigurationManagerPrefix + name }
+
+func label(name string) string { return v1alpha1.ConfigurationsLabelPrefix + name }
+
+// TestConfigurationPriorityConflicts: per desired path the highest
+// priority wins; the loser keeps the paths nobody else sets; each path is
+// owned by the winner's field manager.
+func TestConfigurationPriorityConflicts(t *testing.T) {
+	g := NewWithT(t)
+	ns := newNamespace(t)
+	createTwin(t, ns, "a", ns+"-a", `{"site":"north"}`, "")
+	createTwin(t, ns, "b", ns+"-b", `{"site":"south"}`, "")
+	createConfig(t, ns, "base", 1, "*", `{"telemetry":{"interval":10,"mode":"eco"}}`)
+	createConfig(t, ns, "north", 5, "tags.site = 'north'", `{"telemetry":{"interval":30}}`)
+
+	g.Eventually(func(g Gomega) {
+		a := getTwin(g, ns, "a")
+		g.Expect(desiredJSON(a)).To(Equal(`{"telemetry":{"interval":30,"mode":"eco"}}`))
+		g.Expect(pathOwners(a)).To(Equal(map[string][]string{
+			"telemetry.interval": {manager("north")},
+			"telemetry.mode":     {manager("base")},
+		}))
+		g.Expect(a.Labels).To(HaveKeyWithValue(label("north"), v1alpha1.ConfigurationApplied))
+		g.Expect(a.Labels).To(HaveKeyWithValue(label("base"), v1alpha1.ConfigurationApplied))
+		b := getTwin(g, ns, "b")
+		g.Expect(desiredJSON(b)).To(Equal(`{"telemetry":{"interval":10,"mode":"eco"}}`))
+		g.Expect(b.Labels).NotTo(HaveKey(label("north")))
+	}, wait, tick).Should(Succeed())
+
+	// A higher priority for base takes the path back.
+	patchConfig(t, ns, "base", `{"spec":{"priority":9}}`)
+	g.Eventually(func(g Gomega) {
+		a := getTwin(g, ns, "a")
+		g.Expect(desiredJSON(a)).To(Equal(`{"telemetry":{"interval":10,"mode":"eco"}}`))
+		g.Expect(pathOwners(a)["telemetry.interval"]).To(Equal([]string{manager("base")}))
+		g.Expect(a.Labels).To(HaveKeyWithValue(label("north"), v1alpha1.ConfigurationTargeted))
+		c := getConfig(g, ns, "north")
+		g.Expect(c.Status.ObservedGeneration).To(Equal(c.Generation))
+		g.Expect(c.Status.TargetedCount).To(BeEquivalentTo(1))
+		g.Expect(c.Status.AppliedCount).To(BeEquivalentTo(0))
+	}, wait, tick).Should(Succeed())
+}
+
+// TestConfigurationTargetEnterLeave: a twin that comes to match gets the
+// content; one that stops matching loses it and the label, and keeps its
+// own desired properties.
+func TestConfigurationTargetEnterLeave(t *testing.T) {
+	g := NewWithT(t)
+	ns := newNamespace(t)
+	createTwin(t, ns, "a", ns+"-a", `{"ring":"stable"}`, `{"own":1}`)
+	createConfig(t, ns, "canary", 0, "tags.ring = 'canary'", `{"firmware":{"channel":"beta"}}`)
+	g.Eventually(func(g Gomega) {
+		c := getConfig(g, ns, "canary")
+		g.Expect(configCond(c, v1alpha1.ConditionReady).Status).To(Equal(metav1.ConditionTrue))
+		g.Expect(c.Status.TargetedCount).To(BeEquivalentTo(0))
+	}, wait, tick).Should(Succeed())
+	g.Expect(desiredJSON(getTwin(g, ns, "a"))).To(Equal(`{"own":1}`))
+
+	setSpec(t, ns, "a", `{"spec":{"tags":{"ring":"canary"}}}`)
+	g.Eventually(func(g Gomega) {
+		a := getTwin(g, ns, "a")
+		g.Expect(desiredJSON(a)).To(Equal(`{"firmware":{"channel":"beta"},"own":1}`))
+		g.Expect(a.Labels).To(HaveKeyWithValue(label("canary"), v1alpha1.ConfigurationApplied))
+		c := getConfig(g, ns, "canary")
+		g.Expect(c.Status.TargetedCount).To(BeEquivalentTo(1))
+		g.Expect(c.Status.AppliedCount).To(BeEquivalentTo(1))
+	}, wait, tick).Should(Succeed())
+
+	setSpec(t, ns, "a", `{"spec":{"tags":{"ring":"stable"}}}`)
+	g.Eventually(func(g Gomega) {
+		a := getTwin(g, ns, "a")
+		g.Expect(desiredJSON(a)).To(Equal(`{"own":1}`))
+		g.Expect(a.Labels).NotTo(HaveKey(label("canary")))
+		for _, mf := range a.ManagedFields {
+			g.Expect(mf.Manager).NotTo(Equal(manager("canary")))
+		}
+		g.Expect(getConfig(g, ns, "canary").Status.TargetedCount).To(BeEquivalentTo(0))
+	}, wait, tick).Should(Succeed())
+}
+
+// TestConfigurationDeletion: a deleted configuration takes its content
+// back from every twin before it goes; what another configuration sets
+// stays.
+func TestConfigurationDeletion(t *testing.T) {
+	g := NewWithT(t)
+	ns := newNamespace(t)
+	createTwin(t, ns, "a", ns+"-a", "", "")
+	createTwin(t, ns, "b", ns+"-b", "", "")
+	createConfig(t, ns, "keep", 0, "*", `{"keep":true}`)
+	createConfig(t, ns, "gone", 0, "*", `{"gone":{"x":"y"}}`)
+	g.Eventually(func(g Gomega) {
+		for _, n := range []string{"a", "b"} {
+			g.Expect(desiredJSON(getTwin(g, ns, n))).To(Equal(`{"gone":{"x":"y"},"keep":true}`))
+		}
+		g.Expect(getConfig(g, ns, "gone").Finalizers).To(ContainElement(controllers.ConfigurationFinalizer))
+	}, wait, tick).Should(Succeed())
+
+	g.Expect(k8s.Delete(context.Background(), &v1alpha1.TwinConfiguration{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "gone"}})).To(Succeed())
+	g.Eventually(func(g Gomega) {
+		for _, n := range []string{"a", "b"} {
+			tw := getTwin(g, ns, n)
+			g.Expect(desiredJSON(tw)).To(Equal(`{"keep":true}`))
+			g.Expect(tw.Labels).NotTo(HaveKey(label("gone")))
+		}
+		err := k8s.Get(context.Background(), client.ObjectKey{Namespace: ns, Name: "gone"}, &v1alpha1.TwinConfiguration{})
+		g.Expect(err).To(HaveOccurred())
+	}, wait, tick).Should(Succeed())
+}
+
+// TestConfigurationContentChange: a changed content replaces the values
+// and removes the paths it no longer has.
+func TestConfigurationContentChange(t *testing.T) {
+	g := NewWithT(t)
+	ns := newNamespace(t)
+	createTwin(t, ns, "a", ns+"-a", "", "")
+	createConfig(t, ns, "cfg", 0, "*", `{"telemetry":{"interval":10,"mode":"eco"}}`)
+	g.Eventually(func(g Gomega) {
+		g.Expect(desiredJSON(getTwin(g, ns, "a"))).To(Equal(`{"telemetry":{"interval":10,"mode":"eco"}}`))
+	}, wait, tick).Should(Succeed())
+
+	c := getConfig(g, ns, "cfg")
+	c.Spec.Content.Desired = rawJSON(t, `{"telemetry":{"interval":20},"led":"on"}`)
+	g.Expect(k8s.Update(context.Background(), c)).To(Succeed())
+	g.Eventually(func(g Gomega) {
+		g.Expect(desiredJSON(getTwin(g, ns, "a"))).To(Equal(`{"led":"on","telemetry":{"interval":20}}`))
+	}, wait, tick).Should(Succeed())
+}
+
+// TestConfigurationManifestWins: a path the twin's own manifest sets keeps
+// the manifest's value; the configuration sets the others. A manifest
+// applied later with --force-conflicts takes a path from the
+// configuration, which then lets it go.
+func TestConfigurationManifestWins(t *testing.T) {
+	g := NewWithT(t)
+	ctx := context.Background()
+	ns := newNamespace(t)
+	createTwin(t, ns, "a", ns+"-a", "", `{"telemetry":{"interval":5}}`)
+	createConfig(t, ns, "cfg", 0, "*", `{"telemetry":{"interval":10,"mode":"eco"},"led":"off"}`)
+	g.Eventually(func(g Gomega) {
+		a := getTwin(g, ns, "a")
+		g.Expect(desiredJSON(a)).To(Equal(`{"led":"off","telemetry":{"interval":5,"mode":"eco"}}`))
+		owners := pathOwners(a)
+		g.Expect(owners["telemetry.mode"]).To(Equal([]string{manager("cfg")}))
+		g.Expect(owners["telemetry.interval"]).NotTo(ContainElement(manager("cfg")))
+		g.Expect(a.Labels).To(HaveKeyWithValue(label("cfg"), v1alpha1.ConfigurationApplied))
+		c := getConfig(g, ns, "cfg")
+		g.Expect(c.Status.AppliedCount).To(BeEquivalentTo(1))
+	}, wait, tick).Should(Succeed())
+
+	// GitOps applies the twin's manifest with led: on (forced, as Flux and
+	// Argo CD's server-side apply do).
+	u := &unstructured.Unstructured{}
+	u.SetAPIVersion(v1alpha1.GroupVersion.String())
+	u.SetKind("DeviceTwin")
+	u.SetNamespace(ns)
+	u.SetName("a")
+	u.Object["spec"] = map[string]any{"deviceId": ns + "-a", "desired": map[string]any{"telemetry": map[string]any{"interval": int64(5)}, "led": "on"}}
+	g.Expect(k8s.Apply(ctx, client.ApplyConfigurationFromUnstructured(u), client.FieldOwner("gitops"), client.ForceOwnership)).To(Succeed())
+	g.Eventually(func(g Gomega) {
+		a := getTwin(g, ns, "a")
+		g.Expect(desiredJSON(a)).To(Equal(`{"led":"on","telemetry":{"interval":5,"mode":"eco"}}`))
+		owners := pathOwners(a)
+		g.Expect(owners["led"]).To(Equal([]string{"gitops"}))
+		g.Expect(owners["telemetry.mode"]).To(Equal([]string{manager("cfg")}))
+	}, wait, tick).Should(Succeed())
+
+	// The configuration no longer setting mode removes it (only it had it);
+	// led stays the manifest's.
+	patchConfig(t, ns, "cfg", `{"spec":{"content":{"desired":{"telemetry":{"mode":null}}}}}`)
+	g.Eventually(func(g Gomega) {
+		g.Expect(desiredJSON(getTwin(g, ns, "a"))).To(Equal(`{"led":"on","telemetry":{"interval":5}}`))
+	}, wait, tick).Should(Succeed())
+}
+
+var _ = intstr.FromInt32
