@@ -97,10 +97,15 @@ type ReconcilerOptions struct {
 	// ClaimsNamespace is where the device id claims are
 	// (DefaultClaimsNamespace if empty).
 	ClaimsNamespace string
+	// ConfigurationApplies and ConfigurationAppliesPerSecond bound the
+	// TwinConfiguration applier (its defaults when zero).
+	ConfigurationApplies          int
+	ConfigurationAppliesPerSecond float64
 }
 
 // AddReconciler sets up the DeviceTwin reconciler with mgr, working with
-// br, and the reconciler that removes stale device id claims.
+// br, the reconciler that removes stale device id claims and the
+// TwinConfiguration controller (with its applier).
 func AddReconciler(ctx context.Context, mgr ctrl.Manager, br *bridge.Bridge, o ReconcilerOptions) error {
 	claims := Claims(mgr, o.ClaimsNamespace)
 	r := &controllers.DeviceTwinReconciler{
@@ -117,6 +122,11 @@ func AddReconciler(ctx context.Context, mgr ctrl.Manager, br *bridge.Bridge, o R
 	gc := &controllers.DeviceIDClaimReconciler{Client: mgr.GetClient(), Claims: claims}
 	if err := gc.SetupWithManager(mgr); err != nil {
 		return fmt.Errorf("setting up the DeviceIDClaim controller: %w", err)
+	}
+	tc := &controllers.TwinConfigurationReconciler{Client: mgr.GetClient(),
+		MaxAppliesInFlight: o.ConfigurationApplies, AppliesPerSecond: o.ConfigurationAppliesPerSecond}
+	if err := tc.SetupWithManager(mgr); err != nil {
+		return fmt.Errorf("setting up the TwinConfiguration controller: %w", err)
 	}
 	return nil
 }
