@@ -47,10 +47,31 @@ func sampleCPU() cpuSnap {
 			s.machine = (total - idle - iowait) / clockTicks
 		}
 	}
-	self := os.Getpid()
-	if _, t, ok := procStat(self); ok {
+	if _, t, ok := procStat(os.Getpid()); ok {
 		s.secs["operator"] = t
 	}
+	for _, c := range childProcs() {
+		comm := c.comm
+		if int64(c.pid) == devicePID.Load() {
+			comm = "devices"
+		}
+		s.secs[strings.ReplaceAll(comm, "-", "_")] += c.cpuSecs
+	}
+	return s
+}
+
+// childProc is a child process of this one (envtest's kube-apiserver and
+// etcd, the device process).
+type childProc struct {
+	pid     int
+	comm    string
+	cpuSecs float64 // utime+stime so far
+}
+
+// childProcs lists this process's children from /proc (none without it).
+func childProcs() []childProc {
+	self := os.Getpid()
+	var out []childProc
 	dirs, _ := filepath.Glob("/proc/[0-9]*")
 	for _, d := range dirs {
 		pid, err := strconv.Atoi(filepath.Base(d))
@@ -61,16 +82,11 @@ func sampleCPU() cpuSnap {
 		if err != nil {
 			continue
 		}
-		comm, ppid, t, ok := parseStat(string(raw))
-		if !ok || ppid != self {
-			continue
+		if comm, ppid, t, ok := parseStat(string(raw)); ok && ppid == self {
+			out = append(out, childProc{pid: pid, comm: comm, cpuSecs: t})
 		}
-		if int64(pid) == devicePID.Load() {
-			comm = "devices"
-		}
-		s.secs[strings.ReplaceAll(comm, "-", "_")] += t
 	}
-	return s
+	return out
 }
 
 func procStat(pid int) (string, float64, bool) {

@@ -18,8 +18,10 @@ import (
 	k8sruntime "k8s.io/apimachinery/pkg/runtime"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	"k8s.io/client-go/rest"
+	"k8s.io/utils/ptr"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+	ctrlconfig "sigs.k8s.io/controller-runtime/pkg/config"
 	"sigs.k8s.io/controller-runtime/pkg/envtest"
 	"sigs.k8s.io/controller-runtime/pkg/log/zap"
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
@@ -45,50 +47,15 @@ func run(ctx context.Context, cfg config) (code int) {
 		Twins: cfg.twins, Devices: cfg.devices, RatePerDevice: cfg.rate, InflightPerDevice: cfg.inflight,
 		MaxConcurrentRecs: cfg.workers, DurationSec: cfg.duration.Seconds(),
 	}
-	if err := clientgoscheme.AddToScheme(scheme); err != nil {
-		return fail("scheme", err)
-	}
-	if err := v1alpha1.AddToScheme(scheme); err != nil {
-		return fail("scheme", err)
-	}
-
 	opLog := &lineLog{prefix: "[operator] ", limit: int64(cfg.operatorLogLimit), out: os.Stderr}
-	level := zapcore.Level(-cfg.operatorVerbosity)
-	if cfg.operatorVerbosity == 0 {
-		level = zapcore.ErrorLevel
-	}
-	ctrl.SetLogger(zap.New(zap.WriteTo(opLog), zap.Level(level), zap.StacktraceLevel(zapcore.PanicLevel)))
-
-	crdDir, err := findCRDs()
+	cp, err := startControlPlane(ctx, &cfg, opLog, baselineNS, devicesNS, serviceNS)
 	if err != nil {
-		return fail("finding the CRDs", err)
+		return fail("starting the control plane", err)
 	}
-	progress("starting the control plane (envtest kube-apiserver + etcd from %s)", os.Getenv("KUBEBUILDER_ASSETS"))
-	env := &envtest.Environment{CRDDirectoryPaths: []string{crdDir}, ErrorIfCRDPathMissing: true}
-	restCfg, err := env.Start()
-	if err != nil {
-		return fail("starting envtest", err)
-	}
-	defer func() {
-		progress("stopping the control plane")
-		if err := env.Stop(); err != nil {
-			progress("stopping envtest: %v", err)
-		}
-	}()
-	restCfg = rest.CopyConfig(restCfg)
-	restCfg.QPS, restCfg.Burst = float32(cfg.qps), cfg.burst
-	cfg.restCfg = restCfg
-
-	// The non-caching client of the baseline, the checks and the desired changes.
-	k8s, err := client.New(restCfg, client.Options{Scheme: scheme})
-	if err != nil {
-		return fail("client", err)
-	}
-	for _, ns := range []string{baselineNS, devicesNS, serviceNS} {
-		if err := k8s.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}); err != nil && !apierrors.IsAlreadyExists(err) {
-			return fail("creating namespace "+ns, err)
-		}
-	}
+	defer cp.stop()
+	// k8s is the non-caching client of the baseline, the checks and the
+	// desired changes.
+	env, restCfg, k8s := cp.env, cp.restCfg, cp.k8s
 
 	// (a) Baseline, before the operator exists; its twins are deleted
 	// before the operator starts, so the operator (which watches every
@@ -215,6 +182,64 @@ func run(ctx context.Context, cfg config) (code int) {
 		code = 1
 	}
 	return code
+}
+
+// controlPlane is envtest's kube-apiserver and etcd with kubetwin's CRDs,
+// and a non-caching client: make bench and make bench-scale start it alike.
+type controlPlane struct {
+	env *envtest.Environment
+	// restCfg has cfg's client QPS and burst.
+	restCfg *rest.Config
+	k8s     client.Client
+}
+
+// startControlPlane registers the API types, sends the operator's log
+// (controller-runtime's logger) to opLog, starts the control plane, sets
+// cfg.restCfg and creates namespaces.
+func startControlPlane(ctx context.Context, cfg *config, opLog *lineLog, namespaces ...string) (*controlPlane, error) {
+	if err := clientgoscheme.AddToScheme(scheme); err != nil {
+		return nil, fmt.Errorf("scheme: %w", err)
+	}
+	if err := v1alpha1.AddToScheme(scheme); err != nil {
+		return nil, fmt.Errorf("scheme: %w", err)
+	}
+	level := zapcore.Level(-cfg.operatorVerbosity)
+	if cfg.operatorVerbosity == 0 {
+		level = zapcore.ErrorLevel
+	}
+	ctrl.SetLogger(zap.New(zap.WriteTo(opLog), zap.Level(level), zap.StacktraceLevel(zapcore.PanicLevel)))
+
+	crdDir, err := findCRDs()
+	if err != nil {
+		return nil, err
+	}
+	progress("starting the control plane (envtest kube-apiserver + etcd from %s)", os.Getenv("KUBEBUILDER_ASSETS"))
+	cp := &controlPlane{env: &envtest.Environment{CRDDirectoryPaths: []string{crdDir}, ErrorIfCRDPathMissing: true}}
+	restCfg, err := cp.env.Start()
+	if err != nil {
+		return nil, fmt.Errorf("starting envtest: %w", err)
+	}
+	cp.restCfg = rest.CopyConfig(restCfg)
+	cp.restCfg.QPS, cp.restCfg.Burst = float32(cfg.qps), cfg.burst
+	cfg.restCfg = cp.restCfg
+	if cp.k8s, err = client.New(cp.restCfg, client.Options{Scheme: scheme}); err != nil {
+		cp.stop()
+		return nil, fmt.Errorf("client: %w", err)
+	}
+	for _, ns := range namespaces {
+		if err := cp.k8s.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}); err != nil && !apierrors.IsAlreadyExists(err) {
+			cp.stop()
+			return nil, fmt.Errorf("creating namespace %s: %w", ns, err)
+		}
+	}
+	return cp, nil
+}
+
+func (c *controlPlane) stop() {
+	progress("stopping the control plane")
+	if err := c.env.Stop(); err != nil {
+		progress("stopping envtest: %v", err)
+	}
 }
 
 func fail(what string, err error) int {
@@ -445,6 +470,8 @@ func startOperator(ctx context.Context, restCfg *rest.Config, cfg config) (*oper
 		Scheme:                 scheme,
 		Metrics:                metricsserver.Options{BindAddress: "0"},
 		HealthProbeBindAddress: "0",
+		// bench-scale starts the operator again in this process (restart).
+		Controller: ctrlconfig.Controller{SkipNameValidation: ptr.To(true)},
 	})
 	if err != nil {
 		return nil, fmt.Errorf("manager: %w", err)

@@ -10,6 +10,10 @@ package main
 //     id claimed -> no status write for --scale-quiet, counting the API
 //     server's writes (apiserver_request_total) and the operator's status
 //     writes meanwhile;
+//  2b. (--scale-restart) stops the operator and starts it again, and times
+//     start -> cache synced -> every twin reconciled, counting the
+//     reconciles and the API server's writes meanwhile (nothing changed, so
+//     there should be none);
 //  3. times `kubectl twin query` (a process, as a user runs it) and the
 //     service API for a selective tag query and a residual query that has
 //     to look at every twin, and the service API's full query in pages;
@@ -19,8 +23,11 @@ package main
 //     report -> 204 p50/p99 and the CPU each process used.
 //
 // It samples RSS (kube-apiserver, etcd, this process) and etcd's database
-// size after steps 1, 2 and 4, and stops early (exit 2) when the machine's
-// available memory falls under --scale-min-available, before it swaps.
+// size after steps 1, 2, 2b and 4 (and, with --scale-profile, writes the
+// operator's heap profile after 2 and 2b and a CPU profile of 2b), and
+// stops early (exit 2)
+// when the machine's available memory falls under --scale-min-available,
+// before it swaps.
 
 import (
 	"bufio"
@@ -33,23 +40,19 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"runtime/debug"
 	"slices"
 	"strconv"
 	"strings"
 	"sync/atomic"
 	"time"
 
-	"go.uber.org/zap/zapcore"
-	corev1 "k8s.io/api/core/v1"
 	apiextensionsv1 "k8s.io/apiextensions-apiserver/pkg/apis/apiextensions/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	"k8s.io/client-go/rest"
-	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/envtest"
-	"sigs.k8s.io/controller-runtime/pkg/log/zap"
 
 	"github.com/kubetwin/kubetwin/api/v1alpha1"
 	kubetwin "github.com/kubetwin/kubetwin/internal/operator"
@@ -73,6 +76,8 @@ type scaleConfig struct {
 	queryReps      int
 	fullQuery      bool
 	minAvailMiB    int
+	restart        bool
+	profile        string
 }
 
 func addScaleFlags(fs interface {
@@ -80,6 +85,7 @@ func addScaleFlags(fs interface {
 	Float64Var(*float64, string, float64, string)
 	DurationVar(*time.Duration, string, time.Duration, string)
 	BoolVar(*bool, string, bool, string)
+	StringVar(*string, string, string, string)
 }, s *scaleConfig) {
 	fs.IntVar(&s.twins, "scale", 0, "scale mode (make bench-scale): a fleet of this many twins instead of the phases above (0: off)")
 	fs.IntVar(&s.createParallel, "scale-create-parallel", 64, "scale: twins created at a time")
@@ -92,6 +98,8 @@ func addScaleFlags(fs interface {
 	fs.IntVar(&s.queryReps, "scale-query-reps", 3, "scale: timed runs of each query (after one warm-up of the selective ones)")
 	fs.BoolVar(&s.fullQuery, "scale-full-query", false, "scale: also time the service API's SELECT * over the whole fleet in pages of 100 (each page costs about a scan of the fleet: 96s at 30,000 twins)")
 	fs.IntVar(&s.minAvailMiB, "scale-min-available", 2048, "scale: stop the run when the machine's MemAvailable falls under this many MiB")
+	fs.BoolVar(&s.restart, "scale-restart", true, "scale: once the operator has settled, stop it and start it again, timing start -> every twin reconciled and counting the API writes")
+	fs.StringVar(&s.profile, "scale-profile", "", "scale: write the operator's heap profile (after a GC) once settled and once restarted, and a CPU profile of this process during the restart, to PREFIX.heap-settled.pprof, PREFIX.heap-restarted.pprof and PREFIX.cpu-restart.pprof")
 }
 
 // memSample is the RSS of the processes that matter and etcd's database.
@@ -124,6 +132,9 @@ type scaleResults struct {
 	StartWriteErr int64       `json:"operator_start_status_write_errors"`
 	StartAPI      apiWrites   `json:"operator_start_api_writes"`
 	StartCPU      string      `json:"operator_start_cpu"`
+	StartRecs     float64     `json:"operator_start_reconciles"`
+	// Restart (--scale-restart).
+	Restart restartResults `json:"restart"`
 	// Queries (ms): median of the reps.
 	Selective          string  `json:"query_selective"`
 	Residual           string  `json:"query_residual"`
@@ -166,45 +177,17 @@ type scaleResults struct {
 // runScale is the scale mode; it returns the exit code.
 func runScale(ctx context.Context, cfg config, sc scaleConfig) int {
 	res := &scaleResults{Date: time.Now().UTC().Format("2006-01-02"), Cores: runtime.NumCPU(), Twins: sc.twins, MemTotalGiB: memTotalGiB()}
-	if err := clientgoscheme.AddToScheme(scheme); err != nil {
-		return fail("scheme", err)
-	}
-	if err := v1alpha1.AddToScheme(scheme); err != nil {
-		return fail("scheme", err)
-	}
 	opLog := &lineLog{prefix: "[operator] ", limit: int64(cfg.operatorLogLimit), out: os.Stderr}
-	ctrl.SetLogger(zap.New(zap.WriteTo(opLog), zap.Level(zapcore.ErrorLevel), zap.StacktraceLevel(zapcore.PanicLevel)))
-
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 	go memoryGuard(ctx, cancel, sc.minAvailMiB)
 
-	crdDir, err := findCRDs()
+	cp, err := startControlPlane(ctx, &cfg, opLog, scaleNS)
 	if err != nil {
-		return fail("finding the CRDs", err)
+		return fail("starting the control plane", err)
 	}
-	progress("scale: starting the control plane")
-	env := &envtest.Environment{CRDDirectoryPaths: []string{crdDir}, ErrorIfCRDPathMissing: true}
-	restCfg, err := env.Start()
-	if err != nil {
-		return fail("starting envtest", err)
-	}
-	defer func() {
-		progress("stopping the control plane")
-		if err := env.Stop(); err != nil {
-			progress("stopping envtest: %v", err)
-		}
-	}()
-	restCfg = rest.CopyConfig(restCfg)
-	restCfg.QPS, restCfg.Burst = float32(cfg.qps), cfg.burst
-	cfg.restCfg = restCfg
-	k8s, err := client.New(restCfg, client.Options{Scheme: scheme})
-	if err != nil {
-		return fail("client", err)
-	}
-	if err := k8s.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: scaleNS}}); err != nil && !apierrors.IsAlreadyExists(err) {
-		return fail("creating namespace "+scaleNS, err)
-	}
+	defer cp.stop()
+	env, restCfg, k8s := cp.env, cp.restCfg, cp.k8s
 	failed := func(what string, err error) int {
 		if c := context.Cause(ctx); c != nil && !errors.Is(c, context.Canceled) {
 			err = c
@@ -238,6 +221,7 @@ func runScale(ctx context.Context, cfg config, sc scaleConfig) int {
 		return failed("reading the API server's metrics", err)
 	}
 	w0, e0 := statusWrites()
+	r0 := devicetwinReconciles()
 	c0 = sampleCPU()
 	opStart := time.Now()
 	op, err := startOperator(ctx, restCfg, cfg)
@@ -270,8 +254,25 @@ func runScale(ctx context.Context, cfg config, sc scaleConfig) int {
 		return failed("reading the API server's metrics", err)
 	}
 	res.StartAPI = api1.minus(api0)
-	progress("scale: operator start-up: %d status writes (%d failed); API server writes: %s", res.StartWrites, res.StartWriteErr, res.StartAPI)
+	res.StartRecs = devicetwinReconciles().total - r0.total
+	progress("scale: operator start-up: %d status writes (%d failed), %.0f reconciles; API server writes: %s", res.StartWrites, res.StartWriteErr, res.StartRecs, res.StartAPI)
 	sample("operator settled")
+	writeHeapProfile(sc.profile, "settled")
+
+	// 2b. The operator's restart: with nothing changed, it should write
+	// nothing, only read.
+	if sc.restart && claimed >= sc.twins {
+		op.stop()
+		if op, err = restartOperator(ctx, restCfg, cfg, sc, &res.Restart); err != nil {
+			return failed("restarting the operator", err)
+		}
+		defer op.stop()
+		// The stopped operator's heap is garbage now: return it to the
+		// system, so the RSS is the running operator's.
+		debug.FreeOSMemory()
+		sample("operator restarted")
+		writeHeapProfile(sc.profile, "restarted")
+	}
 
 	// 3. Queries.
 	if err := runScaleQueries(ctx, env, op.service, cfg, sc, res); err != nil {
@@ -602,7 +603,21 @@ func printScale(r *scaleResults) {
 	}
 	row("start-up status writes (operator)", fmt.Sprintf("%d (%d failed)", r.StartWrites, r.StartWriteErr))
 	row("start-up API server writes", r.StartAPI.String())
+	row("start-up reconciles", fmt.Sprintf("%.0f", r.StartRecs))
 	row("  CPU cores meanwhile", r.StartCPU)
+	if rs := r.Restart; rs.CacheSyncSec > 0 {
+		line()
+		row("restart -> cache synced", fmt.Sprintf("%.1fs", rs.CacheSyncSec))
+		if rs.Reached {
+			row("restart -> every twin reconciled", fmt.Sprintf("%.1fs", rs.ReconciledSec))
+		} else {
+			row("restart -> every twin reconciled", "not reached (--scale-settle-timeout)")
+		}
+		row("restart reconciles", fmt.Sprintf("%.0f (%.0f/s after the sync, mean %.2f ms, %.0f errors)", rs.Reconciles, rs.PerSec, rs.MeanMs, rs.ReconcileErrs))
+		row("restart status writes (operator)", strconv.FormatInt(rs.StatusWrites, 10))
+		row("restart API server writes", rs.API.String())
+		row("  CPU cores meanwhile", rs.CPU)
+	}
 	line()
 	row(fmt.Sprintf("selective query (%d expected)", r.SelectiveExpected), r.Selective[len("SELECT * FROM devices WHERE "):])
 	row("  kubectl twin query -o json", fmt.Sprintf("%.0f ms (%d twins)", r.PluginSelectiveMs, r.PluginSelectiveN))
@@ -725,35 +740,16 @@ func promLabels(l string) map[string]string {
 // database size from its metrics.
 func sampleMem(env *envtest.Environment, at string) memSample {
 	m := memSample{At: at}
-	self := os.Getpid()
-	m.OperatorMiB = rssMiB(self)
+	m.OperatorMiB = rssMiB(os.Getpid())
+	// The heap that is live, not what awaits collection.
+	runtime.GC()
 	var ms runtime.MemStats
 	runtime.ReadMemStats(&ms)
 	m.OperatorHeapMiB = float64(ms.HeapInuse) / (1 << 20)
 	if pid := int(devicePID.Load()); pid > 0 {
 		m.DevicesMiB = rssMiB(pid)
 	}
-	dirs, _ := filepath.Glob("/proc/[0-9]*")
-	for _, d := range dirs {
-		pid, err := strconv.Atoi(filepath.Base(d))
-		if err != nil || pid == self {
-			continue
-		}
-		raw, err := os.ReadFile(filepath.Join(d, "stat"))
-		if err != nil {
-			continue
-		}
-		comm, ppid, _, ok := parseStat(string(raw))
-		if !ok || ppid != self {
-			continue
-		}
-		switch comm {
-		case "kube-apiserver":
-			m.APIServerMiB += rssMiB(pid)
-		case "etcd":
-			m.EtcdMiB += rssMiB(pid)
-		}
-	}
+	m.APIServerMiB, m.EtcdMiB = childRSS("kube-apiserver"), childRSS("etcd")
 	if env.ControlPlane.Etcd != nil && env.ControlPlane.Etcd.URL != nil {
 		m.EtcdDBMiB, m.EtcdDBInUseMiB = etcdDBSize(env.ControlPlane.Etcd.URL.String())
 	}
@@ -822,17 +818,12 @@ func memoryGuard(ctx context.Context, cancel context.CancelCauseFunc, minMiB int
 	}
 }
 
+// childRSS is the RSS of this process's children named comm, in MiB.
 func childRSS(comm string) float64 {
-	dirs, _ := filepath.Glob("/proc/[0-9]*")
 	total := 0.0
-	for _, d := range dirs {
-		raw, err := os.ReadFile(filepath.Join(d, "stat"))
-		if err != nil {
-			continue
-		}
-		if c, ppid, _, ok := parseStat(string(raw)); ok && c == comm && ppid == os.Getpid() {
-			pid, _ := strconv.Atoi(filepath.Base(d))
-			total += rssMiB(pid)
+	for _, c := range childProcs() {
+		if c.comm == comm {
+			total += rssMiB(c.pid)
 		}
 	}
 	return total
