@@ -12,6 +12,8 @@
 //	GET    /devices/{id}      the device identity, with its keys
 //	GET    /devices/          every device of the namespace (at most MaxListDevices)
 //	DELETE /devices/{id}      delete the device and its twin
+//	PUT, GET, DELETE /configurations/{id}, GET /configurations, POST /configurations/testQueries,
+//	POST /devices/{id}/applyConfigurationContent   fleet configurations (TwinConfigurations, see configurations.go)
 //
 // Every path takes ?api-version=...; the value is not checked, so SDKs of
 // other API versions work as long as the shapes they use are the same.
