@@ -336,6 +336,13 @@ func (h *Handler) route(r *http.Request) (*operation, handlerFunc, string, *apiE
 		return opUnknown, nil, "", notAllowed("GET")
 	case is(0, "devices") && is(1, "query") && len(segs) == 2 && r.Method == http.MethodPost:
 		return opQuery, h.query, "", nil
+	case is(0, "configurations"):
+		return h.routeConfigurations(r, segs)
+	case is(0, "devices") && len(segs) == 3 && is(2, "applyConfigurationContent"):
+		if r.Method == http.MethodPost {
+			return opApplyConfigurationContent, h.applyConfigurationContent, segs[1], nil
+		}
+		return opUnknown, nil, "", notAllowed("POST")
 	case is(0, "devices") && len(segs) == 2:
 		switch r.Method {
 		case http.MethodGet:
