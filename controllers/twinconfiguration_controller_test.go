@@ -3,6 +3,7 @@ package controllers_test
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"strings"
 	"testing"
 
@@ -13,6 +14,7 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/metrics"
 
 	"github.com/kubetwin/kubetwin/api/v1alpha1"
 	"github.com/kubetwin/kubetwin/controllers"
@@ -273,4 +275,176 @@ func TestConfigurationManifestWins(t *testing.T) {
 	}, wait, tick).Should(Succeed())
 }
 
-var _ = intstr.FromInt32
+// TestConfigurationRollout: a staged rollout gives the content to
+// maxInFlight twins at a time, in name order, and to the next ones as
+// devices report it back; it halts while its health metric is over the
+// threshold (Stalled, RolloutHalted), goes on when it comes back, and
+// stops while paused. Metric counts and inSyncCount follow the reports.
+func TestConfigurationRollout(t *testing.T) {
+	g := NewWithT(t)
+	ctx := context.Background()
+	ns := newNamespace(t)
+	names := []string{"r1", "r2", "r3", "r4"}
+	devs := map[string]interface {
+		Report(context.Context, map[string]any) (int64, error)
+	}{}
+	for _, n := range names {
+		createTwin(t, ns, n, ns+"-"+n, `{"fleet":"x"}`, "")
+		waitObserved(t, ns, n)
+		devs[n] = connect(t, ns+"-"+n, nil)
+	}
+	createConfig(t, ns, "fw", 0, "tags.fleet = 'x'", `{"firmware":{"version":"2.0"}}`, func(c *v1alpha1.TwinConfiguration) {
+		c.Spec.Metrics = []v1alpha1.ConfigurationMetric{{Name: "failed",
+			Query: "SELECT deviceId FROM devices WHERE properties.reported.firmware.status = 'failed'"}}
+		c.Spec.Rollout = &v1alpha1.RolloutSpec{MaxInFlight: intstr.FromInt32(1), HealthMetric: "failed"}
+	})
+	report := func(n, status string) {
+		t.Helper()
+		fw := map[string]any{"version": "2.0"}
+		if status != "" {
+			fw["status"] = status
+		}
+		if _, err := devs[n].Report(ctx, map[string]any{"firmware": fw}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// expect waits for the status of a pass that saw the first `have`
+	// twins with the content, the others without, and checks the twins.
+	expect := func(have int, reason string, inSync, failed int32) {
+		t.Helper()
+		g.Eventually(func(g Gomega) {
+			c := getConfig(g, ns, "fw")
+			g.Expect(c.Status.TargetedCount).To(BeEquivalentTo(4))
+			g.Expect(c.Status.AppliedCount).To(BeEquivalentTo(have))
+			g.Expect(c.Status.InSyncCount).To(Equal(inSync))
+			g.Expect(c.Status.Metrics).To(Equal([]v1alpha1.ConfigurationMetricResult{{Name: "failed", Count: failed}}))
+			g.Expect(configCond(c, v1alpha1.ConfigConditionProgressing).Reason).To(Equal(reason))
+			for i, n := range names {
+				tw := getTwin(g, ns, n)
+				if i < have {
+					g.Expect(desiredJSON(tw)).To(Equal(`{"firmware":{"version":"2.0"}}`), n)
+					g.Expect(tw.Labels).To(HaveKeyWithValue(label("fw"), v1alpha1.ConfigurationApplied), n)
+				} else {
+					g.Expect(desiredJSON(tw)).To(Equal(`{}`), n)
+					g.Expect(tw.Labels).To(HaveKeyWithValue(label("fw"), v1alpha1.ConfigurationTargeted), n)
+				}
+			}
+		}, wait, tick).Should(Succeed())
+	}
+	expect(1, v1alpha1.ReasonWaitingForDevices, 0, 0)
+
+	report("r1", "")
+	expect(2, v1alpha1.ReasonWaitingForDevices, 1, 0)
+
+	// r2 reports the version, and that it failed: the rollout halts.
+	report("r2", "failed")
+	expect(2, v1alpha1.ReasonRolloutHalted, 2, 1)
+	c := getConfig(g, ns, "fw")
+	g.Expect(configCond(c, v1alpha1.ConfigConditionProgressing).Status).To(Equal(metav1.ConditionFalse))
+	g.Expect(configCond(c, v1alpha1.ConditionStalled).Status).To(Equal(metav1.ConditionTrue))
+	g.Expect(configCond(c, v1alpha1.ConditionReady).Status).To(Equal(metav1.ConditionFalse))
+	g.Expect(configCond(c, v1alpha1.ConditionStalled).ObservedGeneration).To(Equal(c.Generation))
+
+	// It recovers: the rollout goes on.
+	report("r2", "ok")
+	expect(3, v1alpha1.ReasonWaitingForDevices, 2, 0)
+
+	// Paused: r3 in sync lets nobody else in.
+	patchConfig(t, ns, "fw", `{"spec":{"rollout":{"paused":true}}}`)
+	g.Eventually(func(g Gomega) {
+		c := getConfig(g, ns, "fw")
+		g.Expect(c.Status.ObservedGeneration).To(Equal(c.Generation))
+	}, wait, tick).Should(Succeed())
+	report("r3", "")
+	expect(3, v1alpha1.ReasonRolloutPaused, 3, 0)
+	g.Expect(meta.FindStatusCondition(getConfig(g, ns, "fw").Status.Conditions, v1alpha1.ConditionStalled)).To(BeNil())
+
+	patchConfig(t, ns, "fw", `{"spec":{"rollout":{"paused":false}}}`)
+	expect(4, v1alpha1.ReasonWaitingForDevices, 3, 0)
+	report("r4", "")
+	expect(4, v1alpha1.ReasonApplied, 4, 0)
+	g.Expect(configCond(getConfig(g, ns, "fw"), v1alpha1.ConditionReady).Status).To(Equal(metav1.ConditionTrue))
+}
+
+// counterValue reads a counter of the operator's registry (the suite's
+// manager runs in this process).
+func counterValue(t *testing.T, name string, labels map[string]string) float64 {
+	t.Helper()
+	families, err := metrics.Registry.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	sum := 0.0
+	for _, f := range families {
+		if f.GetName() != name {
+			continue
+		}
+	metric:
+		for _, m := range f.GetMetric() {
+			for _, l := range m.GetLabel() {
+				if want, ok := labels[l.GetName()]; ok && want != l.GetValue() {
+					continue metric
+				}
+			}
+			sum += m.GetCounter().GetValue()
+		}
+	}
+	return sum
+}
+
+// TestConfigurationNoWriteWhenNothingChanges: planning every twin again
+// (a new generation of the configuration wakes all of them) sends no apply
+// and writes no twin when their share is already right.
+func TestConfigurationNoWriteWhenNothingChanges(t *testing.T) {
+	g := NewWithT(t)
+	ctx := context.Background()
+	ns := newNamespace(t)
+	const n = 5
+	for i := range n {
+		createTwin(t, ns, fmt.Sprintf("t%d", i), fmt.Sprintf("%s-t%d", ns, i), "", `{"own":1}`)
+	}
+	createConfig(t, ns, "hi", 2, "*", `{"a":1,"b":{"c":"x"}}`)
+	createConfig(t, ns, "lo", 1, "*", `{"a":2,"d":true}`)
+	g.Eventually(func(g Gomega) {
+		for i := range n {
+			g.Expect(desiredJSON(getTwin(g, ns, fmt.Sprintf("t%d", i)))).To(Equal(`{"a":1,"b":{"c":"x"},"d":true,"own":1}`))
+		}
+		for _, name := range []string{"hi", "lo"} {
+			c := getConfig(g, ns, name)
+			g.Expect(configCond(c, v1alpha1.ConditionReady).Reason).To(Equal(v1alpha1.ReasonWaitingForDevices))
+			g.Expect(c.Status.AppliedCount).To(BeEquivalentTo(n))
+		}
+	}, wait, tick).Should(Succeed())
+
+	var list v1alpha1.DeviceTwinList
+	g.Expect(k8s.List(ctx, &list, client.InNamespace(ns))).To(Succeed())
+	w, err := k8s.Watch(ctx, &v1alpha1.DeviceTwinList{}, client.InNamespace(ns), &client.ListOptions{Raw: &metav1.ListOptions{ResourceVersion: list.ResourceVersion}})
+	g.Expect(err).NotTo(HaveOccurred())
+	defer w.Stop()
+	applies := counterValue(t, "kubetwin_configuration_applies_total", nil)
+	reconciles := counterValue(t, "controller_runtime_reconcile_total", map[string]string{"controller": "twinconfiguration-apply"})
+
+	// One new generation wakes every twin it targets; each twin's plan
+	// covers both configurations.
+	patchConfig(t, ns, "lo", `{"spec":{"metrics":[{"name":"all","query":"SELECT deviceId FROM devices"}]}}`)
+	g.Eventually(func(g Gomega) {
+		c := getConfig(g, ns, "lo")
+		g.Expect(c.Status.ObservedGeneration).To(Equal(c.Generation))
+		g.Expect(c.Status.Metrics).To(Equal([]v1alpha1.ConfigurationMetricResult{{Name: "all", Count: n}}))
+		got := counterValue(t, "controller_runtime_reconcile_total", map[string]string{"controller": "twinconfiguration-apply"})
+		g.Expect(got - reconciles).To(BeNumerically(">=", n))
+	}, wait, tick).Should(Succeed())
+	g.Expect(counterValue(t, "kubetwin_configuration_applies_total", nil) - applies).To(BeZero())
+	for {
+		select {
+		case e := <-w.ResultChan():
+			tw, _ := e.Object.(*v1alpha1.DeviceTwin)
+			if tw != nil {
+				t.Errorf("twin %s written (%s) though nothing changed", tw.Name, e.Type)
+			}
+			continue
+		default:
+		}
+		break
+	}
+}
