@@ -56,6 +56,9 @@ type options struct {
 	leaderElect            bool
 	namespace              string
 	workers                int
+	// configApplies and configAppliesPerSecond bound the TwinConfiguration applier.
+	configApplies          int
+	configAppliesPerSecond float64
 	// pending bounds the device messages waiting to be stored.
 	pending operator.BridgeOptions
 	// claimsNS is --claims-namespace (see claimsNamespace).
@@ -123,6 +126,10 @@ func main() {
 	flag.StringVar(&o.claimsNS, "claims-namespace", "",
 		"Namespace of the DeviceIDClaims that make each device id unique to one DeviceTwin (default: $POD_NAMESPACE, else \"default\"). Tenants need no rights there.")
 	flag.IntVar(&o.workers, "max-concurrent-reconciles", 32, "Parallel DeviceTwin reconciles (and so status writes in flight).")
+	flag.IntVar(&o.configApplies, "max-configuration-applies", controllers.DefaultMaxConfigurationApplies,
+		"TwinConfiguration applies to twins in flight at once (the applier's workers, apart from the DeviceTwin reconciler's).")
+	flag.Float64Var(&o.configAppliesPerSecond, "configuration-applies-per-second", controllers.DefaultConfigurationAppliesPerSecond,
+		"Steady rate of TwinConfiguration applies to twins, all configurations together.")
 	flag.IntVar(&o.pending.MaxPendingReports, "max-pending-reports", bridge.DefaultMaxPendingReports,
 		"Messages of one device (reports, plus its latest presence and ack) waiting to be stored; a report beyond it is answered 429.")
 	flag.IntVar(&o.pending.MaxPendingReportBytes, "max-pending-report-bytes", bridge.DefaultMaxPendingReportBytes,
@@ -200,6 +207,7 @@ func run(ctx context.Context, o options) error {
 	}
 	if err := operator.AddReconciler(ctx, mgr, br, operator.ReconcilerOptions{
 		Workers: o.workers, Credentials: creds, ClaimsNamespace: o.claimsNamespace(),
+		ConfigurationApplies: o.configApplies, ConfigurationAppliesPerSecond: o.configAppliesPerSecond,
 	}); err != nil {
 		return err
 	}
