@@ -211,15 +211,16 @@ configurations.
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["create", "get", "list", "update", "watch"]
-# Twins; create and delete for the service API's device registry.
+# Twins and fleet configurations; create and delete for the service API's device registry and configurations
+# REST. The configurations' content reaches twins by server-side apply (patch).
 - apiGroups: ["kubetwin.io"]
-  resources: ["devicetwins"]
+  resources: ["devicetwins", "twinconfigurations"]
   verbs: ["create", "delete", "get", "list", "patch", "update", "watch"]
 - apiGroups: ["kubetwin.io"]
-  resources: ["devicetwins/finalizers"]
+  resources: ["devicetwins/finalizers", "twinconfigurations/finalizers"]
   verbs: ["update"]
 - apiGroups: ["kubetwin.io"]
-  resources: ["devicetwins/status"]
+  resources: ["devicetwins/status", "twinconfigurations/status"]
   verbs: ["get", "patch", "update"]
 {{- end }}
 
