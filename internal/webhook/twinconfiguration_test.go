@@ -29,7 +29,7 @@ func TestValidateConfiguration(t *testing.T) {
 		mutate func(*v1alpha1.TwinConfiguration)
 		want   string // "" for valid
 	}{
-		"valid": {func(*v1alpha1.TwinConfiguration) {}, ""},
+		"valid":      {func(*v1alpha1.TwinConfiguration) {}, ""},
 		"every twin": {func(c *v1alpha1.TwinConfiguration) { c.Spec.TargetCondition = "*" }, ""},
 		"condition error at its own column": {func(c *v1alpha1.TwinConfiguration) {
 			c.Spec.TargetCondition = "tags.a = = 'x'"
