@@ -4,6 +4,12 @@
 --              state (InSync False with reason DesiredNotSeen or Converging, also while the device is offline).
 -- Degraded:    the operator refused the spec (InSync False, reason InvalidDesired), or another DeviceTwin owns
 --              the device id (Connected False, reason DuplicateDeviceID): Git must change, waiting will not help.
+-- The same script is the check for kubetwin.io/TwinConfiguration (resource.customizations.health.kubetwin.io_TwinConfiguration):
+-- Healthy:     Ready True: every targeted twin the configuration wins has its content and reports it back.
+-- Progressing: not yet seen by the operator, content being applied, or devices yet to report it (Ready False).
+-- Suspended:   the staged rollout is paused (Progressing False, reason RolloutPaused).
+-- Degraded:    Stalled True: the configuration is invalid (InvalidConfiguration) or its rollout halted on its
+--              health metric (RolloutHalted).
 -- Argo CD runs this without Lua's string library (only base and table), so it uses .. and tostring only.
 local hs = {}
 
@@ -27,6 +33,44 @@ local function text(c)
 end
 
 local generation = tonumber(obj.metadata.generation) or 0
+
+if obj.kind == "TwinConfiguration" then
+  local observedConfig = 0
+  if obj.status ~= nil and obj.status.observedGeneration ~= nil then
+    observedConfig = tonumber(obj.status.observedGeneration) or 0
+  end
+  if observedConfig < generation or observedConfig == 0 then
+    hs.status = "Progressing"
+    hs.message = "Waiting for the kubetwin operator to see generation " .. tostring(generation) .. " of the configuration"
+    return hs
+  end
+  local stalled = condition("Stalled")
+  if stalled ~= nil and stalled.status == "True" then
+    hs.status = "Degraded"
+    hs.message = text(stalled)
+    return hs
+  end
+  local ready = condition("Ready")
+  if ready ~= nil and ready.status == "True" then
+    hs.status = "Healthy"
+    hs.message = text(ready)
+    return hs
+  end
+  local progressing = condition("Progressing")
+  if progressing ~= nil and progressing.reason == "RolloutPaused" then
+    hs.status = "Suspended"
+    hs.message = text(progressing)
+    return hs
+  end
+  hs.status = "Progressing"
+  if ready ~= nil then
+    hs.message = text(ready)
+  else
+    hs.message = "Waiting for the Ready condition"
+  end
+  return hs
+end
+
 if obj.status == nil or obj.status.observedGeneration == nil then
   hs.status = "Progressing"
   hs.message = "Waiting for the kubetwin operator to see the twin"
