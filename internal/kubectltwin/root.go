@@ -87,6 +87,9 @@ const rootExample = `  # Devices in a plant (tags are mirrored into labels, so t
   # A service connection string for back ends using an Azure IoT service SDK
   kubectl twin service-connection-string -n kubetwin-system --policy service
 
+  # Follow a TwinConfiguration's rollout to its devices
+  kubectl twin rollout status telemetry-30s --timeout 5m
+
   # What is sent to the API server and what is filtered here
   kubectl twin explain-query "SELECT * FROM devices WHERE tags.location.region = 'US' AND connectionState = 'Connected'"`
 
@@ -129,6 +132,7 @@ func NewCommand(streams genericiooptions.IOStreams) *cobra.Command {
 		newConnectionStringCommand(o),
 		newServiceConnectionStringCommand(o),
 		newExplainCommand(o),
+		newRolloutCommand(o),
 		newVersionCommand(o),
 		newOptionsCommand(root),
 	)
