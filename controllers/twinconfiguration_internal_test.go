@@ -1,0 +1,161 @@
+package controllers
+
+import (
+	"encoding/json"
+	"strings"
+	"testing"
+	"time"
+
+	apiextensionsv1 "k8s.io/apiextensions-apiserver/pkg/apis/apiextensions/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+
+	"github.com/kubetwin/kubetwin/api/v1alpha1"
+)
+
+func testConfig(name string, priority int32, created time.Time, target, desired string) *compiled {
+	c := &v1alpha1.TwinConfiguration{ObjectMeta: metav1.ObjectMeta{
+		Name: name, UID: types.UID(name), Generation: 1, CreationTimestamp: metav1.NewTime(created),
+	}}
+	c.Spec.Priority = priority
+	c.Spec.TargetCondition = target
+	c.Spec.Content.Desired = &apiextensionsv1.JSON{Raw: []byte(desired)}
+	return compileConfiguration(c)
+}
+
+func testTwin(tags, desired string, managed map[string]string) *v1alpha1.DeviceTwin {
+	t := &v1alpha1.DeviceTwin{ObjectMeta: metav1.ObjectMeta{Name: "tw", Namespace: "ns", UID: "tw", ResourceVersion: "1"}}
+	if tags != "" {
+		t.Spec.Tags = &apiextensionsv1.JSON{Raw: []byte(tags)}
+	}
+	if desired != "" {
+		t.Spec.Desired = &apiextensionsv1.JSON{Raw: []byte(desired)}
+	}
+	for m, fields := range managed {
+		t.ManagedFields = append(t.ManagedFields, metav1.ManagedFieldsEntry{
+			Manager: m, Operation: metav1.ManagedFieldsOperationApply, FieldsV1: &metav1.FieldsV1{Raw: []byte(fields)},
+		})
+	}
+	return t
+}
+
+func allAdmitted(*compiled, *v1alpha1.DeviceTwin) bool { return true }
+
+// wonPaths renders a plan as manager: label path=value,...
+func wonPaths(plan []twinApply) map[string]string {
+	out := map[string]string{}
+	for _, a := range plan {
+		var parts []string
+		for _, l := range a.won {
+			v, _ := json.Marshal(l.value)
+			parts = append(parts, strings.Join(l.segs, ".")+"="+string(v))
+		}
+		out[strings.TrimPrefix(a.manager, ConfigurationManagerPrefix)] = a.label + " " + strings.Join(parts, ",")
+	}
+	return out
+}
+
+func TestPlanTwin(t *testing.T) {
+	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	for name, tc := range map[string]struct {
+		cfgs []*compiled
+		twin *v1alpha1.DeviceTwin
+		want map[string]string
+	}{
+		"higher priority wins the path": {
+			cfgs: []*compiled{
+				testConfig("lo", 1, t0.Add(time.Hour), "*", `{"a":1,"b":1}`),
+				testConfig("hi", 2, t0, "*", `{"a":2}`),
+			},
+			twin: testTwin("", "", nil),
+			want: map[string]string{"lo": "Applied b=1", "hi": "Applied a=2"},
+		},
+		"tie: the newest wins": {
+			cfgs: []*compiled{
+				testConfig("old", 1, t0, "*", `{"a":1}`),
+				testConfig("new", 1, t0.Add(time.Second), "*", `{"a":2}`),
+			},
+			twin: testTwin("", "", nil),
+			want: map[string]string{"old": "Targeted ", "new": "Applied a=2"},
+		},
+		"tie at the same second: the name first in order wins": {
+			cfgs: []*compiled{
+				testConfig("b", 1, t0, "*", `{"a":1}`),
+				testConfig("a", 1, t0, "*", `{"a":2}`),
+			},
+			twin: testTwin("", "", nil),
+			want: map[string]string{"b": "Targeted ", "a": "Applied a=2"},
+		},
+		"an object against a scalar: the winner's shape": {
+			cfgs: []*compiled{
+				testConfig("hi", 2, t0, "*", `{"t":{"x":1}}`),
+				testConfig("lo", 1, t0, "*", `{"t":"flat","u":true}`),
+			},
+			twin: testTwin("", "", nil),
+			want: map[string]string{"hi": "Applied t.x=1", "lo": "Applied u=true"},
+		},
+		"the manifest's paths are never taken": {
+			cfgs: []*compiled{testConfig("c", 1, t0, "*", `{"t":{"x":1,"y":2}}`)},
+			twin: testTwin("", `{"t":{"x":5}}`, map[string]string{"kubectl": `{"f:spec":{"f:desired":{"f:t":{"f:x":{}}}}}`}),
+			want: map[string]string{"c": "Applied t.y=2"},
+		},
+		"not targeted: nothing, label included": {
+			cfgs: []*compiled{testConfig("c", 1, t0, "tags.ring = 'canary'", `{"a":1}`)},
+			twin: testTwin(`{"ring":"stable"}`, "", nil),
+			want: map[string]string{"c": " "},
+		},
+		"a configuration that is gone releases everything": {
+			cfgs: nil,
+			twin: testTwin("", `{"a":1}`, map[string]string{ConfigurationManagerPrefix + "gone": `{"f:spec":{"f:desired":{"f:a":{}}}}`}),
+			want: map[string]string{"gone": " "},
+		},
+		"an invalid configuration keeps its paths from others": {
+			cfgs: []*compiled{
+				testConfig("bad", 9, t0, "tags.a = = 1", `{"a":1}`),
+				testConfig("lo", 1, t0, "*", `{"a":2,"b":2}`),
+			},
+			twin: testTwin("", `{"a":1}`, map[string]string{ConfigurationManagerPrefix + "bad": `{"f:spec":{"f:desired":{"f:a":{}}}}`}),
+			want: map[string]string{"lo": "Applied b=2"},
+		},
+	} {
+		t.Run(name, func(t *testing.T) {
+			var ec evalCache
+			tw := tc.twin
+			got := wonPaths(planTwin(tw, tc.cfgs, managedBy(tw), nil, &ec, allAdmitted))
+			if len(got) != len(tc.want) {
+				t.Fatalf("plan %v, want %v", got, tc.want)
+			}
+			for k, v := range tc.want {
+				if got[k] != v {
+					t.Errorf("%s: %q, want %q (plan %v)", k, got[k], v, got)
+				}
+			}
+		})
+	}
+}
+
+// TestSettled: an apply is needed exactly when the manager's label, paths
+// or values differ from the plan.
+func TestSettled(t *testing.T) {
+	owned := `{"f:metadata":{"f:labels":{"f:configurations.kubetwin.io/c":{}}},"f:spec":{"f:desired":{"f:t":{"f:x":{}}}}}`
+	plan := twinApply{manager: ConfigurationManagerPrefix + "c", label: v1alpha1.ConfigurationApplied,
+		won: []leaf{{segs: []string{"t", "x"}, value: json.Number("1")}}}
+	for name, tc := range map[string]struct {
+		desired, label string
+		want           bool
+	}{
+		"same":                  {`{"t":{"x":1.0}}`, "Applied", true},
+		"other value":           {`{"t":{"x":2}}`, "Applied", false},
+		"other label":           {`{"t":{"x":1}}`, "Targeted", false},
+		"path missing (edited)": {`{"t":{}}`, "Applied", false},
+	} {
+		t.Run(name, func(t *testing.T) {
+			tw := testTwin("", tc.desired, map[string]string{plan.manager: owned})
+			tw.Labels = map[string]string{"configurations.kubetwin.io/c": tc.label}
+			o := managedBy(tw)[plan.manager]
+			if got := settled(plan, o, tw, desiredDoc(tw)); got != tc.want {
+				t.Errorf("settled = %v, want %v", got, tc.want)
+			}
+		})
+	}
+}
