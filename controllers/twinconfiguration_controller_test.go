@@ -448,3 +448,49 @@ func TestConfigurationNoWriteWhenNothingChanges(t *testing.T) {
 		break
 	}
 }
+
+// TestConfigurationConflictPaths: the paths of a real server-side apply
+// conflict (what the applier falls back on when its cache is behind the
+// twin's manifest) are read back as desired paths, naming no
+// configuration's manager.
+func TestConfigurationConflictPaths(t *testing.T) {
+	g := NewWithT(t)
+	ctx := context.Background()
+	ns := newNamespace(t)
+	tw := createTwin(t, ns, "a", ns+"-a", "", `{"t":{"x":1},"y":"own"}`)
+	u := &unstructured.Unstructured{}
+	u.SetAPIVersion(v1alpha1.GroupVersion.String())
+	u.SetKind("DeviceTwin")
+	u.SetNamespace(ns)
+	u.SetName("a")
+	u.SetUID(tw.UID)
+	u.Object["spec"] = map[string]any{"desired": map[string]any{"t": map[string]any{"x": int64(2)}, "y": "cfg", "z": true}}
+	err := k8s.Apply(ctx, client.ApplyConfigurationFromUnstructured(u), client.FieldOwner(manager("probe")))
+	g.Expect(err).To(HaveOccurred())
+	paths, ours := controllers.ConflictPaths(err)
+	g.Expect(ours).To(BeFalse())
+	g.Expect(paths).To(ConsistOf([]string{"t", "x"}, []string{"y"}))
+	g.Expect(desiredJSON(getTwin(g, ns, "a"))).To(Equal(`{"t":{"x":1},"y":"own"}`))
+}
+
+// TestConfigurationInvalidReported: without the webhook (this suite has
+// none) an invalid configuration is stored; the operator reports it
+// (Stalled, InvalidConfiguration, naming the field) and changes no twin.
+func TestConfigurationInvalidReported(t *testing.T) {
+	g := NewWithT(t)
+	ns := newNamespace(t)
+	createTwin(t, ns, "a", ns+"-a", "", `{"own":1}`)
+	createConfig(t, ns, "bad", 0, "*", `{"telemetry":{"intervals":[1,2]}}`)
+	g.Eventually(func(g Gomega) {
+		c := getConfig(g, ns, "bad")
+		g.Expect(c.Status.ObservedGeneration).To(Equal(c.Generation))
+		st := configCond(c, v1alpha1.ConditionStalled)
+		g.Expect(st.Status).To(Equal(metav1.ConditionTrue))
+		g.Expect(st.Reason).To(Equal(v1alpha1.ReasonInvalidConfiguration))
+		g.Expect(st.Message).To(Equal("spec.content.desired.telemetry.intervals: arrays are not allowed in device twins"))
+		g.Expect(configCond(c, v1alpha1.ConditionReady).Status).To(Equal(metav1.ConditionFalse))
+	}, wait, tick).Should(Succeed())
+	a := getTwin(g, ns, "a")
+	g.Expect(desiredJSON(a)).To(Equal(`{"own":1}`))
+	g.Expect(a.Labels).NotTo(HaveKey(label("bad")))
+}
