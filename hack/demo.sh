@@ -207,8 +207,41 @@ up() {
 	fi
 	run kubectl get devicetwin mydeviceid -o jsonpath='desired: {.spec.desired}{"\n"}'
 
+	step "8. A fleet configuration (TwinConfiguration) moves every Redmond43 device to a new telemetry interval"
+	echo "A twin's own manifest wins over any configuration, and mydeviceid sets its interval itself (steps 1 and 6):"
+	echo "it hands the setting over to the fleet first."
+	run kubectl patch devicetwin mydeviceid --type merge -p '{"spec":{"desired":{"telemetryConfig":null}}}'
+	cat >"$state/twinconfiguration.yaml" <<'YAML'
+apiVersion: kubetwin.io/v1alpha1
+kind: TwinConfiguration
+metadata:
+  name: redmond43-telemetry
+spec:
+  targetCondition: tags.location.plant = 'Redmond43'
+  priority: 10
+  content:
+    desired:
+      telemetryConfig:
+        sendFrequencyInSecs: 15
+YAML
+	printf '$ cat twinconfiguration.yaml\n'
+	cat "$state/twinconfiguration.yaml"
+	printf '$ kubectl apply -f twinconfiguration.yaml\n'
+	kubectl apply -f "$state/twinconfiguration.yaml"
+	echo "The operator applies the content to every targeted twin (one server-side apply each, field manager"
+	echo "kubetwin-configuration-redmond43-telemetry); the rollout is done when the devices report it back:"
+	run kubectl twin rollout status redmond43-telemetry --timeout 60s
+	run kubectl get twinconfig
+	run kubectl get devicetwin mydeviceid -o jsonpath='desired: {.spec.desired}{"\n"}configuration label: {.metadata.labels.configurations\.kubetwin\.io/redmond43-telemetry}{"\n"}'
+	run kubectl get devicetwin mydeviceid --show-managed-fields -o jsonpath='{range .metadata.managedFields[*]}{.manager}{" "}{end}{"\n"}'
+	run kubectl wait --for=jsonpath='{.status.reported.telemetryConfig.sendFrequencyInSecs}'=15 devicetwin/mydeviceid --timeout=60s
+	grep '"sendFrequencyInSecs":15' "$state/device.log" | sed 's/^/  device | /'
+	by_config="SELECT deviceId FROM devices WHERE configurations.[[redmond43-telemetry]].status = 'Applied'"
+	twin_query "$by_config"
+	expect_ids "$by_config" myDeviceId
+
 	if [ -n "$service_api" ] && command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1; then
-		step "8. An unmodified Azure IoT service SDK program (Node.js, npm package azure-iothub) runs the scenario's queries over IoT Hub's REST API"
+		step "9. An unmodified Azure IoT service SDK program (Node.js, npm package azure-iothub) runs the scenario's queries over IoT Hub's REST API"
 		sdk=test/e2e/testdata/iothub
 		[ -d "$sdk/node_modules/azure-iothub" ] || (cd "$sdk" && npm ci --no-audit --no-fund --loglevel=error)
 		kubectl get configmap kubetwin-mqtt-ca -o jsonpath='{.data.ca\.crt}' >"$state/ca.crt"
@@ -219,7 +252,7 @@ up() {
 		printf '$ %s\n' "IOTHUB_CONNECTION_STRING=... NODE_EXTRA_CA_CERTS=ca.crt node $sdk/AddTagsAndQuery.js query"
 		(cd "$sdk" && IOTHUB_CONNECTION_STRING="$cs" NODE_EXTRA_CA_CERTS="$state/ca.crt" node AddTagsAndQuery.js query) | sed 's/^/  node | /'
 
-		step "9. The service SDK registers a device; the device SDK (azure-iot-device over MQTT) connects with its key and reports"
+		step "10. The service SDK registers a device; the device SDK (azure-iot-device over MQTT) connects with its key and reports"
 		printf '$ %s\n' "node $sdk/Registry.js Lab:Sensor.7 create"
 		created=$(cd "$sdk" && IOTHUB_CONNECTION_STRING="$cs" NODE_EXTRA_CA_CERTS="$state/ca.crt" node Registry.js Lab:Sensor.7 create)
 		key=${created##* }
