@@ -21,8 +21,11 @@ import (
 
 	. "github.com/onsi/gomega"
 	corev1 "k8s.io/api/core/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/rest"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/envtest"
 
@@ -104,6 +107,31 @@ func TestShards(t *testing.T) {
 			g.Expect(slices.Contains(main, "/registry/secrets/"+s.ns+"/kubetwin-service-policies")).To(BeTrue(), "main etcd: policies Secret of %s", s.ns)
 		}
 		g.Expect(withPrefix(main, "/registry/kubetwin.io/")).To(BeEmpty(), "main etcd")
+	})
+
+	t.Run("the cluster's RBAC decides who reads the twin store", func(t *testing.T) {
+		g := NewWithT(t)
+		// The twin store asks the main API server (a SubjectAccessReview)
+		// about every request it gets through it.
+		asReader := rest.CopyConfig(cfg)
+		asReader.Impersonate.UserName = "shard-a-reader"
+		rc, err := client.New(asReader, client.Options{Scheme: testScheme})
+		g.Expect(err).NotTo(HaveOccurred())
+		list := func(ns string) error { return rc.List(ctx, &v1alpha1.DeviceTwinList{}, client.InNamespace(ns)) }
+		g.Expect(apierrors.IsForbidden(list(a.ns))).To(BeTrue(), "before any grant")
+		role := &rbacv1.Role{
+			ObjectMeta: metav1.ObjectMeta{Namespace: a.ns, Name: "twin-reader"},
+			Rules:      []rbacv1.PolicyRule{{APIGroups: []string{v1alpha1.GroupVersion.Group}, Resources: []string{"devicetwins"}, Verbs: []string{"get", "list"}}},
+		}
+		rb := &rbacv1.RoleBinding{
+			ObjectMeta: metav1.ObjectMeta{Namespace: a.ns, Name: "twin-reader"},
+			RoleRef:    rbacv1.RoleRef{APIGroup: rbacv1.GroupName, Kind: "Role", Name: role.Name},
+			Subjects:   []rbacv1.Subject{{APIGroup: rbacv1.GroupName, Kind: rbacv1.UserKind, Name: "shard-a-reader"}},
+		}
+		g.Expect(c.Create(ctx, role)).To(Succeed())
+		g.Expect(c.Create(ctx, rb)).To(Succeed())
+		g.Eventually(func() error { return list(a.ns) }, wait, tick).Should(Succeed(), "after the grant in %s", a.ns)
+		g.Expect(apierrors.IsForbidden(list(b.ns))).To(BeTrue(), "in %s, not granted", b.ns)
 	})
 
 	// Each device reports through its own shard's broker; the same id in
