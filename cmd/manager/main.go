@@ -220,6 +220,9 @@ func run(ctx context.Context, o options) error {
 	if err := setupServiceAPI(ctx, mgr, o, b); err != nil {
 		return err
 	}
+	if err := setupQueryAPI(mgr, o); err != nil {
+		return err
+	}
 	log.Info("starting manager", "embeddedBroker", o.brokerURL == "", "brokerUrl", o.brokerURL, "mqttBindAddress", o.mqttListen,
 		"mqttTlsBindAddress", o.mqtt.tlsListen, "deviceAuth", o.deviceAuth, "hubHostname", o.hubHostname, "mosquittoDynsec", o.mosquittoDynsec,
 		"serviceApiBindAddress", o.service.listen)
