@@ -140,6 +140,16 @@ SCALE_ARGS ?=
 bench-scale: build ## Fleet-size benchmark (not in CI): SCALE_TWINS twins, SCALE_DEVICES connected devices; memory, start-up, queries, latency.
 	KUBEBUILDER_ASSETS="$(CONTROLPLANE)" go run ./test/bench --scale $(SCALE_TWINS) --scale-devices $(SCALE_DEVICES) $(SCALE_ARGS)
 
+# Not in CI (~2 minutes per variant and round on 2 cores): the operator's
+# write path before issue 14 against today's, side by side on one control
+# plane: distinct-twin report capacity, then report latency at 50% and 80%
+# of it. AB_VARIANTS takes --write-path values (see go run ./test/bench --help).
+AB_VARIANTS ?= old,current
+AB_ARGS ?=
+.PHONY: bench-writepath
+bench-writepath: build ## Write-path A/B (not in CI): AB_VARIANTS side by side; capacity and latency at 50%/80% of it.
+	KUBEBUILDER_ASSETS="$(CONTROLPLANE)" go run ./test/bench --ab $(AB_VARIANTS) $(AB_ARGS)
+
 ##@ Helm and image
 
 HELM ?= $(LOCALBIN)/helm

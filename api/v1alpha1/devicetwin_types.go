@@ -254,6 +254,12 @@ type TwinMetadata struct {
 
 // DeviceTwinStatus is what the device and the operator own: the reported
 // properties, versions, metadata, presence and conditions.
+//
+// It is atomic for server-side apply: the operator is its only writer, and
+// per-field ownership made the operator's managedFields entry list every
+// status field (every reported leaf and its $metadata too), which the API
+// server stores, decodes, compares and encodes again on every status write.
+// +structType=atomic
 type DeviceTwinStatus struct {
 	// deviceId is the device id in effect (spec.deviceId, else metadata.name).
 	// +optional

@@ -261,8 +261,9 @@ func setupManager(o options) (ctrl.Manager, error) {
 		LeaderElectionReleaseOnCancel: true,
 	}
 	// The cache holds only Secrets labelled kubetwin.io/device-keys=true,
-	// and the claims of the claims namespace, wherever twins are watched.
-	mo.Cache = cache.Options{ByObject: controllers.KeySecretCacheOptions()}
+	// and the claims of the claims namespace, wherever twins are watched;
+	// cached objects leave out the status managedFields entries.
+	mo.Cache = cache.Options{ByObject: controllers.KeySecretCacheOptions(), DefaultTransform: operator.DropStatusManagedFields}
 	mo.Cache.ByObject[&v1alpha1.DeviceIDClaim{}] = cache.ByObject{Namespaces: map[string]cache.Config{o.claimsNamespace(): {}}}
 	if o.namespace != "" {
 		mo.Cache.DefaultNamespaces = map[string]cache.Config{o.namespace: {}}

@@ -58,9 +58,18 @@ var (
 		Subsystem: subsystem, Name: "status_writes_total",
 		Help: "DeviceTwin status patches sent to the API server, by result (ok, error).",
 	}, []string{"result"})
+	// StatusWriteSeconds is how long status writes take the API server to
+	// answer (with the wait for a connection and client-side throttling):
+	// near capacity, the part of the persist latency that is the API
+	// server's.
+	StatusWriteSeconds = prometheus.NewHistogram(prometheus.HistogramOpts{
+		Subsystem: subsystem, Name: "status_write_duration_seconds",
+		Help:    "Time a DeviceTwin status write took, request to answer (ok or not).",
+		Buckets: prometheus.ExponentialBuckets(0.001, 2, 15),
+	})
 )
 
 func init() {
 	metrics.Registry.MustRegister(messagesReceived, reportsRefused, reportsThrottled, connectedDevices, reportsCoalesced, reportsPersisted, reportLatency, desiredNotifications, StatusWrites,
-		pendingMessages, pendingBytes, reportsTooLarge)
+		StatusWriteSeconds, pendingMessages, pendingBytes, reportsTooLarge)
 }

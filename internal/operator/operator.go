@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/go-logr/logr"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
@@ -86,6 +87,37 @@ func AddBus(mgr ctrl.Manager, br *bridge.Bridge, b bus.Bus) error {
 	return nil
 }
 
+// DropStatusManagedFields is the operator's cache transform
+// (cache.Options.DefaultTransform): it drops the managedFields entries of
+// the status subresource. The operator's own status entry lists every
+// status field (the largest part of a twin's metadata) and nothing in the
+// operator reads it; the other entries stay, since the label mirroring
+// and fleet configurations read their own managers' entries.
+func DropStatusManagedFields(obj any) (any, error) {
+	o, ok := obj.(metav1.Object)
+	if !ok {
+		return obj, nil // e.g. a tombstone: its object was transformed when cached
+	}
+	mf := o.GetManagedFields()
+	n := 0
+	for _, e := range mf {
+		if e.Subresource != "status" {
+			n++
+		}
+	}
+	if n == len(mf) {
+		return obj, nil
+	}
+	keep := make([]metav1.ManagedFieldsEntry, 0, n)
+	for _, e := range mf {
+		if e.Subresource != "status" {
+			keep = append(keep, e)
+		}
+	}
+	o.SetManagedFields(keep)
+	return obj, nil
+}
+
 // ReconcilerOptions configures AddReconciler.
 type ReconcilerOptions struct {
 	// Workers is the number of parallel reconciles (and status writes in
@@ -97,6 +129,10 @@ type ReconcilerOptions struct {
 	// ClaimsNamespace is where the device id claims are
 	// (DefaultClaimsNamespace if empty).
 	ClaimsNamespace string
+	// StatusApply writes status with server-side apply instead of a merge
+	// patch of what changed (the benchmark compares the two; see
+	// controllers.DeviceTwinReconciler.StatusApply).
+	StatusApply bool
 	// ConfigurationApplies and ConfigurationAppliesPerSecond bound the
 	// TwinConfiguration applier (its defaults when zero).
 	ConfigurationApplies          int
@@ -113,6 +149,7 @@ func AddReconciler(ctx context.Context, mgr ctrl.Manager, br *bridge.Bridge, o R
 		Bridge:                  br,
 		Recorder:                mgr.GetEventRecorder("kubetwin"),
 		MaxConcurrentReconciles: o.Workers,
+		StatusApply:             o.StatusApply,
 		Credentials:             o.Credentials,
 		Claims:                  claims,
 	}

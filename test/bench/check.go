@@ -26,9 +26,14 @@ import (
 // versions the device was answered with are 1, 2, ... without gaps or
 // repeats (the device process checked that).
 func verify(ctx context.Context, k8s client.Client, sum reportSummary, res *results) error {
+	return verifyIn(ctx, k8s, devicesNS, sum, res)
+}
+
+// verifyIn is verify on the twins of namespace ns.
+func verifyIn(ctx context.Context, k8s client.Client, ns string, sum reportSummary, res *results) error {
 	progress("verifying every twin against its device's last acknowledged report (non-caching List)")
 	var list v1alpha1.DeviceTwinList
-	if err := k8s.List(ctx, &list, client.InNamespace(devicesNS)); err != nil {
+	if err := k8s.List(ctx, &list, client.InNamespace(ns)); err != nil {
 		return err
 	}
 	twins := map[string]*v1alpha1.DeviceTwin{}

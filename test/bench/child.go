@@ -53,6 +53,8 @@ type childConfig struct {
 	DrainTimeout    time.Duration `json:"drain_timeout"`
 	DeviceLogLimit  int           `json:"device_log_limit"`
 	StartUnixNano   int64         `json:"start_unix_nano"`
+	// Prefix is the twins' name and device id prefix ("dev-" if empty).
+	Prefix string `json:"prefix,omitempty"`
 }
 
 const childConfigEnv = "KUBETWIN_BENCH_DEVICES_CONFIG"

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -63,7 +64,7 @@ func connectDevices(ctx context.Context, cc childConfig, devLog *lineLog, desire
 	logger := funcr.New(func(prefix, args string) { devLog.Line(prefix + " " + args) }, funcr.Options{})
 	devs := make([]*simDevice, cc.Devices)
 	for i := range devs {
-		name := twinName("dev-", i)
+		name := twinName(cmp.Or(cc.Prefix, "dev-"), i)
 		devs[i] = &simDevice{id: name, name: name, desiredOut: desiredOut}
 	}
 	start := time.Now()

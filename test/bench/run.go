@@ -466,13 +466,13 @@ func (o *operator) doStop() {
 // reconciler with internal/operator, as cmd/manager does.
 func startOperator(ctx context.Context, restCfg *rest.Config, cfg config) (*operator, error) {
 	progress("starting the operator (manager + embedded broker, %d reconcilers)", cfg.workers)
-	mgr, err := ctrl.NewManager(rest.CopyConfig(restCfg), ctrl.Options{
+	mgr, err := ctrl.NewManager(rest.CopyConfig(restCfg), cfg.writePath.managerOptions(ctrl.Options{
 		Scheme:                 scheme,
 		Metrics:                metricsserver.Options{BindAddress: "0"},
 		HealthProbeBindAddress: "0",
 		// bench-scale starts the operator again in this process (restart).
 		Controller: ctrlconfig.Controller{SkipNameValidation: ptr.To(true)},
-	})
+	}))
 	if err != nil {
 		return nil, fmt.Errorf("manager: %w", err)
 	}
@@ -488,7 +488,7 @@ func startOperator(ctx context.Context, restCfg *rest.Config, cfg config) (*oper
 		return nil, err
 	}
 	mctx, cancel := context.WithCancel(ctx)
-	if err := kubetwin.AddReconciler(mctx, mgr, br, kubetwin.ReconcilerOptions{Workers: cfg.workers}); err != nil {
+	if err := kubetwin.AddReconciler(mctx, mgr, br, kubetwin.ReconcilerOptions{Workers: cfg.workers, StatusApply: cfg.writePath.apply}); err != nil {
 		cancel()
 		return nil, err
 	}

@@ -1,0 +1,418 @@
+package main
+
+// --ab: the operator's write path, variant against variant, on one control
+// plane and the same twins. Each variant is measured in turn (rounds
+// interleave them, so a busy spell of the machine hits both): the
+// distinct-twin capacity (every device keeps one report outstanding, so
+// each write stores one report of a different twin), then report latency
+// at 50% and 80% of that capacity.
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"slices"
+	"strings"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/apimachinery/pkg/types"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/cache"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+
+	"github.com/kubetwin/kubetwin/api/v1alpha1"
+	kubetwin "github.com/kubetwin/kubetwin/internal/operator"
+)
+
+// writePath is a variant of the operator's write path.
+type writePath struct {
+	// legacyStatus makes status granular for server-side apply again (the
+	// CRD without x-kubernetes-map-type: atomic on status), as before.
+	legacyStatus bool
+	// keepStatusFields keeps the status managedFields in the operator's
+	// cache (no cache transform), as before.
+	keepStatusFields bool
+	// apply writes status with server-side apply instead of a merge patch.
+	apply bool
+	// namespace, if set, is the only namespace of twins the operator
+	// caches (--ab gives each run fresh twins in a namespace of its own).
+	namespace string
+}
+
+// writePathOptions are the words of --ab variants.
+var writePathOptions = map[string]func(*writePath){
+	"legacy-status":      func(w *writePath) { w.legacyStatus = true },
+	"keep-status-fields": func(w *writePath) { w.keepStatusFields = true },
+	"apply":              func(w *writePath) { w.apply = true },
+}
+
+// oldWritePath is the write path before issue 14.
+const oldWritePath = "legacy-status+keep-status-fields"
+
+// parseWritePath parses "current" or option+option+... ("old" is
+// oldWritePath).
+func parseWritePath(s string) (writePath, error) {
+	var w writePath
+	switch s {
+	case "current", "":
+		return w, nil
+	case "old":
+		s = oldWritePath
+	}
+	for _, o := range strings.Split(s, "+") {
+		set, ok := writePathOptions[o]
+		if !ok {
+			var names []string
+			for k := range writePathOptions {
+				names = append(names, k)
+			}
+			slices.Sort(names)
+			return w, fmt.Errorf("unknown write path option %q (want current, old, or options joined by +: %s)", o, strings.Join(names, ", "))
+		}
+		set(&w)
+	}
+	return w, nil
+}
+
+// abRun is one variant's measurements in one round.
+type abRun struct {
+	Variant string `json:"variant"`
+	Round   int    `json:"round"`
+	// Capacity: every device keeps one report outstanding.
+	CapReportsPerSec  float64               `json:"capacity_reports_per_sec"`
+	CapWritesPerSec   float64               `json:"capacity_status_writes_per_sec"`
+	CapReportsPerWr   float64               `json:"capacity_reports_per_write"`
+	CapAPIMsPerWrite  float64               `json:"capacity_apiserver_cpu_ms_per_write"`
+	CapAPICores       float64               `json:"capacity_apiserver_cores"`
+	CapOperatorCores  float64               `json:"capacity_operator_cores"`
+	CapP50Ms          float64               `json:"capacity_latency_p50_ms"`
+	CapP99Ms          float64               `json:"capacity_latency_p99_ms"`
+	CapQueue          map[string]queueTimes `json:"capacity_operator_times"`
+	ObjectBytes       int                   `json:"twin_object_bytes"`
+	ManagedFieldBytes int                   `json:"twin_managed_fields_bytes"`
+	// At 50% and 80% of this run's capacity.
+	Lat []abLatency `json:"latency"`
+	// Checks.
+	Mismatches int     `json:"mismatches"`
+	Errors     int64   `json:"report_errors"`
+	LoadAvg    string  `json:"loadavg"`
+	OtherCores float64 `json:"other_cores"`
+}
+
+type abLatency struct {
+	Fraction      float64               `json:"fraction"`
+	OfferedPerSec float64               `json:"offered_per_sec"`
+	StoredPerSec  float64               `json:"stored_per_sec"`
+	P50Ms         float64               `json:"p50_ms"`
+	P99Ms         float64               `json:"p99_ms"`
+	MaxMs         float64               `json:"max_ms"`
+	Errors        int64                 `json:"errors"`
+	Queue         map[string]queueTimes `json:"operator_times"`
+}
+
+// runAB is the whole --ab benchmark.
+func runAB(ctx context.Context, cfg config) int {
+	cfg.serviceTwins = 0 // no service API: only the devices write
+	opLog := &lineLog{prefix: "[operator] ", limit: int64(cfg.operatorLogLimit), out: os.Stderr}
+	cp, err := startControlPlane(ctx, &cfg, opLog)
+	if err != nil {
+		return fail("starting the control plane", err)
+	}
+	defer cp.stop()
+	var runs []abRun
+	code := 0
+	for round := 1; round <= cfg.abRounds; round++ {
+		for _, name := range cfg.abVariants {
+			w, _ := parseWritePath(name) // checked by parseFlags
+			w.namespace = fmt.Sprintf("bench-ab-%d", len(runs)+1)
+			r, err := abVariant(ctx, cp, cfg, name, w)
+			if err != nil {
+				return fail("variant "+name, err)
+			}
+			r.Round = round
+			runs = append(runs, r)
+			if r.Mismatches > 0 {
+				code = 1
+			}
+		}
+	}
+	printAB(cfg, runs)
+	if code != 0 {
+		progress("FAIL: some twins do not hold their device's last acknowledged report")
+	}
+	return code
+}
+
+// abVariant measures one variant on fresh twins (so no managedFields entry
+// of another variant stays): status shape set in the CRD, the twins
+// created, the operator started with the variant, then the measurements.
+func abVariant(ctx context.Context, cp *controlPlane, cfg config, name string, w writePath) (abRun, error) {
+	r := abRun{Variant: name, LoadAvg: loadAvg()}
+	progress("ab: variant %s (%+v)", name, w)
+	if err := cp.k8s.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: w.namespace}}); err != nil {
+		return r, err
+	}
+	if err := setStatusShape(ctx, cp.k8s, w.namespace, !w.legacyStatus); err != nil {
+		return r, err
+	}
+	if err := createTwins(ctx, cp.k8s, w.namespace, w.prefix(), cfg.devices, "device twins"); err != nil {
+		return r, err
+	}
+	cfg.writePath = w
+	op, err := startOperator(ctx, cp.restCfg, cfg)
+	if err != nil {
+		return r, err
+	}
+	defer op.stop()
+	if err := waitClaimsIn(ctx, cp.k8s, w.namespace, cfg.devices); err != nil {
+		return r, err
+	}
+
+	// Capacity.
+	capRes, sum, err := abMeasure(ctx, cp, op, cfg, w, 0, 1)
+	if err != nil {
+		return r, fmt.Errorf("capacity: %w", err)
+	}
+	res := results{Devices: cfg.devices}
+	if err := verifyIn(ctx, cp.k8s, w.namespace, sum, &res); err != nil {
+		return r, err
+	}
+	// (Version gaps are expected: the twins' versions go on from the
+	// previous measurement, the device process starts at 1.)
+	r.Mismatches += res.Mismatches + res.VersionMismatches
+	r.ObjectBytes = res.DeviceObjBytes
+	r.ManagedFieldBytes = managedFieldsBytes(ctx, cp.k8s, w.namespace, twinName(w.prefix(), 0))
+	r.CapReportsPerSec, r.CapWritesPerSec, r.CapReportsPerWr = capRes.ReportsPerSec, capRes.WritesPerSec, capRes.ReportsPerWrite
+	r.CapAPIMsPerWrite, r.CapP50Ms, r.CapP99Ms = capRes.APIMsPerWriteReports, capRes.ReportLatencyP50Ms, capRes.ReportLatencyP99Ms
+	r.CapAPICores, r.CapOperatorCores, r.OtherCores = capRes.CPUReports["kube_apiserver"], capRes.CPUReports["operator"], capRes.CPUReports["other"]
+	r.Errors += capRes.ReportErrors
+	r.CapQueue = capRes.queue
+	progress("ab: %s capacity %.0f reports/s (%.0f writes/s, %.2f reports per write, kube-apiserver %.2f ms per write), twin %d bytes (managedFields %d)",
+		name, r.CapReportsPerSec, r.CapWritesPerSec, r.CapReportsPerWr, r.CapAPIMsPerWrite, r.ObjectBytes, r.ManagedFieldBytes)
+
+	for _, f := range cfg.abFractions {
+		offered := f * r.CapReportsPerSec
+		rate := offered / float64(cfg.devices)
+		inflight := max(1, int(rate*cfg.requestTimeout.Seconds()+0.999))
+		lr, sum, err := abMeasure(ctx, cp, op, cfg, w, rate, inflight)
+		if err != nil {
+			return r, fmt.Errorf("latency at %.0f%%: %w", 100*f, err)
+		}
+		res := results{Devices: cfg.devices}
+		if err := verifyIn(ctx, cp.k8s, w.namespace, sum, &res); err != nil {
+			return r, err
+		}
+		r.Mismatches += res.Mismatches + res.VersionMismatches
+		r.Errors += lr.ReportErrors
+		r.Lat = append(r.Lat, abLatency{Fraction: f, OfferedPerSec: offered, StoredPerSec: lr.ReportsPerSec,
+			P50Ms: lr.ReportLatencyP50Ms, P99Ms: lr.ReportLatencyP99Ms, MaxMs: lr.ReportLatencyMaxMs, Errors: lr.ReportErrors,
+			Queue: lr.queue})
+		progress("ab: %s at %.0f%% (%.0f/s offered): stored %.0f/s, p50 %.1f ms, p99 %.1f ms",
+			name, 100*f, offered, lr.ReportsPerSec, lr.ReportLatencyP50Ms, lr.ReportLatencyP99Ms)
+	}
+	return r, nil
+}
+
+// abMeasure connects the devices (a device process of its own), waits for
+// the presence writes to settle and runs one report window.
+func abMeasure(ctx context.Context, cp *controlPlane, op *operator, cfg config, w writePath, rate float64, inflight int) (results, reportSummary, error) {
+	var res results
+	dp, err := startDeviceProc(childConfig{
+		BrokerURL: op.brokerURL, Devices: cfg.devices, Prefix: w.prefix(), ConnectParallel: cfg.connectParallel,
+		RequestTimeout: cfg.requestTimeout, Rate: rate, Inflight: inflight,
+		Warmup: cfg.warmup, Duration: cfg.duration, DrainTimeout: cfg.drainTimeout,
+		DeviceLogLimit: cfg.deviceLogLimit, StartUnixNano: benchStart.UnixNano(),
+	})
+	if err != nil {
+		return res, reportSummary{}, err
+	}
+	devicePID.Store(int64(dp.cmd.Process.Pid))
+	defer dp.shutdown()
+	var connected childMsg
+	if err := dp.next(ctx, msgConnected, 10*time.Minute, &connected); err != nil {
+		return res, reportSummary{}, fmt.Errorf("connecting the devices: %w", err)
+	}
+	waitQuiet(ctx, cp.k8s)
+	rcfg := cfg
+	rcfg.rate, rcfg.inflight = rate, inflight
+	q0 := sampleQueue()
+	sum, err := runReportsPhase(ctx, dp, rcfg, &res)
+	// (The window includes the drain: the queue empties before the
+	// device process answers.)
+	res.queue = queueBetween(q0, sampleQueue())
+	progress("ab: operator: %s", queueString(res.queue))
+	return res, sum, err
+}
+
+var crdGVK = schema.GroupVersionKind{Group: "apiextensions.k8s.io", Version: "v1", Kind: "CustomResourceDefinition"}
+
+// setStatusShape makes DeviceTwin status atomic (x-kubernetes-map-type)
+// or granular in the installed CRD and waits until the API server tracks
+// status writes that way.
+func setStatusShape(ctx context.Context, k8s client.Client, ns string, atomic bool) error {
+	crd := &unstructured.Unstructured{}
+	crd.SetGroupVersionKind(crdGVK)
+	if err := k8s.Get(ctx, client.ObjectKey{Name: "devicetwins.kubetwin.io"}, crd); err != nil {
+		return err
+	}
+	versions, _, _ := unstructured.NestedSlice(crd.Object, "spec", "versions")
+	if len(versions) != 1 {
+		return fmt.Errorf("the DeviceTwin CRD has %d versions, want 1", len(versions))
+	}
+	path := []string{"schema", "openAPIV3Schema", "properties", "status", "x-kubernetes-map-type"}
+	v := versions[0].(map[string]any)
+	if atomic {
+		if err := unstructured.SetNestedField(v, "atomic", path...); err != nil {
+			return err
+		}
+	} else {
+		unstructured.RemoveNestedField(v, path...)
+	}
+	if err := unstructured.SetNestedSlice(crd.Object, versions, "spec", "versions"); err != nil {
+		return err
+	}
+	if err := k8s.Update(ctx, crd); err != nil {
+		return fmt.Errorf("updating the DeviceTwin CRD: %w", err)
+	}
+	// A probe twin (no operator runs now) shows when the API server
+	// serves the new schema: its status entry is {"f:status":{}} only
+	// when status is atomic.
+	probe := &v1alpha1.DeviceTwin{}
+	probe.Namespace, probe.Name = ns, "ab-probe"
+	if err := k8s.Create(ctx, probe); err != nil && !apierrors.IsAlreadyExists(err) {
+		return err
+	}
+	defer func() { _ = k8s.Delete(context.Background(), probe) }()
+	deadline := time.Now().Add(60 * time.Second)
+	for n := 0; ; n++ {
+		body := fmt.Sprintf(`{"status":{"reported":{"probe":%d}}}`, n)
+		if err := k8s.Status().Patch(ctx, probe, client.RawPatch(types.MergePatchType, []byte(body)), client.FieldOwner("ab-probe")); err != nil {
+			return err
+		}
+		for _, mf := range probe.ManagedFields {
+			if mf.Manager == "ab-probe" && mf.FieldsV1 != nil && (string(mf.FieldsV1.Raw) == `{"f:status":{}}`) == atomic {
+				progress("ab: status is atomic=%v in the CRD", atomic)
+				return nil
+			}
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("the API server does not track status as atomic=%v 60s after the CRD update", atomic)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+}
+
+// managedFieldsBytes is the JSON size of a twin's managedFields.
+func managedFieldsBytes(ctx context.Context, k8s client.Client, ns, name string) int {
+	t := &v1alpha1.DeviceTwin{}
+	if err := k8s.Get(ctx, client.ObjectKey{Namespace: ns, Name: name}, t); err != nil {
+		return -1
+	}
+	b, _ := json.Marshal(t.ManagedFields)
+	progress("ab: managedFields of %s: %s", t.Name, b)
+	return len(b)
+}
+
+func loadAvg() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return "?"
+	}
+	f := strings.Fields(string(b))
+	if len(f) < 3 {
+		return "?"
+	}
+	return strings.Join(f[:3], " ")
+}
+
+// printAB prints each run and each variant's ratios to the first
+// variant of the same round.
+func printAB(cfg config, runs []abRun) {
+	w := os.Stdout
+	fmt.Fprintf(w, "\nkubetwin bench --ab: %d twins/devices, %s per window, %d reconcilers\n", cfg.devices, cfg.duration, cfg.workers)
+	fmt.Fprintf(w, "  %-34s %5s %9s %9s %7s %8s %7s %7s", "variant", "round", "reports/s", "writes/s", "ms/wr", "twin B", "mf B", "vs 1st")
+	for _, f := range cfg.abFractions {
+		fmt.Fprintf(w, "  %3.0f%%: p50/p99 ms (stored/s)", 100*f)
+	}
+	fmt.Fprintf(w, "  loadavg\n")
+	first := map[int]abRun{}
+	for _, r := range runs {
+		if _, ok := first[r.Round]; !ok {
+			first[r.Round] = r
+		}
+		ratio := 0.0
+		if b := first[r.Round].CapReportsPerSec; b > 0 {
+			ratio = r.CapReportsPerSec / b
+		}
+		fmt.Fprintf(w, "  %-34s %5d %9.0f %9.0f %7.2f %8d %7d %6.2fx", r.Variant, r.Round, r.CapReportsPerSec, r.CapWritesPerSec,
+			r.CapAPIMsPerWrite, r.ObjectBytes, r.ManagedFieldBytes, ratio)
+		for _, l := range r.Lat {
+			fmt.Fprintf(w, "  %8.1f / %7.1f (%5.0f)", l.P50Ms, l.P99Ms, l.StoredPerSec)
+		}
+		fmt.Fprintf(w, "  %s\n", r.LoadAvg)
+	}
+	raw, _ := json.Marshal(runs)
+	fmt.Fprintln(w, string(raw))
+}
+
+// managerOptions sets the variant's cache transform and namespace on o.
+func (w writePath) managerOptions(o ctrl.Options) ctrl.Options {
+	if !w.keepStatusFields {
+		o.Cache.DefaultTransform = kubetwin.DropStatusManagedFields
+	}
+	if w.namespace != "" {
+		o.Cache.DefaultNamespaces = map[string]cache.Config{w.namespace: {}}
+		o.Cache.ByObject = map[client.Object]cache.ByObject{
+			&v1alpha1.DeviceIDClaim{}: {Namespaces: map[string]cache.Config{kubetwin.DefaultClaimsNamespace: {}}},
+		}
+	}
+	return o
+}
+
+// prefix is the name prefix (and device id prefix) of the variant's twins.
+func (w writePath) prefix() string {
+	if w.namespace == "" {
+		return "dev-"
+	}
+	return strings.TrimPrefix(w.namespace, "bench-") + "-"
+}
+
+// waitClaimsIn waits until the operator has claimed n device ids of
+// twins in ns.
+func waitClaimsIn(ctx context.Context, k8s client.Client, ns string, n int) error {
+	start := time.Now()
+	for {
+		var claims v1alpha1.DeviceIDClaimList
+		if err := k8s.List(ctx, &claims, client.InNamespace(kubetwin.DefaultClaimsNamespace)); err != nil {
+			return err
+		}
+		got := 0
+		for _, c := range claims.Items {
+			if c.Spec.Twin.Namespace == ns {
+				got++
+			}
+		}
+		if got >= n {
+			progress("  %d device ids claimed in %.1fs", got, time.Since(start).Seconds())
+			return nil
+		}
+		if time.Since(start) > 2*time.Minute {
+			return fmt.Errorf("%d of %d device ids of namespace %s claimed after 2m", got, n, ns)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+}
