@@ -38,10 +38,12 @@ import (
 	"github.com/kubetwin/kubetwin/internal/kubectltwin"
 	"github.com/kubetwin/kubetwin/internal/query"
 	"github.com/kubetwin/kubetwin/internal/query/querytest"
+	"github.com/kubetwin/kubetwin/internal/queryapi/queryapitest"
 	"github.com/kubetwin/kubetwin/internal/twin"
 )
 
 var (
+	testEnv    *envtest.Environment
 	k8s        client.Client
 	kubeconfig string // admin kubeconfig; its current context's namespace is "fleet"
 )
@@ -67,6 +69,14 @@ func runSuite(m *testing.M) int {
 		CRDDirectoryPaths:     []string{filepath.Join("..", "..", "config", "crd", "bases")},
 		ErrorIfCRDPathMissing: true,
 	}
+	// A front proxy, so that TestQueryAPI can install the query API.
+	fp, err := queryapitest.Configure(env)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "front proxy: %v\n", err)
+		return 1
+	}
+	defer func() { _ = fp.Cleanup() }()
+	testEnv = env
 	cfg, err := env.Start()
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "starting envtest: %v\n", err)

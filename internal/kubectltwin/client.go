@@ -2,6 +2,7 @@ package kubectltwin
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"reflect"
@@ -15,11 +16,14 @@ import (
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/runtime/serializer"
 	"k8s.io/apimachinery/pkg/util/validation"
+	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	"k8s.io/client-go/rest"
 
 	"github.com/kubetwin/kubetwin/api/v1alpha1"
 	"github.com/kubetwin/kubetwin/internal/hubtwin"
 	"github.com/kubetwin/kubetwin/internal/query"
+	"github.com/kubetwin/kubetwin/internal/queryapi/wire"
+	"github.com/kubetwin/kubetwin/internal/twin"
 )
 
 // Resource is the plural resource name of DeviceTwins.
@@ -112,8 +116,11 @@ type Answer struct {
 	// Twins holds, for a SELECT * result, the twin behind each item.
 	Twins []*Twin
 	// Listed is how many DeviceTwins the server returned (before the
-	// residual filter); Pages how many LIST requests that took.
+	// residual filter); Pages how many LIST requests that took. Through
+	// the query API, Listed is how many it evaluated and Pages is 0.
 	Listed, Pages int
+	// Via is how the query was answered: ViaAPI or ViaList.
+	Via string
 }
 
 // Execute answers q over the DeviceTwins of namespace ("" for all): it
@@ -144,7 +151,7 @@ func Execute(ctx context.Context, c rest.Interface, namespace string, q *query.Q
 		}
 		return nil
 	})
-	ans.Pages = pages
+	ans.Pages, ans.Via = pages, ViaList
 	if err != nil {
 		return nil, err
 	}
@@ -231,3 +238,91 @@ var errNoCRD = errors.New("the server does not serve DeviceTwins (kubetwin.io/v1
 
 // mapID identifies a map by its address.
 func mapID(m map[string]any) uintptr { return reflect.ValueOf(m).Pointer() }
+
+// How a query was answered.
+const (
+	// ViaAPI: the operator's query API (query.kubetwin.io) answered from
+	// its cache.
+	ViaAPI = "api"
+	// ViaList: the plugin listed the DeviceTwins and evaluated the query.
+	ViaList = "list"
+	// ViaAuto: the query API when kube-apiserver serves it, else listing.
+	ViaAuto = "auto"
+)
+
+// NewQueryAPIClient returns a REST client for query.kubetwin.io/v1alpha1.
+func NewQueryAPIClient(cfg *rest.Config) (rest.Interface, error) {
+	return restClient(cfg, schema.GroupVersion{Group: wire.Group, Version: wire.Version}, "/apis", clientgoscheme.Codecs)
+}
+
+// QueryAPIServed asks kube-apiserver's discovery whether it serves the
+// query API (an APIService that is Available). When it does not, it says
+// why: not installed (404), installed but not available (503), or the
+// error.
+func QueryAPIServed(ctx context.Context, c rest.Interface) (bool, string) {
+	res := c.Get().AbsPath("/apis/" + wire.GroupVersion).Do(ctx)
+	if err := res.Error(); err != nil {
+		switch {
+		case apierrors.IsNotFound(err):
+			return false, wire.GroupVersion + " is not served (no APIService: the chart's queryAPI.enabled installs it)"
+		case apierrors.IsServiceUnavailable(err):
+			return false, wire.GroupVersion + " is installed but not available (kubectl get apiservice " + wire.Version + "." + wire.Group + ")"
+		}
+		return false, "discovery of " + wire.GroupVersion + " failed: " + err.Error()
+	}
+	raw, _ := res.Raw()
+	var rl metav1.APIResourceList
+	if err := json.Unmarshal(raw, &rl); err != nil {
+		return false, "discovery of " + wire.GroupVersion + " is not an APIResourceList: " + err.Error()
+	}
+	for _, r := range rl.APIResources {
+		if r.Name == wire.Resource {
+			return true, ""
+		}
+	}
+	return false, wire.GroupVersion + " does not serve " + wire.Resource
+}
+
+// ExecuteAPI answers q over the DeviceTwins of namespace ("" for all)
+// with the operator's query API: one request, answered from the
+// operator's cache. Its answer is the one Execute computes from a LIST
+// (the operator's cache may lag the API server by the watch's delay).
+func ExecuteAPI(ctx context.Context, c rest.Interface, namespace string, q *query.Query) (*Answer, error) {
+	body, err := json.Marshal(wire.TwinQuery{
+		TypeMeta: metav1.TypeMeta{APIVersion: wire.GroupVersion, Kind: wire.Kind},
+		Spec:     wire.TwinQuerySpec{Query: q.String()},
+	})
+	if err != nil {
+		return nil, err
+	}
+	res := c.Post().NamespaceIfScoped(namespace, namespace != "").Resource(wire.Resource).
+		SetHeader("Content-Type", "application/json").Body(body).Do(ctx)
+	if err := res.Error(); err != nil {
+		return nil, err // Error decodes the Status (Raw would not)
+	}
+	raw, _ := res.Raw()
+	var tq wire.TwinQuery
+	if err := json.Unmarshal(raw, &tq); err != nil {
+		return nil, fmt.Errorf("the query API's answer is not a %s: %w", wire.Kind, err)
+	}
+	st := tq.Status
+	ans := &Answer{Listed: st.Evaluated, Via: ViaAPI}
+	ans.ItemType = st.ItemType
+	ans.GroupKeys = st.GroupKeys
+	ans.Items = make([]map[string]any, len(st.Items))
+	for i, it := range st.Items {
+		if ans.Items[i], err = twin.Decode(it); err != nil {
+			return nil, fmt.Errorf("item %d of the query API's answer: %w", i, err)
+		}
+	}
+	if st.ItemType == query.ItemTypeTwin {
+		if len(st.Twins) != len(st.Items) {
+			return nil, fmt.Errorf("the query API's answer names %d twins for %d items", len(st.Twins), len(st.Items))
+		}
+		ans.Twins = make([]*Twin, len(st.Items))
+		for i, r := range st.Twins {
+			ans.Twins[i] = &Twin{Namespace: r.Namespace, Name: r.Name, InSync: r.InSync, Doc: ans.Items[i]}
+		}
+	}
+	return ans, nil
+}

@@ -1,6 +1,7 @@
 package kubectltwin
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -12,6 +13,7 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 
 	"github.com/kubetwin/kubetwin/internal/query"
+	"github.com/kubetwin/kubetwin/internal/queryapi/wire"
 )
 
 // queryInput is how a command gets its query: the arguments (joined by
@@ -75,6 +77,11 @@ field selector (deviceId, connectionState); the whole condition is then checked 
 twin the server returns. 'kubectl twin explain-query' shows the split. Big fleets are listed in
 pages of --chunk-size twins.
 
+When the cluster serves the operator's query API (query.kubetwin.io, an APIService the chart
+installs), the query goes there instead: the operator answers from its cache in one request,
+and RBAC still decides (you need to list the DeviceTwins of the namespace, or of all namespaces
+with -A). --via chooses; --verbose says which way was taken.
+
 Output (-o):
   table  (default) SELECT * gives a row per device: DEVICE, CONNECTION, LAST ACTIVITY and the
          $version of the DESIRED and REPORTED properties; projections and aggregates give the
@@ -104,6 +111,8 @@ func newQueryCommand(o *options) *cobra.Command {
 		output    string
 		noHeaders bool
 		chunkSize int64
+		via       string
+		verbose   bool
 	)
 	cmd := &cobra.Command{
 		Use:     `query "SELECT ..."`,
@@ -124,13 +133,16 @@ func newQueryCommand(o *options) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			c, err := o.client()
+			if via != ViaAuto && via != ViaAPI && via != ViaList {
+				return usageError{cmd: cmd, err: fmt.Errorf("--via %q: want auto, api or list", via)}
+			}
+			start := time.Now()
+			ans, note, err := o.execute(cmd.Context(), ns, q, chunkSize, via)
 			if err != nil {
 				return err
 			}
-			ans, err := Execute(cmd.Context(), c, ns, q, chunkSize)
-			if err != nil {
-				return listError(err)
+			if verbose {
+				fmt.Fprintln(o.streams.ErrOut, describeAnswer(ans, note, time.Since(start)))
 			}
 			if len(ans.Items) == 0 && (output == outputTable || output == outputWide) {
 				fmt.Fprintln(o.streams.ErrOut, noDevices(ns))
@@ -146,7 +158,64 @@ func newQueryCommand(o *options) *cobra.Command {
 	cmd.Flags().BoolVar(&noHeaders, "no-headers", false, "When printing a table, leave out the header row.")
 	cmd.Flags().Int64Var(&chunkSize, "chunk-size", DefaultChunkSize,
 		"List DeviceTwins in pages of this many (limit and continue); 0 lists them in one request.")
+	cmd.Flags().StringVar(&via, "via", ViaAuto,
+		"How to answer: api (the operator's query API, query.kubetwin.io), list (list the DeviceTwins and evaluate here), "+
+			"or auto (the query API when the cluster serves it, else list).")
+	cmd.Flags().BoolVar(&verbose, "verbose", false, "Say on stderr how the query was answered (query API or listing) and how long it took.")
 	return cmd
+}
+
+// execute answers q the way via says; with auto, it uses the query API
+// when kube-apiserver serves it and lists otherwise, or when the API
+// cannot answer (too large an answer, a namespace its operator does not
+// watch, RBAC). The note says why it listed.
+func (o *options) execute(ctx context.Context, ns string, q *query.Query, chunkSize int64, via string) (*Answer, string, error) {
+	cfg, err := o.config.ToRESTConfig()
+	if err != nil {
+		return nil, "", err
+	}
+	var note string
+	if via != ViaList {
+		api, err := NewQueryAPIClient(cfg)
+		if err != nil {
+			return nil, "", err
+		}
+		served, why := QueryAPIServed(ctx, api)
+		if !served && via == ViaAPI {
+			return nil, "", errors.New("--via api: " + why)
+		}
+		note = why
+		if served {
+			ans, err := ExecuteAPI(ctx, api, ns, q)
+			if err == nil || via == ViaAPI {
+				return ans, "", err
+			}
+			note = "the query API did not answer: " + err.Error()
+		}
+	}
+	c, err := NewClient(cfg)
+	if err != nil {
+		return nil, "", err
+	}
+	ans, err := Execute(ctx, c, ns, q, chunkSize)
+	if err != nil {
+		return nil, "", listError(err)
+	}
+	return ans, note, nil
+}
+
+// describeAnswer is the --verbose line.
+func describeAnswer(ans *Answer, note string, took time.Duration) string {
+	took = took.Round(time.Millisecond)
+	if ans.Via == ViaAPI {
+		return fmt.Sprintf("answered by the query API (%s, the operator's cache) in %v: %d items, %d twins evaluated",
+			wire.GroupVersion, took, len(ans.Items), ans.Listed)
+	}
+	s := fmt.Sprintf("answered by listing %d DeviceTwins (%d pages) in %v: %d items", ans.Listed, ans.Pages, took, len(ans.Items))
+	if note != "" {
+		s += "; not through the query API: " + note
+	}
+	return s
 }
 
 // noDevices is the message for an empty table, as kubectl's "No resources found".
