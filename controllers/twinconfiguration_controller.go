@@ -86,7 +86,9 @@ type TwinConfigurationReconciler struct {
 
 	mu       sync.Mutex
 	admitted map[types.UID]*admission // staged rollouts: twins let in, per configuration
-	woken    map[types.UID]string     // what a configuration's twins were last woken for
+	// admissions counts changes of admitted, which change plans.
+	admissions int64
+	woken      map[types.UID]string // what a configuration's twins were last woken for
 }
 
 // admission holds the twins a rollout let in for one generation.

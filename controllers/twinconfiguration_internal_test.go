@@ -2,6 +2,7 @@ package controllers
 
 import (
 	"encoding/json"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -157,5 +158,56 @@ func TestSettled(t *testing.T) {
 				t.Errorf("settled = %v, want %v", got, tc.want)
 			}
 		})
+	}
+}
+
+// BenchmarkSurvey10k is one status pass of a configuration over 10,000
+// twins of which half are targeted, with a second configuration in the
+// namespace and query answers already cached (the steady state).
+func BenchmarkSurvey10k(b *testing.B) { benchmarkSurvey(b, false) }
+
+// BenchmarkSurvey10kCold is the same pass with nothing cached: the first
+// pass after a start, or after every twin changed.
+func BenchmarkSurvey10kCold(b *testing.B) { benchmarkSurvey(b, true) }
+
+func benchmarkSurvey(b *testing.B, cold bool) {
+	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	self := testConfig("fw", 2, t0, "tags.ring = 'canary'", `{"firmware":{"version":"2.0","channel":"stable"}}`)
+	self.metrics = []compiledMetric{}
+	other := testConfig("base", 1, t0, "*", `{"telemetry":{"interval":30}}`)
+	twins := make([]v1alpha1.DeviceTwin, 10000)
+	owned := `{"f:metadata":{"f:labels":{"f:configurations.kubetwin.io/fw":{}}},"f:spec":{"f:desired":{"f:firmware":{"f:version":{},"f:channel":{}}}}}`
+	for i := range twins {
+		ring := "stable"
+		if i%2 == 0 {
+			ring = "canary"
+		}
+		managed := map[string]string{ConfigurationManagerPrefix + "base": `{"f:spec":{"f:desired":{"f:telemetry":{"f:interval":{}}}}}`}
+		desired := `{"telemetry":{"interval":30}}`
+		labels := map[string]string{"ring": ring}
+		if ring == "canary" {
+			managed[ConfigurationManagerPrefix+"fw"] = owned
+			desired = `{"firmware":{"version":"2.0","channel":"stable"},"telemetry":{"interval":30}}`
+			labels["configurations.kubetwin.io/fw"] = "Applied"
+		}
+		tw := testTwin(`{"ring":"`+ring+`"}`, desired, managed)
+		tw.Name = fmt.Sprintf("tw%05d", i)
+		tw.UID = types.UID(tw.Name)
+		tw.Labels = labels
+		tw.Status.Reported = &apiextensionsv1.JSON{Raw: []byte(`{"firmware":{"version":"2.0","channel":"stable"}}`)}
+		twins[i] = *tw
+	}
+	r := &TwinConfigurationReconciler{}
+	cfgs := []*compiled{self, other}
+	s := r.survey(self, cfgs, twins)
+	if s.targeted != 5000 || s.inSync != 5000 || s.unsettled != 0 {
+		b.Fatalf("survey: targeted %d, in sync %d, unsettled %d", s.targeted, s.inSync, s.unsettled)
+	}
+	b.ResetTimer()
+	for range b.N {
+		if cold {
+			r.evals = evalCache{}
+		}
+		r.survey(self, cfgs, twins)
 	}
 }

@@ -182,6 +182,32 @@ type evalEntry struct {
 	rv      string
 	results map[string]bool
 	owned   map[string]ownership // managedBy, once parsed
+	// factsKey is the planKey the facts were found under.
+	factsKey string
+	facts    map[types.UID]surveyFact
+}
+
+// fact returns what a status pass found for the twin and configuration
+// uid under key, if it is still current.
+func (ec *evalCache) fact(t *v1alpha1.DeviceTwin, key string, uid types.UID) (surveyFact, bool) {
+	ec.mu.Lock()
+	defer ec.mu.Unlock()
+	e := ec.entry(t)
+	if e.factsKey != key {
+		return surveyFact{}, false
+	}
+	f, ok := e.facts[uid]
+	return f, ok
+}
+
+func (ec *evalCache) setFact(t *v1alpha1.DeviceTwin, key string, uid types.UID, f surveyFact) {
+	ec.mu.Lock()
+	defer ec.mu.Unlock()
+	e := ec.entry(t)
+	if e.factsKey != key || e.facts == nil {
+		e.factsKey, e.facts = key, map[types.UID]surveyFact{}
+	}
+	e.facts[uid] = f
 }
 
 // entry returns the twin's entry for its current resourceVersion; call

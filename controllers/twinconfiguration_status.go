@@ -37,13 +37,16 @@ type configSurvey struct {
 }
 
 // survey runs one pass over twins (the namespace's, from the cache) for
-// self, planning each twin as the applier would.
+// self, planning each twin as the applier would. What it finds for a twin
+// is kept with the twin's resourceVersion and the configurations'
+// generations (and rollout admissions), so a pass recomputes only the
+// twins that changed since the last one.
 func (r *TwinConfigurationReconciler) survey(self *compiled, cfgs []*compiled, twins []v1alpha1.DeviceTwin) configSurvey {
 	s := configSurvey{metrics: make([]v1alpha1.ConfigurationMetricResult, len(self.metrics))}
 	for i, m := range self.metrics {
 		s.metrics[i].Name = m.name
 	}
-	admitSelf := func(c *compiled, t *v1alpha1.DeviceTwin) bool { return c == self || r.admit(c, t) }
+	key := r.planKey(cfgs)
 	for i := range twins {
 		t := &twins[i]
 		if !t.DeletionTimestamp.IsZero() {
@@ -58,43 +61,91 @@ func (r *TwinConfigurationReconciler) survey(self *compiled, cfgs []*compiled, t
 		if self.invalid != nil {
 			continue
 		}
-		owned := r.evals.managed(t)
-		mine := owned[self.manager()]
-		targeted := self.targets(&r.evals, v)
-		if !targeted && mine.empty() {
+		f, ok := r.evals.fact(t, key, self.uid)
+		if !ok {
+			f = r.surveyTwin(self, cfgs, v)
+			r.evals.setFact(t, key, self.uid, f)
+		}
+		if !f.targeted && !f.held {
 			continue
 		}
 		s.concerned = append(s.concerned, t)
-		if !targeted {
-			s.unsettled++ // to be released
+		if !f.settled {
+			s.unsettled++
+		}
+		if !f.targeted {
 			continue
 		}
 		s.targeted++
-		desired := desiredDoc(t)
-		a := findApply(planTwin(t, cfgs, owned, nil, &r.evals, r.admit), self.manager())
-		ok := settled(a, mine, t, desired)
-		if !ok {
-			s.unsettled++
-		}
 		switch {
-		case t.Labels[self.labelKey()] == v1alpha1.ConfigurationApplied && len(mine.paths) > 0:
+		case f.applied:
 			s.applied++
-			if reportsBack(mine, t, desired) {
+			if f.inSync {
 				s.inSync++
 			} else {
 				s.inFlight++
 			}
-		case !ok && len(a.won) > 0:
+		case !f.settled && f.wins:
 			s.inFlight++
 		}
-		if self.rollout != nil && !hasCurrent(self, mine, desired) && !r.admit(self, t) {
-			if b := findApply(planTwin(t, cfgs, owned, nil, &r.evals, admitSelf), self.manager()); len(b.won) > 0 {
-				s.candidates = append(s.candidates, t)
-			}
+		if f.candidate {
+			s.candidates = append(s.candidates, t)
 		}
 	}
 	slices.SortFunc(s.candidates, func(a, b *v1alpha1.DeviceTwin) int { return strings.Compare(a.Name, b.Name) })
 	return s
+}
+
+// surveyFact is what a status pass needs to know of one twin for one
+// configuration.
+type surveyFact struct {
+	targeted, held bool
+	// settled: the configuration's manager owns what the plan says.
+	settled bool
+	// wins: the plan gives the configuration some paths of the twin.
+	wins bool
+	// applied: label Applied and some paths owned; inSync: those reported back.
+	applied, inSync bool
+	// candidate: a staged rollout has not reached the twin, and would
+	// give it some of the content.
+	candidate bool
+}
+
+func (r *TwinConfigurationReconciler) surveyTwin(self *compiled, cfgs []*compiled, v *twinView) surveyFact {
+	t := v.t
+	owned := r.evals.managed(t)
+	mine := owned[self.manager()]
+	f := surveyFact{targeted: self.targets(&r.evals, v), held: !mine.empty()}
+	if !f.targeted {
+		f.settled = !f.held
+		return f
+	}
+	desired := desiredDoc(t)
+	a := findApply(planTwin(t, cfgs, owned, nil, &r.evals, r.admit), self.manager())
+	f.settled = settled(a, mine, t, desired)
+	f.wins = len(a.won) > 0
+	f.applied = t.Labels[self.labelKey()] == v1alpha1.ConfigurationApplied && len(mine.paths) > 0
+	f.inSync = f.applied && reportsBack(mine, t, desired)
+	if self.rollout != nil && !hasCurrent(self, mine, desired) && !r.admit(self, t) {
+		admitSelf := func(c *compiled, t *v1alpha1.DeviceTwin) bool { return c == self || r.admit(c, t) }
+		b := findApply(planTwin(t, cfgs, owned, nil, &r.evals, admitSelf), self.manager())
+		f.candidate = len(b.won) > 0
+	}
+	return f
+}
+
+// planKey names the configurations of a namespace as planned (each one's
+// uid, generation and deletion) and the rollouts' admissions: survey facts
+// computed under another key are stale.
+func (r *TwinConfigurationReconciler) planKey(cfgs []*compiled) string {
+	var b strings.Builder
+	for _, c := range cfgs {
+		fmt.Fprintf(&b, "%s/%d/%t;", c.uid, c.generation, c.deleting)
+	}
+	r.mu.Lock()
+	fmt.Fprintf(&b, "#%d", r.admissions)
+	r.mu.Unlock()
+	return b.String()
 }
 
 func findApply(plan []twinApply, manager string) twinApply {
@@ -180,10 +231,14 @@ func (r *TwinConfigurationReconciler) rollout(self *compiled, s *configSurvey) [
 	if a == nil || a.generation != self.generation {
 		a = &admission{generation: self.generation, names: map[string]bool{}}
 		r.admitted[self.uid] = a
+		r.admissions++
 	}
 	if s.paused || s.halted {
 		// Twins let in but not yet given the content do not get it.
-		clear(a.names)
+		if len(a.names) > 0 {
+			clear(a.names)
+			r.admissions++
+		}
 		return nil
 	}
 	limit, _ := intstr.GetScaledValueFromIntOrPercent(&ro.MaxInFlight, int(s.targeted), true)
@@ -195,6 +250,9 @@ func (r *TwinConfigurationReconciler) rollout(self *compiled, s *configSurvey) [
 		}
 		a.names[t.Name] = true
 		in = append(in, t)
+	}
+	if len(in) > 0 {
+		r.admissions++
 	}
 	s.candidates = s.candidates[len(in):]
 	return in
