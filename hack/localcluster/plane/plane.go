@@ -80,23 +80,24 @@ type Plane struct {
 
 // Start starts the control plane and waits until it serves DeviceTwins.
 // On error, whatever was started is stopped.
-func Start(o Options) (p *Plane, err error) {
+func Start(o Options) (*Plane, error) {
 	dir, err := os.MkdirTemp("", "kubetwin-plane-")
 	if err != nil {
 		return nil, err
 	}
-	p = &Plane{dir: dir, Main: &envtest.Environment{}}
-	defer func() {
-		if err != nil {
-			err = errors.Join(err, p.Stop())
-			p = nil
-		}
-	}()
+	p := &Plane{dir: dir, Main: &envtest.Environment{}}
+	if err := p.start(o); err != nil {
+		return nil, errors.Join(err, p.Stop())
+	}
+	return p, nil
+}
+
+func (p *Plane) start(o Options) error {
 	mainArgs := p.Main.ControlPlane.GetAPIServer().Configure()
 	if o.AuditLogPath != "" {
-		policy := filepath.Join(dir, "audit-policy.yaml")
+		policy := filepath.Join(p.dir, "audit-policy.yaml")
 		if err := os.WriteFile(policy, []byte(auditPolicy), 0o600); err != nil {
-			return nil, err
+			return err
 		}
 		mainArgs.Set("audit-policy-file", policy).Set("audit-log-path", o.AuditLogPath).
 			Set("audit-log-format", "json").Set("audit-log-mode", "blocking")
@@ -105,14 +106,11 @@ func Start(o Options) (p *Plane, err error) {
 		p.Main.CRDDirectoryPaths = []string{o.CRDDir}
 		p.Main.ErrorIfCRDPathMissing = true
 		if _, err := p.Main.Start(); err != nil {
-			return nil, fmt.Errorf("starting the control plane (KUBEBUILDER_ASSETS=%q): %w", os.Getenv("KUBEBUILDER_ASSETS"), err)
+			return fmt.Errorf("starting the control plane (KUBEBUILDER_ASSETS=%q): %w", os.Getenv("KUBEBUILDER_ASSETS"), err)
 		}
-		return p, nil
+		return nil
 	}
-	if err := p.startWithStore(o, mainArgs); err != nil {
-		return nil, err
-	}
-	return p, nil
+	return p.startWithStore(o, mainArgs)
 }
 
 // auditPolicy logs every request's metadata (who, verb, object), none of
