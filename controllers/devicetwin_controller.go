@@ -52,9 +52,6 @@ type DeviceTwinReconciler struct {
 	Recorder events.EventRecorder
 	// MaxConcurrentReconciles bounds parallel status writes (default 32).
 	MaxConcurrentReconciles int
-	// StatusApply writes the whole status with server-side apply (field
-	// manager StatusManager) instead of a merge patch of what changed.
-	StatusApply bool
 	// Now is the clock (tests may replace it).
 	Now func() time.Time
 	// Credentials, when set, has the operator keep every twin's keys and
@@ -186,40 +183,15 @@ func (r *DeviceTwinReconciler) patchStatus(ctx context.Context, t *v1alpha1.Devi
 	base.Status = old
 	next := base.DeepCopy()
 	next.Status = st
-	var err error
 	start := time.Now()
-	defer func() { bridge.StatusWriteSeconds.Observe(time.Since(start).Seconds()) }()
-	if r.StatusApply {
-		err = r.applyStatus(ctx, t, st)
-	} else {
-		err = r.Status().Patch(ctx, next, client.MergeFrom(base), client.FieldOwner(StatusManager))
-	}
+	err := r.Status().Patch(ctx, next, client.MergeFrom(base), client.FieldOwner(StatusManager))
+	bridge.StatusWriteSeconds.Observe(time.Since(start).Seconds())
 	if err != nil {
 		bridge.StatusWrites.WithLabelValues("error").Inc()
 		return fmt.Errorf("patching status: %w", err)
 	}
 	bridge.StatusWrites.WithLabelValues("ok").Inc()
 	return nil
-}
-
-// applyStatus writes st whole with server-side apply; the uid keeps it
-// from creating a twin deleted meanwhile.
-func (r *DeviceTwinReconciler) applyStatus(ctx context.Context, t *v1alpha1.DeviceTwin, st v1alpha1.DeviceTwinStatus) error {
-	raw, err := json.Marshal(st)
-	if err != nil {
-		return err
-	}
-	status := map[string]any{}
-	if err := json.Unmarshal(raw, &status); err != nil {
-		return err
-	}
-	u := &unstructured.Unstructured{Object: map[string]any{"status": status}}
-	u.SetAPIVersion(v1alpha1.GroupVersion.String())
-	u.SetKind("DeviceTwin")
-	u.SetNamespace(t.Namespace)
-	u.SetName(t.Name)
-	u.SetUID(t.UID)
-	return r.Status().Apply(ctx, client.ApplyConfigurationFromUnstructured(u), client.FieldOwner(StatusManager+"-apply"), client.ForceOwnership)
 }
 
 // recordTransitions emits an event for every condition that changed status

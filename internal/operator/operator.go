@@ -129,10 +129,6 @@ type ReconcilerOptions struct {
 	// ClaimsNamespace is where the device id claims are
 	// (DefaultClaimsNamespace if empty).
 	ClaimsNamespace string
-	// StatusApply writes status with server-side apply instead of a merge
-	// patch of what changed (the benchmark compares the two; see
-	// controllers.DeviceTwinReconciler.StatusApply).
-	StatusApply bool
 	// ConfigurationApplies and ConfigurationAppliesPerSecond bound the
 	// TwinConfiguration applier (its defaults when zero).
 	ConfigurationApplies          int
@@ -149,7 +145,6 @@ func AddReconciler(ctx context.Context, mgr ctrl.Manager, br *bridge.Bridge, o R
 		Bridge:                  br,
 		Recorder:                mgr.GetEventRecorder("kubetwin"),
 		MaxConcurrentReconciles: o.Workers,
-		StatusApply:             o.StatusApply,
 		Credentials:             o.Credentials,
 		Claims:                  claims,
 	}

@@ -14,6 +14,8 @@ import (
 	"os"
 	"slices"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -27,7 +29,9 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	"github.com/kubetwin/kubetwin/api/v1alpha1"
+	"github.com/kubetwin/kubetwin/controllers"
 	kubetwin "github.com/kubetwin/kubetwin/internal/operator"
+	"github.com/kubetwin/kubetwin/internal/twin"
 )
 
 // writePath is a variant of the operator's write path.
@@ -38,8 +42,6 @@ type writePath struct {
 	// keepStatusFields keeps the status managedFields in the operator's
 	// cache (no cache transform), as before.
 	keepStatusFields bool
-	// apply writes status with server-side apply instead of a merge patch.
-	apply bool
 	// namespace, if set, is the only namespace of twins the operator
 	// caches (--ab gives each run fresh twins in a namespace of its own).
 	namespace string
@@ -49,7 +51,6 @@ type writePath struct {
 var writePathOptions = map[string]func(*writePath){
 	"legacy-status":      func(w *writePath) { w.legacyStatus = true },
 	"keep-status-fields": func(w *writePath) { w.keepStatusFields = true },
-	"apply":              func(w *writePath) { w.apply = true },
 }
 
 // oldWritePath is the write path before issue 14.
@@ -96,6 +97,10 @@ type abRun struct {
 	CapQueue          map[string]queueTimes `json:"capacity_operator_times"`
 	ObjectBytes       int                   `json:"twin_object_bytes"`
 	ManagedFieldBytes int                   `json:"twin_managed_fields_bytes"`
+	// The operator's writes replayed on the twins with the operator
+	// stopped (--ab-replay).
+	ReplayWritesPerSec  float64 `json:"replay_writes_per_sec"`
+	ReplayAPIMsPerWrite float64 `json:"replay_apiserver_cpu_ms_per_write"`
 	// At 50% and 80% of this run's capacity.
 	Lat []abLatency `json:"latency"`
 	// Checks.
@@ -216,7 +221,64 @@ func abVariant(ctx context.Context, cp *controlPlane, cfg config, name string, w
 		progress("ab: %s at %.0f%% (%.0f/s offered): stored %.0f/s, p50 %.1f ms, p99 %.1f ms",
 			name, 100*f, offered, lr.ReportsPerSec, lr.ReportLatencyP50Ms, lr.ReportLatencyP99Ms)
 	}
+	// The API server alone: with the operator stopped, the status patches
+	// it sends for one report each, under its field manager, on the
+	// variant's twins; nothing else of this process takes CPU meanwhile.
+	op.stop()
+	if cfg.abReplay > 0 {
+		rate, ms, err := abReplay(ctx, cp.k8s, cfg, w)
+		if err != nil {
+			return r, fmt.Errorf("replay: %w", err)
+		}
+		r.ReplayWritesPerSec, r.ReplayAPIMsPerWrite = rate, ms
+	}
 	return r, nil
+}
+
+// abReplay sends, 32 at a time for cfg.abReplay, the merge patch the
+// operator sends for one report on a connected twin (reported, its
+// version and $metadata, lastActivityTime), as the operator's status
+// field manager, and returns writes/s and kube-apiserver CPU ms per write.
+func abReplay(ctx context.Context, k8s client.Client, cfg config, w writePath) (float64, float64, error) {
+	const inflight = 32
+	progress("ab: replaying the operator's status writes for %s, %d in flight", cfg.abReplay, inflight)
+	var ok, failed atomic.Int64
+	var firstErr atomic.Value
+	var wg sync.WaitGroup
+	c0 := sampleCPU()
+	start := time.Now()
+	deadline := start.Add(cfg.abReplay)
+	for g := 0; g < inflight; g++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i, n := g, int64(1_000_000); time.Now().Before(deadline) && ctx.Err() == nil; i, n = (i+inflight)%cfg.devices, n+1 {
+				t := &v1alpha1.DeviceTwin{}
+				t.Namespace, t.Name = w.namespace, twinName(w.prefix(), i)
+				now := time.Now().UTC()
+				ts := now.Format(twin.TimeFormat)
+				body := fmt.Sprintf(`{"status":{"reported":{"seq":%d,"t":"%d"},"reportedVersion":%d,"metadata":{"reported":{"$lastUpdated":%q,"seq":{"$lastUpdated":%q},"t":{"$lastUpdated":%q}}},"lastActivityTime":%q}}`,
+					n, now.UnixNano(), n, ts, ts, ts, now.Truncate(time.Second).Format(time.RFC3339))
+				err := k8s.Status().Patch(ctx, t, client.RawPatch(types.MergePatchType, []byte(body)), client.FieldOwner(controllers.StatusManager))
+				if err != nil {
+					failed.Add(1)
+					firstErr.CompareAndSwap(nil, err)
+					continue
+				}
+				ok.Add(1)
+			}
+		}()
+	}
+	wg.Wait()
+	el := time.Since(start).Seconds()
+	cores := coresBetween(c0, sampleCPU())
+	if ok.Load() == 0 {
+		return 0, 0, fmt.Errorf("no replayed write succeeded: %v", firstErr.Load())
+	}
+	rate := float64(ok.Load()) / el
+	ms := apiMsPerWrite(cores, rate)
+	progress("ab: replay: %.0f writes/s (%d failed), kube-apiserver %.2f ms per write; CPU cores: %s", rate, failed.Load(), ms, coresString(cores))
+	return rate, ms, nil
 }
 
 // abMeasure connects the devices (a device process of its own), waits for
@@ -340,7 +402,7 @@ func loadAvg() string {
 func printAB(cfg config, runs []abRun) {
 	w := os.Stdout
 	fmt.Fprintf(w, "\nkubetwin bench --ab: %d twins/devices, %s per window, %d reconcilers\n", cfg.devices, cfg.duration, cfg.workers)
-	fmt.Fprintf(w, "  %-34s %5s %9s %9s %7s %8s %7s %7s", "variant", "round", "reports/s", "writes/s", "ms/wr", "twin B", "mf B", "vs 1st")
+	fmt.Fprintf(w, "  %-34s %5s %9s %9s %7s %8s %7s %7s %9s %7s", "variant", "round", "reports/s", "writes/s", "ms/wr", "twin B", "mf B", "vs 1st", "replay/s", "ms/wr")
 	for _, f := range cfg.abFractions {
 		fmt.Fprintf(w, "  %3.0f%%: p50/p99 ms (stored/s)", 100*f)
 	}
@@ -354,8 +416,8 @@ func printAB(cfg config, runs []abRun) {
 		if b := first[r.Round].CapReportsPerSec; b > 0 {
 			ratio = r.CapReportsPerSec / b
 		}
-		fmt.Fprintf(w, "  %-34s %5d %9.0f %9.0f %7.2f %8d %7d %6.2fx", r.Variant, r.Round, r.CapReportsPerSec, r.CapWritesPerSec,
-			r.CapAPIMsPerWrite, r.ObjectBytes, r.ManagedFieldBytes, ratio)
+		fmt.Fprintf(w, "  %-34s %5d %9.0f %9.0f %7.2f %8d %7d %6.2fx %9.0f %7.2f", r.Variant, r.Round, r.CapReportsPerSec, r.CapWritesPerSec,
+			r.CapAPIMsPerWrite, r.ObjectBytes, r.ManagedFieldBytes, ratio, r.ReplayWritesPerSec, r.ReplayAPIMsPerWrite)
 		for _, l := range r.Lat {
 			fmt.Fprintf(w, "  %8.1f / %7.1f (%5.0f)", l.P50Ms, l.P99Ms, l.StoredPerSec)
 		}

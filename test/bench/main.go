@@ -129,6 +129,7 @@ type config struct {
 	abVariants  []string
 	abRounds    int
 	abFractions []float64
+	abReplay    time.Duration
 }
 
 func parseFlags(args []string) (config, error) {
@@ -164,9 +165,10 @@ func parseFlags(args []string) (config, error) {
 	fs.IntVar(&c.serviceConcurrency, "service-concurrency", 16, "(e) requests in flight in every workload of the service API phase and its baselines")
 	addScaleFlags(fs, &c.scale)
 	addConfigBenchFlags(fs, &c.configBench)
-	fs.StringVar(&writePathFlag, "write-path", "current", "the operator's write path: current, old (as before issue 14: "+oldWritePath+"), or options joined by +: legacy-status (status granular for server-side apply), keep-status-fields (no cache transform), apply (status by server-side apply)")
+	fs.StringVar(&writePathFlag, "write-path", "current", "the operator's write path: current, old (as before issue 14: "+oldWritePath+"), or options joined by +: legacy-status (status granular for server-side apply), keep-status-fields (no cache transform)")
 	fs.StringVar(&abFlag, "ab", "", "instead of the phases, measure these write paths (comma-separated, as --write-path) in turn on one control plane and the --devices twins: distinct-twin capacity (one report outstanding per device), then latency at --ab-fractions of it; e.g. --ab old,current")
 	fs.IntVar(&c.abRounds, "ab-rounds", 2, "--ab: times every variant is measured (interleaved)")
+	fs.DurationVar(&c.abReplay, "ab-replay", 5*time.Second, "--ab: after each variant, with its operator stopped, replay its status writes (one report each, its field manager) on its twins for this long: the API server's CPU per write without the operator and devices (0: skip)")
 	fs.StringVar(&abFractions, "ab-fractions", "0.5,0.8", "--ab: offered load of the latency measurements, as fractions of the variant's capacity (comma-separated)")
 	fs.StringVar(&c.role, "role", "", "internal: \"devices\" runs the device process")
 	fs.StringVar(&c.pprofAddr, "pprof-addr", "", "serve net/http/pprof of this process on this address (e.g. 127.0.0.1:6060)")

@@ -488,7 +488,7 @@ func startOperator(ctx context.Context, restCfg *rest.Config, cfg config) (*oper
 		return nil, err
 	}
 	mctx, cancel := context.WithCancel(ctx)
-	if err := kubetwin.AddReconciler(mctx, mgr, br, kubetwin.ReconcilerOptions{Workers: cfg.workers, StatusApply: cfg.writePath.apply}); err != nil {
+	if err := kubetwin.AddReconciler(mctx, mgr, br, kubetwin.ReconcilerOptions{Workers: cfg.workers}); err != nil {
 		cancel()
 		return nil, err
 	}
