@@ -71,7 +71,7 @@ func pathOwners(tw *v1alpha1.DeviceTwin) map[string][]string {
 			continue
 		}
 		var f map[string]any
-		_ = json.Unmarshal(mf.FieldsV1.Raw, &f)
+		_ = json.Unmarshal(mf.FieldsV1.GetRawBytes(), &f)
 		spec, _ := f["f:spec"].(map[string]any)
 		desired, _ := spec["f:desired"].(map[string]any)
 		var walk func(prefix string, n map[string]any)

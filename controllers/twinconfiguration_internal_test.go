@@ -34,7 +34,7 @@ func testTwin(tags, desired string, managed map[string]string) *v1alpha1.DeviceT
 	}
 	for m, fields := range managed {
 		t.ManagedFields = append(t.ManagedFields, metav1.ManagedFieldsEntry{
-			Manager: m, Operation: metav1.ManagedFieldsOperationApply, FieldsV1: &metav1.FieldsV1{Raw: []byte(fields)},
+			Manager: m, Operation: metav1.ManagedFieldsOperationApply, FieldsV1: metav1.NewFieldsV1(fields),
 		})
 	}
 	return t
