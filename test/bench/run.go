@@ -499,19 +499,21 @@ func startOperator(ctx context.Context, restCfg *rest.Config, cfg config) (*oper
 			return nil, fmt.Errorf("service API: %w", err)
 		}
 	}
+	// The manager starts the broker once its caches have synced: at fleet
+	// size that takes longer than a minute on a busy machine.
+	syncTimeout := 60 * time.Second
+	if cfg.cacheSyncTimeout > 0 {
+		syncTimeout = cfg.cacheSyncTimeout
+	}
 	go func() { op.done <- mgr.Start(mctx) }()
 	select {
 	case <-emb.Ready():
 	case err := <-op.done:
 		cancel()
 		return nil, fmt.Errorf("manager stopped: %w", err)
-	case <-time.After(60 * time.Second):
+	case <-time.After(syncTimeout):
 		op.stop()
-		return nil, errors.New("embedded broker did not start within 60s")
-	}
-	syncTimeout := 60 * time.Second
-	if cfg.cacheSyncTimeout > 0 {
-		syncTimeout = cfg.cacheSyncTimeout
+		return nil, fmt.Errorf("embedded broker did not start within %s", syncTimeout)
 	}
 	syncCtx, syncCancel := context.WithTimeout(ctx, syncTimeout)
 	defer syncCancel()
