@@ -100,7 +100,7 @@ func setupQueryAPI(mgr ctrl.Manager, o options) error {
 	srv := &queryapi.Server{
 		Addr: q.listen, TLSConfig: tlsCfg, Delegating: d, Log: log,
 		Handler: queryapi.NewHandler(queryapi.Options{
-			Reader: mgr.GetCache(), Namespace: o.namespace, Authenticator: d, Authorizer: d,
+			Twins: queryapi.CacheLister(mgr.GetCache()), Namespace: o.namespace, Authenticator: d, Authorizer: d,
 			MaxConcurrentQueries: q.maxConcurrentQueries, MaxResponseBytes: q.maxResponseBytes, Log: log,
 		}),
 	}

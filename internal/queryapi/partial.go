@@ -62,7 +62,7 @@ func (p *partial) doc(t *v1alpha1.DeviceTwin) map[string]any {
 	if p.full {
 		return hubtwin.FromDeviceTwin(t)
 	}
-	d := make(map[string]any, len(p.paths)+1)
+	d := map[string]any{}
 	for _, s := range p.paths {
 		v, ok, err := p.value(t, s)
 		if err != nil {
@@ -75,6 +75,62 @@ func (p *partial) doc(t *v1alpha1.DeviceTwin) map[string]any {
 		}
 	}
 	return d
+}
+
+// scratch is a partial document reused from twin to twin: the objects on
+// the way to each path are made once, and each twin only sets or deletes
+// the values at the paths. Evaluating a condition over 100,000 twins
+// would otherwise allocate some 400,000 small maps.
+//
+// A query reads no object on the way (a path that is a prefix of another
+// is the only one kept), so they may outlive the twin that needed them.
+type scratch struct {
+	doc   map[string]any
+	slots []slot // one per path
+}
+
+type slot struct {
+	parent map[string]any
+	key    string
+}
+
+func (p *partial) newScratch() *scratch {
+	sc := &scratch{doc: map[string]any{}}
+	for _, s := range p.paths {
+		parent := sc.doc
+		for _, k := range s[:len(s)-1] {
+			next, ok := parent[k].(map[string]any)
+			if !ok {
+				next = map[string]any{}
+				parent[k] = next
+			}
+			parent = next
+		}
+		sc.slots = append(sc.slots, slot{parent: parent, key: s[len(s)-1]})
+	}
+	return sc
+}
+
+// fill makes sc the partial document of t and returns it; it is valid
+// until the next fill. (When the paths need the whole document, or t's
+// JSON is malformed, it returns a new whole document instead.)
+func (p *partial) fill(sc *scratch, t *v1alpha1.DeviceTwin) map[string]any {
+	if p.full {
+		return hubtwin.FromDeviceTwin(t)
+	}
+	for i, s := range p.paths {
+		v, ok, err := p.value(t, s)
+		if err != nil {
+			return hubtwin.FromDeviceTwin(t)
+		}
+		sl := sc.slots[i]
+		if ok {
+			sl.parent[sl.key] = v
+		} else {
+			delete(sl.parent, sl.key)
+		}
+	}
+	return sc.doc
 }
 
 // value returns the value at path s of t's document.

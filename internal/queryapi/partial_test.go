@@ -14,6 +14,7 @@ import (
 	"github.com/kubetwin/kubetwin/internal/hubtwin"
 	"github.com/kubetwin/kubetwin/internal/query"
 	"github.com/kubetwin/kubetwin/internal/query/querytest"
+	"github.com/kubetwin/kubetwin/internal/twin"
 )
 
 func rawJSON(s string) *apiextensionsv1.JSON {
@@ -127,11 +128,16 @@ func TestPartialMatchesFullDocument(t *testing.T) {
 			t.Fatalf("%s: %v", text, err)
 		}
 		pw, pa := newPartial(q.WherePaths()), newPartial(q.Paths())
+		sc := pw.newScratch()
 		var parts []map[string]any
 		for i, tw := range twins {
 			want := q.Match(full[i])
 			if got := q.Match(pw.doc(tw)); got != want {
 				t.Errorf("%s on %s: partial document matches %v, whole document %v (partial %v)", text, tw.Name, got, want, pw.doc(tw))
+			}
+			// The scratch document, reused from the previous twin.
+			if got := q.Match(pw.fill(sc, tw)); got != want {
+				t.Errorf("%s on %s: scratch document matches %v, whole document %v (scratch %v)", text, tw.Name, got, want, sc.doc)
 			}
 			if want {
 				matched++
@@ -183,7 +189,10 @@ func benchTwins(n int) []*v1alpha1.DeviceTwin {
 		meta := `{"$lastUpdated":"2026-12-06T10:00:00Z","telemetry":{"$lastUpdated":"2026-12-06T10:00:00Z","temperature":{"$lastUpdated":"2026-12-06T10:00:00Z","$lastUpdatedVersion":3},` +
 			`"humidity":{"$lastUpdated":"2026-12-06T10:00:00Z","$lastUpdatedVersion":3}},"firmware":{"$lastUpdated":"2026-12-06T10:00:00Z","version":{"$lastUpdated":"2026-12-06T10:00:00Z"}},` +
 			`"connectivity":{"$lastUpdated":"2026-12-06T10:00:00Z","type":{"$lastUpdated":"2026-12-06T10:00:00Z"}}}`
-		tw := &v1alpha1.DeviceTwin{ObjectMeta: metav1.ObjectMeta{Namespace: "scale", Name: fmt.Sprintf("dev-%06d", i), ResourceVersion: "12345", Generation: 1}}
+		tg, _ := twin.DecodeRaw([]byte(tags))
+		tw := &v1alpha1.DeviceTwin{ObjectMeta: metav1.ObjectMeta{Namespace: "scale", Name: fmt.Sprintf("dev-%06d", i), ResourceVersion: "12345", Generation: 1,
+			Labels: twin.MirrorLabels(tg)}}
+		tw.Status.ObservedGeneration = 1
 		tw.Spec.Tags = rawJSON(tags)
 		tw.Spec.Desired = rawJSON(`{"telemetryInterval":30}`)
 		tw.Status.Reported = rawJSON(reported)
@@ -216,10 +225,11 @@ func BenchmarkResidualPartial(b *testing.B) {
 	twins := benchTwins(10000)
 	q, _ := query.Parse(benchResidual)
 	p := newPartial(q.WherePaths())
+	sc := p.newScratch()
 	b.ResetTimer()
 	for b.Loop() {
 		for _, tw := range twins {
-			q.Match(p.doc(tw))
+			q.Match(p.fill(sc, tw))
 		}
 	}
 	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*len(twins)), "ns/twin")

@@ -37,7 +37,6 @@ import (
 	"k8s.io/apiserver/pkg/authentication/authenticator"
 	"k8s.io/apiserver/pkg/authentication/user"
 	"k8s.io/apiserver/pkg/authorization/authorizer"
-	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	"github.com/kubetwin/kubetwin/api/v1alpha1"
 	"github.com/kubetwin/kubetwin/internal/hubtwin"
@@ -59,8 +58,8 @@ const (
 
 // Options configure the API.
 type Options struct {
-	// Reader lists DeviceTwins: the operator's cache.
-	Reader client.Reader
+	// Twins lists the DeviceTwins: the operator's cache (CacheLister).
+	Twins Lister
 	// Namespace is the one namespace the operator watches, "" for all.
 	// Queries elsewhere are refused (ReasonNamespaceNotServed): the cache
 	// has no twins there.
@@ -278,17 +277,12 @@ type candidate struct {
 // answer runs q over the cached twins of ns ("" for all) in the order
 // kubectl-twin's listing gives: by deviceId, then namespace and name.
 func (h *Handler) answer(ctx context.Context, q *query.Query, ns string) (*wire.TwinQueryStatus, error) {
-	var list v1alpha1.DeviceTwinList
-	opts := []client.ListOption{client.UnsafeDisableDeepCopy} // only read; rendering copies what it keeps
-	if ns != "" {
-		opts = append(opts, client.InNamespace(ns))
-	}
-	if err := h.o.Reader.List(ctx, &list, opts...); err != nil {
+	all, err := h.o.Twins(ctx, ns)
+	if err != nil {
 		return nil, fmt.Errorf("listing the cached DeviceTwins: %w", err)
 	}
 	sel := labels.Everything()
 	if s := q.Plan().LabelSelector; s != "" {
-		var err error
 		if sel, err = labels.Parse(s); err != nil {
 			return nil, fmt.Errorf("the plan's label selector %q: %w", s, err)
 		}
@@ -296,9 +290,8 @@ func (h *Handler) answer(ctx context.Context, q *query.Query, ns string) (*wire.
 	// The label selector only narrows, as the API server's would for a
 	// LIST. A twin whose spec the operator has not reconciled yet may not
 	// carry its tags' labels: it is evaluated anyway.
-	twins := make([]*v1alpha1.DeviceTwin, 0, len(list.Items))
-	for i := range list.Items {
-		t := &list.Items[i]
+	twins := make([]*v1alpha1.DeviceTwin, 0, len(all))
+	for _, t := range all {
 		if sel.Matches(labels.Set(t.Labels)) || t.Status.ObservedGeneration != t.Generation {
 			twins = append(twins, t)
 		}
@@ -369,10 +362,11 @@ func match(q *query.Query, p *partial, twins []*v1alpha1.DeviceTwin) []candidate
 }
 
 func matchRange(q *query.Query, p *partial, twins []*v1alpha1.DeviceTwin, out []candidate) []candidate {
+	sc := p.newScratch()
 	for _, t := range twins {
-		doc := p.doc(t)
-		if q.Match(doc) {
-			out = append(out, candidate{t: t, id: hubtwin.DeviceID(t), doc: doc})
+		if q.Match(p.fill(sc, t)) {
+			// The scratch document is reused: a match gets its own.
+			out = append(out, candidate{t: t, id: hubtwin.DeviceID(t), doc: p.doc(t)})
 		}
 	}
 	return out

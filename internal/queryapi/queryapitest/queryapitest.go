@@ -227,7 +227,7 @@ func Serve(ctx context.Context, admin *rest.Config, o Options) (*Running, error)
 		Addr:      "127.0.0.1:0",
 		TLSConfig: &tls.Config{Certificates: []tls.Certificate{servingCert}},
 		Handler: queryapi.NewHandler(queryapi.Options{
-			Reader: twins, Namespace: o.Namespace, Authenticator: d, Authorizer: d,
+			Twins: queryapi.CacheLister(twins), Namespace: o.Namespace, Authenticator: d, Authorizer: d,
 			MaxConcurrentQueries: o.MaxConcurrentQueries, MaxResponseBytes: o.MaxResponseBytes, Log: o.Log,
 		}),
 		Delegating: d, Log: o.Log,

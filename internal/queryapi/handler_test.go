@@ -1,0 +1,219 @@
+package queryapi
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"runtime"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/go-logr/logr"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apiserver/pkg/authentication/authenticator"
+	"k8s.io/apiserver/pkg/authentication/user"
+	"k8s.io/apiserver/pkg/authorization/authorizer"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+
+	"github.com/kubetwin/kubetwin/api/v1alpha1"
+	"github.com/kubetwin/kubetwin/internal/queryapi/wire"
+)
+
+// twinReader is a client.Reader over fixed twins (a stand-in for the
+// cache); List waits on block when it is set.
+type twinReader struct {
+	twins   []*v1alpha1.DeviceTwin
+	block   chan struct{}
+	entered chan struct{}
+}
+
+func (r *twinReader) Get(context.Context, client.ObjectKey, client.Object, ...client.GetOption) error {
+	return fmt.Errorf("not implemented")
+}
+
+func (r *twinReader) List(ctx context.Context, l client.ObjectList, opts ...client.ListOption) error {
+	if r.block != nil {
+		r.entered <- struct{}{}
+		<-r.block
+	}
+	lo := (&client.ListOptions{}).ApplyOptions(opts)
+	list := l.(*v1alpha1.DeviceTwinList)
+	for _, t := range r.twins {
+		if lo.Namespace == "" || t.Namespace == lo.Namespace {
+			list.Items = append(list.Items, *t)
+		}
+	}
+	return nil
+}
+
+// anyone is authenticated as alice; allow decides the SubjectAccessReview.
+func testHandler(r client.Reader, o Options, allow func(authorizer.Attributes) bool) *Handler {
+	if o.Twins == nil {
+		o.Twins = ReaderLister(r)
+	}
+	o.Authenticator = authenticator.RequestFunc(func(*http.Request) (*authenticator.Response, bool, error) {
+		return &authenticator.Response{User: &user.DefaultInfo{Name: "alice"}}, true, nil
+	})
+	o.Authorizer = authorizer.AuthorizerFunc(func(_ context.Context, a authorizer.Attributes) (authorizer.Decision, string, error) {
+		if allow == nil || allow(a) {
+			return authorizer.DecisionAllow, "", nil
+		}
+		return authorizer.DecisionNoOpinion, "no RBAC rule allows it", nil
+	})
+	o.Log = logr.Discard()
+	return NewHandler(o)
+}
+
+func postQuery(h http.Handler, ns, q string) *httptest.ResponseRecorder {
+	path := "/apis/" + wire.GroupVersion + "/" + wire.Resource
+	if ns != "" {
+		path = "/apis/" + wire.GroupVersion + "/namespaces/" + ns + "/" + wire.Resource
+	}
+	body, _ := json.Marshal(wire.TwinQuery{Spec: wire.TwinQuerySpec{Query: q}})
+	rec := httptest.NewRecorder()
+	h.ServeHTTP(rec, httptest.NewRequest(http.MethodPost, path, bytes.NewReader(body)))
+	return rec
+}
+
+func status(t *testing.T, rec *httptest.ResponseRecorder) metav1.Status {
+	t.Helper()
+	var st metav1.Status
+	if err := json.Unmarshal(rec.Body.Bytes(), &st); err != nil || st.Kind != "Status" {
+		t.Fatalf("not a Status (%v): %s", err, rec.Body)
+	}
+	return st
+}
+
+// TestResponseBound: an answer over MaxResponseBytes is refused with 422
+// ResponseTooLarge naming the flag, and one under it is sent whole.
+func TestResponseBound(t *testing.T) {
+	twins := benchTwins(50)
+	h := testHandler(&twinReader{twins: twins}, Options{MaxResponseBytes: 20000}, nil)
+	rec := postQuery(h, "scale", "SELECT * FROM devices")
+	if rec.Code != http.StatusUnprocessableEntity {
+		t.Fatalf("status %d, want 422: %s", rec.Code, rec.Body)
+	}
+	if st := status(t, rec); st.Reason != wire.ReasonResponseTooLarge || !strings.Contains(st.Message, "--query-api-max-response-bytes") {
+		t.Fatalf("refusal %+v", st)
+	}
+	rec = postQuery(h, "scale", "SELECT TOP 3 * FROM devices")
+	if rec.Code != http.StatusCreated {
+		t.Fatalf("TOP 3: status %d: %s", rec.Code, rec.Body)
+	}
+	var tq wire.TwinQuery
+	if err := json.Unmarshal(rec.Body.Bytes(), &tq); err != nil || len(tq.Status.Items) != 3 || len(tq.Status.Twins) != 3 {
+		t.Fatalf("TOP 3: %v %+v", err, tq.Status)
+	}
+}
+
+// TestConcurrencyBound: with MaxConcurrentQueries running, another query
+// gets 429 with Retry-After; once one ends, queries are answered again.
+func TestConcurrencyBound(t *testing.T) {
+	r := &twinReader{twins: benchTwins(3), block: make(chan struct{}), entered: make(chan struct{}, 2)}
+	h := testHandler(r, Options{MaxConcurrentQueries: 2}, nil)
+	done := make(chan int, 2)
+	for range 2 {
+		go func() { done <- postQuery(h, "scale", "SELECT * FROM devices").Code }()
+	}
+	<-r.entered
+	<-r.entered // both hold a slot, blocked in List
+	rec := postQuery(h, "scale", "SELECT * FROM devices")
+	if rec.Code != http.StatusTooManyRequests || rec.Header().Get("Retry-After") != "1" {
+		t.Fatalf("third query: status %d, Retry-After %q: %s", rec.Code, rec.Header().Get("Retry-After"), rec.Body)
+	}
+	if st := status(t, rec); !strings.Contains(st.Message, "--query-api-max-concurrent-queries") {
+		t.Fatalf("refusal %+v", st)
+	}
+	close(r.block)
+	for range 2 {
+		if code := <-done; code != http.StatusCreated {
+			t.Fatalf("blocked query ended with %d", code)
+		}
+	}
+	r.block = nil
+	if rec := postQuery(h, "scale", "SELECT * FROM devices"); rec.Code != http.StatusCreated {
+		t.Fatalf("after the others ended: status %d: %s", rec.Code, rec.Body)
+	}
+}
+
+// TestRequests: what the API refuses and why, and the SubjectAccessReview
+// it asks for.
+func TestRequests(t *testing.T) {
+	var asked []authorizer.Attributes
+	allowFleet := func(a authorizer.Attributes) bool {
+		asked = append(asked, a)
+		return a.GetNamespace() == "scale"
+	}
+	h := testHandler(&twinReader{twins: benchTwins(3)}, Options{}, allowFleet)
+	for _, c := range []struct {
+		name, ns, q string
+		code        int
+		say         string
+	}{
+		{"allowed", "scale", "SELECT * FROM devices", http.StatusCreated, ""},
+		{"another namespace", "other", "SELECT * FROM devices", http.StatusForbidden, `User "alice" cannot list resource "devicetwins" in API group "kubetwin.io" in the namespace "other"`},
+		{"all namespaces", "", "SELECT * FROM devices", http.StatusForbidden, "at the cluster scope"},
+		{"bad query", "scale", "SELECT * FROM devices WHERE", http.StatusBadRequest, "spec.query: line 1, column"},
+		{"empty query", "scale", " ", http.StatusBadRequest, "spec.query is missing"},
+	} {
+		rec := postQuery(h, c.ns, c.q)
+		if rec.Code != c.code {
+			t.Errorf("%s: status %d, want %d: %s", c.name, rec.Code, c.code, rec.Body)
+			continue
+		}
+		if c.say != "" && !strings.Contains(status(t, rec).Message, c.say) {
+			t.Errorf("%s: %s does not say %q", c.name, rec.Body, c.say)
+		}
+	}
+	a := asked[0]
+	if a.GetVerb() != "list" || a.GetAPIGroup() != "kubetwin.io" || a.GetResource() != "devicetwins" || a.GetNamespace() != "scale" || !a.IsResourceRequest() {
+		t.Fatalf("SubjectAccessReview for %+v", a)
+	}
+
+	// An operator watching one namespace refuses others (the cache has
+	// no twins there), so that kubectl-twin lists instead.
+	h = testHandler(&twinReader{twins: benchTwins(3)}, Options{Namespace: "scale"}, nil)
+	for _, ns := range []string{"other", ""} {
+		rec := postQuery(h, ns, "SELECT * FROM devices")
+		if st := status(t, rec); rec.Code != http.StatusNotFound || st.Reason != wire.ReasonNamespaceNotServed {
+			t.Errorf("namespace %q: %d %+v", ns, rec.Code, st)
+		}
+	}
+
+	rec := httptest.NewRecorder()
+	h.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/apis/"+wire.GroupVersion+"/namespaces/scale/"+wire.Resource, nil))
+	if rec.Code != http.StatusMethodNotAllowed {
+		t.Errorf("GET of the collection: %d", rec.Code)
+	}
+}
+
+// BenchmarkAnswer100k: a residual query over 100,000 cached twins, as the
+// handler answers it (list, label prefilter, partial documents on every
+// core, sort, encode). The twins are made once, before the timer.
+func BenchmarkAnswer100k(b *testing.B) {
+	twins := benchTwins(100000)
+	for _, q := range []string{
+		"SELECT * FROM devices WHERE properties.reported.telemetry.temperature > 99",
+		"SELECT COUNT() AS n FROM devices WHERE properties.reported.telemetry.temperature > 90",
+		"SELECT * FROM devices WHERE tags.location.plant = 'Plant-07'",
+	} {
+		b.Run(q, func(b *testing.B) {
+			// As CacheLister: the cached objects themselves.
+			lister := func(context.Context, string) ([]*v1alpha1.DeviceTwin, error) { return twins, nil }
+			h := testHandler(nil, Options{Twins: lister}, nil)
+			for b.Loop() {
+				start := time.Now()
+				rec := postQuery(h, "scale", q)
+				if rec.Code != http.StatusCreated {
+					b.Fatalf("%d: %.300s", rec.Code, rec.Body)
+				}
+				b.ReportMetric(float64(time.Since(start).Milliseconds()), "ms/query")
+			}
+			b.ReportMetric(float64(runtime.GOMAXPROCS(0)), "procs")
+		})
+	}
+}
