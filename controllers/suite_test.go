@@ -13,6 +13,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
+	"k8s.io/client-go/rest"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/cache"
 	"sigs.k8s.io/controller-runtime/pkg/client"
@@ -32,6 +33,7 @@ import (
 // non-caching client and real MQTT devices.
 var (
 	k8s        client.WithWatch
+	restConfig *rest.Config // for tests that start a manager of their own
 	brokerURL  string
 	testScheme = runtime.NewScheme()
 )
@@ -79,6 +81,7 @@ func runSuite(m *testing.M) int {
 	}
 	defer func() { _ = env.Stop() }()
 
+	restConfig = cfg
 	k8s, err = client.NewWithWatch(cfg, client.Options{Scheme: testScheme})
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "client: %v\n", err)

@@ -13,8 +13,14 @@ import (
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/util/intstr"
+	"k8s.io/apimachinery/pkg/watch"
+	"k8s.io/utils/ptr"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/cache"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/config"
 	"sigs.k8s.io/controller-runtime/pkg/metrics"
+	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 
 	"github.com/kubetwin/kubetwin/api/v1alpha1"
 	"github.com/kubetwin/kubetwin/controllers"
@@ -493,4 +499,75 @@ func TestConfigurationInvalidReported(t *testing.T) {
 	a := getTwin(g, ns, "a")
 	g.Expect(desiredJSON(a)).To(Equal(`{"own":1}`))
 	g.Expect(a.Labels).NotTo(HaveKey(label("bad")))
+}
+
+// TestConfigurationRestartWritesNothing: an operator starting over twins
+// its configurations already gave their content (a restart, a new leader)
+// plans every twin again and sends no apply, writes no twin and no status.
+func TestConfigurationRestartWritesNothing(t *testing.T) {
+	g := NewWithT(t)
+	ctx := context.Background()
+	ns := newNamespace(t)
+	const n = 20
+	for i := range n {
+		createTwin(t, ns, fmt.Sprintf("t%02d", i), fmt.Sprintf("%s-t%02d", ns, i), fmt.Sprintf(`{"ring":"r%d"}`, i%2), `{"own":{"x":1}}`)
+	}
+	createConfig(t, ns, "all", 1, "*", `{"own":{"x":2,"y":2},"z":"all"}`)
+	createConfig(t, ns, "ring0", 2, "tags.ring = 'r0'", `{"z":"ring0"}`)
+	g.Eventually(func(g Gomega) {
+		c := getConfig(g, ns, "all")
+		g.Expect(c.Status.AppliedCount).To(BeEquivalentTo(n))
+		g.Expect(configCond(c, v1alpha1.ConditionReady).Reason).To(Equal(v1alpha1.ReasonWaitingForDevices))
+		r := getConfig(g, ns, "ring0")
+		g.Expect(r.Status.AppliedCount).To(BeEquivalentTo(n / 2))
+		g.Expect(configCond(r, v1alpha1.ConditionReady).Reason).To(Equal(v1alpha1.ReasonWaitingForDevices))
+		g.Expect(desiredJSON(getTwin(g, ns, "t00"))).To(Equal(`{"own":{"x":1,"y":2},"z":"ring0"}`))
+		g.Expect(desiredJSON(getTwin(g, ns, "t01"))).To(Equal(`{"own":{"x":1,"y":2},"z":"all"}`))
+	}, wait, tick).Should(Succeed())
+
+	var twins v1alpha1.DeviceTwinList
+	g.Expect(k8s.List(ctx, &twins, client.InNamespace(ns))).To(Succeed())
+	tw, err := k8s.Watch(ctx, &v1alpha1.DeviceTwinList{}, client.InNamespace(ns), &client.ListOptions{Raw: &metav1.ListOptions{ResourceVersion: twins.ResourceVersion}})
+	g.Expect(err).NotTo(HaveOccurred())
+	defer tw.Stop()
+	var cfgs v1alpha1.TwinConfigurationList
+	g.Expect(k8s.List(ctx, &cfgs, client.InNamespace(ns))).To(Succeed())
+	cw, err := k8s.Watch(ctx, &v1alpha1.TwinConfigurationList{}, client.InNamespace(ns), &client.ListOptions{Raw: &metav1.ListOptions{ResourceVersion: cfgs.ResourceVersion}})
+	g.Expect(err).NotTo(HaveOccurred())
+	defer cw.Stop()
+	applies := counterValue(t, "kubetwin_configuration_applies_total", nil)
+	reconciles := counterValue(t, "controller_runtime_reconcile_total", map[string]string{"controller": "twinconfiguration-apply"})
+
+	// A second operator (its own cache, nothing remembered) starts.
+	mgr, err := ctrl.NewManager(restConfig, ctrl.Options{
+		Scheme: testScheme, Metrics: metricsserver.Options{BindAddress: "0"}, HealthProbeBindAddress: "0",
+		Controller: config.Controller{SkipNameValidation: ptr.To(true)},
+		Cache:      cache.Options{DefaultNamespaces: map[string]cache.Config{ns: {}}},
+	})
+	g.Expect(err).NotTo(HaveOccurred())
+	g.Expect((&controllers.TwinConfigurationReconciler{Client: mgr.GetClient()}).SetupWithManager(mgr)).To(Succeed())
+	mctx, cancel := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- mgr.Start(mctx) }()
+	defer func() { cancel(); <-done }()
+
+	// Every twin is planned (the new cache's create events).
+	g.Eventually(func(g Gomega) {
+		got := counterValue(t, "controller_runtime_reconcile_total", map[string]string{"controller": "twinconfiguration-apply"})
+		g.Expect(got - reconciles).To(BeNumerically(">=", n))
+	}, wait, tick).Should(Succeed())
+	g.Expect(counterValue(t, "kubetwin_configuration_applies_total", nil) - applies).To(BeZero())
+	for _, w := range []watch.Interface{tw, cw} {
+	drain:
+		for {
+			select {
+			case e := <-w.ResultChan():
+				if o, ok := e.Object.(client.Object); ok {
+					t.Errorf("%T %s written (%s) at start-up", o, o.GetName(), e.Type)
+				}
+			default:
+				break drain
+			}
+		}
+	}
 }
