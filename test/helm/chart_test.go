@@ -242,7 +242,7 @@ func managerFlags(t *testing.T) map[string]bool {
 			if !ok {
 				return true
 			}
-			if x, ok := sel.X.(*ast.Ident); !ok || x.Name != "flag" {
+			if x, ok := sel.X.(*ast.Ident); !ok || (x.Name != "flag" && x.Name != "fs") { // fs: a *flag.FlagSet parameter
 				return true
 			}
 			idx := 0 // flag.String("name", ...)

@@ -84,6 +84,7 @@ func (r release) metrics() string    { return r.prefix + "-metrics-service" }
 func (r release) certName() string   { return r.prefix + "-serving-cert" }
 func (r release) serviceAPI() string { return r.prefix + "-service-api" }
 func (r release) policies() string   { return r.prefix + "-service-policies" }
+func (r release) queryAPI() string   { return r.prefix + "-query-api" }
 
 // TestInstallDefaults installs what helm template renders with the default
 // values (release kubetwin in kubetwin-system, so the names are those of
@@ -92,8 +93,9 @@ func TestInstallDefaults(t *testing.T) {
 	rel := release{name: "kubetwin", namespace: "kubetwin-system", prefix: "kubetwin"}
 	objs := render(t, rel.name, rel.namespace)
 	wantKinds(t, objs, map[string]int{
-		"ServiceAccount": 1, "ClusterRole": 5, "ClusterRoleBinding": 2, "Role": 2, "RoleBinding": 2,
-		"Service": 3, "Deployment": 1, "ValidatingWebhookConfiguration": 1, "MutatingWebhookConfiguration": 1,
+		"ServiceAccount": 1, "ClusterRole": 7, "ClusterRoleBinding": 3, "Role": 2, "RoleBinding": 3,
+		"Service": 4, "Deployment": 1, "ValidatingWebhookConfiguration": 1, "MutatingWebhookConfiguration": 1,
+		"APIService": 1, // the query API (queryapi_test.go)
 	})
 	createNamespace(t, rel.namespace)
 	probe := createProbeTwin(t, rel.namespace)
@@ -181,9 +183,10 @@ func TestInstallExternalBrokerCertManager(t *testing.T) {
 	rel := release{name: "twins", namespace: "iot", prefix: "twins-kubetwin"}
 	objs := render(t, rel.name, rel.namespace, "-f", writeValues(t, externalValues))
 	wantKinds(t, objs, map[string]int{
-		"ServiceAccount": 1, "ClusterRole": 5, "ClusterRoleBinding": 2, "Role": 2, "RoleBinding": 2,
-		"Service": 3, "Deployment": 1, "ValidatingWebhookConfiguration": 1, "MutatingWebhookConfiguration": 1,
-		"Certificate": 1, "Issuer": 1,
+		"ServiceAccount": 1, "ClusterRole": 7, "ClusterRoleBinding": 3, "Role": 2, "RoleBinding": 3,
+		"Service": 4, "Deployment": 1, "ValidatingWebhookConfiguration": 1, "MutatingWebhookConfiguration": 1,
+		"APIService":  1, // the query API (queryapi_test.go)
+		"Certificate": 2, "Issuer": 1,
 	})
 
 	var rest []*unstructured.Unstructured
@@ -1068,7 +1071,7 @@ func TestServiceAPIDisabled(t *testing.T) {
 					t.Fatal(err)
 				}
 				for _, p := range svc.Spec.Ports {
-					if p.TargetPort.StrVal == "service-api" || (p.Port == 443 && o.GetName() != rel.webhook()) {
+					if p.TargetPort.StrVal == "service-api" || (p.Port == 443 && o.GetName() != rel.webhook() && o.GetName() != rel.queryAPI()) {
 						t.Errorf("Service %s port %+v without the service API", svc.Name, p)
 					}
 				}

@@ -1,0 +1,135 @@
+package helm
+
+import (
+	"fmt"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+
+	appsv1 "k8s.io/api/apps/v1"
+	corev1 "k8s.io/api/core/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+)
+
+// TestQueryAPIChart: the query API's APIService leads to a Service whose
+// port reaches the container port the operator serves it on; the operator
+// may read the front-proxy CA and ask SubjectAccessReviews; view, edit and
+// admin may create twinqueries. TLS: verified with cert-manager (its own
+// Certificate, the CA injected, the operator reading the Secret), not
+// verified with the operator's self-signed certificate. Off: none of it.
+func TestQueryAPIChart(t *testing.T) {
+	rel := release{name: "kubetwin", namespace: "kubetwin-system", prefix: "kubetwin"}
+	svcName := rel.queryAPI()
+
+	for _, c := range []struct {
+		name        string
+		args        []string
+		certManager bool
+	}{
+		{"self-signed", nil, false},
+		{"cert-manager", []string{"--set", "webhook.certificates.mode=cert-manager"}, true},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			objs := render(t, rel.name, rel.namespace, c.args...)
+			as := find(t, objs, "APIService", "v1alpha1.query.kubetwin.io")
+			spec, _, _ := unstructured.NestedMap(as.Object, "spec")
+			svcRef, _, _ := unstructured.NestedMap(spec, "service")
+			if spec["group"] != "query.kubetwin.io" || spec["version"] != "v1alpha1" ||
+				svcRef["name"] != svcName || svcRef["namespace"] != rel.namespace || fmt.Sprint(svcRef["port"]) != "443" {
+				t.Fatalf("APIService spec %v", spec)
+			}
+			svc := &corev1.Service{}
+			if err := k8sFromUnstructured(find(t, objs, "Service", svcName), svc); err != nil {
+				t.Fatal(err)
+			}
+			if len(svc.Spec.Ports) != 1 || svc.Spec.Ports[0].Port != 443 || svc.Spec.Ports[0].TargetPort.StrVal != "query-api" {
+				t.Fatalf("Service ports %+v", svc.Spec.Ports)
+			}
+			d := &appsv1.Deployment{}
+			if err := k8sFromUnstructured(find(t, objs, "Deployment", rel.manager()), d); err != nil {
+				t.Fatal(err)
+			}
+			mc := d.Spec.Template.Spec.Containers[0]
+			port := containerPort(t, mc, svc.Spec.Ports[0].TargetPort)
+			for _, a := range []string{"--query-api-bind-address=:" + itoa(port), "--query-api-max-concurrent-queries=4",
+				"--query-api-max-response-bytes=33554432"} {
+				if !slices.Contains(mc.Args, a) {
+					t.Errorf("args %v lack %s", mc.Args, a)
+				}
+			}
+			if !slices.ContainsFunc(d.Spec.Template.Spec.Containers[0].Env, func(e corev1.EnvVar) bool { return e.Name == "POD_NAMESPACE" }) {
+				t.Error("no POD_NAMESPACE")
+			}
+
+			_, insecure, _ := unstructured.NestedBool(spec, "insecureSkipTLSVerify")
+			inject := as.GetAnnotations()["cert-manager.io/inject-ca-from"]
+			certDir := slices.Contains(mc.Args, "--query-api-cert-dir=/etc/kubetwin/query-api")
+			if c.certManager {
+				cert := find(t, objs, "Certificate", svcName)
+				dns, _, _ := unstructured.NestedStringSlice(cert.Object, "spec", "dnsNames")
+				secret, _, _ := unstructured.NestedString(cert.Object, "spec", "secretName")
+				if insecure || inject != rel.namespace+"/"+svcName || !certDir || !slices.Contains(dns, svcName+"."+rel.namespace+".svc") {
+					t.Fatalf("cert-manager: insecure %v, inject %q, cert dir %v, dnsNames %v", insecure, inject, certDir, dns)
+				}
+				if !slices.ContainsFunc(d.Spec.Template.Spec.Volumes, func(v corev1.Volume) bool {
+					return v.Secret != nil && v.Secret.SecretName == secret
+				}) {
+					t.Fatalf("no volume from the Certificate's Secret %s", secret)
+				}
+			} else if !insecure || inject != "" || certDir {
+				t.Fatalf("self-signed: insecure %v, inject %q, cert dir %v", insecure, inject, certDir)
+			}
+
+			crb := &rbacv1.ClusterRoleBinding{}
+			if err := k8sFromUnstructured(find(t, objs, "ClusterRoleBinding", rel.prefix+"-query-api-auth-delegator"), crb); err != nil {
+				t.Fatal(err)
+			}
+			rb := &rbacv1.RoleBinding{}
+			if err := k8sFromUnstructured(find(t, objs, "RoleBinding", rel.prefix+"-query-api-auth-reader"), rb); err != nil {
+				t.Fatal(err)
+			}
+			for _, b := range []struct {
+				role    rbacv1.RoleRef
+				subject []rbacv1.Subject
+				want    string
+			}{{crb.RoleRef, crb.Subjects, "ClusterRole/system:auth-delegator"}, {rb.RoleRef, rb.Subjects, "Role/extension-apiserver-authentication-reader"}} {
+				if b.role.Kind+"/"+b.role.Name != b.want || len(b.subject) != 1 || b.subject[0].Name != rel.sa() || b.subject[0].Namespace != rel.namespace {
+					t.Errorf("binding %+v %+v, want %s for %s", b.role, b.subject, b.want, rel.sa())
+				}
+			}
+			if rb.Namespace != "kube-system" {
+				t.Errorf("the reader RoleBinding is in %q", rb.Namespace)
+			}
+			cr := &rbacv1.ClusterRole{}
+			if err := k8sFromUnstructured(find(t, objs, "ClusterRole", rel.prefix+"-twinqueries-view"), cr); err != nil {
+				t.Fatal(err)
+			}
+			for _, l := range []string{"view", "edit", "admin"} {
+				if cr.Labels["rbac.authorization.k8s.io/aggregate-to-"+l] != "true" {
+					t.Errorf("ClusterRole labels %v lack aggregate-to-%s", cr.Labels, l)
+				}
+			}
+			if len(cr.Rules) != 1 || !slices.Equal(cr.Rules[0].Resources, []string{"twinqueries"}) || !slices.Equal(cr.Rules[0].Verbs, []string{"create"}) {
+				t.Errorf("ClusterRole rules %+v", cr.Rules)
+			}
+		})
+	}
+
+	t.Run("off", func(t *testing.T) {
+		objs := render(t, rel.name, rel.namespace, "--set", "queryAPI.enabled=false")
+		for _, o := range objs {
+			if o.GetKind() == "APIService" || strings.Contains(o.GetName(), "query-api") || strings.Contains(o.GetName(), "twinqueries") {
+				t.Errorf("%s/%s rendered with queryAPI.enabled=false", o.GetKind(), o.GetName())
+			}
+		}
+		for _, a := range deploymentArgs(t, objs) {
+			if strings.HasPrefix(a, "--query-api") {
+				t.Errorf("arg %s with queryAPI.enabled=false", a)
+			}
+		}
+	})
+}
+
+func itoa(n int32) string { return strconv.Itoa(int(n)) }
