@@ -370,6 +370,26 @@ func TestConfigurationRollout(t *testing.T) {
 	report("r4", "")
 	expect(4, v1alpha1.ReasonApplied, 4, 0)
 	g.Expect(configCond(getConfig(g, ns, "fw"), v1alpha1.ConditionReady).Status).To(Equal(metav1.ConditionTrue))
+
+	// New content rolls out the same way: the twins the rollout has not
+	// reached yet keep the previous content.
+	patchConfig(t, ns, "fw", `{"spec":{"content":{"desired":{"firmware":{"version":"3.0"}}}}}`)
+	versions := func(want ...string) {
+		t.Helper()
+		g.Eventually(func(g Gomega) {
+			c := getConfig(g, ns, "fw")
+			g.Expect(c.Status.ObservedGeneration).To(Equal(c.Generation))
+			for i, n := range names {
+				g.Expect(desiredJSON(getTwin(g, ns, n))).To(Equal(`{"firmware":{"version":"`+want[i]+`"}}`), n)
+			}
+			g.Expect(configCond(c, v1alpha1.ConfigConditionProgressing).Reason).To(Equal(v1alpha1.ReasonWaitingForDevices))
+		}, wait, tick).Should(Succeed())
+	}
+	versions("3.0", "2.0", "2.0", "2.0")
+	if _, err := devs["r1"].Report(ctx, map[string]any{"firmware": map[string]any{"version": "3.0"}}); err != nil {
+		t.Fatal(err)
+	}
+	versions("3.0", "3.0", "2.0", "2.0")
 }
 
 // counterValue reads a counter of the operator's registry (the suite's
