@@ -150,6 +150,21 @@ AB_ARGS ?=
 bench-writepath: build ## Write-path A/B (not in CI): AB_VARIANTS side by side; capacity and latency at 50%/80% of it.
 	KUBEBUILDER_ASSETS="$(CONTROLPLANE)" go run ./test/bench --ab $(AB_VARIANTS) $(AB_ARGS)
 
+# One TwinConfiguration over CONFIG_TWINS twins, each with a device
+# (cmd/device-sim --apply-desired) that reports the content back, while
+# other devices report: time to all applied and all in sync, API writes
+# per twin, the other devices' latency without and during the rollout.
+# CONFIG_SIZE=tiny: a few twins, a quick check that it runs (CI runs it).
+CONFIG_TWINS ?= 10000
+CONFIG_ARGS ?=
+CONFIG_SIZE ?= full
+CONFIG_SIZE_ARGS_full = --config-twins $(CONFIG_TWINS)
+CONFIG_SIZE_ARGS_tiny = --config-twins 10 --config-other-devices 5 --config-warmup 1s --config-window 2s --config-quiet 2s --config-timeout 2m
+.PHONY: bench-config
+bench-config: build ## Fleet configuration benchmark: one TwinConfiguration over CONFIG_TWINS twins with devices (CONFIG_SIZE=tiny: a quick check).
+	@case "$(CONFIG_SIZE)" in full|tiny) ;; *) echo "CONFIG_SIZE must be full or tiny, not '$(CONFIG_SIZE)'" >&2; exit 2;; esac
+	KUBEBUILDER_ASSETS="$(CONTROLPLANE)" go run ./test/bench $(CONFIG_SIZE_ARGS_$(CONFIG_SIZE)) $(CONFIG_ARGS)
+
 ##@ Helm and image
 
 HELM ?= $(LOCALBIN)/helm
