@@ -43,8 +43,15 @@
 //
 // With --config-twins N (make bench-config) it runs none of these but
 // configbench.go: one TwinConfiguration over N twins with devices.
+// With --config-twins N (make bench-config) it runs none of these but
+// configbench.go: one TwinConfiguration over N twins with devices.
 // With --scale N (make bench-scale) it runs none of these but the
-// fleet-size measurements of scale.go instead.
+// fleet-size measurements of scale.go instead; with --ab (make
+// bench-writepath) none of these but the write-path comparison of ab.go:
+// for each variant of the operator's write path (--write-path values: the
+// old one, the current one, single changes), fresh --devices twins, the
+// distinct-twin report capacity and the report latency at 50% and 80% of
+// it, on one control plane, variants interleaved over --ab-rounds.
 //
 // It prints a table and one final JSON line on stdout, progress on stderr,
 // and exits 1 when a twin's status does not hold its device's last
@@ -117,11 +124,21 @@ type config struct {
 	scale            scaleConfig
 	// configBench is the configuration mode (configbench.go).
 	configBench configBenchConfig
+	// configBench is the configuration mode (configbench.go).
+	configBench configBenchConfig
+	// writePath is the operator's write path (--write-path); --ab runs
+	// abVariants instead of the phases, abRounds times, with latency at
+	// abFractions of each variant's capacity.
+	writePath   writePath
+	abVariants  []string
+	abRounds    int
+	abFractions []float64
+	abReplay    time.Duration
 }
 
 func parseFlags(args []string) (config, error) {
 	var c config
-	var inflight string
+	var inflight, writePathFlag, abFlag, abFractions string
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
 	fs.IntVar(&c.twins, "twins", 1000, "(a) DeviceTwins the baseline patches")
 	fs.StringVar(&inflight, "baseline-inflight", "32,64", "(a) status patches in flight, one measurement each (comma-separated); the best is the baseline")
@@ -152,6 +169,12 @@ func parseFlags(args []string) (config, error) {
 	fs.IntVar(&c.serviceConcurrency, "service-concurrency", 16, "(e) requests in flight in every workload of the service API phase and its baselines")
 	addScaleFlags(fs, &c.scale)
 	addConfigBenchFlags(fs, &c.configBench)
+	addConfigBenchFlags(fs, &c.configBench)
+	fs.StringVar(&writePathFlag, "write-path", "current", "the operator's write path: current, old (as before issue 14: "+oldWritePath+"), or options joined by +: legacy-status (status granular for server-side apply), keep-status-fields (no cache transform)")
+	fs.StringVar(&abFlag, "ab", "", "instead of the phases, measure these write paths (comma-separated, as --write-path) in turn on one control plane and the --devices twins: distinct-twin capacity (one report outstanding per device), then latency at --ab-fractions of it; e.g. --ab old,current")
+	fs.IntVar(&c.abRounds, "ab-rounds", 2, "--ab: times every variant is measured (interleaved)")
+	fs.DurationVar(&c.abReplay, "ab-replay", 5*time.Second, "--ab: after each variant, with its operator stopped, replay its status writes (one report each, its field manager) on its twins for this long: the API server's CPU per write without the operator and devices (0: skip)")
+	fs.StringVar(&abFractions, "ab-fractions", "0.5,0.8", "--ab: offered load of the latency measurements, as fractions of the variant's capacity (comma-separated)")
 	fs.StringVar(&c.role, "role", "", "internal: \"devices\" runs the device process")
 	fs.StringVar(&c.pprofAddr, "pprof-addr", "", "serve net/http/pprof of this process on this address (e.g. 127.0.0.1:6060)")
 	fs.StringVar(&c.cpuProfile, "cpuprofile", "", "write a CPU profile of this process (operator and broker; the devices run in a child process) during the measured report window to this file")
@@ -160,6 +183,29 @@ func parseFlags(args []string) (config, error) {
 	}
 	if fs.NArg() > 0 {
 		return c, fmt.Errorf("unexpected arguments %q", fs.Args())
+	}
+	var err error
+	if c.writePath, err = parseWritePath(writePathFlag); err != nil {
+		return c, fmt.Errorf("--write-path: %w", err)
+	}
+	if abFlag != "" {
+		for _, v := range strings.Split(abFlag, ",") {
+			v = strings.TrimSpace(v)
+			if _, err := parseWritePath(v); err != nil {
+				return c, fmt.Errorf("--ab: %w", err)
+			}
+			c.abVariants = append(c.abVariants, v)
+		}
+		if c.abRounds < 1 {
+			return c, fmt.Errorf("--ab-rounds must be at least 1")
+		}
+		for _, f := range strings.Split(abFractions, ",") {
+			x, err := strconv.ParseFloat(strings.TrimSpace(f), 64)
+			if err != nil || x <= 0 || x > 1 {
+				return c, fmt.Errorf("--ab-fractions: %q is not a fraction in (0, 1]", f)
+			}
+			c.abFractions = append(c.abFractions, x)
+		}
 	}
 	for _, s := range strings.Split(inflight, ",") {
 		n, err := strconv.Atoi(strings.TrimSpace(s))
@@ -230,6 +276,10 @@ func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	var code int
 	switch {
+	case len(cfg.abVariants) > 0:
+		code = runAB(ctx, cfg)
+	case cfg.configBench.twins > 0:
+		code = runConfigBench(ctx, cfg, cfg.configBench)
 	case cfg.configBench.twins > 0:
 		code = runConfigBench(ctx, cfg, cfg.configBench)
 	case cfg.scale.twins > 0:
@@ -259,31 +309,33 @@ type results struct {
 	APIMsPerWriteReports float64            `json:"apiserver_cpu_ms_per_write_reports"`
 	CPUBaseline          map[string]float64 `json:"cpu_cores_baseline"`
 	// (b)
-	Devices               int                `json:"devices"`
-	RatePerDevice         float64            `json:"rate_per_device"`
-	InflightPerDevice     int                `json:"max_inflight_per_device"`
-	MaxConcurrentRecs     int                `json:"max_concurrent_reconciles"`
-	DurationSec           float64            `json:"duration_sec"`
-	OfferedPerSec         float64            `json:"offered_reports_per_sec"`
-	ReportsSent           int64              `json:"reports_sent_in_window"`
-	ReportsSkipped        int64              `json:"reports_skipped_device_busy"`
-	ReportsAcked          int64              `json:"reports_acked"`
-	ReportsPerSec         float64            `json:"reports_per_sec"`
-	ReportErrors          int64              `json:"report_errors"`
-	StatusWrites          int64              `json:"status_writes"`
-	StatusWriteErrors     int64              `json:"status_write_errors"`
-	WritesPerSec          float64            `json:"status_writes_per_sec"`
-	ReportsPerWrite       float64            `json:"reports_per_write"`
-	WriteRateVsBaseline   float64            `json:"write_rate_vs_baseline_pct"`
-	WriteRateVsDevBase    float64            `json:"write_rate_vs_device_twins_baseline_pct"`
-	ReportLatencyP50Ms    float64            `json:"report_latency_p50_ms"`
-	ReportLatencyP99Ms    float64            `json:"report_latency_p99_ms"`
-	ReportLatencyMaxMs    float64            `json:"report_latency_max_ms"`
-	CPUReports            map[string]float64 `json:"cpu_cores_reports"`
-	DeviceObjBytes        int                `json:"device_twin_object_bytes"`
-	Mismatches            int                `json:"mismatches"`
-	VersionMismatches     int                `json:"reported_version_mismatches"`
-	DevicesWithVersionGap int                `json:"devices_with_version_gaps"`
+	Devices             int                `json:"devices"`
+	RatePerDevice       float64            `json:"rate_per_device"`
+	InflightPerDevice   int                `json:"max_inflight_per_device"`
+	MaxConcurrentRecs   int                `json:"max_concurrent_reconciles"`
+	DurationSec         float64            `json:"duration_sec"`
+	OfferedPerSec       float64            `json:"offered_reports_per_sec"`
+	ReportsSent         int64              `json:"reports_sent_in_window"`
+	ReportsSkipped      int64              `json:"reports_skipped_device_busy"`
+	ReportsAcked        int64              `json:"reports_acked"`
+	ReportsPerSec       float64            `json:"reports_per_sec"`
+	ReportErrors        int64              `json:"report_errors"`
+	StatusWrites        int64              `json:"status_writes"`
+	StatusWriteErrors   int64              `json:"status_write_errors"`
+	WritesPerSec        float64            `json:"status_writes_per_sec"`
+	ReportsPerWrite     float64            `json:"reports_per_write"`
+	WriteRateVsBaseline float64            `json:"write_rate_vs_baseline_pct"`
+	WriteRateVsDevBase  float64            `json:"write_rate_vs_device_twins_baseline_pct"`
+	ReportLatencyP50Ms  float64            `json:"report_latency_p50_ms"`
+	ReportLatencyP99Ms  float64            `json:"report_latency_p99_ms"`
+	ReportLatencyMaxMs  float64            `json:"report_latency_max_ms"`
+	CPUReports          map[string]float64 `json:"cpu_cores_reports"`
+	DeviceObjBytes      int                `json:"device_twin_object_bytes"`
+	// queue is where the operator's time went in the window (--ab only).
+	queue                 map[string]queueTimes
+	Mismatches            int `json:"mismatches"`
+	VersionMismatches     int `json:"reported_version_mismatches"`
+	DevicesWithVersionGap int `json:"devices_with_version_gaps"`
 	// (c)
 	DesiredChanges      int     `json:"desired_changes"`
 	DesiredReceived     int     `json:"desired_received"`
