@@ -43,8 +43,6 @@
 //
 // With --config-twins N (make bench-config) it runs none of these but
 // configbench.go: one TwinConfiguration over N twins with devices.
-// With --config-twins N (make bench-config) it runs none of these but
-// configbench.go: one TwinConfiguration over N twins with devices.
 // With --scale N (make bench-scale) it runs none of these but the
 // fleet-size measurements of scale.go instead; with --ab (make
 // bench-writepath) none of these but the write-path comparison of ab.go:
@@ -124,8 +122,6 @@ type config struct {
 	scale            scaleConfig
 	// configBench is the configuration mode (configbench.go).
 	configBench configBenchConfig
-	// configBench is the configuration mode (configbench.go).
-	configBench configBenchConfig
 	// writePath is the operator's write path (--write-path); --ab runs
 	// abVariants instead of the phases, abRounds times, with latency at
 	// abFractions of each variant's capacity.
@@ -168,7 +164,6 @@ func parseFlags(args []string) (config, error) {
 	fs.DurationVar(&c.serviceDuration, "service-duration", 10*time.Second, "(e) length of the read and update workloads and of each of their baselines (the two queries and their baselines run for a quarter of it each)")
 	fs.IntVar(&c.serviceConcurrency, "service-concurrency", 16, "(e) requests in flight in every workload of the service API phase and its baselines")
 	addScaleFlags(fs, &c.scale)
-	addConfigBenchFlags(fs, &c.configBench)
 	addConfigBenchFlags(fs, &c.configBench)
 	fs.StringVar(&writePathFlag, "write-path", "current", "the operator's write path: current, old (as before issue 14: "+oldWritePath+"), or options joined by +: legacy-status (status granular for server-side apply), keep-status-fields (no cache transform)")
 	fs.StringVar(&abFlag, "ab", "", "instead of the phases, measure these write paths (comma-separated, as --write-path) in turn on one control plane and the --devices twins: distinct-twin capacity (one report outstanding per device), then latency at --ab-fractions of it; e.g. --ab old,current")
@@ -278,8 +273,6 @@ func main() {
 	switch {
 	case len(cfg.abVariants) > 0:
 		code = runAB(ctx, cfg)
-	case cfg.configBench.twins > 0:
-		code = runConfigBench(ctx, cfg, cfg.configBench)
 	case cfg.configBench.twins > 0:
 		code = runConfigBench(ctx, cfg, cfg.configBench)
 	case cfg.scale.twins > 0:
