@@ -65,7 +65,8 @@ documents and answers IoT Hub's query language over them:
   SELECT [TOP n] <* | expression [AS alias], ...> FROM devices [WHERE condition] [GROUP BY path]
 
 Paths: deviceId, status, connectionState, lastActivityTime, version, etag, tags.a.b,
-properties.desired.a.b, properties.reported.a.b, capabilities.iotEdge. Operators:
+properties.desired.a.b, properties.reported.a.b, capabilities.iotEdge, and
+configurations.[[name]].status ('Targeted' or 'Applied', set by a TwinConfiguration). Operators:
 = != <> < > <= >= IN NIN AND OR NOT + - * / %. Functions: IS_DEFINED, STARTSWITH, ENDSWITH,
 and the aggregates COUNT, AVG, SUM, MIN, MAX. A missing property matches no comparison.
 
