@@ -7,6 +7,7 @@ import (
 
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/util/workqueue"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/builder"
 	"sigs.k8s.io/controller-runtime/pkg/client"
@@ -46,22 +47,54 @@ func (r *DeviceTwinReconciler) claim(ctx context.Context, t *v1alpha1.DeviceTwin
 	return nil, nil
 }
 
-// twinsWantingClaim maps a claim to the twins with its device id.
-func (r *DeviceTwinReconciler) twinsWantingClaim(ctx context.Context, o client.Object) []reconcile.Request {
+// claimEvents is the DeviceTwin controller's handler of claim events: it
+// wakes the twins that want the claim's device id, so that the next holder
+// is served at once. A created or updated claim does not wake the twin it
+// names: that twin made it (or takes it when its own creation wakes it),
+// so a fleet's claims cost no second reconcile of every twin at start-up.
+// A deleted claim wakes its holder too, which claims the id again.
+func (r *DeviceTwinReconciler) claimEvents() handler.EventHandler {
+	type queue = workqueue.TypedRateLimitingInterface[reconcile.Request]
+	return handler.Funcs{
+		CreateFunc: func(ctx context.Context, e event.CreateEvent, q queue) { r.wakeWanting(ctx, e.Object, false, q) },
+		UpdateFunc: func(ctx context.Context, e event.UpdateEvent, q queue) { r.wakeWanting(ctx, e.ObjectNew, false, q) },
+		DeleteFunc: func(ctx context.Context, e event.DeleteEvent, q queue) { r.wakeWanting(ctx, e.Object, true, q) },
+		GenericFunc: func(ctx context.Context, e event.GenericEvent, q queue) {
+			r.wakeWanting(ctx, e.Object, true, q)
+		},
+	}
+}
+
+// wakeWanting enqueues the twins with the device id of claim o, the twin
+// the claim names only if holderToo.
+func (r *DeviceTwinReconciler) wakeWanting(ctx context.Context, o client.Object, holderToo bool, q workqueue.TypedRateLimitingInterface[reconcile.Request]) {
 	cl, ok := o.(*v1alpha1.DeviceIDClaim)
 	if !ok {
-		return nil
+		return
 	}
 	keys, err := deviceid.TwinsWanting(ctx, r.Client, cl.Spec.DeviceID)
 	if err != nil {
 		ctrl.LoggerFrom(ctx).Error(err, "listing the twins that want a device id", "deviceId", cl.Spec.DeviceID)
-		return nil
+		return
 	}
-	out := make([]reconcile.Request, len(keys))
-	for i, k := range keys {
-		out[i] = reconcile.Request{NamespacedName: k}
+	for _, k := range keys {
+		if !holderToo && r.names(ctx, cl, k) {
+			continue
+		}
+		q.Add(reconcile.Request{NamespacedName: k})
 	}
-	return out
+}
+
+// names reports whether claim cl names the twin at key, down to its uid
+// (a twin created again under the same name is another twin), as the
+// cache shows it.
+func (r *DeviceTwinReconciler) names(ctx context.Context, cl *v1alpha1.DeviceIDClaim, key types.NamespacedName) bool {
+	h := cl.Spec.Twin
+	if h.Namespace != key.Namespace || h.Name != key.Name {
+		return false
+	}
+	t := &v1alpha1.DeviceTwin{}
+	return r.Get(ctx, key, t, client.UnsafeDisableDeepCopy) == nil && t.UID == h.UID
 }
 
 // DeviceIDClaimReconciler removes stale claims: those whose twin does not

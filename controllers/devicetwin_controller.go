@@ -359,7 +359,7 @@ func (r *DeviceTwinReconciler) SetupWithManager(ctx context.Context, mgr ctrl.Ma
 		WatchesRawSource(r.Bridge.Source()).
 		// A claim that goes or changes hands wakes the twins that want
 		// its id, so the next holder is served at once.
-		Watches(&v1alpha1.DeviceIDClaim{}, handler.EnqueueRequestsFromMapFunc(r.twinsWantingClaim)).
+		Watches(&v1alpha1.DeviceIDClaim{}, r.claimEvents()).
 		WithOptions(controller.Options{MaxConcurrentReconciles: workers}).
 		Named("devicetwin")
 	if r.Credentials != nil {
