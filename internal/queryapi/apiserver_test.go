@@ -37,6 +37,7 @@ import (
 	"github.com/kubetwin/kubetwin/api/v1alpha1"
 	"github.com/kubetwin/kubetwin/internal/kubectltwin"
 	"github.com/kubetwin/kubetwin/internal/query"
+	"github.com/kubetwin/kubetwin/internal/queryapi"
 	"github.com/kubetwin/kubetwin/internal/queryapi/queryapitest"
 	"github.com/kubetwin/kubetwin/internal/queryapi/wire"
 	"github.com/kubetwin/kubetwin/internal/twin"
@@ -46,10 +47,9 @@ type plane struct {
 	env   *envtest.Environment
 	fp    *queryapitest.FrontProxy
 	admin client.Client
-	api   *queryapitest.Running
 }
 
-func startPlane(t *testing.T) *plane {
+func startPlane(t testing.TB) *plane {
 	t.Helper()
 	if os.Getenv("KUBEBUILDER_ASSETS") == "" {
 		t.Fatal("KUBEBUILDER_ASSETS is not set: KUBEBUILDER_ASSETS=$(hack/controlplane.sh) go test ./internal/queryapi")
@@ -379,4 +379,111 @@ func cmpOr(a, b string) string {
 		return a
 	}
 	return b
+}
+
+// BenchmarkFleetThroughAPIServer times queries over a fleet of
+// $KUBETWIN_QUERYAPI_FLEET twins (default 10,000) in envtest, the two ways
+// kubectl-twin answers them: listing every twin through kube-apiserver
+// (pages of 500, evaluated in the client) and one request to the query
+// API through kube-apiserver's proxy. Creating the fleet takes minutes.
+//
+//	KUBEBUILDER_ASSETS=$(hack/controlplane.sh) go test ./internal/queryapi -run XXX -bench FleetThroughAPIServer -benchtime 3x
+func BenchmarkFleetThroughAPIServer(b *testing.B) {
+	n := 10000
+	if v := os.Getenv("KUBETWIN_QUERYAPI_FLEET"); v != "" {
+		if _, err := fmt.Sscan(v, &n); err != nil {
+			b.Fatalf("KUBETWIN_QUERYAPI_FLEET=%q: %v", v, err)
+		}
+	}
+	p := startPlane(b)
+	ctx := context.Background()
+	if err := p.admin.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "scale"}}); err != nil {
+		b.Fatal(err)
+	}
+	start := time.Now()
+	work := make(chan int)
+	errs := make(chan error, 16)
+	for range 16 {
+		go func() {
+			for i := range work {
+				tw := benchTwin(i)
+				st := tw.Status
+				err := p.admin.Create(ctx, tw)
+				if err == nil {
+					tw.Status = st
+					err = p.admin.Status().Update(ctx, tw)
+				}
+				if err != nil {
+					errs <- err
+					return
+				}
+			}
+			errs <- nil
+		}()
+	}
+	for i := range n {
+		work <- i
+	}
+	close(work)
+	for range 16 {
+		if err := <-errs; err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.Logf("created %d twins in %v", n, time.Since(start).Round(time.Second))
+	api, err := queryapitest.Serve(ctx, p.env.Config, queryapitest.Options{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { _ = api.Stop(ctx, p.env.Config) })
+	lc, err := kubectltwin.NewClient(p.env.Config)
+	if err != nil {
+		b.Fatal(err)
+	}
+	ac, err := kubectltwin.NewQueryAPIClient(p.env.Config)
+	if err != nil {
+		b.Fatal(err)
+	}
+	for _, text := range []string{
+		"SELECT * FROM devices WHERE properties.reported.telemetry.temperature > 99",
+		"SELECT COUNT() AS n FROM devices WHERE properties.reported.telemetry.temperature > 90",
+		"SELECT * FROM devices WHERE tags.location.plant = 'Plant-07'",
+	} {
+		q, err := query.Parse(text)
+		if err != nil {
+			b.Fatal(err)
+		}
+		for _, via := range []string{kubectltwin.ViaList, kubectltwin.ViaAPI} {
+			b.Run(via+"/"+text, func(b *testing.B) {
+				var items int
+				for b.Loop() {
+					t0 := time.Now()
+					var ans *kubectltwin.Answer
+					if via == kubectltwin.ViaList {
+						ans, err = kubectltwin.Execute(ctx, lc, "scale", q, kubectltwin.DefaultChunkSize)
+					} else {
+						ans, err = kubectltwin.ExecuteAPI(ctx, ac, "scale", q)
+					}
+					if err != nil {
+						b.Fatal(err)
+					}
+					items = len(ans.Items)
+					b.ReportMetric(float64(time.Since(t0).Milliseconds()), "ms/query")
+				}
+				b.ReportMetric(float64(items), "items")
+				b.ReportMetric(float64(n), "twins")
+			})
+		}
+	}
+}
+
+// benchTwin is twin i of the bench fleet (partial_test.go's benchTwins),
+// ready to create; its status is written after.
+func benchTwin(i int) *v1alpha1.DeviceTwin {
+	src := queryapi.BenchTwinAt(i)
+	tw := &v1alpha1.DeviceTwin{ObjectMeta: metav1.ObjectMeta{Namespace: src.Namespace, Name: src.Name, Labels: src.Labels}}
+	tw.Spec = src.Spec
+	tw.Status = src.Status
+	tw.Status.ObservedGeneration = 1
+	return tw
 }

@@ -276,7 +276,7 @@ func lookupRaw(b []byte, i int, keys []string) (found []byte, end int, err error
 		if err != nil {
 			return nil, 0, err
 		}
-		match := false
+		var match bool
 		if plain {
 			match = string(b[i+1:kEnd-1]) == keys[0]
 		} else {

@@ -181,27 +181,32 @@ func TestSectionValueErrors(t *testing.T) {
 func benchTwins(n int) []*v1alpha1.DeviceTwin {
 	twins := make([]*v1alpha1.DeviceTwin, n)
 	for i := range twins {
-		r := rand.New(rand.NewPCG(uint64(i), 7))
-		temp := 18 + float64(r.IntN(820))/10
-		tags := fmt.Sprintf(`{"location":{"plant":"Plant-%02d","region":"eu-west"},"customer":"customer-%02d","deviceType":"pump"}`, r.IntN(100), r.IntN(40))
-		reported := fmt.Sprintf(`{"telemetry":{"temperature":%.1f,"humidity":%d},"firmware":{"version":"1.%d.%d"},"connectivity":{"type":"wifi"}}`,
-			temp, 20+r.IntN(60), r.IntN(5), r.IntN(10))
-		meta := `{"$lastUpdated":"2026-12-06T10:00:00Z","telemetry":{"$lastUpdated":"2026-12-06T10:00:00Z","temperature":{"$lastUpdated":"2026-12-06T10:00:00Z","$lastUpdatedVersion":3},` +
-			`"humidity":{"$lastUpdated":"2026-12-06T10:00:00Z","$lastUpdatedVersion":3}},"firmware":{"$lastUpdated":"2026-12-06T10:00:00Z","version":{"$lastUpdated":"2026-12-06T10:00:00Z"}},` +
-			`"connectivity":{"$lastUpdated":"2026-12-06T10:00:00Z","type":{"$lastUpdated":"2026-12-06T10:00:00Z"}}}`
-		tg, _ := twin.DecodeRaw([]byte(tags))
-		tw := &v1alpha1.DeviceTwin{ObjectMeta: metav1.ObjectMeta{Namespace: "scale", Name: fmt.Sprintf("dev-%06d", i), ResourceVersion: "12345", Generation: 1,
-			Labels: twin.MirrorLabels(tg)}}
-		tw.Status.ObservedGeneration = 1
-		tw.Spec.Tags = rawJSON(tags)
-		tw.Spec.Desired = rawJSON(`{"telemetryInterval":30}`)
-		tw.Status.Reported = rawJSON(reported)
-		tw.Status.Metadata = &v1alpha1.TwinMetadata{Desired: rawJSON(`{"$lastUpdated":"2026-12-06T10:00:00Z","telemetryInterval":{"$lastUpdated":"2026-12-06T10:00:00Z"}}`), Reported: rawJSON(meta)}
-		tw.Status.DeviceID = tw.Name
-		tw.Status.ReportedVersion = 3
-		twins[i] = tw
+		twins[i] = benchTwinAt(i)
 	}
 	return twins
+}
+
+// benchTwinAt is twin i of benchTwins.
+func benchTwinAt(i int) *v1alpha1.DeviceTwin {
+	r := rand.New(rand.NewPCG(uint64(i), 7))
+	temp := 18 + float64(r.IntN(820))/10
+	tags := fmt.Sprintf(`{"location":{"plant":"Plant-%02d","region":"eu-west"},"customer":"customer-%02d","deviceType":"pump"}`, r.IntN(100), r.IntN(40))
+	reported := fmt.Sprintf(`{"telemetry":{"temperature":%.1f,"humidity":%d},"firmware":{"version":"1.%d.%d"},"connectivity":{"type":"wifi"}}`,
+		temp, 20+r.IntN(60), r.IntN(5), r.IntN(10))
+	meta := `{"$lastUpdated":"2026-12-06T10:00:00Z","telemetry":{"$lastUpdated":"2026-12-06T10:00:00Z","temperature":{"$lastUpdated":"2026-12-06T10:00:00Z","$lastUpdatedVersion":3},` +
+		`"humidity":{"$lastUpdated":"2026-12-06T10:00:00Z","$lastUpdatedVersion":3}},"firmware":{"$lastUpdated":"2026-12-06T10:00:00Z","version":{"$lastUpdated":"2026-12-06T10:00:00Z"}},` +
+		`"connectivity":{"$lastUpdated":"2026-12-06T10:00:00Z","type":{"$lastUpdated":"2026-12-06T10:00:00Z"}}}`
+	tg, _ := twin.DecodeRaw([]byte(tags))
+	tw := &v1alpha1.DeviceTwin{ObjectMeta: metav1.ObjectMeta{Namespace: "scale", Name: fmt.Sprintf("dev-%06d", i), ResourceVersion: "12345", Generation: 1,
+		Labels: twin.MirrorLabels(tg)}}
+	tw.Status.ObservedGeneration = 1
+	tw.Spec.Tags = rawJSON(tags)
+	tw.Spec.Desired = rawJSON(`{"telemetryInterval":30}`)
+	tw.Status.Reported = rawJSON(reported)
+	tw.Status.Metadata = &v1alpha1.TwinMetadata{Desired: rawJSON(`{"$lastUpdated":"2026-12-06T10:00:00Z","telemetryInterval":{"$lastUpdated":"2026-12-06T10:00:00Z"}}`), Reported: rawJSON(meta)}
+	tw.Status.DeviceID = tw.Name
+	tw.Status.ReportedVersion = 3
+	return tw
 }
 
 const benchResidual = "SELECT * FROM devices WHERE properties.reported.telemetry.temperature > 90"

@@ -245,12 +245,7 @@ func Serve(ctx context.Context, admin *rest.Config, o Options) (*Running, error)
 		}
 	}
 	r.Addr = srv.ListenAddr().String()
-	if err := r.register(ctx, servingPEM); err != nil {
-		return nil, err
-	}
-	// Available can come before kube-apiserver routes the group: wait
-	// until its discovery answers through it.
-	if err := waitServed(ctx, admin, true); err != nil {
+	if err := Register(ctx, admin, r.Addr, servingPEM); err != nil {
 		return nil, err
 	}
 	ok = true
@@ -267,36 +262,65 @@ func newServing(host string) (*ecdsa.PrivateKey, tls.Certificate, []byte, error)
 	return key, tls.Certificate{Certificate: [][]byte{cert.Raw}, PrivateKey: key, Leaf: cert}, certPEM, nil
 }
 
-// register creates the Service (ExternalName: kube-apiserver's proxy dials
-// the name it holds, here the loopback address the server listens on) and
-// the APIService, and waits until the APIService is Available.
-func (r *Running) register(ctx context.Context, caBundle []byte) error {
-	host, portText, _ := net.SplitHostPort(r.Addr)
-	port, _ := strconv.Atoi(portText)
+// Register points kube-apiserver at a query API server listening on addr
+// (an IP address and port, e.g. an operator started with
+// --query-api-bind-address=127.0.0.1:8444): it creates the Service
+// (ExternalName: kube-apiserver's proxy dials the address it holds) and
+// the APIService, with caBundle (nil: insecureSkipTLSVerify, for the
+// operator's self-signed certificate), and waits until kube-apiserver
+// reports it Available and serves its discovery. admin is a
+// system:masters configuration.
+func Register(ctx context.Context, admin *rest.Config, addr string, caBundle []byte) error {
+	c, err := client.New(admin, client.Options{})
+	if err != nil {
+		return err
+	}
+	host, portText, err := net.SplitHostPort(addr)
+	if err != nil {
+		return err
+	}
+	port, err := strconv.Atoi(portText)
+	if err != nil {
+		return fmt.Errorf("port of %s: %w", addr, err)
+	}
 	svc := &corev1.Service{
 		ObjectMeta: metav1.ObjectMeta{Namespace: ServiceNamespace, Name: ServiceName},
 		Spec:       corev1.ServiceSpec{Type: corev1.ServiceTypeExternalName, ExternalName: host},
 	}
-	if err := r.admin.Create(ctx, svc); err != nil && !apierrors.IsAlreadyExists(err) {
+	if err := c.Create(ctx, svc); err != nil && !apierrors.IsAlreadyExists(err) {
 		return fmt.Errorf("creating Service %s/%s: %w", ServiceNamespace, ServiceName, err)
+	}
+	spec := map[string]any{
+		"group": wire.Group, "version": wire.Version,
+		"groupPriorityMinimum": int64(1000), "versionPriority": int64(100),
+		"service": map[string]any{"namespace": ServiceNamespace, "name": ServiceName, "port": int64(port)},
+	}
+	if caBundle != nil {
+		spec["caBundle"] = caBundle
+	} else {
+		spec["insecureSkipTLSVerify"] = true
 	}
 	as := &unstructured.Unstructured{Object: map[string]any{
 		"apiVersion": "apiregistration.k8s.io/v1",
 		"kind":       "APIService",
 		"metadata":   map[string]any{"name": APIServiceName},
-		"spec": map[string]any{
-			"group": wire.Group, "version": wire.Version,
-			"groupPriorityMinimum": int64(1000), "versionPriority": int64(100),
-			"caBundle": caBundle,
-			"service":  map[string]any{"namespace": ServiceNamespace, "name": ServiceName, "port": int64(port)},
-		},
+		"spec":       spec,
 	}}
-	if err := r.admin.Create(ctx, as); err != nil {
+	if err := c.Create(ctx, as); err != nil {
 		return fmt.Errorf("creating APIService %s: %w", APIServiceName, err)
 	}
+	if err := waitAvailable(ctx, c); err != nil {
+		return err
+	}
+	// Available can come before kube-apiserver routes the group: wait
+	// until its discovery answers through it.
+	return waitServed(ctx, admin, true)
+}
+
+func waitAvailable(ctx context.Context, c client.Client) error {
 	deadline := time.Now().Add(60 * time.Second)
 	for {
-		ok, msg, err := available(ctx, r.admin)
+		ok, msg, err := available(ctx, c)
 		if ok {
 			return nil
 		}
