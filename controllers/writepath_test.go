@@ -29,7 +29,7 @@ func TestStatusManagedFieldsOneEntry(t *testing.T) {
 		var status []string
 		for _, mf := range tw.ManagedFields {
 			if mf.Subresource == "status" {
-				status = append(status, mf.Manager+" "+string(mf.FieldsV1.Raw))
+				status = append(status, mf.Manager+" "+mf.FieldsV1.GetRawString())
 			}
 		}
 		g.Expect(status).To(Equal([]string{controllers.StatusManager + ` {"f:status":{}}`}))

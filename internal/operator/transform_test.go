@@ -14,7 +14,7 @@ import (
 func TestDropStatusManagedFields(t *testing.T) {
 	entry := func(manager, sub string) metav1.ManagedFieldsEntry {
 		return metav1.ManagedFieldsEntry{Manager: manager, Subresource: sub,
-			FieldsV1: &metav1.FieldsV1{Raw: []byte(`{"f:metadata":{}}`)}}
+			FieldsV1: metav1.NewFieldsV1(`{"f:metadata":{}}`)}
 	}
 	tw := &v1alpha1.DeviceTwin{ObjectMeta: metav1.ObjectMeta{Name: "a", ManagedFields: []metav1.ManagedFieldsEntry{
 		entry("kubetwin-labels", ""), entry("kubetwin", "status"), entry("kubectl", ""), entry("other", "status"),

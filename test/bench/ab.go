@@ -372,7 +372,7 @@ func setStatusShape(ctx context.Context, k8s client.Client, ns string, atomic bo
 			return err
 		}
 		for _, mf := range probe.ManagedFields {
-			if mf.Manager == "ab-probe" && mf.FieldsV1 != nil && (string(mf.FieldsV1.Raw) == `{"f:status":{}}`) == atomic {
+			if mf.Manager == "ab-probe" && mf.FieldsV1 != nil && (mf.FieldsV1.GetRawString() == `{"f:status":{}}`) == atomic {
 				progress("ab: status is atomic=%v in the CRD", atomic)
 				return nil
 			}
