@@ -779,7 +779,7 @@ func (h *Handler) applyConfigurationContent(ctx context.Context, req *request) (
 	if err != nil {
 		return reply{}, badRequest("the request body: " + err.Error())
 	}
-	patch, aerr := contentDesired(map[string]any(doc), true)
+	patch, aerr := contentDesired(doc, true)
 	if aerr != nil {
 		return reply{}, aerr
 	}

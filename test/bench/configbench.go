@@ -20,7 +20,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -292,7 +291,11 @@ func startDeviceSim(ctx context.Context, cfg config, cb configBenchConfig, broke
 		root := filepath.Dir(filepath.Dir(filepath.Dir(crds)))
 		bin = filepath.Join(root, "bin", "device-sim")
 		if _, err := os.Stat(bin); err != nil {
-			build := exec.CommandContext(ctx, filepath.Join(runtime.GOROOT(), "bin", "go"), "build", "-o", bin, "./cmd/device-sim")
+			goBin, err := exec.LookPath("go")
+			if err != nil {
+				return nil, nil, err
+			}
+			build := exec.CommandContext(ctx, goBin, "build", "-o", bin, "./cmd/device-sim")
 			build.Dir = root
 			if out, err := build.CombinedOutput(); err != nil {
 				return nil, nil, fmt.Errorf("go build ./cmd/device-sim: %v\n%s", err, out)
