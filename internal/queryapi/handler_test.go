@@ -10,7 +10,6 @@ import (
 	"runtime"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/go-logr/logr"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -206,12 +205,9 @@ func BenchmarkAnswer100k(b *testing.B) {
 			lister := func(context.Context, string) ([]*v1alpha1.DeviceTwin, error) { return twins, nil }
 			h := testHandler(nil, Options{Twins: lister}, nil)
 			for b.Loop() {
-				start := time.Now()
-				rec := postQuery(h, "scale", q)
-				if rec.Code != http.StatusCreated {
+				if rec := postQuery(h, "scale", q); rec.Code != http.StatusCreated {
 					b.Fatalf("%d: %.300s", rec.Code, rec.Body)
 				}
-				b.ReportMetric(float64(time.Since(start).Milliseconds()), "ms/query")
 			}
 			b.ReportMetric(float64(runtime.GOMAXPROCS(0)), "procs")
 		})

@@ -156,6 +156,20 @@ func (p *partial) value(t *v1alpha1.DeviceTwin, s []string) (any, bool, error) {
 			return json.Number(strconv.FormatInt(version, 10)), true, nil
 		}
 		return sectionValue(raw, s[2:])
+	case "configurations":
+		// From the twin's labels, as hubtwin renders it.
+		var v any = hubtwin.Configurations(t.Labels)
+		for _, k := range s[1:] {
+			m, ok := v.(map[string]any)
+			if !ok || m[k] == nil {
+				return nil, false, nil
+			}
+			v = m[k]
+		}
+		if m, ok := v.(map[string]any); ok && m == nil {
+			return nil, false, nil
+		}
+		return v, true, nil
 	}
 	if len(s) > 1 {
 		if s[0] == "capabilities" && s[1] == "iotEdge" && len(s) == 2 {
