@@ -133,15 +133,16 @@ func FromDeviceTwin(t *v1alpha1.DeviceTwin) map[string]any {
 			"reported": reported,
 		},
 	}
-	if c := configurations(t.Labels); c != nil {
+	if c := Configurations(t.Labels); c != nil {
 		doc["configurations"] = c
 	}
 	return doc
 }
 
-// configurations returns the configurations member from the labels that
-// the configurations targeting a twin set, nil when there are none.
-func configurations(labels map[string]string) map[string]any {
+// Configurations returns the configurations member of a twin's document
+// from its labels (those the configurations targeting it set), nil when
+// there are none.
+func Configurations(labels map[string]string) map[string]any {
 	var c map[string]any
 	for k, v := range labels {
 		name, ok := strings.CutPrefix(k, v1alpha1.ConfigurationsLabelPrefix)
