@@ -351,19 +351,26 @@ func available(ctx context.Context, c client.Client) (bool, string, error) {
 	return false, "no Available condition yet", nil
 }
 
-// Stop deletes the APIService and the Service, waits until kube-apiserver
-// no longer serves the group (a 404 for its discovery), and stops the
-// server.
+// Stop unregisters the server (Unregister) and stops it.
 func (r *Running) Stop(ctx context.Context, admin *rest.Config) error {
+	err := Unregister(ctx, admin)
+	r.cancel()
+	return errors.Join(err, <-r.done)
+}
+
+// Unregister deletes the APIService and the Service and waits until
+// kube-apiserver no longer serves the group (a 404 for its discovery).
+func Unregister(ctx context.Context, admin *rest.Config) error {
+	c, err := client.New(admin, client.Options{})
+	if err != nil {
+		return err
+	}
 	as := &unstructured.Unstructured{}
 	as.SetGroupVersionKind(schema.GroupVersionKind{Group: "apiregistration.k8s.io", Version: "v1", Kind: "APIService"})
 	as.SetName(APIServiceName)
-	errs := []error{client.IgnoreNotFound(r.admin.Delete(ctx, as)),
-		client.IgnoreNotFound(r.admin.Delete(ctx, &corev1.Service{ObjectMeta: metav1.ObjectMeta{Namespace: ServiceNamespace, Name: ServiceName}}))}
-	errs = append(errs, waitServed(ctx, admin, false))
-	r.cancel()
-	errs = append(errs, <-r.done)
-	return errors.Join(errs...)
+	return errors.Join(client.IgnoreNotFound(c.Delete(ctx, as)),
+		client.IgnoreNotFound(c.Delete(ctx, &corev1.Service{ObjectMeta: metav1.ObjectMeta{Namespace: ServiceNamespace, Name: ServiceName}})),
+		waitServed(ctx, admin, false))
 }
 
 // waitServed waits until kube-apiserver serves the group's discovery
