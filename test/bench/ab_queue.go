@@ -118,7 +118,7 @@ func queueString(m map[string]queueTimes) string {
 		if s != "" {
 			s += "; "
 		}
-		s += fmt.Sprintf("%s mean %.1f ms, p50 <= %g ms, p99 <= %g ms (n %d)", h.key, t.MeanMs, t.P50Ms, t.P99Ms, t.N)
+		s += fmt.Sprintf("%s mean %.1f ms, p50 <= %.3g ms, p99 <= %.3g ms (n %d)", h.key, t.MeanMs, t.P50Ms, t.P99Ms, t.N)
 	}
 	return s
 }
