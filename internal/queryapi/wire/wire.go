@@ -10,6 +10,10 @@
 //	/apis/query.kubetwin.io/v1alpha1/twinqueries                         (the twins of every namespace)
 //
 // and gets it back with the answer in its status. Nothing is stored.
+//
+// The types are served, never stored: no CRD is generated for them.
+//
+// +kubebuilder:skip
 package wire
 
 import (
