@@ -543,46 +543,60 @@ func checkWebhooks(t *testing.T, rel release, certManager bool) {
 	kv, km := kustomizeWebhooks(t)
 	v := get(t, &admissionv1.ValidatingWebhookConfiguration{}, "", rel.config())
 	m := get(t, &admissionv1.MutatingWebhookConfiguration{}, "", rel.config())
-	if len(v.Webhooks) != 1 || len(m.Webhooks) != 1 {
-		t.Fatalf("webhooks: %d validating, %d mutating; want 1 and 1", len(v.Webhooks), len(m.Webhooks))
+	if len(v.Webhooks) != len(kv.Webhooks) || len(m.Webhooks) != 1 {
+		t.Fatalf("webhooks: %d validating, %d mutating; want %d (as config/webhook) and 1", len(v.Webhooks), len(m.Webhooks), len(kv.Webhooks))
 	}
-	vw, mw := v.Webhooks[0], m.Webhooks[0]
-	if *vw.FailurePolicy != admissionv1.Fail || *mw.FailurePolicy != admissionv1.Ignore {
-		t.Errorf("failure policies: validating %s, mutating %s; want Fail and Ignore", *vw.FailurePolicy, *mw.FailurePolicy)
+	mw := m.Webhooks[0]
+	if *mw.FailurePolicy != admissionv1.Ignore {
+		t.Errorf("mutating failure policy %s; want Ignore", *mw.FailurePolicy)
 	}
 	exemption := "request.userInfo.username != '" + rel.saUser() + "'"
 	type pair struct {
 		got, want any
 		what      string
 	}
-	for _, p := range []pair{
-		{vw.Name, kv.Webhooks[0].Name, "validating name"},
+	checks := []pair{
 		{mw.Name, km.Webhooks[0].Name, "mutating name"},
-		{*vw.FailurePolicy, *kv.Webhooks[0].FailurePolicy, "validating failurePolicy"},
 		{*mw.FailurePolicy, *km.Webhooks[0].FailurePolicy, "mutating failurePolicy"},
-		{vw.Rules, kv.Webhooks[0].Rules, "validating rules"},
 		{mw.Rules, km.Webhooks[0].Rules, "mutating rules"},
-		{*vw.TimeoutSeconds, *kv.Webhooks[0].TimeoutSeconds, "validating timeout"},
 		{*mw.TimeoutSeconds, *km.Webhooks[0].TimeoutSeconds, "mutating timeout"},
-		{*vw.SideEffects, *kv.Webhooks[0].SideEffects, "validating sideEffects"},
 		{*mw.ReinvocationPolicy, *km.Webhooks[0].ReinvocationPolicy, "mutating reinvocationPolicy"},
-		{*vw.ClientConfig.Service.Path, *kv.Webhooks[0].ClientConfig.Service.Path, "validating path"},
 		{*mw.ClientConfig.Service.Path, *km.Webhooks[0].ClientConfig.Service.Path, "mutating path"},
-		{vw.ClientConfig.Service.Name, rel.webhook(), "validating service"},
 		{mw.ClientConfig.Service.Name, rel.webhook(), "mutating service"},
-		{vw.ClientConfig.Service.Namespace, rel.namespace, "validating service namespace"},
 		{mw.ClientConfig.Service.Namespace, rel.namespace, "mutating service namespace"},
-		{vw.MatchConditions, []admissionv1.MatchCondition{{Name: "not-the-operator", Expression: exemption}}, "validating matchConditions"},
 		{mw.MatchConditions, []admissionv1.MatchCondition{{Name: "not-the-operator", Expression: exemption}}, "mutating matchConditions"},
-	} {
+	}
+	// Every validating webhook of config/webhook, in its order (DeviceTwin,
+	// then TwinConfiguration), each refusing when the operator is away.
+	for i, vw := range v.Webhooks {
+		kw := kv.Webhooks[i]
+		if *vw.FailurePolicy != admissionv1.Fail {
+			t.Errorf("validating webhook %s: failure policy %s; want Fail", vw.Name, *vw.FailurePolicy)
+		}
+		checks = append(checks,
+			pair{vw.Name, kw.Name, "validating name"},
+			pair{*vw.FailurePolicy, *kw.FailurePolicy, vw.Name + " failurePolicy"},
+			pair{vw.Rules, kw.Rules, vw.Name + " rules"},
+			pair{*vw.TimeoutSeconds, *kw.TimeoutSeconds, vw.Name + " timeout"},
+			pair{*vw.SideEffects, *kw.SideEffects, vw.Name + " sideEffects"},
+			pair{*vw.ClientConfig.Service.Path, *kw.ClientConfig.Service.Path, vw.Name + " path"},
+			pair{vw.ClientConfig.Service.Name, rel.webhook(), vw.Name + " service"},
+			pair{vw.ClientConfig.Service.Namespace, rel.namespace, vw.Name + " service namespace"},
+			pair{vw.MatchConditions, []admissionv1.MatchCondition{{Name: "not-the-operator", Expression: exemption}}, vw.Name + " matchConditions"},
+		)
+	}
+	for _, p := range checks {
 		if !reflect.DeepEqual(p.got, p.want) {
 			t.Errorf("%s = %v, want %v", p.what, p.got, p.want)
 		}
 	}
 	// With the chart's default names, the exemption is config/webhook's, word for word.
-	if rel.name == "kubetwin" && rel.namespace == "kubetwin-system" &&
-		!reflect.DeepEqual(vw.MatchConditions, kv.Webhooks[0].MatchConditions) {
-		t.Errorf("matchConditions %v differ from config/webhook's %v", vw.MatchConditions, kv.Webhooks[0].MatchConditions)
+	if rel.name == "kubetwin" && rel.namespace == "kubetwin-system" {
+		for i, vw := range v.Webhooks {
+			if !reflect.DeepEqual(vw.MatchConditions, kv.Webhooks[i].MatchConditions) {
+				t.Errorf("%s matchConditions %v differ from config/webhook's %v", vw.Name, vw.MatchConditions, kv.Webhooks[i].MatchConditions)
+			}
+		}
 	}
 	inject := rel.namespace + "/" + rel.certName()
 	for _, o := range []client.Object{v, m} {
@@ -594,8 +608,13 @@ func checkWebhooks(t *testing.T, rel release, certManager bool) {
 			t.Errorf("%T has inject-ca-from without cert-manager", o)
 		}
 	}
-	if len(vw.ClientConfig.CABundle) != 0 || len(mw.ClientConfig.CABundle) != 0 {
-		t.Error("the chart sets a caBundle; the operator or cert-manager injects it")
+	for _, vw := range v.Webhooks {
+		if len(vw.ClientConfig.CABundle) != 0 {
+			t.Errorf("the chart sets a caBundle on %s; the operator or cert-manager injects it", vw.Name)
+		}
+	}
+	if len(mw.ClientConfig.CABundle) != 0 {
+		t.Error("the chart sets a caBundle on the mutating webhook; the operator or cert-manager injects it")
 	}
 }
 
