@@ -591,3 +591,27 @@ func TestConfigurationRestartWritesNothing(t *testing.T) {
 		}
 	}
 }
+
+// TestConfigurationStaysInItsNamespace: a configuration targets only the
+// twins of its own namespace, even with "*": a tenant who may create
+// configurations in one namespace reaches no twin of another.
+func TestConfigurationStaysInItsNamespace(t *testing.T) {
+	g := NewWithT(t)
+	mine, other := newNamespace(t), newNamespace(t)
+	createTwin(t, other, "b", other+"-b", `{"site":"north"}`, `{"own":1}`)
+	createTwin(t, mine, "a", mine+"-a", `{"site":"north"}`, "")
+	createConfig(t, mine, "everyone", 100, "*", `{"firmware":{"channel":"beta"}}`)
+	g.Eventually(func(g Gomega) {
+		c := getConfig(g, mine, "everyone")
+		g.Expect(c.Status.ObservedGeneration).To(Equal(c.Generation))
+		g.Expect(c.Status.TargetedCount).To(BeEquivalentTo(1), "targetedCount counts only this namespace's twin")
+		g.Expect(c.Status.AppliedCount).To(BeEquivalentTo(1))
+		g.Expect(desiredJSON(getTwin(g, mine, "a"))).To(Equal(`{"firmware":{"channel":"beta"}}`))
+	}, wait, tick).Should(Succeed())
+	b := getTwin(g, other, "b")
+	g.Expect(desiredJSON(b)).To(Equal(`{"own":1}`))
+	g.Expect(b.Labels).NotTo(HaveKey(label("everyone")))
+	for _, mf := range b.ManagedFields {
+		g.Expect(mf.Manager).NotTo(HavePrefix(controllers.ConfigurationManagerPrefix), "a configuration wrote a twin of another namespace")
+	}
+}
