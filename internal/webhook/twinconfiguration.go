@@ -4,10 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net/http"
 	"strings"
 
-	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/util/intstr"
@@ -176,25 +174,5 @@ func TargetSelector(c *v1alpha1.TwinConfiguration, q *query.Query) (labels.Selec
 // InvalidConfiguration returns nil for no errors, else the 422 Invalid
 // error listing "path: rule" for each, as Invalid does for DeviceTwins.
 func InvalidConfiguration(c *v1alpha1.TwinConfiguration, errs []*twin.Error) error {
-	if len(errs) == 0 {
-		return nil
-	}
-	causes := make([]metav1.StatusCause, len(errs))
-	msgs := make([]string, len(errs))
-	for i, e := range errs {
-		causes[i] = metav1.StatusCause{Type: metav1.CauseTypeFieldValueInvalid, Field: e.Path, Message: e.Rule}
-		msgs[i] = e.Error()
-	}
-	msg := msgs[0]
-	if len(msgs) > 1 {
-		msg = "[" + strings.Join(msgs, ", ") + "]"
-	}
-	gk := v1alpha1.GroupVersion.WithKind("TwinConfiguration").GroupKind()
-	return &apierrors.StatusError{ErrStatus: metav1.Status{
-		Status:  metav1.StatusFailure,
-		Code:    http.StatusUnprocessableEntity,
-		Reason:  metav1.StatusReasonInvalid,
-		Message: fmt.Sprintf("%s %q is invalid: %s", gk.String(), c.Name, msg),
-		Details: &metav1.StatusDetails{Group: gk.Group, Kind: gk.Kind, Name: c.Name, Causes: causes},
-	}}
+	return invalid("TwinConfiguration", c.Name, errs)
 }

@@ -176,6 +176,11 @@ func Validate(old, t *v1alpha1.DeviceTwin) []*twin.Error {
 // error and its causes carry the field paths, as for the API server's own
 // validation.
 func Invalid(t *v1alpha1.DeviceTwin, errs []*twin.Error) error {
+	return invalid("DeviceTwin", t.Name, errs)
+}
+
+// invalid is Invalid for an object of any kind of the group.
+func invalid(kind, name string, errs []*twin.Error) error {
 	if len(errs) == 0 {
 		return nil
 	}
@@ -189,13 +194,13 @@ func Invalid(t *v1alpha1.DeviceTwin, errs []*twin.Error) error {
 	if len(msgs) > 1 {
 		msg = "[" + strings.Join(msgs, ", ") + "]"
 	}
-	gk := v1alpha1.GroupVersion.WithKind("DeviceTwin").GroupKind()
+	gk := v1alpha1.GroupVersion.WithKind(kind).GroupKind()
 	return &apierrors.StatusError{ErrStatus: metav1.Status{
 		Status:  metav1.StatusFailure,
 		Code:    http.StatusUnprocessableEntity,
 		Reason:  metav1.StatusReasonInvalid,
-		Message: fmt.Sprintf("%s %q is invalid: %s", gk.String(), t.Name, msg),
-		Details: &metav1.StatusDetails{Group: gk.Group, Kind: gk.Kind, Name: t.Name, Causes: causes},
+		Message: fmt.Sprintf("%s %q is invalid: %s", gk.String(), name, msg),
+		Details: &metav1.StatusDetails{Group: gk.Group, Kind: gk.Kind, Name: name, Causes: causes},
 	}}
 }
 
