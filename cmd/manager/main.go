@@ -36,6 +36,7 @@ import (
 	"github.com/kubetwin/kubetwin/internal/bus"
 	"github.com/kubetwin/kubetwin/internal/certs"
 	"github.com/kubetwin/kubetwin/internal/deviceauth"
+	"github.com/kubetwin/kubetwin/internal/deviceid"
 	"github.com/kubetwin/kubetwin/internal/operator"
 	"github.com/kubetwin/kubetwin/internal/ratelog"
 	"github.com/kubetwin/kubetwin/internal/webhook"
@@ -264,7 +265,8 @@ func setupManager(o options) (ctrl.Manager, error) {
 	// and the claims of the claims namespace, wherever twins are watched;
 	// cached objects leave out the status managedFields entries.
 	mo.Cache = cache.Options{ByObject: controllers.KeySecretCacheOptions(), DefaultTransform: operator.DropStatusManagedFields}
-	mo.Cache.ByObject[&v1alpha1.DeviceIDClaim{}] = cache.ByObject{Namespaces: map[string]cache.Config{o.claimsNamespace(): {}}}
+	mo.Cache.ByObject[&v1alpha1.DeviceIDClaim{}] = cache.ByObject{Namespaces: map[string]cache.Config{o.claimsNamespace(): {}},
+		Transform: deviceid.CacheTransform}
 	if o.namespace != "" {
 		mo.Cache.DefaultNamespaces = map[string]cache.Config{o.namespace: {}}
 	}

@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"k8s.io/apimachinery/pkg/api/equality"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
@@ -229,5 +230,30 @@ func TestCollect(t *testing.T) {
 				t.Errorf("claim removed = %v, want %v (%v)", gone, tc.collects, err)
 			}
 		})
+	}
+}
+
+// The cache keeps a claim's identity and spec, without its managedFields.
+func TestCacheTransformDropsClaimManagedFields(t *testing.T) {
+	holder := twinObj("ns", "a", "A-1", "uid-a")
+	cl := claimObj("A-1", holder, t0)
+	cl.UID, cl.ResourceVersion = "claim-uid", "42"
+	entries := []metav1.ManagedFieldsEntry{{Manager: "kubetwin", Operation: metav1.ManagedFieldsOperationUpdate,
+		FieldsType: "FieldsV1", FieldsV1: &metav1.FieldsV1{}}}
+	cl.ManagedFields = entries
+	want := cl.DeepCopy()
+	want.ManagedFields = nil
+	got, err := CacheTransform(cl)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !equality.Semantic.DeepEqual(got, want) {
+		t.Errorf("transformed claim %+v, want %+v", got, want)
+	}
+	// Other objects pass unchanged.
+	tw := twinObj("ns", "b", "B-1", "uid-b")
+	tw.ManagedFields = entries
+	if got, _ := CacheTransform(tw.DeepCopy()); !equality.Semantic.DeepEqual(got, tw) {
+		t.Errorf("a DeviceTwin was changed: %+v", got)
 	}
 }

@@ -30,6 +30,7 @@ import (
 
 	"github.com/kubetwin/kubetwin/api/v1alpha1"
 	"github.com/kubetwin/kubetwin/controllers"
+	"github.com/kubetwin/kubetwin/internal/deviceid"
 	kubetwin "github.com/kubetwin/kubetwin/internal/operator"
 	"github.com/kubetwin/kubetwin/internal/twin"
 )
@@ -446,12 +447,13 @@ func (w writePath) managerOptions(o ctrl.Options) ctrl.Options {
 	if !w.keepStatusFields {
 		o.Cache.DefaultTransform = kubetwin.DropStatusManagedFields
 	}
+	// Claims are cached as cmd/manager caches them (deviceid.CacheTransform).
+	claims := cache.ByObject{Transform: deviceid.CacheTransform}
 	if w.namespace != "" {
 		o.Cache.DefaultNamespaces = map[string]cache.Config{w.namespace: {}}
-		o.Cache.ByObject = map[client.Object]cache.ByObject{
-			&v1alpha1.DeviceIDClaim{}: {Namespaces: map[string]cache.Config{kubetwin.DefaultClaimsNamespace: {}}},
-		}
+		claims.Namespaces = map[string]cache.Config{kubetwin.DefaultClaimsNamespace: {}}
 	}
+	o.Cache.ByObject = map[client.Object]cache.ByObject{&v1alpha1.DeviceIDClaim{}: claims}
 	return o
 }
 
