@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"strings"
 	"testing"
+	"time"
 
 	. "github.com/onsi/gomega"
 	"k8s.io/apimachinery/pkg/api/meta"
@@ -614,4 +615,58 @@ func TestConfigurationStaysInItsNamespace(t *testing.T) {
 	for _, mf := range b.ManagedFields {
 		g.Expect(mf.Manager).NotTo(HavePrefix(controllers.ConfigurationManagerPrefix), "a configuration wrote a twin of another namespace")
 	}
+}
+
+// registryValue is the value of an unlabelled counter or gauge in the
+// manager's metrics registry (what /metrics serves).
+func registryValue(t *testing.T, name string) float64 {
+	t.Helper()
+	mfs, err := metrics.Registry.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			if c := m.GetCounter(); c != nil {
+				return c.GetValue()
+			}
+			if g := m.GetGauge(); g != nil {
+				return g.GetValue()
+			}
+		}
+	}
+	t.Fatalf("metric %s is not registered", name)
+	return 0
+}
+
+// TestConfigurationAppliesAreRateBound: a configuration over many twins
+// does not send its applies as fast as the API server takes them: past a
+// burst of --max-configuration-applies, they wait for
+// --configuration-applies-per-second (defaults 4 and 50/s here), which the
+// throttled counter shows; every twin still gets the content.
+func TestConfigurationAppliesAreRateBound(t *testing.T) {
+	g := NewWithT(t)
+	ns := newNamespace(t)
+	const n = 40
+	for i := range n {
+		createTwin(t, ns, fmt.Sprintf("t%02d", i), fmt.Sprintf("%s-%02d", ns, i), "", "")
+	}
+	throttled := registryValue(t, "kubetwin_configuration_applies_throttled_total")
+	start := time.Now()
+	createConfig(t, ns, "many", 0, "*", `{"firmware":{"channel":"beta"}}`)
+	g.Eventually(func(g Gomega) {
+		c := getConfig(g, ns, "many")
+		g.Expect(c.Status.AppliedCount).To(BeEquivalentTo(n))
+	}, wait, tick).Should(Succeed())
+	elapsed := time.Since(start)
+	waited := registryValue(t, "kubetwin_configuration_applies_throttled_total") - throttled
+	// 40 applies with a burst of 4 at 50/s take at least 0.72 s whatever
+	// the machine's speed; without the limiter they take what the API
+	// server takes and none waits.
+	g.Expect(waited).To(BeNumerically(">", 0), "no apply waited for the rate bound")
+	g.Expect(elapsed).To(BeNumerically(">=", time.Duration(float64(n-controllers.DefaultMaxConfigurationApplies)/controllers.DefaultConfigurationAppliesPerSecond*float64(time.Second))))
+	g.Expect(registryValue(t, "kubetwin_configuration_applies_in_flight")).To(BeNumerically("<=", controllers.DefaultMaxConfigurationApplies))
 }
