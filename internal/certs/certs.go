@@ -1,7 +1,7 @@
 // Package certs issues and rotates the operator's own TLS certificates
 // without cert-manager: a CA and a serving certificate kept in a Secret,
-// for the admission webhook and for the hub (embedded broker and service
-// API). See [CertManager].
+// for the admission webhook, for the hub (embedded broker and service
+// API) and for the query API (its APIService's caBundle). See [CertManager].
 package certs
 
 import (
@@ -14,6 +14,8 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/base64"
+	"encoding/json"
 	"encoding/pem"
 	"fmt"
 	"math/big"
@@ -31,6 +33,9 @@ import (
 	admissionregistrationv1 "k8s.io/api/admissionregistration/v1"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/util/validation"
 	"k8s.io/utils/clock"
 	"sigs.k8s.io/controller-runtime/pkg/client"
@@ -53,6 +58,11 @@ import (
 //
 // +kubebuilder:rbac:groups="",namespace=system,resources=configmaps,verbs=create
 // +kubebuilder:rbac:groups="",namespace=system,resources=configmaps,resourceNames=kubetwin-mqtt-ca,verbs=get;update
+//
+// The query API's certificate manager (Purpose "query-api") patches the
+// caBundle of its APIService, by name. config/ does not deploy the query
+// API, so these rights are the chart's (templates/queryapi.yaml), not a
+// marker here.
 
 // Keys of the certificate Secret (type kubernetes.io/tls). CABundleKey
 // holds every CA certificate that is still trusted (the current one first,
@@ -86,8 +96,8 @@ const (
 // CertOptions configure a [CertManager].
 type CertOptions struct {
 	// Purpose names what the certificate serves, in the CA's common name,
-	// the Secret's component label and the logs: "webhook" (the default)
-	// or "mqtt".
+	// the Secret's component label and the logs: "webhook" (the default),
+	// "mqtt" or "query-api".
 	Purpose string
 	// CAConfigMap, when set, names a ConfigMap in SecretNamespace that the
 	// manager keeps holding the trust bundle under ca.crt, for clients that
@@ -115,6 +125,11 @@ type CertOptions struct {
 	// MutatingWebhookConfiguration whose webhooks get the caBundle. Either
 	// may be missing. Empty means none.
 	ConfigName string
+	// APIServiceName names an APIService (apiregistration.k8s.io/v1, the
+	// query API's) whose spec.caBundle is kept holding the trust bundle;
+	// its insecureSkipTLSVerify is cleared, as kube-apiserver refuses it
+	// next to a caBundle. It may be missing. Empty means none.
+	APIServiceName string
 	// URL, when set, is the base URL (https://host:port) the API server
 	// should call instead of a Service: every webhook of the configurations
 	// is pointed at URL followed by its path. For an operator that runs
@@ -158,7 +173,8 @@ type CertOptions struct {
 //     re-read every 10 seconds) and serves the new certificate without a
 //     restart.
 //   - It sets the caBundle (and, with URL, the url) of every webhook in the
-//     configurations named ConfigName.
+//     configurations named ConfigName, and the caBundle of the APIService
+//     named APIServiceName.
 //
 // Every replica runs one (it does not need leader election: every replica
 // serves webhooks, and each needs the certificate before it can). Replicas
@@ -266,6 +282,11 @@ func (m *CertManager) Sync(ctx context.Context) (time.Time, error) {
 	if err != nil {
 		return time.Time{}, err
 	}
+	missingAS, err := m.injectAPIService(ctx, st.bundlePEM())
+	if err != nil {
+		return time.Time{}, err
+	}
+	missing = missing || missingAS
 	now := m.clock.Now()
 	next := st.due(now.Add(m.opts.Resync))
 	if !subset(permitted(st.cas[0]), constraintSet(m.opts.Hosts)) {
@@ -644,6 +665,50 @@ func (m *CertManager) inject(ctx context.Context, caBundle []byte) (missing bool
 		m.log.Info("updated webhook configuration", "kind", kind, "name", m.opts.ConfigName, "url", m.opts.URL)
 	}
 	return missing, nil
+}
+
+// apiServiceGVK is the APIService's kind, read as unstructured: the
+// operator does not depend on kube-aggregator's types for one field.
+var apiServiceGVK = schema.GroupVersionKind{Group: "apiregistration.k8s.io", Version: "v1", Kind: "APIService"}
+
+// injectAPIService keeps the caBundle of the APIService APIServiceName
+// equal to caBundle, with a merge patch of that field (and of
+// insecureSkipTLSVerify) only when it differs. missing reports the
+// APIService not found.
+func (m *CertManager) injectAPIService(ctx context.Context, caBundle []byte) (missing bool, err error) {
+	name := m.opts.APIServiceName
+	if name == "" {
+		return false, nil
+	}
+	as := &unstructured.Unstructured{}
+	as.SetGroupVersionKind(apiServiceGVK)
+	err = m.opts.Client.Get(ctx, client.ObjectKey{Name: name}, as)
+	if apierrors.IsNotFound(err) {
+		if !m.missing["APIService"] {
+			m.log.Info("APIService not found; will look again", "name", name)
+			m.missing["APIService"] = true
+		}
+		return true, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("reading APIService %s: %w", name, err)
+	}
+	m.missing["APIService"] = false
+	want := base64.StdEncoding.EncodeToString(caBundle)
+	have, _, _ := unstructured.NestedString(as.Object, "spec", "caBundle")
+	insecure, _, _ := unstructured.NestedBool(as.Object, "spec", "insecureSkipTLSVerify")
+	if have == want && !insecure {
+		return false, nil
+	}
+	patch, err := json.Marshal(map[string]any{"spec": map[string]any{"caBundle": want, "insecureSkipTLSVerify": nil}})
+	if err != nil {
+		return false, err
+	}
+	if err := m.opts.Client.Patch(ctx, as, client.RawPatch(types.MergePatchType, patch)); err != nil {
+		return false, fmt.Errorf("patching the caBundle of APIService %s: %w", name, err)
+	}
+	m.log.Info("updated APIService caBundle", "name", name, "wasInsecure", insecure)
+	return false, nil
 }
 
 // fixClientConfig sets cc's caBundle and, with URL, its url; it reports

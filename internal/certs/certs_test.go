@@ -3,6 +3,7 @@ package certs
 import (
 	"context"
 	"crypto/x509"
+	"encoding/base64"
 	"net"
 	"os"
 	"path/filepath"
@@ -14,7 +15,9 @@ import (
 	admissionregistrationv1 "k8s.io/api/admissionregistration/v1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/types"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	clocktesting "k8s.io/utils/clock/testing"
 	"k8s.io/utils/ptr"
@@ -602,5 +605,75 @@ func TestCertManagerPublishesCA(t *testing.T) {
 	}
 	if c, err := f.m.GetCertificate(nil); err != nil || !c.Leaf.Equal(next.leaf) {
 		t.Errorf("after the rotation GetCertificate = %v, want the new certificate", err)
+	}
+}
+
+// apiService is the query API's APIService as the chart used to install
+// it without a certificate: kube-apiserver does not verify the server.
+func apiService(name string) *unstructured.Unstructured {
+	as := &unstructured.Unstructured{Object: map[string]any{"spec": map[string]any{
+		"group": "query.kubetwin.io", "version": "v1alpha1", "insecureSkipTLSVerify": true,
+		"service": map[string]any{"namespace": testNS, "name": "kubetwin-query-api"},
+	}}}
+	as.SetGroupVersionKind(apiServiceGVK)
+	as.SetName(name)
+	return as
+}
+
+// TestCertManagerInjectsAPIService: with APIServiceName the APIService's
+// caBundle is set to the trust bundle and insecureSkipTLSVerify cleared;
+// a Sync with nothing changed writes nothing; someone else's caBundle is
+// replaced; a missing APIService is looked for again soon.
+func TestCertManagerInjectsAPIService(t *testing.T) {
+	const name = "v1alpha1.query.kubetwin.io"
+	var patches int
+	c := fakeClient(t, &interceptor.Funcs{Patch: func(ctx context.Context, c client.WithWatch, o client.Object, p client.Patch, opts ...client.PatchOption) error {
+		patches++
+		return c.Patch(ctx, o, p, opts...)
+	}})
+	f := newFixture(t, c, clocktesting.NewFakeClock(t0), func(o *CertOptions) {
+		o.Purpose, o.ConfigName, o.APIServiceName, o.CertDir = "query-api", "", name, ""
+	})
+	if next := f.sync(); !next.Equal(t0.Add(missingRetry)) {
+		t.Errorf("APIService missing: next sync at %v, want %v", next, t0.Add(missingRetry))
+	}
+	if err := c.Create(context.Background(), apiService(name)); err != nil {
+		t.Fatal(err)
+	}
+	get := func() (string, bool) {
+		t.Helper()
+		as := apiService(name)
+		if err := c.Get(context.Background(), client.ObjectKey{Name: name}, as); err != nil {
+			t.Fatal(err)
+		}
+		ca, _, _ := unstructured.NestedString(as.Object, "spec", "caBundle")
+		_, insecure := as.Object["spec"].(map[string]any)["insecureSkipTLSVerify"]
+		b, err := base64.StdEncoding.DecodeString(ca)
+		if err != nil {
+			t.Fatalf("caBundle %q: %v", ca, err)
+		}
+		return string(b), insecure
+	}
+	if next := f.sync(); !next.Equal(t0.Add(time.Minute)) {
+		t.Errorf("next sync at %v, want the resync %v", next, t0.Add(time.Minute))
+	}
+	bundle := string(f.secret().Data[CABundleKey])
+	if ca, insecure := get(); ca != bundle || insecure {
+		t.Fatalf("APIService caBundle %q (want the Secret's ca.crt), insecureSkipTLSVerify present %v", ca, insecure)
+	}
+	if patches != 1 {
+		t.Fatalf("%d patches, want 1", patches)
+	}
+	f.sync()
+	if patches != 1 {
+		t.Errorf("a Sync with nothing changed patched the APIService (%d patches)", patches)
+	}
+	if err := c.Patch(context.Background(), apiService(name), client.RawPatch(types.MergePatchType,
+		[]byte(`{"spec":{"caBundle":"`+base64.StdEncoding.EncodeToString([]byte("someone else's CA"))+`"}}`))); err != nil {
+		t.Fatal(err)
+	}
+	f.sync()
+	if ca, _ := get(); ca != bundle {
+		t.Errorf("caBundle not restored: %q", ca)
 	}
 }
