@@ -354,6 +354,7 @@ func setupCredentials(mgr ctrl.Manager, o options, b bus.Bus, auth *deviceauth.A
 		ds, err := dynsec.New(dynsec.Options{
 			BrokerURL: o.brokerURL, Username: o.brokerUsername, Password: pw, TLSConfig: tlsCfg,
 			ClientID: o.brokerClientID + "-dynsec", Logger: ctrl.Log.WithName("dynsec"),
+			FingerprintKey: dynsecFingerprintKey(mgr, o.claimsNamespace()), Devices: dynsecDevices(mgr),
 		})
 		if err != nil {
 			return nil, err

@@ -16,13 +16,19 @@
 // Mosquitto stores only a hash of the password, so it cannot check SAS
 // tokens: a device sends its primary key itself (see docs/security.md).
 // The client's text description holds a fingerprint of what was
-// provisioned, so an operator restart changes nothing (modifyClient would
-// disconnect the device). Clients and roles kubetwin did not create (their
-// textname is not ManagedTextName) are never modified or deleted.
+// provisioned (an HMAC of the device id, key and role under a secret of the
+// installation, never the key), so an operator restart changes nothing
+// (modifyClient would disconnect the device). At start the Client reads
+// every client of the plugin (listClients, in pages) once: a device found
+// unchanged there costs no command at all, and kubetwin's clients whose
+// device has no twin any more are removed. Clients and roles kubetwin did
+// not create (their textname is not ManagedTextName) are never modified or
+// deleted.
 package dynsec
 
 import (
 	"context"
+	"crypto/hmac"
 	"crypto/rand"
 	"crypto/sha256"
 	"crypto/tls"
@@ -39,6 +45,8 @@ import (
 
 	paho "github.com/eclipse/paho.mqtt.golang"
 	"github.com/go-logr/logr"
+	"github.com/prometheus/client_golang/prometheus"
+	"sigs.k8s.io/controller-runtime/pkg/metrics"
 
 	"github.com/kubetwin/kubetwin/internal/deviceauth"
 	"github.com/kubetwin/kubetwin/pkg/protocol"
@@ -60,6 +68,21 @@ const RolePrefix = "kubetwin-device-"
 // DefaultTimeout bounds one request to the plugin.
 const DefaultTimeout = 10 * time.Second
 
+// DefaultPageSize is how many clients one listClients at start asks for.
+const DefaultPageSize = 1000
+
+// MinFingerprintKeyBytes is the shortest secret the fingerprints accept.
+const MinFingerprintKeyBytes = 16
+
+// commandsSent counts the commands sent to the plugin, by command: at an
+// operator restart on an unchanged fleet, only the listClients pages.
+var commandsSent = prometheus.NewCounterVec(prometheus.CounterOpts{
+	Name: "kubetwin_dynsec_commands_total",
+	Help: "Commands sent to Mosquitto's dynamic-security plugin, by command.",
+}, []string{"command"})
+
+func init() { metrics.Registry.MustRegister(commandsSent) }
+
 // Options configure a Client.
 type Options struct {
 	// BrokerURL, Username, Password and TLSConfig reach the broker, as for
@@ -72,6 +95,17 @@ type Options struct {
 	Logger logr.Logger
 	// Timeout bounds one request (default DefaultTimeout).
 	Timeout time.Duration
+	// FingerprintKey returns the installation's secret (at least
+	// MinFingerprintKeyBytes) under which clients are fingerprinted. It
+	// must be the same at every start, or every device is provisioned
+	// again (and disconnected) once. Required.
+	FingerprintKey func(ctx context.Context) ([]byte, error)
+	// Devices returns the id of every device that has a twin, once the
+	// twins are all known; kubetwin's clients of other devices are removed
+	// at start. Nil: none is removed at start.
+	Devices func(ctx context.Context) (map[string]bool, error)
+	// PageSize of listClients at start (default DefaultPageSize).
+	PageSize int
 }
 
 // Client talks to the plugin. It is a manager.Runnable that runs on the
@@ -85,6 +119,21 @@ type Client struct {
 
 	mu      sync.Mutex
 	waiting map[string]chan []Response
+
+	// ready is closed once key is set and known read (start-up done).
+	ready chan struct{}
+	key   []byte
+	// known are kubetwin's clients as listed at start, until each device's
+	// first Provision (guarded by mu).
+	known map[string]knownClient
+	sent  atomic.Uint64
+}
+
+// knownClient is what start-up read of one of kubetwin's clients.
+type knownClient struct {
+	mark     string
+	disabled bool
+	hasRole  bool
 }
 
 var _ deviceauth.Provisioner = (*Client)(nil)
@@ -110,8 +159,14 @@ func New(o Options) (*Client, error) {
 	if o.ClientID == "" {
 		return nil, errors.New("dynsec: ClientID is required")
 	}
+	if o.FingerprintKey == nil {
+		return nil, errors.New("dynsec: FingerprintKey is required")
+	}
 	if o.Timeout <= 0 {
 		o.Timeout = DefaultTimeout
+	}
+	if o.PageSize <= 0 {
+		o.PageSize = DefaultPageSize
 	}
 	b := make([]byte, 4)
 	_, _ = rand.Read(b)
@@ -120,6 +175,7 @@ func New(o Options) (*Client, error) {
 		log:     o.Logger.WithValues("broker", u.Redacted(), "clientID", o.ClientID),
 		prefix:  hex.EncodeToString(b),
 		waiting: map[string]chan []Response{},
+		ready:   make(chan struct{}),
 	}
 	co := paho.NewClientOptions().
 		AddBroker(o.BrokerURL).
@@ -148,13 +204,176 @@ func New(o Options) (*Client, error) {
 // NeedLeaderElection is true: only the leader provisions.
 func (c *Client) NeedLeaderElection() bool { return true }
 
-// Start connects (retrying until it can) and stays connected until ctx ends.
+// Start connects (retrying until it can), reads the plugin's clients and
+// removes stale ones (retrying until it can), and stays connected until
+// ctx ends.
 func (c *Client) Start(ctx context.Context) error {
 	c.client.Connect() // with ConnectRetry, paho retries in the background
+	defer c.client.Disconnect(250)
+	for wait := time.Second; ; wait = min(2*wait, 30*time.Second) {
+		err := c.startup(ctx)
+		if err == nil {
+			break
+		}
+		c.log.Error(err, "reading the dynamic-security plugin's clients failed; retrying", "retryIn", wait)
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(wait):
+		}
+	}
 	<-ctx.Done()
-	c.client.Disconnect(250)
 	return nil
 }
+
+// startup loads the key, lists kubetwin's clients and removes those of
+// devices without a twin, before any Provision runs (so none races with
+// the removal).
+func (c *Client) startup(ctx context.Context) error {
+	key, err := c.opts.FingerprintKey(ctx)
+	if err != nil {
+		return fmt.Errorf("dynsec: fingerprint key: %w", err)
+	}
+	if len(key) < MinFingerprintKeyBytes {
+		return fmt.Errorf("dynsec: fingerprint key is %d bytes long, want at least %d", len(key), MinFingerprintKeyBytes)
+	}
+	before := c.sent.Load()
+	known, err := c.listClients(ctx)
+	if err != nil {
+		return err
+	}
+	removed := 0
+	if c.opts.Devices != nil {
+		devices, err := c.opts.Devices(ctx)
+		if err != nil {
+			return fmt.Errorf("dynsec: listing the devices: %w", err)
+		}
+		if removed, err = c.removeStale(ctx, known, devices); err != nil {
+			return err
+		}
+	}
+	c.mu.Lock()
+	c.key, c.known = key, known
+	c.mu.Unlock()
+	close(c.ready)
+	c.log.Info("dynamic-security clients read", "clients", len(known), "removed", removed, "commands", c.sent.Load()-before)
+	return nil
+}
+
+// listClients reads kubetwin's clients, a page at a time.
+func (c *Client) listClients(ctx context.Context) (map[string]knownClient, error) {
+	known := map[string]knownClient{}
+	for offset := 0; ; {
+		rs, err := c.Do(ctx, Command{"command": "listClients", "verbose": true, "count": c.opts.PageSize, "offset": offset})
+		if err != nil {
+			return nil, err
+		}
+		if rs[0].Error != "" {
+			return nil, fmt.Errorf("dynsec: listClients: %s", rs[0].Error)
+		}
+		var page struct {
+			TotalCount int `json:"totalCount"`
+			Clients    []struct {
+				Username string `json:"username"`
+				clientFields
+			} `json:"clients"`
+		}
+		if err := json.Unmarshal(rs[0].Data, &page); err != nil {
+			return nil, fmt.Errorf("dynsec: listClients at offset %d: %w", offset, err)
+		}
+		for _, cl := range page.Clients {
+			if cl.TextName == ManagedTextName {
+				known[cl.Username] = knownClient{mark: cl.TextDescription, disabled: cl.Disabled, hasRole: cl.hasRole(cl.Username)}
+			}
+		}
+		offset += len(page.Clients)
+		if len(page.Clients) == 0 || offset >= page.TotalCount {
+			return known, nil
+		}
+	}
+}
+
+// removeStale deletes kubetwin's clients (and their roles) of devices
+// without a twin, a batch of commands per request, and drops them from
+// known.
+func (c *Client) removeStale(ctx context.Context, known map[string]knownClient, devices map[string]bool) (int, error) {
+	const batch = 100
+	var cmds []Command
+	var ids []string
+	flush := func() error {
+		if len(cmds) == 0 {
+			return nil
+		}
+		rs, err := c.Do(ctx, cmds...)
+		if err != nil {
+			return err
+		}
+		for i, r := range rs {
+			// Gone meanwhile is as good as deleted.
+			if r.Error != "" && r.Error != errClientNotFound && r.Error != errRoleNotFound {
+				return fmt.Errorf("dynsec: removing a stale device: %v: %s", cmds[i]["command"], r.Error)
+			}
+		}
+		for _, id := range ids {
+			delete(known, id)
+		}
+		cmds, ids = cmds[:0], ids[:0]
+		return nil
+	}
+	removed := 0
+	for id, k := range known {
+		if devices[id] {
+			continue
+		}
+		cmds = append(cmds, Command{"command": "deleteClient", "username": id})
+		if k.hasRole {
+			cmds = append(cmds, Command{"command": "deleteRole", "rolename": RoleName(id)})
+		}
+		ids = append(ids, id)
+		removed++
+		if len(cmds) >= batch {
+			if err := flush(); err != nil {
+				return removed, err
+			}
+		}
+	}
+	return removed, flush()
+}
+
+// waitReady waits for start-up, at most a request's timeout: the
+// reconciler retries rather than hold a worker.
+func (c *Client) waitReady(ctx context.Context) error {
+	t := time.NewTimer(c.opts.Timeout)
+	defer t.Stop()
+	select {
+	case <-c.ready:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-t.C:
+		return errors.New("dynsec: still reading the plugin's clients (see the operator's log)")
+	}
+}
+
+// unchanged reports whether start-up found the device's client exactly as
+// it would be provisioned now. Each device is looked up there once: later
+// calls are for changes, which ask the plugin.
+func (c *Client) unchanged(deviceID, mark, legacy string, disabled bool) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	k, ok := c.known[deviceID]
+	if !ok {
+		return false
+	}
+	delete(c.known, deviceID)
+	if len(c.known) == 0 {
+		c.known = nil // a map does not shrink: let the start-up's go
+	}
+	return (k.mark == mark || k.mark == legacy) && k.disabled == disabled && k.hasRole
+}
+
+// CommandsSent is how many commands this Client sent to the plugin.
+func (c *Client) CommandsSent() uint64 { return c.sent.Load() }
 
 func (c *Client) onConnect(cl paho.Client) {
 	tok := cl.Subscribe(ResponseTopic, 1, c.onResponse)
@@ -208,6 +427,10 @@ func (c *Client) Do(ctx context.Context, cmds ...Command) ([]Response, error) {
 	if err != nil {
 		return nil, err
 	}
+	for _, cmd := range cmds {
+		commandsSent.WithLabelValues(fmt.Sprint(cmd["command"])).Inc()
+	}
+	c.sent.Add(uint64(len(cmds)))
 	ch := make(chan []Response, 1)
 	c.mu.Lock()
 	c.waiting[id] = ch
@@ -266,18 +489,46 @@ func deviceACLs(deviceID string) []map[string]any {
 }
 
 // marker fingerprints what is provisioned for a client (its password and
-// role), for its textdescription.
-func marker(deviceID, password string) string {
+// role), for its textdescription: an HMAC under the installation's key, so
+// that whoever reads the plugin's configuration cannot test guesses of a
+// key against it.
+func marker(key []byte, deviceID, password string) string {
+	m := hmac.New(sha256.New, key)
+	m.Write([]byte("kubetwin/v2\x00" + deviceID + "\x00" + password + "\x00" + RoleName(deviceID)))
+	return "kubetwin2:" + hex.EncodeToString(m.Sum(nil)[:16])
+}
+
+// legacyMarker is the fingerprint operators before kubetwin2 wrote; a
+// client carrying it for the same key is unchanged (rewriting it would
+// disconnect every device once, at the upgrade).
+func legacyMarker(deviceID, password string) string {
 	h := sha256.Sum256([]byte("kubetwin/v1\x00" + deviceID + "\x00" + password))
 	return "kubetwin:" + hex.EncodeToString(h[:16])
 }
 
+// clientFields are the fields of a client that getClient and listClients
+// (verbose) return.
+type clientFields struct {
+	TextName        string `json:"textname"`
+	TextDescription string `json:"textdescription"`
+	Disabled        bool   `json:"disabled"`
+	Roles           []struct {
+		RoleName string `json:"rolename"`
+	} `json:"roles"`
+}
+
+// hasRole reports whether the client has the device's role.
+func (f clientFields) hasRole(deviceID string) bool {
+	for _, r := range f.Roles {
+		if r.RoleName == RoleName(deviceID) {
+			return true
+		}
+	}
+	return false
+}
+
 type clientInfo struct {
-	Client struct {
-		TextName        string `json:"textname"`
-		TextDescription string `json:"textdescription"`
-		Disabled        bool   `json:"disabled"`
-	} `json:"client"`
+	Client clientFields `json:"client"`
 }
 
 type roleInfo struct {
@@ -294,10 +545,17 @@ const (
 // Provision creates or updates the device's role and client. A device
 // without a valid primary key is kept disabled.
 func (c *Client) Provision(ctx context.Context, d deviceauth.Device) error {
+	if err := c.waitReady(ctx); err != nil {
+		return err
+	}
 	password := d.PrimaryKey
 	disabled := d.Disabled
 	if _, err := sas.DecodeKey(password); err != nil {
 		password, disabled = "", true
+	}
+	mark := marker(c.key, d.ID, password)
+	if c.unchanged(d.ID, mark, legacyMarker(d.ID, password), disabled) {
+		return nil
 	}
 	rs, err := c.Do(ctx, Command{"command": "getRole", "rolename": RoleName(d.ID)}, Command{"command": "getClient", "username": d.ID})
 	if err != nil {
@@ -316,7 +574,6 @@ func (c *Client) Provision(ctx context.Context, d deviceauth.Device) error {
 			return fmt.Errorf("dynsec: role %s exists and kubetwin does not manage it (textname %q); rename or delete it", RoleName(d.ID), ri.Role.TextName)
 		}
 	}
-	mark := marker(d.ID, password)
 	roles := []map[string]any{{"rolename": RoleName(d.ID)}}
 	switch {
 	case rs[1].Error == errClientNotFound:
@@ -341,7 +598,7 @@ func (c *Client) Provision(ctx context.Context, d deviceauth.Device) error {
 			// in between.
 			cmds = append(cmds, Command{"command": "disableClient", "username": d.ID})
 		}
-		if ci.Client.TextDescription != mark {
+		if ci.Client.TextDescription != mark || !ci.Client.hasRole(d.ID) {
 			// modifyClient disconnects the device: only when something changed.
 			mc := Command{"command": "modifyClient", "username": d.ID, "clientid": d.ID, "textdescription": mark, "roles": roles}
 			if password != "" {
@@ -359,6 +616,12 @@ func (c *Client) Provision(ctx context.Context, d deviceauth.Device) error {
 // Deprovision deletes the device's client and role (the client is
 // disconnected).
 func (c *Client) Deprovision(ctx context.Context, deviceID string) error {
+	if err := c.waitReady(ctx); err != nil {
+		return err
+	}
+	c.mu.Lock()
+	delete(c.known, deviceID)
+	c.mu.Unlock()
 	rs, err := c.Do(ctx, Command{"command": "getRole", "rolename": RoleName(deviceID)}, Command{"command": "getClient", "username": deviceID})
 	if err != nil {
 		return err
