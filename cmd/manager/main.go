@@ -221,7 +221,7 @@ func run(ctx context.Context, o options) error {
 	if err := setupServiceAPI(ctx, mgr, o, b); err != nil {
 		return err
 	}
-	if err := setupQueryAPI(mgr, o); err != nil {
+	if err := setupQueryAPI(ctx, mgr, o); err != nil {
 		return err
 	}
 	log.Info("starting manager", "embeddedBroker", o.brokerURL == "", "brokerUrl", o.brokerURL, "mqttBindAddress", o.mqttListen,
