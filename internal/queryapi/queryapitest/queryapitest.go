@@ -172,6 +172,10 @@ type Options struct {
 	// MaxConcurrentQueries and MaxResponseBytes, 0 for the defaults.
 	MaxConcurrentQueries, MaxResponseBytes int
 	Log                                    logr.Logger
+	// GetCertificate, when set, serves the operator's certificate instead
+	// of a test one, and the APIService is registered without a caBundle
+	// (insecureSkipTLSVerify), as before the operator kept it.
+	GetCertificate func(*tls.ClientHelloInfo) (*tls.Certificate, error)
 }
 
 // Serve starts a query API server for the cluster of admin (a system:masters
@@ -223,9 +227,13 @@ func Serve(ctx context.Context, admin *rest.Config, o Options) (*Running, error)
 	if err != nil {
 		return nil, err
 	}
+	tlsCfg := &tls.Config{Certificates: []tls.Certificate{servingCert}}
+	if o.GetCertificate != nil {
+		tlsCfg, servingPEM = &tls.Config{GetCertificate: o.GetCertificate}, nil
+	}
 	srv := &queryapi.Server{
 		Addr:      "127.0.0.1:0",
-		TLSConfig: &tls.Config{Certificates: []tls.Certificate{servingCert}},
+		TLSConfig: tlsCfg,
 		Handler: queryapi.NewHandler(queryapi.Options{
 			Twins: queryapi.CacheLister(twins), Namespace: o.Namespace, Authenticator: d, Authorizer: d,
 			MaxConcurrentQueries: o.MaxConcurrentQueries, MaxResponseBytes: o.MaxResponseBytes, Log: o.Log,
