@@ -73,6 +73,11 @@ type Options struct {
 	// (the bus holds each message until it is acknowledged), likewise.
 	// DefaultMaxPendingReportBytes if zero.
 	MaxPendingReportBytes int
+	// IdleStateTTL is how long a twin's working state stays in memory
+	// unused before it is dropped, when idle (see dropIdle); it is loaded
+	// again from the cached status on next use. DefaultIdleStateTTL if
+	// zero; KeepIdleState (negative) never drops it.
+	IdleStateTTL time.Duration
 }
 
 // Bridge holds the working state of every twin and connects it to the bus.
@@ -86,6 +91,7 @@ type Bridge struct {
 	maxPending      int
 	maxPendingBytes int
 	respondTimeout  time.Duration
+	idleTTL         time.Duration
 
 	mu      sync.Mutex
 	devices map[types.NamespacedName]*deviceEntry
@@ -94,6 +100,10 @@ type Bridge struct {
 type deviceEntry struct {
 	mu sync.Mutex
 	d  *device
+	// idle is what is kept of d while it is dropped (d nil): see idleMarker.
+	idle *idleMarker
+	// gone is set by Forget: the entry left the map.
+	gone bool
 }
 
 // New returns a Bridge. Call SetBus before the bus starts delivering.
@@ -107,6 +117,9 @@ func New(o Options) *Bridge {
 	if o.MaxPendingReportBytes <= 0 {
 		o.MaxPendingReportBytes = DefaultMaxPendingReportBytes
 	}
+	if o.IdleStateTTL == 0 {
+		o.IdleStateTTL = DefaultIdleStateTTL
+	}
 	return &Bridge{
 		resolve:         o.Resolve,
 		log:             o.Logger,
@@ -115,6 +128,7 @@ func New(o Options) *Bridge {
 		maxPending:      o.MaxPendingReports,
 		maxPendingBytes: o.MaxPendingReportBytes,
 		respondTimeout:  respondTimeout,
+		idleTTL:         o.IdleStateTTL,
 		devices:         map[types.NamespacedName]*deviceEntry{},
 	}
 }
@@ -122,8 +136,9 @@ func New(o Options) *Bridge {
 // SetBus sets the bus the Bridge publishes on.
 func (b *Bridge) SetBus(x bus.Bus) { b.bus = x }
 
-// entry returns the entry of a twin, loading it from t's status on first use.
-func (b *Bridge) entry(t *v1alpha1.DeviceTwin) (*deviceEntry, error) {
+// lock returns the entry of a twin, locked, with its working state loaded
+// from t's status on first use or after it was dropped.
+func (b *Bridge) lock(t *v1alpha1.DeviceTwin) (*deviceEntry, error) {
 	key := types.NamespacedName{Namespace: t.Namespace, Name: t.Name}
 	b.mu.Lock()
 	e, ok := b.devices[key]
@@ -133,18 +148,28 @@ func (b *Bridge) entry(t *v1alpha1.DeviceTwin) (*deviceEntry, error) {
 	}
 	b.mu.Unlock()
 	e.mu.Lock()
-	defer e.mu.Unlock()
 	if e.d == nil || e.d.id != t.EffectiveDeviceID() {
 		d, err := loadDevice(t)
+		if err == nil && e.d == nil && e.idle != nil {
+			err = e.idle.restore(d)
+		}
 		if err != nil {
+			e.mu.Unlock()
 			return nil, fmt.Errorf("loading status of %s: %w", key, err)
 		}
-		if e.d != nil { // the twin's device id changed: its messages go
+		switch {
+		case e.d != nil: // the twin's device id changed: its messages go
 			pendingMessages.Sub(float64(len(e.d.pending)))
 			pendingBytes.Sub(float64(e.d.pendingBytes))
+		case !e.gone:
+			twinsInMemory.Inc()
+			if e.idle != nil {
+				idleStatesReloaded.Inc()
+			}
 		}
-		e.d = d
+		e.d, e.idle = d, nil
 	}
+	e.d.lastUsed = b.now()
 	return e, nil
 }
 
@@ -162,21 +187,21 @@ func (b *Bridge) Forget(key types.NamespacedName) {
 	if e.d != nil && e.d.online != nil && *e.d.online {
 		connectedDevices.Dec()
 	}
-	if e.d != nil {
+	if e.d != nil && !e.gone {
 		pendingMessages.Sub(float64(len(e.d.pending)))
 		pendingBytes.Sub(float64(e.d.pendingBytes))
-		e.d.pending, e.d.pendingBytes = nil, 0
+		twinsInMemory.Dec()
 	}
+	e.d, e.idle, e.gone = nil, nil, true
 	e.mu.Unlock()
 }
 
 // with runs f on the device of t under its lock.
 func (b *Bridge) with(t *v1alpha1.DeviceTwin, f func(d *device)) error {
-	e, err := b.entry(t)
+	e, err := b.lock(t)
 	if err != nil {
 		return err
 	}
-	e.mu.Lock()
 	defer e.mu.Unlock()
 	f(e.d)
 	return nil
@@ -185,11 +210,15 @@ func (b *Bridge) with(t *v1alpha1.DeviceTwin, f func(d *device)) error {
 // wake enqueues t for reconciliation unless it is already queued. It never
 // blocks: it runs on the bus's delivery path.
 func (b *Bridge) wake(t *v1alpha1.DeviceTwin, d *device) {
+	b.wakeKey(types.NamespacedName{Namespace: t.Namespace, Name: t.Name}, d)
+}
+
+func (b *Bridge) wakeKey(key types.NamespacedName, d *device) {
 	if d.queued {
 		return
 	}
 	d.queued = true
-	b.wakes.add(types.NamespacedName{Namespace: t.Namespace, Name: t.Name})
+	b.wakes.add(key)
 }
 
 // Snapshot returns the working state of t and marks it as taken: messages
@@ -200,6 +229,7 @@ func (b *Bridge) Snapshot(t *v1alpha1.DeviceTwin) (Snapshot, error) {
 	var superseded []func()
 	err := b.with(t, func(d *device) {
 		d.queued = false
+		d.inFlight = true
 		// No snapshot of this twin is being persisted now (the controller
 		// reconciles a key at a time), so superseded presence and acks of
 		// an earlier, failed round may go.
@@ -225,6 +255,7 @@ func (b *Bridge) Persisted(ctx context.Context, t *v1alpha1.DeviceTwin, s Snapsh
 	_ = b.with(t, func(d *device) {
 		d.persisted = *st.DeepCopy()
 		d.persistedReported = s.Reported
+		d.inFlight = false
 		done = d.takePending(s.Pending)
 	})
 	// One deadline for the whole batch: a reconciler never waits on a
@@ -250,15 +281,14 @@ func (b *Bridge) Persisted(ctx context.Context, t *v1alpha1.DeviceTwin, s Snapsh
 // retained on the broker, then records it in the working state. It does
 // nothing when desired equals what was published.
 func (b *Bridge) PublishDesired(ctx context.Context, t *v1alpha1.DeviceTwin, desired twin.Doc) (bool, error) {
-	e, err := b.entry(t)
-	if err != nil {
-		return false, err
-	}
 	ctx, cancel := context.WithTimeout(ctx, b.respondTimeout)
 	defer cancel()
 	// Hold the device lock across the publishes so GETs never see a
 	// version the broker has not got; the deadline bounds how long.
-	e.mu.Lock()
+	e, err := b.lock(t)
+	if err != nil {
+		return false, err
+	}
 	defer e.mu.Unlock()
 	d := e.d
 	if b.bus == nil {
@@ -366,6 +396,7 @@ func (b *Bridge) handleReported(ctx context.Context, t *v1alpha1.DeviceTwin, m b
 		return
 	}
 	sum := maphash.Bytes(b.seed, m.Payload)
+	rid := maphash.String(b.seed, m.RequestID)
 	var refused error
 	answered := int64(-1)
 	busy := false
@@ -374,7 +405,7 @@ func (b *Bridge) handleReported(ctx context.Context, t *v1alpha1.DeviceTwin, m b
 			busy = true
 			return
 		}
-		if r, seen := d.recent[m.RequestID]; seen && r.sum == sum {
+		if r, seen := d.recent[rid]; seen && r.sum == sum {
 			// A resend of a request already applied: answer it, once
 			// its version is persisted, without applying it again.
 			if r.version <= d.persisted.ReportedVersion {
@@ -399,7 +430,7 @@ func (b *Bridge) handleReported(ctx context.Context, t *v1alpha1.DeviceTwin, m b
 		d.reportedVersion++
 		d.lastActivity = now
 		d.addPending(pendingAck{kind: protocol.KindReported, rid: m.RequestID, version: d.reportedVersion, ack: m.Ack, received: m.Received, bytes: len(m.Payload)})
-		d.remember(m.RequestID, d.reportedVersion, sum)
+		d.remember(rid, d.reportedVersion, sum)
 		b.wake(t, d)
 	})
 	if err != nil {

@@ -59,12 +59,17 @@ type device struct {
 	// holds: Persisted answers exactly those, so they must stay in place.
 	covered int
 	queued  bool // an event for this device is waiting in the controller's queue
+	// inFlight is set from Snapshot to Persisted: a status built from the
+	// working state is being written.
+	inFlight bool
+	// lastUsed is when the bridge last touched this state (see dropIdle).
+	lastUsed time.Time
 
-	// recent maps the request ids of recent reported patches to the
-	// version they got and a hash of their payload, so a resend (same rid,
-	// same payload) is answered, not reapplied.
-	recent      map[string]recentReport
-	recentOrder []string
+	// recent maps the request ids (maphash) of recent reported patches
+	// to the version they got and a hash of their payload, so a resend
+	// (same rid, same payload) is answered, not reapplied.
+	recent      map[uint64]recentReport
+	recentOrder []uint64
 }
 
 // recentReport is what a device's recent request id was used for.
@@ -79,12 +84,12 @@ const recentRequests = 256
 
 // remember records that request rid with payload hash sum got version.
 // A rid used before for another payload now means this one.
-func (d *device) remember(rid string, version int64, sum uint64) {
+func (d *device) remember(rid uint64, version int64, sum uint64) {
 	if d.recent == nil {
-		d.recent = make(map[string]recentReport, recentRequests)
+		d.recent = make(map[uint64]recentReport)
 	}
 	if _, ok := d.recent[rid]; ok {
-		d.recentOrder = slices.DeleteFunc(d.recentOrder, func(r string) bool { return r == rid })
+		d.recentOrder = slices.DeleteFunc(d.recentOrder, func(r uint64) bool { return r == rid })
 	}
 	for len(d.recentOrder) >= recentRequests {
 		oldest := d.recentOrder[0]

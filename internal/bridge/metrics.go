@@ -53,6 +53,18 @@ var (
 		Subsystem: subsystem, Name: "reports_too_large_total",
 		Help: "Reported patches refused with 400 for size: the patch itself, or the reported section it would make (also counted in messages_refused_total).",
 	})
+	twinsInMemory = prometheus.NewGauge(prometheus.GaugeOpts{
+		Subsystem: subsystem, Name: "twins_in_memory",
+		Help: "Twins whose working state the bridge holds in memory; the state of idle twins is dropped after --bridge-idle-state-ttl.",
+	})
+	idleStatesDropped = prometheus.NewCounter(prometheus.CounterOpts{
+		Subsystem: subsystem, Name: "idle_states_dropped_total",
+		Help: "Working states of idle twins dropped from memory (after --bridge-idle-state-ttl unused).",
+	})
+	idleStatesReloaded = prometheus.NewCounter(prometheus.CounterOpts{
+		Subsystem: subsystem, Name: "idle_states_reloaded_total",
+		Help: "Working states loaded again from the cached status after they were dropped; close to the drops, the TTL is too short.",
+	})
 	// StatusWrites counts status patches the operator sent, by result.
 	StatusWrites = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Subsystem: subsystem, Name: "status_writes_total",
@@ -71,5 +83,6 @@ var (
 
 func init() {
 	metrics.Registry.MustRegister(messagesReceived, reportsRefused, reportsThrottled, connectedDevices, reportsCoalesced, reportsPersisted, reportLatency, desiredNotifications, StatusWrites,
-		StatusWriteSeconds, pendingMessages, pendingBytes, reportsTooLarge)
+		StatusWriteSeconds, pendingMessages, pendingBytes, reportsTooLarge,
+		twinsInMemory, idleStatesDropped, idleStatesReloaded)
 }

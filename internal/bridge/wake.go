@@ -46,6 +46,11 @@ func (w *wakeQueue) start(_ context.Context, q workqueue.TypedRateLimitingInterf
 
 // Source is the controller-runtime source of twins whose working state
 // changed; the DeviceTwin controller watches it (WatchesRawSource).
+// Starting it also starts dropping the state of idle twins: the state lives
+// where the controller runs (the leader), and only as long.
 func (b *Bridge) Source() source.Source {
-	return source.Func(b.wakes.start)
+	return source.Func(func(ctx context.Context, q workqueue.TypedRateLimitingInterface[reconcile.Request]) error {
+		go b.dropIdleEvery(ctx)
+		return b.wakes.start(ctx, q)
+	})
 }
