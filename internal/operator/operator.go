@@ -48,6 +48,8 @@ type BridgeOptions struct {
 	// ClaimsNamespace is where the device id claims are
 	// (DefaultClaimsNamespace if empty).
 	ClaimsNamespace string
+	// IdleStateTTL is bridge.Options.IdleStateTTL.
+	IdleStateTTL time.Duration
 }
 
 // NewBridge returns the bridge between devices and twins; it finds the
@@ -58,6 +60,7 @@ func NewBridge(mgr ctrl.Manager, o BridgeOptions) *bridge.Bridge {
 		Resolve:               Resolver(mgr, o.ClaimsNamespace).Resolve,
 		MaxPendingReports:     o.MaxPendingReports,
 		MaxPendingReportBytes: o.MaxPendingReportBytes,
+		IdleStateTTL:          o.IdleStateTTL,
 	})
 }
 
