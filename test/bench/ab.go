@@ -18,6 +18,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -27,6 +28,7 @@ import (
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/cache"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+	ctrlmetrics "sigs.k8s.io/controller-runtime/pkg/metrics"
 
 	"github.com/kubetwin/kubetwin/api/v1alpha1"
 	"github.com/kubetwin/kubetwin/controllers"
@@ -125,6 +127,11 @@ type abLatency struct {
 // runAB is the whole --ab benchmark.
 func runAB(ctx context.Context, cfg config) int {
 	cfg.serviceTwins = 0 // no service API: only the devices write
+	// client-go's request and rate-limiter timings (opt-in), to split a
+	// status write's time into the client's share and the API server's.
+	ctrlmetrics.RegisterRESTClientMetricsWithOptions(ctrlmetrics.RESTClientMetricsOptions{
+		DurationBuckets: prometheus.ExponentialBuckets(0.001, 2, 15),
+	}, ctrlmetrics.MetricRequestLatency, ctrlmetrics.MetricRateLimiterLatency)
 	opLog := &lineLog{prefix: "[operator] ", limit: int64(cfg.operatorLogLimit), out: os.Stderr}
 	cp, err := startControlPlane(ctx, &cfg, opLog)
 	if err != nil {
@@ -318,11 +325,11 @@ func abMeasure(ctx context.Context, cp *controlPlane, op *operator, cfg config, 
 		// PREFIX.<namespace>-<rate>.reports.pprof: one per window.
 		rcfg.apiProfile = fmt.Sprintf("%s.%s-%g", cfg.apiProfile, w.namespace, rate)
 	}
-	q0 := sampleQueue()
+	q0 := sampleQueue(cp.restCfg)
 	sum, err := runReportsPhase(ctx, dp, rcfg, &res)
 	// (The window includes the drain: the queue empties before the
 	// device process answers.)
-	res.queue = queueBetween(q0, sampleQueue())
+	res.queue = queueBetween(q0, sampleQueue(cp.restCfg))
 	progress("ab: operator: %s", queueString(res.queue))
 	return res, sum, err
 }
@@ -445,7 +452,7 @@ func printAB(cfg config, runs []abRun) {
 // managerOptions sets the variant's cache transform and namespace on o.
 func (w writePath) managerOptions(o ctrl.Options) ctrl.Options {
 	if !w.keepStatusFields {
-		o.Cache.DefaultTransform = kubetwin.DropStatusManagedFields
+		o.Cache.DefaultTransform = kubetwin.CacheTransform
 	}
 	// Claims are cached as cmd/manager caches them (deviceid.CacheTransform).
 	claims := cache.ByObject{Transform: deviceid.CacheTransform}

@@ -1,16 +1,23 @@
 package main
 
 import (
+	"bufio"
 	"fmt"
 	"math"
+	"net/http"
+	"strconv"
+	"strings"
 
 	dto "github.com/prometheus/client_model/go"
+	"k8s.io/client-go/rest"
 	ctrlmetrics "sigs.k8s.io/controller-runtime/pkg/metrics"
 )
 
 // Where a report's time goes inside the operator, from the metrics the
 // manager already keeps (controller-runtime's registry): the wait in the
-// DeviceTwin work queue, the reconcile, and its status write.
+// DeviceTwin work queue, the reconcile, and its status write; and inside
+// kube-apiserver, from its /metrics: the status PATCH as the API server
+// timed it, its wait in API Priority and Fairness, and the etcd update.
 // Each is a histogram; a window's share is the difference of two samples.
 
 // histSnap is the cumulative buckets of one histogram (upper bound ->
@@ -30,10 +37,35 @@ var queueHistograms = []struct{ key, metric, label, value string }{
 	{"queue wait", "workqueue_queue_duration_seconds", "name", "devicetwin"},
 	{"reconcile", "controller_runtime_reconcile_time_seconds", "controller", "devicetwin"},
 	{"status write", "kubetwin_bridge_status_write_duration_seconds", "", ""},
+	// client-go's own timing of each PATCH (every PATCH of the window is a
+	// status write: the operator patches nothing else while devices report).
+	{"client PATCH", "rest_client_request_duration_seconds", "verb", "PATCH"},
+	{"client rate limiter", "rest_client_rate_limiter_duration_seconds", "verb", "PATCH"},
 }
 
-func sampleQueue() queueSnap {
+// apiserverHistograms are kube-apiserver's: key, metric and the labels
+// that pick the series summed (every other label is free).
+var apiserverHistograms = []struct {
+	key, metric string
+	labels      map[string]string
+}{
+	{"api PATCH status", "apiserver_request_duration_seconds",
+		map[string]string{"verb": "PATCH", "resource": "devicetwins", "subresource": "status"}},
+	{"api APF wait", "apiserver_flowcontrol_request_wait_duration_seconds",
+		map[string]string{"execute": "true"}},
+	{"api etcd update", "etcd_request_duration_seconds",
+		map[string]string{"operation": "update", "group": "kubetwin.io", "resource": "devicetwins"}},
+}
+
+// sampleQueue samples the operator's histograms and, when restCfg is set,
+// kube-apiserver's.
+func sampleQueue(restCfg *rest.Config) queueSnap {
 	out := queueSnap{}
+	if restCfg != nil {
+		if err := sampleAPIServerHistograms(restCfg, out); err != nil {
+			progress("ab: kube-apiserver metrics: %v", err)
+		}
+	}
 	mfs, err := ctrlmetrics.Registry.Gather()
 	if err != nil {
 		return out
@@ -61,6 +93,73 @@ func sampleQueue() queueSnap {
 	return out
 }
 
+// sampleAPIServerHistograms adds kube-apiserver's apiserverHistograms to
+// out, read from its Prometheus text exposition.
+func sampleAPIServerHistograms(restCfg *rest.Config, out queueSnap) error {
+	hc, err := rest.HTTPClientFor(restCfg)
+	if err != nil {
+		return err
+	}
+	resp, err := hc.Get(strings.TrimSuffix(restCfg.Host, "/") + "/metrics")
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("/metrics: %s", resp.Status)
+	}
+	for _, h := range apiserverHistograms {
+		out[h.key] = histSnap{buckets: map[float64]uint64{}}
+	}
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for sc.Scan() {
+		l := sc.Text()
+		if l == "" || l[0] == '#' {
+			continue
+		}
+		name := l
+		if i := strings.IndexAny(l, "{ "); i >= 0 {
+			name = l[:i]
+		}
+		for _, h := range apiserverHistograms {
+			suffix, ok := strings.CutPrefix(name, h.metric)
+			if !ok || (suffix != "_bucket" && suffix != "_sum" && suffix != "_count") {
+				continue
+			}
+			labels := promLabels(l)
+			match := true
+			for k, v := range h.labels {
+				if labels[k] != v {
+					match = false
+					break
+				}
+			}
+			if !match {
+				continue
+			}
+			v, err := strconv.ParseFloat(l[strings.LastIndexByte(l, ' ')+1:], 64)
+			if err != nil {
+				continue
+			}
+			s := out[h.key]
+			switch suffix {
+			case "_bucket":
+				le, err := strconv.ParseFloat(labels["le"], 64)
+				if err == nil {
+					s.buckets[le] += uint64(v)
+				}
+			case "_sum":
+				s.sum += v
+			case "_count":
+				s.count += uint64(v)
+			}
+			out[h.key] = s
+		}
+	}
+	return sc.Err()
+}
+
 func hasLabel(m *dto.Metric, name, value string) bool {
 	for _, l := range m.GetLabel() {
 		if l.GetName() == name {
@@ -79,10 +178,22 @@ type queueTimes struct {
 	P99Ms  float64 `json:"p99_le_ms"`
 }
 
+// histogramKeys are the keys of every sampled histogram, operator first.
+func histogramKeys() []string {
+	var keys []string
+	for _, h := range queueHistograms {
+		keys = append(keys, h.key)
+	}
+	for _, h := range apiserverHistograms {
+		keys = append(keys, h.key)
+	}
+	return keys
+}
+
 func queueBetween(a, b queueSnap) map[string]queueTimes {
 	out := map[string]queueTimes{}
-	for _, h := range queueHistograms {
-		x, y := a[h.key], b[h.key]
+	for _, key := range histogramKeys() {
+		x, y := a[key], b[key]
 		n := y.count - x.count
 		if n == 0 {
 			continue
@@ -90,7 +201,7 @@ func queueBetween(a, b queueSnap) map[string]queueTimes {
 		t := queueTimes{N: n, MeanMs: 1000 * (y.sum - x.sum) / float64(n)}
 		t.P50Ms = 1000 * bucketQuantile(x, y, n, 0.50)
 		t.P99Ms = 1000 * bucketQuantile(x, y, n, 0.99)
-		out[h.key] = t
+		out[key] = t
 	}
 	return out
 }
@@ -110,15 +221,15 @@ func bucketQuantile(x, y histSnap, n uint64, q float64) float64 {
 
 func queueString(m map[string]queueTimes) string {
 	s := ""
-	for _, h := range queueHistograms {
-		t, ok := m[h.key]
+	for _, key := range histogramKeys() {
+		t, ok := m[key]
 		if !ok {
 			continue
 		}
 		if s != "" {
 			s += "; "
 		}
-		s += fmt.Sprintf("%s mean %.1f ms, p50 <= %.3g ms, p99 <= %.3g ms (n %d)", h.key, t.MeanMs, t.P50Ms, t.P99Ms, t.N)
+		s += fmt.Sprintf("%s mean %.1f ms, p50 <= %.3g ms, p99 <= %.3g ms (n %d)", key, t.MeanMs, t.P50Ms, t.P99Ms, t.N)
 	}
 	return s
 }
