@@ -87,6 +87,8 @@ type options struct {
 
 	// hubTLS is shared by the embedded broker and the service API.
 	hubTLS *hubTLS
+	// memoryLimit is --memory-limit, the Go heap's soft limit.
+	memoryLimit memoryLimitFlag
 }
 
 // webhookOptions are the flags of the admission webhooks.
@@ -135,6 +137,8 @@ func main() {
 		"Messages of one device (reports, plus its latest presence and ack) waiting to be stored; a report beyond it is answered 429.")
 	flag.IntVar(&o.pending.MaxPendingReportBytes, "max-pending-report-bytes", bridge.DefaultMaxPendingReportBytes,
 		"Payload bytes of one device's messages waiting to be stored; a report beyond it is answered 429. At least the largest reported patch (65536).")
+	flag.DurationVar(&o.pending.IdleStateTTL, "bridge-idle-state-ttl", bridge.DefaultIdleStateTTL,
+		"How long an idle twin's working state stays in memory unused before it is dropped (and reloaded from the cached status on next use); 0 keeps it.")
 	flag.StringVar(&o.brokerURL, "broker-url", "", "External MQTT broker, e.g. tcp://mosquitto:1883 or ssl://mosquitto:8883. Empty runs the embedded broker.")
 	flag.StringVar(&o.brokerUsername, "broker-username", "", "Username for the external broker.")
 	flag.StringVar(&o.brokerPasswordFile, "broker-password-file", "", "File holding the password for the external broker (env KUBETWIN_BROKER_PASSWORD also works).")
@@ -156,10 +160,12 @@ func main() {
 	bindMQTTFlags(&o.mqtt)
 	bindWebhookFlags(&o.webhook)
 	bindServiceAPIFlags(&o.service)
+	bindMemoryLimitFlag(flag.CommandLine, &o.memoryLimit)
 	zapOpts := zap.Options{Development: false}
 	zapOpts.BindFlags(flag.CommandLine)
 	flag.Parse()
 	ctrl.SetLogger(zap.New(zap.UseFlagOptions(&zapOpts)))
+	setupMemoryLimit(ctrl.Log.WithName("setup"), o.memoryLimit)
 
 	if err := run(ctrl.SetupSignalHandler(), o); err != nil {
 		ctrl.Log.Error(err, "manager stopped")
@@ -187,6 +193,9 @@ func run(ctx context.Context, o options) error {
 		return err
 	}
 	o.pending.ClaimsNamespace = o.claimsNamespace()
+	if o.pending.IdleStateTTL == 0 {
+		o.pending.IdleStateTTL = bridge.KeepIdleState
+	}
 	br := operator.NewBridge(mgr, o.pending)
 	auth, err := newAuthenticator(mgr, o)
 	if err != nil {
@@ -238,6 +247,9 @@ func checkPendingFlags(p operator.BridgeOptions) error {
 	if p.MaxPendingReportBytes < bridge.MaxReportedPatchBytes {
 		return fmt.Errorf("--max-pending-report-bytes must be at least %d (the largest reported patch), not %d",
 			bridge.MaxReportedPatchBytes, p.MaxPendingReportBytes)
+	}
+	if p.IdleStateTTL < 0 {
+		return fmt.Errorf("--bridge-idle-state-ttl must be 0 (keep idle state) or positive, not %s", p.IdleStateTTL)
 	}
 	return nil
 }
