@@ -93,7 +93,8 @@ func TestInstallDefaults(t *testing.T) {
 	rel := release{name: "kubetwin", namespace: "kubetwin-system", prefix: "kubetwin"}
 	objs := render(t, rel.name, rel.namespace)
 	wantKinds(t, objs, map[string]int{
-		"ServiceAccount": 1, "ClusterRole": 7, "ClusterRoleBinding": 3, "Role": 2, "RoleBinding": 3,
+		// +1 ClusterRole, ClusterRoleBinding, Role, RoleBinding: the query API's certificate (queryapi_test.go)
+		"ServiceAccount": 1, "ClusterRole": 8, "ClusterRoleBinding": 4, "Role": 3, "RoleBinding": 4,
 		"Service": 4, "Deployment": 1, "ValidatingWebhookConfiguration": 1, "MutatingWebhookConfiguration": 1,
 		"APIService": 1, // the query API (queryapi_test.go)
 	})

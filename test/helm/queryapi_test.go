@@ -2,6 +2,7 @@ package helm
 
 import (
 	"fmt"
+	"reflect"
 	"slices"
 	"strconv"
 	"strings"
@@ -16,9 +17,12 @@ import (
 // TestQueryAPIChart: the query API's APIService leads to a Service whose
 // port reaches the container port the operator serves it on; the operator
 // may read the front-proxy CA and ask SubjectAccessReviews; view, edit and
-// admin may create twinqueries. TLS: verified with cert-manager (its own
-// Certificate, the CA injected, the operator reading the Secret), not
-// verified with the operator's self-signed certificate. Off: none of it.
+// admin may create twinqueries. TLS: kube-apiserver verifies the server in
+// every configuration, never insecureSkipTLSVerify: by default the
+// operator issues the certificate and patches the caBundle (RBAC: that
+// APIService by name, its own Secret by name); with cert-manager its own
+// Certificate, the CA injected, the operator reading the Secret; with
+// queryAPI.tls your Secret and caBundle. Off: none of it.
 func TestQueryAPIChart(t *testing.T) {
 	rel := release{name: "kubetwin", namespace: "kubetwin-system", prefix: "kubetwin"}
 	svcName := rel.queryAPI()
@@ -27,9 +31,11 @@ func TestQueryAPIChart(t *testing.T) {
 		name        string
 		args        []string
 		certManager bool
+		yours       bool
 	}{
-		{"self-signed", nil, false},
-		{"cert-manager", []string{"--set", "webhook.certificates.mode=cert-manager"}, true},
+		{"operator-issued", nil, false, false},
+		{"cert-manager", []string{"--set", "webhook.certificates.mode=cert-manager"}, true, false},
+		{"your Secret", []string{"--set", "queryAPI.tls.secretName=my-query-cert", "--set", "queryAPI.tls.caBundle=Zm9v"}, false, true},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			objs := render(t, rel.name, rel.namespace, c.args...)
@@ -63,23 +69,42 @@ func TestQueryAPIChart(t *testing.T) {
 				t.Error("no POD_NAMESPACE")
 			}
 
-			_, insecure, _ := unstructured.NestedBool(spec, "insecureSkipTLSVerify")
+			if _, ok := spec["insecureSkipTLSVerify"]; ok {
+				t.Fatalf("APIService spec has insecureSkipTLSVerify: %v", spec)
+			}
+			caBundle, _, _ := unstructured.NestedString(spec, "caBundle")
 			inject := as.GetAnnotations()["cert-manager.io/inject-ca-from"]
 			certDir := slices.Contains(mc.Args, "--query-api-cert-dir=/etc/kubetwin/query-api")
-			if c.certManager {
+			managedArgs := []string{"--query-api-service-name=" + svcName, "--query-api-secret-name=" + svcName + "-server-cert"}
+			checkQueryAPIRBAC(t, rel, objs, !c.certManager && !c.yours)
+			switch {
+			case c.yours:
+				if caBundle != "Zm9v" || inject != "" || !certDir || slices.ContainsFunc(managedArgs, func(a string) bool { return slices.Contains(mc.Args, a) }) {
+					t.Fatalf("your Secret: caBundle %q, inject %q, cert dir %v, args %v", caBundle, inject, certDir, mc.Args)
+				}
+			case c.certManager:
 				cert := find(t, objs, "Certificate", svcName)
 				dns, _, _ := unstructured.NestedStringSlice(cert.Object, "spec", "dnsNames")
 				secret, _, _ := unstructured.NestedString(cert.Object, "spec", "secretName")
-				if insecure || inject != rel.namespace+"/"+svcName || !certDir || !slices.Contains(dns, svcName+"."+rel.namespace+".svc") {
-					t.Fatalf("cert-manager: insecure %v, inject %q, cert dir %v, dnsNames %v", insecure, inject, certDir, dns)
+				if caBundle != "" || inject != rel.namespace+"/"+svcName || !certDir || !slices.Contains(dns, svcName+"."+rel.namespace+".svc") {
+					t.Fatalf("cert-manager: caBundle %q, inject %q, cert dir %v, dnsNames %v", caBundle, inject, certDir, dns)
 				}
 				if !slices.ContainsFunc(d.Spec.Template.Spec.Volumes, func(v corev1.Volume) bool {
 					return v.Secret != nil && v.Secret.SecretName == secret
 				}) {
 					t.Fatalf("no volume from the Certificate's Secret %s", secret)
 				}
-			} else if !insecure || inject != "" || certDir {
-				t.Fatalf("self-signed: insecure %v, inject %q, cert dir %v", insecure, inject, certDir)
+			default:
+				// The operator patches caBundle: the chart must not set it
+				// (Helm would then reset it on upgrade).
+				if caBundle != "" || inject != "" || certDir {
+					t.Fatalf("operator-issued: caBundle %q, inject %q, cert dir %v", caBundle, inject, certDir)
+				}
+				for _, a := range managedArgs {
+					if !slices.Contains(mc.Args, a) {
+						t.Errorf("args %v lack %s", mc.Args, a)
+					}
+				}
 			}
 
 			crb := &rbacv1.ClusterRoleBinding{}
@@ -133,3 +158,71 @@ func TestQueryAPIChart(t *testing.T) {
 }
 
 func itoa(n int32) string { return strconv.Itoa(int(n)) }
+
+// checkQueryAPIRBAC: when the operator issues the query API's certificate
+// (managed) it may get and patch the APIService v1alpha1.query.kubetwin.io
+// and no other, and create its Secret and get and update it by name; no
+// rendered role grants apiservices otherwise, or on any other name.
+func checkQueryAPIRBAC(t *testing.T, rel release, objs []*unstructured.Unstructured, managed bool) {
+	t.Helper()
+	var caRoles, certRoles int
+	for _, o := range objs {
+		if o.GetKind() != "ClusterRole" && o.GetKind() != "Role" {
+			continue
+		}
+		var rules []rbacv1.PolicyRule
+		if o.GetKind() == "ClusterRole" {
+			cr := &rbacv1.ClusterRole{}
+			if err := k8sFromUnstructured(o, cr); err != nil {
+				t.Fatal(err)
+			}
+			rules = cr.Rules
+		} else {
+			r := &rbacv1.Role{}
+			if err := k8sFromUnstructured(o, r); err != nil {
+				t.Fatal(err)
+			}
+			rules = r.Rules
+		}
+		for _, r := range rules {
+			if slices.Contains(r.Resources, "apiservices") || slices.Contains(r.Resources, "*") && !slices.Contains(r.APIGroups, "kubetwin.io") {
+				if !managed || !slices.Equal(r.APIGroups, []string{"apiregistration.k8s.io"}) || !slices.Equal(r.Resources, []string{"apiservices"}) ||
+					!slices.Equal(r.ResourceNames, []string{"v1alpha1.query.kubetwin.io"}) || !slices.Equal(r.Verbs, []string{"get", "patch"}) {
+					t.Errorf("%s %s grants %+v (managed certificate: %v)", o.GetKind(), o.GetName(), r, managed)
+				}
+			}
+		}
+		switch o.GetName() {
+		case rel.prefix + "-query-api-ca":
+			caRoles++
+			if len(rules) != 1 {
+				t.Errorf("ClusterRole %s rules %+v, want only the APIService's", o.GetName(), rules)
+			}
+		case rel.prefix + "-query-api-certs":
+			certRoles++
+			want := []rbacv1.PolicyRule{
+				{APIGroups: []string{""}, Resources: []string{"secrets"}, Verbs: []string{"create"}},
+				{APIGroups: []string{""}, Resources: []string{"secrets"}, ResourceNames: []string{rel.queryAPI() + "-server-cert"}, Verbs: []string{"get", "update"}},
+			}
+			if o.GetNamespace() != rel.namespace || !reflect.DeepEqual(rules, want) {
+				t.Errorf("Role %s/%s rules %+v, want %+v", o.GetNamespace(), o.GetName(), rules, want)
+			}
+		}
+	}
+	if want := map[bool]int{true: 1, false: 0}[managed]; caRoles != want || certRoles != want {
+		t.Errorf("query API certificate roles: %d ClusterRole, %d Role; want %d each", caRoles, certRoles, want)
+	}
+	if !managed {
+		return
+	}
+	for _, b := range []struct{ kind, role string }{{"ClusterRoleBinding", "ClusterRole"}, {"RoleBinding", "Role"}} {
+		name := rel.prefix + map[string]string{"ClusterRole": "-query-api-ca", "Role": "-query-api-certs"}[b.role]
+		rb := &rbacv1.RoleBinding{}
+		if err := k8sFromUnstructured(find(t, objs, b.kind, name), rb); err != nil {
+			t.Fatal(err)
+		}
+		if rb.RoleRef.Kind != b.role || rb.RoleRef.Name != name || len(rb.Subjects) != 1 || rb.Subjects[0].Name != rel.sa() || rb.Subjects[0].Namespace != rel.namespace {
+			t.Errorf("%s %s: %+v %+v, want %s %s for %s", b.kind, name, rb.RoleRef, rb.Subjects, b.role, name, rel.sa())
+		}
+	}
+}

@@ -109,6 +109,7 @@ func TestInstallWatchNamespaceLeastPrivilege(t *testing.T) {
 		"authorization.k8s.io/subjectaccessreviews":                    {"create"}, // --metrics-secure
 		"admissionregistration.k8s.io/validatingwebhookconfigurations": {"get", "update"},
 		"admissionregistration.k8s.io/mutatingwebhookconfigurations":   {"get", "update"},
+		"apiregistration.k8s.io/apiservices":                           {"get", "patch"}, // the query API's caBundle, by name
 	}
 	for _, ns := range []string{tenant, "default", "kube-system"} {
 		for _, r := range rulesIn(t, rel, ns) {
@@ -120,6 +121,9 @@ func TestInstallWatchNamespaceLeastPrivilege(t *testing.T) {
 						ok = ok && slices.Contains(outside[key], v)
 					}
 					if strings.HasSuffix(res, "webhookconfigurations") && !slices.Equal(r.ResourceNames, []string{rel.config()}) {
+						ok = false
+					}
+					if res == "apiservices" && !slices.Equal(r.ResourceNames, []string{"v1alpha1.query.kubetwin.io"}) {
 						ok = false
 					}
 					if ns == "kube-system" && key == "configmaps" && slices.Equal(r.ResourceNames, []string{"extension-apiserver-authentication"}) {
