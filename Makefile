@@ -132,7 +132,9 @@ bench: build ## Benchmarks against the real control plane and embedded broker (B
 # Not in CI: fleet-size figures for docs/sizing.md. On 2 cores 10,000 twins
 # with 10,000 devices take ~5 minutes, 30,000 twins ~15, the default 100,000
 # over 30 (mostly the operator's start-up). It stops by itself when the
-# machine's available memory runs low.
+# machine's available memory runs low. The operator runs with its production
+# soft memory limit (--scale-memory-limit; SCALE_ARGS=--scale-memory-limit=0
+# for none) and serves the query API behind an APIService, as the chart does.
 SCALE_TWINS ?= 100000
 SCALE_DEVICES ?= 10000
 SCALE_ARGS ?=

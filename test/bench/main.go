@@ -75,6 +75,8 @@ import (
 	"time"
 
 	"k8s.io/client-go/rest"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/envtest"
 )
 
 // config is the parsed command line.
@@ -119,7 +121,12 @@ type config struct {
 	// limit (0: its default, 1,000); every simulated device comes from
 	// 127.0.0.1, so scale mode raises it.
 	brokerConnsPerIP int
-	scale            scaleConfig
+	// configureAPIServer, when set, configures kube-apiserver before it
+	// starts; onManager is called with each operator's manager before it
+	// starts. Scale mode serves the query API through them.
+	configureAPIServer func(*envtest.Environment) error
+	onManager          func(ctrl.Manager) error
+	scale              scaleConfig
 	// configBench is the configuration mode (configbench.go).
 	configBench configBenchConfig
 	// writePath is the operator's write path (--write-path); --ab runs

@@ -215,6 +215,11 @@ func startControlPlane(ctx context.Context, cfg *config, opLog *lineLog, namespa
 	}
 	progress("starting the control plane (envtest kube-apiserver + etcd from %s)", os.Getenv("KUBEBUILDER_ASSETS"))
 	cp := &controlPlane{env: &envtest.Environment{CRDDirectoryPaths: []string{crdDir}, ErrorIfCRDPathMissing: true}}
+	if cfg.configureAPIServer != nil {
+		if err := cfg.configureAPIServer(cp.env); err != nil {
+			return nil, fmt.Errorf("configuring kube-apiserver: %w", err)
+		}
+	}
 	restCfg, err := cp.env.Start()
 	if err != nil {
 		return nil, fmt.Errorf("starting envtest: %w", err)
@@ -475,6 +480,11 @@ func startOperator(ctx context.Context, restCfg *rest.Config, cfg config) (*oper
 	}))
 	if err != nil {
 		return nil, fmt.Errorf("manager: %w", err)
+	}
+	if cfg.onManager != nil {
+		if err := cfg.onManager(mgr); err != nil {
+			return nil, err
+		}
 	}
 	br := kubetwin.NewBridge(mgr, kubetwin.BridgeOptions{})
 	emb, err := bus.NewEmbedded(bus.EmbeddedOptions{

@@ -34,6 +34,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"net/http"
@@ -51,6 +52,7 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/rest"
+	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/envtest"
 
@@ -78,6 +80,7 @@ type scaleConfig struct {
 	minAvailMiB    int
 	restart        bool
 	profile        string
+	memoryLimit    byteQuantity
 }
 
 func addScaleFlags(fs interface {
@@ -86,6 +89,7 @@ func addScaleFlags(fs interface {
 	DurationVar(*time.Duration, string, time.Duration, string)
 	BoolVar(*bool, string, bool, string)
 	StringVar(*string, string, string, string)
+	Var(flag.Value, string, string)
 }, s *scaleConfig) {
 	fs.IntVar(&s.twins, "scale", 0, "scale mode (make bench-scale): a fleet of this many twins instead of the phases above (0: off)")
 	fs.IntVar(&s.createParallel, "scale-create-parallel", 64, "scale: twins created at a time")
@@ -99,50 +103,68 @@ func addScaleFlags(fs interface {
 	fs.BoolVar(&s.fullQuery, "scale-full-query", false, "scale: also time the service API's SELECT * over the whole fleet in pages of 100 (each page costs about a scan of the fleet: 96s at 30,000 twins)")
 	fs.IntVar(&s.minAvailMiB, "scale-min-available", 2048, "scale: stop the run when the machine's MemAvailable falls under this many MiB")
 	fs.BoolVar(&s.restart, "scale-restart", true, "scale: once the operator has settled, stop it and start it again, timing start -> every twin reconciled and counting the API writes")
+	s.memoryLimit = byteQuantity(defaultScaleMemoryLimit)
+	fs.Var(&s.memoryLimit, "scale-memory-limit", fmt.Sprintf("scale: the Go runtime's soft memory limit of this process (operator, broker and the bench's clients), as a quantity (0: none); "+
+		"default: the operator's in production, 90%% of the chart's resources.limits.memory %s (GOMEMLIMIT in the environment wins)", chartMemoryLimit))
 	fs.StringVar(&s.profile, "scale-profile", "", "scale: write the operator's heap profile (after a GC) once settled and once restarted, and a CPU profile of this process during the restart, to PREFIX.heap-settled.pprof, PREFIX.heap-restarted.pprof and PREFIX.cpu-restart.pprof")
 }
 
 // memSample is the RSS of the processes that matter and etcd's database.
+// The operator's figures are this process's: RSS and heap in use as found,
+// then after a GC that returns free memory to the system (what the
+// operator needs), and the GC's share of the CPU since the last sample.
 type memSample struct {
-	At              string  `json:"at"`
-	APIServerMiB    float64 `json:"kube_apiserver_rss_mib"`
-	EtcdMiB         float64 `json:"etcd_rss_mib"`
-	OperatorMiB     float64 `json:"operator_rss_mib"`
-	OperatorHeapMiB float64 `json:"operator_go_heap_inuse_mib"`
-	DevicesMiB      float64 `json:"devices_rss_mib,omitempty"`
-	EtcdDBMiB       float64 `json:"etcd_db_mib"`
-	EtcdDBInUseMiB  float64 `json:"etcd_db_in_use_mib"`
+	At                   string  `json:"at"`
+	APIServerMiB         float64 `json:"kube_apiserver_rss_mib"`
+	EtcdMiB              float64 `json:"etcd_rss_mib"`
+	OperatorMiB          float64 `json:"operator_rss_mib"`
+	OperatorHeapInUseMiB float64 `json:"operator_go_heap_inuse_mib"`
+	OperatorHeapMiB      float64 `json:"operator_go_heap_after_gc_mib"`
+	OperatorHeapLiveMiB  float64 `json:"operator_go_heap_live_mib"`
+	OperatorRSSAfterGC   float64 `json:"operator_rss_after_gc_mib"`
+	OperatorGCCPUPct     float64 `json:"operator_gc_cpu_pct"`
+	DevicesMiB           float64 `json:"devices_rss_mib,omitempty"`
+	EtcdDBMiB            float64 `json:"etcd_db_mib"`
+	EtcdDBInUseMiB       float64 `json:"etcd_db_in_use_mib"`
 }
 
 // scaleResults are the scale mode's numbers.
 type scaleResults struct {
-	Date          string      `json:"date"`
-	Cores         int         `json:"cores"`
-	MemTotalGiB   float64     `json:"machine_mem_gib"`
-	Twins         int         `json:"twins"`
-	CreateSec     float64     `json:"create_sec"`
-	CreatePerSec  float64     `json:"creates_per_sec"`
-	CreateCPU     string      `json:"create_cpu"`
-	Mem           []memSample `json:"memory"`
-	CacheSyncSec  float64     `json:"operator_cache_sync_sec"`
-	Claimed       int         `json:"operator_claimed"`
-	ClaimedSec    float64     `json:"operator_all_claimed_sec"`
-	SettledSec    float64     `json:"operator_settled_sec"`
-	StartWrites   int64       `json:"operator_start_status_writes"`
-	StartWriteErr int64       `json:"operator_start_status_write_errors"`
-	StartAPI      apiWrites   `json:"operator_start_api_writes"`
-	StartCPU      string      `json:"operator_start_cpu"`
-	StartRecs     float64     `json:"operator_start_reconciles"`
+	Date        string  `json:"date"`
+	Cores       int     `json:"cores"`
+	MemTotalGiB float64 `json:"machine_mem_gib"`
+	Twins       int     `json:"twins"`
+	// The Go runtime's soft memory limit of this process (0: none).
+	MemoryLimit     int64       `json:"memory_limit_bytes"`
+	MemoryLimitFrom string      `json:"memory_limit_from"`
+	CreateSec       float64     `json:"create_sec"`
+	CreatePerSec    float64     `json:"creates_per_sec"`
+	CreateCPU       string      `json:"create_cpu"`
+	Mem             []memSample `json:"memory"`
+	CacheSyncSec    float64     `json:"operator_cache_sync_sec"`
+	Claimed         int         `json:"operator_claimed"`
+	ClaimedSec      float64     `json:"operator_all_claimed_sec"`
+	SettledSec      float64     `json:"operator_settled_sec"`
+	StartWrites     int64       `json:"operator_start_status_writes"`
+	StartWriteErr   int64       `json:"operator_start_status_write_errors"`
+	StartAPI        apiWrites   `json:"operator_start_api_writes"`
+	StartCPU        string      `json:"operator_start_cpu"`
+	StartRecs       float64     `json:"operator_start_reconciles"`
 	// Restart (--scale-restart).
 	Restart restartResults `json:"restart"`
 	// Queries (ms): median of the reps.
-	Selective          string  `json:"query_selective"`
-	Residual           string  `json:"query_residual"`
-	SelectiveExpected  int     `json:"query_selective_expected"`
-	PluginSelectiveMs  float64 `json:"plugin_selective_ms"`
-	PluginSelectiveN   int     `json:"plugin_selective_items"`
-	PluginResidualMs   float64 `json:"plugin_residual_ms"`
-	PluginResidualN    int     `json:"plugin_residual_items"`
+	Selective         string  `json:"query_selective"`
+	Residual          string  `json:"query_residual"`
+	SelectiveExpected int     `json:"query_selective_expected"`
+	PluginSelectiveMs float64 `json:"plugin_selective_ms"`
+	PluginSelectiveN  int     `json:"plugin_selective_items"`
+	PluginResidualMs  float64 `json:"plugin_residual_ms"`
+	PluginResidualN   int     `json:"plugin_residual_items"`
+	// The plugin listing the twins itself (--via list).
+	ListSelectiveMs    float64 `json:"plugin_list_selective_ms"`
+	ListSelectiveN     int     `json:"plugin_list_selective_items"`
+	ListResidualMs     float64 `json:"plugin_list_residual_ms"`
+	ListResidualN      int     `json:"plugin_list_residual_items"`
 	ServiceSelectiveMs float64 `json:"service_selective_ms"`
 	ServiceSelectiveN  int     `json:"service_selective_items"`
 	ServiceResidualMs  float64 `json:"service_residual_ms"`
@@ -181,7 +203,22 @@ func runScale(ctx context.Context, cfg config, sc scaleConfig) int {
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 	go memoryGuard(ctx, cancel, sc.minAvailMiB)
+	res.MemoryLimit, res.MemoryLimitFrom = applyMemoryLimit(int64(sc.memoryLimit))
+	progress("scale: Go soft memory limit %s (%s)", memoryLimitString(res.MemoryLimit), res.MemoryLimitFrom)
 
+	qapi, err := newScaleQueryAPI()
+	if err != nil {
+		return fail("preparing the query API", err)
+	}
+	defer qapi.cleanup()
+	cfg.configureAPIServer = qapi.configure
+	// Each operator serves the query API; the weak pointers say whether a
+	// stopped one was collected.
+	var started []operatorRefs
+	cfg.onManager = func(mgr ctrl.Manager) error {
+		started = append(started, refsOf(mgr))
+		return qapi.addTo(mgr)
+	}
 	cp, err := startControlPlane(ctx, &cfg, opLog, scaleNS)
 	if err != nil {
 		return fail("starting the control plane", err)
@@ -197,8 +234,9 @@ func runScale(ctx context.Context, cfg config, sc scaleConfig) int {
 	sample := func(at string) {
 		m := sampleMem(env, at)
 		res.Mem = append(res.Mem, m)
-		progress("  memory %s: kube-apiserver %.0f MiB, etcd %.0f MiB, operator %.0f MiB (Go heap in use %.0f), devices %.0f MiB; etcd db %.0f MiB (%.0f in use)",
-			at, m.APIServerMiB, m.EtcdMiB, m.OperatorMiB, m.OperatorHeapMiB, m.DevicesMiB, m.EtcdDBMiB, m.EtcdDBInUseMiB)
+		progress("  memory %s: kube-apiserver %.0f MiB, etcd %.0f MiB, operator %.0f MiB (Go heap in use %.0f, after GC %.0f, RSS then %.0f; GC %.1f%% of CPU), devices %.0f MiB; etcd db %.0f MiB (%.0f in use)",
+			at, m.APIServerMiB, m.EtcdMiB, m.OperatorMiB, m.OperatorHeapInUseMiB, m.OperatorHeapMiB, m.OperatorRSSAfterGC, m.OperatorGCCPUPct,
+			m.DevicesMiB, m.EtcdDBMiB, m.EtcdDBInUseMiB)
 	}
 
 	// 1. The fleet.
@@ -228,7 +266,13 @@ func runScale(ctx context.Context, cfg config, sc scaleConfig) int {
 	if err != nil {
 		return failed("starting the operator", err)
 	}
-	defer op.stop()
+	// A closure, not a deferred op.stop(): that would hold the first
+	// operator (its cache, through the service API) until the end.
+	defer func() {
+		if op != nil {
+			op.stop()
+		}
+	}()
 	res.CacheSyncSec = time.Since(opStart).Seconds()
 	progress("scale: operator cache synced %.1fs after start", res.CacheSyncSec)
 	// A start-up slower than --scale-settle-timeout is a result too: the
@@ -266,15 +310,23 @@ func runScale(ctx context.Context, cfg config, sc scaleConfig) int {
 		if op, err = restartOperator(ctx, restCfg, cfg, sc, &res.Restart); err != nil {
 			return failed("restarting the operator", err)
 		}
-		defer op.stop()
-		// The stopped operator's heap is garbage now: return it to the
-		// system, so the RSS is the running operator's.
-		debug.FreeOSMemory()
+		// The stopped operator must be garbage now, so that the samples
+		// after this are the running operator's.
+		took, ok := waitCollected(started[0], 30*time.Second)
+		res.Restart.StoppedCollected, res.Restart.StoppedCollectedSec = ok, took.Seconds()
+		if ok {
+			progress("scale: the stopped operator's manager and cache were collected %.1fs after the restart", took.Seconds())
+		} else {
+			progress("scale: the stopped operator's manager or cache is still reachable %.0fs after the restart: its memory is counted below", took.Seconds())
+		}
 		sample("operator restarted")
 		writeHeapProfile(sc.profile, "restarted")
 	}
 
 	// 3. Queries.
+	if err := qapi.register(ctx, restCfg); err != nil {
+		return failed("queries", err)
+	}
 	if err := runScaleQueries(ctx, env, op.service, cfg, sc, res); err != nil {
 		return failed("queries", err)
 	}
@@ -434,9 +486,11 @@ func runScaleQueries(ctx context.Context, env *envtest.Environment, svc *service
 		n     *int
 		pages *int // the full query's
 	}
-	plug := func(q string) func() (int, error) {
+	// --via api fails rather than list when the query API does not
+	// answer, so each row is timed the way it says.
+	plug := func(q, via string) func() (int, error) {
 		return func() (int, error) {
-			_, out, err := timeProcess(ctx, plugin, append([]string{"query", q, "-o", "json"}, common...))
+			_, out, err := timeProcess(ctx, plugin, append([]string{"query", q, "-o", "json", "--via", via}, common...))
 			if err != nil {
 				return 0, err
 			}
@@ -459,9 +513,11 @@ func runScaleQueries(ctx context.Context, env *envtest.Environment, svc *service
 	// The residual query matches no twin here (the devices report no
 	// temperature), but it must read every one of them to say so.
 	runs := []timed{
-		{"kubectl twin query (selective)", res.SelectiveExpected, plug(querySelective), &res.PluginSelectiveMs, &res.PluginSelectiveN, nil},
+		{"kubectl twin query (selective)", res.SelectiveExpected, plug(querySelective, "api"), &res.PluginSelectiveMs, &res.PluginSelectiveN, nil},
+		{"kubectl twin query --via list (selective)", res.SelectiveExpected, plug(querySelective, "list"), &res.ListSelectiveMs, &res.ListSelectiveN, nil},
 		{"service API query (selective)", res.SelectiveExpected, svcQ(querySelective, nil), &res.ServiceSelectiveMs, &res.ServiceSelectiveN, nil},
-		{"kubectl twin query (residual)", 0, plug(queryResidual), &res.PluginResidualMs, &res.PluginResidualN, nil},
+		{"kubectl twin query (residual)", 0, plug(queryResidual, "api"), &res.PluginResidualMs, &res.PluginResidualN, nil},
+		{"kubectl twin query --via list (residual)", 0, plug(queryResidual, "list"), &res.ListResidualMs, &res.ListResidualN, nil},
 		{"service API query (residual)", 0, svcQ(queryResidual, nil), &res.ServiceResidualMs, &res.ServiceResidualN, nil},
 	}
 	if sc.fullQuery {
@@ -477,7 +533,7 @@ func runScaleQueries(ctx context.Context, env *envtest.Environment, svc *service
 		}
 	}
 	// Warm-up: the plugin's binary and discovery, the service's connections.
-	for _, r := range runs[:2] {
+	for _, r := range runs[:3] {
 		if _, err := r.run(); err != nil {
 			return fmt.Errorf("%s: %w", r.name, err)
 		}
@@ -588,9 +644,12 @@ func printScale(r *scaleResults) {
 	line()
 	row("twins created", fmt.Sprintf("%d in %.0fs = %.0f/s", r.Twins, r.CreateSec, r.CreatePerSec))
 	row("  CPU cores meanwhile", r.CreateCPU)
+	row("operator's Go soft memory limit", fmt.Sprintf("%s (%s)", memoryLimitString(r.MemoryLimit), r.MemoryLimitFrom))
 	for _, m := range r.Mem {
-		row("RSS, "+m.At, fmt.Sprintf("kube-apiserver %.0f MiB, etcd %.0f MiB, operator %.0f MiB (heap %.0f), devices %.0f MiB",
-			m.APIServerMiB, m.EtcdMiB, m.OperatorMiB, m.OperatorHeapMiB, m.DevicesMiB))
+		row("RSS, "+m.At, fmt.Sprintf("kube-apiserver %.0f MiB, etcd %.0f MiB, operator %.0f MiB, devices %.0f MiB",
+			m.APIServerMiB, m.EtcdMiB, m.OperatorMiB, m.DevicesMiB))
+		row("  operator Go heap", fmt.Sprintf("in use %.0f MiB; after GC %.0f MiB (live %.0f), RSS then %.0f MiB; GC %.1f%% of its CPU since the last sample",
+			m.OperatorHeapInUseMiB, m.OperatorHeapMiB, m.OperatorHeapLiveMiB, m.OperatorRSSAfterGC, m.OperatorGCCPUPct))
 		row("  etcd database", fmt.Sprintf("%.0f MiB (%.0f MiB in use)", m.EtcdDBMiB, m.EtcdDBInUseMiB))
 	}
 	line()
@@ -617,13 +676,20 @@ func printScale(r *scaleResults) {
 		row("restart status writes (operator)", strconv.FormatInt(rs.StatusWrites, 10))
 		row("restart API server writes", rs.API.String())
 		row("  CPU cores meanwhile", rs.CPU)
+		if rs.StoppedCollected {
+			row("stopped operator garbage collected", fmt.Sprintf("yes, %.1fs after the restart", rs.StoppedCollectedSec))
+		} else {
+			row("stopped operator garbage collected", fmt.Sprintf("NO: still reachable %.0fs after the restart (counted in the RSS after it)", rs.StoppedCollectedSec))
+		}
 	}
 	line()
 	row(fmt.Sprintf("selective query (%d expected)", r.SelectiveExpected), r.Selective[len("SELECT * FROM devices WHERE "):])
-	row("  kubectl twin query -o json", fmt.Sprintf("%.0f ms (%d twins)", r.PluginSelectiveMs, r.PluginSelectiveN))
+	row("  kubectl twin query -o json (query API)", fmt.Sprintf("%.0f ms (%d twins)", r.PluginSelectiveMs, r.PluginSelectiveN))
+	row("  kubectl twin query -o json --via list", fmt.Sprintf("%.0f ms (%d twins)", r.ListSelectiveMs, r.ListSelectiveN))
 	row("  service API, pages of 100", fmt.Sprintf("%.0f ms (%d twins)", r.ServiceSelectiveMs, r.ServiceSelectiveN))
 	row("residual query (reads every twin)", r.Residual[len("SELECT * FROM devices WHERE "):])
-	row("  kubectl twin query -o json", fmt.Sprintf("%.0f ms (%d twins)", r.PluginResidualMs, r.PluginResidualN))
+	row("  kubectl twin query -o json (query API)", fmt.Sprintf("%.0f ms (%d twins)", r.PluginResidualMs, r.PluginResidualN))
+	row("  kubectl twin query -o json --via list", fmt.Sprintf("%.0f ms (%d twins)", r.ListResidualMs, r.ListResidualN))
 	row("  service API", fmt.Sprintf("%.0f ms (%d twins)", r.ServiceResidualMs, r.ServiceResidualN))
 	if r.ServiceFullPages > 0 {
 		row("service API SELECT * (whole fleet)", fmt.Sprintf("%.0f ms (%d twins, %d pages)", r.ServiceFullMs, r.ServiceFullN, r.ServiceFullPages))
@@ -740,12 +806,21 @@ func promLabels(l string) map[string]string {
 // database size from its metrics.
 func sampleMem(env *envtest.Environment, at string) memSample {
 	m := memSample{At: at}
+	cpu := readGCCPU()
+	m.OperatorGCCPUPct = cpu.shareSince(lastGCCPU)
 	m.OperatorMiB = rssMiB(os.Getpid())
-	// The heap that is live, not what awaits collection.
-	runtime.GC()
 	var ms runtime.MemStats
 	runtime.ReadMemStats(&ms)
+	m.OperatorHeapInUseMiB = float64(ms.HeapInuse) / (1 << 20)
+	// The heap that is live, not what awaits collection, and the RSS
+	// once the free pages are returned.
+	debug.FreeOSMemory()
+	runtime.ReadMemStats(&ms)
 	m.OperatorHeapMiB = float64(ms.HeapInuse) / (1 << 20)
+	m.OperatorHeapLiveMiB = float64(ms.HeapAlloc) / (1 << 20)
+	m.OperatorRSSAfterGC = rssMiB(os.Getpid())
+	// The forced collection is not the operator's GC work.
+	lastGCCPU = readGCCPU()
 	if pid := int(devicePID.Load()); pid > 0 {
 		m.DevicesMiB = rssMiB(pid)
 	}
@@ -755,6 +830,9 @@ func sampleMem(env *envtest.Environment, at string) memSample {
 	}
 	return m
 }
+
+// lastGCCPU is the CPU accounting at the last memory sample (or the start).
+var lastGCCPU = readGCCPU()
 
 // rssMiB is VmRSS of pid in MiB (0 when unknown).
 func rssMiB(pid int) float64 {

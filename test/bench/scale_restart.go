@@ -33,6 +33,10 @@ type restartResults struct {
 	StatusWrites int64     `json:"status_writes"`
 	API          apiWrites `json:"api_writes"`
 	CPU          string    `json:"cpu"`
+	// StoppedCollected: the stopped operator's manager and cache were
+	// garbage collected, StoppedCollectedSec after the restart's end.
+	StoppedCollected    bool    `json:"stopped_operator_collected"`
+	StoppedCollectedSec float64 `json:"stopped_operator_collected_sec"`
 }
 
 // restartOperator starts the operator again (the last one stopped) and
