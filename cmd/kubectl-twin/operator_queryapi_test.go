@@ -12,6 +12,9 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	"github.com/kubetwin/kubetwin/internal/queryapi/queryapitest"
 	"github.com/kubetwin/kubetwin/internal/testutil/operatorproc"
@@ -35,7 +38,8 @@ func freeAddr(t *testing.T) string {
 // TestOperatorServesQueryAPI: the operator binary with
 // --query-api-bind-address serves the query API from its cache, behind
 // kube-apiserver (its own namespace, so it reconciles only twins made
-// here): the plugin's --via api answer is the listing's.
+// here), with the certificate it issues and the caBundle it keeps (kube-
+// apiserver verifies it): the plugin's --via api answer is the listing's.
 func TestOperatorServesQueryAPI(t *testing.T) {
 	ctx := context.Background()
 	const ns = "operated"
@@ -59,7 +63,10 @@ func TestOperatorServesQueryAPI(t *testing.T) {
 		Args: []string{"--kubeconfig=" + kubeconfig, "--namespace=" + ns, "--claims-namespace=" + ns,
 			"--health-probe-bind-address=" + freeAddr(t), "--metrics-bind-address=0", "--disable-webhook",
 			"--service-api-bind-address=", "--device-auth=none", "--mqtt-bind-address=" + freeAddr(t), "--mqtt-tls-bind-address=",
-			"--query-api-bind-address=" + qaddr},
+			"--query-api-bind-address=" + qaddr,
+			// The Service queryapitest registers: the operator issues the
+			// certificate for it and keeps the APIService's caBundle.
+			"--query-api-service-namespace=" + queryapitest.ServiceNamespace, "--query-api-service-name=" + queryapitest.ServiceName},
 		Env:     operatorproc.Environ("POD_NAMESPACE="),
 		LogPath: filepath.Join(dir, "operator.log"),
 	})
@@ -89,6 +96,25 @@ func TestOperatorServesQueryAPI(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = queryapitest.Unregister(ctx, testEnv.Config) })
+	// Registered without a caBundle (insecureSkipTLSVerify): the operator
+	// puts its CA there, and from then on kube-apiserver verifies it.
+	deadline = time.Now().Add(60 * time.Second)
+	for {
+		as := &unstructured.Unstructured{}
+		as.SetGroupVersionKind(schema.GroupVersionKind{Group: "apiregistration.k8s.io", Version: "v1", Kind: "APIService"})
+		if err := k8s.Get(ctx, client.ObjectKey{Name: queryapitest.APIServiceName}, as); err != nil {
+			t.Fatal(err)
+		}
+		ca, _, _ := unstructured.NestedString(as.Object, "spec", "caBundle")
+		insecure, _, _ := unstructured.NestedBool(as.Object, "spec", "insecureSkipTLSVerify")
+		if ca != "" && !insecure {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the operator did not set the APIService's caBundle within 60s (insecureSkipTLSVerify %v)", insecure)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
 
 	q := "SELECT * FROM devices WHERE tags.location.region = 'US' OR properties.reported.connectivity.type = 'wifi'"
 	// The operator reconciles the twins as it starts: compare once it has
