@@ -133,7 +133,25 @@ func runAB(ctx context.Context, cfg config) int {
 		DurationBuckets: prometheus.ExponentialBuckets(0.001, 2, 15),
 	}, ctrlmetrics.MetricRequestLatency, ctrlmetrics.MetricRateLimiterLatency)
 	opLog := &lineLog{prefix: "[operator] ", limit: int64(cfg.operatorLogLimit), out: os.Stderr}
+	// BENCH_CONTROLPLANE_GOGC sets GOGC for kube-apiserver and etcd only
+	// (they inherit this process's environment when started; this process
+	// and the device process read GOGC at their own start): how much of
+	// the latency near capacity is the API server's garbage collector.
+	restoreGOGC := func() {}
+	if v := os.Getenv("BENCH_CONTROLPLANE_GOGC"); v != "" {
+		progress("ab: kube-apiserver and etcd run with GOGC=%s", v)
+		prev, had := os.LookupEnv("GOGC")
+		os.Setenv("GOGC", v)
+		restoreGOGC = func() {
+			if had {
+				os.Setenv("GOGC", prev)
+			} else {
+				os.Unsetenv("GOGC")
+			}
+		}
+	}
 	cp, err := startControlPlane(ctx, &cfg, opLog)
+	restoreGOGC()
 	if err != nil {
 		return fail("starting the control plane", err)
 	}

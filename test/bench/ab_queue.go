@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"math"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -28,8 +29,24 @@ type histSnap struct {
 	sum     float64
 }
 
-// queueSnap samples the histograms that matter.
-type queueSnap map[string]histSnap
+// queueSnap samples the histograms that matter, and kube-apiserver's
+// garbage-collector counters (apiserverGCCounters).
+type queueSnap struct {
+	hist map[string]histSnap
+	gc   map[string]float64
+}
+
+// apiserverGCCounters are read from kube-apiserver's Go runtime metrics:
+// how much of its CPU went to its garbage collector, and how much of that
+// was mark assist (time taken from the goroutines serving requests).
+var apiserverGCCounters = []string{
+	"go_cpu_classes_gc_total_cpu_seconds_total",
+	"go_cpu_classes_gc_mark_assist_cpu_seconds_total",
+	"go_cpu_classes_total_cpu_seconds_total",
+	"go_cpu_classes_idle_cpu_seconds_total",
+	"go_gc_cycles_total_gc_cycles_total",
+	"go_gc_heap_live_bytes",
+}
 
 // queueHistograms are the histograms sampled: metric name and the label
 // that picks the DeviceTwin controller's series (empty: all series).
@@ -60,7 +77,7 @@ var apiserverHistograms = []struct {
 // sampleQueue samples the operator's histograms and, when restCfg is set,
 // kube-apiserver's.
 func sampleQueue(restCfg *rest.Config) queueSnap {
-	out := queueSnap{}
+	out := queueSnap{hist: map[string]histSnap{}, gc: map[string]float64{}}
 	if restCfg != nil {
 		if err := sampleAPIServerHistograms(restCfg, out); err != nil {
 			progress("ab: kube-apiserver metrics: %v", err)
@@ -88,7 +105,7 @@ func sampleQueue(restCfg *rest.Config) queueSnap {
 				}
 			}
 		}
-		out[h.key] = s
+		out.hist[h.key] = s
 	}
 	return out
 }
@@ -109,7 +126,7 @@ func sampleAPIServerHistograms(restCfg *rest.Config, out queueSnap) error {
 		return fmt.Errorf("/metrics: %s", resp.Status)
 	}
 	for _, h := range apiserverHistograms {
-		out[h.key] = histSnap{buckets: map[float64]uint64{}}
+		out.hist[h.key] = histSnap{buckets: map[float64]uint64{}}
 	}
 	sc := bufio.NewScanner(resp.Body)
 	sc.Buffer(make([]byte, 1<<20), 1<<20)
@@ -121,6 +138,12 @@ func sampleAPIServerHistograms(restCfg *rest.Config, out queueSnap) error {
 		name := l
 		if i := strings.IndexAny(l, "{ "); i >= 0 {
 			name = l[:i]
+		}
+		if slices.Contains(apiserverGCCounters, name) {
+			if v, err := strconv.ParseFloat(l[strings.LastIndexByte(l, ' ')+1:], 64); err == nil {
+				out.gc[name] = v
+			}
+			continue
 		}
 		for _, h := range apiserverHistograms {
 			suffix, ok := strings.CutPrefix(name, h.metric)
@@ -142,7 +165,7 @@ func sampleAPIServerHistograms(restCfg *rest.Config, out queueSnap) error {
 			if err != nil {
 				continue
 			}
-			s := out[h.key]
+			s := out.hist[h.key]
 			switch suffix {
 			case "_bucket":
 				le, err := strconv.ParseFloat(labels["le"], 64)
@@ -154,7 +177,7 @@ func sampleAPIServerHistograms(restCfg *rest.Config, out queueSnap) error {
 			case "_count":
 				s.count += uint64(v)
 			}
-			out[h.key] = s
+			out.hist[h.key] = s
 		}
 	}
 	return sc.Err()
@@ -176,6 +199,11 @@ type queueTimes struct {
 	MeanMs float64 `json:"mean_ms"`
 	P50Ms  float64 `json:"p50_le_ms"`
 	P99Ms  float64 `json:"p99_le_ms"`
+	// Only "api GC" (N is its cycles): the shares of kube-apiserver's busy
+	// CPU that went to its garbage collector and to mark assist.
+	GCShare     float64 `json:"gc_share,omitempty"`
+	AssistShare float64 `json:"assist_share,omitempty"`
+	LiveHeapMiB float64 `json:"live_heap_mib,omitempty"`
 }
 
 // histogramKeys are the keys of every sampled histogram, operator first.
@@ -192,8 +220,19 @@ func histogramKeys() []string {
 
 func queueBetween(a, b queueSnap) map[string]queueTimes {
 	out := map[string]queueTimes{}
+	if n := b.gc["go_gc_cycles_total_gc_cycles_total"] - a.gc["go_gc_cycles_total_gc_cycles_total"]; n > 0 {
+		d := func(k string) float64 { return b.gc[k] - a.gc[k] }
+		// Busy CPU: what the runtime counts as total, less idle time.
+		busy := d("go_cpu_classes_total_cpu_seconds_total") - d("go_cpu_classes_idle_cpu_seconds_total")
+		if busy > 0 {
+			out["api GC"] = queueTimes{N: uint64(n),
+				GCShare:     d("go_cpu_classes_gc_total_cpu_seconds_total") / busy,
+				AssistShare: d("go_cpu_classes_gc_mark_assist_cpu_seconds_total") / busy,
+				LiveHeapMiB: b.gc["go_gc_heap_live_bytes"] / (1 << 20)}
+		}
+	}
 	for _, key := range histogramKeys() {
-		x, y := a[key], b[key]
+		x, y := a.hist[key], b.hist[key]
 		n := y.count - x.count
 		if n == 0 {
 			continue
@@ -230,6 +269,10 @@ func queueString(m map[string]queueTimes) string {
 			s += "; "
 		}
 		s += fmt.Sprintf("%s mean %.1f ms, p50 <= %.3g ms, p99 <= %.3g ms (n %d)", key, t.MeanMs, t.P50Ms, t.P99Ms, t.N)
+	}
+	if t, ok := m["api GC"]; ok {
+		s += fmt.Sprintf("; kube-apiserver GC: %d cycles, %.0f%% of its busy CPU (mark assist %.0f%%), live heap %.0f MiB",
+			t.N, 100*t.GCShare, 100*t.AssistShare, t.LiveHeapMiB)
 	}
 	return s
 }
