@@ -52,7 +52,7 @@ func newIdleBridge(t *testing.T, ttl time.Duration) (*Bridge, *fakeBus, *v1alpha
 
 // settle does what the reconciler does, with everything the status holds,
 // and has the cache catch up with the write (tw is what Resolve returns).
-func settle(t *testing.T, b *Bridge, tw *v1alpha1.DeviceTwin) {
+func settle(t testing.TB, b *Bridge, tw *v1alpha1.DeviceTwin) {
 	t.Helper()
 	s, err := b.Snapshot(tw)
 	if err != nil {
