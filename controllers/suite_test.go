@@ -98,7 +98,7 @@ func runSuite(m *testing.M) int {
 		Scheme:                 testScheme,
 		Metrics:                metricsserver.Options{BindAddress: "0"},
 		HealthProbeBindAddress: "0",
-		Cache:                  cache.Options{ByObject: controllers.KeySecretCacheOptions(), DefaultTransform: operator.DropStatusManagedFields},
+		Cache:                  cache.Options{ByObject: controllers.KeySecretCacheOptions(), DefaultTransform: operator.CacheTransform},
 	})
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "manager: %v\n", err)

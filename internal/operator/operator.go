@@ -90,12 +90,10 @@ func AddBus(mgr ctrl.Manager, br *bridge.Bridge, b bus.Bus) error {
 	return nil
 }
 
-// DropStatusManagedFields is the operator's cache transform
-// (cache.Options.DefaultTransform): it drops the managedFields entries of
-// the status subresource. The operator's own status entry lists every
-// status field (the largest part of a twin's metadata) and nothing in the
-// operator reads it; the other entries stay, since the label mirroring
-// and fleet configurations read their own managers' entries.
+// DropStatusManagedFields is CacheTransform's for objects other than
+// DeviceTwins: it drops the managedFields entries of the status
+// subresource, which nothing in the operator reads; the other entries stay
+// (the service API reads the times of a TwinConfiguration's).
 func DropStatusManagedFields(obj any) (any, error) {
 	o, ok := obj.(metav1.Object)
 	if !ok {

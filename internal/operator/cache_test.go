@@ -1,0 +1,209 @@
+package operator
+
+import (
+	"os"
+	"runtime"
+	"testing"
+	"time"
+
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	k8sruntime "k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/serializer"
+	"k8s.io/client-go/tools/cache"
+
+	"github.com/kubetwin/kubetwin/api/v1alpha1"
+	"github.com/kubetwin/kubetwin/controllers"
+)
+
+// decodeTwin decodes testdata/twin.json as the cache's watch does: a twin
+// created by kubectl apply (client-side), with its labels mirrored by the
+// operator, one fleet configuration applied and its status written, read
+// back from a real kube-apiserver.
+func decodeTwin(t testing.TB) *v1alpha1.DeviceTwin {
+	t.Helper()
+	data, err := os.ReadFile("testdata/twin.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := k8sruntime.NewScheme()
+	if err := v1alpha1.AddToScheme(s); err != nil {
+		t.Fatal(err)
+	}
+	obj, _, err := serializer.NewCodecFactory(s).UniversalDeserializer().Decode(data, nil, &v1alpha1.DeviceTwin{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return obj.(*v1alpha1.DeviceTwin)
+}
+
+// The cached twin keeps, of its metadata, what the label mirroring and
+// fleet configurations read: each manager's labels and desired paths.
+func TestCacheTransformTrimsTwin(t *testing.T) {
+	tw := decodeTwin(t)
+	out, err := CacheTransform(tw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := out.(*v1alpha1.DeviceTwin)
+	if got.Annotations != nil {
+		t.Errorf("annotations kept: %v", got.Annotations)
+	}
+	want := []metav1.ManagedFieldsEntry{
+		{Manager: controllers.ConfigurationManagerPrefix + "redmond43-telemetry", Operation: metav1.ManagedFieldsOperationApply,
+			FieldsV1: metav1.NewFieldsV1(`{"f:metadata":{"f:labels":{"f:configurations.kubetwin.io/redmond43-telemetry":{}}},` +
+				`"f:spec":{"f:desired":{"f:reporting":{"f:batch":{}},"f:telemetry":{"f:mode":{}}}}}`)},
+		{Manager: controllers.LabelManager, Operation: metav1.ManagedFieldsOperationApply,
+			FieldsV1: metav1.NewFieldsV1(`{"f:metadata":{"f:labels":{"f:firmware":{},"f:location.building":{},` +
+				`"f:location.floor":{},"f:location.room":{},"f:model":{},"f:owner":{}}}}`)},
+		{Manager: "kubectl-client-side-apply", Operation: metav1.ManagedFieldsOperationUpdate,
+			FieldsV1: metav1.NewFieldsV1(`{"f:metadata":{"f:labels":{"f:floor":{},"f:site":{}}},"f:spec":{"f:desired":` +
+				`{"f:led":{},"f:telemetry":{"f:interval":{}},"f:thresholds":{"f:humidity":{"f:max":{}},"f:temperature":{"f:max":{},"f:min":{}}}}}}`)},
+	}
+	if len(got.ManagedFields) != len(want) {
+		t.Fatalf("%d managedFields entries kept, want %d: %+v", len(got.ManagedFields), len(want), got.ManagedFields)
+	}
+	for i, e := range got.ManagedFields {
+		w := want[i]
+		if e.Manager != w.Manager || e.Operation != w.Operation || e.Subresource != "" || e.APIVersion != "" ||
+			e.Time != nil || e.FieldsType != "" || string(e.FieldsV1.Raw) != string(w.FieldsV1.Raw) {
+			t.Errorf("entry %d:\n got %s %s %q %q %v %q %s\nwant %s %s %s", i, e.Manager, e.Operation, e.Subresource,
+				e.APIVersion, e.Time, e.FieldsType, e.FieldsV1.Raw, w.Manager, w.Operation, w.FieldsV1.Raw)
+		}
+	}
+	// Labels, spec and status are the stored ones.
+	ref := decodeTwin(t)
+	if len(got.Labels) != len(ref.Labels) || string(got.Spec.Desired.Raw) != string(ref.Spec.Desired.Raw) ||
+		got.Status.ObservedGeneration != ref.Status.ObservedGeneration || len(got.Finalizers) != 1 {
+		t.Error("the transform changed more than managedFields and the annotation")
+	}
+}
+
+func TestTrimTwinEntries(t *testing.T) {
+	fields := func(s string) *metav1.FieldsV1 { return &metav1.FieldsV1{Raw: []byte(s)} }
+	cfg := controllers.ConfigurationManagerPrefix + "c"
+	tw := &v1alpha1.DeviceTwin{ObjectMeta: metav1.ObjectMeta{
+		Annotations: map[string]string{LastAppliedAnnotation: "{}", "keep": "me"},
+		ManagedFields: []metav1.ManagedFieldsEntry{
+			// Owns nothing that is read: dropped.
+			{Manager: "kubectl-edit", FieldsV1: fields(`{"f:spec":{"f:deviceId":{},"f:tags":{"f:a":{}}}}`)},
+			// A configuration's entry stays, emptied, and so does one
+			// without fields.
+			{Manager: cfg, FieldsV1: fields(`{"f:metadata":{"f:finalizers":{}}}`)},
+			{Manager: cfg + "2"},
+			// Only ".", "k:" and "v:" members: nothing the readers count.
+			{Manager: "dots", FieldsV1: fields(`{"f:metadata":{"f:labels":{".":{}}},"f:spec":{"f:desired":{".":{}}}}`)},
+			// A leaf whose only member is "." stays a leaf; "k:" members go.
+			{Manager: "leaf", FieldsV1: fields(`{"f:spec":{"f:desired":{"f:x":{".":{}},"f:l":{"k:{\"a\":1}":{"f:b":{}}}}}}`)},
+			// Not JSON: the readers skip it.
+			{Manager: "broken", FieldsV1: fields(`{"f:metadata":`)},
+			{Manager: "kubetwin", Subresource: "status", FieldsV1: fields(`{"f:status":{}}`)},
+			// A label key that needs escaping survives.
+			{Manager: "esc", FieldsV1: fields(`{"f:metadata":{"f:labels":{"f:a\"b\u003c":{}}}}`)},
+		},
+	}}
+	TrimTwin(tw)
+	if len(tw.Annotations) != 1 || tw.Annotations["keep"] != "me" {
+		t.Errorf("annotations: %v, want only keep=me", tw.Annotations)
+	}
+	want := map[string]string{
+		cfg:       `{}`,
+		cfg + "2": "<nil>",
+		"leaf":    `{"f:spec":{"f:desired":{"f:l":{},"f:x":{}}}}`,
+		"esc":     `{"f:metadata":{"f:labels":{"f:a\"b\u003c":{}}}}`,
+	}
+	got := map[string]string{}
+	for _, e := range tw.ManagedFields {
+		got[e.Manager] = "<nil>"
+		if e.FieldsV1 != nil {
+			got[e.Manager] = string(e.FieldsV1.Raw)
+		}
+	}
+	if len(got) != len(want) {
+		t.Errorf("managers kept: %v, want %v", got, want)
+	}
+	for m, w := range want {
+		if got[m] != w {
+			t.Errorf("%s: %s, want %s", m, got[m], w)
+		}
+	}
+
+	// No annotation left: none kept.
+	tw = &v1alpha1.DeviceTwin{ObjectMeta: metav1.ObjectMeta{Annotations: map[string]string{LastAppliedAnnotation: "{}"}}}
+	TrimTwin(tw)
+	if tw.Annotations != nil || tw.ManagedFields != nil {
+		t.Errorf("empty twin: %v %v", tw.Annotations, tw.ManagedFields)
+	}
+}
+
+// Other objects keep their entries but the status ones, with their times
+// (the service API reads a TwinConfiguration's).
+func TestCacheTransformOtherObjects(t *testing.T) {
+	now := metav1.NewTime(time.Now())
+	c := &v1alpha1.TwinConfiguration{ObjectMeta: metav1.ObjectMeta{
+		Annotations: map[string]string{LastAppliedAnnotation: "{}"},
+		ManagedFields: []metav1.ManagedFieldsEntry{
+			{Manager: "kubectl", Time: &now, FieldsV1: metav1.NewFieldsV1(`{"f:spec":{}}`)},
+			{Manager: "kubetwin", Subresource: "status", FieldsV1: metav1.NewFieldsV1(`{"f:status":{}}`)},
+		}}}
+	if _, err := CacheTransform(c); err != nil {
+		t.Fatal(err)
+	}
+	if len(c.ManagedFields) != 1 || c.ManagedFields[0].Time == nil || c.Annotations[LastAppliedAnnotation] == "" {
+		t.Errorf("configuration: %+v", c.ObjectMeta)
+	}
+	tomb := cache.DeletedFinalStateUnknown{Key: "ns/a", Obj: c}
+	if out, err := CacheTransform(tomb); err != nil || out != any(tomb) {
+		t.Fatalf("tombstone: %v, %v", out, err)
+	}
+}
+
+// BenchmarkCachedTwinHeap reports the heap one cached twin costs
+// (heap-B/twin): decoded as the cache's watch does, then as stored
+// ("none"), through the old transform ("status") and through
+// CacheTransform ("trimmed").
+func BenchmarkCachedTwinHeap(b *testing.B) {
+	data, err := os.ReadFile("testdata/twin.json")
+	if err != nil {
+		b.Fatal(err)
+	}
+	s := k8sruntime.NewScheme()
+	if err := v1alpha1.AddToScheme(s); err != nil {
+		b.Fatal(err)
+	}
+	dec := serializer.NewCodecFactory(s).UniversalDeserializer()
+	for _, v := range []struct {
+		name string
+		f    func(any) (any, error)
+	}{
+		{"none", func(o any) (any, error) { return o, nil }},
+		{"status", DropStatusManagedFields},
+		{"trimmed", CacheTransform},
+	} {
+		b.Run(v.name, func(b *testing.B) {
+			const n = 2000
+			kept := make([]any, n)
+			var perTwin float64
+			for b.Loop() {
+				clear(kept)
+				runtime.GC()
+				var before, after runtime.MemStats
+				runtime.ReadMemStats(&before)
+				for i := range kept {
+					obj, _, err := dec.Decode(data, nil, &v1alpha1.DeviceTwin{})
+					if err != nil {
+						b.Fatal(err)
+					}
+					if kept[i], err = v.f(obj); err != nil {
+						b.Fatal(err)
+					}
+				}
+				runtime.GC()
+				runtime.ReadMemStats(&after)
+				perTwin = float64(after.HeapAlloc-before.HeapAlloc) / n
+			}
+			runtime.KeepAlive(kept)
+			b.ReportMetric(perTwin, "heap-B/twin")
+			b.ReportMetric(float64(len(data)), "json-B/twin")
+		})
+	}
+}
