@@ -173,7 +173,7 @@ func queryAPITLS(ctx context.Context, mgr ctrl.Manager, q queryAPIOptions) (*tls
 	}
 	ns := q.serviceNamespace()
 	if ns == "" {
-		c, err := queryapi.SelfSignedCertificate(append([]string{"localhost"}, q.hosts...), 365*24*time.Hour)
+		c, err := certs.SelfSigned(append([]string{"localhost"}, q.hosts...), 365*24*time.Hour)
 		if err != nil {
 			return nil, "", fmt.Errorf("query API self-signed certificate: %w", err)
 		}

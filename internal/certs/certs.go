@@ -1010,3 +1010,38 @@ func samePublicKey(pub crypto.PublicKey, k crypto.Signer) bool {
 	p, ok := k.Public().(interface{ Equal(crypto.PublicKey) bool })
 	return ok && p.Equal(pub)
 }
+
+// SelfSigned returns a serving certificate for hosts (DNS names or IP
+// addresses), signed by its own key, valid from an hour ago for validity.
+// Nothing keeps or rotates it: it is for servers no client can be told a
+// CA for (the query API of an operator outside a cluster) and for tests,
+// whose clients trust the certificate itself.
+func SelfSigned(hosts []string, validity time.Duration) (*tls.Certificate, error) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, err
+	}
+	now := time.Now()
+	tmpl := &x509.Certificate{
+		SerialNumber:          serialNumber(),
+		Subject:               pkix.Name{CommonName: "kubetwin-self-signed"},
+		NotBefore:             now.Add(-backdate),
+		NotAfter:              now.Add(validity),
+		KeyUsage:              x509.KeyUsageDigitalSignature | x509.KeyUsageCertSign,
+		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		BasicConstraintsValid: true,
+		IsCA:                  true,
+	}
+	for _, h := range hosts {
+		if ip := net.ParseIP(h); ip != nil {
+			tmpl.IPAddresses = append(tmpl.IPAddresses, ip)
+		} else {
+			tmpl.DNSNames = append(tmpl.DNSNames, normalHost(h))
+		}
+	}
+	leaf, _, err := sign(tmpl, tmpl, key, key)
+	if err != nil {
+		return nil, err
+	}
+	return &tls.Certificate{Certificate: [][]byte{leaf.Raw}, PrivateKey: key, Leaf: leaf}, nil
+}

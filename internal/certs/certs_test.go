@@ -677,3 +677,25 @@ func TestCertManagerInjectsAPIService(t *testing.T) {
 		t.Errorf("caBundle not restored: %q", ca)
 	}
 }
+
+// TestSelfSigned: the certificate verifies for each of its hosts, DNS
+// names and IP addresses, against itself, and for no other name.
+func TestSelfSigned(t *testing.T) {
+	c, err := SelfSigned([]string{"localhost", "127.0.0.1", "Query.Example.com."}, day)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool := x509.NewCertPool()
+	pool.AddCert(c.Leaf)
+	for _, h := range []string{"localhost", "127.0.0.1", "query.example.com"} {
+		if _, err := c.Leaf.Verify(x509.VerifyOptions{Roots: pool, DNSName: h}); err != nil {
+			t.Errorf("%s: %v", h, err)
+		}
+	}
+	if _, err := c.Leaf.Verify(x509.VerifyOptions{Roots: pool, DNSName: "other.example.com"}); err == nil {
+		t.Error("verifies for a name it does not carry")
+	}
+	if d := c.Leaf.NotAfter.Sub(time.Now()); d <= day-time.Minute || d > day {
+		t.Errorf("valid for %s more, want a day", d)
+	}
+}
