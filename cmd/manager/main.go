@@ -275,8 +275,8 @@ func setupManager(o options) (ctrl.Manager, error) {
 	}
 	// The cache holds only Secrets labelled kubetwin.io/device-keys=true,
 	// and the claims of the claims namespace, wherever twins are watched;
-	// cached objects leave out the status managedFields entries.
-	mo.Cache = cache.Options{ByObject: controllers.KeySecretCacheOptions(), DefaultTransform: operator.DropStatusManagedFields}
+	// cached twins keep only what the operator reads (operator.CacheTransform).
+	mo.Cache = cache.Options{ByObject: controllers.KeySecretCacheOptions(), DefaultTransform: operator.CacheTransform}
 	mo.Cache.ByObject[&v1alpha1.DeviceIDClaim{}] = cache.ByObject{Namespaces: map[string]cache.Config{o.claimsNamespace(): {}},
 		Transform: deviceid.CacheTransform}
 	if o.namespace != "" {
