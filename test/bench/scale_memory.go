@@ -119,6 +119,15 @@ func (c gcCPU) shareSince(base gcCPU) float64 {
 	return 100 * (c.gc - base.gc) / busy
 }
 
+// excludeFromGCShare takes the time since base out of the next sample's
+// GC share: forced collections are not the operator's work.
+func excludeFromGCShare(base gcCPU) {
+	now := readGCCPU()
+	lastGCCPU.gc += now.gc - base.gc
+	lastGCCPU.total += now.total - base.total
+	lastGCCPU.idle += now.idle - base.idle
+}
+
 // operatorRefs are weak pointers to one operator's manager and cache.
 type operatorRefs struct{ mgr, cache weak.Pointer[byte] }
 
@@ -143,6 +152,7 @@ func (r operatorRefs) live() bool { return r.mgr.Value() != nil || r.cache.Value
 // returns how long that took and whether they were collected.
 func waitCollected(r operatorRefs, timeout time.Duration) (time.Duration, bool) {
 	start := time.Now()
+	defer excludeFromGCShare(readGCCPU())
 	for {
 		runtime.GC()
 		if !r.live() {
