@@ -695,7 +695,7 @@ func TestSelfSigned(t *testing.T) {
 	if _, err := c.Leaf.Verify(x509.VerifyOptions{Roots: pool, DNSName: "other.example.com"}); err == nil {
 		t.Error("verifies for a name it does not carry")
 	}
-	if d := c.Leaf.NotAfter.Sub(time.Now()); d <= day-time.Minute || d > day {
+	if d := time.Until(c.Leaf.NotAfter); d <= day-time.Minute || d > day {
 		t.Errorf("valid for %s more, want a day", d)
 	}
 }
