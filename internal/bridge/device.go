@@ -64,6 +64,9 @@ type device struct {
 	inFlight bool
 	// lastUsed is when the bridge last touched this state (see dropIdle).
 	lastUsed time.Time
+	// activityWoken is the lastActivity dropIdle last woke the reconciler
+	// to store.
+	activityWoken time.Time
 
 	// recent maps the request ids (maphash) of recent reported patches
 	// to the version they got and a hash of their payload, so a resend

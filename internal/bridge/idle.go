@@ -155,7 +155,12 @@ func (b *Bridge) dropIfIdle(ctx context.Context, key types.NamespacedName, e *de
 		return false
 	}
 	if d.activityUnsaved() {
-		b.wakeKey(key, d)
+		// Once per activity: the reconciler stores it when due (it
+		// requeues itself), so later sweeps need not wake it again.
+		if !d.activityWoken.Equal(d.lastActivity) {
+			d.activityWoken = d.lastActivity
+			b.wakeKey(key, d)
+		}
 		return false
 	}
 	// Loading must give back this state: the cache must have caught up

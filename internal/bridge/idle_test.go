@@ -246,8 +246,25 @@ func TestIdleStateWithUnsavedActivityWoken(t *testing.T) {
 	if !woken {
 		t.Fatal("twin with unsaved activity not woken")
 	}
+	// A reconcile that does not store it yet (it is not due) and requeues
+	// itself: later sweeps do not wake the twin again.
+	s, err := b.Snapshot(tw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b.Persisted(context.Background(), tw, s, s.Persisted)
+	b.wakes.mu.Lock()
+	clear(b.wakes.early)
+	b.wakes.mu.Unlock()
+	clock.Add(2 * testTTL)
+	if n := b.dropIdle(context.Background(), clock.Now()); n != 0 {
+		t.Fatalf("dropped %d states with unsaved activity", n)
+	}
+	if len(b.wakes.early) != 0 {
+		t.Fatal("twin woken again for the same activity")
+	}
 	settle(t, b, tw)
-	if tw.Status.LastActivityTime == nil || !tw.Status.LastActivityTime.Time.Equal(clock.Now().Add(-2*testTTL).Truncate(time.Second)) {
+	if tw.Status.LastActivityTime == nil || !tw.Status.LastActivityTime.Time.Equal(clock.Now().Add(-4*testTTL).Truncate(time.Second)) {
 		t.Fatalf("lastActivityTime %v, want the GET's time", tw.Status.LastActivityTime)
 	}
 	clock.Add(2 * testTTL)
