@@ -28,37 +28,43 @@ const (
 // per start, uncached (the manager caches only device key Secrets).
 func dynsecFingerprintKey(mgr ctrl.Manager, ns string) func(context.Context) ([]byte, error) {
 	return func(ctx context.Context) ([]byte, error) {
-		name := types.NamespacedName{Namespace: ns, Name: dynsecKeySecret}
-		s := &corev1.Secret{}
-		err := mgr.GetAPIReader().Get(ctx, name, s)
-		if apierrors.IsNotFound(err) {
-			key := make([]byte, 32)
-			if _, err := rand.Read(key); err != nil {
-				return nil, err
-			}
-			s = &corev1.Secret{
-				ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: dynsecKeySecret,
-					Labels: map[string]string{"app.kubernetes.io/managed-by": "kubetwin"}},
-				Data: map[string][]byte{dynsecKeyField: key},
-			}
-			err = mgr.GetClient().Create(ctx, s)
-			if err == nil {
-				return key, nil
-			}
-			if apierrors.IsAlreadyExists(err) { // another replica was first
-				err = mgr.GetAPIReader().Get(ctx, name, s)
-			}
-		}
-		if err != nil {
-			return nil, fmt.Errorf("reading Secret %s: %w", name, err)
-		}
-		key := s.Data[dynsecKeyField]
-		if len(key) < dynsec.MinFingerprintKeyBytes {
-			return nil, fmt.Errorf("the Secret %s: %q is %d bytes long, want at least %d (delete the Secret to have a new one made)",
-				name, dynsecKeyField, len(key), dynsec.MinFingerprintKeyBytes)
-		}
-		return key, nil
+		return loadDynsecKey(ctx, mgr.GetAPIReader(), mgr.GetClient(), ns)
 	}
+}
+
+// loadDynsecKey reads (or makes) the key; bad content is refused, not
+// replaced: a new key would provision every device again.
+func loadDynsecKey(ctx context.Context, r client.Reader, w client.Writer, ns string) ([]byte, error) {
+	name := types.NamespacedName{Namespace: ns, Name: dynsecKeySecret}
+	s := &corev1.Secret{}
+	err := r.Get(ctx, name, s)
+	if apierrors.IsNotFound(err) {
+		key := make([]byte, 32)
+		if _, err := rand.Read(key); err != nil {
+			return nil, err
+		}
+		s = &corev1.Secret{
+			ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: dynsecKeySecret,
+				Labels: map[string]string{"app.kubernetes.io/managed-by": "kubetwin"}},
+			Data: map[string][]byte{dynsecKeyField: key},
+		}
+		err = w.Create(ctx, s)
+		if err == nil {
+			return key, nil
+		}
+		if apierrors.IsAlreadyExists(err) { // another replica was first
+			err = r.Get(ctx, name, s)
+		}
+	}
+	if err != nil {
+		return nil, fmt.Errorf("reading Secret %s: %w", name, err)
+	}
+	key := s.Data[dynsecKeyField]
+	if len(key) < dynsec.MinFingerprintKeyBytes {
+		return nil, fmt.Errorf("the Secret %s: %q is %d bytes long, want at least %d (delete the Secret to have a new one made)",
+			name, dynsecKeyField, len(key), dynsec.MinFingerprintKeyBytes)
+	}
+	return key, nil
 }
 
 // dynsecDevices lists the device ids of the twins in the manager's cache,
