@@ -27,7 +27,7 @@ const plugin = "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so"
 
 // startBroker runs Mosquitto with the dynamic-security plugin and one
 // client, admin (password pw), which may administer the plugin.
-func startBroker(t *testing.T, pw string) string {
+func startBroker(t testing.TB, pw string) string {
 	t.Helper()
 	if _, err := os.Stat(plugin); err != nil {
 		t.Fatalf("Mosquitto's dynamic-security plugin is not installed (%v); Debian's mosquitto package has it", err)
@@ -69,10 +69,10 @@ type running struct {
 
 // startClient starts a Client (an operator's) and waits until it has read
 // the plugin's clients.
-func startClient(t *testing.T, addr, pw string, key []byte, devices map[string]bool, pageSize int) running {
+func startClient(t testing.TB, addr, pw string, key []byte, devices map[string]bool, pageSize int) running {
 	t.Helper()
 	o := Options{BrokerURL: "tcp://" + addr, Username: "admin", Password: pw, ClientID: "op-dynsec",
-		Logger: testr.New(t), PageSize: pageSize,
+		Logger: testr.NewWithInterface(t, testr.Options{}), PageSize: pageSize,
 		FingerprintKey: func(context.Context) ([]byte, error) { return key, nil }}
 	if devices != nil {
 		o.Devices = func(context.Context) (map[string]bool, error) { return devices, nil }
