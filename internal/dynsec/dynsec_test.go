@@ -97,7 +97,7 @@ func startClient(t testing.TB, addr, pw string, key []byte, devices map[string]b
 
 // connect dials the broker as a device; nil error means CONNACK 0.
 func connect(addr, id, password string, lost chan<- string) (paho.Client, error) {
-	o := paho.NewClientOptions().AddBroker("tcp://"+addr).SetClientID(id).SetUsername(id).SetPassword(password).
+	o := paho.NewClientOptions().AddBroker("tcp://" + addr).SetClientID(id).SetUsername(id).SetPassword(password).
 		SetProtocolVersion(4).SetAutoReconnect(false).SetConnectRetry(false).SetConnectTimeout(5 * time.Second)
 	if lost != nil {
 		o.SetConnectionLostHandler(func(paho.Client, error) { lost <- id })
