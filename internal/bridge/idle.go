@@ -112,11 +112,14 @@ func caughtUp(c, p *v1alpha1.DeviceTwinStatus) bool {
 		sameTime(c.LastActivityTime, p.LastActivityTime) && sameTime(c.ConnectionStateUpdatedTime, p.ConnectionStateUpdatedTime)
 }
 
+// sameTime compares times as the API stores them: metav1.Time is
+// serialized to the second, so the status the bridge wrote (to the
+// nanosecond) and the same status read back differ below it.
 func sameTime(a, b *metav1.Time) bool {
 	if a == nil || b == nil {
 		return a == b
 	}
-	return a.Equal(b)
+	return a.Truncate(time.Second).Equal(b.Truncate(time.Second))
 }
 
 // dropIdle drops the working state of the twins not used since ttl before

@@ -3,6 +3,7 @@ package bridge
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"maps"
 	"slices"
@@ -380,5 +381,33 @@ func TestIdleStateDroppedOnceSourceStarts(t *testing.T) {
 			t.Fatal("idle state not dropped within 20s of a 1ms TTL")
 		}
 		time.Sleep(10 * time.Millisecond) // polling with a deadline
+	}
+}
+
+// The cache holds the status as the API server returns it: times to the
+// second. A status the bridge wrote with sub-second times is caught up
+// once read back, or no twin's state would ever be dropped.
+func TestCaughtUpAfterAPIRoundTrip(t *testing.T) {
+	now := metav1.NewTime(time.Date(2026, 12, 6, 15, 4, 5, 678_000_000, time.UTC))
+	written := v1alpha1.DeviceTwinStatus{
+		DeviceID: "d1", ReportedVersion: 3, DesiredVersion: 2,
+		ConnectionState:            v1alpha1.ConnectionStateDisconnected,
+		ConnectionStateUpdatedTime: &now, LastActivityTime: &now,
+	}
+	raw, err := json.Marshal(written)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var cached v1alpha1.DeviceTwinStatus
+	if err := json.Unmarshal(raw, &cached); err != nil {
+		t.Fatal(err)
+	}
+	if !caughtUp(&cached, &written) {
+		t.Fatalf("the status read back (%s) is not caught up with the one written (%s)", cached.LastActivityTime, written.LastActivityTime)
+	}
+	later := metav1.NewTime(now.Add(time.Second))
+	cached.LastActivityTime = &later
+	if caughtUp(&cached, &written) {
+		t.Fatal("a status a second apart counts as caught up")
 	}
 }

@@ -77,6 +77,8 @@ import (
 	"k8s.io/client-go/rest"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/envtest"
+
+	"github.com/kubetwin/kubetwin/internal/bridge"
 )
 
 // config is the parsed command line.
@@ -92,6 +94,7 @@ type config struct {
 	warmup            time.Duration
 	drainTimeout      time.Duration
 	workers           int
+	idleStateTTL      time.Duration
 	desired           int
 	desiredParallel   int
 	desiredTimeout    time.Duration
@@ -154,6 +157,7 @@ func parseFlags(args []string) (config, error) {
 	fs.DurationVar(&c.warmup, "warmup", 3*time.Second, "(b) reporting before the measured window starts (not counted)")
 	fs.DurationVar(&c.drainTimeout, "drain-timeout", 60*time.Second, "(b) how long outstanding reports may take to be answered after the phase")
 	fs.IntVar(&c.workers, "max-concurrent-reconciles", 32, "operator's parallel reconciles (status writes in flight)")
+	fs.DurationVar(&c.idleStateTTL, "bridge-idle-state-ttl", bridge.DefaultIdleStateTTL, "operator's --bridge-idle-state-ttl: idle twins' working state is dropped from memory after this long (0: kept)")
 	fs.IntVar(&c.desired, "desired", 200, "(c) twins whose spec.desired is changed, one change each")
 	fs.IntVar(&c.desiredParallel, "desired-parallel", 4, "(c) desired changes in flight")
 	fs.DurationVar(&c.desiredTimeout, "desired-timeout", 30*time.Second, "(c) how long a device may take to get its desired change")

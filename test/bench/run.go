@@ -486,7 +486,11 @@ func startOperator(ctx context.Context, restCfg *rest.Config, cfg config) (*oper
 			return nil, err
 		}
 	}
-	br := kubetwin.NewBridge(mgr, kubetwin.BridgeOptions{})
+	ttl := cfg.idleStateTTL
+	if ttl == 0 { // as cmd/manager: 0 keeps idle state
+		ttl = bridge.KeepIdleState
+	}
+	br := kubetwin.NewBridge(mgr, kubetwin.BridgeOptions{IdleStateTTL: ttl})
 	emb, err := bus.NewEmbedded(bus.EmbeddedOptions{
 		Listen: "127.0.0.1:0", Handler: br.Handle, Presence: br.Presence, Logger: ctrl.Log.WithName("broker"),
 		Limits: bus.EmbeddedLimits{MaxConnectionsPerIP: cfg.brokerConnsPerIP},

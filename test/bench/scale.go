@@ -55,6 +55,7 @@ import (
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/envtest"
+	ctrlmetrics "sigs.k8s.io/controller-runtime/pkg/metrics"
 
 	"github.com/kubetwin/kubetwin/api/v1alpha1"
 	kubetwin "github.com/kubetwin/kubetwin/internal/operator"
@@ -152,6 +153,10 @@ type scaleResults struct {
 	StartRecs       float64     `json:"operator_start_reconciles"`
 	// Restart (--scale-restart).
 	Restart restartResults `json:"restart"`
+	// Idle twins (--bridge-idle-state-ttl): how long until the bridge held
+	// IdleTwinsInMemory twins' working state (0: all dropped).
+	IdleDroppedSec    float64 `json:"idle_dropped_sec,omitempty"`
+	IdleTwinsInMemory float64 `json:"idle_twins_in_memory,omitempty"`
 	// Queries (ms): median of the reps.
 	Selective         string  `json:"query_selective"`
 	Residual          string  `json:"query_residual"`
@@ -321,6 +326,25 @@ func runScale(ctx context.Context, cfg config, sc scaleConfig) int {
 		}
 		sample("operator restarted")
 		writeHeapProfile(sc.profile, "restarted")
+	}
+
+	// 2c. Idle twins: the bridge drops their working state after
+	// --bridge-idle-state-ttl; no device is connected yet, so every twin
+	// is idle once that has passed.
+	if cfg.idleStateTTL > 0 && claimed >= sc.twins {
+		progress("scale: waiting for the bridge to drop idle twins' state (--bridge-idle-state-ttl %s)", cfg.idleStateTTL)
+		t0 := time.Now()
+		deadline := t0.Add(cfg.idleStateTTL + 3*time.Minute)
+		n := bridgeTwinsInMemory()
+		for n > 0 && time.Now().Before(deadline) && ctx.Err() == nil {
+			time.Sleep(5 * time.Second)
+			n = bridgeTwinsInMemory()
+		}
+		res.IdleDroppedSec = time.Since(t0).Seconds()
+		res.IdleTwinsInMemory = n
+		progress("scale: %.0f twins' working state in memory %.0fs later", n, res.IdleDroppedSec)
+		sample("idle twins dropped")
+		writeHeapProfile(sc.profile, "idle")
 	}
 
 	// 3. Queries.
@@ -682,6 +706,9 @@ func printScale(r *scaleResults) {
 			row("stopped operator garbage collected", fmt.Sprintf("NO: still reachable %.0fs after the restart (counted in the RSS after it)", rs.StoppedCollectedSec))
 		}
 	}
+	if r.IdleDroppedSec > 0 {
+		row("idle twins' bridge state dropped", fmt.Sprintf("%.0f twins left in memory %.0fs after the wait began", r.IdleTwinsInMemory, r.IdleDroppedSec))
+	}
 	line()
 	row(fmt.Sprintf("selective query (%d expected)", r.SelectiveExpected), r.Selective[len("SELECT * FROM devices WHERE "):])
 	row("  kubectl twin query -o json (query API)", fmt.Sprintf("%.0f ms (%d twins)", r.PluginSelectiveMs, r.PluginSelectiveN))
@@ -922,3 +949,20 @@ func memInfoMiB(key string) float64 {
 }
 
 func memTotalGiB() float64 { return memInfoMiB("MemTotal:") / 1024 }
+
+// bridgeTwinsInMemory reads the bridge's kubetwin_bridge_twins_in_memory
+// gauge from the operator's registry (-1 when absent).
+func bridgeTwinsInMemory() float64 {
+	mfs, err := ctrlmetrics.Registry.Gather()
+	if err != nil {
+		return -1
+	}
+	for _, mf := range mfs {
+		if mf.GetName() == "kubetwin_bridge_twins_in_memory" {
+			for _, m := range mf.GetMetric() {
+				return m.GetGauge().GetValue()
+			}
+		}
+	}
+	return -1
+}
