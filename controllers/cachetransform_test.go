@@ -26,7 +26,7 @@ func TestCacheTransformKeepsWhatIsRead(t *testing.T) {
 	if err := json.Unmarshal(data, stored); err != nil {
 		t.Fatal(err)
 	}
-	fields := func(s string) *metav1.FieldsV1 { return &metav1.FieldsV1{Raw: []byte(s)} }
+	fields := metav1.NewFieldsV1
 	cfg := controllers.ConfigurationManagerPrefix + "c"
 	synthetic := &v1alpha1.DeviceTwin{ObjectMeta: metav1.ObjectMeta{ManagedFields: []metav1.ManagedFieldsEntry{
 		{Manager: controllers.LabelManager, FieldsV1: fields(`{"f:metadata":{"f:finalizers":{},"f:labels":{".":{},"f:a":{},"f:b.c":{}}}}`)},

@@ -3,7 +3,6 @@ package operator
 import (
 	"bytes"
 	"encoding/json"
-	"slices"
 	"strings"
 	"unique"
 
@@ -60,10 +59,11 @@ func TrimTwin(t *v1alpha1.DeviceTwin) {
 		configuration := strings.HasPrefix(e.Manager, controllers.ConfigurationManagerPrefix)
 		var fields *metav1.FieldsV1
 		if e.FieldsV1 != nil {
-			if raw := readFields(e.FieldsV1.Raw); raw != nil {
-				fields = &metav1.FieldsV1{Raw: raw}
+			if raw := readFields(e.FieldsV1.GetRawBytes()); raw != nil {
+				fields = &metav1.FieldsV1{}
+				fields.SetRawBytes(raw)
 			} else if configuration {
-				fields = &metav1.FieldsV1{Raw: []byte("{}")}
+				fields = metav1.NewFieldsV1("{}")
 			}
 		}
 		if fields == nil && !configuration {
@@ -71,13 +71,46 @@ func TrimTwin(t *v1alpha1.DeviceTwin) {
 		}
 		keep = append(keep, metav1.ManagedFieldsEntry{
 			// Every twin has the same few managers: share their names.
-			Manager:     unique.Make(e.Manager).Value(),
+			Manager:     share(e.Manager),
 			Operation:   operation(e.Operation),
 			Subresource: e.Subresource,
 			FieldsV1:    fields,
 		})
 	}
 	t.ManagedFields = keep
+	shareStrings(t)
+}
+
+// shareStrings makes t use one copy, shared by every twin, of the strings
+// that come from a small set: the decoder allocates them again for each
+// twin. Names and values that may be unique to a twin are left alone (a
+// shared copy would cost more than it saves).
+func shareStrings(t *v1alpha1.DeviceTwin) {
+	t.Namespace = share(t.Namespace)
+	for i, f := range t.Finalizers {
+		t.Finalizers[i] = share(f)
+	}
+	if len(t.Labels) > 0 {
+		labels := make(map[string]string, len(t.Labels))
+		for k, v := range t.Labels {
+			labels[share(k)] = v
+		}
+		t.Labels = labels
+	}
+	t.Spec.Status = v1alpha1.DeviceStatus(share(string(t.Spec.Status)))
+	t.Status.ConnectionState = share(t.Status.ConnectionState)
+	for i := range t.Status.Conditions {
+		c := &t.Status.Conditions[i]
+		c.Type, c.Reason = share(c.Type), share(c.Reason)
+		c.Status = metav1.ConditionStatus(share(string(c.Status)))
+	}
+}
+
+func share(s string) string {
+	if s == "" {
+		return s
+	}
+	return unique.Make(s).Value()
 }
 
 // operation returns op, shared when it is one of the two the API server
@@ -95,73 +128,202 @@ func operation(op metav1.ManagedFieldsOperationType) metav1.ManagedFieldsOperati
 // readFields returns the part of a FieldsV1 set the operator reads:
 // f:metadata.f:labels and f:spec.f:desired, with only their "f:" members
 // (the readers skip ".", "k:" and "v:" members), or nil if that is empty
-// or raw is not a JSON object.
+// or raw is not valid JSON. It scans the bytes rather than decoding them
+// into maps: every twin of the fleet goes through it at each start.
 func readFields(raw []byte) []byte {
-	var set struct {
-		Metadata struct {
-			Labels json.RawMessage `json:"f:labels"`
-		} `json:"f:metadata"`
-		Spec struct {
-			Desired json.RawMessage `json:"f:desired"`
-		} `json:"f:spec"`
-	}
-	if json.Unmarshal(raw, &set) != nil {
+	if !json.Valid(raw) {
 		return nil
 	}
-	var labels, desired bytes.Buffer
-	hasLabels := writeMembers(&labels, set.Metadata.Labels)
-	hasDesired := writeMembers(&desired, set.Spec.Desired)
+	s := fieldsScanner{b: raw}
+	var buf bytes.Buffer
+	labels, desired := [2]int{}, [2]int{}
+	s.object(func(key []byte) {
+		switch {
+		case keyIs(key, "f:metadata"):
+			s.object(func(key []byte) {
+				if keyIs(key, "f:labels") {
+					labels = s.members(&buf)
+				} else {
+					s.skip()
+				}
+			})
+		case keyIs(key, "f:spec"):
+			s.object(func(key []byte) {
+				if keyIs(key, "f:desired") {
+					desired = s.members(&buf)
+				} else {
+					s.skip()
+				}
+			})
+		default:
+			s.skip()
+		}
+	})
+	b := buf.Bytes()
+	hasLabels, hasDesired := labels[1] > labels[0], desired[1] > desired[0]
 	if !hasLabels && !hasDesired {
 		return nil
 	}
-	var out bytes.Buffer
-	out.WriteByte('{')
+	const l, d = `{"f:metadata":{"f:labels":`, `"f:spec":{"f:desired":`
+	size := 2 + labels[1] - labels[0] + desired[1] - desired[0]
 	if hasLabels {
-		out.WriteString(`"f:metadata":{"f:labels":`)
-		out.Write(labels.Bytes())
-		out.WriteByte('}')
+		size += len(l) + 1
+	}
+	if hasDesired {
+		size += len(d) + 2 // with the comma
+	}
+	out := make([]byte, 0, size)
+	if hasLabels {
+		out = append(append(append(out, l...), b[labels[0]:labels[1]]...), '}')
+	} else {
+		out = append(out, '{')
 	}
 	if hasDesired {
 		if hasLabels {
-			out.WriteByte(',')
+			out = append(out, ',')
 		}
-		out.WriteString(`"f:spec":{"f:desired":`)
-		out.Write(desired.Bytes())
-		out.WriteByte('}')
+		out = append(append(append(out, d...), b[desired[0]:desired[1]]...), '}')
 	}
-	out.WriteByte('}')
-	return bytes.Clone(out.Bytes()) // the exact size: it stays in the cache
+	return append(out, '}')
 }
 
-// writeMembers writes node with only its "f:" members, recursively, keys
-// sorted, and reports whether it has any.
-func writeMembers(w *bytes.Buffer, node json.RawMessage) bool {
-	var m map[string]json.RawMessage
-	if len(node) == 0 || json.Unmarshal(node, &m) != nil {
-		return false
+// fieldsScanner reads valid JSON (a FieldsV1 set) at b[i:].
+type fieldsScanner struct {
+	b []byte
+	i int
+}
+
+func (s *fieldsScanner) space() {
+	for s.i < len(s.b) && (s.b[s.i] == ' ' || s.b[s.i] == '\t' || s.b[s.i] == '\n' || s.b[s.i] == '\r') {
+		s.i++
 	}
-	keys := make([]string, 0, len(m))
-	for k := range m {
-		if strings.HasPrefix(k, "f:") {
-			keys = append(keys, k)
+}
+
+// object calls member for each member of the object at i, with the key as
+// written (quotes included) and i at its value, which member must read;
+// a value that is not an object is skipped.
+func (s *fieldsScanner) object(member func(key []byte)) {
+	s.space()
+	if s.b[s.i] != '{' {
+		s.skip()
+		return
+	}
+	s.i++
+	for {
+		s.space()
+		switch s.b[s.i] {
+		case '}':
+			s.i++
+			return
+		case ',':
+			s.i++
+			continue
 		}
+		start := s.i
+		s.str()
+		key := s.b[start:s.i]
+		s.space()
+		s.i++ // ':'
+		s.space()
+		member(key)
 	}
-	if len(keys) == 0 {
-		return false
-	}
-	slices.Sort(keys)
-	w.WriteByte('{')
-	for i, k := range keys {
-		if i > 0 {
+}
+
+// members writes the object at i to w with only its "f:" members,
+// recursively (a member without any becomes {}; a value that is not an
+// object is copied), and returns where it is in w: empty if it has none.
+func (s *fieldsScanner) members(w *bytes.Buffer) [2]int {
+	start, n := w.Len(), 0
+	s.object(func(key []byte) {
+		if !keyHasPrefix(key, "f:") {
+			s.skip()
+			return
+		}
+		if n == 0 {
+			w.WriteByte('{')
+		} else {
 			w.WriteByte(',')
 		}
-		name, _ := json.Marshal(k)
-		w.Write(name)
+		n++
+		w.Write(key)
 		w.WriteByte(':')
-		if !writeMembers(w, m[k]) {
+		if s.b[s.i] != '{' {
+			from := s.i
+			s.skip()
+			w.Write(s.b[from:s.i])
+		} else if sub := s.members(w); sub[1] == sub[0] {
 			w.WriteString("{}")
 		}
+	})
+	if n == 0 {
+		return [2]int{start, start}
 	}
 	w.WriteByte('}')
-	return true
+	return [2]int{start, w.Len()}
+}
+
+// skip moves i past the value at i.
+func (s *fieldsScanner) skip() {
+	s.space()
+	switch s.b[s.i] {
+	case '"':
+		s.str()
+	case '{', '[':
+		depth := 0
+		for {
+			switch s.b[s.i] {
+			case '"':
+				s.str()
+				continue
+			case '{', '[':
+				depth++
+			case '}', ']':
+				depth--
+			}
+			s.i++
+			if depth == 0 {
+				return
+			}
+		}
+	default:
+		for s.i < len(s.b) && strings.IndexByte(",}] \t\r\n", s.b[s.i]) < 0 {
+			s.i++
+		}
+	}
+}
+
+// str moves i past the string at i.
+func (s *fieldsScanner) str() {
+	for s.i++; s.b[s.i] != '"'; s.i++ {
+		if s.b[s.i] == '\\' {
+			s.i++
+		}
+	}
+	s.i++
+}
+
+// keyHasPrefix and keyIs read a key as written; one with escapes is
+// decoded first.
+func keyHasPrefix(key []byte, prefix string) bool {
+	if bytes.HasPrefix(key[1:], []byte(prefix)) {
+		return true
+	}
+	k, ok := decodeKey(key)
+	return ok && strings.HasPrefix(k, prefix)
+}
+
+func keyIs(key []byte, name string) bool {
+	if len(key) == len(name)+2 && string(key[1:len(key)-1]) == name {
+		return true
+	}
+	k, ok := decodeKey(key)
+	return ok && k == name
+}
+
+func decodeKey(key []byte) (string, bool) {
+	if bytes.IndexByte(key, '\\') < 0 {
+		return "", false
+	}
+	var k string
+	return k, json.Unmarshal(key, &k) == nil
 }

@@ -5,6 +5,7 @@ import (
 	"runtime"
 	"testing"
 	"time"
+	"unsafe"
 
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	k8sruntime "k8s.io/apimachinery/pkg/runtime"
@@ -65,9 +66,9 @@ func TestCacheTransformTrimsTwin(t *testing.T) {
 	for i, e := range got.ManagedFields {
 		w := want[i]
 		if e.Manager != w.Manager || e.Operation != w.Operation || e.Subresource != "" || e.APIVersion != "" ||
-			e.Time != nil || e.FieldsType != "" || string(e.FieldsV1.Raw) != string(w.FieldsV1.Raw) {
+			e.Time != nil || e.FieldsType != "" || e.FieldsV1.GetRawString() != w.FieldsV1.GetRawString() {
 			t.Errorf("entry %d:\n got %s %s %q %q %v %q %s\nwant %s %s %s", i, e.Manager, e.Operation, e.Subresource,
-				e.APIVersion, e.Time, e.FieldsType, e.FieldsV1.Raw, w.Manager, w.Operation, w.FieldsV1.Raw)
+				e.APIVersion, e.Time, e.FieldsType, e.FieldsV1.GetRawString(), w.Manager, w.Operation, w.FieldsV1.GetRawString())
 		}
 	}
 	// Labels, spec and status are the stored ones.
@@ -79,7 +80,7 @@ func TestCacheTransformTrimsTwin(t *testing.T) {
 }
 
 func TestTrimTwinEntries(t *testing.T) {
-	fields := func(s string) *metav1.FieldsV1 { return &metav1.FieldsV1{Raw: []byte(s)} }
+	fields := metav1.NewFieldsV1
 	cfg := controllers.ConfigurationManagerPrefix + "c"
 	tw := &v1alpha1.DeviceTwin{ObjectMeta: metav1.ObjectMeta{
 		Annotations: map[string]string{LastAppliedAnnotation: "{}", "keep": "me"},
@@ -94,6 +95,10 @@ func TestTrimTwinEntries(t *testing.T) {
 			{Manager: "dots", FieldsV1: fields(`{"f:metadata":{"f:labels":{".":{}}},"f:spec":{"f:desired":{".":{}}}}`)},
 			// A leaf whose only member is "." stays a leaf; "k:" members go.
 			{Manager: "leaf", FieldsV1: fields(`{"f:spec":{"f:desired":{"f:x":{".":{}},"f:l":{"k:{\"a\":1}":{"f:b":{}}}}}}`)},
+			// Spaces, an escaped key, a member that is not an object
+			// (copied), a string holding braces.
+			{Manager: "odd", FieldsV1: fields(` { "f:spec" : { "f:desired" : { "\u0066:a" : 1 , "b:c" : { "f:d" : {} } ,` +
+				` "f:b" : { "k:{\"}\"" : { } } } , "f:metadata" : { "f:finalizers" : {} } } } `)},
 			// Not JSON: the readers skip it.
 			{Manager: "broken", FieldsV1: fields(`{"f:metadata":`)},
 			{Manager: "kubetwin", Subresource: "status", FieldsV1: fields(`{"f:status":{}}`)},
@@ -108,14 +113,15 @@ func TestTrimTwinEntries(t *testing.T) {
 	want := map[string]string{
 		cfg:       `{}`,
 		cfg + "2": "<nil>",
-		"leaf":    `{"f:spec":{"f:desired":{"f:l":{},"f:x":{}}}}`,
+		"leaf":    `{"f:spec":{"f:desired":{"f:x":{},"f:l":{}}}}`,
+		"odd":     `{"f:spec":{"f:desired":{"\u0066:a":1,"f:b":{}}}}`,
 		"esc":     `{"f:metadata":{"f:labels":{"f:a\"b\u003c":{}}}}`,
 	}
 	got := map[string]string{}
 	for _, e := range tw.ManagedFields {
 		got[e.Manager] = "<nil>"
 		if e.FieldsV1 != nil {
-			got[e.Manager] = string(e.FieldsV1.Raw)
+			got[e.Manager] = e.FieldsV1.GetRawString()
 		}
 	}
 	if len(got) != len(want) {
@@ -205,5 +211,70 @@ func BenchmarkCachedTwinHeap(b *testing.B) {
 			b.ReportMetric(perTwin, "heap-B/twin")
 			b.ReportMetric(float64(len(data)), "json-B/twin")
 		})
+	}
+}
+
+// BenchmarkCacheTransform is the CPU a watch event of a twin costs: the
+// decode alone ("decode") and with the transform ("trimmed").
+func BenchmarkCacheTransform(b *testing.B) {
+	data, err := os.ReadFile("testdata/twin.json")
+	if err != nil {
+		b.Fatal(err)
+	}
+	s := k8sruntime.NewScheme()
+	if err := v1alpha1.AddToScheme(s); err != nil {
+		b.Fatal(err)
+	}
+	dec := serializer.NewCodecFactory(s).UniversalDeserializer()
+	for _, v := range []struct {
+		name string
+		f    func(any) (any, error)
+	}{
+		{"decode", func(o any) (any, error) { return o, nil }},
+		{"status", DropStatusManagedFields},
+		{"trimmed", CacheTransform},
+	} {
+		b.Run(v.name, func(b *testing.B) {
+			b.ReportAllocs()
+			for b.Loop() {
+				obj, _, err := dec.Decode(data, nil, &v1alpha1.DeviceTwin{})
+				if err != nil {
+					b.Fatal(err)
+				}
+				if _, err := v.f(obj); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
+
+// Strings from a small set are shared by all cached twins, not allocated
+// again by the decoder for each one.
+func TestCacheTransformSharesStrings(t *testing.T) {
+	a, b := decodeTwin(t), decodeTwin(t)
+	for _, tw := range []*v1alpha1.DeviceTwin{a, b} {
+		if _, err := CacheTransform(tw); err != nil {
+			t.Fatal(err)
+		}
+	}
+	same := func(what, x, y string) {
+		t.Helper()
+		if x == "" || unsafe.StringData(x) != unsafe.StringData(y) {
+			t.Errorf("%s %q: not shared", what, x)
+		}
+	}
+	same("namespace", a.Namespace, b.Namespace)
+	same("finalizer", a.Finalizers[0], b.Finalizers[0])
+	same("manager", a.ManagedFields[0].Manager, b.ManagedFields[0].Manager)
+	same("condition type", a.Status.Conditions[0].Type, b.Status.Conditions[0].Type)
+	same("condition reason", a.Status.Conditions[0].Reason, b.Status.Conditions[0].Reason)
+	same("connection state", a.Status.ConnectionState, b.Status.ConnectionState)
+	for k := range a.Labels {
+		for k2 := range b.Labels {
+			if k == k2 {
+				same("label key", k, k2)
+			}
+		}
 	}
 }
