@@ -122,6 +122,9 @@ type abLatency struct {
 	MaxMs         float64               `json:"max_ms"`
 	Errors        int64                 `json:"errors"`
 	Queue         map[string]queueTimes `json:"operator_times"`
+	// The baseline (--ab-raw): the same rate of the operator's status
+	// patch sent straight to the API server, open loop, operator stopped.
+	Raw *rawLatency `json:"raw,omitempty"`
 }
 
 // runAB is the whole --ab benchmark.
@@ -261,6 +264,15 @@ func abVariant(ctx context.Context, cp *controlPlane, cfg config, name string, w
 	// it sends for one report each, under its field manager, on the
 	// variant's twins; nothing else of this process takes CPU meanwhile.
 	op.stop()
+	if cfg.abRaw {
+		for i := range r.Lat {
+			raw, err := abRawLatency(ctx, cp.k8s, cfg, w, r.Lat[i].OfferedPerSec)
+			if err != nil {
+				return r, fmt.Errorf("raw latency: %w", err)
+			}
+			r.Lat[i].Raw = &raw
+		}
+	}
 	if cfg.abReplay > 0 {
 		rate, ms, err := abReplay(ctx, cp.k8s, cfg, w)
 		if err != nil {
@@ -269,6 +281,126 @@ func abVariant(ctx context.Context, cp *controlPlane, cfg config, name string, w
 		r.ReplayWritesPerSec, r.ReplayAPIMsPerWrite = rate, ms
 	}
 	return r, nil
+}
+
+// rawLatency is the API server's own latency for status patches offered
+// at a fixed rate.
+type rawLatency struct {
+	OfferedPerSec float64 `json:"offered_per_sec"`
+	DonePerSec    float64 `json:"done_per_sec"`
+	P50Ms         float64 `json:"p50_ms"`
+	P99Ms         float64 `json:"p99_ms"`
+	MaxMs         float64 `json:"max_ms"`
+	Errors        int64   `json:"errors"`
+	// Skipped: patches due while rawMaxInflight were outstanding.
+	Skipped int64 `json:"skipped"`
+	// WorstSecond is the window second (from its start) in which the
+	// slowest patches started, and their max there.
+	WorstSecond   int     `json:"worst_second"`
+	WorstSecondMs float64 `json:"worst_second_max_ms"`
+}
+
+// rawMaxInflight bounds the raw patches outstanding (a stalled API server
+// must not grow the benchmark's goroutines without bound).
+const rawMaxInflight = 512
+
+// abRawLatency sends the operator's status patch for one report (as
+// abReplay), open loop at rate patches/s spread over the variant's twins,
+// for cfg.warmup + cfg.duration, and measures the latency of the patches
+// started in the window: what a report's write costs at that load without
+// the operator, its work queue and the devices. The gap between this and
+// the operator's report latency at the same rate is the operator's.
+func abRawLatency(ctx context.Context, k8s client.Client, cfg config, w writePath, rate float64) (rawLatency, error) {
+	res := rawLatency{OfferedPerSec: rate}
+	progress("ab: raw status patches, %.0f/s offered open loop, operator stopped (%s warm-up + %s)", rate, cfg.warmup, cfg.duration)
+	type sample struct {
+		at  time.Duration // start, from the window's start
+		lat time.Duration
+	}
+	var mu sync.Mutex
+	var samples []sample
+	var failed, skipped atomic.Int64
+	var firstErr atomic.Value
+	var inflight atomic.Int64
+	var wg sync.WaitGroup
+	start := time.Now()
+	winStart := start.Add(cfg.warmup)
+	end := winStart.Add(cfg.duration)
+	interval := time.Duration(float64(time.Second) / rate)
+	tick := time.NewTicker(interval)
+	defer tick.Stop()
+	for n := int64(2_000_000); ; n++ {
+		now := time.Now()
+		if !now.Before(end) || ctx.Err() != nil {
+			break
+		}
+		if inflight.Load() >= rawMaxInflight {
+			if !now.Before(winStart) {
+				skipped.Add(1)
+			}
+		} else {
+			inflight.Add(1)
+			wg.Add(1)
+			go func(n int64, began time.Time) {
+				defer wg.Done()
+				defer inflight.Add(-1)
+				t := &v1alpha1.DeviceTwin{}
+				t.Namespace, t.Name = w.namespace, twinName(w.prefix(), int(n%int64(cfg.devices)))
+				body := replayPatch(n, began.UTC())
+				err := k8s.Status().Patch(ctx, t, client.RawPatch(types.MergePatchType, body), client.FieldOwner(controllers.StatusManager))
+				lat := time.Since(began)
+				if err != nil {
+					failed.Add(1)
+					firstErr.CompareAndSwap(nil, err)
+					return
+				}
+				if !began.Before(winStart) {
+					mu.Lock()
+					samples = append(samples, sample{at: began.Sub(winStart), lat: lat})
+					mu.Unlock()
+				}
+			}(n, now)
+		}
+		select {
+		case <-tick.C:
+		case <-ctx.Done():
+		}
+	}
+	wg.Wait()
+	res.Errors, res.Skipped = failed.Load(), skipped.Load()
+	if len(samples) == 0 {
+		return res, fmt.Errorf("no raw patch succeeded: %v", firstErr.Load())
+	}
+	res.DonePerSec = float64(len(samples)) / cfg.duration.Seconds()
+	lats := make([]time.Duration, len(samples))
+	worst := map[int]time.Duration{}
+	for i, s := range samples {
+		lats[i] = s.lat
+		sec := int(s.at / time.Second)
+		worst[sec] = max(worst[sec], s.lat)
+	}
+	slices.Sort(lats)
+	ms := func(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
+	res.P50Ms = ms(lats[len(lats)/2])
+	res.P99Ms = ms(lats[min(len(lats)-1, len(lats)*99/100)])
+	res.MaxMs = ms(lats[len(lats)-1])
+	for sec, d := range worst {
+		if ms(d) > res.WorstSecondMs {
+			res.WorstSecond, res.WorstSecondMs = sec, ms(d)
+		}
+	}
+	progress("ab: raw at %.0f/s: %.0f/s done, p50 %.1f ms, p99 %.1f ms, max %.1f ms (slowest in second %d of the window), %d failed, %d skipped",
+		rate, res.DonePerSec, res.P50Ms, res.P99Ms, res.MaxMs, res.WorstSecond, res.Errors, res.Skipped)
+	return res, nil
+}
+
+// replayPatch is the merge patch the operator sends for report n of a
+// connected twin at now: reported, its version and $metadata, and
+// lastActivityTime.
+func replayPatch(n int64, now time.Time) []byte {
+	ts := now.Format(twin.TimeFormat)
+	return []byte(fmt.Sprintf(`{"status":{"reported":{"seq":%d,"t":"%d"},"reportedVersion":%d,"metadata":{"reported":{"$lastUpdated":%q,"seq":{"$lastUpdated":%q},"t":{"$lastUpdated":%q}}},"lastActivityTime":%q}}`,
+		n, now.UnixNano(), n, ts, ts, ts, now.Truncate(time.Second).Format(time.RFC3339)))
 }
 
 // abReplay sends, 32 at a time for cfg.abReplay, the merge patch the
@@ -291,11 +423,7 @@ func abReplay(ctx context.Context, k8s client.Client, cfg config, w writePath) (
 			for i, n := g, int64(1_000_000); time.Now().Before(deadline) && ctx.Err() == nil; i, n = (i+inflight)%cfg.devices, n+1 {
 				t := &v1alpha1.DeviceTwin{}
 				t.Namespace, t.Name = w.namespace, twinName(w.prefix(), i)
-				now := time.Now().UTC()
-				ts := now.Format(twin.TimeFormat)
-				body := fmt.Sprintf(`{"status":{"reported":{"seq":%d,"t":"%d"},"reportedVersion":%d,"metadata":{"reported":{"$lastUpdated":%q,"seq":{"$lastUpdated":%q},"t":{"$lastUpdated":%q}}},"lastActivityTime":%q}}`,
-					n, now.UnixNano(), n, ts, ts, ts, now.Truncate(time.Second).Format(time.RFC3339))
-				err := k8s.Status().Patch(ctx, t, client.RawPatch(types.MergePatchType, []byte(body)), client.FieldOwner(controllers.StatusManager))
+				err := k8s.Status().Patch(ctx, t, client.RawPatch(types.MergePatchType, replayPatch(n, time.Now().UTC())), client.FieldOwner(controllers.StatusManager))
 				if err != nil {
 					failed.Add(1)
 					firstErr.CompareAndSwap(nil, err)
@@ -462,6 +590,15 @@ func printAB(cfg config, runs []abRun) {
 			fmt.Fprintf(w, "  %8.1f / %7.1f (%5.0f)", l.P50Ms, l.P99Ms, l.StoredPerSec)
 		}
 		fmt.Fprintf(w, "  %s\n", r.LoadAvg)
+		if len(r.Lat) > 0 && r.Lat[0].Raw != nil {
+			fmt.Fprintf(w, "  %-34s %5s %9s %9s %7s %8s %7s %7s %9s %7s", "  raw patches, operator stopped", "", "", "", "", "", "", "", "", "")
+			for _, l := range r.Lat {
+				if l.Raw != nil {
+					fmt.Fprintf(w, "  %8.1f / %7.1f (%5.0f)", l.Raw.P50Ms, l.Raw.P99Ms, l.Raw.DonePerSec)
+				}
+			}
+			fmt.Fprintln(w)
+		}
 	}
 	raw, _ := json.Marshal(runs)
 	fmt.Fprintln(w, string(raw))
