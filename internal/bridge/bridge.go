@@ -258,6 +258,7 @@ func (b *Bridge) Persisted(ctx context.Context, t *v1alpha1.DeviceTwin, s Snapsh
 		d.inFlight = false
 		done = d.takePending(s.Pending)
 	})
+	b.dropUnseen(t)
 	// One deadline for the whole batch: a reconciler never waits on a
 	// stuck bus for longer.
 	ctx, cancel := context.WithTimeout(ctx, b.respondTimeout)

@@ -178,6 +178,36 @@ func (b *Bridge) dropIfIdle(ctx context.Context, key types.NamespacedName, e *de
 	return true
 }
 
+// dropUnseen drops, right after its reconcile, the working state of a
+// twin this process has heard nothing of since loading it (no presence,
+// message or activity) when that reconcile wrote nothing (t, the cached
+// copy it started from, already shows the state). An operator starting
+// on a fleet of mostly offline devices so loads every twin for its first
+// reconcile without holding them all at once: the state comes back from
+// the cached status on the twin's next message or reconcile, as after
+// --bridge-idle-state-ttl.
+func (b *Bridge) dropUnseen(t *v1alpha1.DeviceTwin) {
+	if b.idleTTL < 0 {
+		return
+	}
+	key := types.NamespacedName{Namespace: t.Namespace, Name: t.Name}
+	b.mu.Lock()
+	e := b.devices[key]
+	b.mu.Unlock()
+	if e == nil {
+		return
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	d := e.d
+	if e.gone || d == nil || d.online != nil || !d.idle() || d.activityUnsaved() || !caughtUp(&t.Status, &d.persisted) {
+		return
+	}
+	e.d, e.idle = nil, d.marker()
+	twinsInMemory.Dec()
+	idleStatesDropped.Inc()
+}
+
 // dropIdleEvery runs dropIdle until ctx is done.
 func (b *Bridge) dropIdleEvery(ctx context.Context) {
 	if b.idleTTL < 0 {

@@ -411,3 +411,50 @@ func TestCaughtUpAfterAPIRoundTrip(t *testing.T) {
 		t.Fatal("a status a second apart counts as caught up")
 	}
 }
+
+// A twin this process has heard nothing of, whose reconcile wrote nothing
+// (an operator restarting on an unchanged fleet), does not keep its state
+// until the TTL: it goes right after that reconcile, so a restart does not
+// hold every twin's state at once. Its device is then answered as before.
+// A twin whose device is connected keeps its state.
+func TestUnseenTwinDroppedAfterReconcile(t *testing.T) {
+	inMemory := func(b *Bridge) bool {
+		b.mu.Lock()
+		e := b.devices[types.NamespacedName{Namespace: "ns", Name: "d1"}]
+		b.mu.Unlock()
+		e.mu.Lock()
+		defer e.mu.Unlock()
+		return e.d != nil
+	}
+	b, fb, tw, _ := newIdleBridge(t, testTTL)
+	acked := 0
+	report(b, "r1", `{"temp":30}`, &acked)
+	settle(t, b, tw) // stores the report: the cached copy is behind until the next reconcile
+	if !inMemory(b) {
+		t.Fatal("state dropped while the cache did not show the last write")
+	}
+	settle(t, b, tw) // an operator restart: nothing to write
+	if inMemory(b) {
+		t.Fatal("an unseen twin's state stays after a reconcile that wrote nothing")
+	}
+	report(b, "r1", `{"temp":30}`, &acked) // a resend: answered, not applied again
+	report(b, "r2", `{"temp":31}`, &acked)
+	settle(t, b, tw)
+	if tw.Status.ReportedVersion != 2 {
+		t.Fatalf("reportedVersion %d after a resend and a new report, want 2", tw.Status.ReportedVersion)
+	}
+	if r := lastResponse(t, fb, "r1"); r.Status != protocol.StatusNoContent || r.Version != 1 {
+		t.Fatalf("resend of r1 after the drop answered %+v, want 204 version 1", r)
+	}
+	if r := lastResponse(t, fb, "r2"); r.Status != protocol.StatusNoContent || r.Version != 2 {
+		t.Fatalf("r2 after the drop answered %+v, want 204 version 2", r)
+	}
+
+	b2, _, tw2, _ := newIdleBridge(t, testTTL)
+	b2.Presence("d1", true, time.Now())
+	settle(t, b2, tw2)
+	settle(t, b2, tw2)
+	if !inMemory(b2) {
+		t.Fatal("a connected device's twin state was dropped")
+	}
+}
