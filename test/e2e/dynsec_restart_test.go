@@ -48,20 +48,10 @@ func metricSum(g Gomega, addr, name string) float64 {
 // device — and disconnects no device. A key changed and a twin deleted
 // while the operator was down are acted on at the next start.
 func TestMosquittoDynsecRestart(t *testing.T) {
-	const plugin = "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so"
-	if _, err := os.Stat(plugin); err != nil {
-		t.Fatalf("Mosquitto's dynamic-security plugin is not installed (%v); Debian's mosquitto package has it", err)
-	}
 	g := NewWithT(t)
 	ns := newNamespace(t)
-	dir := t.TempDir()
-	pw := randomSuffix() + randomSuffix()
-	dynsecFile := filepath.Join(dir, "dynamic-security.json")
-	dynsecConfig(t, dynsecFile, pw)
-	pwFile := filepath.Join(dir, "broker-password")
-	if err := os.WriteFile(pwFile, []byte(pw), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	plugin, dynsecFile, pw, pwFile := dynsecFiles(t)
+	dir := filepath.Dir(dynsecFile)
 	// The broker logs every command the plugin receives: the count does
 	// not depend on the operator's own metric.
 	brokerLog := filepath.Join(dir, "mosquitto.log")

@@ -257,26 +257,36 @@ func dynsecConfig(t *testing.T, path, pw string) {
 	}
 }
 
+// dynsecFiles returns the path of Mosquitto's dynamic-security plugin
+// (failing the test when it is not installed), a plugin configuration in
+// a temporary folder whose admin is the operator with a new password, the
+// password, and a file holding it for --broker-password-file.
+func dynsecFiles(t *testing.T) (plugin, config, password, passwordFile string) {
+	t.Helper()
+	plugin = "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so"
+	if _, err := os.Stat(plugin); err != nil {
+		t.Fatalf("Mosquitto's dynamic-security plugin is not installed (%v); Debian's mosquitto package has it", err)
+	}
+	dir := t.TempDir()
+	password = randomSuffix() + randomSuffix()
+	config = filepath.Join(dir, "dynamic-security.json")
+	dynsecConfig(t, config, password)
+	passwordFile = filepath.Join(dir, "broker-password")
+	if err := os.WriteFile(passwordFile, []byte(password), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return plugin, config, password, passwordFile
+}
+
 // TestMosquittoDynamicSecurity: with --mosquitto-dynsec the operator
 // provisions every device in Mosquitto's dynamic-security plugin. A
 // device with its key connects and works; a wrong password or client id is
 // refused; it cannot touch another device's topics; disabling, re-keying
 // and deleting take effect without restarting anything.
 func TestMosquittoDynamicSecurity(t *testing.T) {
-	const plugin = "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so"
-	if _, err := os.Stat(plugin); err != nil {
-		t.Fatalf("Mosquitto's dynamic-security plugin is not installed (%v); Debian's mosquitto package has it", err)
-	}
 	g := NewWithT(t)
 	ns := newNamespace(t)
-	dir := t.TempDir()
-	pw := randomSuffix() + randomSuffix()
-	dynsecFile := filepath.Join(dir, "dynamic-security.json")
-	dynsecConfig(t, dynsecFile, pw)
-	pwFile := filepath.Join(dir, "broker-password")
-	if err := os.WriteFile(pwFile, []byte(pw), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	plugin, dynsecFile, pw, pwFile := dynsecFiles(t)
 	// "user root": Mosquitto started as root would otherwise switch to the
 	// user mosquitto, which cannot read (or save) the test's files. Not
 	// run as root, it keeps its user and ignores the option.
