@@ -310,8 +310,12 @@ func runScale(ctx context.Context, cfg config, sc scaleConfig) int {
 
 	// 2b. The operator's restart: with nothing changed, it should write
 	// nothing, only read.
+	// The bridge's gauge is this process's: what the stopped operator's
+	// bridge held stays counted in it, so the idle wait subtracts it.
+	var stoppedInMemory float64
 	if sc.restart && claimed >= sc.twins {
 		op.stop()
+		stoppedInMemory = max(0, bridgeTwinsInMemory())
 		if op, err = restartOperator(ctx, restCfg, cfg, sc, &res.Restart); err != nil {
 			return failed("restarting the operator", err)
 		}
@@ -335,10 +339,10 @@ func runScale(ctx context.Context, cfg config, sc scaleConfig) int {
 		progress("scale: waiting for the bridge to drop idle twins' state (--bridge-idle-state-ttl %s)", cfg.idleStateTTL)
 		t0 := time.Now()
 		deadline := t0.Add(cfg.idleStateTTL + 3*time.Minute)
-		n := bridgeTwinsInMemory()
+		n := bridgeTwinsInMemory() - stoppedInMemory
 		for n > 0 && time.Now().Before(deadline) && ctx.Err() == nil {
 			time.Sleep(5 * time.Second)
-			n = bridgeTwinsInMemory()
+			n = bridgeTwinsInMemory() - stoppedInMemory
 		}
 		res.IdleDroppedSec = time.Since(t0).Seconds()
 		res.IdleTwinsInMemory = n
