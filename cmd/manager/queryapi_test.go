@@ -22,7 +22,7 @@ func TestQueryAPIFlags(t *testing.T) {
 		{[]string{"--query-api-bind-address=:8444", "--query-api-secret-name="}, `--query-api-secret-name "" is not a valid name`},
 		{[]string{"--query-api-bind-address=:8444", "--query-api-service-name=Query_API"}, `--query-api-service-name "Query_API" is not a valid name`},
 		{[]string{"--query-api-bind-address=:8444", "--query-api-apiservice-name=v1/x"}, `--query-api-apiservice-name "v1/x" is not a valid name`},
-		{[]string{"--query-api-bind-address=:8444", "--query-api-apiservice-name="}, ""}, // the caBundle is someone else's
+		{[]string{"--query-api-bind-address=:8444", "--query-api-apiservice-name="}, ""},                            // the caBundle is someone else's
 		{[]string{"--query-api-bind-address=:8444", "--query-api-cert-dir=/certs", "--query-api-secret-name="}, ""}, // not used
 	} {
 		fs := flag.NewFlagSet("manager", flag.ContinueOnError)
