@@ -38,6 +38,12 @@ type limitsFixture struct {
 
 func startLimited(t *testing.T, l EmbeddedLimits) *limitsFixture {
 	t.Helper()
+	return startLimitedSessions(t, l, SessionOptions{})
+}
+
+// startLimitedSessions is startLimited with the given session bounds.
+func startLimitedSessions(t *testing.T, l EmbeddedLimits, sessions SessionOptions) *limitsFixture {
+	t.Helper()
 	cert, pool := selfSigned(t)
 	f := &limitsFixture{msgs: make(chan Message, 10000), tls: &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}}
 	b, err := NewEmbedded(EmbeddedOptions{
@@ -46,6 +52,7 @@ func startLimited(t *testing.T, l EmbeddedLimits) *limitsFixture {
 		Handler:   func(m Message) { f.msgs <- m },
 		Logger:    testLogger(t),
 		Limits:    l,
+		Sessions:  sessions,
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -664,13 +671,18 @@ func testSlowConsumer(t *testing.T, requests, size int, responseFilter string, g
 // disconnected after the write timeout although its queue has room.
 func TestEmbeddedSlowConsumerWriteTimeout(t *testing.T) {
 	const writeTimeout = 2 * time.Second
-	f := startLimited(t, EmbeddedLimits{WriteTimeout: writeTimeout, MaxClientQueue: 100000, MaxClientQueueBytes: 64 << 20})
+	// Every message is written, none held back by the session's cap of
+	// unacknowledged QoS 1 messages (64 by default: 3.75 MiB of these,
+	// which a send buffer autotuned to tcp_wmem's 4 MiB may take in
+	// without blocking).
+	f := startLimitedSessions(t, EmbeddedLimits{WriteTimeout: writeTimeout, MaxClientQueue: 100000, MaxClientQueueBytes: 64 << 20},
+		SessionOptions{MaxQueue: 1000})
 	before := testutil.ToFloat64(BrokerSlowConsumerDisconnects.WithLabelValues(ReasonWriteTimeout))
 	subscribedStuck(t, f, "stuck")
 	payload := bytes.Repeat([]byte("z"), 60<<10)
 	done := make(chan error, 1)
 	go func() {
-		for range 100 { // 6 MiB: more than the sockets' buffers
+		for range 200 { // 12 MiB: well more than the sockets' buffers
 			if err := f.bus.Publish(context.Background(), protocol.ResponseTopic("stuck", "r"), payload, false); err != nil {
 				done <- err
 				return
