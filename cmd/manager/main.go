@@ -22,7 +22,6 @@ import (
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	_ "k8s.io/client-go/plugin/pkg/client/auth"
 	ctrl "sigs.k8s.io/controller-runtime"
-	"sigs.k8s.io/controller-runtime/pkg/cache"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/healthz"
 	"sigs.k8s.io/controller-runtime/pkg/log/zap"
@@ -36,7 +35,6 @@ import (
 	"github.com/kubetwin/kubetwin/internal/bus"
 	"github.com/kubetwin/kubetwin/internal/certs"
 	"github.com/kubetwin/kubetwin/internal/deviceauth"
-	"github.com/kubetwin/kubetwin/internal/deviceid"
 	"github.com/kubetwin/kubetwin/internal/operator"
 	"github.com/kubetwin/kubetwin/internal/ratelog"
 	"github.com/kubetwin/kubetwin/internal/webhook"
@@ -164,7 +162,8 @@ func main() {
 	zapOpts := zap.Options{Development: false}
 	zapOpts.BindFlags(flag.CommandLine)
 	flag.Parse()
-	ctrl.SetLogger(zap.New(zap.UseFlagOptions(&zapOpts)))
+	// Log fields are encoded when written, not at every reconcile.
+	ctrl.SetLogger(zap.New(zap.UseFlagOptions(&zapOpts), zap.RawZapOpts(operator.LazyFields())))
 	setupMemoryLimit(ctrl.Log.WithName("setup"), o.memoryLimit)
 
 	if err := run(ctrl.SetupSignalHandler(), o); err != nil {
@@ -273,15 +272,8 @@ func setupManager(o options) (ctrl.Manager, error) {
 		LeaderElectionID:              "kubetwin.kubetwin.io",
 		LeaderElectionReleaseOnCancel: true,
 	}
-	// The cache holds only Secrets labelled kubetwin.io/device-keys=true,
-	// and the claims of the claims namespace, wherever twins are watched;
-	// cached twins keep only what the operator reads (operator.CacheTransform).
-	mo.Cache = cache.Options{ByObject: controllers.KeySecretCacheOptions(), DefaultTransform: operator.CacheTransform}
-	mo.Cache.ByObject[&v1alpha1.DeviceIDClaim{}] = cache.ByObject{Namespaces: map[string]cache.Config{o.claimsNamespace(): {}},
-		Transform: deviceid.CacheTransform}
-	if o.namespace != "" {
-		mo.Cache.DefaultNamespaces = map[string]cache.Config{o.namespace: {}}
-	}
+	mo.Cache = operator.CacheOptions(o.namespace, o.claimsNamespace())
+	mo.MapperProvider = operator.NewRESTMapper
 	if webhookServed(o.webhook) {
 		// HTTP/2 is off for the webhook server too.
 		mo.WebhookServer = crwebhook.NewServer(crwebhook.Options{
