@@ -207,7 +207,8 @@ func startControlPlane(ctx context.Context, cfg *config, opLog *lineLog, namespa
 	if cfg.operatorVerbosity == 0 {
 		level = zapcore.ErrorLevel
 	}
-	ctrl.SetLogger(zap.New(zap.WriteTo(opLog), zap.Level(level), zap.StacktraceLevel(zapcore.PanicLevel)))
+	ctrl.SetLogger(zap.New(zap.WriteTo(opLog), zap.Level(level), zap.StacktraceLevel(zapcore.PanicLevel),
+		zap.RawZapOpts(kubetwin.LazyFields())))
 
 	crdDir, err := findCRDs()
 	if err != nil {
@@ -473,6 +474,7 @@ func startOperator(ctx context.Context, restCfg *rest.Config, cfg config) (*oper
 	progress("starting the operator (manager + embedded broker, %d reconcilers)", cfg.workers)
 	mgr, err := ctrl.NewManager(rest.CopyConfig(restCfg), cfg.writePath.managerOptions(ctrl.Options{
 		Scheme:                 scheme,
+		MapperProvider:         kubetwin.NewRESTMapper, // as cmd/manager
 		Metrics:                metricsserver.Options{BindAddress: "0"},
 		HealthProbeBindAddress: "0",
 		// bench-scale starts the operator again in this process (restart).
