@@ -1,7 +1,9 @@
 package bus
 
 import (
+	"bytes"
 	"context"
+	"runtime/pprof"
 	"sync"
 	"testing"
 	"time"
@@ -74,6 +76,31 @@ func eventually(t *testing.T, what string, cond func() bool) {
 	}
 }
 
+// progressing polls n until it reaches want, failing once waitTimeout
+// passes without n rising, or when n reports an error: work that is slow
+// but goes on (CPU-bound, under the race detector on a loaded machine)
+// passes, work that has stopped fails.
+func progressing(t *testing.T, what string, want int, n func() (int, error)) {
+	t.Helper()
+	last, deadline := -1, time.Time{}
+	for {
+		got, err := n()
+		if err != nil {
+			t.Fatalf("waiting until %s: %v", what, err)
+		}
+		if got >= want {
+			return
+		}
+		if got > last {
+			last, deadline = got, time.Now().Add(waitTimeout)
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting until %s: %d of %d, none more for %v", what, got, want, waitTimeout)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
 // runBus starts b in the background and stops it (waiting for Start to
 // return) when the test ends or when the returned stop is called.
 func runBus(t *testing.T, b Bus) (stop func()) {
@@ -91,7 +118,10 @@ func runBus(t *testing.T, b Bus) (stop func()) {
 					t.Errorf("Start: %v", err)
 				}
 			case <-time.After(waitTimeout):
-				t.Error("Start did not return after its context ended")
+				// The stacks show what the broker's Close is waiting for.
+				var buf bytes.Buffer
+				_ = pprof.Lookup("goroutine").WriteTo(&buf, 1)
+				t.Errorf("Start did not return after its context ended; goroutines:\n%s", buf.String())
 			}
 		})
 	}
