@@ -11,6 +11,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net/http"
 	"os"
 	"slices"
 	"strings"
@@ -25,6 +26,7 @@ import (
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/rest"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/cache"
 	"sigs.k8s.io/controller-runtime/pkg/client"
@@ -45,6 +47,9 @@ type writePath struct {
 	// keepStatusFields keeps the status managedFields in the operator's
 	// cache (no cache transform), as before.
 	keepStatusFields bool
+	// writeConn gives the operator's writes an HTTP connection of their
+	// own, apart from the informers' watches.
+	writeConn bool
 	// namespace, if set, is the only namespace of twins the operator
 	// caches (--ab gives each run fresh twins in a namespace of its own).
 	namespace string
@@ -54,6 +59,7 @@ type writePath struct {
 var writePathOptions = map[string]func(*writePath){
 	"legacy-status":      func(w *writePath) { w.legacyStatus = true },
 	"keep-status-fields": func(w *writePath) { w.keepStatusFields = true },
+	"write-conn":         func(w *writePath) { w.writeConn = true },
 }
 
 // oldWritePath is the write path before issue 14.
@@ -209,7 +215,9 @@ func abVariant(ctx context.Context, cp *controlPlane, cfg config, name string, w
 	}
 
 	// Capacity.
-	capRes, sum, err := abMeasure(ctx, cp, op, cfg, w, 0, 1)
+	capCfg := cfg
+	capCfg.warmup = cfg.abCapWarmup
+	capRes, sum, err := abMeasure(ctx, cp, op, capCfg, w, 0, 1)
 	if err != nil {
 		return r, fmt.Errorf("capacity: %w", err)
 	}
@@ -234,7 +242,9 @@ func abVariant(ctx context.Context, cp *controlPlane, cfg config, name string, w
 		offered := f * r.CapReportsPerSec
 		rate := offered / float64(cfg.devices)
 		inflight := max(1, int(rate*cfg.requestTimeout.Seconds()+0.999))
-		lr, sum, err := abMeasure(ctx, cp, op, cfg, w, rate, inflight)
+		latCfg := cfg
+		latCfg.warmup = cfg.abLatWarmup
+		lr, sum, err := abMeasure(ctx, cp, op, latCfg, w, rate, inflight)
 		if err != nil {
 			return r, fmt.Errorf("latency at %.0f%%: %w", 100*f, err)
 		}
@@ -266,7 +276,9 @@ func abVariant(ctx context.Context, cp *controlPlane, cfg config, name string, w
 	op.stop()
 	if cfg.abRaw {
 		for i := range r.Lat {
-			raw, err := abRawLatency(ctx, cp.k8s, cfg, w, r.Lat[i].OfferedPerSec)
+			rawCfg := cfg
+			rawCfg.warmup = cfg.abLatWarmup
+			raw, err := abRawLatency(ctx, cp.k8s, rawCfg, w, r.Lat[i].OfferedPerSec)
 			if err != nil {
 				return r, fmt.Errorf("raw latency: %w", err)
 			}
@@ -616,6 +628,20 @@ func (w writePath) managerOptions(o ctrl.Options) ctrl.Options {
 		claims.Namespaces = map[string]cache.Config{kubetwin.DefaultClaimsNamespace: {}}
 	}
 	o.Cache.ByObject = map[client.Object]cache.ByObject{&v1alpha1.DeviceIDClaim{}: claims}
+	if w.writeConn {
+		o.NewClient = func(cfg *rest.Config, opts client.Options) (client.Client, error) {
+			// A Proxy function makes client-go build a transport of its
+			// own (it cannot compare functions to share a cached one).
+			wc := rest.CopyConfig(cfg)
+			wc.Proxy = http.ProxyFromEnvironment
+			hc, err := rest.HTTPClientFor(wc)
+			if err != nil {
+				return nil, err
+			}
+			opts.HTTPClient = hc
+			return client.New(wc, opts)
+		}
+	}
 	return o
 }
 

@@ -141,6 +141,10 @@ type config struct {
 	abFractions []float64
 	abReplay    time.Duration
 	abRaw       bool
+	// abCapWarmup and abLatWarmup replace --warmup before the capacity
+	// and the latency windows of --ab.
+	abCapWarmup time.Duration
+	abLatWarmup time.Duration
 }
 
 func parseFlags(args []string) (config, error) {
@@ -180,8 +184,10 @@ func parseFlags(args []string) (config, error) {
 	fs.StringVar(&writePathFlag, "write-path", "current", "the operator's write path: current, old (as before issue 14: "+oldWritePath+"), or options joined by +: legacy-status (status granular for server-side apply), keep-status-fields (no cache transform)")
 	fs.StringVar(&abFlag, "ab", "", "instead of the phases, measure these write paths (comma-separated, as --write-path) in turn on one control plane and the --devices twins: distinct-twin capacity (one report outstanding per device), then latency at --ab-fractions of it; e.g. --ab old,current")
 	fs.IntVar(&c.abRounds, "ab-rounds", 2, "--ab: times every variant is measured (interleaved)")
-	fs.BoolVar(&c.abRaw, "ab-raw", true, "--ab: after each variant, with its operator stopped, send its status patch straight to the API server at each latency measurement's rate (open loop, --warmup + --duration): the API server's own p50/p99 at that load, the baseline of the report latency")
+	fs.BoolVar(&c.abRaw, "ab-raw", true, "--ab: after each variant, with its operator stopped, send its status patch straight to the API server at each latency measurement's rate (open loop, --ab-latency-warmup + --duration): the API server's own p50/p99 at that load, the baseline of the report latency")
 	fs.DurationVar(&c.abReplay, "ab-replay", 5*time.Second, "--ab: after each variant, with its operator stopped, replay its status writes (one report each, its field manager) on its twins for this long: the API server's CPU per write without the operator and devices (0: skip)")
+	fs.DurationVar(&c.abCapWarmup, "ab-capacity-warmup", 90*time.Second, "--ab: reporting at capacity before its window starts: kube-apiserver keeps the last 75 s of events of its watch cache in memory, so its cost per write (and the capacity) settles only after that")
+	fs.DurationVar(&c.abLatWarmup, "ab-latency-warmup", 30*time.Second, "--ab: reporting at the offered rate before each latency window starts, so the window sees the steady state of that rate")
 	fs.StringVar(&abFractions, "ab-fractions", "0.5,0.8", "--ab: offered load of the latency measurements, as fractions of the variant's capacity (comma-separated)")
 	fs.StringVar(&c.role, "role", "", "internal: \"devices\" runs the device process")
 	fs.StringVar(&c.pprofAddr, "pprof-addr", "", "serve net/http/pprof of this process on this address (e.g. 127.0.0.1:6060)")
