@@ -650,8 +650,12 @@ func registryValue(t *testing.T, name string) float64 {
 // TestConfigurationAppliesAreRateBound: a configuration over many twins
 // does not send its applies as fast as the API server takes them: past a
 // burst of --max-configuration-applies, they wait for
-// --configuration-applies-per-second (defaults 4 and 50/s here), which the
-// throttled counter shows; every twin still gets the content.
+// --configuration-applies-per-second (defaults 4 and 50/s here); every
+// twin still gets the content. Whether an apply waits depends on the API
+// server being faster than the rate, which a loaded machine's is not (4
+// applies in flight taking 80 ms or more each never wait: the throttled
+// counter stayed at 0 at load 14); TestApplierRateBound shows the waits
+// against an API server that answers at once.
 func TestConfigurationAppliesAreRateBound(t *testing.T) {
 	g := NewWithT(t)
 	ns := newNamespace(t)
@@ -659,7 +663,6 @@ func TestConfigurationAppliesAreRateBound(t *testing.T) {
 	for i := range n {
 		createTwin(t, ns, fmt.Sprintf("t%02d", i), fmt.Sprintf("%s-%02d", ns, i), "", "")
 	}
-	throttled := registryValue(t, "kubetwin_configuration_applies_throttled_total")
 	start := time.Now()
 	createConfig(t, ns, "many", 0, "*", `{"firmware":{"channel":"beta"}}`)
 	g.Eventually(func(g Gomega) {
@@ -667,11 +670,9 @@ func TestConfigurationAppliesAreRateBound(t *testing.T) {
 		g.Expect(c.Status.AppliedCount).To(BeEquivalentTo(n))
 	}, wait, tick).Should(Succeed())
 	elapsed := time.Since(start)
-	waited := registryValue(t, "kubetwin_configuration_applies_throttled_total") - throttled
 	// 40 applies with a burst of 4 at 50/s take at least 0.72 s whatever
-	// the machine's speed; without the limiter they take what the API
-	// server takes and none waits.
-	g.Expect(waited).To(BeNumerically(">", 0), "no apply waited for the rate bound")
+	// the machine's speed; without the limiter, on a quiet machine, they
+	// take what the API server takes.
 	g.Expect(elapsed).To(BeNumerically(">=", time.Duration(float64(n-controllers.DefaultMaxConfigurationApplies)/controllers.DefaultConfigurationAppliesPerSecond*float64(time.Second))))
 	g.Expect(registryValue(t, "kubetwin_configuration_applies_in_flight")).To(BeNumerically("<=", controllers.DefaultMaxConfigurationApplies))
 }

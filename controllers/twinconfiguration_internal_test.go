@@ -1,15 +1,28 @@
 package controllers
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	apiextensionsv1 "k8s.io/apiextensions-apiserver/pkg/apis/apiextensions/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/rest"
+	"k8s.io/utils/ptr"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/client/fake"
+	"sigs.k8s.io/controller-runtime/pkg/client/interceptor"
+	"sigs.k8s.io/controller-runtime/pkg/config"
+	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 
 	"github.com/kubetwin/kubetwin/api/v1alpha1"
 )
@@ -209,5 +222,66 @@ func benchmarkSurvey(b *testing.B, cold bool) {
 			r.evals = evalCache{}
 		}
 		r.survey(self, cfgs, twins)
+	}
+}
+
+// TestApplierRateBound: past a burst of DefaultMaxConfigurationApplies, the
+// applier SetupWithManager builds waits for
+// DefaultConfigurationAppliesPerSecond, counted as throttled. The API
+// server here answers at once, so the limiter alone sets the pace; the
+// envtest TestConfigurationAppliesAreRateBound cannot show the waits on a
+// loaded machine, whose API server may itself be slower than the rate.
+func TestApplierRateBound(t *testing.T) {
+	var applies atomic.Int32
+	c := interceptor.NewClient(fake.NewClientBuilder().Build(), interceptor.Funcs{
+		Apply: func(context.Context, client.WithWatch, runtime.ApplyConfiguration, ...client.ApplyOption) error {
+			applies.Add(1)
+			return nil
+		},
+	})
+	// No API server is contacted: SetupWithManager only registers.
+	sch := runtime.NewScheme()
+	if err := v1alpha1.AddToScheme(sch); err != nil {
+		t.Fatal(err)
+	}
+	mgr, err := ctrl.NewManager(&rest.Config{Host: "http://127.0.0.1:1"}, ctrl.Options{
+		Scheme: sch, Metrics: metricsserver.Options{BindAddress: "0"}, HealthProbeBindAddress: "0",
+		Controller: config.Controller{SkipNameValidation: ptr.To(true)},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := &TwinConfigurationReconciler{Client: c}
+	if err := r.SetupWithManager(mgr); err != nil {
+		t.Fatal(err)
+	}
+	a := configurationApplier{r}
+	tw := &v1alpha1.DeviceTwin{ObjectMeta: metav1.ObjectMeta{Namespace: "ns", Name: "tw", UID: "tw"}}
+	p := twinApply{manager: ConfigurationManagerPrefix + "cfg", label: v1alpha1.ConfigurationApplied}
+
+	const n = 20
+	throttled := testutil.ToFloat64(configApplyThrottled)
+	start := time.Now()
+	var wg sync.WaitGroup
+	for range DefaultMaxConfigurationApplies { // the applier's workers
+		wg.Go(func() {
+			for applies.Load() < n {
+				if err := a.apply(context.Background(), tw, p); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	elapsed := time.Since(start)
+	got := int(applies.Load())
+	// The burst goes at once; each apply after it waits for its token.
+	if least := time.Duration(float64(got-DefaultMaxConfigurationApplies) / DefaultConfigurationAppliesPerSecond * float64(time.Second)); elapsed < least {
+		t.Errorf("%d applies took %v, want at least %v at %v/s past a burst of %d",
+			got, elapsed, least, DefaultConfigurationAppliesPerSecond, DefaultMaxConfigurationApplies)
+	}
+	if d := testutil.ToFloat64(configApplyThrottled) - throttled; d < 1 {
+		t.Errorf("throttled applies rose by %v, want at least 1", d)
 	}
 }
