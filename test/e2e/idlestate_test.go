@@ -136,7 +136,8 @@ func testIdleStateDropAndReload(t *testing.T, kind brokerKind) {
 	patch := dev.waitFor(t, "desired patch version 2", protocol.DesiredPatchTopic(id), 1)
 	g.Expect(patch.json(t)).To(Equal(obj{"$version": num("2"), "mode": "boost"}))
 	full := dev.waitFor(t, "desired document version 2", protocol.DesiredTopic(id), 2)
-	g.Expect(full.json(t)).To(Equal(obj{"$version": num("2"), "mode": "boost", "telemetry": obj{"intervalSecs": num("5")}}))
+	g.Expect(full.json(t)).To(Equal(obj{"$version": num("2"), "mode": "boost", "telemetry": obj{"intervalSecs": num("5")}}),
+		"the second desired document since the device came back (the first came on subscribing): the reload published version 1 again?")
 	// The reload did not publish the unchanged document again: the device
 	// got it once, on subscribing, then version 2.
 	g.Expect(dev.topics(protocol.DesiredTopic(id), protocol.DesiredPatchTopic(id))).To(Equal([]string{
