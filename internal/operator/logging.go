@@ -1,7 +1,6 @@
 package operator
 
 import (
-	"slices"
 	"sync"
 
 	"go.uber.org/zap"
@@ -15,12 +14,15 @@ import (
 // reconcile, most of a no-op reconcile's allocation); a reconcile that
 // logs nothing then encodes nothing.
 func LazyFields() zap.Option {
-	return zap.WrapCore(func(c zapcore.Core) zapcore.Core { return &lazyCore{base: c} })
+	return zap.WrapCore(func(c zapcore.Core) zapcore.Core { return &lazyCore{base: c, parent: c} })
 }
 
-// lazyCore is base with fields yet to be added (With) on first use.
+// lazyCore is parent with fields yet to be added (With) on first use.
+// Each keeps only its own fields: a child materializes its parent, once,
+// rather than copying the fields of every ancestor.
 type lazyCore struct {
-	base   zapcore.Core
+	base   zapcore.Core // the root: levels and Sync
+	parent zapcore.Core // base or a *lazyCore
 	fields []zapcore.Field
 
 	once sync.Once
@@ -33,7 +35,7 @@ func (c *lazyCore) With(fields []zapcore.Field) zapcore.Core {
 	if len(fields) == 0 {
 		return c
 	}
-	return &lazyCore{base: c.base, fields: append(slices.Clip(c.fields), fields...)}
+	return &lazyCore{base: c.base, parent: c, fields: fields}
 }
 
 func (c *lazyCore) Check(e zapcore.Entry, ce *zapcore.CheckedEntry) *zapcore.CheckedEntry {
@@ -51,9 +53,12 @@ func (c *lazyCore) Sync() error { return c.base.Sync() }
 
 func (c *lazyCore) materialized() zapcore.Core {
 	c.once.Do(func() {
-		c.core = c.base
+		c.core = c.parent
+		if p, ok := c.parent.(*lazyCore); ok {
+			c.core = p.materialized()
+		}
 		if len(c.fields) > 0 {
-			c.core = c.base.With(c.fields)
+			c.core = c.core.With(c.fields)
 		}
 	})
 	return c.core

@@ -45,8 +45,8 @@ func TestLazyFieldsEncodeOnWrite(t *testing.T) {
 	l := log.With(zap.String("a", "1")).With(zap.String("b", "2"))
 	l.Info("one", zap.String("c", "3"))
 	l.Info("two")
-	if withs != 1 {
-		t.Errorf("%d With calls on the core, want 1 (fields encoded once)", withs)
+	if withs != 2 {
+		t.Errorf("%d With calls on the core, want 2 (each logger's fields encoded once)", withs)
 	}
 	lines := strings.Split(strings.TrimSpace(buf.String()), "\n")
 	want := []string{`{"msg":"one","a":"1","b":"2","c":"3"}`, `{"msg":"two","a":"1","b":"2"}`}
@@ -63,6 +63,9 @@ func TestLazyFieldsEncodeOnWrite(t *testing.T) {
 	l.With(zap.String("d", "4")).Info("three")
 	if got := strings.TrimSpace(buf.String()); got != `{"msg":"three","a":"1","b":"2","d":"4"}` {
 		t.Errorf("derived logger wrote %s", got)
+	}
+	if withs != 3 {
+		t.Errorf("%d With calls on the core, want 3 (the parent's encoding reused)", withs)
 	}
 	if zapcore.LevelOf(log.Core()) != zapcore.InfoLevel {
 		t.Errorf("level %v, want info", zapcore.LevelOf(log.Core()))
