@@ -56,7 +56,12 @@ func (r *DeviceTwinReconciler) claim(ctx context.Context, t *v1alpha1.DeviceTwin
 func (r *DeviceTwinReconciler) claimEvents() handler.EventHandler {
 	type queue = workqueue.TypedRateLimitingInterface[reconcile.Request]
 	return handler.Funcs{
-		CreateFunc: func(ctx context.Context, e event.CreateEvent, q queue) { r.wakeWanting(ctx, e.Object, false, q) },
+		CreateFunc: func(ctx context.Context, e event.CreateEvent, q queue) {
+			// A start-up's claims: every twin is queued by its own listing.
+			if !e.IsInInitialList {
+				r.wakeWanting(ctx, e.Object, false, q)
+			}
+		},
 		UpdateFunc: func(ctx context.Context, e event.UpdateEvent, q queue) { r.wakeWanting(ctx, e.ObjectNew, false, q) },
 		DeleteFunc: func(ctx context.Context, e event.DeleteEvent, q queue) { r.wakeWanting(ctx, e.Object, true, q) },
 		GenericFunc: func(ctx context.Context, e event.GenericEvent, q queue) {
