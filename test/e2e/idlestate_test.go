@@ -27,7 +27,9 @@ const (
 // kept: the same retained desired document (not published again), the same
 // GET answer, a resent report answered with the version it got (and not
 // stored again), and the next reported and desired $version after those it
-// had. The unit tests of internal/bridge drive the same code on a simulated
+// had. Dropped again, the state is loaded by the reconcile of a desired
+// change made while the device is away, which gets the next version too.
+// The unit tests of internal/bridge drive the same code on a simulated
 // cache; here the state goes through a real kube-apiserver and broker.
 func TestIdleStateDropAndReload(t *testing.T) {
 	forEachBroker(t, testIdleStateDropAndReload)
@@ -120,6 +122,8 @@ func testIdleStateDropAndReload(t *testing.T, kind brokerKind) {
 	// got no answer sends it) is answered with the version it got.
 	g.Expect(dev.request(t, protocol.ReportedTopic(id, "r2"), resent, "r2")).
 		To(Equal(obj{"status": num("204"), "version": num("2")}), "the resent report")
+	g.Expect(dev.request(t, protocol.ReportedTopic(id, "r1"), `{"temperature":20}`, "r1")).
+		To(Equal(obj{"status": num("204"), "version": num("1")}), "the resent first report")
 	// A new report gets the next version: the resend was not stored.
 	g.Expect(dev.request(t, protocol.ReportedTopic(id, "r3"), `{"temperature":22}`, "r3")).
 		To(Equal(obj{"status": num("204"), "version": num("3")}), "the report after the reload")
@@ -151,6 +155,41 @@ func testIdleStateDropAndReload(t *testing.T, kind brokerKind) {
 		g.Expect(st.DesiredVersion).To(Equal(int64(2)), "status.desiredVersion")
 		g.Expect(st.DeviceDesiredVersion).To(Equal(int64(2)), "status.deviceDesiredVersion")
 	}, wait, tick).Should(Succeed())
+
+	// Away again, the state dropped again; desired changes meanwhile: the
+	// reconcile loads the state and publishes version 3.
+	droppedBefore = metric(g, metricIdleDropped)
+	dev.disconnect(t)
+	g.Eventually(func(g Gomega) {
+		g.Expect(getTwin(g, ns, name).Status.ConnectionState).To(Equal(v1alpha1.ConnectionStateDisconnected), "status.connectionState")
+		g.Expect(metric(g, metricTwinsInMemory)).To(BeZero(), metricTwinsInMemory)
+		g.Expect(metric(g, metricIdleDropped)).To(Equal(droppedBefore+1), metricIdleDropped)
+		reloadedAfterDrop = metric(g, metricIdleReloaded)
+	}, wait, tick).Should(Succeed(), "the idle twin's state was not dropped a second time")
+	patchTwin(t, ns, name, `{"spec":{"desired":{"telemetry":{"intervalSecs":60}}}}`)
+	g.Eventually(func(g Gomega) {
+		g.Expect(getTwin(g, ns, name).Status.DesiredVersion).To(Equal(int64(3)), "status.desiredVersion")
+		g.Expect(metric(g, metricIdleReloaded)).To(BeNumerically(">", reloadedAfterDrop), metricIdleReloaded)
+	}, wait, tick).Should(Succeed())
+
+	// The device comes back to the retained version 3, and its GET has
+	// the reported document it left.
+	dev = connectIdleDevice(t, kind, op.brokerAddr, id)
+	want3 := obj{"$version": num("3"), "mode": "boost", "telemetry": obj{"intervalSecs": num("60")}}
+	m := dev.waitFor(t, "the retained desired document version 3", protocol.DesiredTopic(id), 1)
+	g.Expect(m.retained).To(BeTrue(), "%s", m)
+	g.Expect(m.json(t)).To(Equal(want3))
+	g.Expect(dev.request(t, protocol.GetTopic(id, "g3"), "", "g3")).To(Equal(obj{
+		"status":   num("200"),
+		"desired":  want3,
+		"reported": obj{"$version": num("3"), "temperature": num("22"), "firmware": obj{"version": "1.0.0"}},
+	}), "GET after the second reload")
+	dev.publish(t, protocol.AckTopic(id), `{"$version":3}`, false)
+	g.Eventually(func(g Gomega) {
+		g.Expect(getTwin(g, ns, name).Status.DeviceDesiredVersion).To(Equal(int64(3)), "status.deviceDesiredVersion")
+	}, wait, tick).Should(Succeed())
+	g.Expect(dev.topics(protocol.DesiredTopic(id), protocol.DesiredPatchTopic(id))).To(HaveLen(1),
+		"desired messages since the device came back the second time: only the retained document")
 }
 
 // idleMessage is a message an idleDevice received.
