@@ -180,7 +180,8 @@ func (d *device) takePending(n int) []pendingAck {
 }
 
 // Snapshot is a consistent copy of a device's working state, taken by the
-// reconciler to build the status it writes.
+// reconciler to build the status it writes. Its documents and Persisted
+// share the device's: read them, copy before changing.
 type Snapshot struct {
 	DeviceID             string
 	Persisted            v1alpha1.DeviceTwinStatus
@@ -231,8 +232,10 @@ func loadDevice(t *v1alpha1.DeviceTwin) (*device, error) {
 
 func (d *device) snapshot() Snapshot {
 	s := Snapshot{
-		DeviceID:             d.id,
-		Persisted:            *d.persisted.DeepCopy(),
+		DeviceID: d.id,
+		// Shared, as the documents are: d.persisted is replaced, never
+		// changed in place (computeStatus copies it before changing it).
+		Persisted:            d.persisted,
 		Reported:             d.reported,
 		ReportedVersion:      d.reportedVersion,
 		ReportedMeta:         d.reportedMeta,
