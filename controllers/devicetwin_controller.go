@@ -15,9 +15,11 @@ import (
 	"k8s.io/apimachinery/pkg/api/meta"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/types"
+	toolscache "k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/tools/events"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/builder"
+	"sigs.k8s.io/controller-runtime/pkg/cache"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/controller"
 	"sigs.k8s.io/controller-runtime/pkg/controller/controllerutil"
@@ -350,7 +352,7 @@ func (r *DeviceTwinReconciler) SetupWithManager(ctx context.Context, mgr ctrl.Ma
 	if r.Claims == nil {
 		return errors.New("the DeviceTwin reconciler needs Claims")
 	}
-	if err := deviceid.IndexTwins(ctx, mgr.GetFieldIndexer()); err != nil {
+	if err := indexTwinsByDeviceID(ctx, mgr.GetCache()); err != nil {
 		return err
 	}
 	workers := r.MaxConcurrentReconciles
@@ -382,4 +384,24 @@ func (r *DeviceTwinReconciler) SetupWithManager(ctx context.Context, mgr ctrl.Ma
 			Watches(&corev1.Secret{}, handler.EnqueueRequestsFromMapFunc(r.twinsUsingSecret))
 	}
 	return b.Complete(r)
+}
+
+// indexTwinsByDeviceID registers deviceid.Index (as deviceid.IndexTwins
+// does) with only the cluster-wide key: controller-runtime's IndexField
+// also stores a per-namespace key, which nothing asks for (TwinsWanting
+// lists across namespaces) and which costs the cache a string and a set per
+// twin. The keys are those controller-runtime's cache reader looks up
+// (TestDeviceIDIndexClusterWideOnly checks it).
+func indexTwinsByDeviceID(ctx context.Context, c cache.Cache) error {
+	inf, err := c.GetInformer(ctx, &v1alpha1.DeviceTwin{})
+	if err != nil {
+		return fmt.Errorf("indexing twins by device id: %w", err)
+	}
+	return inf.AddIndexers(toolscache.Indexers{"field:" + deviceid.Index: func(o any) ([]string, error) {
+		t, ok := o.(*v1alpha1.DeviceTwin)
+		if !ok {
+			return nil, fmt.Errorf("indexing twins by device id: got a %T", o)
+		}
+		return []string{"__all_namespaces/" + t.EffectiveDeviceID()}, nil
+	}})
 }

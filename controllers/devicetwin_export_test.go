@@ -1,0 +1,4 @@
+package controllers
+
+// IndexTwinsByDeviceID is indexTwinsByDeviceID, for the envtest suite.
+var IndexTwinsByDeviceID = indexTwinsByDeviceID
