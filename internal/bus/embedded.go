@@ -252,13 +252,14 @@ func (e *Embedded) Start(ctx context.Context) error {
 	// bound address (port 0 resolved).
 	var plain, secure *limitListener
 	if e.listen != "" {
-		plain = &limitListener{id: embeddedListenerID, address: e.listen, lim: e.limiter, log: e.rlog}
+		plain = &limitListener{id: embeddedListenerID, address: e.listen, lim: e.limiter, log: e.rlog, disconnect: e.closeListenerClients}
 		if err := e.server.AddListener(plain); err != nil {
 			return fmt.Errorf("embedded bus: listen on %s: %w", e.listen, err)
 		}
 	}
 	if e.tlsListen != "" {
-		secure = &limitListener{id: embeddedTLSListenerID, address: e.tlsListen, tlsConfig: e.tlsConfig, lim: e.limiter, log: e.rlog}
+		secure = &limitListener{id: embeddedTLSListenerID, address: e.tlsListen, tlsConfig: e.tlsConfig, lim: e.limiter, log: e.rlog,
+			disconnect: e.closeListenerClients}
 		if err := e.server.AddListener(secure); err != nil {
 			_ = e.server.Close()
 			return fmt.Errorf("embedded bus: listen on %s (TLS): %w", e.tlsListen, err)
@@ -266,7 +267,7 @@ func (e *Embedded) Start(ctx context.Context) error {
 	}
 	// Connections from WebSocketHandler, registered so that they close
 	// with the broker.
-	if err := e.server.AddListener(wsListener{lim: e.limiter}); err != nil {
+	if err := e.server.AddListener(wsListener{lim: e.limiter, disconnect: e.closeListenerClients}); err != nil {
 		_ = e.server.Close()
 		return fmt.Errorf("embedded bus: %w", err)
 	}

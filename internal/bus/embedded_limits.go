@@ -625,6 +625,9 @@ type limitListener struct {
 	log         ratelog.Logger
 	ln          net.Listener
 	closed      atomic.Bool
+	// disconnect ends the broker's clients of a listener
+	// (Embedded.closeListenerClients).
+	disconnect func(listener string)
 }
 
 // Init binds the address.
@@ -694,16 +697,33 @@ func (l *limitListener) Protocol() string {
 	return "tcp"
 }
 
-// Close stops accepting and closes the listener's connections.
-func (l *limitListener) Close(closeClients listeners.CloseFn) {
+// Close stops accepting and closes the listener's connections. It ends the
+// clients through disconnect, not mochi's closeClients (see
+// closeListenerClients).
+func (l *limitListener) Close(listeners.CloseFn) {
 	if !l.closed.CompareAndSwap(false, true) {
 		return
 	}
 	if l.ln != nil {
 		_ = l.ln.Close()
 	}
-	closeClients(l.id)
+	l.disconnect(l.id)
 	l.lim.closeListener(l.id)
+}
+
+// closeListenerClients ends the clients of listener as mochi's own
+// closeListenerClients does (DISCONNECT "server shutting down" to MQTT 5
+// clients), but from a copy of the client map: mochi's
+// Clients.GetByListener takes the map's read lock twice, and a client
+// connecting or disconnecting in between (its write lock waiting between
+// the two) deadlocked the broker's Close for good (mochi-mqtt/server issue
+// 488, unfixed in v2.7.9).
+func (e *Embedded) closeListenerClients(listener string) {
+	for _, cl := range e.server.Clients.GetAll() {
+		if cl.Net.Listener == listener && !cl.Closed() {
+			_ = e.server.DisconnectClient(cl, packets.ErrServerShuttingDown)
+		}
+	}
 }
 
 // limitsHook is the mochi hook of the limits.

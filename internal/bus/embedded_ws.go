@@ -75,15 +75,18 @@ func (e *Embedded) WebSocketHandler() http.Handler {
 // wsListener registers WebSocket connections with the broker, so that they
 // are closed with it; the connections themselves come from
 // WebSocketHandler.
-type wsListener struct{ lim *connLimiter }
+type wsListener struct {
+	lim        *connLimiter
+	disconnect func(listener string) // see limitListener
+}
 
 func (wsListener) Init(*slog.Logger) error     { return nil }
 func (wsListener) Serve(listeners.EstablishFn) {}
 func (wsListener) ID() string                  { return embeddedWSListenerID }
 func (wsListener) Address() string             { return WebSocketPath }
 func (wsListener) Protocol() string            { return "wss" }
-func (l wsListener) Close(closeClients listeners.CloseFn) {
-	closeClients(embeddedWSListenerID)
+func (l wsListener) Close(listeners.CloseFn) {
+	l.disconnect(embeddedWSListenerID)
 	l.lim.closeListener(embeddedWSListenerID) // those that sent no CONNECT
 }
 
