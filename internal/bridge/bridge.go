@@ -249,11 +249,12 @@ func ackAll(acks []func()) {
 }
 
 // Persisted records that status st (built from snapshot s) is stored, and
-// answers and acknowledges the messages s covered.
+// answers and acknowledges the messages s covered. The bridge keeps st
+// itself: the caller must not change it afterwards.
 func (b *Bridge) Persisted(ctx context.Context, t *v1alpha1.DeviceTwin, s Snapshot, st v1alpha1.DeviceTwinStatus) {
 	var done []pendingAck
 	_ = b.with(t, func(d *device) {
-		d.persisted = *st.DeepCopy()
+		d.persisted = st
 		d.persistedReported = s.Reported
 		d.inFlight = false
 		done = d.takePending(s.Pending)

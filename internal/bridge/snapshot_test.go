@@ -7,7 +7,8 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 )
 
-// A snapshot shares the device's persisted status rather than copying it:
+// A snapshot shares the device's persisted status rather than copying it,
+// and Persisted keeps the status it is given:
 // the reconciler takes one of every twin at each start, and computeStatus
 // copies the status before changing it anyway. The device replaces its
 // persisted status, never changes it in place, so an earlier snapshot
@@ -47,5 +48,10 @@ func TestSnapshotSharesPersistedStatus(t *testing.T) {
 	}
 	if next.Persisted.ReportedVersion != 4 || next.Persisted.Conditions[0].Status != metav1.ConditionFalse {
 		t.Errorf("the next snapshot has %+v, want the persisted status", next.Persisted)
+	}
+	// Persisted keeps the status it is given (the reconciler's, built for
+	// it) rather than a copy.
+	if &next.Persisted.Conditions[0] != &st.Conditions[0] {
+		t.Error("Persisted copied the status it was given")
 	}
 }
