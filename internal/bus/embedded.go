@@ -34,6 +34,12 @@ const (
 	embeddedTLSListenerID = "kubetwin-tls"
 	// authTimeout bounds one Authenticator call.
 	authTimeout = 10 * time.Second
+	// clientReadBufferSize is mochi's read buffer per connection, held as
+	// long as the device is connected (mochi's default: 2 KiB). A device's
+	// packets are mostly a few hundred bytes; a larger one takes at most
+	// one more read from the socket (past the buffer, the rest is read
+	// straight into the packet).
+	clientReadBufferSize = 512
 	// closedPollInterval is how often a QoS 2 publish waiting for its Ack
 	// checks whether its connection was closed (mochi has no channel for
 	// that).
@@ -221,8 +227,9 @@ func NewEmbedded(o EmbeddedOptions) (*Embedded, error) {
 	limits.applyTo(caps)
 	sessOpts.applyTo(caps)
 	e.server = mqtt.New(&mqtt.Options{
-		InlineClient: true,
-		Capabilities: caps,
+		InlineClient:            true,
+		Capabilities:            caps,
+		ClientNetReadBufferSize: clientReadBufferSize,
 		// The broker logs at Info what the operator only wants at V(1);
 		// its warnings and errors still come out at V(0), rate-limited.
 		Logger: slog.New(ratelog.SlogHandler(logr.ToSlogHandler(o.Logger.WithName("mochi").V(1)), o.LogLimiter)),
