@@ -6,7 +6,6 @@ import (
 	"context"
 	"crypto/tls"
 	"encoding/binary"
-	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -321,7 +320,7 @@ func BenchmarkConnectedDeviceHeap(b *testing.B) {
 	if s := os.Getenv("KUBETWIN_DEVICEMEM_N"); s != "" {
 		v, err := strconv.Atoi(s)
 		if err != nil || v <= 0 {
-			b.Fatal(errors.New("KUBETWIN_DEVICEMEM_N: want a positive number of devices, got " + strconv.Quote(s)))
+			b.Fatalf("KUBETWIN_DEVICEMEM_N: want a positive number of devices, got %q", s)
 		}
 		n = v
 	}
