@@ -202,6 +202,7 @@ func startRestartOperator(t *testing.T, cfg *rest.Config, scheme *k8sruntime.Sch
 		t.Fatal(err)
 	}
 	op := &restartOperator{cancel: cancel, done: make(chan error, 1)}
+	t.Cleanup(cancel) // before the API server stops, should the test fail
 	go func() { op.done <- mgr.Start(ctx) }()
 	syncCtx, syncCancel := context.WithTimeout(ctx, 5*time.Minute)
 	defer syncCancel()
@@ -226,16 +227,25 @@ func waitSettled(t *testing.T, ctx context.Context, k8s client.Client, ns string
 	t.Helper()
 	start := time.Now()
 	for {
-		var list v1alpha1.DeviceTwinList
-		if err := k8s.List(ctx, &list, client.InNamespace(ns)); err != nil {
-			t.Fatal(err)
-		}
-		settled := 0
-		for i := range list.Items {
-			tw := &list.Items[i]
-			if len(tw.Finalizers) == 1 && tw.Labels["model"] == "m1" && tw.Status.ObservedGeneration == tw.Generation &&
-				len(tw.Status.Conditions) > 0 {
-				settled++
+		// Pages: a single list of 10,000 twins can outlast the API
+		// server's stream on a busy machine; an error is retried.
+		settled, cont := 0, ""
+		for {
+			var list v1alpha1.DeviceTwinList
+			if err := k8s.List(ctx, &list, client.InNamespace(ns), client.Limit(500), client.Continue(cont)); err != nil {
+				t.Logf("listing twins (retrying): %v", err)
+				settled = -1
+				break
+			}
+			for i := range list.Items {
+				tw := &list.Items[i]
+				if len(tw.Finalizers) == 1 && tw.Labels["model"] == "m1" && tw.Status.ObservedGeneration == tw.Generation &&
+					len(tw.Status.Conditions) > 0 {
+					settled++
+				}
+			}
+			if cont = list.Continue; cont == "" {
+				break
 			}
 		}
 		r := reconciles()
@@ -246,7 +256,7 @@ func waitSettled(t *testing.T, ctx context.Context, k8s client.Client, ns string
 		if time.Since(start) > 15*time.Minute {
 			t.Fatalf("%d of %d twins settled after 15m", settled, n)
 		}
-		time.Sleep(time.Second) // polling the API server, not synchronising
+		time.Sleep(2 * time.Second) // polling the API server, not synchronising
 	}
 }
 
