@@ -142,7 +142,7 @@ SCALE_ARGS ?=
 bench-scale: build ## Fleet-size benchmark (not in CI): SCALE_TWINS twins, SCALE_DEVICES connected devices; memory, start-up, queries, latency.
 	KUBEBUILDER_ASSETS="$(CONTROLPLANE)" go run ./test/bench --scale $(SCALE_TWINS) --scale-devices $(SCALE_DEVICES) $(SCALE_ARGS)
 
-# Not in CI (~2 minutes per variant and round on 2 cores): the operator's
+# Not in CI (~6 minutes per variant and round on 2 cores, most of it warm-ups): the operator's
 # write path before issue 14 against today's, side by side on one control
 # plane: distinct-twin report capacity, then report latency at 50% and 80%
 # of it. AB_VARIANTS takes --write-path values (see go run ./test/bench --help).
