@@ -19,6 +19,7 @@ import (
 	paho "github.com/eclipse/paho.mqtt.golang"
 	"github.com/go-logr/logr"
 
+	"github.com/kubetwin/kubetwin/internal/testutil/mqttwire"
 	"github.com/kubetwin/kubetwin/internal/testutil/selfsigned"
 	"github.com/kubetwin/kubetwin/pkg/protocol"
 )
@@ -36,29 +37,6 @@ func (grantAll) Authenticate(_ context.Context, clientID, _ string, _ []byte) (G
 type rawDevice struct {
 	conn net.Conn
 	r    *bufio.Reader
-}
-
-// mqttString is an MQTT UTF-8 string: its length, then its bytes.
-func mqttString(s string) []byte {
-	return append(binary.BigEndian.AppendUint16(nil, uint16(len(s))), s...)
-}
-
-// mqttPacket is a packet of the given first byte and body.
-func mqttPacket(first byte, body []byte) []byte {
-	p := []byte{first}
-	n := len(body)
-	for {
-		b := byte(n % 128)
-		n /= 128
-		if n > 0 {
-			b |= 0x80
-		}
-		p = append(p, b)
-		if n == 0 {
-			break
-		}
-	}
-	return append(p, body...)
 }
 
 // connectRawDevice connects as pkg/device does: MQTT 3.1.1, clean=false,
@@ -80,11 +58,11 @@ func connectRawDevice(addr, id string, tlsConfig *tls.Config) (*rawDevice, error
 	presence := protocol.PresenceTopic(id)
 
 	// CONNECT: will flag, will QoS 1, will retain; clean=false; keepalive 30 s.
-	body := append(mqttString("MQTT"), 4, 0x04|0x08|0x20, 0, 30)
-	body = append(body, mqttString(id)...)
-	body = append(body, mqttString(presence)...)
-	body = append(body, mqttString(string(offline))...)
-	if err := d.send(mqttPacket(0x10, body)); err != nil {
+	body := append(mqttwire.AppendString(nil, "MQTT"), 4, 0x04|0x08|0x20, 0, 30)
+	body = append(body, mqttwire.AppendString(nil, id)...)
+	body = append(body, mqttwire.AppendString(nil, presence)...)
+	body = append(body, mqttwire.AppendString(nil, string(offline))...)
+	if err := d.send(mqttwire.Packet(0x10, body)); err != nil {
 		return d, err
 	}
 	if err := d.await(0x20); err != nil {
@@ -92,16 +70,16 @@ func connectRawDevice(addr, id string, tlsConfig *tls.Config) (*rawDevice, error
 	}
 	body = []byte{0, 1}
 	for _, f := range []string{protocol.ResponseFilter(id), protocol.DesiredFilter(id), presence} {
-		body = append(append(body, mqttString(f)...), 1)
+		body = append(append(body, mqttwire.AppendString(nil, f)...), 1)
 	}
-	if err := d.send(mqttPacket(0x82, body)); err != nil {
+	if err := d.send(mqttwire.Packet(0x82, body)); err != nil {
 		return d, err
 	}
 	if err := d.await(0x90); err != nil {
 		return d, fmt.Errorf("SUBACK: %w", err)
 	}
-	body = append(append(mqttString(presence), 0, 2), online...)
-	if err := d.send(mqttPacket(0x33, body)); err != nil {
+	body = append(append(mqttwire.AppendString(nil, presence), 0, 2), online...)
+	if err := d.send(mqttwire.Packet(0x33, body)); err != nil {
 		return d, err
 	}
 	if err := d.await(0x40); err != nil {
@@ -147,7 +125,7 @@ func (d *rawDevice) await(typ byte) error {
 		}
 		if first&0xf0 == 0x30 && first&0x06 == 0x02 { // PUBLISH QoS 1
 			tl := int(binary.BigEndian.Uint16(body))
-			if err := d.send(mqttPacket(0x40, body[2+tl:4+tl])); err != nil {
+			if err := d.send(mqttwire.Packet(0x40, body[2+tl:4+tl])); err != nil {
 				return err
 			}
 			if typ == 0x30 {

@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kubetwin/kubetwin/internal/testutil/mqttwire"
 	"github.com/kubetwin/kubetwin/pkg/device"
 	"github.com/kubetwin/kubetwin/pkg/protocol"
 )
@@ -262,8 +263,8 @@ func attackOversized(t *testing.T, h *harness) {
 	c := h.dialDevice(t, id, true, dialOptions{})
 	const size = 48 << 20
 	topic := protocol.ReportedTopic(id, h.rid("huge"))
-	hdr := append([]byte{pktPublish | 1<<1}, remainingLength(2+len(topic)+2+size)...)
-	hdr = appendString(hdr, topic)
+	hdr := append([]byte{pktPublish | 1<<1}, mqttwire.RemainingLength(2+len(topic)+2+size)...)
+	hdr = mqttwire.AppendString(hdr, topic)
 	hdr = append(hdr, 0, 1)
 	start := time.Now()
 	written := 0

@@ -13,6 +13,7 @@ import (
 
 	"github.com/gorilla/websocket"
 
+	"github.com/kubetwin/kubetwin/internal/testutil/mqttwire"
 	"github.com/kubetwin/kubetwin/pkg/protocol"
 )
 
@@ -34,7 +35,7 @@ var (
 const quickClose = 5 * time.Second
 
 // hugeHeader is a CONNECT fixed header announcing a 200 MiB packet.
-func hugeHeader() []byte { return append([]byte{pktConnect}, remainingLength(200<<20)...) }
+func hugeHeader() []byte { return append([]byte{pktConnect}, mqttwire.RemainingLength(200<<20)...) }
 
 // attackHugePacket: connections that announce a 200 MiB packet before
 // authenticating must be dropped at once, without the broker reserving the

@@ -10,6 +10,8 @@ import (
 	"net"
 	"syscall"
 	"time"
+
+	"github.com/kubetwin/kubetwin/internal/testutil/mqttwire"
 )
 
 // MQTT 3.1.1 packet types (the high nibble of the first byte).
@@ -75,33 +77,6 @@ func dialRaw(addr string, o dialOptions) (*rawConn, error) {
 	return &rawConn{Conn: c, r: bufio.NewReaderSize(c, 64<<10)}, nil
 }
 
-// packet frames a body with its fixed header.
-func packet(first byte, body []byte) []byte {
-	b := append([]byte{first}, remainingLength(len(body))...)
-	return append(b, body...)
-}
-
-// remainingLength encodes n as MQTT's variable-length integer.
-func remainingLength(n int) []byte {
-	var b []byte
-	for {
-		d := byte(n % 128)
-		n /= 128
-		if n > 0 {
-			d |= 0x80
-		}
-		b = append(b, d)
-		if n == 0 {
-			return b
-		}
-	}
-}
-
-func appendString(b []byte, s string) []byte {
-	b = binary.BigEndian.AppendUint16(b, uint16(len(s)))
-	return append(b, s...)
-}
-
 // connectPacket is a CONNECT; user and password are sent when not empty.
 func connectPacket(clientID, user, password string, clean bool, keepalive uint16) []byte {
 	flags := byte(0)
@@ -114,17 +89,17 @@ func connectPacket(clientID, user, password string, clean bool, keepalive uint16
 	if password != "" {
 		flags |= 0x40
 	}
-	body := appendString(nil, "MQTT")
+	body := mqttwire.AppendString(nil, "MQTT")
 	body = append(body, 4, flags)
 	body = binary.BigEndian.AppendUint16(body, keepalive)
-	body = appendString(body, clientID)
+	body = mqttwire.AppendString(body, clientID)
 	if user != "" {
-		body = appendString(body, user)
+		body = mqttwire.AppendString(body, user)
 	}
 	if password != "" {
-		body = appendString(body, password)
+		body = mqttwire.AppendString(body, password)
 	}
-	return packet(pktConnect, body)
+	return mqttwire.Packet(pktConnect, body)
 }
 
 func publishPacket(topic string, payload []byte, qos byte, retain bool, id uint16) []byte {
@@ -132,17 +107,17 @@ func publishPacket(topic string, payload []byte, qos byte, retain bool, id uint1
 	if retain {
 		first |= 1
 	}
-	body := appendString(nil, topic)
+	body := mqttwire.AppendString(nil, topic)
 	if qos > 0 {
 		body = binary.BigEndian.AppendUint16(body, id)
 	}
-	return packet(first, append(body, payload...))
+	return mqttwire.Packet(first, append(body, payload...))
 }
 
 func subscribePacket(id uint16, filter string, qos byte) []byte {
 	body := binary.BigEndian.AppendUint16(nil, id)
-	body = appendString(body, filter)
-	return packet(pktSubscribe, append(body, qos))
+	body = mqttwire.AppendString(body, filter)
+	return mqttwire.Packet(pktSubscribe, append(body, qos))
 }
 
 // send writes b, giving up after d.
@@ -255,7 +230,7 @@ func (c *rawConn) ackPublish(p inPacket) {
 		return
 	}
 	if _, id, _, _, err := p.publish(); err == nil {
-		_ = c.send(packet(pktPuback, binary.BigEndian.AppendUint16(nil, id)), 5*time.Second)
+		_ = c.send(mqttwire.Packet(pktPuback, binary.BigEndian.AppendUint16(nil, id)), 5*time.Second)
 	}
 }
 
