@@ -17,6 +17,11 @@ import (
 // null, malformed JSON, or more data after the object) is an error that says
 // what it got. Decode checks no twin rule: validate what it returns.
 func Decode(data []byte) (Doc, error) {
+	// Valid objects, the usual case, skip the Decoder's buffers; anything
+	// else goes through it for its error.
+	if t := bytes.TrimLeft(data, " \t\r\n"); len(t) > 0 && t[0] == '{' && json.Valid(t) {
+		return parseObject(t), nil
+	}
 	dec := json.NewDecoder(bytes.NewReader(data))
 	dec.UseNumber()
 	var v any

@@ -1,6 +1,12 @@
 package twin
 
 import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"reflect"
 	"testing"
 	"time"
 )
@@ -68,4 +74,47 @@ func FuzzMergeDiff(f *testing.F) {
 			t.Fatalf("metadata %s does not mirror %s", Encode(md), Encode(merged))
 		}
 	})
+}
+
+// FuzzParseObject checks that Decode returns what encoding/json's Decoder
+// with UseNumber returns, error text included.
+func FuzzParseObject(f *testing.F) {
+	for _, s := range []string{
+		`{"a":"b"}`, ` {"a":{"b":[1,-2.5e+3,true,false,null,{}]}} `, `{"a":"\u00e9\ud83d\ude00\ud800\udc00x\ud800\\u0041"}`,
+		`{"a":"\uDC00\uD800\u0000\"\\\/\b\f\n\r\t"}`, "{\"\xff\xfe\":\"\xed\xa0\x80é\"}", `{"a":1,"a":{"b":2}}`,
+		`{"a":1} {}`, `{"a":`, `[]`, `null`, ``, `{"a":01}`, "{\"a\":\"\u2028\"}", `{"a":"\ud800\ud800"}`,
+	} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		got, gotErr := Decode(data)
+		want, wantErr := decodeWithDecoder(data)
+		if fmt.Sprint(gotErr) != fmt.Sprint(wantErr) {
+			t.Fatalf("Decode(%q) error %v, encoding/json %v", data, gotErr, wantErr)
+		}
+		if !reflect.DeepEqual(got, want) {
+			t.Fatalf("Decode(%q) = %#v, encoding/json %#v", data, got, want)
+		}
+	})
+}
+
+// decodeWithDecoder is Decode through encoding/json's Decoder only.
+func decodeWithDecoder(data []byte) (Doc, error) {
+	dec := json.NewDecoder(bytes.NewReader(data))
+	dec.UseNumber()
+	var v any
+	if err := dec.Decode(&v); err != nil {
+		if errors.Is(err, io.EOF) {
+			return nil, errors.New("invalid JSON: empty input, want a JSON object")
+		}
+		return nil, fmt.Errorf("invalid JSON: %w", err)
+	}
+	if _, err := dec.Token(); !errors.Is(err, io.EOF) {
+		return nil, errors.New("invalid JSON: unexpected data after the top-level object")
+	}
+	d, ok := v.(map[string]any)
+	if !ok {
+		return nil, notObject(v)
+	}
+	return d, nil
 }
