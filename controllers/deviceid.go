@@ -114,8 +114,10 @@ var _ reconcile.Reconciler = (*DeviceIDClaimReconciler)(nil)
 
 // Reconcile checks one claim.
 func (r *DeviceIDClaimReconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Result, error) {
+	// The cached claim itself, not a copy (a restart reconciles every
+	// claim): only Collect, which gets a copy, may write to it.
 	cl := &v1alpha1.DeviceIDClaim{}
-	if err := r.Get(ctx, req.NamespacedName, cl); err != nil {
+	if err := r.Get(ctx, req.NamespacedName, cl, client.UnsafeDisableDeepCopy); err != nil {
 		return ctrl.Result{}, client.IgnoreNotFound(err)
 	}
 	// The usual case, a holder the cache holds, needs no API call.
@@ -124,7 +126,7 @@ func (r *DeviceIDClaimReconciler) Reconcile(ctx context.Context, req ctrl.Reques
 	if err := r.Get(ctx, types.NamespacedName{Namespace: h.Namespace, Name: h.Name}, t, client.UnsafeDisableDeepCopy); err == nil && t.UID == h.UID {
 		return ctrl.Result{}, nil
 	}
-	wait, err := r.Claims.Collect(ctx, cl)
+	wait, err := r.Claims.Collect(ctx, cl.DeepCopy())
 	switch {
 	case apierrors.IsConflict(err):
 		return ctrl.Result{RequeueAfter: time.Second}, nil // changed meanwhile; look again
