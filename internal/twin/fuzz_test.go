@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"reflect"
+	"strconv"
 	"testing"
 	"time"
 )
@@ -117,4 +118,55 @@ func decodeWithDecoder(data []byte) (Doc, error) {
 		return nil, notObject(v)
 	}
 	return d, nil
+}
+
+// FuzzValidFastPath checks that the allocation-free check a valid document
+// takes agrees with the full one, for documents and patches, and that
+// StoredSize counts numbers as json.Marshal writes them.
+func FuzzValidFastPath(f *testing.F) {
+	for _, s := range []string{
+		`{"a":"b","c":{"d":1.5e300,"e":null}}`, `{"a":[1]}`, `{"$v":1}`, `{"a.b":1}`, `{"":1}`, `{"n":9007199254740993}`,
+		`{"a":{"b":{"c":{"d":{"e":{"f":{"g":{"h":{"i":{"j":{"k":{}}}}}}}}}}}}`, `{"x":1e-7,"y":1e21,"z":-0.0000001}`, "{\"a\\u0001\":1}",
+	} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		d, err := Decode(data)
+		if err != nil {
+			return
+		}
+		for _, v := range []validator{{}, {patch: true}} {
+			if fast, full := v.valid(d, 0), v.object("p", d, 0); fast != (full == nil) {
+				t.Fatalf("%+v on %s: valid %v, object %v", v, data, fast, full)
+			}
+		}
+		walkNumbers(d, func(n json.Number) {
+			f, err := strconv.ParseFloat(string(n), 64)
+			if err != nil {
+				return
+			}
+			b, err := json.Marshal(f)
+			if err != nil {
+				return
+			}
+			if got := storedNumber(n); got != max(len(n), len(b)) {
+				t.Fatalf("storedNumber(%s) = %d, want %d", n, got, max(len(n), len(b)))
+			}
+		})
+	})
+}
+
+func walkNumbers(v any, f func(json.Number)) {
+	switch x := v.(type) {
+	case map[string]any:
+		for _, e := range x {
+			walkNumbers(e, f)
+		}
+	case []any:
+		for _, e := range x {
+			walkNumbers(e, f)
+		}
+	case json.Number:
+		f(x)
+	}
 }

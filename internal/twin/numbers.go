@@ -151,13 +151,18 @@ func floatLiteral(f float64, bits int) (string, bool) {
 	if math.IsNaN(f) || math.IsInf(f, 0) {
 		return "", false
 	}
+	return string(appendFloat(nil, f, bits)), true
+}
+
+// appendFloat appends finite f as encoding/json writes it.
+func appendFloat(b []byte, f float64, bits int) []byte {
 	format := byte('f')
 	if abs := math.Abs(f); abs != 0 {
 		if bits == 64 && (abs < 1e-6 || abs >= 1e21) || bits == 32 && (float32(abs) < 1e-6 || float32(abs) >= 1e21) {
 			format = 'e'
 		}
 	}
-	b := strconv.AppendFloat(nil, f, format, -1, bits)
+	b = strconv.AppendFloat(b, f, format, -1, bits)
 	if format == 'e' {
 		// Clean up e-09 to e-9, as encoding/json does.
 		if n := len(b); n >= 4 && b[n-4] == 'e' && b[n-3] == '-' && b[n-2] == '0' {
@@ -165,7 +170,7 @@ func floatLiteral(f float64, bits int) (string, bool) {
 			b = b[:n-1]
 		}
 	}
-	return string(b), true
+	return b
 }
 
 // integerRule checks the ±2^52 rule for a number literal: a literal without

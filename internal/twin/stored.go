@@ -1,7 +1,7 @@
 package twin
 
 import (
-	"encoding/json"
+	"math"
 	"strconv"
 	"unicode/utf8"
 )
@@ -83,10 +83,9 @@ func storedNumber(v any) int {
 		return len("null")
 	}
 	n := len(lit)
-	if f, err := strconv.ParseFloat(lit, 64); err == nil {
-		if b, err := json.Marshal(f); err == nil {
-			n = max(n, len(b))
-		}
+	if f, err := strconv.ParseFloat(lit, 64); err == nil && !math.IsNaN(f) && !math.IsInf(f, 0) {
+		var buf [32]byte // json.Marshal(f) without its allocations
+		n = max(n, len(appendFloat(buf[:0], f, 64)))
 	}
 	return n
 }

@@ -40,7 +40,7 @@ const (
 //     $metadata, more than the 262144 allowed".
 func ValidateDocument(s Section, path string, doc Doc) error {
 	v := validator{}
-	if err := v.object(path, doc, 0); err != nil {
+	if err := v.check(path, doc); err != nil {
 		return err
 	}
 	return CheckSize(s, path, doc)
@@ -55,7 +55,7 @@ func ValidateDocument(s Section, path string, doc Doc) error {
 func ValidatePatch(s Section, path string, patch Doc) error {
 	_ = s
 	v := validator{patch: true}
-	return v.object(path, patch, 0)
+	return v.check(path, patch)
 }
 
 // CheckSize returns an [*Error] at path when [Size] of doc is more than
@@ -114,6 +114,36 @@ func valueSize(v any) int {
 // validator walks a document or patch.
 type validator struct {
 	patch bool // nulls allowed, $-keys read-only
+}
+
+// check checks the root object d at path. A valid document, the usual
+// case, is seen through valid, which allocates nothing; object, which
+// sorts keys and builds paths, runs only to name the first violation.
+func (v validator) check(path string, d Doc) error {
+	if v.valid(d, 0) {
+		return nil
+	}
+	return v.object(path, d, 0)
+}
+
+// valid reports whether object finds nothing wrong with d: the same
+// checks, in map order, without the paths of messages.
+func (v validator) valid(d Doc, depth int) bool {
+	for k, val := range d {
+		if v.key("", k) != nil {
+			return false
+		}
+		if m, ok := val.(map[string]any); ok {
+			if depth+1 > MaxDepth || !v.valid(m, depth+1) {
+				return false
+			}
+			continue
+		}
+		if v.value("", val, depth) != nil {
+			return false
+		}
+	}
+	return true
 }
 
 // object checks the members of d, an object at the given depth (the root
