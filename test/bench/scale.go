@@ -50,6 +50,7 @@ import (
 
 	apiextensionsv1 "k8s.io/apiextensions-apiserver/pkg/apis/apiextensions/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/rest"
 	ctrl "sigs.k8s.io/controller-runtime"
@@ -82,6 +83,10 @@ type scaleConfig struct {
 	restart        bool
 	profile        string
 	memoryLimit    byteQuantity
+	// restartBinary is --scale-restart-binary; restartMemory the memory
+	// cgroup's limit it runs under.
+	restartBinary string
+	restartMemory byteQuantity
 }
 
 func addScaleFlags(fs interface {
@@ -107,6 +112,10 @@ func addScaleFlags(fs interface {
 	s.memoryLimit = byteQuantity(defaultScaleMemoryLimit)
 	fs.Var(&s.memoryLimit, "scale-memory-limit", fmt.Sprintf("scale: the Go runtime's soft memory limit of this process (operator, broker and the bench's clients), as a quantity (0: none); "+
 		"default: the operator's in production, 90%% of the chart's resources.limits.memory %s (GOMEMLIMIT in the environment wins)", chartMemoryLimit))
+	fs.StringVar(&s.restartBinary, "scale-restart-binary", "", "scale: before the in-process restart, restart the operator as a pod restarts: this operator binary (make bench-scale passes bin/manager) as a fresh process on the settled fleet, in a memory cgroup of --scale-restart-memory when this machine has one (root), timing start -> every twin reconciled and its peak memory; empty: skip")
+	chartLimit := resource.MustParse(chartMemoryLimit)
+	s.restartMemory = byteQuantity(chartLimit.Value())
+	fs.Var(&s.restartMemory, "scale-restart-memory", fmt.Sprintf("scale: the memory cgroup limit of --scale-restart-binary's process, as a quantity (default: the chart's resources.limits.memory %s; the operator sets its Go soft limit to 90%% of it)", chartMemoryLimit))
 	fs.StringVar(&s.profile, "scale-profile", "", "scale: write the operator's heap profile (after a GC) once settled and once restarted, and a CPU profile of this process during the restart, to PREFIX.heap-settled.pprof, PREFIX.heap-restarted.pprof and PREFIX.cpu-restart.pprof")
 }
 
@@ -151,6 +160,8 @@ type scaleResults struct {
 	StartAPI        apiWrites   `json:"operator_start_api_writes"`
 	StartCPU        string      `json:"operator_start_cpu"`
 	StartRecs       float64     `json:"operator_start_reconciles"`
+	// Restart as a fresh process (--scale-restart-binary).
+	ProcessRestart *processRestartResults `json:"process_restart,omitempty"`
 	// Restart (--scale-restart).
 	Restart restartResults `json:"restart"`
 	// Idle twins (--bridge-idle-state-ttl): how long until the bridge held
@@ -313,9 +324,23 @@ func runScale(ctx context.Context, cfg config, sc scaleConfig) int {
 	// The bridge's gauge is this process's: what the stopped operator's
 	// bridge held stays counted in it, so the idle wait subtracts it.
 	var stoppedInMemory float64
-	if sc.restart && claimed >= sc.twins {
+	if (sc.restart || sc.restartBinary != "") && claimed >= sc.twins {
 		op.stop()
+		op = nil
 		stoppedInMemory = max(0, bridgeTwinsInMemory())
+	}
+	if sc.restartBinary != "" && claimed >= sc.twins {
+		res.ProcessRestart = &processRestartResults{}
+		if err := processRestart(ctx, env, restCfg, cfg, sc, res.ProcessRestart); err != nil {
+			return failed("restarting the operator as a process", err)
+		}
+		if !sc.restart {
+			if op, err = startOperator(ctx, restCfg, cfg); err != nil {
+				return failed("starting the operator again", err)
+			}
+		}
+	}
+	if sc.restart && claimed >= sc.twins {
 		if op, err = restartOperator(ctx, restCfg, cfg, sc, &res.Restart); err != nil {
 			return failed("restarting the operator", err)
 		}
@@ -692,6 +717,26 @@ func printScale(r *scaleResults) {
 	row("start-up API server writes", r.StartAPI.String())
 	row("start-up reconciles", fmt.Sprintf("%.0f", r.StartRecs))
 	row("  CPU cores meanwhile", r.StartCPU)
+	if pr := r.ProcessRestart; pr != nil {
+		line()
+		row("restart as a fresh process", pr.Binary)
+		if pr.Cgroup != "" {
+			row("  memory cgroup limit", fmt.Sprintf("%.0f MiB (%s)", pr.CgroupLimitMiB, pr.Cgroup))
+		} else {
+			row("  memory cgroup limit", "none (not root, or no memory controller): memory measured, not limited")
+		}
+		row("  start -> caches synced (broker listening)", fmt.Sprintf("%.1fs", pr.CacheSyncSec))
+		if pr.Reached {
+			row("  start -> every twin reconciled", fmt.Sprintf("%.1fs (%.0f reconciles, %.0f/s after the sync, %.0f errors)", pr.ReconciledSec, pr.Reconciles, pr.PerSec, pr.ReconcileErrs))
+		} else {
+			row("  start -> every twin reconciled", fmt.Sprintf("NOT reached (%.0f reconciles)", pr.Reconciles))
+		}
+		row("  peak RSS / cgroup peak / OOM kills", fmt.Sprintf("%.0f MiB / %.0f MiB / %d", pr.PeakRSSMiB, pr.CgroupPeakMiB, pr.OOMKills))
+		row("  then: RSS, Go heap in use / allocated", fmt.Sprintf("%.0f MiB, %.0f / %.0f MiB", pr.RSSMiB, pr.HeapInuseMiB, pr.HeapAllocMiB))
+		row("  CPU, GC cycles, GC share of the CPU", fmt.Sprintf("%.1f s, %.0f, %.0f%%", pr.CPUSec, pr.GCCycles, pr.GCCPUPct))
+		row("  status writes (operator) / API server writes", fmt.Sprintf("%.0f / %s", pr.StatusWrites, pr.API.String()))
+		row("  exit", pr.Exit)
+	}
 	if rs := r.Restart; rs.CacheSyncSec > 0 {
 		line()
 		row("restart -> cache synced", fmt.Sprintf("%.1fs", rs.CacheSyncSec))

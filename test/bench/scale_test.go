@@ -1,6 +1,9 @@
 package main
 
 import (
+	"io"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -107,5 +110,57 @@ func TestWaitCollected(t *testing.T) {
 	refs = operatorRefs{mgr: weakOf(&big{}), cache: weakOf(&big{})}
 	if _, ok := waitCollected(refs, 10*time.Second); !ok {
 		t.Fatal("nothing references the objects, yet they were not collected within 10s")
+	}
+}
+
+// TestRestartMemoryDefaultIsTheChartLimit: the fresh-process restart runs
+// under the chart's container limit unless told otherwise.
+func TestRestartMemoryDefaultIsTheChartLimit(t *testing.T) {
+	c, err := parseFlags([]string{"--scale", "10"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := defaultScaleMemoryLimit * 10 / 9; int64(c.scale.restartMemory) < want-1 || int64(c.scale.restartMemory) > want+1 {
+		t.Fatalf("--scale-restart-memory defaults to %d bytes, want the chart's limit %s", c.scale.restartMemory, chartMemoryLimit)
+	}
+	c, err = parseFlags([]string{"--scale", "10", "--scale-restart-memory", "1536Mi"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.scale.restartMemory != 1536<<20 {
+		t.Fatalf("--scale-restart-memory 1536Mi = %d bytes", c.scale.restartMemory)
+	}
+}
+
+// TestScrapeProcMetrics: the restarted operator is "done" from its own
+// /metrics: the DeviceTwin controller's reconciles, queue and workers
+// only, and the process's runtime figures.
+func TestScrapeProcMetrics(t *testing.T) {
+	const page = `# HELP controller_runtime_reconcile_total Total number of reconciliations per controller
+# TYPE controller_runtime_reconcile_total counter
+controller_runtime_reconcile_total{controller="devicetwin",result="success"} 99990
+controller_runtime_reconcile_total{controller="devicetwin",result="error"} 10
+controller_runtime_reconcile_total{controller="deviceidclaim",result="success"} 5000
+workqueue_depth{controller="devicetwin",name="devicetwin"} 3
+workqueue_depth{controller="deviceidclaim",name="deviceidclaim"} 7
+controller_runtime_active_workers{controller="devicetwin"} 2
+go_memstats_heap_inuse_bytes 5.24288e+08
+go_memstats_heap_alloc_bytes 4.194304e+08
+go_gc_duration_seconds_count 42
+process_cpu_seconds_total 61.5
+go_cpu_classes_gc_total_cpu_seconds_total 20.5
+kubetwin_bridge_status_writes_total{result="ok"} 4
+kubetwin_bridge_status_writes_total{result="error"} 1
+`
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { _, _ = io.WriteString(w, page) }))
+	defer srv.Close()
+	m, err := scrapeProcMetrics(srv.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := procMetrics{reconciles: 100000, errors: 10, depth: 3, active: 2, heapInuse: 500 << 20, heapAlloc: 400 << 20,
+		gcCycles: 42, cpuSec: 61.5, gcCPUSec: 20.5, statusWrites: 5}
+	if m != want {
+		t.Fatalf("scraped %+v, want %+v", m, want)
 	}
 }
