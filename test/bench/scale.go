@@ -87,6 +87,8 @@ type scaleConfig struct {
 	// cgroup's limit it runs under.
 	restartBinary string
 	restartMemory byteQuantity
+	// restartGate is --scale-restart-gate.
+	restartGate string
 }
 
 func addScaleFlags(fs interface {
@@ -112,10 +114,11 @@ func addScaleFlags(fs interface {
 	s.memoryLimit = byteQuantity(defaultScaleMemoryLimit)
 	fs.Var(&s.memoryLimit, "scale-memory-limit", fmt.Sprintf("scale: the Go runtime's soft memory limit of this process (operator, broker and the bench's clients), as a quantity (0: none); "+
 		"default: the operator's in production, 90%% of the chart's resources.limits.memory %s (GOMEMLIMIT in the environment wins)", chartMemoryLimit))
-	fs.StringVar(&s.restartBinary, "scale-restart-binary", "", "scale: before the in-process restart, restart the operator as a pod restarts: this operator binary (make bench-scale passes bin/manager) as a fresh process on the settled fleet, in a memory cgroup of --scale-restart-memory when this machine has one (root), timing start -> every twin reconciled and its peak memory; empty: skip")
+	fs.StringVar(&s.restartBinary, "scale-restart-binary", "", "scale: before the in-process restart, restart the operator as a pod restarts: this operator binary (make bench-scale passes bin/manager) as a fresh process on the settled fleet, in a memory cgroup of --scale-restart-memory when this machine has one (root), timing start -> every twin reconciled and its peak memory; a comma-separated list restarts each in turn on the same fleet (an A/B of two builds: old,new,new,old); empty: skip")
 	chartLimit := resource.MustParse(chartMemoryLimit)
 	s.restartMemory = byteQuantity(chartLimit.Value())
 	fs.Var(&s.restartMemory, "scale-restart-memory", fmt.Sprintf("scale: the memory cgroup limit of --scale-restart-binary's process, as a quantity (default: the chart's resources.limits.memory %s; the operator sets its Go soft limit to 90%% of it)", chartMemoryLimit))
+	fs.StringVar(&s.restartGate, "scale-restart-gate", "", "scale: wait until this file exists before the restarts (e.g. until the machine is quiet, or the binary to restart is built); empty: no wait")
 	fs.StringVar(&s.profile, "scale-profile", "", "scale: write the operator's heap profile (after a GC) once settled and once restarted, and a CPU profile of this process during the restart, to PREFIX.heap-settled.pprof, PREFIX.heap-restarted.pprof and PREFIX.cpu-restart.pprof")
 }
 
@@ -161,7 +164,7 @@ type scaleResults struct {
 	StartCPU        string      `json:"operator_start_cpu"`
 	StartRecs       float64     `json:"operator_start_reconciles"`
 	// Restart as a fresh process (--scale-restart-binary).
-	ProcessRestart *processRestartResults `json:"process_restart,omitempty"`
+	ProcessRestart []*processRestartResults `json:"process_restart,omitempty"`
 	// Restart (--scale-restart).
 	Restart restartResults `json:"restart"`
 	// Idle twins (--bridge-idle-state-ttl): how long until the bridge held
@@ -324,15 +327,26 @@ func runScale(ctx context.Context, cfg config, sc scaleConfig) int {
 	// The bridge's gauge is this process's: what the stopped operator's
 	// bridge held stays counted in it, so the idle wait subtracts it.
 	var stoppedInMemory float64
+	if (sc.restart || sc.restartBinary != "") && claimed >= sc.twins && sc.restartGate != "" {
+		progress("scale: waiting for %s to exist before the restarts (--scale-restart-gate)", sc.restartGate)
+		for !fileExists(sc.restartGate) {
+			if err := sleepCtx(ctx, 2*time.Second); err != nil {
+				return failed("waiting for --scale-restart-gate", err)
+			}
+		}
+	}
 	if (sc.restart || sc.restartBinary != "") && claimed >= sc.twins {
 		op.stop()
 		op = nil
 		stoppedInMemory = max(0, bridgeTwinsInMemory())
 	}
 	if sc.restartBinary != "" && claimed >= sc.twins {
-		res.ProcessRestart = &processRestartResults{}
-		if err := processRestart(ctx, env, restCfg, cfg, sc, res.ProcessRestart); err != nil {
-			return failed("restarting the operator as a process", err)
+		for _, bin := range strings.Split(sc.restartBinary, ",") {
+			pr := &processRestartResults{}
+			res.ProcessRestart = append(res.ProcessRestart, pr)
+			if err := processRestart(ctx, env, restCfg, cfg, sc, strings.TrimSpace(bin), pr); err != nil {
+				return failed("restarting the operator as a process", err)
+			}
 		}
 		if !sc.restart {
 			if op, err = startOperator(ctx, restCfg, cfg); err != nil {
@@ -717,7 +731,7 @@ func printScale(r *scaleResults) {
 	row("start-up API server writes", r.StartAPI.String())
 	row("start-up reconciles", fmt.Sprintf("%.0f", r.StartRecs))
 	row("  CPU cores meanwhile", r.StartCPU)
-	if pr := r.ProcessRestart; pr != nil {
+	for _, pr := range r.ProcessRestart {
 		line()
 		row("restart as a fresh process", pr.Binary)
 		if pr.Cgroup != "" {

@@ -70,8 +70,8 @@ type processRestartResults struct {
 // processRestart runs the operator binary on the settled fleet until every
 // twin is reconciled, then --scale-quiet more (writes sent late are
 // counted), and stops it with SIGTERM.
-func processRestart(ctx context.Context, env *envtest.Environment, restCfg *rest.Config, cfg config, sc scaleConfig, res *processRestartResults) (err error) {
-	bin, err := filepath.Abs(sc.restartBinary)
+func processRestart(ctx context.Context, env *envtest.Environment, restCfg *rest.Config, cfg config, sc scaleConfig, binary string, res *processRestartResults) (err error) {
+	bin, err := filepath.Abs(binary)
 	if err != nil {
 		return err
 	}
@@ -346,7 +346,7 @@ func newMemoryCgroup(limit int64) (*memoryCgroup, error) {
 	if limit <= 0 {
 		return nil, errors.New("--scale-restart-memory 0")
 	}
-	name := fmt.Sprintf("kubetwin-bench-restart-%d", os.Getpid())
+	name := fmt.Sprintf("kubetwin-bench-restart-%d-%d", os.Getpid(), time.Now().UnixNano())
 	cg := &memoryCgroup{}
 	limitFile := "memory.limit_in_bytes"
 	switch {
