@@ -89,7 +89,9 @@ func (r *DeviceTwinReconciler) Reconcile(ctx context.Context, req ctrl.Request) 
 	if !t.DeletionTimestamp.IsZero() {
 		return ctrl.Result{}, r.finalize(ctx, t)
 	}
-	if err := r.applyLabels(ctx, t); err != nil {
+	// spec.tags is decoded once, for the labels and for validSpec.
+	tags, tagsErr := twin.DecodeRaw(rawBytes(t.Spec.Tags))
+	if err := r.applyLabels(ctx, t, tags, tagsErr); err != nil {
 		return ctrl.Result{}, fmt.Errorf("mirroring tags into labels: %w", err)
 	}
 
@@ -103,7 +105,7 @@ func (r *DeviceTwinReconciler) Reconcile(ctx context.Context, req ctrl.Request) 
 	}
 	// The desired document goes out before the keys: a device that can
 	// log in finds its twin's document retained, never an empty one.
-	in.desired, in.invalid = validSpec(t)
+	in.desired, in.invalid = validSpec(t, tags, tagsErr)
 	if in.invalid == nil && held == nil {
 		sent, err := r.Bridge.PublishDesired(ctx, t, in.desired)
 		if err != nil {
@@ -157,11 +159,15 @@ func (r *DeviceTwinReconciler) now() time.Time {
 	return time.Now()
 }
 
-// validSpec decodes spec.desired and checks spec.tags and spec.desired
-// against the twin rules, with the same messages as the admission webhook
-// (internal/webhook), which refuses such specs up front when installed.
-func validSpec(t *v1alpha1.DeviceTwin) (twin.Doc, error) {
-	if _, err := twin.ParseSection(twin.Tags, "spec.tags", rawBytes(t.Spec.Tags)); err != nil {
+// validSpec decodes spec.desired and checks spec.tags (decoded as tags,
+// or not, tagsErr) and spec.desired against the twin rules, with the same
+// messages as the admission webhook (internal/webhook), which refuses such
+// specs up front when installed: those of twin.ParseSection.
+func validSpec(t *v1alpha1.DeviceTwin, tags twin.Doc, tagsErr error) (twin.Doc, error) {
+	if tagsErr != nil {
+		return nil, &twin.Error{Path: "spec.tags", Rule: tagsErr.Error()}
+	}
+	if err := twin.ValidateDocument(twin.Tags, "spec.tags", tags); err != nil {
 		return nil, err
 	}
 	return twin.ParseSection(twin.Desired, "spec.desired", rawBytes(t.Spec.Desired))
@@ -280,9 +286,8 @@ func (r *DeviceTwinReconciler) finalize(ctx context.Context, t *v1alpha1.DeviceT
 // applyLabels makes the labels mirrored from tags and the finalizer
 // exactly what the operator owns, through server-side apply, and only when
 // something differs.
-func (r *DeviceTwinReconciler) applyLabels(ctx context.Context, t *v1alpha1.DeviceTwin) error {
-	tags, err := specDoc(t.Spec.Tags)
-	if err != nil {
+func (r *DeviceTwinReconciler) applyLabels(ctx context.Context, t *v1alpha1.DeviceTwin, tags twin.Doc, tagsErr error) error {
+	if tagsErr != nil {
 		tags = twin.Doc{}
 	}
 	want := twin.MirrorLabels(tags)
@@ -315,7 +320,7 @@ func (r *DeviceTwinReconciler) applyLabels(ctx context.Context, t *v1alpha1.Devi
 		u.SetLabels(want)
 	}
 	u.SetFinalizers([]string{Finalizer})
-	err = r.Apply(ctx, client.ApplyConfigurationFromUnstructured(u), client.FieldOwner(LabelManager), client.ForceOwnership)
+	err := r.Apply(ctx, client.ApplyConfigurationFromUnstructured(u), client.FieldOwner(LabelManager), client.ForceOwnership)
 	if apierrors.IsNotFound(err) {
 		return nil
 	}

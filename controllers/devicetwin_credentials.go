@@ -9,7 +9,6 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
-	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/types"
@@ -227,7 +226,7 @@ func secretRef(t *v1alpha1.DeviceTwin) string {
 // the operator does not authenticate devices (cs nil).
 func setCredentialsCondition(st *v1alpha1.DeviceTwinStatus, cs *credStatus, gen int64, now metav1.Time) {
 	if cs == nil {
-		meta.RemoveStatusCondition(&st.Conditions, v1alpha1.ConditionCredentialsReady)
+		removeCondition(st, v1alpha1.ConditionCredentialsReady)
 		return
 	}
 	status := metav1.ConditionFalse

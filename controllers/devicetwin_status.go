@@ -146,13 +146,21 @@ func setKstatusConditions(st *v1alpha1.DeviceTwinStatus, gen int64, now metav1.T
 	setCondition(st, v1alpha1.ConditionReady, ready, reason, msg, gen, now)
 	switch {
 	case stalled:
-		meta.RemoveStatusCondition(&st.Conditions, v1alpha1.ConditionReconciling)
+		removeCondition(st, v1alpha1.ConditionReconciling)
 		setCondition(st, v1alpha1.ConditionStalled, metav1.ConditionTrue, reason, msg, gen, now)
 	case insync.Status == metav1.ConditionFalse:
-		meta.RemoveStatusCondition(&st.Conditions, v1alpha1.ConditionStalled)
+		removeCondition(st, v1alpha1.ConditionStalled)
 		setCondition(st, v1alpha1.ConditionReconciling, metav1.ConditionTrue, insync.Reason, insync.Message, gen, now)
 	default:
-		meta.RemoveStatusCondition(&st.Conditions, v1alpha1.ConditionStalled)
-		meta.RemoveStatusCondition(&st.Conditions, v1alpha1.ConditionReconciling)
+		removeCondition(st, v1alpha1.ConditionStalled)
+		removeCondition(st, v1alpha1.ConditionReconciling)
+	}
+}
+
+// removeCondition removes condition typ. meta.RemoveStatusCondition copies
+// the conditions even when typ is absent, the usual case.
+func removeCondition(st *v1alpha1.DeviceTwinStatus, typ string) {
+	if meta.FindStatusCondition(st.Conditions, typ) != nil {
+		meta.RemoveStatusCondition(&st.Conditions, typ)
 	}
 }
