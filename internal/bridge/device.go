@@ -203,7 +203,9 @@ type Snapshot struct {
 }
 
 func loadDevice(t *v1alpha1.DeviceTwin) (*device, error) {
-	st := t.Status.DeepCopy()
+	// The status is shared, not copied (t is often the cache's own
+	// object): d.persisted is replaced, never changed in place.
+	st := &t.Status
 	d := &device{id: t.EffectiveDeviceID(), persisted: *st}
 	var err error
 	if d.persistedReported, err = rawDoc(st.Reported); err != nil {
