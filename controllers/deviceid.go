@@ -3,6 +3,7 @@ package controllers
 import (
 	"context"
 	"errors"
+	"sync"
 	"time"
 
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -32,9 +33,12 @@ import (
 // A twin that already holds its id, as the cache shows, costs nothing
 // more; anything else is decided on live data.
 func (r *DeviceTwinReconciler) claim(ctx context.Context, t *v1alpha1.DeviceTwin) (*deviceid.HeldError, error) {
-	cl := &v1alpha1.DeviceIDClaim{}
+	cl := scratchClaims.Get().(*v1alpha1.DeviceIDClaim)
 	key := types.NamespacedName{Namespace: r.Claims.Namespace, Name: deviceid.ClaimName(t.EffectiveDeviceID())}
-	if err := r.Get(ctx, key, cl, client.UnsafeDisableDeepCopy); err == nil && deviceid.HeldBy(cl, t) {
+	err := r.Get(ctx, key, cl, client.UnsafeDisableDeepCopy)
+	heldByT := err == nil && deviceid.HeldBy(cl, t)
+	putScratchClaim(cl)
+	if heldByT {
 		return nil, nil
 	}
 	var held *deviceid.HeldError
@@ -98,8 +102,30 @@ func (r *DeviceTwinReconciler) names(ctx context.Context, cl *v1alpha1.DeviceIDC
 	if h.Namespace != key.Namespace || h.Name != key.Name {
 		return false
 	}
-	t := &v1alpha1.DeviceTwin{}
-	return r.Get(ctx, key, t, client.UnsafeDisableDeepCopy) == nil && t.UID == h.UID
+	return cachedTwinIs(ctx, r.Client, key, h.UID)
+}
+
+// Scratch objects for reads of the cache without a copy whose fields are
+// only looked at, not kept: a restart reconciles every twin and claim,
+// and each such read would allocate the struct. Put them back zeroed
+// (they point into the cache's objects).
+var (
+	scratchTwins  = sync.Pool{New: func() any { return new(v1alpha1.DeviceTwin) }}
+	scratchClaims = sync.Pool{New: func() any { return new(v1alpha1.DeviceIDClaim) }}
+)
+
+func putScratchClaim(cl *v1alpha1.DeviceIDClaim) {
+	*cl = v1alpha1.DeviceIDClaim{}
+	scratchClaims.Put(cl)
+}
+
+// cachedTwinIs reports whether the cache holds the twin at key with uid.
+func cachedTwinIs(ctx context.Context, c client.Reader, key types.NamespacedName, uid types.UID) bool {
+	t := scratchTwins.Get().(*v1alpha1.DeviceTwin)
+	is := c.Get(ctx, key, t, client.UnsafeDisableDeepCopy) == nil && t.UID == uid
+	*t = v1alpha1.DeviceTwin{}
+	scratchTwins.Put(t)
+	return is
 }
 
 // DeviceIDClaimReconciler removes stale claims: those whose twin does not
@@ -116,14 +142,14 @@ var _ reconcile.Reconciler = (*DeviceIDClaimReconciler)(nil)
 func (r *DeviceIDClaimReconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Result, error) {
 	// The cached claim itself, not a copy (a restart reconciles every
 	// claim): only Collect, which gets a copy, may write to it.
-	cl := &v1alpha1.DeviceIDClaim{}
+	cl := scratchClaims.Get().(*v1alpha1.DeviceIDClaim)
+	defer putScratchClaim(cl)
 	if err := r.Get(ctx, req.NamespacedName, cl, client.UnsafeDisableDeepCopy); err != nil {
 		return ctrl.Result{}, client.IgnoreNotFound(err)
 	}
 	// The usual case, a holder the cache holds, needs no API call.
-	t := &v1alpha1.DeviceTwin{}
 	h := cl.Spec.Twin
-	if err := r.Get(ctx, types.NamespacedName{Namespace: h.Namespace, Name: h.Name}, t, client.UnsafeDisableDeepCopy); err == nil && t.UID == h.UID {
+	if cachedTwinIs(ctx, r.Client, types.NamespacedName{Namespace: h.Namespace, Name: h.Name}, h.UID) {
 		return ctrl.Result{}, nil
 	}
 	wait, err := r.Claims.Collect(ctx, cl.DeepCopy())

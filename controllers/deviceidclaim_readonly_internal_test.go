@@ -19,8 +19,9 @@ import (
 )
 
 // The claim reconciler reads claims from the cache without a copy (a
-// restart reconciles every claim once) and leaves the object it read
-// unchanged, whether its holder lives or the claim is collected.
+// restart reconciles every claim once) and leaves what the object it read
+// points to unchanged (the struct itself is its own, and reused), whether
+// its holder lives or the claim is collected.
 func TestClaimReconcileReadsWithoutCopy(t *testing.T) {
 	now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
 	holder := &v1alpha1.DeviceTwin{ObjectMeta: metav1.ObjectMeta{Namespace: "ns", Name: "holder", UID: "holder-uid"}}
@@ -34,8 +35,8 @@ func TestClaimReconcileReadsWithoutCopy(t *testing.T) {
 	base := fake.NewClientBuilder().WithScheme(credScheme(t)).WithObjects(holder, held, stale).Build()
 
 	type read struct {
-		obj, want *v1alpha1.DeviceIDClaim
-		copy      bool
+		shallow, want v1alpha1.DeviceIDClaim
+		copy          bool
 	}
 	var reads []read
 	c := interceptor.NewClient(base.(client.WithWatch), interceptor.Funcs{
@@ -46,7 +47,7 @@ func TestClaimReconcileReadsWithoutCopy(t *testing.T) {
 			if cl, ok := obj.(*v1alpha1.DeviceIDClaim); ok {
 				o := &client.GetOptions{}
 				o.ApplyOptions(opts)
-				reads = append(reads, read{obj: cl, want: cl.DeepCopy(), copy: o.UnsafeDisableDeepCopy == nil || !*o.UnsafeDisableDeepCopy})
+				reads = append(reads, read{shallow: *cl, want: *cl.DeepCopy(), copy: o.UnsafeDisableDeepCopy == nil || !*o.UnsafeDisableDeepCopy})
 			}
 			return nil
 		},
@@ -62,10 +63,10 @@ func TestClaimReconcileReadsWithoutCopy(t *testing.T) {
 	}
 	for _, rd := range reads {
 		if rd.copy {
-			t.Errorf("claim %s was read with a copy", rd.obj.Name)
+			t.Errorf("claim %s was read with a copy", rd.want.Name)
 		}
-		if !equality.Semantic.DeepEqual(rd.obj, rd.want) {
-			t.Errorf("the reconcile changed claim %s it read", rd.obj.Name)
+		if !equality.Semantic.DeepEqual(rd.shallow, rd.want) {
+			t.Errorf("the reconcile changed claim %s it read", rd.want.Name)
 		}
 	}
 	if err := base.Get(context.Background(), types.NamespacedName{Namespace: "claims", Name: held.Name}, &v1alpha1.DeviceIDClaim{}); err != nil {
