@@ -39,7 +39,7 @@ func TestClaimReconcileReadsWithoutCopy(t *testing.T) {
 		copy          bool
 	}
 	var reads []read
-	c := interceptor.NewClient(base.(client.WithWatch), interceptor.Funcs{
+	c := interceptor.NewClient(base, interceptor.Funcs{
 		Get: func(ctx context.Context, c client.WithWatch, key client.ObjectKey, obj client.Object, opts ...client.GetOption) error {
 			if err := c.Get(ctx, key, obj, opts...); err != nil {
 				return err
