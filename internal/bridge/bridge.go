@@ -260,6 +260,9 @@ func (b *Bridge) Persisted(ctx context.Context, t *v1alpha1.DeviceTwin, s Snapsh
 		done = d.takePending(s.Pending)
 	})
 	b.dropUnseen(t)
+	if len(done) == 0 {
+		return // the usual no-write reconcile: no timer to set up
+	}
 	// One deadline for the whole batch: a reconciler never waits on a
 	// stuck bus for longer.
 	ctx, cancel := context.WithTimeout(ctx, b.respondTimeout)
