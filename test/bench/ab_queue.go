@@ -1,10 +1,8 @@
 package main
 
 import (
-	"bufio"
 	"fmt"
 	"math"
-	"net/http"
 	"slices"
 	"strconv"
 	"strings"
@@ -117,33 +115,13 @@ func sampleAPIServerHistograms(restCfg *rest.Config, out queueSnap) error {
 	if err != nil {
 		return err
 	}
-	resp, err := hc.Get(strings.TrimSuffix(restCfg.Host, "/") + "/metrics")
-	if err != nil {
-		return err
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return fmt.Errorf("/metrics: %s", resp.Status)
-	}
 	for _, h := range apiserverHistograms {
 		out.hist[h.key] = histSnap{buckets: map[float64]uint64{}}
 	}
-	sc := bufio.NewScanner(resp.Body)
-	sc.Buffer(make([]byte, 1<<20), 1<<20)
-	for sc.Scan() {
-		l := sc.Text()
-		if l == "" || l[0] == '#' {
-			continue
-		}
-		name := l
-		if i := strings.IndexAny(l, "{ "); i >= 0 {
-			name = l[:i]
-		}
+	return eachSample(hc, strings.TrimSuffix(restCfg.Host, "/")+"/metrics", func(name, l string, v float64) {
 		if slices.Contains(apiserverGCCounters, name) {
-			if v, err := strconv.ParseFloat(l[strings.LastIndexByte(l, ' ')+1:], 64); err == nil {
-				out.gc[name] = v
-			}
-			continue
+			out.gc[name] = v
+			return
 		}
 		for _, h := range apiserverHistograms {
 			suffix, ok := strings.CutPrefix(name, h.metric)
@@ -152,17 +130,13 @@ func sampleAPIServerHistograms(restCfg *rest.Config, out queueSnap) error {
 			}
 			labels := promLabels(l)
 			match := true
-			for k, v := range h.labels {
-				if labels[k] != v {
+			for k, want := range h.labels {
+				if labels[k] != want {
 					match = false
 					break
 				}
 			}
 			if !match {
-				continue
-			}
-			v, err := strconv.ParseFloat(l[strings.LastIndexByte(l, ' ')+1:], 64)
-			if err != nil {
 				continue
 			}
 			s := out.hist[h.key]
@@ -179,8 +153,7 @@ func sampleAPIServerHistograms(restCfg *rest.Config, out queueSnap) error {
 			}
 			out.hist[h.key] = s
 		}
-	}
-	return sc.Err()
+	})
 }
 
 func hasLabel(m *dto.Metric, name, value string) bool {

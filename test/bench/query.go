@@ -155,16 +155,8 @@ func runQueryPhase(ctx context.Context, env *envtest.Environment, k8s client.Cli
 
 	// A kubeconfig for both programs: a cluster administrator, as in
 	// test/e2e/suite_test.go. kubectl gets its own discovery cache.
-	user, err := env.ControlPlane.AddUser(envtest.User{Name: "bench-query", Groups: []string{"system:masters"}}, nil)
+	kubeconfig, err := adminKubeconfig(env, tmp, "bench-query")
 	if err != nil {
-		return fmt.Errorf("adding a kubeconfig user: %w", err)
-	}
-	kc, err := user.KubeConfig()
-	if err != nil {
-		return fmt.Errorf("kubeconfig: %w", err)
-	}
-	kubeconfig := filepath.Join(tmp, "kubeconfig")
-	if err := os.WriteFile(kubeconfig, kc, 0o600); err != nil {
 		return err
 	}
 	common := []string{"--kubeconfig", kubeconfig, "-n", queryNS}

@@ -532,16 +532,8 @@ func runScaleQueries(ctx context.Context, env *envtest.Environment, svc *service
 	if err := buildPlugin(ctx, plugin); err != nil {
 		return err
 	}
-	user, err := env.ControlPlane.AddUser(envtest.User{Name: "bench-scale", Groups: []string{"system:masters"}}, nil)
+	kubeconfig, err := adminKubeconfig(env, tmp, "bench-scale")
 	if err != nil {
-		return fmt.Errorf("adding a kubeconfig user: %w", err)
-	}
-	kc, err := user.KubeConfig()
-	if err != nil {
-		return err
-	}
-	kubeconfig := filepath.Join(tmp, "kubeconfig")
-	if err := os.WriteFile(kubeconfig, kc, 0o600); err != nil {
 		return err
 	}
 	common := []string{"--kubeconfig", kubeconfig, "-n", scaleNS}
@@ -839,38 +831,55 @@ func apiserverWrites(restCfg *rest.Config) (apiWrites, error) {
 	if err != nil {
 		return nil, err
 	}
-	resp, err := hc.Get(strings.TrimSuffix(restCfg.Host, "/") + "/metrics")
-	if err != nil {
-		return nil, err
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("/metrics: %s", resp.Status)
-	}
 	out := apiWrites{}
-	sc := bufio.NewScanner(resp.Body)
-	sc.Buffer(make([]byte, 1<<20), 1<<20)
-	for sc.Scan() {
-		l := sc.Text()
-		if !strings.HasPrefix(l, "apiserver_request_total{") {
-			continue
+	err = eachSample(hc, strings.TrimSuffix(restCfg.Host, "/")+"/metrics", func(name, line string, v float64) {
+		if name != "apiserver_request_total" {
+			return
 		}
-		labels := promLabels(l)
+		labels := promLabels(line)
 		switch labels["verb"] {
 		case "POST", "PUT", "PATCH", "DELETE", "APPLY":
 		default:
-			continue
+			return
 		}
 		key := labels["resource"]
 		if s := labels["subresource"]; s != "" {
 			key += "/" + s
 		}
-		v, err := strconv.ParseFloat(l[strings.LastIndexByte(l, ' ')+1:], 64)
-		if err == nil {
-			out[key+" "+labels["verb"]] += v
-		}
+		out[key+" "+labels["verb"]] += v
+	})
+	return out, err
+}
+
+// eachSample reads a Prometheus text exposition from url and calls f with
+// each sample's metric name, its whole line (for promLabels) and value.
+func eachSample(hc *http.Client, url string, f func(name, line string, value float64)) error {
+	resp, err := hc.Get(url)
+	if err != nil {
+		return err
 	}
-	return out, sc.Err()
+	defer func() { _ = resp.Body.Close() }()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("%s: %s", url, resp.Status)
+	}
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for sc.Scan() {
+		l := sc.Text()
+		if l == "" || l[0] == '#' {
+			continue
+		}
+		name := l
+		if i := strings.IndexAny(l, "{ "); i >= 0 {
+			name = l[:i]
+		}
+		v, err := strconv.ParseFloat(l[strings.LastIndexByte(l, ' ')+1:], 64)
+		if err != nil {
+			continue
+		}
+		f(name, l, v)
+	}
+	return sc.Err()
 }
 
 // promLabels parses the labels of one Prometheus text sample line (the
@@ -925,19 +934,7 @@ func sampleMem(env *envtest.Environment, at string) memSample {
 var lastGCCPU = readGCCPU()
 
 // rssMiB is VmRSS of pid in MiB (0 when unknown).
-func rssMiB(pid int) float64 {
-	raw, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
-	if err != nil {
-		return 0
-	}
-	for _, l := range strings.Split(string(raw), "\n") {
-		if f := strings.Fields(l); len(f) >= 2 && f[0] == "VmRSS:" {
-			kb, _ := strconv.ParseFloat(f[1], 64)
-			return kb / 1024
-		}
-	}
-	return 0
-}
+func rssMiB(pid int) float64 { return procStatusMiB(pid, "VmRSS:") }
 
 // etcdDBSize reads etcd_mvcc_db_total_size_in_bytes and ..._in_use_in_bytes.
 func etcdDBSize(base string) (total, inUse float64) {

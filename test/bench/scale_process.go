@@ -10,7 +10,6 @@ package main
 // operator sets its Go soft limit to 90% of it by itself, as in the pod).
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"fmt"
@@ -84,16 +83,8 @@ func processRestart(ctx context.Context, env *envtest.Environment, restCfg *rest
 		return err
 	}
 	defer func() { _ = os.RemoveAll(tmp) }()
-	user, err := env.ControlPlane.AddUser(envtest.User{Name: "bench-restart", Groups: []string{"system:masters"}}, nil)
+	kubeconfig, err := adminKubeconfig(env, tmp, "bench-restart")
 	if err != nil {
-		return fmt.Errorf("adding a kubeconfig user: %w", err)
-	}
-	kc, err := user.KubeConfig()
-	if err != nil {
-		return err
-	}
-	kubeconfig := filepath.Join(tmp, "kubeconfig")
-	if err := os.WriteFile(kubeconfig, kc, 0o600); err != nil {
 		return err
 	}
 	metricsAddr, brokerAddr, err := freeAddrs()
@@ -265,6 +256,25 @@ func processRestart(ctx context.Context, env *envtest.Environment, restCfg *rest
 	return nil
 }
 
+// adminKubeconfig writes dir/kubeconfig for a new cluster administrator
+// named user (a program started by the bench: kubectl, the plugin, the
+// operator) and returns its path.
+func adminKubeconfig(env *envtest.Environment, dir, user string) (string, error) {
+	u, err := env.ControlPlane.AddUser(envtest.User{Name: user, Groups: []string{"system:masters"}}, nil)
+	if err != nil {
+		return "", fmt.Errorf("adding a kubeconfig user: %w", err)
+	}
+	kc, err := u.KubeConfig()
+	if err != nil {
+		return "", fmt.Errorf("kubeconfig: %w", err)
+	}
+	kubeconfig := filepath.Join(dir, "kubeconfig")
+	if err := os.WriteFile(kubeconfig, kc, 0o600); err != nil {
+		return "", err
+	}
+	return kubeconfig, nil
+}
+
 // procMetrics is what the restarted operator's /metrics says.
 type procMetrics struct {
 	reconciles, errors, depth, active float64
@@ -276,29 +286,8 @@ type procMetrics struct {
 // process's Go runtime figures from a Prometheus text endpoint.
 func scrapeProcMetrics(url string) (procMetrics, error) {
 	var m procMetrics
-	client := http.Client{Timeout: 10 * time.Second}
-	resp, err := client.Get(url)
-	if err != nil {
-		return m, err
-	}
-	defer func() { _ = resp.Body.Close() }()
-	if resp.StatusCode != http.StatusOK {
-		return m, fmt.Errorf("%s: %s", url, resp.Status)
-	}
-	sc := bufio.NewScanner(resp.Body)
-	sc.Buffer(make([]byte, 1<<20), 1<<20)
-	for sc.Scan() {
-		l := sc.Text()
-		if l == "" || l[0] == '#' {
-			continue
-		}
-		name, _, _ := strings.Cut(l, "{")
-		name, _, _ = strings.Cut(name, " ")
-		fields := strings.Fields(l)
-		v, err := strconv.ParseFloat(fields[len(fields)-1], 64)
-		if err != nil {
-			continue
-		}
+	hc := &http.Client{Timeout: 10 * time.Second}
+	err := eachSample(hc, url, func(name, l string, v float64) {
 		labels := promLabels(l)
 		twinCtl := labels["controller"] == "devicetwin" || labels["name"] == "devicetwin"
 		switch name {
@@ -330,8 +319,8 @@ func scrapeProcMetrics(url string) (procMetrics, error) {
 		case "kubetwin_bridge_status_writes_total":
 			m.statusWrites += v
 		}
-	}
-	return m, sc.Err()
+	})
+	return m, err
 }
 
 // memoryCgroup is a memory cgroup made for one process (v1 or v2).
