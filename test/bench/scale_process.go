@@ -120,10 +120,7 @@ func processRestart(ctx context.Context, env *envtest.Environment, restCfg *rest
 	if cg != nil {
 		defer cg.remove()
 		res.Cgroup, res.CgroupLimitMiB = cg.dir, float64(sc.restartMemory)/(1<<20)
-		// The shell joins the cgroup, then becomes the operator: every
-		// byte the operator ever uses is charged there, as in a container.
-		cmd = exec.Command("/bin/sh", append([]string{"-c", `echo $$ > "$KUBETWIN_BENCH_CGROUP_PROCS" && exec "$0" "$@"`, bin}, args...)...)
-		cmd.Env = append(os.Environ(), "KUBETWIN_BENCH_CGROUP_PROCS="+cg.procsFile())
+		cmd = cg.command(bin, args...)
 	} else {
 		cmd = exec.Command(bin, args...)
 		cmd.Env = os.Environ()
@@ -157,9 +154,14 @@ func processRestart(ctx context.Context, env *envtest.Environment, restCfg *rest
 	go func() { exited <- cmd.Wait() }()
 	pid := cmd.Process.Pid
 	var exitErr error
+	gone := false
 	stillRunning := func() bool {
+		if gone {
+			return false
+		}
 		select {
 		case exitErr = <-exited:
+			gone = true
 			return false
 		default:
 			return true
@@ -174,6 +176,7 @@ func processRestart(ctx context.Context, env *envtest.Environment, restCfg *rest
 				_ = cmd.Process.Kill()
 				exitErr = <-exited
 			}
+			gone = true
 		}
 		res.Exit = "SIGTERM, exit 0"
 		if exitErr != nil {
@@ -183,6 +186,15 @@ func processRestart(ctx context.Context, env *envtest.Environment, restCfg *rest
 			res.CgroupPeakMiB, res.OOMKills = cg.peakMiB(), cg.oomKills()
 		}
 	}()
+	// exitedEarly makes an operator that died (the kernel's OOM killer, a
+	// crash) a result of the run, with the end of its log, not its end.
+	exitedEarly := func(stage string) error {
+		progress("scale: the restarted operator exited %s: %v", stage, exitErr)
+		if b, rerr := os.ReadFile(logPath); rerr == nil {
+			progress("scale: the restarted operator's log (end):\n%s", tail(string(b), 4000))
+		}
+		return nil
+	}
 
 	// Cache synced: the broker listens.
 	for {
@@ -192,7 +204,7 @@ func processRestart(ctx context.Context, env *envtest.Environment, restCfg *rest
 			break
 		}
 		if !stillRunning() {
-			return fmt.Errorf("the operator exited before its caches synced: %v", exitErr)
+			return exitedEarly("before its caches synced")
 		}
 		if time.Since(start) > sc.settleTimeout {
 			return fmt.Errorf("the operator's broker did not listen within %s", sc.settleTimeout)
@@ -210,12 +222,16 @@ func processRestart(ctx context.Context, env *envtest.Environment, restCfg *rest
 	metricsURL := "http://" + metricsAddr + "/metrics"
 	var m procMetrics
 	for {
-		m, err = scrapeProcMetrics(metricsURL)
-		if err == nil && m.reconciles >= float64(sc.twins) && m.depth == 0 && m.active == 0 {
-			break
+		if got, err := scrapeProcMetrics(metricsURL); err == nil {
+			m = got
+			if m.reconciles >= float64(sc.twins) && m.depth == 0 && m.active == 0 {
+				res.Reached = true
+				break
+			}
 		}
 		if !stillRunning() {
-			return fmt.Errorf("the operator exited after %.0f reconciles: %v", m.reconciles, exitErr)
+			res.Reconciles, res.ReconcileErrs = m.reconciles, m.errors
+			return exitedEarly(fmt.Sprintf("after %.0f reconciles", m.reconciles))
 		}
 		if time.Since(start) > sc.settleTimeout {
 			progress("scale: the restarted operator did not reconcile every twin within %s (%.0f reconciles)", sc.settleTimeout, m.reconciles)
@@ -225,9 +241,8 @@ func processRestart(ctx context.Context, env *envtest.Environment, restCfg *rest
 			return err
 		}
 	}
-	if m.reconciles >= float64(sc.twins) {
+	if res.Reached {
 		done := time.Now()
-		res.Reached = true
 		res.ReconciledSec = done.Sub(start).Seconds()
 		if el := done.Sub(synced).Seconds(); el > 0 {
 			res.PerSec = m.reconciles / el
@@ -356,7 +371,13 @@ func newMemoryCgroup(limit int64) (*memoryCgroup, error) {
 	return cg, nil
 }
 
-func (cg *memoryCgroup) procsFile() string { return filepath.Join(cg.dir, "cgroup.procs") }
+// command runs bin in the cgroup: a shell joins it, then becomes bin, so
+// that every byte bin ever uses is charged there, as in a container.
+func (cg *memoryCgroup) command(bin string, args ...string) *exec.Cmd {
+	cmd := exec.Command("/bin/sh", append([]string{"-c", `echo $$ > "$KUBETWIN_BENCH_CGROUP_PROCS" && exec "$0" "$@"`, bin}, args...)...)
+	cmd.Env = append(os.Environ(), "KUBETWIN_BENCH_CGROUP_PROCS="+filepath.Join(cg.dir, "cgroup.procs"))
+	return cmd
+}
 
 // peakMiB is the cgroup's highest memory charge so far.
 func (cg *memoryCgroup) peakMiB() float64 {

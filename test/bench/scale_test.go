@@ -164,3 +164,40 @@ kubetwin_bridge_status_writes_total{result="error"} 1
 		t.Fatalf("scraped %+v, want %+v", m, want)
 	}
 }
+
+// TestMemoryCgroupLimitsItsProcess: a program started through the
+// restart's memory cgroup runs in it and is held to its limit: the kernel
+// kills one that goes past it, and the cgroup counts the kill. Needs root
+// and a cgroup memory controller, as the fresh-process restart does.
+func TestMemoryCgroupLimitsItsProcess(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to make a cgroup")
+	}
+	const limit = 32 << 20
+	cg, err := newMemoryCgroup(limit)
+	if err != nil {
+		t.Skipf("no memory cgroup here: %v", err)
+	}
+	defer cg.remove()
+
+	out, err := cg.command("/bin/cat", "/proc/self/cgroup").Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(out), ":"+strings.TrimPrefix(cg.dir, "/sys/fs/cgroup/memory")+"\n") &&
+		!strings.Contains(string(out), "::"+strings.TrimPrefix(cg.dir, "/sys/fs/cgroup")+"\n") {
+		t.Fatalf("the process ran outside %s:\n%s", cg.dir, out)
+	}
+
+	// A shell that holds 96 MiB in a variable, three times the limit.
+	err = cg.command("/bin/sh", "-c", `x=$(head -c 100663296 /dev/zero | tr '\0' a); echo ${#x}`).Run()
+	if err == nil {
+		t.Fatalf("a process holding 96 MiB ran to its end under a %d MiB limit", limit>>20)
+	}
+	if n := cg.oomKills(); n < 1 {
+		t.Fatalf("%v, but the cgroup counts %d OOM kills", err, n)
+	}
+	if peak := cg.peakMiB(); peak < 16 || peak > 33 {
+		t.Fatalf("peak charge %.1f MiB under a %d MiB limit", peak, limit>>20)
+	}
+}
