@@ -20,6 +20,7 @@ import (
 	"github.com/kubetwin/kubetwin/internal/certs"
 	"github.com/kubetwin/kubetwin/internal/queryapi"
 	"github.com/kubetwin/kubetwin/internal/queryapi/wire"
+	"github.com/kubetwin/kubetwin/internal/twinscan"
 )
 
 // queryAPIOptions are the flags of the query.kubetwin.io aggregated API.
@@ -143,7 +144,7 @@ func setupQueryAPI(ctx context.Context, mgr ctrl.Manager, o options) error {
 	srv := &queryapi.Server{
 		Addr: q.listen, TLSConfig: tlsCfg, Delegating: d, Log: log,
 		Handler: queryapi.NewHandler(queryapi.Options{
-			Twins: queryapi.CacheLister(mgr.GetCache()), Namespace: o.namespace, Authenticator: d, Authorizer: d,
+			Twins: twinscan.CacheLister(mgr.GetCache()), Namespace: o.namespace, Authenticator: d, Authorizer: d,
 			MaxConcurrentQueries: q.maxConcurrentQueries, MaxResponseBytes: q.maxResponseBytes, Log: log,
 		}),
 	}

@@ -556,19 +556,23 @@ func (h *Handler) listDevices(ctx context.Context, req *request) (reply, *apiErr
 		}
 		limit = min(n, MaxListDevices)
 	}
-	var list v1alpha1.DeviceTwinList
-	if err := h.opts.Reader.List(ctx, &list, client.UnsafeDisableDeepCopy); err != nil {
+	all, err := h.opts.Twins(ctx, h.opts.Namespace)
+	if err != nil {
 		return reply{}, fromAPI("listing the twins", err)
 	}
-	owners := h.deviceOwners(ctx, list.Items)
-	twins := make([]*v1alpha1.DeviceTwin, 0, len(owners))
-	for _, t := range owners {
-		twins = append(twins, t)
+	byID := func(a, b *v1alpha1.DeviceTwin) int {
+		return cmp.Or(strings.Compare(a.EffectiveDeviceID(), b.EffectiveDeviceID()),
+			strings.Compare(a.Namespace, b.Namespace), strings.Compare(a.Name, b.Name))
 	}
-	slices.SortFunc(twins, func(a, b *v1alpha1.DeviceTwin) int {
-		return strings.Compare(a.EffectiveDeviceID(), b.EffectiveDeviceID())
-	})
-	twins = twins[:min(len(twins), limit)]
+	var twins []*v1alpha1.DeviceTwin
+	for t := range inOrder(all, byID, limit+16) {
+		if len(twins) == limit {
+			break
+		}
+		if h.holds(ctx, t) {
+			twins = append(twins, t)
+		}
+	}
 	out := make([]deviceJSON, 0, len(twins))
 	for _, t := range twins {
 		keys, err := h.deviceKeys(ctx, t, false)
@@ -578,23 +582,6 @@ func (h *Handler) listDevices(ctx context.Context, req *request) (reply, *apiErr
 		out = append(out, h.device(t, keys))
 	}
 	return reply{status: http.StatusOK, body: out}, nil
-}
-
-// deviceOwners returns, for every device id, the twin among twins that
-// holds it (Options.Resolve): a twin that wants an id another twin holds
-// (refused, or stalled as a duplicate by the operator) is not a device.
-func (h *Handler) deviceOwners(ctx context.Context, twins []v1alpha1.DeviceTwin) map[string]*v1alpha1.DeviceTwin {
-	owners := make(map[string]*v1alpha1.DeviceTwin, len(twins))
-	for i := range twins {
-		t := &twins[i]
-		if !t.DeletionTimestamp.IsZero() {
-			continue
-		}
-		if holder, err := h.opts.Resolve(ctx, t.EffectiveDeviceID()); err == nil && holder != nil && holder.UID == t.UID {
-			owners[t.EffectiveDeviceID()] = t
-		}
-	}
-	return owners
 }
 
 // updateDevice serves PUT /devices/{id} with If-Match ("*" or the device's

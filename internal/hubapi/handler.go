@@ -23,6 +23,7 @@ import (
 	"github.com/kubetwin/kubetwin/api/v1alpha1"
 	"github.com/kubetwin/kubetwin/internal/ratelog"
 	"github.com/kubetwin/kubetwin/internal/twin"
+	"github.com/kubetwin/kubetwin/internal/twinscan"
 	"github.com/kubetwin/kubetwin/pkg/sas"
 )
 
@@ -85,6 +86,11 @@ type Options struct {
 	// Namespace through it: queries and the device list list the
 	// DeviceTwins it holds there.
 	Reader client.Reader
+	// Twins lists the DeviceTwins of a namespace for queries and the
+	// device list: the cache's own objects, which the handler only reads
+	// (twinscan.CacheLister of the manager's cache). Nil: they are listed
+	// through Reader.
+	Twins twinscan.Lister
 	// APIReader reads from the API server itself (mgr.GetAPIReader()): the
 	// shared access policies Secret, and a twin when the cached copy is
 	// older than the etag a client sent.
@@ -220,6 +226,9 @@ func NewHandler(o Options) (*Handler, error) {
 	// Every read of twins and key Secrets goes through the served
 	// namespace: nothing outside it can be listed, read or found.
 	o.Reader = namespaceReader{Reader: o.Reader, ns: o.Namespace}
+	if o.Twins == nil {
+		o.Twins = twinscan.ReaderLister(o.Reader)
+	}
 	h := &Handler{opts: o, log: o.Logger, rlog: ratelog.NewLogger(o.Logger, o.LogLimiter),
 		queries: make(chan struct{}, o.MaxConcurrentQueries)}
 	h.policies = &policyStore{reader: o.APIReader, key: o.PolicySecret, ttl: o.PolicyTTL, timeout: o.PolicyReadTimeout,

@@ -17,11 +17,11 @@ import (
 	"time"
 
 	"k8s.io/apimachinery/pkg/labels"
-	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	"github.com/kubetwin/kubetwin/api/v1alpha1"
 	"github.com/kubetwin/kubetwin/internal/hubtwin"
 	"github.com/kubetwin/kubetwin/internal/query"
+	"github.com/kubetwin/kubetwin/internal/twinscan"
 )
 
 // Headers of the query API.
@@ -205,6 +205,13 @@ func pageSize(hdr http.Header) (int, *apiError) {
 // runQuery fills p with one page of the query's result, starting after
 // from (nil: the first page), and returns the continuation token of the
 // next page, "" when there is none.
+//
+// The twins come from Options.Twins (the cache's own objects, not copies).
+// Those the label selector leaves out, those a per-twin page starts after
+// and those being deleted are dropped first; the condition is evaluated on
+// partial documents (twinscan) on every core; only then is it checked
+// that a matching twin holds its device id (Options.Resolve), so a page
+// of a large fleet resolves its matches, not every twin.
 func (h *Handler) runQuery(ctx context.Context, q *query.Query, hash string, from *continuation, p *page) (string, error) {
 	sel := labels.Everything()
 	if s := q.Plan().LabelSelector; s != "" {
@@ -213,48 +220,61 @@ func (h *Handler) runQuery(ctx context.Context, q *query.Query, hash string, fro
 			sel = labels.Everything() // not expected: the planner writes valid selectors
 		}
 	}
-	var list v1alpha1.DeviceTwinList
-	// The cache's objects are only read (rendering copies what it needs).
-	if err := h.opts.Reader.List(ctx, &list, client.UnsafeDisableDeepCopy); err != nil {
+	all, err := h.opts.Twins(ctx, h.opts.Namespace)
+	if err != nil {
 		return "", err
 	}
-	// A device id is its holder's (internal/deviceid): twins that only
-	// want it are not devices.
-	owners := h.deviceOwners(ctx, list.Items)
-	var twins []*v1alpha1.DeviceTwin
-	for i := range list.Items {
-		t := &list.Items[i]
-		if owners[t.EffectiveDeviceID()] != t {
+	_, top := q.Top()
+	// Rows of one twin each, without TOP: a page is the next matches after
+	// the continuation point, each row computed from its twin alone.
+	stream := q.PerTwin() && !top
+	var after *twinKey
+	if stream && from != nil {
+		after = from.After
+	}
+	twins := make([]*v1alpha1.DeviceTwin, 0, len(all))
+	for _, t := range all {
+		if !t.DeletionTimestamp.IsZero() {
 			continue
 		}
 		if !sel.Matches(labels.Set(t.Labels)) && t.Status.ObservedGeneration == t.Generation {
 			continue
 		}
-		twins = append(twins, t)
-	}
-	if _, top := q.Top(); q.ItemType() == query.ItemTypeTwin && !top {
-		return starPage(q, hash, twins, from, p)
-	}
-
-	type candidate struct {
-		key twinKey
-		doc map[string]any
-	}
-	var cands []candidate
-	for _, t := range twins {
-		doc := hubtwin.FromDeviceTwin(t)
-		if !q.Match(doc) {
+		if after != nil && keyOf(t).compare(*after) <= 0 {
 			continue
 		}
-		cands = append(cands, candidate{key: twinKey{ID: deviceIDOf(doc), Namespace: t.Namespace, Name: t.Name}, doc: doc})
+		twins = append(twins, t)
+	}
+	star := q.ItemType() == query.ItemTypeTwin
+	paths := q.Paths()
+	if star {
+		paths = q.WherePaths() // the documents returned are rendered whole
+	}
+	cands := twinscan.Matches(q, twinscan.NewPartial(paths), twins, !star)
+	if stream {
+		return h.streamPage(ctx, q, hash, cands, p)
+	}
+
+	// TOP, groups and aggregates: every matching device's row.
+	devices := cands[:0]
+	for _, c := range cands {
+		if h.holds(ctx, c.Twin) {
+			devices = append(devices, c)
+		}
 	}
 	// Run orders by device id, keeping the given order among equal ids:
 	// give it the matching twins in key order, so that row i of a per-twin
-	// result is cands[i] (TOP only cuts the end).
-	slices.SortFunc(cands, func(a, b candidate) int { return a.key.compare(b.key) })
-	docs := make([]map[string]any, len(cands))
-	for i, c := range cands {
-		docs[i] = c.doc
+	// result is devices[i] (TOP only cuts the end).
+	slices.SortFunc(devices, compareMatches)
+	if n, top := q.Top(); star && top {
+		devices = devices[:min(len(devices), n)] // the rows are these twins' documents
+	}
+	docs := make([]map[string]any, len(devices))
+	for i, c := range devices {
+		docs[i] = c.Doc
+		if star {
+			docs[i] = hubtwin.FromDeviceTwin(c.Twin)
+		}
 	}
 	res, err := q.Run(docs)
 	if err != nil {
@@ -266,8 +286,8 @@ func (h *Handler) runQuery(ctx context.Context, q *query.Query, hash string, fro
 	switch {
 	case from == nil:
 	case q.PerTwin():
-		begin, _ = slices.BinarySearchFunc(cands[:len(items)], *from.After, func(c candidate, after twinKey) int {
-			if c.key.compare(after) <= 0 {
+		begin, _ = slices.BinarySearchFunc(devices[:len(items)], *from.After, func(c twinscan.Match, after twinKey) int {
+			if matchKey(c).compare(after) <= 0 {
 				return -1
 			}
 			return 1
@@ -292,10 +312,61 @@ func (h *Handler) runQuery(ctx context.Context, q *query.Query, hash string, fro
 	case end == len(items):
 		return "", nil
 	case q.PerTwin():
-		last := cands[end-1].key
+		last := matchKey(devices[end-1])
 		return (&continuation{V: continuationVersion, Query: hash, After: &last}).encode(), nil
 	}
 	return (&continuation{V: continuationVersion, Query: hash, Offset: end, Groups: groupsHash(res.GroupKeys[:end])}).encode(), nil
+}
+
+// streamPage answers one page of a per-twin query without TOP (SELECT *,
+// projections), from the matches after the continuation point: it takes
+// them in key order, sorting only as far as the page goes (inOrder), and
+// renders a row for each device among them until the page is full and one
+// more shows that another page exists (or the page has no room for it).
+// A page deep into a large fleet so costs a scan of the fleet, not a sort
+// of it and a rendering of every twin.
+func (h *Handler) streamPage(ctx context.Context, q *query.Query, hash string, cands []twinscan.Match, p *page) (string, error) {
+	star := q.ItemType() == query.ItemTypeTwin
+	var last twinKey
+	for c := range inOrder(cands, compareMatches, 2*p.size+16) {
+		if !h.holds(ctx, c.Twin) {
+			continue
+		}
+		var item any
+		if star {
+			item = hubtwin.FromDeviceTwin(c.Twin)
+		} else {
+			res, err := q.Run([]map[string]any{c.Doc})
+			if err != nil {
+				return "", err
+			}
+			if len(res.Items) != 1 {
+				return "", fmt.Errorf("the row of device %q: %d rows from its twin, want 1", c.DeviceID, len(res.Items))
+			}
+			item = res.Items[0]
+		}
+		ok, err := p.add(item)
+		if err != nil {
+			return "", err
+		}
+		if !ok {
+			// Another row: the next page starts after the last one here.
+			return (&continuation{V: continuationVersion, Query: hash, After: &last}).encode(), nil
+		}
+		last = matchKey(c)
+	}
+	return "", nil
+}
+
+// holds reports whether t holds its device id (Options.Resolve): a twin
+// that wants an id another twin holds (refused, or stalled as a duplicate
+// by the operator) is not a device.
+func (h *Handler) holds(ctx context.Context, t *v1alpha1.DeviceTwin) bool {
+	if !t.DeletionTimestamp.IsZero() {
+		return false
+	}
+	holder, err := h.opts.Resolve(ctx, t.EffectiveDeviceID())
+	return err == nil && holder != nil && holder.UID == t.UID
 }
 
 // groupStart returns the index of the first row of a page of groups:
@@ -326,50 +397,6 @@ func groupsHash(keys []string) string {
 	return hex.EncodeToString(h.Sum(nil)[:8])
 }
 
-// starPage answers one page of SELECT * without TOP, whose result is the
-// matching twins' documents in key order: it sorts the twins by key, skips
-// those up to the continuation point, and renders and evaluates the rest
-// only until the page is full and one more match shows that another page
-// exists (or the page has no room for it). A page deep into a large fleet
-// so costs a sort of keys, not a rendering of every twin.
-func starPage(q *query.Query, hash string, twins []*v1alpha1.DeviceTwin, from *continuation, p *page) (string, error) {
-	type keyed struct {
-		key twinKey
-		t   *v1alpha1.DeviceTwin
-	}
-	ks := make([]keyed, len(twins))
-	for i, t := range twins {
-		ks[i] = keyed{twinKey{ID: hubtwin.DeviceID(t), Namespace: t.Namespace, Name: t.Name}, t}
-	}
-	slices.SortFunc(ks, func(a, b keyed) int { return a.key.compare(b.key) })
-	begin := 0
-	if from != nil && from.After != nil {
-		begin, _ = slices.BinarySearchFunc(ks, *from.After, func(k keyed, after twinKey) int {
-			if k.key.compare(after) <= 0 {
-				return -1
-			}
-			return 1
-		})
-	}
-	var last twinKey
-	for _, k := range ks[begin:] {
-		doc := hubtwin.FromDeviceTwin(k.t)
-		if !q.Match(doc) {
-			continue
-		}
-		ok, err := p.add(doc)
-		if err != nil {
-			return "", err
-		}
-		if !ok {
-			// Another match: the next page starts after the last one here.
-			return (&continuation{V: continuationVersion, Query: hash, After: &last}).encode(), nil
-		}
-		last = k.key
-	}
-	return "", nil
-}
-
 // twinKey is the position of a twin in a query's result.
 type twinKey struct {
 	ID        string `json:"d"`
@@ -381,10 +408,16 @@ func (k twinKey) compare(o twinKey) int {
 	return cmp.Or(strings.Compare(k.ID, o.ID), strings.Compare(k.Namespace, o.Namespace), strings.Compare(k.Name, o.Name))
 }
 
-func deviceIDOf(doc map[string]any) string {
-	s, _ := doc["deviceId"].(string)
-	return s
+// keyOf is t's position in a query's result.
+func keyOf(t *v1alpha1.DeviceTwin) twinKey {
+	return twinKey{ID: hubtwin.DeviceID(t), Namespace: t.Namespace, Name: t.Name}
 }
+
+func matchKey(m twinscan.Match) twinKey {
+	return twinKey{ID: m.DeviceID, Namespace: m.Twin.Namespace, Name: m.Twin.Name}
+}
+
+func compareMatches(a, b twinscan.Match) int { return matchKey(a).compare(matchKey(b)) }
 
 // continuationVersion is the format version of continuation tokens.
 // Version 1 used offsets for projections, which skip or repeat rows when

@@ -37,6 +37,7 @@ import (
 	"github.com/kubetwin/kubetwin/internal/deviceid"
 	"github.com/kubetwin/kubetwin/internal/hubapi"
 	"github.com/kubetwin/kubetwin/internal/testutil/selfsigned"
+	"github.com/kubetwin/kubetwin/internal/twinscan"
 	"github.com/kubetwin/kubetwin/pkg/sas"
 )
 
@@ -198,7 +199,9 @@ func addClaimer(mgr manager.Manager) error {
 func newHandler(o hubapi.Options) (*hubapi.Handler, error) {
 	o.Client = mgr.GetClient()
 	if o.Reader == nil {
+		// As the operator: queries list the cache's own objects.
 		o.Reader = mgr.GetClient()
+		o.Twins = twinscan.CacheLister(mgr.GetCache())
 	}
 	if o.APIReader == nil {
 		o.APIReader = mgr.GetAPIReader()

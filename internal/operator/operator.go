@@ -27,6 +27,7 @@ import (
 	"github.com/kubetwin/kubetwin/internal/deviceid"
 	"github.com/kubetwin/kubetwin/internal/hubapi"
 	"github.com/kubetwin/kubetwin/internal/ratelog"
+	"github.com/kubetwin/kubetwin/internal/twinscan"
 )
 
 // AwaitReconcile is how long a service API write of tags or desired
@@ -219,6 +220,7 @@ func AddServiceAPI(ctx context.Context, mgr ctrl.Manager, o ServiceAPIOptions) (
 	h, err := hubapi.NewHandler(hubapi.Options{
 		Client:         mgr.GetClient(),
 		Reader:         mgr.GetClient(),
+		Twins:          twinscan.CacheLister(mgr.GetCache()),
 		APIReader:      mgr.GetAPIReader(),
 		Resolve:        Resolver(mgr, o.ClaimsNamespace).Resolve,
 		Namespace:      o.Namespace,

@@ -37,10 +37,10 @@ import (
 	"github.com/kubetwin/kubetwin/api/v1alpha1"
 	"github.com/kubetwin/kubetwin/internal/kubectltwin"
 	"github.com/kubetwin/kubetwin/internal/query"
-	"github.com/kubetwin/kubetwin/internal/queryapi"
 	"github.com/kubetwin/kubetwin/internal/queryapi/queryapitest"
 	"github.com/kubetwin/kubetwin/internal/queryapi/wire"
 	"github.com/kubetwin/kubetwin/internal/twin"
+	"github.com/kubetwin/kubetwin/internal/twinscan/twinscantest"
 )
 
 type plane struct {
@@ -475,10 +475,10 @@ func BenchmarkFleetThroughAPIServer(b *testing.B) {
 	}
 }
 
-// benchTwin is twin i of the bench fleet (partial_test.go's benchTwins),
+// benchTwin is twin i of the bench fleet (twinscantest.FleetTwin),
 // ready to create; its status is written after.
 func benchTwin(i int) *v1alpha1.DeviceTwin {
-	src := queryapi.BenchTwinAt(i)
+	src := twinscantest.FleetTwin(i)
 	tw := &v1alpha1.DeviceTwin{ObjectMeta: metav1.ObjectMeta{Namespace: src.Namespace, Name: src.Name, Labels: src.Labels}}
 	tw.Spec = src.Spec
 	tw.Status = src.Status

@@ -20,6 +20,8 @@ import (
 
 	"github.com/kubetwin/kubetwin/api/v1alpha1"
 	"github.com/kubetwin/kubetwin/internal/queryapi/wire"
+	"github.com/kubetwin/kubetwin/internal/twinscan"
+	"github.com/kubetwin/kubetwin/internal/twinscan/twinscantest"
 )
 
 // twinReader is a client.Reader over fixed twins (a stand-in for the
@@ -52,7 +54,7 @@ func (r *twinReader) List(ctx context.Context, l client.ObjectList, opts ...clie
 // anyone is authenticated as alice; allow decides the SubjectAccessReview.
 func testHandler(r client.Reader, o Options, allow func(authorizer.Attributes) bool) *Handler {
 	if o.Twins == nil {
-		o.Twins = ReaderLister(r)
+		o.Twins = twinscan.ReaderLister(r)
 	}
 	o.Authenticator = authenticator.RequestFunc(func(*http.Request) (*authenticator.Response, bool, error) {
 		return &authenticator.Response{User: &user.DefaultInfo{Name: "alice"}}, true, nil
@@ -90,7 +92,7 @@ func status(t *testing.T, rec *httptest.ResponseRecorder) metav1.Status {
 // TestResponseBound: an answer over MaxResponseBytes is refused with 422
 // ResponseTooLarge naming the flag, and one under it is sent whole.
 func TestResponseBound(t *testing.T) {
-	twins := benchTwins(50)
+	twins := twinscantest.Fleet(50)
 	h := testHandler(&twinReader{twins: twins}, Options{MaxResponseBytes: 20000}, nil)
 	rec := postQuery(h, "scale", "SELECT * FROM devices")
 	if rec.Code != http.StatusUnprocessableEntity {
@@ -112,7 +114,7 @@ func TestResponseBound(t *testing.T) {
 // TestConcurrencyBound: with MaxConcurrentQueries running, another query
 // gets 429 with Retry-After; once one ends, queries are answered again.
 func TestConcurrencyBound(t *testing.T) {
-	r := &twinReader{twins: benchTwins(3), block: make(chan struct{}), entered: make(chan struct{}, 2)}
+	r := &twinReader{twins: twinscantest.Fleet(3), block: make(chan struct{}), entered: make(chan struct{}, 2)}
 	h := testHandler(r, Options{MaxConcurrentQueries: 2}, nil)
 	done := make(chan int, 2)
 	for range 2 {
@@ -147,7 +149,7 @@ func TestRequests(t *testing.T) {
 		asked = append(asked, a)
 		return a.GetNamespace() == "scale"
 	}
-	h := testHandler(&twinReader{twins: benchTwins(3)}, Options{}, allowFleet)
+	h := testHandler(&twinReader{twins: twinscantest.Fleet(3)}, Options{}, allowFleet)
 	for _, c := range []struct {
 		name, ns, q string
 		code        int
@@ -175,7 +177,7 @@ func TestRequests(t *testing.T) {
 
 	// An operator watching one namespace refuses others (the cache has
 	// no twins there), so that kubectl-twin lists instead.
-	h = testHandler(&twinReader{twins: benchTwins(3)}, Options{Namespace: "scale"}, nil)
+	h = testHandler(&twinReader{twins: twinscantest.Fleet(3)}, Options{Namespace: "scale"}, nil)
 	for _, ns := range []string{"other", ""} {
 		rec := postQuery(h, ns, "SELECT * FROM devices")
 		if st := status(t, rec); rec.Code != http.StatusNotFound || st.Reason != wire.ReasonNamespaceNotServed {
@@ -194,7 +196,7 @@ func TestRequests(t *testing.T) {
 // handler answers it (list, label prefilter, partial documents on every
 // core, sort, encode). The twins are made once, before the timer.
 func BenchmarkAnswer100k(b *testing.B) {
-	twins := benchTwins(100000)
+	twins := twinscantest.Fleet(100000)
 	for _, q := range []string{
 		"SELECT * FROM devices WHERE properties.reported.telemetry.temperature > 99",
 		"SELECT COUNT() AS n FROM devices WHERE properties.reported.telemetry.temperature > 90",

@@ -22,7 +22,6 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -42,6 +41,7 @@ import (
 	"github.com/kubetwin/kubetwin/internal/hubtwin"
 	"github.com/kubetwin/kubetwin/internal/query"
 	"github.com/kubetwin/kubetwin/internal/queryapi/wire"
+	"github.com/kubetwin/kubetwin/internal/twinscan"
 )
 
 // Defaults of the bounds.
@@ -58,8 +58,8 @@ const (
 
 // Options configure the API.
 type Options struct {
-	// Twins lists the DeviceTwins: the operator's cache (CacheLister).
-	Twins Lister
+	// Twins lists the DeviceTwins: the operator's cache (twinscan.CacheLister).
+	Twins twinscan.Lister
 	// Namespace is the one namespace the operator watches, "" for all.
 	// Queries elsewhere are refused (ReasonNamespaceNotServed): the cache
 	// has no twins there.
@@ -267,13 +267,6 @@ func (e *tooLargeError) Error() string {
 		"narrow the query (WHERE, TOP n, or a projection instead of SELECT *)", e.limit, e.items)
 }
 
-// candidate is a twin whose document matched the condition.
-type candidate struct {
-	t   *v1alpha1.DeviceTwin
-	id  string
-	doc map[string]any // the partial document
-}
-
 // answer runs q over the cached twins of ns ("" for all) in the order
 // kubectl-twin's listing gives: by deviceId, then namespace and name.
 func (h *Handler) answer(ctx context.Context, q *query.Query, ns string) (*wire.TwinQueryStatus, error) {
@@ -301,9 +294,9 @@ func (h *Handler) answer(ctx context.Context, q *query.Query, ns string) (*wire.
 	if star {
 		paths = q.WherePaths() // the documents returned are rendered whole
 	}
-	cands := match(q, newPartial(paths), twins)
-	slices.SortFunc(cands, func(a, b candidate) int {
-		return cmp.Or(strings.Compare(a.id, b.id), strings.Compare(a.t.Namespace, b.t.Namespace), strings.Compare(a.t.Name, b.t.Name))
+	cands := twinscan.Matches(q, twinscan.NewPartial(paths), twins, !star)
+	slices.SortFunc(cands, func(a, b twinscan.Match) int {
+		return cmp.Or(strings.Compare(a.DeviceID, b.DeviceID), strings.Compare(a.Twin.Namespace, b.Twin.Namespace), strings.Compare(a.Twin.Name, b.Twin.Name))
 	})
 
 	st := &wire.TwinQueryStatus{ItemType: q.ItemType(), Items: []json.RawMessage{}, Evaluated: len(twins)}
@@ -314,18 +307,18 @@ func (h *Handler) answer(ctx context.Context, q *query.Query, ns string) (*wire.
 			n = min(n, top)
 		}
 		for _, c := range cands[:n] {
-			b, err := enc.encode(hubtwin.FromDeviceTwin(c.t))
+			b, err := enc.encode(hubtwin.FromDeviceTwin(c.Twin))
 			if err != nil {
 				return nil, err
 			}
 			st.Items = append(st.Items, b)
-			st.Twins = append(st.Twins, wire.TwinRef{Namespace: c.t.Namespace, Name: c.t.Name, InSync: inSync(c.t)})
+			st.Twins = append(st.Twins, wire.TwinRef{Namespace: c.Twin.Namespace, Name: c.Twin.Name, InSync: inSync(c.Twin)})
 		}
 		return st, nil
 	}
 	docs := make([]map[string]any, len(cands))
 	for i, c := range cands {
-		docs[i] = c.doc
+		docs[i] = c.Doc
 	}
 	res, err := q.Run(docs)
 	if err != nil {
@@ -340,36 +333,6 @@ func (h *Handler) answer(ctx context.Context, q *query.Query, ns string) (*wire.
 	}
 	st.GroupKeys = res.GroupKeys
 	return st, nil
-}
-
-// match evaluates q's condition on each twin's partial document, on every
-// core: it is where a residual query over a large fleet spends its time.
-func match(q *query.Query, p *partial, twins []*v1alpha1.DeviceTwin) []candidate {
-	const chunk = 2048
-	workers := min(runtime.GOMAXPROCS(0), (len(twins)+chunk-1)/chunk)
-	if workers <= 1 {
-		return matchRange(q, p, twins, nil)
-	}
-	parts := make([][]candidate, workers)
-	var wg sync.WaitGroup
-	per := (len(twins) + workers - 1) / workers
-	for i := range workers {
-		lo, hi := i*per, min((i+1)*per, len(twins))
-		wg.Go(func() { parts[i] = matchRange(q, p, twins[lo:hi], nil) })
-	}
-	wg.Wait()
-	return slices.Concat(parts...)
-}
-
-func matchRange(q *query.Query, p *partial, twins []*v1alpha1.DeviceTwin, out []candidate) []candidate {
-	sc := p.newScratch()
-	for _, t := range twins {
-		if q.Match(p.fill(sc, t)) {
-			// The scratch document is reused: a match gets its own.
-			out = append(out, candidate{t: t, id: hubtwin.DeviceID(t), doc: p.doc(t)})
-		}
-	}
-	return out
 }
 
 func inSync(t *v1alpha1.DeviceTwin) string {

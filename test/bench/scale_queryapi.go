@@ -21,6 +21,7 @@ import (
 	"github.com/kubetwin/kubetwin/internal/queryapi"
 	"github.com/kubetwin/kubetwin/internal/queryapi/queryapitest"
 	"github.com/kubetwin/kubetwin/internal/testutil/selfsigned"
+	"github.com/kubetwin/kubetwin/internal/twinscan"
 )
 
 // scaleQueryAPI is the query API of every operator bench-scale starts:
@@ -86,7 +87,7 @@ func (q *scaleQueryAPI) addTo(mgr ctrl.Manager) error {
 		Addr: q.addr, TLSConfig: &tls.Config{Certificates: []tls.Certificate{q.cert}, MinVersion: tls.VersionTLS12},
 		Delegating: d, Log: log,
 		Handler: queryapi.NewHandler(queryapi.Options{
-			Twins: queryapi.CacheLister(mgr.GetCache()), Authenticator: d, Authorizer: d,
+			Twins: twinscan.CacheLister(mgr.GetCache()), Authenticator: d, Authorizer: d,
 			MaxConcurrentQueries: queryapi.DefaultMaxConcurrentQueries, MaxResponseBytes: queryapi.DefaultMaxResponseBytes, Log: log,
 		}),
 	})

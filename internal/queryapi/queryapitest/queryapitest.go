@@ -41,6 +41,7 @@ import (
 	"github.com/kubetwin/kubetwin/api/v1alpha1"
 	"github.com/kubetwin/kubetwin/internal/queryapi"
 	"github.com/kubetwin/kubetwin/internal/queryapi/wire"
+	"github.com/kubetwin/kubetwin/internal/twinscan"
 )
 
 // Where the APIService points.
@@ -235,7 +236,7 @@ func Serve(ctx context.Context, admin *rest.Config, o Options) (*Running, error)
 		Addr:      "127.0.0.1:0",
 		TLSConfig: tlsCfg,
 		Handler: queryapi.NewHandler(queryapi.Options{
-			Twins: queryapi.CacheLister(twins), Namespace: o.Namespace, Authenticator: d, Authorizer: d,
+			Twins: twinscan.CacheLister(twins), Namespace: o.Namespace, Authenticator: d, Authorizer: d,
 			MaxConcurrentQueries: o.MaxConcurrentQueries, MaxResponseBytes: o.MaxResponseBytes, Log: o.Log,
 		}),
 		Delegating: d, Log: o.Log,

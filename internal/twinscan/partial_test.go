@@ -1,8 +1,7 @@
-package queryapi
+package twinscan
 
 import (
 	"fmt"
-	"math/rand/v2"
 	"reflect"
 	"testing"
 	"time"
@@ -14,7 +13,7 @@ import (
 	"github.com/kubetwin/kubetwin/internal/hubtwin"
 	"github.com/kubetwin/kubetwin/internal/query"
 	"github.com/kubetwin/kubetwin/internal/query/querytest"
-	"github.com/kubetwin/kubetwin/internal/twin"
+	"github.com/kubetwin/kubetwin/internal/twinscan/twinscantest"
 )
 
 func rawJSON(s string) *apiextensionsv1.JSON {
@@ -127,13 +126,13 @@ func TestPartialMatchesFullDocument(t *testing.T) {
 		if err != nil {
 			t.Fatalf("%s: %v", text, err)
 		}
-		pw, pa := newPartial(q.WherePaths()), newPartial(q.Paths())
+		pw, pa := NewPartial(q.WherePaths()), NewPartial(q.Paths())
 		sc := pw.newScratch()
 		var parts []map[string]any
 		for i, tw := range twins {
 			want := q.Match(full[i])
-			if got := q.Match(pw.doc(tw)); got != want {
-				t.Errorf("%s on %s: partial document matches %v, whole document %v (partial %v)", text, tw.Name, got, want, pw.doc(tw))
+			if got := q.Match(pw.Doc(tw)); got != want {
+				t.Errorf("%s on %s: partial document matches %v, whole document %v (partial %v)", text, tw.Name, got, want, pw.Doc(tw))
 			}
 			// The scratch document, reused from the previous twin.
 			if got := q.Match(pw.fill(sc, tw)); got != want {
@@ -142,7 +141,7 @@ func TestPartialMatchesFullDocument(t *testing.T) {
 			if want {
 				matched++
 			}
-			parts = append(parts, pa.doc(tw))
+			parts = append(parts, pa.Doc(tw))
 		}
 		if q.ItemType() == query.ItemTypeTwin {
 			continue
@@ -176,45 +175,12 @@ func TestSectionValueErrors(t *testing.T) {
 	}
 }
 
-// benchTwins makes n twins shaped as make bench-scale's, with reported
-// properties and their $metadata as the operator writes them.
-func benchTwins(n int) []*v1alpha1.DeviceTwin {
-	twins := make([]*v1alpha1.DeviceTwin, n)
-	for i := range twins {
-		twins[i] = benchTwinAt(i)
-	}
-	return twins
-}
-
-// benchTwinAt is twin i of benchTwins.
-func benchTwinAt(i int) *v1alpha1.DeviceTwin {
-	r := rand.New(rand.NewPCG(uint64(i), 7))
-	temp := 18 + float64(r.IntN(820))/10
-	tags := fmt.Sprintf(`{"location":{"plant":"Plant-%02d","region":"eu-west"},"customer":"customer-%02d","deviceType":"pump"}`, r.IntN(100), r.IntN(40))
-	reported := fmt.Sprintf(`{"telemetry":{"temperature":%.1f,"humidity":%d},"firmware":{"version":"1.%d.%d"},"connectivity":{"type":"wifi"}}`,
-		temp, 20+r.IntN(60), r.IntN(5), r.IntN(10))
-	meta := `{"$lastUpdated":"2026-12-06T10:00:00Z","telemetry":{"$lastUpdated":"2026-12-06T10:00:00Z","temperature":{"$lastUpdated":"2026-12-06T10:00:00Z","$lastUpdatedVersion":3},` +
-		`"humidity":{"$lastUpdated":"2026-12-06T10:00:00Z","$lastUpdatedVersion":3}},"firmware":{"$lastUpdated":"2026-12-06T10:00:00Z","version":{"$lastUpdated":"2026-12-06T10:00:00Z"}},` +
-		`"connectivity":{"$lastUpdated":"2026-12-06T10:00:00Z","type":{"$lastUpdated":"2026-12-06T10:00:00Z"}}}`
-	tg, _ := twin.DecodeRaw([]byte(tags))
-	tw := &v1alpha1.DeviceTwin{ObjectMeta: metav1.ObjectMeta{Namespace: "scale", Name: fmt.Sprintf("dev-%06d", i), ResourceVersion: "12345", Generation: 1,
-		Labels: twin.MirrorLabels(tg)}}
-	tw.Status.ObservedGeneration = 1
-	tw.Spec.Tags = rawJSON(tags)
-	tw.Spec.Desired = rawJSON(`{"telemetryInterval":30}`)
-	tw.Status.Reported = rawJSON(reported)
-	tw.Status.Metadata = &v1alpha1.TwinMetadata{Desired: rawJSON(`{"$lastUpdated":"2026-12-06T10:00:00Z","telemetryInterval":{"$lastUpdated":"2026-12-06T10:00:00Z"}}`), Reported: rawJSON(meta)}
-	tw.Status.DeviceID = tw.Name
-	tw.Status.ReportedVersion = 3
-	return tw
-}
-
 const benchResidual = "SELECT * FROM devices WHERE properties.reported.telemetry.temperature > 90"
 
 // BenchmarkResidualWhole: the condition on whole documents, as
 // kubectl-twin's listing path and the service API evaluate it.
 func BenchmarkResidualWhole(b *testing.B) {
-	twins := benchTwins(10000)
+	twins := twinscantest.Fleet(10000)
 	q, _ := query.Parse(benchResidual)
 	b.ResetTimer()
 	for b.Loop() {
@@ -227,9 +193,9 @@ func BenchmarkResidualWhole(b *testing.B) {
 
 // BenchmarkResidualPartial: the same on partial documents.
 func BenchmarkResidualPartial(b *testing.B) {
-	twins := benchTwins(10000)
+	twins := twinscantest.Fleet(10000)
 	q, _ := query.Parse(benchResidual)
-	p := newPartial(q.WherePaths())
+	p := NewPartial(q.WherePaths())
 	sc := p.newScratch()
 	b.ResetTimer()
 	for b.Loop() {

@@ -1,4 +1,9 @@
-package queryapi
+// Package twinscan answers queries over the operator's cache of
+// DeviceTwins for the query API (internal/queryapi) and the service API
+// (internal/hubapi): it lists the cached twins without copying them
+// (Lister), and evaluates a query's condition on partial documents that
+// hold only the paths the query reads (Partial), on every core (Matches).
+package twinscan
 
 import (
 	"context"
@@ -12,7 +17,8 @@ import (
 )
 
 // Lister returns the cached DeviceTwins of a namespace ("" for all). The
-// twins are the cache's own objects: they are only read.
+// twins are the cache's own objects: they are only read. The slice is the
+// caller's, to reorder or cut.
 type Lister func(ctx context.Context, namespace string) ([]*v1alpha1.DeviceTwin, error)
 
 // CacheLister lists straight from the DeviceTwin informer's indexer:

@@ -1,4 +1,4 @@
-package queryapi
+package twinscan
 
 import (
 	"reflect"
@@ -35,10 +35,10 @@ func TestPartialConfigurations(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		p := newPartial(q.WherePaths())
+		p := NewPartial(q.WherePaths())
 		var got, want []bool
 		for _, tw := range twins {
-			got = append(got, q.Match(p.doc(tw)))
+			got = append(got, q.Match(p.Doc(tw)))
 			want = append(want, q.Match(hubtwin.FromDeviceTwin(tw)))
 		}
 		if !reflect.DeepEqual(got, want) {

@@ -1,4 +1,4 @@
-package queryapi
+package twinscan
 
 import (
 	"bytes"
@@ -16,7 +16,7 @@ import (
 	"github.com/kubetwin/kubetwin/internal/twin"
 )
 
-// partial renders the part of a twin's IoT Hub document (hubtwin.FromDeviceTwin)
+// Partial renders the part of a twin's IoT Hub document (hubtwin.FromDeviceTwin)
 // that a set of paths reads, straight from the raw JSON of spec.tags,
 // spec.desired and status.reported: it scans those bytes for the keys
 // on each path and decodes only the values found. Rendering whole
@@ -28,14 +28,14 @@ import (
 // orders results) answers it as the whole document does. Paths partial
 // cannot render cheaply (a whole section, or $metadata) make it render
 // the whole document.
-type partial struct {
+type Partial struct {
 	paths [][]string // no path is a prefix of another
 	full  bool
 }
 
-// newPartial prepares the rendering of paths.
-func newPartial(paths [][]string) *partial {
-	p := &partial{}
+// NewPartial prepares the rendering of paths.
+func NewPartial(paths [][]string) *Partial {
+	p := &Partial{}
 	ps := slices.Clone(paths)
 	ps = append(ps, []string{"deviceId"})
 	slices.SortFunc(ps, slices.Compare)
@@ -57,8 +57,8 @@ func hasPrefix(s, prefix []string) bool {
 	return len(s) >= len(prefix) && slices.Equal(s[:len(prefix)], prefix)
 }
 
-// doc renders t's document restricted to the paths.
-func (p *partial) doc(t *v1alpha1.DeviceTwin) map[string]any {
+// Doc renders t's document restricted to the paths.
+func (p *Partial) Doc(t *v1alpha1.DeviceTwin) map[string]any {
 	if p.full {
 		return hubtwin.FromDeviceTwin(t)
 	}
@@ -94,7 +94,7 @@ type slot struct {
 	key    string
 }
 
-func (p *partial) newScratch() *scratch {
+func (p *Partial) newScratch() *scratch {
 	sc := &scratch{doc: map[string]any{}}
 	for _, s := range p.paths {
 		parent := sc.doc
@@ -114,7 +114,7 @@ func (p *partial) newScratch() *scratch {
 // fill makes sc the partial document of t and returns it; it is valid
 // until the next fill. (When the paths need the whole document, or t's
 // JSON is malformed, it returns a new whole document instead.)
-func (p *partial) fill(sc *scratch, t *v1alpha1.DeviceTwin) map[string]any {
+func (p *Partial) fill(sc *scratch, t *v1alpha1.DeviceTwin) map[string]any {
 	if p.full {
 		return hubtwin.FromDeviceTwin(t)
 	}
@@ -134,7 +134,7 @@ func (p *partial) fill(sc *scratch, t *v1alpha1.DeviceTwin) map[string]any {
 }
 
 // value returns the value at path s of t's document.
-func (p *partial) value(t *v1alpha1.DeviceTwin, s []string) (any, bool, error) {
+func (p *Partial) value(t *v1alpha1.DeviceTwin, s []string) (any, bool, error) {
 	switch s[0] {
 	case "tags":
 		return sectionValue(t.Spec.Tags, s[1:])

@@ -1,4 +1,0 @@
-package queryapi
-
-// BenchTwinAt is twin i of the benchmarks' fleet, for the envtest benchmark.
-var BenchTwinAt = benchTwinAt
