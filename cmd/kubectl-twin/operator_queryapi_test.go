@@ -17,6 +17,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	"github.com/kubetwin/kubetwin/internal/queryapi/queryapitest"
+	"github.com/kubetwin/kubetwin/internal/queryapi/wire"
 	"github.com/kubetwin/kubetwin/internal/testutil/operatorproc"
 )
 
@@ -38,11 +39,15 @@ func freeAddr(t *testing.T) string {
 // TestOperatorServesQueryAPI: the operator binary with
 // --query-api-bind-address serves the query API from its cache, behind
 // kube-apiserver (its own namespace, so it reconciles only twins made
-// here), with the certificate it issues and the caBundle it keeps (kube-
-// apiserver verifies it): the plugin's --via api answer is the listing's.
+// here), under its shard's group with the certificate it issues and the
+// caBundle it keeps on that group's APIService (kube-apiserver verifies
+// it): the plugin asks the shard's group, and its --via api answer is the
+// listing's. Registered for the cluster's group too, it refuses other
+// namespaces, and the plugin lists them.
 func TestOperatorServesQueryAPI(t *testing.T) {
 	ctx := context.Background()
 	const ns = "operated"
+	shard := wire.ShardGroup(ns)
 	if err := k8s.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}); err != nil {
 		t.Fatal(err)
 	}
@@ -66,7 +71,7 @@ func TestOperatorServesQueryAPI(t *testing.T) {
 			"--query-api-bind-address=" + qaddr,
 			// The Service queryapitest registers: the operator issues the
 			// certificate for it and keeps the APIService's caBundle.
-			"--query-api-service-namespace=" + queryapitest.ServiceNamespace, "--query-api-service-name=" + queryapitest.ServiceName},
+			"--query-api-service-namespace=" + queryapitest.ServiceNamespace, "--query-api-service-name=" + queryapitest.ServiceNameOf(shard)},
 		Env:     operatorproc.Environ("POD_NAMESPACE="),
 		LogPath: filepath.Join(dir, "operator.log"),
 	})
@@ -92,17 +97,17 @@ func TestOperatorServesQueryAPI(t *testing.T) {
 			t.Fatal("the operator's query API did not listen within 60s")
 		}
 	}
-	if err := queryapitest.Register(ctx, testEnv.Config, qaddr, nil); err != nil {
+	if err := queryapitest.RegisterGroup(ctx, testEnv.Config, shard, qaddr, nil); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { _ = queryapitest.Unregister(ctx, testEnv.Config) })
+	t.Cleanup(func() { _ = queryapitest.UnregisterGroup(ctx, testEnv.Config, shard) })
 	// Registered without a caBundle (insecureSkipTLSVerify): the operator
 	// puts its CA there, and from then on kube-apiserver verifies it.
 	deadline = time.Now().Add(60 * time.Second)
 	for {
 		as := &unstructured.Unstructured{}
 		as.SetGroupVersionKind(schema.GroupVersionKind{Group: "apiregistration.k8s.io", Version: "v1", Kind: "APIService"})
-		if err := k8s.Get(ctx, client.ObjectKey{Name: queryapitest.APIServiceName}, as); err != nil {
+		if err := k8s.Get(ctx, client.ObjectKey{Name: queryapitest.APIServiceNameOf(shard)}, as); err != nil {
 			t.Fatal(err)
 		}
 		ca, _, _ := unstructured.NestedString(as.Object, "spec", "caBundle")
@@ -123,7 +128,7 @@ func TestOperatorServesQueryAPI(t *testing.T) {
 	for {
 		want := ok(t, "query", "-n", ns, "-o", "json", "--via", "list", q)
 		got := ok(t, "query", "-n", ns, "-o", "json", "--via", "api", "--verbose", q)
-		if !strings.Contains(got.stderr, "answered by the query API") {
+		if !strings.Contains(got.stderr, "answered by the query API ("+shard+"/v1alpha1") {
 			t.Fatalf("--verbose says %s", got.stderr)
 		}
 		if len(deviceIDs(t, want.stdout)) == 0 {
@@ -137,8 +142,12 @@ func TestOperatorServesQueryAPI(t *testing.T) {
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
-	// The operator watches one namespace: elsewhere it refuses, and the
-	// plugin (auto) lists.
+	// The operator watches one namespace: registered for the cluster's
+	// group as well, it refuses the others, and the plugin (auto) lists.
+	if err := queryapitest.Register(ctx, testEnv.Config, qaddr, nil); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = queryapitest.Unregister(ctx, testEnv.Config) })
 	r := ok(t, "query", "-n", fleetNS, "-o", "json", "--verbose", q)
 	if !strings.Contains(r.stderr, "answered by listing") || !strings.Contains(r.stderr, "serves the DeviceTwins of namespace "+ns+" only") {
 		t.Fatalf("another namespace: --verbose says %s", r.stderr)

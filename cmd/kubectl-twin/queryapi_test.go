@@ -5,7 +5,11 @@ import (
 	"strings"
 	"testing"
 
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
 	"github.com/kubetwin/kubetwin/internal/queryapi/queryapitest"
+	"github.com/kubetwin/kubetwin/internal/queryapi/wire"
 )
 
 // TestQueryAPI: without the query API the plugin lists (and says why with
@@ -85,4 +89,64 @@ func ageless(table string) string {
 		out = append(out, strings.Join(f, " "))
 	}
 	return strings.Join(out, "\n")
+}
+
+// TestQueryAPIShards: two shards' operators, each watching one namespace,
+// register their own groups (wire.ShardGroup) side by side, with no
+// query API for the whole cluster: the plugin asks each namespace's own
+// shard, whose answer is the listing's, and lists every namespace, or a
+// namespace whose shard is gone, itself.
+func TestQueryAPIShards(t *testing.T) {
+	ctx := context.Background()
+	shards := map[string]*queryapitest.Running{}
+	for i, ns := range []string{"shard-a", "shard-b"} {
+		if err := k8s.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}); err != nil {
+			t.Fatal(err)
+		}
+		// Different twins in each: an answer from the wrong shard shows.
+		for _, d := range fleet[i*2 : i*2+3] {
+			if err := createTwinNamed(ctx, withNamespace(d, ns), name(d.id)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		api, err := queryapitest.Serve(ctx, testEnv.Config, queryapitest.Options{Namespace: ns, Group: wire.ShardGroup(ns)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		shards[ns] = api
+		t.Cleanup(func() { _ = api.Stop(ctx, testEnv.Config) })
+	}
+
+	const q = "SELECT * FROM devices"
+	for ns := range shards {
+		want := ok(t, "query", "-n", ns, "-o", "json", "--via", "list", q)
+		if len(deviceIDs(t, want.stdout)) != 3 {
+			t.Fatalf("listing %s finds %v, want its 3 twins", ns, deviceIDs(t, want.stdout))
+		}
+		got := ok(t, "query", "-n", ns, "-o", "json", "--verbose", q)
+		if !strings.Contains(got.stderr, "answered by the query API ("+wire.ShardGroup(ns)+"/v1alpha1") {
+			t.Fatalf("-n %s: --verbose says %s", ns, got.stderr)
+		}
+		if canon(t, got.stdout) != canon(t, want.stdout) {
+			t.Errorf("-n %s: the shard answers\n%s\nlisting gives\n%s", ns, got.stdout, want.stdout)
+		}
+	}
+	r := ok(t, "query", "-A", "-o", "json", "--verbose", q)
+	if !strings.Contains(r.stderr, "answered by listing") || !strings.Contains(r.stderr, wire.GroupVersion+" is not served") {
+		t.Fatalf("-A without the cluster's query API: --verbose says %s", r.stderr)
+	}
+
+	// One shard's API gone: its namespace is listed, the other shard
+	// still answers.
+	if err := shards["shard-a"].Stop(ctx, testEnv.Config); err != nil {
+		t.Fatal(err)
+	}
+	r = ok(t, "query", "-n", "shard-a", "-o", "json", "--verbose", q)
+	if !strings.Contains(r.stderr, "answered by listing") || len(deviceIDs(t, r.stdout)) != 3 {
+		t.Fatalf("-n shard-a without its shard's API: --verbose says %s, items %v", r.stderr, deviceIDs(t, r.stdout))
+	}
+	r = ok(t, "query", "-n", "shard-b", "-o", "json", "--verbose", q)
+	if !strings.Contains(r.stderr, "answered by the query API ("+wire.ShardGroup("shard-b")+"/v1alpha1") {
+		t.Fatalf("-n shard-b: --verbose says %s", r.stderr)
+	}
 }

@@ -30,7 +30,7 @@ type queryAPIOptions struct {
 	serviceName          string
 	serviceNS            string
 	secretName           string
-	apiServiceName       string
+	apiServiceName       optionalString
 	hosts                stringList
 	maxConcurrentQueries int
 	maxResponseBytes     int
@@ -58,8 +58,10 @@ func bindQueryAPIFlags(fs *flag.FlagSet, q *queryAPIOptions) {
 		"Namespace of that Service and of the certificate Secret (default: $POD_NAMESPACE).")
 	fs.StringVar(&q.secretName, "query-api-secret-name", "kubetwin-query-api-server-cert",
 		"Secret that holds the query API's CA and serving certificate when the operator issues them.")
-	fs.StringVar(&q.apiServiceName, "query-api-apiservice-name", queryAPIServiceName,
-		"APIService whose caBundle the operator keeps holding the CA of its certificate (get and patch on it, by name). Empty: none.")
+	fs.Var(&q.apiServiceName, "query-api-apiservice-name",
+		"APIService whose caBundle the operator keeps holding the CA of its certificate (get and patch on it, by name). Empty: none. "+
+			"Default: "+queryAPIServiceName+", or with --namespace that namespace's own, v1alpha1.<namespace>."+wire.Group+
+			" (the operator serves both groups; a shard registers its own, so that shards do not contend for one APIService).")
 	fs.Var(&q.hosts, "query-api-host", "Extra DNS name or IP address for the query API's certificate (repeatable or comma-separated).")
 	fs.IntVar(&q.maxConcurrentQueries, "query-api-max-concurrent-queries", queryapi.DefaultMaxConcurrentQueries,
 		"Queries the query API answers at once; another gets 429 Too Many Requests with Retry-After: 1.")
@@ -70,6 +72,32 @@ func bindQueryAPIFlags(fs *flag.FlagSet, q *queryAPIOptions) {
 
 // queryAPIServiceName is the APIService of query.kubetwin.io/v1alpha1.
 const queryAPIServiceName = wire.Version + "." + wire.Group
+
+// apiService is the APIService whose caBundle the operator keeps: the
+// flag's, else that of the shard group of namespace (the operator's
+// --namespace), else that of wire.Group.
+func (q queryAPIOptions) apiService(namespace string) string {
+	switch {
+	case q.apiServiceName.set:
+		return q.apiServiceName.value
+	case namespace != "":
+		return wire.Version + "." + wire.ShardGroup(namespace)
+	}
+	return queryAPIServiceName
+}
+
+// optionalString is a string flag that knows whether it was given.
+type optionalString struct {
+	value string
+	set   bool
+}
+
+func (o *optionalString) String() string { return o.value }
+
+func (o *optionalString) Set(v string) error {
+	o.value, o.set = v, true
+	return nil
+}
 
 func checkQueryAPIFlags(q queryAPIOptions) error {
 	switch {
@@ -89,9 +117,9 @@ func checkQueryAPIFlags(q queryAPIOptions) error {
 			return fmt.Errorf("%s %q is not a valid name: %s", f.flag, f.value, strings.Join(errs, "; "))
 		}
 	}
-	if q.apiServiceName != "" {
-		if errs := validation.IsDNS1123Subdomain(q.apiServiceName); len(errs) > 0 {
-			return fmt.Errorf("--query-api-apiservice-name %q is not a valid name: %s", q.apiServiceName, strings.Join(errs, "; "))
+	if v := q.apiServiceName.value; v != "" {
+		if errs := validation.IsDNS1123Subdomain(v); len(errs) > 0 {
+			return fmt.Errorf("--query-api-apiservice-name %q is not a valid name: %s", v, strings.Join(errs, "; "))
 		}
 	}
 	return nil
@@ -105,15 +133,16 @@ func (q queryAPIOptions) serviceNamespace() string {
 
 // queryAPICertOptions are the certificate manager's options for the query
 // API's Service in namespace ns: the names kube-apiserver checks the
-// certificate against (<service>.<namespace>.svc) and the Secret there.
-func queryAPICertOptions(q queryAPIOptions, ns string) certs.CertOptions {
+// certificate against (<service>.<namespace>.svc) and the Secret there,
+// for the APIService of an operator that watches watchNS ("" for all).
+func queryAPICertOptions(q queryAPIOptions, ns, watchNS string) certs.CertOptions {
 	svc := q.serviceName + "." + ns + ".svc"
 	return certs.CertOptions{
 		Purpose:         "query-api",
 		SecretNamespace: ns,
 		SecretName:      q.secretName,
 		Hosts:           append([]string{svc, svc + ".cluster.local"}, q.hosts...),
-		APIServiceName:  q.apiServiceName,
+		APIServiceName:  q.apiService(watchNS),
 		Logger:          ctrl.Log.WithName("query-api-certs"),
 	}
 }
@@ -128,7 +157,7 @@ func setupQueryAPI(ctx context.Context, mgr ctrl.Manager, o options) error {
 	if q.listen == "" {
 		return nil
 	}
-	tlsCfg, certSource, err := queryAPITLS(ctx, mgr, q)
+	tlsCfg, certSource, err := queryAPITLS(ctx, mgr, q, o.namespace)
 	if err != nil {
 		return err
 	}
@@ -148,7 +177,7 @@ func setupQueryAPI(ctx context.Context, mgr ctrl.Manager, o options) error {
 			MaxConcurrentQueries: q.maxConcurrentQueries, MaxResponseBytes: q.maxResponseBytes, Log: log,
 		}),
 	}
-	log.Info("query API configured", "address", q.listen, "certificate", certSource, "namespace", o.namespace,
+	log.Info("query API configured", "address", q.listen, "certificate", certSource, "namespace", o.namespace, "groups", srv.Handler.Groups(),
 		"maxConcurrentQueries", q.maxConcurrentQueries, "maxResponseBytes", q.maxResponseBytes)
 	return mgr.Add(srv)
 }
@@ -159,7 +188,7 @@ func setupQueryAPI(ctx context.Context, mgr ctrl.Manager, o options) error {
 // APIService's caBundle kept current, so kube-apiserver verifies the
 // server; else (no Service namespace: the operator runs outside a
 // cluster) a self-signed certificate in memory.
-func queryAPITLS(ctx context.Context, mgr ctrl.Manager, q queryAPIOptions) (*tls.Config, string, error) {
+func queryAPITLS(ctx context.Context, mgr ctrl.Manager, q queryAPIOptions, watchNS string) (*tls.Config, string, error) {
 	tlsCfg := &tls.Config{MinVersion: tls.VersionTLS12}
 	if q.certDir != "" {
 		w, err := certwatcher.New(filepath.Join(q.certDir, "tls.crt"), filepath.Join(q.certDir, "tls.key"))
@@ -181,7 +210,7 @@ func queryAPITLS(ctx context.Context, mgr ctrl.Manager, q queryAPIOptions) (*tls
 		tlsCfg.Certificates = []tls.Certificate{*c}
 		return tlsCfg, "self-signed in memory (no Service namespace: the APIService cannot verify it)", nil
 	}
-	co := queryAPICertOptions(q, ns)
+	co := queryAPICertOptions(q, ns, watchNS)
 	var err error
 	// A client without a cache: the manager's would watch every Secret.
 	if co.Client, err = client.New(mgr.GetConfig(), client.Options{Scheme: mgr.GetScheme()}); err != nil {
@@ -198,5 +227,5 @@ func queryAPITLS(ctx context.Context, mgr ctrl.Manager, q queryAPIOptions) (*tls
 		return nil, "", err
 	}
 	tlsCfg.GetCertificate = cm.GetCertificate
-	return tlsCfg, "operator-issued, Secret " + ns + "/" + q.secretName + ", APIService " + q.apiServiceName, nil
+	return tlsCfg, "operator-issued, Secret " + ns + "/" + q.secretName + ", APIService " + co.APIServiceName, nil
 }

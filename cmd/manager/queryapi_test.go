@@ -60,11 +60,24 @@ func TestQueryAPICertOptions(t *testing.T) {
 	if ns != "iot" {
 		t.Fatalf("namespace %q, want the pod's", ns)
 	}
-	co := queryAPICertOptions(q, ns)
+	co := queryAPICertOptions(q, ns, "")
 	wantHosts := []string{"twins-query-api.iot.svc", "twins-query-api.iot.svc.cluster.local", "query.example.com"}
 	if co.Purpose != "query-api" || co.SecretNamespace != "iot" || co.SecretName != "twins-query-api-server-cert" ||
 		co.APIServiceName != "v1alpha1.query.kubetwin.io" || !slices.Equal(co.Hosts, wantHosts) {
 		t.Errorf("options %+v, want hosts %v", co, wantHosts)
+	}
+	// An operator of one namespace keeps its shard's APIService, unless
+	// the flag names one (or none).
+	if got := queryAPICertOptions(q, ns, "fleet-07").APIServiceName; got != "v1alpha1.fleet-07.query.kubetwin.io" {
+		t.Errorf("--namespace fleet-07: APIService %q, want the shard's", got)
+	}
+	for _, name := range []string{"v1alpha1.query.kubetwin.io", ""} {
+		if err := fs.Parse([]string{"--query-api-apiservice-name=" + name}); err != nil {
+			t.Fatal(err)
+		}
+		if got := queryAPICertOptions(q, ns, "fleet-07").APIServiceName; got != name {
+			t.Errorf("--query-api-apiservice-name=%s: APIService %q", name, got)
+		}
 	}
 	if err := fs.Parse([]string{"--query-api-service-namespace=edge"}); err != nil {
 		t.Fatal(err)

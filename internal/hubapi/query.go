@@ -250,10 +250,12 @@ func (h *Handler) runQuery(ctx context.Context, q *query.Query, hash string, fro
 	if star {
 		paths = q.WherePaths() // the documents returned are rendered whole
 	}
-	cands := twinscan.Matches(q, twinscan.NewPartial(paths), twins, !star)
+	part := twinscan.NewPartial(paths)
 	if stream {
-		return h.streamPage(ctx, q, hash, cands, p)
+		// Rows are made only for the page's twins.
+		return h.streamPage(ctx, q, hash, part, twinscan.Matches(q, part, twins, false), p)
 	}
+	cands := twinscan.Matches(q, part, twins, !star)
 
 	// TOP, groups and aggregates: every matching device's row.
 	devices := cands[:0]
@@ -325,7 +327,7 @@ func (h *Handler) runQuery(ctx context.Context, q *query.Query, hash string, fro
 // more shows that another page exists (or the page has no room for it).
 // A page deep into a large fleet so costs a scan of the fleet, not a sort
 // of it and a rendering of every twin.
-func (h *Handler) streamPage(ctx context.Context, q *query.Query, hash string, cands []twinscan.Match, p *page) (string, error) {
+func (h *Handler) streamPage(ctx context.Context, q *query.Query, hash string, part *twinscan.Partial, cands []twinscan.Match, p *page) (string, error) {
 	star := q.ItemType() == query.ItemTypeTwin
 	var last twinKey
 	for c := range inOrder(cands, compareMatches, 2*p.size+16) {
@@ -336,7 +338,7 @@ func (h *Handler) streamPage(ctx context.Context, q *query.Query, hash string, c
 		if star {
 			item = hubtwin.FromDeviceTwin(c.Twin)
 		} else {
-			res, err := q.Run([]map[string]any{c.Doc})
+			res, err := q.Run([]map[string]any{part.Doc(c.Twin)})
 			if err != nil {
 				return "", err
 			}

@@ -121,6 +121,8 @@ type Answer struct {
 	Listed, Pages int
 	// Via is how the query was answered: ViaAPI or ViaList.
 	Via string
+	// Group is the query API group that answered, with ViaAPI.
+	Group string
 }
 
 // Execute answers q over the DeviceTwins of namespace ("" for all): it
@@ -250,52 +252,73 @@ const (
 	ViaAuto = "auto"
 )
 
-// NewQueryAPIClient returns a REST client for query.kubetwin.io/v1alpha1.
-func NewQueryAPIClient(cfg *rest.Config) (rest.Interface, error) {
-	return restClient(cfg, schema.GroupVersion{Group: wire.Group, Version: wire.Version}, "/apis", clientgoscheme.Codecs)
+// QueryAPI is one group of the operator's query API, as the plugin calls
+// it: wire.Group, served by an operator that watches every namespace, or
+// wire.ShardGroup(namespace), served by the operator of that namespace's
+// shard.
+type QueryAPI struct {
+	// Group is the API group.
+	Group string
+	c     rest.Interface
 }
 
-// QueryAPIServed asks kube-apiserver's discovery whether it serves the
-// query API (an APIService that is Available). When it does not, it says
-// why: not installed (404), installed but not available (503), or the
-// error.
-func QueryAPIServed(ctx context.Context, c rest.Interface) (bool, string) {
-	res := c.Get().AbsPath("/apis/" + wire.GroupVersion).Do(ctx)
+// NewQueryAPI returns a client of group's query API.
+func NewQueryAPI(cfg *rest.Config, group string) (*QueryAPI, error) {
+	c, err := restClient(cfg, schema.GroupVersion{Group: group, Version: wire.Version}, "/apis", clientgoscheme.Codecs)
+	if err != nil {
+		return nil, err
+	}
+	return &QueryAPI{Group: group, c: c}, nil
+}
+
+// notInstalledError: no APIService serves the group.
+type notInstalledError struct{ msg string }
+
+func (e *notInstalledError) Error() string { return e.msg }
+
+// Served asks kube-apiserver's discovery whether it serves the query API
+// of a.Group (an APIService that is Available). When it does not, it
+// says why: not installed (404, a *notInstalledError),
+// installed but not available (503), or the error.
+func (a *QueryAPI) Served(ctx context.Context) (bool, error) {
+	gv := wire.GroupVersionOf(a.Group)
+	res := a.c.Get().AbsPath("/apis/" + gv).Do(ctx)
 	if err := res.Error(); err != nil {
 		switch {
 		case apierrors.IsNotFound(err):
-			return false, wire.GroupVersion + " is not served (no APIService: the chart's queryAPI.enabled installs it)"
+			return false, &notInstalledError{gv + " is not served (no APIService: the chart's queryAPI.enabled installs it)"}
 		case apierrors.IsServiceUnavailable(err):
-			return false, wire.GroupVersion + " is installed but not available (kubectl get apiservice " + wire.Version + "." + wire.Group + ")"
+			return false, errors.New(gv + " is installed but not available (kubectl get apiservice " + wire.Version + "." + a.Group + ")")
 		}
-		return false, "discovery of " + wire.GroupVersion + " failed: " + err.Error()
+		return false, errors.New("discovery of " + gv + " failed: " + err.Error())
 	}
 	raw, _ := res.Raw()
 	var rl metav1.APIResourceList
 	if err := json.Unmarshal(raw, &rl); err != nil {
-		return false, "discovery of " + wire.GroupVersion + " is not an APIResourceList: " + err.Error()
+		return false, errors.New("discovery of " + gv + " is not an APIResourceList: " + err.Error())
 	}
 	for _, r := range rl.APIResources {
 		if r.Name == wire.Resource {
-			return true, ""
+			return true, nil
 		}
 	}
-	return false, wire.GroupVersion + " does not serve " + wire.Resource
+	return false, errors.New(gv + " does not serve " + wire.Resource)
 }
 
-// ExecuteAPI answers q over the DeviceTwins of namespace ("" for all)
-// with the operator's query API: one request, answered from the
-// operator's cache. Its answer is the one Execute computes from a LIST
-// (the operator's cache may lag the API server by the watch's delay).
-func ExecuteAPI(ctx context.Context, c rest.Interface, namespace string, q *query.Query) (*Answer, error) {
+// Execute answers q over the DeviceTwins of namespace ("" for all) with
+// the query API: one request, answered from the operator's cache. Its
+// answer is the one Execute computes from a LIST (the operator's cache
+// may lag the API server by the watch's delay).
+func (a *QueryAPI) Execute(ctx context.Context, namespace string, q *query.Query) (*Answer, error) {
+	gv := wire.GroupVersionOf(a.Group)
 	body, err := json.Marshal(wire.TwinQuery{
-		TypeMeta: metav1.TypeMeta{APIVersion: wire.GroupVersion, Kind: wire.Kind},
+		TypeMeta: metav1.TypeMeta{APIVersion: gv, Kind: wire.Kind},
 		Spec:     wire.TwinQuerySpec{Query: q.String()},
 	})
 	if err != nil {
 		return nil, err
 	}
-	res := c.Post().NamespaceIfScoped(namespace, namespace != "").Resource(wire.Resource).
+	res := a.c.Post().NamespaceIfScoped(namespace, namespace != "").Resource(wire.Resource).
 		SetHeader("Content-Type", "application/json").Body(body).Do(ctx)
 	if err := res.Error(); err != nil {
 		return nil, err // Error decodes the Status (Raw would not)
@@ -306,7 +329,7 @@ func ExecuteAPI(ctx context.Context, c rest.Interface, namespace string, q *quer
 		return nil, fmt.Errorf("the query API's answer is not a %s: %w", wire.Kind, err)
 	}
 	st := tq.Status
-	ans := &Answer{Listed: st.Evaluated, Via: ViaAPI}
+	ans := &Answer{Listed: st.Evaluated, Via: ViaAPI, Group: a.Group}
 	ans.ItemType = st.ItemType
 	ans.GroupKeys = st.GroupKeys
 	ans.Items = make([]map[string]any, len(st.Items))

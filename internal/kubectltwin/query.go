@@ -11,6 +11,7 @@ import (
 
 	"github.com/spf13/cobra"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/client-go/rest"
 
 	"github.com/kubetwin/kubetwin/internal/query"
 	"github.com/kubetwin/kubetwin/internal/queryapi/wire"
@@ -169,6 +170,9 @@ func newQueryCommand(o *options) *cobra.Command {
 // when kube-apiserver serves it and lists otherwise, or when the API
 // cannot answer (too large an answer, a namespace its operator does not
 // watch, RBAC). The note says why it listed.
+//
+// For one namespace it asks that namespace's shard (wire.ShardGroup)
+// first, then the cluster's query API (wire.Group).
 func (o *options) execute(ctx context.Context, ns string, q *query.Query, chunkSize int64, via string) (*Answer, string, error) {
 	cfg, err := o.config.ToRESTConfig()
 	if err != nil {
@@ -176,22 +180,16 @@ func (o *options) execute(ctx context.Context, ns string, q *query.Query, chunkS
 	}
 	var note string
 	if via != ViaList {
-		api, err := NewQueryAPIClient(cfg)
-		if err != nil {
+		ans, why, err := executeAPI(ctx, cfg, ns, q)
+		switch {
+		case ans != nil:
+			return ans, "", nil
+		case via == ViaAPI && err != nil:
 			return nil, "", err
-		}
-		served, why := QueryAPIServed(ctx, api)
-		if !served && via == ViaAPI {
+		case via == ViaAPI:
 			return nil, "", errors.New("--via api: " + why)
 		}
 		note = why
-		if served {
-			ans, err := ExecuteAPI(ctx, api, ns, q)
-			if err == nil || via == ViaAPI {
-				return ans, "", err
-			}
-			note = "the query API did not answer: " + err.Error()
-		}
 	}
 	c, err := NewClient(cfg)
 	if err != nil {
@@ -204,12 +202,50 @@ func (o *options) execute(ctx context.Context, ns string, q *query.Query, chunkS
 	return ans, note, nil
 }
 
+// executeAPI answers q through the query API: the shard group of ns
+// first (when ns is set), then wire.Group. It returns the first answer;
+// else why none answered and, when a served API refused the query, its
+// error (the last one).
+func executeAPI(ctx context.Context, cfg *rest.Config, ns string, q *query.Query) (*Answer, string, error) {
+	groups := []string{wire.Group}
+	if ns != "" {
+		groups = []string{wire.ShardGroup(ns), wire.Group}
+	}
+	var (
+		why     []string
+		lastErr error
+	)
+	for i, g := range groups {
+		api, err := NewQueryAPI(cfg, g)
+		if err != nil {
+			return nil, "", err
+		}
+		served, reason := api.Served(ctx)
+		if !served {
+			// A shard group that is not installed is the common case: the
+			// cluster's API is the one to explain.
+			var absent *notInstalledError
+			if i == len(groups)-1 || !errors.As(reason, &absent) {
+				why = append(why, reason.Error())
+			}
+			continue
+		}
+		ans, err := api.Execute(ctx, ns, q)
+		if err == nil {
+			return ans, "", nil
+		}
+		lastErr = err
+		why = append(why, wire.GroupVersionOf(g)+" did not answer: "+err.Error())
+	}
+	return nil, strings.Join(why, "; "), lastErr
+}
+
 // describeAnswer is the --verbose line.
 func describeAnswer(ans *Answer, note string, took time.Duration) string {
 	took = took.Round(time.Millisecond)
 	if ans.Via == ViaAPI {
 		return fmt.Sprintf("answered by the query API (%s, the operator's cache) in %v: %d items, %d twins evaluated",
-			wire.GroupVersion, took, len(ans.Items), ans.Listed)
+			wire.GroupVersionOf(ans.Group), took, len(ans.Items), ans.Listed)
 	}
 	s := fmt.Sprintf("answered by listing %d DeviceTwins (%d pages) in %v: %d items", ans.Listed, ans.Pages, took, len(ans.Items))
 	if note != "" {

@@ -440,7 +440,7 @@ func BenchmarkFleetThroughAPIServer(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	ac, err := kubectltwin.NewQueryAPIClient(p.env.Config)
+	ac, err := kubectltwin.NewQueryAPI(p.env.Config, wire.Group)
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -461,7 +461,7 @@ func BenchmarkFleetThroughAPIServer(b *testing.B) {
 					if via == kubectltwin.ViaList {
 						ans, err = kubectltwin.Execute(ctx, lc, "scale", q, kubectltwin.DefaultChunkSize)
 					} else {
-						ans, err = kubectltwin.ExecuteAPI(ctx, ac, "scale", q)
+						ans, err = ac.Execute(ctx, "scale", q)
 					}
 					if err != nil {
 						b.Fatal(err)

@@ -192,6 +192,47 @@ func TestRequests(t *testing.T) {
 	}
 }
 
+// TestShardGroup: an operator watching one namespace serves the API under
+// that namespace's group too (its discovery, and queries whose answer
+// names that group), and no other shard's group.
+func TestShardGroup(t *testing.T) {
+	h := testHandler(&twinReader{twins: twinscantest.Fleet(3)}, Options{Namespace: "scale"}, nil)
+	shard := wire.GroupVersionOf(wire.ShardGroup("scale"))
+	get := func(path string) *httptest.ResponseRecorder {
+		rec := httptest.NewRecorder()
+		h.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, path, nil))
+		return rec
+	}
+	rec := get("/apis/" + shard)
+	var rl metav1.APIResourceList
+	if err := json.Unmarshal(rec.Body.Bytes(), &rl); rec.Code != http.StatusOK || err != nil || rl.GroupVersion != shard ||
+		len(rl.APIResources) != 1 || rl.APIResources[0].Name != wire.Resource {
+		t.Fatalf("discovery of %s: %d %s", shard, rec.Code, rec.Body)
+	}
+	for _, p := range []string{"/apis/" + wire.GroupVersionOf(wire.ShardGroup("other")), "/apis/" + wire.ShardGroup("scale") + "/v2"} {
+		if rec := get(p); rec.Code != http.StatusNotFound {
+			t.Errorf("%s: %d, want 404", p, rec.Code)
+		}
+	}
+	body, _ := json.Marshal(wire.TwinQuery{TypeMeta: metav1.TypeMeta{APIVersion: shard, Kind: wire.Kind}, Spec: wire.TwinQuerySpec{Query: "SELECT * FROM devices"}})
+	rec = httptest.NewRecorder()
+	h.ServeHTTP(rec, httptest.NewRequest(http.MethodPost, "/apis/"+shard+"/namespaces/scale/"+wire.Resource, bytes.NewReader(body)))
+	var tq wire.TwinQuery
+	if err := json.Unmarshal(rec.Body.Bytes(), &tq); rec.Code != http.StatusCreated || err != nil || tq.APIVersion != shard || len(tq.Status.Items) != 3 {
+		t.Fatalf("query through %s: %d %s", shard, rec.Code, rec.Body)
+	}
+	// The cluster's group's apiVersion is not the shard's.
+	rec = postQuery(h, "scale", "SELECT * FROM devices")
+	if rec.Code != http.StatusCreated || !strings.Contains(rec.Body.String(), `"apiVersion":"`+wire.GroupVersion+`"`) {
+		t.Errorf("query through %s: %d %s", wire.GroupVersion, rec.Code, rec.Body)
+	}
+	// An operator of every namespace has no shard group.
+	h = testHandler(&twinReader{twins: twinscantest.Fleet(3)}, Options{}, nil)
+	if rec := get("/apis/" + shard); rec.Code != http.StatusNotFound {
+		t.Errorf("cluster-wide operator, %s: %d, want 404", shard, rec.Code)
+	}
+}
+
 // BenchmarkAnswer100k: a residual query over 100,000 cached twins, as the
 // handler answers it (list, label prefilter, partial documents on every
 // core, sort, encode). The twins are made once, before the timer.

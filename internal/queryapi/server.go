@@ -75,10 +75,15 @@ type Options struct {
 	Log              logr.Logger
 }
 
-// Handler serves the API.
+// Handler serves the API under wire.Group and, when it serves one
+// namespace, also under that namespace's wire.ShardGroup: whichever
+// APIService leads to it (the chart registers the shard's group for an
+// operator that watches one namespace, so that shards do not contend for
+// one APIService).
 type Handler struct {
-	o     Options
-	slots chan struct{}
+	o      Options
+	slots  chan struct{}
+	groups []string
 }
 
 // NewHandler returns the API's HTTP handler.
@@ -87,10 +92,15 @@ func NewHandler(o Options) *Handler {
 	if o.MaxResponseBytes <= 0 {
 		o.MaxResponseBytes = DefaultMaxResponseBytes
 	}
-	return &Handler{o: o, slots: make(chan struct{}, o.MaxConcurrentQueries)}
+	h := &Handler{o: o, slots: make(chan struct{}, o.MaxConcurrentQueries), groups: []string{wire.Group}}
+	if o.Namespace != "" {
+		h.groups = append(h.groups, wire.ShardGroup(o.Namespace))
+	}
+	return h
 }
 
-const apiPrefix = "/apis/" + wire.GroupVersion
+// Groups are the API groups the handler serves.
+func (h *Handler) Groups() []string { return slices.Clone(h.groups) }
 
 // ServeHTTP authenticates every request, then serves discovery to any
 // user and queries to users allowed to list the twins they read.
@@ -106,47 +116,53 @@ func (h *Handler) serve(w http.ResponseWriter, r *http.Request) int {
 		return writeStatus(w, apierrors.NewUnauthorized("Unauthorized"))
 	}
 	p := strings.TrimSuffix(r.URL.Path, "/")
-	switch p {
-	case "/apis":
-		return h.discovery(w, r, &metav1.APIGroupList{
-			TypeMeta: metav1.TypeMeta{Kind: "APIGroupList", APIVersion: "v1"},
-			Groups:   []metav1.APIGroup{apiGroup()},
-		})
-	case "/apis/" + wire.Group:
-		g := apiGroup()
+	if p == "/apis" {
+		l := &metav1.APIGroupList{TypeMeta: metav1.TypeMeta{Kind: "APIGroupList", APIVersion: "v1"}}
+		for _, g := range h.groups {
+			l.Groups = append(l.Groups, apiGroup(g))
+		}
+		return h.discovery(w, r, l)
+	}
+	// /apis/{group}[/{version}[/...]]
+	segs := strings.SplitN(strings.TrimPrefix(p, "/apis/"), "/", 3)
+	if !strings.HasPrefix(p, "/apis/") || !slices.Contains(h.groups, segs[0]) || len(segs) > 1 && segs[1] != wire.Version {
+		return writeStatus(w, apierrors.NewNotFound(schema.GroupResource{}, p))
+	}
+	group := segs[0]
+	gv := wire.GroupVersionOf(group)
+	switch len(segs) {
+	case 1:
+		g := apiGroup(group)
 		g.TypeMeta = metav1.TypeMeta{Kind: "APIGroup", APIVersion: "v1"}
 		return h.discovery(w, r, &g)
-	case apiPrefix:
+	case 2:
 		return h.discovery(w, r, &metav1.APIResourceList{
 			TypeMeta:     metav1.TypeMeta{Kind: "APIResourceList", APIVersion: "v1"},
-			GroupVersion: wire.GroupVersion,
+			GroupVersion: gv,
 			APIResources: []metav1.APIResource{{
 				Name: wire.Resource, SingularName: "twinquery", Namespaced: true, Kind: wire.Kind,
 				Verbs: metav1.Verbs{"create"},
 			}},
 		})
 	}
-	rest, ok := strings.CutPrefix(p, apiPrefix+"/")
-	if !ok {
-		return writeStatus(w, apierrors.NewNotFound(schema.GroupResource{}, p))
-	}
+	rest := segs[2]
 	var ns string
 	switch segs := strings.Split(rest, "/"); {
 	case len(segs) == 1 && segs[0] == wire.Resource:
 	case len(segs) == 3 && segs[0] == "namespaces" && segs[1] != "" && segs[2] == wire.Resource:
 		ns = segs[1]
 	default:
-		return writeStatus(w, apierrors.NewNotFound(schema.GroupResource{Group: wire.Group, Resource: wire.Resource}, rest))
+		return writeStatus(w, apierrors.NewNotFound(schema.GroupResource{Group: group, Resource: wire.Resource}, rest))
 	}
 	if r.Method != http.MethodPost {
-		return writeStatus(w, apierrors.NewMethodNotSupported(schema.GroupResource{Group: wire.Group, Resource: wire.Resource}, r.Method))
+		return writeStatus(w, apierrors.NewMethodNotSupported(schema.GroupResource{Group: group, Resource: wire.Resource}, r.Method))
 	}
-	return h.query(w, r, resp.User, ns)
+	return h.query(w, r, resp.User, gv, ns)
 }
 
-func apiGroup() metav1.APIGroup {
-	v := metav1.GroupVersionForDiscovery{GroupVersion: wire.GroupVersion, Version: wire.Version}
-	return metav1.APIGroup{Name: wire.Group, Versions: []metav1.GroupVersionForDiscovery{v}, PreferredVersion: v}
+func apiGroup(group string) metav1.APIGroup {
+	v := metav1.GroupVersionForDiscovery{GroupVersion: wire.GroupVersionOf(group), Version: wire.Version}
+	return metav1.APIGroup{Name: group, Versions: []metav1.GroupVersionForDiscovery{v}, PreferredVersion: v}
 }
 
 func (h *Handler) discovery(w http.ResponseWriter, r *http.Request, body any) int {
@@ -160,7 +176,7 @@ func (h *Handler) discovery(w http.ResponseWriter, r *http.Request, body any) in
 // devicetwins is what a query reads, and what the user must be allowed to list.
 var devicetwins = schema.GroupResource{Group: v1alpha1.GroupVersion.Group, Resource: "devicetwins"}
 
-func (h *Handler) query(w http.ResponseWriter, r *http.Request, u user.Info, ns string) int {
+func (h *Handler) query(w http.ResponseWriter, r *http.Request, u user.Info, gv, ns string) int {
 	if h.o.Namespace != "" && ns != h.o.Namespace {
 		where := "all namespaces"
 		if ns != "" {
@@ -202,12 +218,12 @@ func (h *Handler) query(w http.ResponseWriter, r *http.Request, u user.Info, ns 
 	dec := json.NewDecoder(bytes.NewReader(body))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&tq); err != nil {
-		return writeStatus(w, apierrors.NewBadRequest(`the request body must be a TwinQuery {"apiVersion": "`+wire.GroupVersion+
+		return writeStatus(w, apierrors.NewBadRequest(`the request body must be a TwinQuery {"apiVersion": "`+gv+
 			`", "kind": "`+wire.Kind+`", "spec": {"query": "SELECT ..."}}: `+err.Error()))
 	}
 	switch {
-	case tq.APIVersion != "" && tq.APIVersion != wire.GroupVersion:
-		return writeStatus(w, apierrors.NewBadRequest(fmt.Sprintf("apiVersion %q: this API serves %s", tq.APIVersion, wire.GroupVersion)))
+	case tq.APIVersion != "" && tq.APIVersion != gv:
+		return writeStatus(w, apierrors.NewBadRequest(fmt.Sprintf("apiVersion %q: this API serves %s", tq.APIVersion, gv)))
 	case tq.Kind != "" && tq.Kind != wire.Kind:
 		return writeStatus(w, apierrors.NewBadRequest(fmt.Sprintf("kind %q: this resource takes a %s", tq.Kind, wire.Kind)))
 	case tq.Namespace != "" && tq.Namespace != ns:
@@ -248,7 +264,7 @@ func (h *Handler) query(w http.ResponseWriter, r *http.Request, u user.Info, ns 
 		h.o.Log.Error(err, "answering a query", "namespace", ns)
 		return writeStatus(w, apierrors.NewInternalError(err))
 	}
-	tq.TypeMeta = metav1.TypeMeta{Kind: wire.Kind, APIVersion: wire.GroupVersion}
+	tq.TypeMeta = metav1.TypeMeta{Kind: wire.Kind, APIVersion: gv}
 	tq.Namespace = ns
 	tq.Status = *status
 	b, err := json.Marshal(&tq)
@@ -459,7 +475,7 @@ func (s *Server) Start(ctx context.Context) error {
 		defer cancel()
 		_ = srv.Shutdown(sctx)
 	}()
-	s.Log.Info("serving the query API", "address", ln.Addr().String(), "groupVersion", wire.GroupVersion)
+	s.Log.Info("serving the query API", "address", ln.Addr().String(), "groups", s.Handler.Groups())
 	if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
 		return err
 	}

@@ -26,6 +26,18 @@ type Match struct {
 // time. It returns the twins that match, in the order given, with their
 // partial documents if docs is set.
 func Matches(q *query.Query, p *Partial, twins []*v1alpha1.DeviceTwin, docs bool) []Match {
+	if !docs && len(q.WherePaths()) == 0 {
+		// A condition that reads no path (or none) has one value for
+		// every twin.
+		if !q.Match(map[string]any{}) {
+			return nil
+		}
+		out := make([]Match, len(twins))
+		for i, t := range twins {
+			out[i] = Match{Twin: t, DeviceID: hubtwin.DeviceID(t)}
+		}
+		return out
+	}
 	const chunk = 2048
 	workers := min(runtime.GOMAXPROCS(0), (len(twins)+chunk-1)/chunk)
 	if workers <= 1 {

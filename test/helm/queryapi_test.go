@@ -59,8 +59,12 @@ func TestQueryAPIChart(t *testing.T) {
 			}
 			mc := d.Spec.Template.Spec.Containers[0]
 			port := containerPort(t, mc, svc.Spec.Ports[0].TargetPort)
-			for _, a := range []string{"--query-api-bind-address=:" + itoa(port), "--query-api-max-concurrent-queries=4",
-				"--query-api-max-response-bytes=33554432"} {
+			wantArgs := []string{"--query-api-bind-address=:" + itoa(port), "--query-api-max-concurrent-queries=4",
+				"--query-api-max-response-bytes=33554432"}
+			if !c.certManager && !c.yours {
+				wantArgs = append(wantArgs, "--query-api-apiservice-name=v1alpha1.query.kubetwin.io")
+			}
+			for _, a := range wantArgs {
 				if !slices.Contains(mc.Args, a) {
 					t.Errorf("args %v lack %s", mc.Args, a)
 				}
@@ -136,11 +140,59 @@ func TestQueryAPIChart(t *testing.T) {
 					t.Errorf("ClusterRole labels %v lack aggregate-to-%s", cr.Labels, l)
 				}
 			}
-			if len(cr.Rules) != 1 || !slices.Equal(cr.Rules[0].Resources, []string{"twinqueries"}) || !slices.Equal(cr.Rules[0].Verbs, []string{"create"}) {
+			if len(cr.Rules) != 1 || !slices.Equal(cr.Rules[0].APIGroups, []string{"query.kubetwin.io"}) ||
+				!slices.Equal(cr.Rules[0].Resources, []string{"twinqueries"}) || !slices.Equal(cr.Rules[0].Verbs, []string{"create"}) {
 				t.Errorf("ClusterRole rules %+v", cr.Rules)
 			}
 		})
 	}
+
+	t.Run("shard (watchNamespace)", func(t *testing.T) {
+		objs := render(t, rel.name, rel.namespace, "--set", "watchNamespace=fleet-07")
+		const group = "fleet-07.query.kubetwin.io"
+		as := find(t, objs, "APIService", "v1alpha1."+group)
+		if g, _, _ := unstructured.NestedString(as.Object, "spec", "group"); g != group {
+			t.Errorf("APIService group %q, want %s", g, group)
+		}
+		if a := "--query-api-apiservice-name=v1alpha1." + group; !slices.Contains(deploymentArgs(t, objs), a) {
+			t.Errorf("args %v lack %s", deploymentArgs(t, objs), a)
+		}
+		cr := &rbacv1.ClusterRole{}
+		if err := k8sFromUnstructured(find(t, objs, "ClusterRole", rel.prefix+"-twinqueries-view"), cr); err != nil {
+			t.Fatal(err)
+		}
+		if len(cr.Rules) != 1 || !slices.Equal(cr.Rules[0].APIGroups, []string{group}) {
+			t.Errorf("twinqueries ClusterRole rules %+v, want the shard's group", cr.Rules)
+		}
+		ca := &rbacv1.ClusterRole{}
+		if err := k8sFromUnstructured(find(t, objs, "ClusterRole", rel.prefix+"-query-api-ca"), ca); err != nil {
+			t.Fatal(err)
+		}
+		if len(ca.Rules) != 1 || !slices.Equal(ca.Rules[0].ResourceNames, []string{"v1alpha1." + group}) {
+			t.Errorf("caBundle ClusterRole rules %+v, want the shard's APIService", ca.Rules)
+		}
+	})
+
+	// Two shards' releases: nothing cluster-scoped that one renders is
+	// the other's, so both install side by side.
+	t.Run("two shards", func(t *testing.T) {
+		seen := map[string]string{}
+		for _, sh := range []struct{ release, ns, watch string }{{"shard-a", "shard-a-system", "fleet-a"}, {"shard-b", "shard-b-system", "fleet-b"}} {
+			for _, o := range render(t, sh.release, sh.ns, "--set", "watchNamespace="+sh.watch) {
+				if o.GetNamespace() != "" || o.GetKind() == "CustomResourceDefinition" {
+					continue // namespaced; the CRDs are shared (helm skips existing ones)
+				}
+				k := o.GetKind() + "/" + o.GetName()
+				if other, ok := seen[k]; ok && other != sh.release {
+					t.Errorf("%s rendered by both %s and %s", k, other, sh.release)
+				}
+				seen[k] = sh.release
+			}
+		}
+		if _, ok := seen["APIService/v1alpha1.fleet-a.query.kubetwin.io"]; !ok {
+			t.Errorf("no shard APIService among %v", seen)
+		}
+	})
 
 	t.Run("off", func(t *testing.T) {
 		objs := render(t, rel.name, rel.namespace, "--set", "queryAPI.enabled=false")

@@ -247,3 +247,12 @@ Checks across values that the schema cannot express well; each fails with a mess
 {{- fail "webhook.certificates.mode=provided needs webhook.certificates.provided.caBundle (base64 PEM of the CA that signed the Secret's certificate)" }}
 {{- end }}
 {{- end }}
+
+{{/*
+The query API's group: query.kubetwin.io for an operator of every namespace; with watchNamespace, that shard's own,
+<watchNamespace>.query.kubetwin.io, so that the releases of several shards register an APIService each instead of
+contending for one (kubectl twin query -n asks the namespace's own group first).
+*/}}
+{{- define "kubetwin.queryAPIGroup" -}}
+{{- if .Values.watchNamespace }}{{ printf "%s.query.kubetwin.io" .Values.watchNamespace }}{{ else }}query.kubetwin.io{{ end }}
+{{- end }}

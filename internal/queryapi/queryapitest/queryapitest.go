@@ -7,6 +7,7 @@
 package queryapitest
 
 import (
+	"cmp"
 	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -22,6 +23,8 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
+	"sync"
 	"time"
 
 	"github.com/go-logr/logr"
@@ -51,6 +54,18 @@ const (
 	APIServiceName   = wire.Version + "." + wire.Group
 	frontProxyName   = "front-proxy-client"
 )
+
+// APIServiceNameOf is the APIService of group's version.
+func APIServiceNameOf(group string) string { return wire.Version + "." + group }
+
+// ServiceNameOf is the Service the APIService of group leads to:
+// ServiceName for wire.Group, ServiceName-<namespace> for a shard's.
+func ServiceNameOf(group string) string {
+	if ns, ok := strings.CutSuffix(group, "."+wire.Group); ok {
+		return ServiceName + "-" + ns
+	}
+	return ServiceName
+}
 
 // FrontProxy is the front-proxy configuration of a test API server.
 type FrontProxy struct {
@@ -161,15 +176,23 @@ func newCert(cn string, parent *x509.Certificate, parentKey *ecdsa.PrivateKey, h
 type Running struct {
 	// Addr is where the server listens (127.0.0.1:port).
 	Addr   string
+	group  string
 	cancel context.CancelFunc
 	done   chan error
 	admin  client.Client
+	// stopped makes Stop once only (a test's cleanup may stop it again).
+	stopped sync.Once
+	stopErr error
 }
 
 // Options of Serve.
 type Options struct {
 	// Namespace the "operator" watches ("" for all).
 	Namespace string
+	// Group is the API group to register the server's APIService for
+	// (wire.Group if empty); the server also serves
+	// wire.ShardGroup(Namespace) when Namespace is set.
+	Group string
 	// MaxConcurrentQueries and MaxResponseBytes, 0 for the defaults.
 	MaxConcurrentQueries, MaxResponseBytes int
 	Log                                    logr.Logger
@@ -191,7 +214,8 @@ func Serve(ctx context.Context, admin *rest.Config, o Options) (*Running, error)
 		return nil, err
 	}
 	ctx, cancel := context.WithCancel(ctx)
-	r := &Running{cancel: cancel, done: make(chan error, 1), admin: c}
+	group := cmp.Or(o.Group, wire.Group)
+	r := &Running{cancel: cancel, done: make(chan error, 1), admin: c, group: group}
 	ok := false
 	defer func() {
 		if !ok {
@@ -223,7 +247,7 @@ func Serve(ctx context.Context, admin *rest.Config, o Options) (*Running, error)
 	if err != nil {
 		return nil, err
 	}
-	host := ServiceName + "." + ServiceNamespace + ".svc"
+	host := ServiceNameOf(group) + "." + ServiceNamespace + ".svc"
 	_, servingCert, servingPEM, err := newServing(host)
 	if err != nil {
 		return nil, err
@@ -254,7 +278,7 @@ func Serve(ctx context.Context, admin *rest.Config, o Options) (*Running, error)
 		}
 	}
 	r.Addr = srv.ListenAddr().String()
-	if err := Register(ctx, admin, r.Addr, servingPEM); err != nil {
+	if err := RegisterGroup(ctx, admin, group, r.Addr, servingPEM); err != nil {
 		return nil, err
 	}
 	ok = true
@@ -271,7 +295,12 @@ func newServing(host string) (*ecdsa.PrivateKey, tls.Certificate, []byte, error)
 	return key, tls.Certificate{Certificate: [][]byte{cert.Raw}, PrivateKey: key, Leaf: cert}, certPEM, nil
 }
 
-// Register points kube-apiserver at a query API server listening on addr
+// Register is RegisterGroup of wire.Group.
+func Register(ctx context.Context, admin *rest.Config, addr string, caBundle []byte) error {
+	return RegisterGroup(ctx, admin, wire.Group, addr, caBundle)
+}
+
+// RegisterGroup points kube-apiserver at a query API server of group listening on addr
 // (an IP address and port, e.g. an operator started with
 // --query-api-bind-address=127.0.0.1:8444): it creates the Service
 // (ExternalName: kube-apiserver's proxy dials the address it holds) and
@@ -279,7 +308,7 @@ func newServing(host string) (*ecdsa.PrivateKey, tls.Certificate, []byte, error)
 // operator's self-signed certificate), and waits until kube-apiserver
 // reports it Available and serves its discovery. admin is a
 // system:masters configuration.
-func Register(ctx context.Context, admin *rest.Config, addr string, caBundle []byte) error {
+func RegisterGroup(ctx context.Context, admin *rest.Config, group, addr string, caBundle []byte) error {
 	c, err := client.New(admin, client.Options{})
 	if err != nil {
 		return err
@@ -293,16 +322,16 @@ func Register(ctx context.Context, admin *rest.Config, addr string, caBundle []b
 		return fmt.Errorf("port of %s: %w", addr, err)
 	}
 	svc := &corev1.Service{
-		ObjectMeta: metav1.ObjectMeta{Namespace: ServiceNamespace, Name: ServiceName},
+		ObjectMeta: metav1.ObjectMeta{Namespace: ServiceNamespace, Name: ServiceNameOf(group)},
 		Spec:       corev1.ServiceSpec{Type: corev1.ServiceTypeExternalName, ExternalName: host},
 	}
 	if err := c.Create(ctx, svc); err != nil && !apierrors.IsAlreadyExists(err) {
-		return fmt.Errorf("creating Service %s/%s: %w", ServiceNamespace, ServiceName, err)
+		return fmt.Errorf("creating Service %s/%s: %w", ServiceNamespace, svc.Name, err)
 	}
 	spec := map[string]any{
-		"group": wire.Group, "version": wire.Version,
+		"group": group, "version": wire.Version,
 		"groupPriorityMinimum": int64(1000), "versionPriority": int64(100),
-		"service": map[string]any{"namespace": ServiceNamespace, "name": ServiceName, "port": int64(port)},
+		"service": map[string]any{"namespace": ServiceNamespace, "name": svc.Name, "port": int64(port)},
 	}
 	if caBundle != nil {
 		spec["caBundle"] = caBundle
@@ -312,29 +341,29 @@ func Register(ctx context.Context, admin *rest.Config, addr string, caBundle []b
 	as := &unstructured.Unstructured{Object: map[string]any{
 		"apiVersion": "apiregistration.k8s.io/v1",
 		"kind":       "APIService",
-		"metadata":   map[string]any{"name": APIServiceName},
+		"metadata":   map[string]any{"name": APIServiceNameOf(group)},
 		"spec":       spec,
 	}}
 	if err := c.Create(ctx, as); err != nil {
-		return fmt.Errorf("creating APIService %s: %w", APIServiceName, err)
+		return fmt.Errorf("creating APIService %s: %w", APIServiceNameOf(group), err)
 	}
-	if err := waitAvailable(ctx, c); err != nil {
+	if err := waitAvailable(ctx, c, group); err != nil {
 		return err
 	}
 	// Available can come before kube-apiserver routes the group: wait
 	// until its discovery answers through it.
-	return waitServed(ctx, admin, true)
+	return waitServed(ctx, admin, group, true)
 }
 
-func waitAvailable(ctx context.Context, c client.Client) error {
+func waitAvailable(ctx context.Context, c client.Client, group string) error {
 	deadline := time.Now().Add(60 * time.Second)
 	for {
-		ok, msg, err := available(ctx, c)
+		ok, msg, err := available(ctx, c, group)
 		if ok {
 			return nil
 		}
 		if time.Now().After(deadline) {
-			return fmt.Errorf("APIService %s did not become Available within 60s: %s (read error: %v)", APIServiceName, msg, err)
+			return fmt.Errorf("APIService %s did not become Available within 60s: %s (read error: %v)", APIServiceNameOf(group), msg, err)
 		}
 		select {
 		case <-ctx.Done():
@@ -344,10 +373,10 @@ func waitAvailable(ctx context.Context, c client.Client) error {
 	}
 }
 
-func available(ctx context.Context, c client.Client) (bool, string, error) {
+func available(ctx context.Context, c client.Client, group string) (bool, string, error) {
 	got := &unstructured.Unstructured{}
 	got.SetGroupVersionKind(schema.GroupVersionKind{Group: "apiregistration.k8s.io", Version: "v1", Kind: "APIService"})
-	if err := c.Get(ctx, client.ObjectKey{Name: APIServiceName}, got); err != nil {
+	if err := c.Get(ctx, client.ObjectKey{Name: APIServiceNameOf(group)}, got); err != nil {
 		return false, "not read", err
 	}
 	conds, _, _ := unstructured.NestedSlice(got.Object, "status", "conditions")
@@ -360,43 +389,52 @@ func available(ctx context.Context, c client.Client) (bool, string, error) {
 	return false, "no Available condition yet", nil
 }
 
-// Stop unregisters the server (Unregister) and stops it.
+// Stop unregisters the server (UnregisterGroup) and stops it; again, it
+// returns what the first Stop did.
 func (r *Running) Stop(ctx context.Context, admin *rest.Config) error {
-	err := Unregister(ctx, admin)
-	r.cancel()
-	return errors.Join(err, <-r.done)
+	r.stopped.Do(func() {
+		err := UnregisterGroup(ctx, admin, r.group)
+		r.cancel()
+		r.stopErr = errors.Join(err, <-r.done)
+	})
+	return r.stopErr
 }
 
-// Unregister deletes the APIService and the Service and waits until
-// kube-apiserver no longer serves the group (a 404 for its discovery).
+// Unregister is UnregisterGroup of wire.Group.
 func Unregister(ctx context.Context, admin *rest.Config) error {
+	return UnregisterGroup(ctx, admin, wire.Group)
+}
+
+// UnregisterGroup deletes group's APIService and Service and waits until
+// kube-apiserver no longer serves the group (a 404 for its discovery).
+func UnregisterGroup(ctx context.Context, admin *rest.Config, group string) error {
 	c, err := client.New(admin, client.Options{})
 	if err != nil {
 		return err
 	}
 	as := &unstructured.Unstructured{}
 	as.SetGroupVersionKind(schema.GroupVersionKind{Group: "apiregistration.k8s.io", Version: "v1", Kind: "APIService"})
-	as.SetName(APIServiceName)
+	as.SetName(APIServiceNameOf(group))
 	return errors.Join(client.IgnoreNotFound(c.Delete(ctx, as)),
-		client.IgnoreNotFound(c.Delete(ctx, &corev1.Service{ObjectMeta: metav1.ObjectMeta{Namespace: ServiceNamespace, Name: ServiceName}})),
-		waitServed(ctx, admin, false))
+		client.IgnoreNotFound(c.Delete(ctx, &corev1.Service{ObjectMeta: metav1.ObjectMeta{Namespace: ServiceNamespace, Name: ServiceNameOf(group)}})),
+		waitServed(ctx, admin, group, false))
 }
 
-// waitServed waits until kube-apiserver serves the group's discovery
+// waitServed waits until kube-apiserver serves group's discovery
 // (served) or answers 404 for it (!served).
-func waitServed(ctx context.Context, admin *rest.Config, served bool) error {
+func waitServed(ctx context.Context, admin *rest.Config, group string, served bool) error {
 	kube, err := kubernetes.NewForConfig(admin)
 	if err != nil {
 		return err
 	}
 	deadline := time.Now().Add(30 * time.Second)
 	for {
-		err = kube.Discovery().RESTClient().Get().AbsPath("/apis/" + wire.GroupVersion).Do(ctx).Error()
+		err = kube.Discovery().RESTClient().Get().AbsPath("/apis/" + wire.GroupVersionOf(group)).Do(ctx).Error()
 		if served && err == nil || !served && apierrors.IsNotFound(err) {
 			return nil
 		}
 		if time.Now().After(deadline) {
-			return fmt.Errorf("kube-apiserver's discovery of %s after 30s (want served: %v): %v", wire.GroupVersion, served, err)
+			return fmt.Errorf("kube-apiserver's discovery of %s after 30s (want served: %v): %v", wire.GroupVersionOf(group), served, err)
 		}
 		select {
 		case <-ctx.Done():

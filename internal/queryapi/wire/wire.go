@@ -9,6 +9,10 @@
 //	/apis/query.kubetwin.io/v1alpha1/namespaces/{namespace}/twinqueries  (the twins of one namespace)
 //	/apis/query.kubetwin.io/v1alpha1/twinqueries                         (the twins of every namespace)
 //
+// or, served by the operator of one shard (ShardGroup), to
+//
+//	/apis/{namespace}.query.kubetwin.io/v1alpha1/namespaces/{namespace}/twinqueries
+//
 // and gets it back with the answer in its status. Nothing is stored.
 //
 // The types are served, never stored: no CRD is generated for them.
@@ -24,12 +28,25 @@ import (
 
 // Names of the API.
 const (
+	// Group is the API group of an operator that watches every namespace
+	// (or of one chosen to answer for the whole cluster).
 	Group        = "query.kubetwin.io"
 	Version      = "v1alpha1"
 	GroupVersion = Group + "/" + Version
 	Resource     = "twinqueries"
 	Kind         = "TwinQuery"
 )
+
+// ShardGroup is the API group of the operator of one shard, which
+// watches namespace alone (its --namespace): <namespace>.query.kubetwin.io,
+// with the same resource and types. Each shard registers an APIService
+// of its own, so every shard of a cluster answers queries from its
+// cache, and a client that queries namespace asks this group first.
+func ShardGroup(namespace string) string { return namespace + "." + Group }
+
+// GroupVersionOf is group's version of the API, e.g.
+// fleet-07.query.kubetwin.io/v1alpha1.
+func GroupVersionOf(group string) string { return group + "/" + Version }
 
 // TwinQuery is a query and, in a reply, its answer.
 type TwinQuery struct {
