@@ -94,8 +94,10 @@ func ageless(table string) string {
 // TestQueryAPIShards: two shards' operators, each watching one namespace,
 // register their own groups (wire.ShardGroup) side by side, with no
 // query API for the whole cluster: the plugin asks each namespace's own
-// shard, whose answer is the listing's, and lists every namespace, or a
-// namespace whose shard is gone, itself.
+// shard, whose answer is the listing's; over every namespace (-A) it
+// merges the shards' answers with a listing of the other namespaces, in
+// the listing's order, for SELECT * (with and without TOP), and lists
+// projections; a namespace whose shard is gone is listed.
 func TestQueryAPIShards(t *testing.T) {
 	ctx := context.Background()
 	shards := map[string]*queryapitest.Running{}
@@ -131,17 +133,32 @@ func TestQueryAPIShards(t *testing.T) {
 			t.Errorf("-n %s: the shard answers\n%s\nlisting gives\n%s", ns, got.stdout, want.stdout)
 		}
 	}
-	r := ok(t, "query", "-A", "-o", "json", "--verbose", q)
-	if !strings.Contains(r.stderr, "answered by listing") || !strings.Contains(r.stderr, wire.GroupVersion+" is not served") {
-		t.Fatalf("-A without the cluster's query API: --verbose says %s", r.stderr)
+	allNamespaces := func(shards string) {
+		t.Helper()
+		for _, q := range []string{q, "SELECT TOP 4 * FROM devices WHERE IS_DEFINED(tags)", "SELECT * FROM devices WHERE deviceId != 'nothing'"} {
+			want := ok(t, "query", "-A", "-o", "json", "--via", "list", q)
+			got := ok(t, "query", "-A", "-o", "json", "--verbose", q)
+			if !strings.Contains(got.stderr, "answered by the shards' query APIs ("+shards+":") {
+				t.Fatalf("-A %q: --verbose says %s", q, got.stderr)
+			}
+			if canon(t, got.stdout) != canon(t, want.stdout) {
+				t.Errorf("-A %q: merged\n%s\nlisting gives\n%s", q, got.stdout, want.stdout)
+			}
+		}
+		r := ok(t, "query", "-A", "-o", "json", "--verbose", "SELECT deviceId FROM devices")
+		if !strings.Contains(r.stderr, "answered by listing") {
+			t.Fatalf("-A projection: --verbose says %s", r.stderr)
+		}
 	}
+	allNamespaces("shard-a, shard-b")
 
 	// One shard's API gone: its namespace is listed, the other shard
 	// still answers.
 	if err := shards["shard-a"].Stop(ctx, testEnv.Config); err != nil {
 		t.Fatal(err)
 	}
-	r = ok(t, "query", "-n", "shard-a", "-o", "json", "--verbose", q)
+	allNamespaces("shard-b")
+	r := ok(t, "query", "-n", "shard-a", "-o", "json", "--verbose", q)
 	if !strings.Contains(r.stderr, "answered by listing") || len(deviceIDs(t, r.stdout)) != 3 {
 		t.Fatalf("-n shard-a without its shard's API: --verbose says %s, items %v", r.stderr, deviceIDs(t, r.stdout))
 	}

@@ -119,10 +119,15 @@ type Answer struct {
 	// residual filter); Pages how many LIST requests that took. Through
 	// the query API, Listed is how many it evaluated and Pages is 0.
 	Listed, Pages int
-	// Via is how the query was answered: ViaAPI or ViaList.
+	// Via is how the query was answered: ViaAPI, ViaList or ViaShards.
 	Via string
 	// Group is the query API group that answered, with ViaAPI.
 	Group string
+	// Shards, with ViaShards, are the namespaces whose shards answered;
+	// the twins of the others were listed (Listed, Pages).
+	Shards []string
+	// Evaluated, with ViaShards, is how many twins the shards evaluated.
+	Evaluated int
 }
 
 // Execute answers q over the DeviceTwins of namespace ("" for all): it
@@ -130,14 +135,27 @@ type Answer struct {
 // renders each as its IoT Hub document, keeps those the WHERE condition
 // matches and runs the query over them.
 func Execute(ctx context.Context, c rest.Interface, namespace string, q *query.Query, chunkSize int64) (*Answer, error) {
+	return executeList(ctx, c, namespace, nil, q, chunkSize)
+}
+
+// executeList is Execute, leaving out the twins of the namespaces in
+// except (a field selector: the server does not send them).
+func executeList(ctx context.Context, c rest.Interface, namespace string, except []string, q *query.Query, chunkSize int64) (*Answer, error) {
 	plan := q.Plan()
 	var (
 		docs []map[string]any
 		kept []*Twin
 		ans  = &Answer{}
 	)
+	fields := []string{}
+	if plan.FieldSelector != "" {
+		fields = append(fields, plan.FieldSelector)
+	}
+	for _, ns := range except {
+		fields = append(fields, "metadata.namespace!="+ns)
+	}
 	pages, err := ListTwins(ctx, c, ListOptions{
-		Namespace: namespace, LabelSelector: plan.LabelSelector, FieldSelector: plan.FieldSelector, ChunkSize: chunkSize,
+		Namespace: namespace, LabelSelector: plan.LabelSelector, FieldSelector: strings.Join(fields, ","), ChunkSize: chunkSize,
 	}, func(items []v1alpha1.DeviceTwin) error {
 		for i := range items {
 			ans.Listed++
@@ -250,6 +268,10 @@ const (
 	ViaList = "list"
 	// ViaAuto: the query API when kube-apiserver serves it, else listing.
 	ViaAuto = "auto"
+	// ViaShards: a SELECT * over every namespace answered by the query
+	// APIs of the shards (an operator per namespace, each with a group of
+	// its own) and a LIST of the other namespaces, merged.
+	ViaShards = "shards"
 )
 
 // QueryAPI is one group of the operator's query API, as the plugin calls

@@ -172,7 +172,9 @@ func newQueryCommand(o *options) *cobra.Command {
 // watch, RBAC). The note says why it listed.
 //
 // For one namespace it asks that namespace's shard (wire.ShardGroup)
-// first, then the cluster's query API (wire.Group).
+// first, then the cluster's query API (wire.Group). Over every namespace
+// without the latter, a SELECT * is answered by the shards and a listing
+// of the other namespaces (ExecuteShards).
 func (o *options) execute(ctx context.Context, ns string, q *query.Query, chunkSize int64, via string) (*Answer, string, error) {
 	cfg, err := o.config.ToRESTConfig()
 	if err != nil {
@@ -194,6 +196,16 @@ func (o *options) execute(ctx context.Context, ns string, q *query.Query, chunkS
 	c, err := NewClient(cfg)
 	if err != nil {
 		return nil, "", err
+	}
+	if via == ViaAuto && ns == "" {
+		// No query API over every namespace: the shards', if any.
+		ans, err := ExecuteShards(ctx, cfg, c, q, chunkSize)
+		if ans != nil {
+			return ans, "", nil
+		}
+		if err != nil {
+			note += "; the shards did not answer: " + err.Error()
+		}
 	}
 	ans, err := Execute(ctx, c, ns, q, chunkSize)
 	if err != nil {
@@ -246,6 +258,11 @@ func describeAnswer(ans *Answer, note string, took time.Duration) string {
 	if ans.Via == ViaAPI {
 		return fmt.Sprintf("answered by the query API (%s, the operator's cache) in %v: %d items, %d twins evaluated",
 			wire.GroupVersionOf(ans.Group), took, len(ans.Items), ans.Listed)
+	}
+	if ans.Via == ViaShards {
+		return fmt.Sprintf("answered by the shards' query APIs (%s: %d twins evaluated) and by listing %d DeviceTwins "+
+			"of the other namespaces (%d pages) in %v: %d items", strings.Join(ans.Shards, ", "), ans.Evaluated,
+			ans.Listed, ans.Pages, took, len(ans.Items))
 	}
 	s := fmt.Sprintf("answered by listing %d DeviceTwins (%d pages) in %v: %d items", ans.Listed, ans.Pages, took, len(ans.Items))
 	if note != "" {

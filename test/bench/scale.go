@@ -108,7 +108,7 @@ func addScaleFlags(fs interface {
 	fs.DurationVar(&s.quiet, "scale-quiet", 5*time.Second, "scale: the operator has settled when it has written no status for this long")
 	fs.DurationVar(&s.settleTimeout, "scale-settle-timeout", 30*time.Minute, "scale: longest wait for the operator to sync, claim and settle")
 	fs.IntVar(&s.queryReps, "scale-query-reps", 3, "scale: timed runs of each query (after one warm-up of the selective ones)")
-	fs.BoolVar(&s.fullQuery, "scale-full-query", false, "scale: also time the service API's SELECT * over the whole fleet in pages of 100 (each page costs about a scan of the fleet: 96s at 30,000 twins)")
+	fs.BoolVar(&s.fullQuery, "scale-full-query", false, "scale: also time the service API's SELECT * over the whole fleet in pages of 100 (each page scans the fleet, without sorting it: 9.7 s at 30,000 twins)")
 	fs.IntVar(&s.minAvailMiB, "scale-min-available", 2048, "scale: stop the run when the machine's MemAvailable falls under this many MiB")
 	fs.BoolVar(&s.restart, "scale-restart", true, "scale: once the operator has settled, stop it and start it again, timing start -> every twin reconciled and counting the API writes")
 	s.memoryLimit = byteQuantity(defaultScaleMemoryLimit)
