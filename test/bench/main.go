@@ -129,6 +129,11 @@ type config struct {
 	// starts. Scale mode serves the query API through them.
 	configureAPIServer func(*envtest.Environment) error
 	onManager          func(ctrl.Manager) error
+	// deviceKeys runs the operator with device keys (--device-auth=sas,
+	// the default of cmd/manager and the chart): every twin gets a key
+	// Secret, which the operator caches, and the embedded broker checks
+	// devices' SAS tokens.
+	deviceKeys bool
 	scale              scaleConfig
 	// configBench is the configuration mode (configbench.go).
 	configBench configBenchConfig
@@ -197,6 +202,9 @@ func parseFlags(args []string) (config, error) {
 	}
 	if fs.NArg() > 0 {
 		return c, fmt.Errorf("unexpected arguments %q", fs.Args())
+	}
+	if c.scale.deviceKeys && c.scale.twins > 0 && c.scale.devices > 0 {
+		return c, fmt.Errorf("--scale-device-keys needs --scale-devices 0: the simulated devices connect without keys")
 	}
 	var err error
 	if c.writePath, err = parseWritePath(writePathFlag); err != nil {

@@ -27,8 +27,10 @@ import (
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 
 	"github.com/kubetwin/kubetwin/api/v1alpha1"
+	"github.com/kubetwin/kubetwin/controllers"
 	"github.com/kubetwin/kubetwin/internal/bridge"
 	"github.com/kubetwin/kubetwin/internal/bus"
+	"github.com/kubetwin/kubetwin/internal/deviceauth"
 	kubetwin "github.com/kubetwin/kubetwin/internal/operator"
 )
 
@@ -493,18 +495,29 @@ func startOperator(ctx context.Context, restCfg *rest.Config, cfg config) (*oper
 		ttl = bridge.KeepIdleState
 	}
 	br := kubetwin.NewBridge(mgr, kubetwin.BridgeOptions{IdleStateTTL: ttl})
-	emb, err := bus.NewEmbedded(bus.EmbeddedOptions{
+	eo := bus.EmbeddedOptions{
 		Listen: "127.0.0.1:0", Handler: br.Handle, Presence: br.Presence, Logger: ctrl.Log.WithName("broker"),
 		Limits: bus.EmbeddedLimits{MaxConnectionsPerIP: cfg.brokerConnsPerIP},
-	})
+	}
+	var auth *deviceauth.Authenticator
+	if cfg.deviceKeys { // as cmd/manager's newAuthenticator
+		auth = &deviceauth.Authenticator{HubHostname: serviceHub,
+			Lookup: controllers.DeviceLookup(kubetwin.Resolver(mgr, kubetwin.DefaultClaimsNamespace))}
+		eo.Auth = auth
+	}
+	emb, err := bus.NewEmbedded(eo)
 	if err != nil {
 		return nil, fmt.Errorf("broker: %w", err)
+	}
+	var creds *controllers.Credentials
+	if auth != nil { // as cmd/manager's setupCredentials with the embedded broker
+		creds = &controllers.Credentials{HubHostname: serviceHub, Provisioner: deviceauth.EmbeddedProvisioner{Broker: emb, Auth: auth}}
 	}
 	if err := kubetwin.AddBus(mgr, br, emb); err != nil {
 		return nil, err
 	}
 	mctx, cancel := context.WithCancel(ctx)
-	if err := kubetwin.AddReconciler(mctx, mgr, br, kubetwin.ReconcilerOptions{Workers: cfg.workers}); err != nil {
+	if err := kubetwin.AddReconciler(mctx, mgr, br, kubetwin.ReconcilerOptions{Workers: cfg.workers, Credentials: creds}); err != nil {
 		cancel()
 		return nil, err
 	}

@@ -70,6 +70,7 @@ const scaleNS = serviceNS
 // scaleConfig is the scale mode's part of the command line.
 type scaleConfig struct {
 	twins          int
+	deviceKeys     bool
 	createParallel int
 	devices        int
 	reportRate     float64 // reports/s offered by all devices together
@@ -110,6 +111,7 @@ func addScaleFlags(fs interface {
 	fs.IntVar(&s.queryReps, "scale-query-reps", 3, "scale: timed runs of each query (after one warm-up of the selective ones)")
 	fs.BoolVar(&s.fullQuery, "scale-full-query", false, "scale: also time the service API's SELECT * over the whole fleet in pages of 100 (each page scans the fleet, without sorting it: 9.7 s at 30,000 twins)")
 	fs.IntVar(&s.minAvailMiB, "scale-min-available", 2048, "scale: stop the run when the machine's MemAvailable falls under this many MiB")
+	fs.BoolVar(&s.deviceKeys, "scale-device-keys", false, "scale: run the operator with device keys, as the chart does (--device-auth=sas): every twin gets a key Secret (one more API write per twin at start-up), which the operator caches; needs --scale-devices 0 (the simulated devices connect without keys)")
 	fs.BoolVar(&s.restart, "scale-restart", true, "scale: once the operator has settled, stop it and start it again, timing start -> every twin reconciled and counting the API writes")
 	s.memoryLimit = byteQuantity(defaultScaleMemoryLimit)
 	fs.Var(&s.memoryLimit, "scale-memory-limit", fmt.Sprintf("scale: the Go runtime's soft memory limit of this process (operator, broker and the bench's clients), as a quantity (0: none); "+
@@ -271,6 +273,7 @@ func runScale(ctx context.Context, cfg config, sc scaleConfig) int {
 
 	// 2. The operator's start.
 	cfg.serviceTwins = sc.twins // serve the service API (on scaleNS)
+	cfg.deviceKeys = sc.deviceKeys
 	cfg.cacheSyncTimeout = sc.settleTimeout
 	cfg.brokerConnsPerIP = max(sc.devices+100, 1000)
 	api0, err := apiserverWrites(restCfg)

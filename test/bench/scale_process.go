@@ -95,10 +95,11 @@ func processRestart(ctx context.Context, env *envtest.Environment, restCfg *rest
 	args := []string{
 		"--kubeconfig=" + kubeconfig,
 		// As the bench's in-process operator: all namespaces, claims in
-		// the default claims namespace, no device keys, plain MQTT only,
-		// no webhook, no service or query API.
+		// the default claims namespace, device keys as --scale-device-keys
+		// says, plain MQTT only, no webhook, no service or query API.
 		"--claims-namespace=" + kubetwin.DefaultClaimsNamespace,
-		"--device-auth=none",
+		"--device-auth=" + map[bool]string{true: "sas", false: "none"}[cfg.deviceKeys],
+		"--hub-hostname=" + serviceHub,
 		"--metrics-bind-address=" + metricsAddr, "--metrics-secure=false",
 		"--health-probe-bind-address=0",
 		"--mqtt-bind-address=" + brokerAddr, "--mqtt-tls-bind-address=",

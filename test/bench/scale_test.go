@@ -83,6 +83,18 @@ func TestScaleMemoryLimitFlag(t *testing.T) {
 	}
 }
 
+// TestScaleDeviceKeysFlag: device keys at scale only without simulated
+// devices, which connect without keys.
+func TestScaleDeviceKeysFlag(t *testing.T) {
+	if _, err := parseFlags([]string{"--scale", "10", "--scale-device-keys"}); err == nil || !strings.Contains(err.Error(), "--scale-devices 0") {
+		t.Errorf("--scale-device-keys with devices: %v, want an error naming --scale-devices 0", err)
+	}
+	c, err := parseFlags([]string{"--scale", "10", "--scale-device-keys", "--scale-devices", "0"})
+	if err != nil || !c.scale.deviceKeys {
+		t.Errorf("--scale-device-keys --scale-devices 0: %v (keys %v)", err, c.scale.deviceKeys)
+	}
+}
+
 func TestGCShareSince(t *testing.T) {
 	base := gcCPU{gc: 1, total: 100, idle: 50}
 	// 40 s of CPU, 30 of them idle: 10 s busy, 2 s of it in the GC.
