@@ -134,7 +134,7 @@ type config struct {
 	// Secret, which the operator caches, and the embedded broker checks
 	// devices' SAS tokens.
 	deviceKeys bool
-	scale              scaleConfig
+	scale      scaleConfig
 	// configBench is the configuration mode (configbench.go).
 	configBench configBenchConfig
 	// writePath is the operator's write path (--write-path); --ab runs
