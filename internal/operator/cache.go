@@ -6,6 +6,7 @@ import (
 	"strings"
 	"unique"
 
+	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/kubetwin/kubetwin/api/v1alpha1"
@@ -17,8 +18,8 @@ import (
 const LastAppliedAnnotation = "kubectl.kubernetes.io/last-applied-configuration"
 
 // CacheTransform is the operator's cache transform
-// (cache.Options.DefaultTransform). DeviceTwins are trimmed by TrimTwin;
-// other objects lose their status managedFields entries
+// (cache.Options.DefaultTransform). DeviceTwins are trimmed by TrimTwin,
+// key Secrets by TrimSecret; other objects lose their status managedFields entries
 // (DropStatusManagedFields), since the service API reads the times of a
 // TwinConfiguration's entries.
 //
@@ -28,11 +29,31 @@ const LastAppliedAnnotation = "kubectl.kubernetes.io/last-applied-configuration"
 // merge patches between two cached copies and with server-side apply,
 // which never send managedFields or the annotation.
 func CacheTransform(obj any) (any, error) {
-	if t, ok := obj.(*v1alpha1.DeviceTwin); ok {
-		TrimTwin(t)
-		return t, nil
+	switch o := obj.(type) {
+	case *v1alpha1.DeviceTwin:
+		TrimTwin(o)
+		return o, nil
+	case *corev1.Secret:
+		TrimSecret(o)
+		return o, nil
 	}
 	return DropStatusManagedFields(obj)
+}
+
+// TrimSecret drops from a cached key Secret (the cache holds only those,
+// one per twin) what the operator never reads: its managedFields (every
+// field of the write that created it) and kubectl's last-applied
+// annotation. The operator updates a key Secret from a cached copy
+// (controllerutil.CreateOrUpdate); an Update without managedFields leaves
+// the stored ones as they are.
+func TrimSecret(s *corev1.Secret) {
+	s.ManagedFields = nil
+	if _, ok := s.Annotations[LastAppliedAnnotation]; ok {
+		delete(s.Annotations, LastAppliedAnnotation)
+		if len(s.Annotations) == 0 {
+			s.Annotations = nil
+		}
+	}
 }
 
 // TrimTwin drops from t what the operator never reads, so that each of

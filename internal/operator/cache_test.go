@@ -1,12 +1,15 @@
 package operator
 
 import (
+	"encoding/json"
 	"os"
+	"reflect"
 	"runtime"
 	"testing"
 	"time"
 	"unsafe"
 
+	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	k8sruntime "k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/serializer"
@@ -160,6 +163,88 @@ func TestCacheTransformOtherObjects(t *testing.T) {
 	tomb := cache.DeletedFinalStateUnknown{Key: "ns/a", Obj: c}
 	if out, err := CacheTransform(tomb); err != nil || out != any(tomb) {
 		t.Fatalf("tombstone: %v, %v", out, err)
+	}
+}
+
+// keySecretJSON is a twin's key Secret as the API server returns it after
+// the operator's CreateOrUpdate, with the keys the operator writes.
+const keySecretJSON = `{"apiVersion":"v1","kind":"Secret","metadata":{"name":"dev-000042-keys","namespace":"scale",` +
+	`"uid":"5b0e7f0c-3c55-4a0e-9a4b-1d8e2f7a6c11","resourceVersion":"123456","creationTimestamp":"2026-12-07T00:20:00Z",` +
+	`"labels":{"app.kubernetes.io/managed-by":"kubetwin","kubetwin.io/device-keys":"true"},` +
+	`"ownerReferences":[{"apiVersion":"kubetwin.io/v1alpha1","kind":"DeviceTwin","name":"dev-000042",` +
+	`"uid":"0a6f3c2e-8d4b-4f7e-b1a9-3e5d7c9f2b10","controller":true,"blockOwnerDeletion":true}],` +
+	`"managedFields":[{"manager":"manager","operation":"Update","apiVersion":"v1","time":"2026-12-07T00:20:00Z",` +
+	`"fieldsType":"FieldsV1","fieldsV1":{"f:data":{".":{},"f:connectionString":{},"f:primaryKey":{},"f:secondaryKey":{}},` +
+	`"f:metadata":{"f:labels":{".":{},"f:app.kubernetes.io/managed-by":{},"f:kubetwin.io/device-keys":{}},` +
+	`"f:ownerReferences":{".":{},"k:{\"uid\":\"0a6f3c2e-8d4b-4f7e-b1a9-3e5d7c9f2b10\"}":{}}},"f:type":{}}}]},` +
+	`"data":{"primaryKey":"cXZ0YjVhT2xKd3RqV0NqQ2Vzb2x4b3V6cW9tQWJ5a2FvY2hsZz0=",` +
+	`"secondaryKey":"b2Z6bXd4a3ZyS2x0b0h2a2Z6d3F6bGJ0c3RqY2Zyb2xkcGI9",` +
+	`"connectionString":"SG9zdE5hbWU9YmVuY2gtaHViLmt1YmV0d2luLnRlc3Q7RGV2aWNlSWQ9ZGV2LTAwMDA0MjtTaGFyZWRBY2Nlc3NLZXk9cXZ0YjVhT2xKd3RqV0NqQ2Vzb2x4b3V6cW9tQWJ5a2FvY2hsZz0="},` +
+	`"type":"Opaque"}`
+
+// TestCacheTransformTrimsKeySecret: a cached key Secret keeps what the
+// operator reads (data, type, labels, owner) and loses its managedFields
+// and kubectl's annotation.
+func TestCacheTransformTrimsKeySecret(t *testing.T) {
+	s := &corev1.Secret{}
+	if err := json.Unmarshal([]byte(keySecretJSON), s); err != nil {
+		t.Fatal(err)
+	}
+	s.Annotations = map[string]string{LastAppliedAnnotation: "{}", "team": "edge"}
+	want := s.DeepCopy()
+	if _, err := CacheTransform(s); err != nil {
+		t.Fatal(err)
+	}
+	if s.ManagedFields != nil || len(s.Annotations) != 1 || s.Annotations["team"] != "edge" {
+		t.Errorf("managedFields %v, annotations %v: want none, and team only", s.ManagedFields, s.Annotations)
+	}
+	if !reflect.DeepEqual(s.Data, want.Data) || s.Type != want.Type || !reflect.DeepEqual(s.Labels, want.Labels) ||
+		!reflect.DeepEqual(s.OwnerReferences, want.OwnerReferences) || s.Name != want.Name || s.ResourceVersion != want.ResourceVersion {
+		t.Errorf("trimmed %+v, want the read fields of %+v", s, want)
+	}
+}
+
+// BenchmarkCachedKeySecretHeap reports the heap one cached key Secret
+// costs (heap-B/secret), as decoded ("none") and through CacheTransform
+// ("trimmed").
+func BenchmarkCachedKeySecretHeap(b *testing.B) {
+	s := k8sruntime.NewScheme()
+	if err := corev1.AddToScheme(s); err != nil {
+		b.Fatal(err)
+	}
+	dec := serializer.NewCodecFactory(s).UniversalDeserializer()
+	for _, v := range []struct {
+		name string
+		f    func(any) (any, error)
+	}{
+		{"none", func(o any) (any, error) { return o, nil }},
+		{"trimmed", CacheTransform},
+	} {
+		b.Run(v.name, func(b *testing.B) {
+			const n = 2000
+			kept := make([]any, n)
+			var per float64
+			for b.Loop() {
+				clear(kept)
+				runtime.GC()
+				var before, after runtime.MemStats
+				runtime.ReadMemStats(&before)
+				for i := range kept {
+					obj, _, err := dec.Decode([]byte(keySecretJSON), nil, &corev1.Secret{})
+					if err != nil {
+						b.Fatal(err)
+					}
+					if kept[i], err = v.f(obj); err != nil {
+						b.Fatal(err)
+					}
+				}
+				runtime.GC()
+				runtime.ReadMemStats(&after)
+				per = float64(after.HeapAlloc-before.HeapAlloc) / n
+			}
+			runtime.KeepAlive(kept)
+			b.ReportMetric(per, "heap-B/secret")
+		})
 	}
 }
 
