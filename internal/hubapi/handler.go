@@ -83,8 +83,8 @@ type Options struct {
 	Client client.Client
 	// Reader reads DeviceTwins and device-key Secrets: the manager's cache
 	// (mgr.GetClient() or mgr.GetCache()). The handler reads only
-	// Namespace through it: queries and the device list list the
-	// DeviceTwins it holds there.
+	// Namespace through it; queries and the device list list the
+	// DeviceTwins there through it too, unless Twins is set.
 	Reader client.Reader
 	// Twins lists the DeviceTwins of a namespace for queries and the
 	// device list: the cache's own objects, which the handler only reads
