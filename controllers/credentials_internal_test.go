@@ -2,6 +2,7 @@ package controllers
 
 import (
 	"context"
+	"fmt"
 	"strings"
 	"testing"
 
@@ -12,6 +13,7 @@ import (
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/client/fake"
+	"sigs.k8s.io/controller-runtime/pkg/event"
 
 	"github.com/kubetwin/kubetwin/api/v1alpha1"
 	"github.com/kubetwin/kubetwin/pkg/sas"
@@ -175,3 +177,41 @@ func which(k, own, theirs string) string {
 }
 
 func contains(s, sub string) bool { return strings.Contains(s, sub) }
+
+// TestOwnKeySecretCreatesIgnored: the watch of key Secrets does not wake
+// a twin again for the Secret its reconcile just created (once), nor for
+// the cache's first listing, but does for any other creation; the record
+// of expected creations is bounded.
+func TestOwnKeySecretCreatesIgnored(t *testing.T) {
+	r := &DeviceTwinReconciler{}
+	p := r.ownCreatesIgnored()
+	created := func(name string) bool {
+		return p.Create(event.CreateEvent{Object: &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Namespace: "ns", Name: name}}})
+	}
+	own := types.NamespacedName{Namespace: "ns", Name: "a-keys"}
+	r.keySecretCreates.expect(own)
+	if created("a-keys") {
+		t.Error("the reconciler's own creation woke the twin again")
+	}
+	if !created("a-keys") {
+		t.Error("a second creation of the same Secret (deleted and created again by someone) did not wake the twin")
+	}
+	if !created("b-keys") {
+		t.Error("a creation the reconciler did not make did not wake the twin")
+	}
+	listed := event.CreateEvent{Object: &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Namespace: "ns", Name: "c-keys"}}, IsInInitialList: true}
+	if p.Create(listed) || initialListIgnored.Create(listed) {
+		t.Error("the cache's first listing of a Secret woke its twin (each twin is woken by its own listing)")
+	}
+	r.keySecretCreates.expect(own)
+	r.keySecretCreates.forget(own) // the create failed
+	if !created("a-keys") {
+		t.Error("a creation after a failed one did not wake the twin")
+	}
+	for i := range maxExpectedCreates + 10 {
+		r.keySecretCreates.expect(types.NamespacedName{Namespace: "ns", Name: fmt.Sprint(i)})
+	}
+	if n := r.keySecretCreates.pending(); n != maxExpectedCreates {
+		t.Errorf("%d creations expected, want the bound %d", n, maxExpectedCreates)
+	}
+}

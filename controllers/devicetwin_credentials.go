@@ -1,11 +1,12 @@
 package controllers
 
 import (
+	"bytes"
 	"cmp"
 	"context"
-	"errors"
 	"fmt"
 	"strings"
+	"sync"
 
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -15,6 +16,8 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/cache"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/controller/controllerutil"
+	"sigs.k8s.io/controller-runtime/pkg/event"
+	"sigs.k8s.io/controller-runtime/pkg/predicate"
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
 
 	"github.com/kubetwin/kubetwin/api/v1alpha1"
@@ -117,36 +120,39 @@ func (r *DeviceTwinReconciler) ensureKeySecret(ctx context.Context, t *v1alpha1.
 		}
 	}
 
-	sec := &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Namespace: t.Namespace, Name: name}}
-	var keys deviceKeys
-	_, err := controllerutil.CreateOrUpdate(ctx, r.Client, sec, func() error {
-		if sec.ResourceVersion != "" && !metav1.IsControlledBy(sec, t) {
-			return errNotOurs
-		}
-		keys = deviceKeys{primary: string(sec.Data[v1alpha1.PrimaryKeyKey]), secondary: string(sec.Data[v1alpha1.SecondaryKeyKey])}.without(banned)
-		if src != nil {
-			keys = *src
-		} else {
-			// Keep what is there (the user may have rotated a key); fill
-			// in what is missing.
-			keys.primary = cmp.Or(keys.primary, sas.NewKey())
-			keys.secondary = cmp.Or(keys.secondary, sas.NewKey())
-		}
-		sec.Type = cmp.Or(sec.Type, corev1.SecretTypeOpaque)
-		sec.Data = r.keyData(t, keys, sec.Data[v1alpha1.ConnectionStringKey])
-		if sec.Labels == nil {
-			sec.Labels = map[string]string{}
-		}
-		sec.Labels[v1alpha1.DeviceKeysLabel] = "true"
-		sec.Labels["app.kubernetes.io/managed-by"] = "kubetwin"
-		return controllerutil.SetControllerReference(t, sec, r.Scheme())
-	})
+	// The cached Secret is read without a copy (a restart reconciles every
+	// twin, and nearly all of them need no write); it is copied only to be
+	// written.
+	key := types.NamespacedName{Namespace: t.Namespace, Name: name}
+	cur := &corev1.Secret{}
+	err := r.Get(ctx, key, cur, client.UnsafeDisableDeepCopy)
+	exists := err == nil
 	switch {
-	case errors.Is(err, errNotOurs), apierrors.IsAlreadyExists(err):
-		// AlreadyExists: there, but not in the cache, so it lacks the label.
-		return deviceKeys{}, conflict(name), nil
+	case apierrors.IsNotFound(err):
 	case err != nil:
-		return deviceKeys{}, nil, fmt.Errorf("writing Secret %s: %w", name, err)
+		return deviceKeys{}, nil, fmt.Errorf("reading Secret %s: %w", name, err)
+	case !metav1.IsControlledBy(cur, t):
+		return deviceKeys{}, conflict(name), nil
+	}
+	keys := deviceKeys{primary: string(cur.Data[v1alpha1.PrimaryKeyKey]), secondary: string(cur.Data[v1alpha1.SecondaryKeyKey])}.without(banned)
+	if src != nil {
+		keys = *src
+	} else {
+		// Keep what is there (the user may have rotated a key); fill in
+		// what is missing.
+		keys.primary = cmp.Or(keys.primary, sas.NewKey())
+		keys.secondary = cmp.Or(keys.secondary, sas.NewKey())
+	}
+	data := r.keyData(t, keys, cur.Data[v1alpha1.ConnectionStringKey])
+	if !exists || !keySecretHolds(cur, data) {
+		err := r.writeKeySecret(ctx, t, key, cur, exists, data)
+		switch {
+		case apierrors.IsAlreadyExists(err):
+			// There, but not in the cache, so it lacks the label.
+			return deviceKeys{}, conflict(name), nil
+		case err != nil:
+			return deviceKeys{}, nil, err
+		}
 	}
 	if refused != nil {
 		return keys, refused, nil
@@ -154,8 +160,119 @@ func (r *DeviceTwinReconciler) ensureKeySecret(ctx context.Context, t *v1alpha1.
 	return keys, keyStatus(keys, name), nil
 }
 
-// errNotOurs: the key Secret exists but is not controlled by the twin.
-var errNotOurs = errors.New("not this twin's key Secret")
+// keySecretHolds reports whether the key Secret s already holds data,
+// its labels and a type.
+func keySecretHolds(s *corev1.Secret, data map[string][]byte) bool {
+	if s.Type == "" || s.Labels[v1alpha1.DeviceKeysLabel] != "true" || s.Labels["app.kubernetes.io/managed-by"] != "kubetwin" ||
+		len(s.Data) != len(data) {
+		return false
+	}
+	for k, v := range data {
+		if w, ok := s.Data[k]; !ok || !bytes.Equal(v, w) {
+			return false
+		}
+	}
+	return true
+}
+
+// writeKeySecret creates the key Secret with data, or updates cur (the
+// cached Secret, not modified here) to hold it. The update sends no
+// managedFields (the cache drops them), which leaves the stored ones as
+// they are, and keeps every annotation.
+func (r *DeviceTwinReconciler) writeKeySecret(ctx context.Context, t *v1alpha1.DeviceTwin, key types.NamespacedName,
+	cur *corev1.Secret, exists bool, data map[string][]byte) error {
+	sec := &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Namespace: key.Namespace, Name: key.Name}}
+	if exists {
+		sec = cur.DeepCopy()
+	}
+	sec.Type = cmp.Or(sec.Type, corev1.SecretTypeOpaque)
+	sec.Data = data
+	if sec.Labels == nil {
+		sec.Labels = map[string]string{}
+	}
+	sec.Labels[v1alpha1.DeviceKeysLabel] = "true"
+	sec.Labels["app.kubernetes.io/managed-by"] = "kubetwin"
+	if err := controllerutil.SetControllerReference(t, sec, r.Scheme()); err != nil {
+		return fmt.Errorf("writing Secret %s: %w", key.Name, err)
+	}
+	var err error
+	if exists {
+		err = r.Update(ctx, sec)
+	} else {
+		r.keySecretCreates.expect(key)
+		if err = r.Create(ctx, sec); err != nil {
+			r.keySecretCreates.forget(key)
+		}
+	}
+	if err != nil {
+		return fmt.Errorf("writing Secret %s: %w", key.Name, err)
+	}
+	return nil
+}
+
+// maxExpectedCreates bounds createdKeys: past it, a key Secret's creation
+// wakes its twin once more, which costs a reconcile and nothing else.
+const maxExpectedCreates = 10000
+
+// createdKeys are the key Secrets this reconciler has just created, whose
+// creation the watch has not reported yet. The watch's report of them
+// need not wake their twins again: the reconcile that created them
+// already reported the keys (at a fleet's first start-up, that second
+// reconcile was one per twin, and found the cache not yet holding its own
+// writes).
+type createdKeys struct {
+	mu   sync.Mutex
+	keys map[types.NamespacedName]struct{}
+}
+
+func (c *createdKeys) expect(k types.NamespacedName) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.keys == nil {
+		c.keys = map[types.NamespacedName]struct{}{}
+	}
+	if len(c.keys) < maxExpectedCreates {
+		c.keys[k] = struct{}{}
+	}
+}
+
+func (c *createdKeys) forget(k types.NamespacedName) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	delete(c.keys, k)
+}
+
+// seen reports whether k was expected, and forgets it.
+func (c *createdKeys) seen(k types.NamespacedName) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	_, ok := c.keys[k]
+	delete(c.keys, k)
+	return ok
+}
+
+// pending is how many creations the watch has not reported yet.
+func (c *createdKeys) pending() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return len(c.keys)
+}
+
+// ownCreatesIgnored is the predicate of the watch of key Secrets by their
+// owner: a Secret's creation wakes its twin unless this reconciler
+// created it, or it comes from the cache's first listing (every twin is
+// woken by its own, and a restart need not queue 100,000 twins twice).
+func (r *DeviceTwinReconciler) ownCreatesIgnored() predicate.Predicate {
+	return predicate.Funcs{CreateFunc: func(e event.CreateEvent) bool {
+		return !e.IsInInitialList &&
+			!r.keySecretCreates.seen(types.NamespacedName{Namespace: e.Object.GetNamespace(), Name: e.Object.GetName()})
+	}}
+}
+
+// initialListIgnored is the predicate of the watch of Secrets by the twins
+// whose secretRef names them: the cache's first listing wakes every twin
+// through its own.
+var initialListIgnored = predicate.Funcs{CreateFunc: func(e event.CreateEvent) bool { return !e.IsInInitialList }}
 
 // keyData is the data of the twin's key Secret with keys: the connection
 // string follows a valid primary key, else stays as it was (cs).
@@ -168,7 +285,7 @@ func (r *DeviceTwinReconciler) keyData(t *v1alpha1.DeviceTwin, keys deviceKeys, 
 		data[v1alpha1.SecondaryKeyKey] = []byte(keys.secondary)
 	}
 	if cs != nil {
-		data[v1alpha1.ConnectionStringKey] = cs
+		data[v1alpha1.ConnectionStringKey] = bytes.Clone(cs) // cs may be the cache's
 	}
 	return data
 }

@@ -148,18 +148,27 @@ func TestKeySecret(t *testing.T) {
 		g.Expect(c.Reason).To(Equal(v1alpha1.ReasonKeysReady))
 	}, wait, tick).Should(Succeed())
 
-	// Rotate the primary key by hand: kept, and the connection string follows.
+	// Rotate the primary key by hand, as kubectl apply would (with its
+	// last-applied record): kept, the connection string follows, and the
+	// operator's update of the Secret keeps the annotations.
 	newKey := sas.NewKey()
-	setKeys(t, ns, s.Name, map[string]any{v1alpha1.PrimaryKeyKey: newKey})
+	annotations := map[string]string{"kubectl.kubernetes.io/last-applied-configuration": `{"kind":"Secret"}`, "team": "edge"}
+	b, _ := json.Marshal(map[string]any{"metadata": map[string]any{"annotations": annotations},
+		"stringData": map[string]any{v1alpha1.PrimaryKeyKey: newKey}})
+	if err := k8s.Patch(context.Background(), &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: s.Name}},
+		client.RawPatch("application/merge-patch+json", b)); err != nil {
+		t.Fatal(err)
+	}
 	g.Eventually(func(g Gomega) {
 		s := keySecret(t, ns, "keys")
 		g.Expect(string(s.Data[v1alpha1.PrimaryKeyKey])).To(Equal(newKey))
 		g.Expect(string(s.Data[v1alpha1.SecondaryKeyKey])).To(Equal(secondary))
 		g.Expect(string(s.Data[v1alpha1.ConnectionStringKey])).To(HaveSuffix(";SharedAccessKey=" + newKey))
 	}, wait, tick).Should(Succeed())
+	g.Expect(keySecret(t, ns, "keys").Annotations).To(Equal(annotations), "annotations after the operator's update")
 
 	// A deleted key is generated again; the other stays.
-	b, _ := json.Marshal(map[string]any{"data": map[string]any{v1alpha1.SecondaryKeyKey: nil}})
+	b, _ = json.Marshal(map[string]any{"data": map[string]any{v1alpha1.SecondaryKeyKey: nil}})
 	if err := k8s.Patch(context.Background(), &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: s.Name}},
 		client.RawPatch("application/merge-patch+json", b)); err != nil {
 		t.Fatal(err)

@@ -41,19 +41,15 @@ func CacheTransform(obj any) (any, error) {
 }
 
 // TrimSecret drops from a cached key Secret (the cache holds only those,
-// one per twin) what the operator never reads: its managedFields (every
-// field of the write that created it) and kubectl's last-applied
-// annotation. The operator updates a key Secret from a cached copy
-// (controllerutil.CreateOrUpdate); an Update without managedFields leaves
-// the stored ones as they are.
+// one per twin) its managedFields (every field of the write that created
+// it), which the operator never reads. The operator updates a key Secret
+// from a cached copy when its keys or connection string change; an Update
+// without managedFields leaves the stored ones as they are. Annotations
+// stay: an Update without one would delete it (kubectl's last-applied
+// record on a Secret a user applied, for one; the operator's own key
+// Secrets have none).
 func TrimSecret(s *corev1.Secret) {
 	s.ManagedFields = nil
-	if _, ok := s.Annotations[LastAppliedAnnotation]; ok {
-		delete(s.Annotations, LastAppliedAnnotation)
-		if len(s.Annotations) == 0 {
-			s.Annotations = nil
-		}
-	}
 }
 
 // TrimTwin drops from t what the operator never reads, so that each of

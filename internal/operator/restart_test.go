@@ -30,7 +30,9 @@ import (
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 
 	"github.com/kubetwin/kubetwin/api/v1alpha1"
+	"github.com/kubetwin/kubetwin/controllers"
 	"github.com/kubetwin/kubetwin/internal/bus"
+	"github.com/kubetwin/kubetwin/internal/deviceauth"
 )
 
 // TestRestartCost measures an operator restart on a settled fleet: N twins
@@ -44,6 +46,8 @@ import (
 // measurement's changes (eager log fields, controller-runtime's mapper).
 // KUBETWIN_RESTART_ROUNDS restarts that many times (default 2): the first
 // round warms the process (code pages, shared strings, metric series).
+// KUBETWIN_RESTART_KEYS=1 runs the operator with device keys (the chart's
+// default, --device-auth=sas): every twin has a key Secret, cached too.
 //
 //	export KUBEBUILDER_ASSETS=$(hack/controlplane.sh)
 //	KUBETWIN_RESTART_TWINS=5000 go test ./internal/operator/ -run TestRestartCost -v -count=1
@@ -60,6 +64,7 @@ func TestRestartCost(t *testing.T) {
 		t.Fatal("KUBEBUILDER_ASSETS is not set: export KUBEBUILDER_ASSETS=$(hack/controlplane.sh)")
 	}
 	baseline := os.Getenv("KUBETWIN_RESTART_BASELINE") != ""
+	restartKeys = os.Getenv("KUBETWIN_RESTART_KEYS") != ""
 	if baseline {
 		ctrl.SetLogger(zap.New(zap.Level(zapcore.ErrorLevel)))
 	} else {
@@ -163,6 +168,9 @@ func measureRestart(t *testing.T, cfg *rest.Config, scheme *k8sruntime.Scheme, n
 	op.stop(t)
 }
 
+// restartKeys: the operators of TestRestartCost keep device keys.
+var restartKeys bool
+
 type restartOperator struct {
 	cancel context.CancelFunc
 	done   chan error
@@ -189,15 +197,26 @@ func startRestartOperator(t *testing.T, cfg *rest.Config, scheme *k8sruntime.Sch
 		t.Fatal(err)
 	}
 	br := NewBridge(mgr, BridgeOptions{IdleStateTTL: 5 * time.Minute})
-	emb, err := bus.NewEmbedded(bus.EmbeddedOptions{Listen: "127.0.0.1:0", Handler: br.Handle, Presence: br.Presence})
+	eo := bus.EmbeddedOptions{Listen: "127.0.0.1:0", Handler: br.Handle, Presence: br.Presence}
+	var auth *deviceauth.Authenticator
+	if restartKeys { // as cmd/manager with --device-auth=sas
+		auth = &deviceauth.Authenticator{HubHostname: "restart.kubetwin.test",
+			Lookup: controllers.DeviceLookup(Resolver(mgr, DefaultClaimsNamespace))}
+		eo.Auth = auth
+	}
+	emb, err := bus.NewEmbedded(eo)
 	if err != nil {
 		t.Fatal(err)
+	}
+	var creds *controllers.Credentials
+	if auth != nil {
+		creds = &controllers.Credentials{HubHostname: auth.HubHostname, Provisioner: deviceauth.EmbeddedProvisioner{Broker: emb, Auth: auth}}
 	}
 	if err := AddBus(mgr, br, emb); err != nil {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	if err := AddReconciler(ctx, mgr, br, ReconcilerOptions{}); err != nil {
+	if err := AddReconciler(ctx, mgr, br, ReconcilerOptions{Credentials: creds}); err != nil {
 		cancel()
 		t.Fatal(err)
 	}
