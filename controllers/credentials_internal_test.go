@@ -13,9 +13,11 @@ import (
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/client/fake"
+	"sigs.k8s.io/controller-runtime/pkg/client/interceptor"
 	"sigs.k8s.io/controller-runtime/pkg/event"
 
 	"github.com/kubetwin/kubetwin/api/v1alpha1"
+	"github.com/kubetwin/kubetwin/internal/deviceid"
 	"github.com/kubetwin/kubetwin/pkg/sas"
 )
 
@@ -213,5 +215,44 @@ func TestOwnKeySecretCreatesIgnored(t *testing.T) {
 	}
 	if n := r.keySecretCreates.pending(); n != maxExpectedCreates {
 		t.Errorf("%d creations expected, want the bound %d", n, maxExpectedCreates)
+	}
+}
+
+// TestKeySecretNotYetCached: a key Secret that exists but is not in the
+// cache is the twin's own, created by an earlier reconcile (retried, no
+// condition), or someone else's (SecretConflict).
+func TestKeySecretNotYetCached(t *testing.T) {
+	for name, c := range map[string]struct {
+		labelled, owned bool
+		retry           bool
+	}{
+		"own, the cache behind": {true, true, true},
+		"unlabelled":            {false, true, false},
+		"not owned":             {true, false, false},
+	} {
+		t.Run(name, func(t *testing.T) {
+			tw, sec := refTwin(t, "", sas.NewKey())
+			tw.Spec.Authentication = nil
+			if !c.labelled {
+				sec.Labels = nil
+			}
+			if !c.owned {
+				sec.OwnerReferences = nil
+			}
+			api := fake.NewClientBuilder().WithScheme(credScheme(t)).WithObjects(tw, sec).Build()
+			// The cache: the twin, and no Secret.
+			cached := fake.NewClientBuilder().WithScheme(credScheme(t)).WithObjects(tw).
+				WithInterceptorFuncs(interceptor.Funcs{Create: func(ctx context.Context, _ client.WithWatch, o client.Object, opts ...client.CreateOption) error {
+					return api.Create(ctx, o, opts...)
+				}}).Build()
+			r := &DeviceTwinReconciler{Client: cached, Credentials: &Credentials{HubHostname: "hub"}, Claims: &deviceid.Claims{APIReader: api}}
+			_, st, err := r.ensureKeySecret(context.Background(), tw)
+			switch {
+			case c.retry && (err == nil || st != nil):
+				t.Errorf("condition %+v, error %v: want a retry (an error) and no condition", st, err)
+			case !c.retry && (err != nil || st == nil || st.reason != v1alpha1.ReasonSecretConflict):
+				t.Errorf("condition %+v, error %v: want %s", st, err, v1alpha1.ReasonSecretConflict)
+			}
+		})
 	}
 }

@@ -148,7 +148,12 @@ func (r *DeviceTwinReconciler) ensureKeySecret(ctx context.Context, t *v1alpha1.
 		err := r.writeKeySecret(ctx, t, key, cur, exists, data)
 		switch {
 		case apierrors.IsAlreadyExists(err):
-			// There, but not in the cache, so it lacks the label.
+			// There, but not in the cache: it lacks the label, or it is
+			// the one an earlier reconcile created and the cache has not
+			// seen it yet (then retry: its creation wakes no twin).
+			if r.ownedUncached(ctx, t, key) {
+				return deviceKeys{}, nil, fmt.Errorf("Secret %s is created but not yet in the operator's cache; retrying", name)
+			}
 			return deviceKeys{}, conflict(name), nil
 		case err != nil:
 			return deviceKeys{}, nil, err
@@ -158,6 +163,16 @@ func (r *DeviceTwinReconciler) ensureKeySecret(ctx context.Context, t *v1alpha1.
 		return keys, refused, nil
 	}
 	return keys, keyStatus(keys, name), nil
+}
+
+// ownedUncached reports whether the API server holds t's key Secret,
+// labelled, where the cache does not have it yet.
+func (r *DeviceTwinReconciler) ownedUncached(ctx context.Context, t *v1alpha1.DeviceTwin, key types.NamespacedName) bool {
+	if r.Claims == nil || r.Claims.APIReader == nil {
+		return false
+	}
+	live := &corev1.Secret{}
+	return r.Claims.APIReader.Get(ctx, key, live) == nil && live.Labels[v1alpha1.DeviceKeysLabel] == "true" && metav1.IsControlledBy(live, t)
 }
 
 // keySecretHolds reports whether the key Secret s already holds data,
