@@ -207,6 +207,9 @@ func parseFlags(args []string) (config, error) {
 		return c, fmt.Errorf("--scale-device-keys needs --scale-devices 0: the simulated devices connect without keys")
 	}
 	var err error
+	if c.scale.restarts, err = parseRestarts(c.scale.restartBinary, c.scale.restartMemory); err != nil {
+		return c, fmt.Errorf("--scale-restart-binary: %w", err)
+	}
 	if c.writePath, err = parseWritePath(writePathFlag); err != nil {
 		return c, fmt.Errorf("--write-path: %w", err)
 	}

@@ -88,6 +88,8 @@ type scaleConfig struct {
 	// cgroup's limit it runs under.
 	restartBinary string
 	restartMemory byteQuantity
+	// restarts is restartBinary parsed: each binary and its memory limit.
+	restarts []processRestartSpec
 	// restartGate is --scale-restart-gate.
 	restartGate string
 }
@@ -116,7 +118,7 @@ func addScaleFlags(fs interface {
 	s.memoryLimit = byteQuantity(defaultScaleMemoryLimit)
 	fs.Var(&s.memoryLimit, "scale-memory-limit", fmt.Sprintf("scale: the Go runtime's soft memory limit of this process (operator, broker and the bench's clients), as a quantity (0: none); "+
 		"default: the operator's in production, 90%% of the chart's resources.limits.memory %s (GOMEMLIMIT in the environment wins)", chartMemoryLimit))
-	fs.StringVar(&s.restartBinary, "scale-restart-binary", "", "scale: before the in-process restart, restart the operator as a pod restarts: this operator binary (make bench-scale passes bin/manager) as a fresh process on the settled fleet, in a memory cgroup of --scale-restart-memory when this machine has one (root), timing start -> every twin reconciled and its peak memory; a comma-separated list restarts each in turn on the same fleet (an A/B of two builds: old,new,new,old); empty: skip")
+	fs.StringVar(&s.restartBinary, "scale-restart-binary", "", "scale: before the in-process restart, restart the operator as a pod restarts: this operator binary (make bench-scale passes bin/manager) as a fresh process on the settled fleet, in a memory cgroup of --scale-restart-memory when this machine has one (root), timing start -> every twin reconciled and its peak memory; a comma-separated list restarts each in turn on the same fleet (an A/B of two builds: old,new,new,old); BINARY@QUANTITY gives that restart its own memory limit instead of --scale-restart-memory (bin/manager@1Gi,bin/manager@1280Mi); empty: skip")
 	chartLimit := resource.MustParse(chartMemoryLimit)
 	s.restartMemory = byteQuantity(chartLimit.Value())
 	fs.Var(&s.restartMemory, "scale-restart-memory", fmt.Sprintf("scale: the memory cgroup limit of --scale-restart-binary's process, as a quantity (default: the chart's resources.limits.memory %s; the operator sets its Go soft limit to 90%% of it)", chartMemoryLimit))
@@ -344,10 +346,12 @@ func runScale(ctx context.Context, cfg config, sc scaleConfig) int {
 		stoppedInMemory = max(0, bridgeTwinsInMemory())
 	}
 	if sc.restartBinary != "" && claimed >= sc.twins {
-		for _, bin := range strings.Split(sc.restartBinary, ",") {
+		for _, r := range sc.restarts {
 			pr := &processRestartResults{}
 			res.ProcessRestart = append(res.ProcessRestart, pr)
-			if err := processRestart(ctx, env, restCfg, cfg, sc, strings.TrimSpace(bin), pr); err != nil {
+			rc := sc
+			rc.restartMemory = r.memory
+			if err := processRestart(ctx, env, restCfg, cfg, rc, r.binary, pr); err != nil {
 				return failed("restarting the operator as a process", err)
 			}
 		}

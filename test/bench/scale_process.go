@@ -521,3 +521,33 @@ func tail(s string, n int) string {
 	}
 	return "..." + s[len(s)-n:]
 }
+
+// processRestartSpec is one fresh-process restart: the operator binary and
+// the memory limit of its cgroup.
+type processRestartSpec struct {
+	binary string
+	memory byteQuantity
+}
+
+// parseRestarts parses --scale-restart-binary: binaries separated by
+// commas, each with an optional @QUANTITY memory limit (else memory).
+func parseRestarts(list string, memory byteQuantity) ([]processRestartSpec, error) {
+	if strings.TrimSpace(list) == "" {
+		return nil, nil
+	}
+	var out []processRestartSpec
+	for _, item := range strings.Split(list, ",") {
+		bin, q, limited := strings.Cut(strings.TrimSpace(item), "@")
+		r := processRestartSpec{binary: bin, memory: memory}
+		if bin == "" {
+			return nil, fmt.Errorf("%q: an empty binary", item)
+		}
+		if limited {
+			if err := r.memory.Set(q); err != nil {
+				return nil, fmt.Errorf("%q: %w", item, err)
+			}
+		}
+		out = append(out, r)
+	}
+	return out, nil
+}

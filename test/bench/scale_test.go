@@ -6,6 +6,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"reflect"
 	"runtime"
 	"strings"
 	"testing"
@@ -211,5 +212,24 @@ func TestMemoryCgroupLimitsItsProcess(t *testing.T) {
 	}
 	if peak := cg.peakMiB(); peak < 16 || peak > 33 {
 		t.Fatalf("peak charge %.1f MiB under a %d MiB limit", peak, limit>>20)
+	}
+}
+
+// TestRestartBinaryMemory: each fresh-process restart may have its own
+// memory limit; the others take --scale-restart-memory.
+func TestRestartBinaryMemory(t *testing.T) {
+	c, err := parseFlags([]string{"--scale", "10", "--scale-restart-memory", "1Gi",
+		"--scale-restart-binary", "bin/a@1280Mi, bin/b ,bin/a@0"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []processRestartSpec{{"bin/a", 1280 << 20}, {"bin/b", 1 << 30}, {"bin/a", 0}}
+	if !reflect.DeepEqual(c.scale.restarts, want) {
+		t.Errorf("restarts %+v, want %+v", c.scale.restarts, want)
+	}
+	for _, bad := range []string{"bin/a@lots", "bin/a@-1Gi", "bin/a,,bin/b"} {
+		if _, err := parseFlags([]string{"--scale", "10", "--scale-restart-binary", bad}); err == nil {
+			t.Errorf("--scale-restart-binary %q: no error", bad)
+		}
 	}
 }
