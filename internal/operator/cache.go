@@ -48,8 +48,35 @@ func CacheTransform(obj any) (any, error) {
 // stay: an Update without one would delete it (kubectl's last-applied
 // record on a Secret a user applied, for one; the operator's own key
 // Secrets have none).
+//
+// Strings every key Secret repeats (its namespace, label and data keys,
+// its owner's kind and API version, its type) are shared, as a twin's are.
 func TrimSecret(s *corev1.Secret) {
 	s.ManagedFields = nil
+	s.Namespace = share(s.Namespace)
+	s.Type = corev1.SecretType(share(string(s.Type)))
+	// Assigning to a key already there stores the shared key in its
+	// place: no new map.
+	for k, v := range s.Labels {
+		s.Labels[share(k)] = sharedLabelValue(v)
+	}
+	for k, v := range s.Data {
+		s.Data[share(k)] = v
+	}
+	for i := range s.OwnerReferences {
+		o := &s.OwnerReferences[i]
+		o.APIVersion, o.Kind = share(o.APIVersion), share(o.Kind)
+	}
+}
+
+// sharedLabelValue shares the values of the labels the operator puts on
+// key Secrets; others may be unique to one Secret.
+func sharedLabelValue(v string) string {
+	switch v {
+	case "true", "kubetwin":
+		return share(v)
+	}
+	return v
 }
 
 // TrimTwin drops from t what the operator never reads, so that each of
