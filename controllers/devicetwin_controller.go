@@ -63,8 +63,6 @@ type DeviceTwinReconciler struct {
 	// Claims takes and releases device ids; only the twin that holds its
 	// id is served (required).
 	Claims *deviceid.Claims
-
-	keySecretCreates createdKeys
 }
 
 var _ reconcile.Reconciler = (*DeviceTwinReconciler)(nil)
@@ -387,7 +385,7 @@ func (r *DeviceTwinReconciler) SetupWithManager(ctx context.Context, mgr ctrl.Ma
 		}); err != nil {
 			return err
 		}
-		b = b.Owns(&corev1.Secret{}, builder.WithPredicates(r.ownCreatesIgnored())).
+		b = b.Owns(&corev1.Secret{}, builder.WithPredicates(ownCreatesIgnored)).
 			Watches(&corev1.Secret{}, handler.EnqueueRequestsFromMapFunc(r.twinsUsingSecret), builder.WithPredicates(initialListIgnored))
 	}
 	return b.Complete(r)

@@ -6,7 +6,6 @@ import (
 	"context"
 	"fmt"
 	"strings"
-	"sync"
 
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -214,10 +213,7 @@ func (r *DeviceTwinReconciler) writeKeySecret(ctx context.Context, t *v1alpha1.D
 	if exists {
 		err = r.Update(ctx, sec)
 	} else {
-		r.keySecretCreates.expect(key)
-		if err = r.Create(ctx, sec); err != nil {
-			r.keySecretCreates.forget(key)
-		}
+		err = r.Create(ctx, sec)
 	}
 	if err != nil {
 		return fmt.Errorf("writing Secret %s: %w", key.Name, err)
@@ -225,64 +221,16 @@ func (r *DeviceTwinReconciler) writeKeySecret(ctx context.Context, t *v1alpha1.D
 	return nil
 }
 
-// maxExpectedCreates bounds createdKeys: past it, a key Secret's creation
-// wakes its twin once more, which costs a reconcile and nothing else.
-const maxExpectedCreates = 10000
-
-// createdKeys are the key Secrets this reconciler has just created, whose
-// creation the watch has not reported yet. The watch's report of them
-// need not wake their twins again: the reconcile that created them
-// already reported the keys (at a fleet's first start-up, that second
-// reconcile was one per twin, and found the cache not yet holding its own
-// writes).
-type createdKeys struct {
-	mu   sync.Mutex
-	keys map[types.NamespacedName]struct{}
-}
-
-func (c *createdKeys) expect(k types.NamespacedName) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.keys == nil {
-		c.keys = map[types.NamespacedName]struct{}{}
-	}
-	if len(c.keys) < maxExpectedCreates {
-		c.keys[k] = struct{}{}
-	}
-}
-
-func (c *createdKeys) forget(k types.NamespacedName) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	delete(c.keys, k)
-}
-
-// seen reports whether k was expected, and forgets it.
-func (c *createdKeys) seen(k types.NamespacedName) bool {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	_, ok := c.keys[k]
-	delete(c.keys, k)
-	return ok
-}
-
-// pending is how many creations the watch has not reported yet.
-func (c *createdKeys) pending() int {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return len(c.keys)
-}
-
 // ownCreatesIgnored is the predicate of the watch of key Secrets by their
-// owner: a Secret's creation wakes its twin unless this reconciler
-// created it, or it comes from the cache's first listing (every twin is
-// woken by its own, and a restart need not queue 100,000 twins twice).
-func (r *DeviceTwinReconciler) ownCreatesIgnored() predicate.Predicate {
-	return predicate.Funcs{CreateFunc: func(e event.CreateEvent) bool {
-		return !e.IsInInitialList &&
-			!r.keySecretCreates.seen(types.NamespacedName{Namespace: e.Object.GetNamespace(), Name: e.Object.GetName()})
-	}}
-}
+// owner: the creation of a Secret the operator made (labelled
+// app.kubernetes.io/managed-by=kubetwin) does not wake its twin, since the
+// reconcile that created it already reported its keys (at a fleet's first
+// start-up that second reconcile was one per twin, and found the cache not
+// yet holding its own writes); nor does the cache's first listing, since
+// every twin is woken by its own. Other changes, and a deletion, do.
+var ownCreatesIgnored = predicate.Funcs{CreateFunc: func(e event.CreateEvent) bool {
+	return !e.IsInInitialList && e.Object.GetLabels()["app.kubernetes.io/managed-by"] != "kubetwin"
+}}
 
 // initialListIgnored is the predicate of the watch of Secrets by the twins
 // whose secretRef names them: the cache's first listing wakes every twin
