@@ -204,19 +204,21 @@ func TestOwnKeySecretCreatesIgnored(t *testing.T) {
 }
 
 // TestKeySecretNotYetCached: a key Secret that exists but is not in the
-// cache is the twin's own, created by an earlier reconcile (retried, no
-// condition), or someone else's (SecretConflict).
+// cache is the twin's own, created by an earlier reconcile (its live copy
+// is used: its keys, no error, no condition but KeysReady, no write when
+// it holds them), or someone else's (SecretConflict).
 func TestKeySecretNotYetCached(t *testing.T) {
 	for name, c := range map[string]struct {
 		labelled, owned bool
-		retry           bool
+		adopt           bool
 	}{
 		"own, the cache behind": {true, true, true},
 		"unlabelled":            {false, true, false},
 		"not owned":             {true, false, false},
 	} {
 		t.Run(name, func(t *testing.T) {
-			tw, sec := refTwin(t, "", sas.NewKey())
+			own := sas.NewKey()
+			tw, sec := refTwin(t, "", own)
 			tw.Spec.Authentication = nil
 			if !c.labelled {
 				sec.Labels = nil
@@ -229,14 +231,41 @@ func TestKeySecretNotYetCached(t *testing.T) {
 			cached := fake.NewClientBuilder().WithScheme(credScheme(t)).WithObjects(tw).
 				WithInterceptorFuncs(interceptor.Funcs{Create: func(ctx context.Context, _ client.WithWatch, o client.Object, opts ...client.CreateOption) error {
 					return api.Create(ctx, o, opts...)
+				}, Update: func(ctx context.Context, _ client.WithWatch, o client.Object, opts ...client.UpdateOption) error {
+					return api.Update(ctx, o, opts...)
 				}}).Build()
 			r := &DeviceTwinReconciler{Client: cached, Credentials: &Credentials{HubHostname: "hub"}, Claims: &deviceid.Claims{APIReader: api}}
-			_, st, err := r.ensureKeySecret(context.Background(), tw)
-			switch {
-			case c.retry && (err == nil || st != nil):
-				t.Errorf("condition %+v, error %v: want a retry (an error) and no condition", st, err)
-			case !c.retry && (err != nil || st == nil || st.reason != v1alpha1.ReasonSecretConflict):
-				t.Errorf("condition %+v, error %v: want %s", st, err, v1alpha1.ReasonSecretConflict)
+			keys, st, err := r.ensureKeySecret(context.Background(), tw)
+			if !c.adopt {
+				if err != nil || st == nil || st.reason != v1alpha1.ReasonSecretConflict {
+					t.Errorf("condition %+v, error %v: want %s", st, err, v1alpha1.ReasonSecretConflict)
+				}
+				return
+			}
+			if err != nil || st == nil || st.reason != v1alpha1.ReasonKeysReady {
+				t.Fatalf("condition %+v, error %v: want %s and no error", st, err, v1alpha1.ReasonKeysReady)
+			}
+			if keys.primary != own || keys.secondary != string(sec.Data[v1alpha1.SecondaryKeyKey]) {
+				t.Errorf("keys %+v: want the live Secret's", keys)
+			}
+			// The live Secret lacked the connection string and the
+			// managed-by label: the update (from the live copy) adds them
+			// and keeps its keys.
+			got := &corev1.Secret{}
+			if err := api.Get(context.Background(), client.ObjectKeyFromObject(sec), got); err != nil {
+				t.Fatal(err)
+			}
+			if string(got.Data[v1alpha1.PrimaryKeyKey]) != own || len(got.Data[v1alpha1.ConnectionStringKey]) == 0 ||
+				got.Labels["app.kubernetes.io/managed-by"] != "kubetwin" {
+				t.Errorf("live Secret after: labels %v, data keys %d: want its keys, a connection string and the managed-by label", got.Labels, len(got.Data))
+			}
+			// Again, now that it holds everything: no write.
+			rv := got.ResourceVersion
+			if _, st, err := r.ensureKeySecret(context.Background(), tw); err != nil || st.reason != v1alpha1.ReasonKeysReady {
+				t.Fatalf("second pass: condition %+v, error %v", st, err)
+			}
+			if err := api.Get(context.Background(), client.ObjectKeyFromObject(sec), got); err != nil || got.ResourceVersion != rv {
+				t.Errorf("second pass wrote the Secret (resourceVersion %s → %s, %v)", rv, got.ResourceVersion, err)
 			}
 		})
 	}

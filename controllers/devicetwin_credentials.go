@@ -133,6 +133,32 @@ func (r *DeviceTwinReconciler) ensureKeySecret(ctx context.Context, t *v1alpha1.
 	case !metav1.IsControlledBy(cur, t):
 		return deviceKeys{}, conflict(name), nil
 	}
+	keys, err := r.syncKeySecret(ctx, t, key, cur, exists, src, banned)
+	if apierrors.IsAlreadyExists(err) {
+		// There, but not in the cache: it lacks the label, or it is the
+		// one an earlier reconcile created and the cache has not seen yet
+		// (the twin woken again before it). Then the live copy stands in
+		// for the cached one: no retry, no error.
+		live := r.ownedUncached(ctx, t, key)
+		if live == nil {
+			return deviceKeys{}, conflict(name), nil
+		}
+		keys, err = r.syncKeySecret(ctx, t, key, live, true, src, banned)
+	}
+	if err != nil {
+		return deviceKeys{}, nil, err
+	}
+	if refused != nil {
+		return keys, refused, nil
+	}
+	return keys, keyStatus(keys, name), nil
+}
+
+// syncKeySecret makes the key Secret cur (exists false: none yet) hold
+// the twin's keys: those of src when set, else its own without those of
+// banned, with any missing one generated. It returns the keys.
+func (r *DeviceTwinReconciler) syncKeySecret(ctx context.Context, t *v1alpha1.DeviceTwin, key types.NamespacedName,
+	cur *corev1.Secret, exists bool, src, banned *deviceKeys) (deviceKeys, error) {
 	keys := deviceKeys{primary: string(cur.Data[v1alpha1.PrimaryKeyKey]), secondary: string(cur.Data[v1alpha1.SecondaryKeyKey])}.without(banned)
 	if src != nil {
 		keys = *src
@@ -143,35 +169,23 @@ func (r *DeviceTwinReconciler) ensureKeySecret(ctx context.Context, t *v1alpha1.
 		keys.secondary = cmp.Or(keys.secondary, sas.NewKey())
 	}
 	data := r.keyData(t, keys, cur.Data[v1alpha1.ConnectionStringKey])
-	if !exists || !keySecretHolds(cur, data) {
-		err := r.writeKeySecret(ctx, t, key, cur, exists, data)
-		switch {
-		case apierrors.IsAlreadyExists(err):
-			// There, but not in the cache: it lacks the label, or it is
-			// the one an earlier reconcile created and the cache has not
-			// seen it yet (then retry: its creation wakes no twin).
-			if r.ownedUncached(ctx, t, key) {
-				return deviceKeys{}, nil, fmt.Errorf("Secret %s is created but not yet in the operator's cache; retrying", name)
-			}
-			return deviceKeys{}, conflict(name), nil
-		case err != nil:
-			return deviceKeys{}, nil, err
-		}
+	if exists && keySecretHolds(cur, data) {
+		return keys, nil
 	}
-	if refused != nil {
-		return keys, refused, nil
-	}
-	return keys, keyStatus(keys, name), nil
+	return keys, r.writeKeySecret(ctx, t, key, cur, exists, data)
 }
 
-// ownedUncached reports whether the API server holds t's key Secret,
-// labelled, where the cache does not have it yet.
-func (r *DeviceTwinReconciler) ownedUncached(ctx context.Context, t *v1alpha1.DeviceTwin, key types.NamespacedName) bool {
+// ownedUncached returns t's key Secret as the API server holds it, when
+// it is labelled and t's; nil otherwise.
+func (r *DeviceTwinReconciler) ownedUncached(ctx context.Context, t *v1alpha1.DeviceTwin, key types.NamespacedName) *corev1.Secret {
 	if r.Claims == nil || r.Claims.APIReader == nil {
-		return false
+		return nil
 	}
 	live := &corev1.Secret{}
-	return r.Claims.APIReader.Get(ctx, key, live) == nil && live.Labels[v1alpha1.DeviceKeysLabel] == "true" && metav1.IsControlledBy(live, t)
+	if r.Claims.APIReader.Get(ctx, key, live) != nil || live.Labels[v1alpha1.DeviceKeysLabel] != "true" || !metav1.IsControlledBy(live, t) {
+		return nil
+	}
+	return live
 }
 
 // keySecretHolds reports whether the key Secret s already holds data,
