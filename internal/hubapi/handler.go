@@ -91,6 +91,12 @@ type Options struct {
 	// (twinscan.CacheLister of the manager's cache). Nil: they are listed
 	// through Reader.
 	Twins twinscan.Lister
+	// Order, when set, gives the DeviceTwins of Namespace in the order of
+	// a query's result (twinscan.CacheOrder of the manager's cache): a
+	// page of SELECT * or of a projection without TOP then starts where
+	// the previous page ended instead of passing over every twin. Without
+	// it, or when it fails, such pages are read from Twins too.
+	Order func(context.Context) (*twinscan.Order, error)
 	// APIReader reads from the API server itself (mgr.GetAPIReader()): the
 	// shared access policies Secret, and a twin when the cached copy is
 	// older than the etag a client sent.

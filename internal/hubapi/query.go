@@ -2,7 +2,6 @@ package hubapi
 
 import (
 	"bytes"
-	"cmp"
 	"context"
 	"crypto/sha256"
 	"encoding/base64"
@@ -220,10 +219,6 @@ func (h *Handler) runQuery(ctx context.Context, q *query.Query, hash string, fro
 			sel = labels.Everything() // not expected: the planner writes valid selectors
 		}
 	}
-	all, err := h.opts.Twins(ctx, h.opts.Namespace)
-	if err != nil {
-		return "", err
-	}
 	_, top := q.Top()
 	// Rows of one twin each, without TOP: a page is the next matches after
 	// the continuation point, each row computed from its twin alone.
@@ -231,6 +226,21 @@ func (h *Handler) runQuery(ctx context.Context, q *query.Query, hash string, fro
 	var after *twinKey
 	if stream && from != nil {
 		after = from.After
+	}
+	star := q.ItemType() == query.ItemTypeTwin
+	paths := q.Paths()
+	if star {
+		paths = q.WherePaths() // the documents returned are rendered whole
+	}
+	part := twinscan.NewPartial(paths)
+	if stream && h.opts.Order != nil {
+		if o, err := h.opts.Order(ctx); err == nil {
+			return h.orderedPage(ctx, q, hash, sel, part, o, (*twinscan.Key)(after), p)
+		}
+	}
+	all, err := h.opts.Twins(ctx, h.opts.Namespace)
+	if err != nil {
+		return "", err
 	}
 	twins := make([]*v1alpha1.DeviceTwin, 0, len(all))
 	for _, t := range all {
@@ -245,12 +255,6 @@ func (h *Handler) runQuery(ctx context.Context, q *query.Query, hash string, fro
 		}
 		twins = append(twins, t)
 	}
-	star := q.ItemType() == query.ItemTypeTwin
-	paths := q.Paths()
-	if star {
-		paths = q.WherePaths() // the documents returned are rendered whole
-	}
-	part := twinscan.NewPartial(paths)
 	if stream {
 		// Rows are made only for the page's twins.
 		return h.streamPage(ctx, q, hash, part, twinscan.Matches(q, part, twins, false), p)
@@ -328,24 +332,14 @@ func (h *Handler) runQuery(ctx context.Context, q *query.Query, hash string, fro
 // A page deep into a large fleet so costs a scan of the fleet, not a sort
 // of it and a rendering of every twin.
 func (h *Handler) streamPage(ctx context.Context, q *query.Query, hash string, part *twinscan.Partial, cands []twinscan.Match, p *page) (string, error) {
-	star := q.ItemType() == query.ItemTypeTwin
 	var last twinKey
 	for c := range inOrder(cands, compareMatches, 2*p.size+16) {
 		if !h.holds(ctx, c.Twin) {
 			continue
 		}
-		var item any
-		if star {
-			item = hubtwin.FromDeviceTwin(c.Twin)
-		} else {
-			res, err := q.Run([]map[string]any{part.Doc(c.Twin)})
-			if err != nil {
-				return "", err
-			}
-			if len(res.Items) != 1 {
-				return "", fmt.Errorf("the row of device %q: %d rows from its twin, want 1", c.DeviceID, len(res.Items))
-			}
-			item = res.Items[0]
+		item, err := rowOf(q, part, c)
+		if err != nil {
+			return "", err
 		}
 		ok, err := p.add(item)
 		if err != nil {
@@ -358,6 +352,84 @@ func (h *Handler) streamPage(ctx context.Context, q *query.Query, hash string, p
 		last = matchKey(c)
 	}
 	return "", nil
+}
+
+// maxOrderBatch bounds the twins orderedPage takes from the Order at once
+// (and so how long it holds the Order's lock).
+const maxOrderBatch = 16384
+
+// orderedPage answers one page of a per-twin query without TOP (SELECT *,
+// projections) from o, the twins in the result's order: it walks them
+// from the continuation point (after; nil: the start) a batch at a time,
+// the first a page and a half, each next one four times larger; drops
+// those the label selector leaves out and those being deleted; evaluates
+// the condition on the batch on every core; and renders a row for each
+// device among the matches until the page is full and one more shows that
+// another page exists. A page so costs its own twins (with a condition,
+// the twins between its matches), not a pass over the namespace.
+func (h *Handler) orderedPage(ctx context.Context, q *query.Query, hash string, sel labels.Selector, part *twinscan.Partial,
+	o *twinscan.Order, after *twinscan.Key, p *page) (string, error) {
+	var last twinKey
+	batch := 2*p.size + 16
+	var entries []twinscan.Entry
+	var twins []*v1alpha1.DeviceTwin
+	for {
+		if err := ctx.Err(); err != nil {
+			return "", err
+		}
+		entries = o.After(after, batch, entries[:0])
+		twins = twins[:0]
+		for _, e := range entries {
+			t := e.Twin
+			if !t.DeletionTimestamp.IsZero() {
+				continue
+			}
+			if !sel.Matches(labels.Set(t.Labels)) && t.Status.ObservedGeneration == t.Generation {
+				continue
+			}
+			twins = append(twins, t)
+		}
+		for _, c := range twinscan.Matches(q, part, twins, false) {
+			if !h.holds(ctx, c.Twin) {
+				continue
+			}
+			item, err := rowOf(q, part, c)
+			if err != nil {
+				return "", err
+			}
+			ok, err := p.add(item)
+			if err != nil {
+				return "", err
+			}
+			if !ok {
+				return (&continuation{V: continuationVersion, Query: hash, After: &last}).encode(), nil
+			}
+			last = matchKey(c)
+		}
+		if len(entries) < batch {
+			return "", nil
+		}
+		k := entries[len(entries)-1].Key
+		after = &k
+		batch = min(4*batch, maxOrderBatch)
+	}
+}
+
+// rowOf is the row of match c in the result of q, a per-twin query: its
+// twin's document for SELECT *, else the projection of its partial
+// document.
+func rowOf(q *query.Query, part *twinscan.Partial, c twinscan.Match) (any, error) {
+	if q.ItemType() == query.ItemTypeTwin {
+		return hubtwin.FromDeviceTwin(c.Twin), nil
+	}
+	res, err := q.Run([]map[string]any{part.Doc(c.Twin)})
+	if err != nil {
+		return nil, err
+	}
+	if len(res.Items) != 1 {
+		return nil, fmt.Errorf("the row of device %q: %d rows from its twin, want 1", c.DeviceID, len(res.Items))
+	}
+	return res.Items[0], nil
 }
 
 // holds reports whether t holds its device id (Options.Resolve): a twin
@@ -406,14 +478,10 @@ type twinKey struct {
 	Name      string `json:"n"`
 }
 
-func (k twinKey) compare(o twinKey) int {
-	return cmp.Or(strings.Compare(k.ID, o.ID), strings.Compare(k.Namespace, o.Namespace), strings.Compare(k.Name, o.Name))
-}
+func (k twinKey) compare(o twinKey) int { return twinscan.Key(k).Compare(twinscan.Key(o)) }
 
 // keyOf is t's position in a query's result.
-func keyOf(t *v1alpha1.DeviceTwin) twinKey {
-	return twinKey{ID: hubtwin.DeviceID(t), Namespace: t.Namespace, Name: t.Name}
-}
+func keyOf(t *v1alpha1.DeviceTwin) twinKey { return twinKey(twinscan.KeyOf(t)) }
 
 func matchKey(m twinscan.Match) twinKey {
 	return twinKey{ID: m.DeviceID, Namespace: m.Twin.Namespace, Name: m.Twin.Name}

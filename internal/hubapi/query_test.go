@@ -7,6 +7,9 @@ import (
 	"net/http"
 	"strings"
 	"testing"
+	"time"
+
+	"github.com/kubetwin/kubetwin/api/v1alpha1"
 )
 
 // queryPages runs a query page by page and returns every page's items and
@@ -174,4 +177,54 @@ func TestQueryLanguageConformance(t *testing.T) {
 		call(t, http.MethodPost, "/devices/query", nil, body(q)).
 			expectError(t, http.StatusBadRequest, "ArgumentInvalid", "the query is invalid: "+msg)
 	}
+}
+
+// TestQueryOrderFollowsCache: the Order that pages of SELECT * and of
+// projections are read from (twinscan.CacheOrder, as the operator wires
+// it) follows the cache: a twin created, one deleted and one whose device
+// id changes are where they belong in the next query's pages.
+func TestQueryOrderFollowsCache(t *testing.T) {
+	reset(t)
+	ctx := context.Background()
+	tags := `{"fleet":"order"}`
+	var twins []*v1alpha1.DeviceTwin
+	for i := 1; i <= 3; i++ {
+		twins = append(twins, newTwin(t, devNS, fmt.Sprintf("order-%d", i), fmt.Sprintf("order-%d", i), tags, ""))
+	}
+	q := "SELECT deviceId FROM devices WHERE tags.fleet = 'order'"
+	ids := func() string {
+		pages, _ := queryPages(t, q, 2)
+		var out []string
+		for _, p := range pages {
+			for _, it := range p {
+				out = append(out, it["deviceId"].(string))
+			}
+		}
+		return strings.Join(out, ",")
+	}
+	eventually := func(want string) {
+		t.Helper()
+		deadline := time.Now().Add(10 * time.Second)
+		for {
+			got := ids()
+			if got == want {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("devices %s, want %s", got, want)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	eventually("order-1,order-2,order-3")
+
+	deleteTwin(t, twins[1])
+	newTwin(t, devNS, "order-0", "order-0", tags, "")
+	newTwin(t, devNS, "order-4", "order-4", tags, "")
+	tw := getTwinObject(t, devNS, "order-3")
+	tw.Status.DeviceID = "order-9" // a document's deviceId is the status's when set
+	if err := k8s.Status().Update(ctx, tw); err != nil {
+		t.Fatal(err)
+	}
+	eventually("order-0,order-1,order-4,order-9")
 }

@@ -20,6 +20,7 @@ import (
 	"github.com/kubetwin/kubetwin/internal/hubtwin"
 	"github.com/kubetwin/kubetwin/internal/query"
 	"github.com/kubetwin/kubetwin/internal/twin"
+	"github.com/kubetwin/kubetwin/internal/twinscan"
 	"github.com/kubetwin/kubetwin/internal/twinscan/twinscantest"
 )
 
@@ -123,41 +124,61 @@ func TestQueryPagesEqualFullRun(t *testing.T) {
 		if round%2 == 1 {
 			maxBytes = 1 + rng.IntN(1200)
 		}
-		hash := queryHash(q)
-		var got []string
-		var from *continuation
-		for pages := 0; ; pages++ {
-			if pages > len(twins)+1 {
-				t.Fatalf("round %d: %q: more pages than twins", round, text)
+		// Pages from the twins listed, and from an Order of them (with a
+		// twin of another namespace, which it leaves out).
+		order := twinscan.NewOrder("ns")
+		for _, tw := range twins {
+			order.Set(nil, tw)
+		}
+		order.Set(nil, &v1alpha1.DeviceTwin{ObjectMeta: metav1.ObjectMeta{Namespace: "other", Name: "t0"}})
+		for _, ordered := range []bool{false, true} {
+			h.opts.Order = nil
+			if ordered {
+				h.opts.Order = func(context.Context) (*twinscan.Order, error) { return order, nil }
 			}
-			p := newPage(size, maxBytes)
-			next, err := h.runQuery(context.Background(), q, hash, from, p)
-			if err != nil {
-				t.Fatal(err)
-			}
-			var items []json.RawMessage
-			if err := json.Unmarshal(p.body(), &items); err != nil {
-				t.Fatalf("round %d: page body: %v", round, err)
-			}
-			full := len(items) == size || p.cut
-			if len(items) > size || (next != "" && !full) || (next == "" && p.cut) {
-				t.Fatalf("round %d: %q size %d: page of %d items (cut %v), next %q", round, text, size, len(items), p.cut, next)
-			}
-			if len(items) > 1 && len(p.body()) > maxBytes {
-				t.Fatalf("round %d: a page of %d items is %d bytes, over the %d allowed", round, len(items), len(p.body()), maxBytes)
-			}
-			for _, it := range items {
-				got = append(got, string(it))
-			}
-			if next == "" {
-				break
-			}
-			if from, err = decodeContinuation(next, hash, q.PerTwin()); err != nil {
-				t.Fatalf("round %d: token %q: %v", round, next, err)
+			got := readPages(t, h, q, size, maxBytes, len(twins))
+			if !slices.Equal(got, want) {
+				t.Fatalf("round %d: %q in pages of %d (ordered %v):\n got %v\nwant %v", round, text, size, ordered, got, want)
 			}
 		}
-		if !slices.Equal(got, want) {
-			t.Fatalf("round %d: %q in pages of %d:\n got %v\nwant %v", round, text, size, got, want)
+	}
+}
+
+// readPages reads q through h.runQuery in pages of size items and
+// maxBytes, checking each page's size and token, and returns the items.
+func readPages(t *testing.T, h *Handler, q *query.Query, size, maxBytes, twins int) []string {
+	t.Helper()
+	hash := queryHash(q)
+	var got []string
+	var from *continuation
+	for pages := 0; ; pages++ {
+		if pages > twins+1 {
+			t.Fatalf("%q: more pages than twins", q)
+		}
+		p := newPage(size, maxBytes)
+		next, err := h.runQuery(context.Background(), q, hash, from, p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var items []json.RawMessage
+		if err := json.Unmarshal(p.body(), &items); err != nil {
+			t.Fatalf("%q: page body: %v", q, err)
+		}
+		full := len(items) == size || p.cut
+		if len(items) > size || (next != "" && !full) || (next == "" && p.cut) {
+			t.Fatalf("%q size %d: page of %d items (cut %v), next %q", q, size, len(items), p.cut, next)
+		}
+		if len(items) > 1 && len(p.body()) > maxBytes {
+			t.Fatalf("%q: a page of %d items is %d bytes, over the %d allowed", q, len(items), len(p.body()), maxBytes)
+		}
+		for _, it := range items {
+			got = append(got, string(it))
+		}
+		if next == "" {
+			return got
+		}
+		if from, err = decodeContinuation(next, hash, q.PerTwin()); err != nil {
+			t.Fatalf("%q: token %q: %v", q, next, err)
 		}
 	}
 }
@@ -235,7 +256,8 @@ func TestGroupStart(t *testing.T) {
 
 // BenchmarkQueryPage: one page of 100 from the middle of a 100,000-twin
 // fleet (twinscantest.Fleet), through runQuery, with the twins' device
-// ids resolved from a map (the cache's lookups cost more).
+// ids resolved from a map (the cache's lookups cost more): from the twins
+// listed (scan) and from an Order of them (ordered).
 func BenchmarkQueryPage(b *testing.B) {
 	twins := twinscantest.Fleet(100000)
 	holders := map[string]*v1alpha1.DeviceTwin{}
@@ -251,6 +273,10 @@ func BenchmarkQueryPage(b *testing.B) {
 		},
 		Resolve: func(_ context.Context, id string) (*v1alpha1.DeviceTwin, error) { return holders[id], nil },
 	}}
+	order := twinscan.NewOrder("scale")
+	for _, tw := range twins {
+		order.Set(nil, tw)
+	}
 	for _, text := range []string{
 		"SELECT * FROM devices",
 		"SELECT * FROM devices WHERE tags.location.plant = 'Plant-07'",
@@ -262,12 +288,20 @@ func BenchmarkQueryPage(b *testing.B) {
 			b.Fatal(err)
 		}
 		from := &continuation{After: &twinKey{ID: "dev-050000", Namespace: "scale", Name: "dev-050000"}}
-		b.Run(text, func(b *testing.B) {
-			for b.Loop() {
-				if _, err := h.runQuery(context.Background(), q, "h", from, newPage(100, DefaultMaxQueryPageBytes)); err != nil {
-					b.Fatal(err)
-				}
+		for _, ordered := range []bool{false, true} {
+			name := "scan/" + text
+			h.opts.Order = nil
+			if ordered {
+				name = "ordered/" + text
+				h.opts.Order = func(context.Context) (*twinscan.Order, error) { return order, nil }
 			}
-		})
+			b.Run(name, func(b *testing.B) {
+				for b.Loop() {
+					if _, err := h.runQuery(context.Background(), q, "h", from, newPage(100, DefaultMaxQueryPageBytes)); err != nil {
+						b.Fatal(err)
+					}
+				}
+			})
+		}
 	}
 }

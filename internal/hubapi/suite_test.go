@@ -202,6 +202,11 @@ func newHandler(o hubapi.Options) (*hubapi.Handler, error) {
 		// As the operator: queries list the cache's own objects.
 		o.Reader = mgr.GetClient()
 		o.Twins = twinscan.CacheLister(mgr.GetCache())
+		ns := o.Namespace
+		if ns == "" {
+			ns = devNS
+		}
+		o.Order = twinscan.CacheOrder(mgr.GetCache(), ns)
 	}
 	if o.APIReader == nil {
 		o.APIReader = mgr.GetAPIReader()

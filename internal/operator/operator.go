@@ -221,6 +221,7 @@ func AddServiceAPI(ctx context.Context, mgr ctrl.Manager, o ServiceAPIOptions) (
 		Client:         mgr.GetClient(),
 		Reader:         mgr.GetClient(),
 		Twins:          twinscan.CacheLister(mgr.GetCache()),
+		Order:          twinscan.CacheOrder(mgr.GetCache(), o.Namespace),
 		APIReader:      mgr.GetAPIReader(),
 		Resolve:        Resolver(mgr, o.ClaimsNamespace).Resolve,
 		Namespace:      o.Namespace,
