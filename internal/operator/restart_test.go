@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"runtime/pprof"
+	"runtime/trace"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -41,7 +42,9 @@ import (
 // test reports start → cache synced → every twin reconciled, the bytes and
 // objects allocated per twin, the heap in use and live after it, and the GC
 // cycles. KUBETWIN_RESTART_PROFILE=prefix writes prefix.cpu.pprof and
-// prefix.heap-{before,after}.pprof (diff alloc_space with pprof -base).
+// prefix.heap-{before,after}.pprof (diff alloc_space with pprof -base)
+// and an execution trace, prefix.trace (go tool trace -pprof=sync, or
+// =sched, for where the reconciles wait).
 // KUBETWIN_RESTART_BASELINE=1 sets the operator up as before this
 // measurement's changes (eager log fields, controller-runtime's mapper).
 // KUBETWIN_RESTART_ROUNDS restarts that many times (default 2): the first
@@ -134,6 +137,13 @@ func measureRestart(t *testing.T, cfg *rest.Config, scheme *k8sruntime.Scheme, n
 		if err := pprof.StartCPUProfile(f); err != nil {
 			t.Fatal(err)
 		}
+		tf, err := os.Create(prefix + ".trace")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := trace.Start(tf); err != nil {
+			t.Fatal(err)
+		}
 	}
 	start := time.Now()
 	op := startRestartOperator(t, cfg, scheme, baseline)
@@ -153,6 +163,7 @@ func measureRestart(t *testing.T, cfg *rest.Config, scheme *k8sruntime.Scheme, n
 	}
 	runtime.ReadMemStats(&m1)
 	if profile {
+		trace.Stop()
 		pprof.StopCPUProfile()
 		writeHeapProfile(t, prefix+".heap-after.pprof")
 	}
