@@ -361,7 +361,7 @@ const maxOrderBatch = 16384
 // orderedPage answers one page of a per-twin query without TOP (SELECT *,
 // projections) from o, the twins in the result's order: it walks them
 // from the continuation point (after; nil: the start) a batch at a time,
-// the first a page and a half, each next one four times larger; drops
+// the first twice a page, each next one four times larger; drops
 // those the label selector leaves out and those being deleted; evaluates
 // the condition on the batch on every core; and renders a row for each
 // device among the matches until the page is full and one more shows that
