@@ -2,10 +2,12 @@ package controllers
 
 import (
 	"context"
+	"errors"
 	"strings"
 	"testing"
 
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/types"
@@ -266,6 +268,34 @@ func TestKeySecretNotYetCached(t *testing.T) {
 			}
 			if err := api.Get(context.Background(), client.ObjectKeyFromObject(sec), got); err != nil || got.ResourceVersion != rv {
 				t.Errorf("second pass wrote the Secret (resourceVersion %s → %s, %v)", rv, got.ResourceVersion, err)
+			}
+		})
+	}
+}
+
+// TestKeySecretNotYetCachedReadFails: when the live read of a key Secret
+// the cache lacks fails, or finds it gone, the reconcile retries: no
+// SecretConflict condition.
+func TestKeySecretNotYetCachedReadFails(t *testing.T) {
+	for name, getErr := range map[string]error{
+		"read fails": errors.New("connection refused"),
+		"gone":       apierrors.NewNotFound(corev1.Resource("secrets"), "victim-device-key"),
+	} {
+		t.Run(name, func(t *testing.T) {
+			tw, sec := refTwin(t, "", sas.NewKey())
+			tw.Spec.Authentication = nil
+			api := fake.NewClientBuilder().WithScheme(credScheme(t)).WithObjects(tw, sec).Build()
+			live := fake.NewClientBuilder().WithScheme(credScheme(t)).WithObjects(tw, sec).
+				WithInterceptorFuncs(interceptor.Funcs{Get: func(context.Context, client.WithWatch, client.ObjectKey, client.Object, ...client.GetOption) error {
+					return getErr
+				}}).Build()
+			cached := fake.NewClientBuilder().WithScheme(credScheme(t)).WithObjects(tw).
+				WithInterceptorFuncs(interceptor.Funcs{Create: func(ctx context.Context, _ client.WithWatch, o client.Object, opts ...client.CreateOption) error {
+					return api.Create(ctx, o, opts...)
+				}}).Build()
+			r := &DeviceTwinReconciler{Client: cached, Credentials: &Credentials{HubHostname: "hub"}, Claims: &deviceid.Claims{APIReader: live}}
+			if _, st, err := r.ensureKeySecret(context.Background(), tw); err == nil || st != nil {
+				t.Errorf("condition %+v, error %v: want a retry (an error) and no condition", st, err)
 			}
 		})
 	}

@@ -139,8 +139,11 @@ func (r *DeviceTwinReconciler) ensureKeySecret(ctx context.Context, t *v1alpha1.
 		// one an earlier reconcile created and the cache has not seen yet
 		// (the twin woken again before it). Then the live copy stands in
 		// for the cached one: no retry, no error.
-		live := r.ownedUncached(ctx, t, key)
-		if live == nil {
+		live, lerr := r.ownedUncached(ctx, t, key)
+		switch {
+		case lerr != nil:
+			return deviceKeys{}, nil, lerr
+		case live == nil:
 			return deviceKeys{}, conflict(name), nil
 		}
 		keys, err = r.syncKeySecret(ctx, t, key, live, true, src, banned)
@@ -176,16 +179,24 @@ func (r *DeviceTwinReconciler) syncKeySecret(ctx context.Context, t *v1alpha1.De
 }
 
 // ownedUncached returns t's key Secret as the API server holds it, when
-// it is labelled and t's; nil otherwise.
-func (r *DeviceTwinReconciler) ownedUncached(ctx context.Context, t *v1alpha1.DeviceTwin, key types.NamespacedName) *corev1.Secret {
+// it is labelled and t's; nil when it is someone else's. An error (the
+// read failed, or the Secret is gone) is to retry, not a conflict.
+func (r *DeviceTwinReconciler) ownedUncached(ctx context.Context, t *v1alpha1.DeviceTwin, key types.NamespacedName) (*corev1.Secret, error) {
 	if r.Claims == nil || r.Claims.APIReader == nil {
-		return nil
+		return nil, nil
 	}
 	live := &corev1.Secret{}
-	if r.Claims.APIReader.Get(ctx, key, live) != nil || live.Labels[v1alpha1.DeviceKeysLabel] != "true" || !metav1.IsControlledBy(live, t) {
-		return nil
+	switch err := r.Claims.APIReader.Get(ctx, key, live); {
+	case apierrors.IsNotFound(err):
+		// Created by someone and deleted again since: try again.
+		return nil, fmt.Errorf("Secret %s was there at its creation and is gone now; retrying", key.Name)
+	case err != nil:
+		return nil, fmt.Errorf("reading Secret %s: %w", key.Name, err)
 	}
-	return live
+	if live.Labels[v1alpha1.DeviceKeysLabel] != "true" || !metav1.IsControlledBy(live, t) {
+		return nil, nil
+	}
+	return live, nil
 }
 
 // keySecretHolds reports whether the key Secret s already holds data,
