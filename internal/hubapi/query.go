@@ -332,26 +332,55 @@ func (h *Handler) runQuery(ctx context.Context, q *query.Query, hash string, fro
 // A page deep into a large fleet so costs a scan of the fleet, not a sort
 // of it and a rendering of every twin.
 func (h *Handler) streamPage(ctx context.Context, q *query.Query, hash string, part *twinscan.Partial, cands []twinscan.Match, p *page) (string, error) {
-	var last twinKey
+	rows := pageRows{h: h, q: q, hash: hash, part: part, p: p}
 	for c := range inOrder(cands, compareMatches, 2*p.size+16) {
-		if !h.holds(ctx, c.Twin) {
-			continue
+		if next, full, err := rows.add(ctx, c); full || err != nil {
+			return next, err
 		}
-		item, err := rowOf(q, part, c)
-		if err != nil {
-			return "", err
-		}
-		ok, err := p.add(item)
-		if err != nil {
-			return "", err
-		}
-		if !ok {
-			// Another row: the next page starts after the last one here.
-			return (&continuation{V: continuationVersion, Query: hash, After: &last}).encode(), nil
-		}
-		last = matchKey(c)
 	}
 	return "", nil
+}
+
+// pageRows fills a page of a per-twin query with the rows of matches
+// given in the result's order.
+type pageRows struct {
+	h    *Handler
+	q    *query.Query
+	hash string
+	part *twinscan.Partial
+	p    *page
+	last twinKey // the twin of the page's last row
+}
+
+// add puts the row of c on the page if c's twin holds its device id. When
+// the page has no room for it, it returns full and the continuation token
+// of the next page, which starts after the page's last row.
+func (r *pageRows) add(ctx context.Context, c twinscan.Match) (next string, full bool, err error) {
+	if !r.h.holds(ctx, c.Twin) {
+		return "", false, nil
+	}
+	var item any
+	if r.q.ItemType() == query.ItemTypeTwin {
+		item = hubtwin.FromDeviceTwin(c.Twin)
+	} else {
+		res, err := r.q.Run([]map[string]any{r.part.Doc(c.Twin)})
+		if err != nil {
+			return "", false, err
+		}
+		if len(res.Items) != 1 {
+			return "", false, fmt.Errorf("the row of device %q: %d rows from its twin, want 1", c.DeviceID, len(res.Items))
+		}
+		item = res.Items[0]
+	}
+	ok, err := r.p.add(item)
+	if err != nil {
+		return "", false, err
+	}
+	if !ok {
+		return (&continuation{V: continuationVersion, Query: r.hash, After: &r.last}).encode(), true, nil
+	}
+	r.last = matchKey(c)
+	return "", false, nil
 }
 
 // maxOrderBatch bounds the twins orderedPage takes from the Order at once
@@ -369,7 +398,7 @@ const maxOrderBatch = 16384
 // the twins between its matches), not a pass over the namespace.
 func (h *Handler) orderedPage(ctx context.Context, q *query.Query, hash string, sel labels.Selector, part *twinscan.Partial,
 	o *twinscan.Order, after *twinscan.Key, p *page) (string, error) {
-	var last twinKey
+	rows := pageRows{h: h, q: q, hash: hash, part: part, p: p}
 	batch := 2*p.size + 16
 	var entries []twinscan.Entry
 	var twins []*v1alpha1.DeviceTwin
@@ -390,21 +419,9 @@ func (h *Handler) orderedPage(ctx context.Context, q *query.Query, hash string, 
 			twins = append(twins, t)
 		}
 		for _, c := range twinscan.Matches(q, part, twins, false) {
-			if !h.holds(ctx, c.Twin) {
-				continue
+			if next, full, err := rows.add(ctx, c); full || err != nil {
+				return next, err
 			}
-			item, err := rowOf(q, part, c)
-			if err != nil {
-				return "", err
-			}
-			ok, err := p.add(item)
-			if err != nil {
-				return "", err
-			}
-			if !ok {
-				return (&continuation{V: continuationVersion, Query: hash, After: &last}).encode(), nil
-			}
-			last = matchKey(c)
 		}
 		if len(entries) < batch {
 			return "", nil
@@ -413,23 +430,6 @@ func (h *Handler) orderedPage(ctx context.Context, q *query.Query, hash string, 
 		after = &k
 		batch = min(4*batch, maxOrderBatch)
 	}
-}
-
-// rowOf is the row of match c in the result of q, a per-twin query: its
-// twin's document for SELECT *, else the projection of its partial
-// document.
-func rowOf(q *query.Query, part *twinscan.Partial, c twinscan.Match) (any, error) {
-	if q.ItemType() == query.ItemTypeTwin {
-		return hubtwin.FromDeviceTwin(c.Twin), nil
-	}
-	res, err := q.Run([]map[string]any{part.Doc(c.Twin)})
-	if err != nil {
-		return nil, err
-	}
-	if len(res.Items) != 1 {
-		return nil, fmt.Errorf("the row of device %q: %d rows from its twin, want 1", c.DeviceID, len(res.Items))
-	}
-	return res.Items[0], nil
 }
 
 // holds reports whether t holds its device id (Options.Resolve): a twin
