@@ -180,20 +180,28 @@ func executeList(ctx context.Context, c rest.Interface, namespace string, except
 		return nil, err
 	}
 	ans.Result = res
-	if res.ItemType == query.ItemTypeTwin {
-		// Run returns the documents it was given: find each one's twin.
-		byDoc := make(map[uintptr]*Twin, len(kept))
-		for _, t := range kept {
-			byDoc[mapID(t.Doc)] = t
-		}
-		ans.Twins = make([]*Twin, len(res.Items))
-		for i, it := range res.Items {
-			if ans.Twins[i] = byDoc[mapID(it)]; ans.Twins[i] == nil {
-				ans.Twins[i] = &Twin{Doc: it} // not expected: Run returns the documents it is given
-			}
+	ans.Twins = twinsOfItems(res, kept)
+	return ans, nil
+}
+
+// twinsOfItems returns, for a SELECT * result run over the documents of
+// twins, the twin behind each item (nil for other results).
+func twinsOfItems(res query.Result, twins []*Twin) []*Twin {
+	if res.ItemType != query.ItemTypeTwin {
+		return nil
+	}
+	// Run returns the documents it was given: find each one's twin.
+	byDoc := make(map[uintptr]*Twin, len(twins))
+	for _, t := range twins {
+		byDoc[mapID(t.Doc)] = t
+	}
+	out := make([]*Twin, len(res.Items))
+	for i, it := range res.Items {
+		if out[i] = byDoc[mapID(it)]; out[i] == nil {
+			out[i] = &Twin{Doc: it} // not expected: Run returns the documents it is given
 		}
 	}
-	return ans, nil
+	return out
 }
 
 // GetTwin returns the DeviceTwin called name in namespace; failing that,
@@ -268,9 +276,9 @@ const (
 	ViaList = "list"
 	// ViaAuto: the query API when kube-apiserver serves it, else listing.
 	ViaAuto = "auto"
-	// ViaShards: a SELECT * over every namespace answered by the query
-	// APIs of the shards (an operator per namespace, each with a group of
-	// its own) and a LIST of the other namespaces, merged.
+	// ViaShards: a query over every namespace answered from the twins the
+	// query APIs of the shards (an operator per namespace, each with a
+	// group of its own) match and a LIST of the other namespaces, merged.
 	ViaShards = "shards"
 )
 

@@ -173,8 +173,8 @@ func newQueryCommand(o *options) *cobra.Command {
 //
 // For one namespace it asks that namespace's shard (wire.ShardGroup)
 // first, then the cluster's query API (wire.Group). Over every namespace
-// without the latter, a SELECT * is answered by the shards and a listing
-// of the other namespaces (ExecuteShards).
+// without the latter, a query is answered from the twins the shards match
+// and a listing of the other namespaces (ExecuteShards).
 func (o *options) execute(ctx context.Context, ns string, q *query.Query, chunkSize int64, via string) (*Answer, string, error) {
 	cfg, err := o.config.ToRESTConfig()
 	if err != nil {

@@ -16,22 +16,19 @@ import (
 	"github.com/kubetwin/kubetwin/internal/queryapi/wire"
 )
 
-// ExecuteShards answers a SELECT * over every namespace when the cluster
-// runs one operator per namespace (shards, each serving its namespace's
-// query API group, wire.ShardGroup) and no operator over all of them: it
-// asks each shard whose group kube-apiserver serves, lists the twins of
-// every other namespace (a field selector leaves the shards' out), and
-// merges the answers in the result's order (device id, namespace, name),
-// cut to TOP. The answer is the one Execute computes from a LIST of every
-// namespace. It returns nil and no error when no shard serves its group.
-//
-// Only SELECT * is merged: its items carry the device id and the twin
-// behind them, which order the result; rows of projections and groups do
-// not, so those are listed.
+// ExecuteShards answers q over every namespace when the cluster runs one
+// operator per namespace (shards, each serving its namespace's query API
+// group, wire.ShardGroup) and no operator over all of them: it asks each
+// shard whose group kube-apiserver serves for the twins q's condition
+// matches (q.Matching: SELECT * with q's WHERE), lists those of every
+// other namespace (a field selector leaves the shards' out), merges them
+// in the result's order (device id, namespace, name) and runs q over
+// their documents: projections, TOP, GROUP BY and aggregates as well as
+// SELECT *. The answer is the one Execute computes from a LIST of every
+// namespace. It returns nil and no error when no shard serves its group;
+// an error when a shard fails, or its matches exceed the answer its query
+// API allows (then the caller lists).
 func ExecuteShards(ctx context.Context, cfg *rest.Config, c rest.Interface, q *query.Query, chunkSize int64) (*Answer, error) {
-	if q.ItemType() != query.ItemTypeTwin {
-		return nil, nil
-	}
 	raw, err := c.Get().AbsPath("/apis").DoRaw(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("discovery of the API groups: %w", err)
@@ -40,8 +37,9 @@ func ExecuteShards(ctx context.Context, cfg *rest.Config, c rest.Interface, q *q
 	if err := json.Unmarshal(raw, &groups); err != nil {
 		return nil, fmt.Errorf("discovery of the API groups is not an APIGroupList: %w", err)
 	}
+	matching := q.Matching()
 	merged := &Answer{Via: ViaShards}
-	merged.ItemType = query.ItemTypeTwin
+	var twins []*Twin
 	for _, g := range groups.Groups {
 		ns, ok := strings.CutSuffix(g.Name, "."+wire.Group)
 		if !ok || len(validation.IsDNS1123Label(ns)) > 0 {
@@ -54,7 +52,7 @@ func ExecuteShards(ctx context.Context, cfg *rest.Config, c rest.Interface, q *q
 		if served, _ := api.Served(ctx); !served {
 			continue // registered but not available: its namespace is listed
 		}
-		ans, err := api.Execute(ctx, ns, q)
+		ans, err := api.Execute(ctx, ns, matching)
 		if err != nil {
 			return nil, fmt.Errorf("the query API of shard %s (%s): %w", ns, g.Name, err)
 		}
@@ -63,29 +61,30 @@ func ExecuteShards(ctx context.Context, cfg *rest.Config, c rest.Interface, q *q
 		}
 		merged.Shards = append(merged.Shards, ns)
 		merged.Evaluated += ans.Listed
-		merged.Twins = append(merged.Twins, ans.Twins...)
+		twins = append(twins, ans.Twins...)
 	}
 	if len(merged.Shards) == 0 {
 		return nil, nil
 	}
 	slices.Sort(merged.Shards)
-	rest, err := executeList(ctx, c, "", merged.Shards, q, chunkSize)
+	rest, err := executeList(ctx, c, "", merged.Shards, matching, chunkSize)
 	if err != nil {
 		return nil, err
 	}
 	merged.Listed, merged.Pages = rest.Listed, rest.Pages
-	merged.Twins = append(merged.Twins, rest.Twins...)
-	slices.SortStableFunc(merged.Twins, func(a, b *Twin) int {
+	twins = append(twins, rest.Twins...)
+	slices.SortStableFunc(twins, func(a, b *Twin) int {
 		return cmp.Or(strings.Compare(docDeviceID(a.Doc), docDeviceID(b.Doc)),
 			strings.Compare(a.Namespace, b.Namespace), strings.Compare(a.Name, b.Name))
 	})
-	if top, ok := q.Top(); ok && len(merged.Twins) > top {
-		merged.Twins = merged.Twins[:top]
+	docs := make([]map[string]any, len(twins))
+	for i, t := range twins {
+		docs[i] = t.Doc
 	}
-	merged.Items = make([]map[string]any, len(merged.Twins))
-	for i, t := range merged.Twins {
-		merged.Items[i] = t.Doc
+	if merged.Result, err = q.Run(docs); err != nil {
+		return nil, err
 	}
+	merged.Twins = twinsOfItems(merged.Result, twins)
 	return merged, nil
 }
 

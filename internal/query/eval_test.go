@@ -361,3 +361,46 @@ func BenchmarkRun(b *testing.B) {
 		})
 	}
 }
+
+// TestMatching: every example query, run over the documents that its
+// Matching query selects, answers as over the whole fleet (what the
+// plugin relies on to merge shards' matches); Matching is SELECT * with
+// the same condition.
+func TestMatching(t *testing.T) {
+	twins := docs(fleet...)
+	for _, ex := range examples {
+		t.Run(ex.Name, func(t *testing.T) {
+			q, err := Parse(ex.Query)
+			if err != nil {
+				t.Fatal(err)
+			}
+			m := q.Matching()
+			if m.ItemType() != ItemTypeTwin || !m.PerTwin() {
+				t.Fatalf("Matching of %q is %q: want SELECT *", ex.Query, m)
+			}
+			if _, top := m.Top(); top {
+				t.Fatalf("Matching of %q is %q: want no TOP", ex.Query, m)
+			}
+			matched, err := m.Run(twins)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, d := range twins {
+				if q.Match(d) != slices.ContainsFunc(matched.Items, func(o map[string]any) bool { return o["deviceId"] == d["deviceId"] }) {
+					t.Fatalf("%q: Matching (%q) and Match disagree on %v", ex.Query, m, d["deviceId"])
+				}
+			}
+			whole, err := q.Run(twins)
+			if err != nil {
+				t.Fatal(err)
+			}
+			got, err := q.Run(matched.Items)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if encodeItems(got.Items) != encodeItems(whole.Items) {
+				t.Errorf("%q over its matches:\n%s\nover the fleet:\n%s", ex.Query, encodeItems(got.Items), encodeItems(whole.Items))
+			}
+		})
+	}
+}

@@ -129,6 +129,13 @@ func (q *Query) String() string {
 	return b.String()
 }
 
+// Matching returns SELECT * FROM devices with q's condition: the twins
+// whose documents q's result is computed from. Running q over the
+// documents of Matching's result (in any order) gives q's result.
+func (q *Query) Matching() *Query {
+	return &Query{top: -1, star: true, where: q.where}
+}
+
 // ItemType returns the type of the query's items: ItemTypeTwin for
 // SELECT *, ItemTypeRaw for projections and aggregates.
 func (q *Query) ItemType() string {
