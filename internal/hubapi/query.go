@@ -205,7 +205,9 @@ func pageSize(hdr http.Header) (int, *apiError) {
 // from (nil: the first page), and returns the continuation token of the
 // next page, "" when there is none.
 //
-// The twins come from Options.Twins (the cache's own objects, not copies).
+// A page of a per-twin query without TOP is read from Options.Order when
+// set (orderedPage); otherwise, and for TOP, groups and aggregates, the
+// twins come from Options.Twins (the cache's own objects, not copies).
 // Those the label selector leaves out, those a per-twin page starts after
 // and those being deleted are dropped first; the condition is evaluated on
 // partial documents (twinscan) on every core; only then is it checked
@@ -325,7 +327,8 @@ func (h *Handler) runQuery(ctx context.Context, q *query.Query, hash string, fro
 }
 
 // streamPage answers one page of a per-twin query without TOP (SELECT *,
-// projections), from the matches after the continuation point: it takes
+// projections) when there is no Order, from the matches after the
+// continuation point among the twins listed: it takes
 // them in key order, sorting only as far as the page goes (inOrder), and
 // renders a row for each device among them until the page is full and one
 // more shows that another page exists (or the page has no room for it).
