@@ -37,7 +37,7 @@ func TestOrder(t *testing.T) {
 			}
 			// Ids in an order unrelated to names, shared by some twins;
 			// sometimes only the status's changes.
-			switch rng.IntN(3) {
+			switch rng.IntN(4) {
 			case 0:
 				tw.Spec.DeviceID = fmt.Sprintf("d%02d", rng.IntN(20))
 			case 1:
@@ -57,10 +57,10 @@ func TestOrder(t *testing.T) {
 			t.Fatalf("round %d: Len %d, want %d", round, o.Len(), len(want))
 		}
 		// Walk from the start, or from a twin's key, or from a key that
-		// is no twin's, in batches.
+		// is no twin's (one without a device id too), in batches.
 		start := 0
 		var after *Key
-		switch rng.IntN(3) {
+		switch rng.IntN(4) {
 		case 1:
 			if len(want) > 0 {
 				i := rng.IntN(len(want))
@@ -70,6 +70,9 @@ func TestOrder(t *testing.T) {
 			k := Key{ID: fmt.Sprintf("d%02d~", rng.IntN(20))}
 			after = &k
 			start, _ = slices.BinarySearchFunc(want, k, func(e Entry, k Key) int { return e.Key.Compare(k) })
+		case 3:
+			// No device id (a token a client made up): before every twin.
+			after = &Key{Namespace: "ns", Name: "zz"}
 		}
 		batch := 1 + rng.IntN(10)
 		var got []Entry
