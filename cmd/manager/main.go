@@ -37,6 +37,7 @@ import (
 	"github.com/kubetwin/kubetwin/internal/deviceauth"
 	"github.com/kubetwin/kubetwin/internal/operator"
 	"github.com/kubetwin/kubetwin/internal/ratelog"
+	"github.com/kubetwin/kubetwin/internal/watchdecode"
 	"github.com/kubetwin/kubetwin/internal/webhook"
 	"github.com/kubetwin/kubetwin/pkg/sas"
 )
@@ -54,7 +55,9 @@ type options struct {
 	secureMetrics          bool
 	leaderElect            bool
 	namespace              string
-	workers                int
+	// watchDecoder is --watch-decoder.
+	watchDecoder string
+	workers          int
 	// configApplies and configAppliesPerSecond bound the TwinConfiguration applier.
 	configApplies          int
 	configAppliesPerSecond float64
@@ -126,6 +129,8 @@ func main() {
 	flag.StringVar(&o.namespace, "namespace", "", "Watch DeviceTwins in this namespace only (default: all namespaces).")
 	flag.StringVar(&o.claimsNS, "claims-namespace", "",
 		"Namespace of the DeviceIDClaims that make each device id unique to one DeviceTwin (default: $POD_NAMESPACE, else \"default\"). Tenants need no rights there.")
+	flag.StringVar(&o.watchDecoder, "watch-decoder", watchdecode.OnePass,
+		"Decoder of the DeviceTwin and DeviceIDClaim watches that fill the cache: one-pass (each event read once) or client-go (client-go's own, several passes per event).")
 	flag.IntVar(&o.workers, "max-concurrent-reconciles", 32, "Parallel DeviceTwin reconciles (and so status writes in flight).")
 	flag.IntVar(&o.configApplies, "max-configuration-applies", controllers.DefaultMaxConfigurationApplies,
 		"TwinConfiguration applies to twins in flight at once (the applier's workers, apart from the DeviceTwin reconciler's).")
@@ -272,7 +277,11 @@ func setupManager(o options) (ctrl.Manager, error) {
 		LeaderElectionID:              "kubetwin.kubetwin.io",
 		LeaderElectionReleaseOnCancel: true,
 	}
-	mo.Cache = operator.CacheOptions(o.namespace, o.claimsNamespace())
+	cfg := ctrl.GetConfigOrDie()
+	var err error
+	if mo.Cache, err = operator.CacheOptions(cfg, o.namespace, o.claimsNamespace(), o.watchDecoder); err != nil {
+		return nil, fmt.Errorf("--watch-decoder: %w", err)
+	}
 	mo.MapperProvider = operator.NewRESTMapper
 	if webhookServed(o.webhook) {
 		// HTTP/2 is off for the webhook server too.
@@ -282,7 +291,7 @@ func setupManager(o options) (ctrl.Manager, error) {
 			TLSOpts: []func(*tls.Config){disableHTTP2},
 		})
 	}
-	mgr, err := ctrl.NewManager(ctrl.GetConfigOrDie(), mo)
+	mgr, err := ctrl.NewManager(cfg, mo)
 	if err != nil {
 		return nil, fmt.Errorf("creating manager: %w", err)
 	}

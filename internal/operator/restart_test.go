@@ -9,6 +9,7 @@ import (
 	"runtime/pprof"
 	"runtime/trace"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -23,6 +24,7 @@ import (
 	"k8s.io/client-go/rest"
 	"k8s.io/utils/ptr"
 	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/cache"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	ctrlconfig "sigs.k8s.io/controller-runtime/pkg/config"
 	"sigs.k8s.io/controller-runtime/pkg/envtest"
@@ -51,6 +53,10 @@ import (
 // round warms the process (code pages, shared strings, metric series).
 // KUBETWIN_RESTART_KEYS=1 runs the operator with device keys (the chart's
 // default, --device-auth=sas): every twin has a key Secret, cached too.
+// KUBETWIN_RESTART_WATCH_DECODER=client-go decodes the twins' and claims'
+// watches with client-go's decoder instead of the default one-pass one
+// (--watch-decoder); a list (one-pass,client-go) takes them in turn,
+// round by round.
 //
 //	export KUBEBUILDER_ASSETS=$(hack/controlplane.sh)
 //	KUBETWIN_RESTART_TWINS=5000 go test ./internal/operator/ -run TestRestartCost -v -count=1
@@ -114,7 +120,9 @@ func TestRestartCost(t *testing.T) {
 	waitSettled(t, ctx, k8s, ns, n)
 	op.stop(t)
 
+	decoders := strings.Split(os.Getenv("KUBETWIN_RESTART_WATCH_DECODER"), ",")
 	for round := 1; round <= rounds; round++ {
+		restartDecoder = decoders[(round-1)%len(decoders)]
 		measureRestart(t, cfg, scheme, n, round, round == rounds, baseline)
 	}
 }
@@ -171,9 +179,9 @@ func measureRestart(t *testing.T, cfg *rest.Config, scheme *k8sruntime.Scheme, n
 	runtime.ReadMemStats(&m2)
 	r := reconciles()
 	load, _ := os.ReadFile("/proc/loadavg")
-	t.Logf("round %d, %d twins: cache synced %.2fs, every twin reconciled %.2fs (%.0f reconciles, %.0f errors); "+
+	t.Logf("round %d (watch decoder %q), %d twins: cache synced %.2fs, every twin reconciled %.2fs (%.0f reconciles, %.0f errors); "+
 		"per twin %.0f B, %.1f objects allocated; heap in use %.1f MiB, live after a GC %.1f MiB; %d GC cycles; loadavg %s",
-		round, n, synced.Seconds(), done.Seconds(), r.total-r0.total, r.errors-r0.errors,
+		round, restartDecoder, n, synced.Seconds(), done.Seconds(), r.total-r0.total, r.errors-r0.errors,
 		float64(m1.TotalAlloc-m0.TotalAlloc)/float64(n), float64(m1.Mallocs-m0.Mallocs)/float64(n),
 		float64(m1.HeapInuse)/(1<<20), float64(m2.HeapAlloc)/(1<<20), m1.NumGC-m0.NumGC, load[:len(load)-1])
 	op.stop(t)
@@ -185,6 +193,21 @@ var restartKeys bool
 type restartOperator struct {
 	cancel context.CancelFunc
 	done   chan error
+}
+
+// restartDecoder is the watch decoder of the next operator started
+// (empty: the default).
+var restartDecoder string
+
+// restartCacheOptions are cmd/manager's cache options, with the watch
+// decoder restartDecoder.
+func restartCacheOptions(t *testing.T, cfg *rest.Config) cache.Options {
+	t.Helper()
+	o, err := CacheOptions(cfg, "", "", restartDecoder)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return o
 }
 
 // startRestartOperator starts the operator as cmd/manager assembles it
@@ -201,7 +224,7 @@ func startRestartOperator(t *testing.T, cfg *rest.Config, scheme *k8sruntime.Sch
 		Scheme:                 scheme,
 		Metrics:                metricsserver.Options{BindAddress: "0"},
 		HealthProbeBindAddress: "0",
-		Cache:                  CacheOptions("", ""),
+		Cache:                  restartCacheOptions(t, cfg),
 		Controller:             ctrlconfig.Controller{SkipNameValidation: ptr.To(true)},
 	})
 	if err != nil {
