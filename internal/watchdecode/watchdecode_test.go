@@ -373,3 +373,49 @@ func TestSplitEvent(t *testing.T) {
 		}
 	}
 }
+
+// FuzzDecodeAsClientGo: whatever the bytes, the object decoder answers as
+// client-go's does: the same object, or an error when it errs.
+func FuzzDecodeAsClientGo(f *testing.F) {
+	captured, err := os.ReadFile("../operator/testdata/twin.json")
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Add(captured)
+	f.Add([]byte(`{"kind":"DeviceTwin","apiVersion":"kubetwin.io/v1alpha1","metadata":{"name":"a","creationTimestamp":null},"spec":null}`))
+	f.Add([]byte(`{"kind":"Status","apiVersion":"v1","status":"Failure","code":410}`))
+	f.Add([]byte(`{"kind":"DeviceTwin","apiVersion":"kubetwin.io/v1alpha1","metadata":{"name":"a","Name":"b","generation":1.0}}`))
+	clientGo, onePass := schemes(f, twinGVK)
+	f.Fuzz(func(t *testing.T, data []byte) {
+		want, _, wantErr := clientGo.object.Decode(data, nil, nil)
+		got, _, err := onePass.object.Decode(data, nil, nil)
+		if (err == nil) != (wantErr == nil) {
+			t.Fatalf("%q: error %v, client-go's %v", data, err, wantErr)
+		}
+		if err == nil && !reflect.DeepEqual(got, want) {
+			t.Fatalf("%q decodes as\n%#v\nnot as client-go's\n%#v", data, got, want)
+		}
+	})
+}
+
+// FuzzSplitEvent: an event split in one pass is the event client-go's
+// decoder reads, with the same object bytes.
+func FuzzSplitEvent(f *testing.F) {
+	f.Add([]byte(`{"type":"ADDED","object":{"kind":"DeviceTwin","metadata":{"name":"a"}}}`))
+	f.Add([]byte("{ \"object\" :\n {\"a\":[1,2,{}]} , \"x\": null,\t\"type\" : \"BOOKMARK\" }"))
+	f.Add([]byte(`{"type":"ERROR","object":{"kind":"Status","code":410}}`))
+	clientGo, _ := schemes(f, twinGVK)
+	f.Fuzz(func(t *testing.T, data []byte) {
+		typ, obj, err := splitEvent(data)
+		if err != nil {
+			return // left to client-go's decoder
+		}
+		var want metav1.WatchEvent
+		if _, _, err := clientGo.info.StreamSerializer.Serializer.Decode(data, nil, &want); err != nil {
+			t.Fatalf("%q split as %s %s, but client-go's decoder fails: %v", data, typ, obj, err)
+		}
+		if typ != want.Type || !bytes.Equal(obj, want.Object.Raw) {
+			t.Fatalf("%q split as %q %s, client-go's %q %s", data, typ, obj, want.Type, want.Object.Raw)
+		}
+	})
+}

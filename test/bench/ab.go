@@ -37,6 +37,7 @@ import (
 	"github.com/kubetwin/kubetwin/internal/deviceid"
 	kubetwin "github.com/kubetwin/kubetwin/internal/operator"
 	"github.com/kubetwin/kubetwin/internal/twin"
+	"github.com/kubetwin/kubetwin/internal/watchdecode"
 )
 
 // writePath is a variant of the operator's write path.
@@ -50,6 +51,9 @@ type writePath struct {
 	// writeConn gives the operator's writes an HTTP connection of their
 	// own, apart from the informers' watches.
 	writeConn bool
+	// clientGoWatch decodes the twin and claim watches with client-go's
+	// decoder (--watch-decoder=client-go), as before.
+	clientGoWatch bool
 	// namespace, if set, is the only namespace of twins the operator
 	// caches (--ab gives each run fresh twins in a namespace of its own).
 	namespace string
@@ -60,10 +64,11 @@ var writePathOptions = map[string]func(*writePath){
 	"legacy-status":      func(w *writePath) { w.legacyStatus = true },
 	"keep-status-fields": func(w *writePath) { w.keepStatusFields = true },
 	"write-conn":         func(w *writePath) { w.writeConn = true },
+	"client-go-watch":    func(w *writePath) { w.clientGoWatch = true },
 }
 
 // oldWritePath is the write path before issue 14.
-const oldWritePath = "legacy-status+keep-status-fields"
+const oldWritePath = "legacy-status+keep-status-fields+client-go-watch"
 
 // parseWritePath parses "current" or option+option+... ("old" is
 // oldWritePath).
@@ -616,18 +621,30 @@ func printAB(cfg config, runs []abRun) {
 	fmt.Fprintln(w, string(raw))
 }
 
-// managerOptions sets the variant's cache transform and namespace on o.
-func (w writePath) managerOptions(o ctrl.Options) ctrl.Options {
+// managerOptions sets the variant's cache transform, namespace and watch
+// decoder on o.
+func (w writePath) managerOptions(o ctrl.Options, restCfg *rest.Config) (ctrl.Options, error) {
 	if !w.keepStatusFields {
 		o.Cache.DefaultTransform = kubetwin.CacheTransform
 	}
 	// Claims are cached as cmd/manager caches them (deviceid.CacheTransform).
 	claims := cache.ByObject{Transform: deviceid.CacheTransform}
+	claimsNS := ""
 	if w.namespace != "" {
 		o.Cache.DefaultNamespaces = map[string]cache.Config{w.namespace: {}}
-		claims.Namespaces = map[string]cache.Config{kubetwin.DefaultClaimsNamespace: {}}
+		claimsNS = kubetwin.DefaultClaimsNamespace
+		claims.Namespaces = map[string]cache.Config{claimsNS: {}}
 	}
 	o.Cache.ByObject = map[client.Object]cache.ByObject{&v1alpha1.DeviceIDClaim{}: claims}
+	if !w.clientGoWatch { // as cmd/manager's default, --watch-decoder=one-pass
+		f, err := watchdecode.NewInformer(restCfg,
+			watchdecode.Watched{Object: &v1alpha1.DeviceTwin{}, Resource: "devicetwins", Namespace: w.namespace},
+			watchdecode.Watched{Object: &v1alpha1.DeviceIDClaim{}, Resource: "deviceidclaims", Namespace: claimsNS})
+		if err != nil {
+			return o, err
+		}
+		o.Cache.NewInformer = f
+	}
 	if w.writeConn {
 		o.NewClient = func(cfg *rest.Config, opts client.Options) (client.Client, error) {
 			// A Proxy function makes client-go build a transport of its
@@ -642,7 +659,7 @@ func (w writePath) managerOptions(o ctrl.Options) ctrl.Options {
 			return client.New(wc, opts)
 		}
 	}
-	return o
+	return o, nil
 }
 
 // prefix is the name prefix (and device id prefix) of the variant's twins.

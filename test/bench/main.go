@@ -186,7 +186,7 @@ func parseFlags(args []string) (config, error) {
 	fs.IntVar(&c.serviceConcurrency, "service-concurrency", 16, "(e) requests in flight in every workload of the service API phase and its baselines")
 	addScaleFlags(fs, &c.scale)
 	addConfigBenchFlags(fs, &c.configBench)
-	fs.StringVar(&writePathFlag, "write-path", "current", "the operator's write path: current, old (as before issue 14: "+oldWritePath+"), or options joined by +: legacy-status (status granular for server-side apply), keep-status-fields (no cache transform)")
+	fs.StringVar(&writePathFlag, "write-path", "current", "the operator's write path: current, old (as before issue 14: "+oldWritePath+"), or options joined by +: legacy-status (status granular for server-side apply), keep-status-fields (no cache transform), write-conn (writes on an HTTP connection of their own), client-go-watch (client-go decodes the twin and claim watches)")
 	fs.StringVar(&abFlag, "ab", "", "instead of the phases, measure these write paths (comma-separated, as --write-path) in turn on one control plane and the --devices twins: distinct-twin capacity (one report outstanding per device), then latency at --ab-fractions of it; e.g. --ab old,current")
 	fs.IntVar(&c.abRounds, "ab-rounds", 2, "--ab: times every variant is measured (interleaved)")
 	fs.BoolVar(&c.abRaw, "ab-raw", true, "--ab: after each variant, with its operator stopped, send its status patch straight to the API server at each latency measurement's rate (open loop, --ab-latency-warmup + --duration): the API server's own p50/p99 at that load, the baseline of the report latency")

@@ -474,14 +474,18 @@ func (o *operator) doStop() {
 // reconciler with internal/operator, as cmd/manager does.
 func startOperator(ctx context.Context, restCfg *rest.Config, cfg config) (*operator, error) {
 	progress("starting the operator (manager + embedded broker, %d reconcilers)", cfg.workers)
-	mgr, err := ctrl.NewManager(rest.CopyConfig(restCfg), cfg.writePath.managerOptions(ctrl.Options{
+	mo, err := cfg.writePath.managerOptions(ctrl.Options{
 		Scheme:                 scheme,
 		MapperProvider:         kubetwin.NewRESTMapper, // as cmd/manager
 		Metrics:                metricsserver.Options{BindAddress: "0"},
 		HealthProbeBindAddress: "0",
 		// bench-scale starts the operator again in this process (restart).
 		Controller: ctrlconfig.Controller{SkipNameValidation: ptr.To(true)},
-	}))
+	}, restCfg)
+	if err != nil {
+		return nil, fmt.Errorf("manager options: %w", err)
+	}
+	mgr, err := ctrl.NewManager(rest.CopyConfig(restCfg), mo)
 	if err != nil {
 		return nil, fmt.Errorf("manager: %w", err)
 	}
