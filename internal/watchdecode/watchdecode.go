@@ -245,7 +245,8 @@ func splitEvent(data []byte) (typ string, object []byte, err error) {
 	if _, err := d.ReadToken(); err != io.EOF {
 		return "", nil, errEvent
 	}
-	if typ == "" || len(object) == 0 {
+	// client-go's decoder reads a null object as none.
+	if typ == "" || len(object) == 0 || string(object) == "null" {
 		return "", nil, errEvent
 	}
 	return typ, object, nil

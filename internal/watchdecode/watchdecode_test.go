@@ -419,3 +419,26 @@ func FuzzSplitEvent(f *testing.F) {
 		}
 	})
 }
+
+// FuzzWatchStream: a whole stream decodes to client-go's events: the same
+// events in order, and an error where client-go's decoder stops with one.
+func FuzzWatchStream(f *testing.F) {
+	captured, err := os.ReadFile("../operator/testdata/twin.json")
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Add([]byte(`{"type":"ADDED","object":` + string(bytes.TrimSpace(captured)) + "}\n" +
+		`{"type":"BOOKMARK","object":{"kind":"DeviceTwin","apiVersion":"kubetwin.io/v1alpha1","metadata":{"resourceVersion":"9"}}}`))
+	f.Add([]byte(`{"type":"ERROR","object":{"kind":"Status","apiVersion":"v1","status":"Failure","code":410}}{"type":"ADDED"`))
+	clientGo, onePass := schemes(f, twinGVK)
+	f.Fuzz(func(t *testing.T, stream []byte) {
+		want, wantErr := clientGo.events(t, stream)
+		got, err := onePass.events(t, stream)
+		if (err == nil) != (wantErr == nil) {
+			t.Fatalf("%q: error %v, client-go's %v", stream, err, wantErr)
+		}
+		if !reflect.DeepEqual(got, want) {
+			t.Fatalf("%q: events %v, client-go's %v", stream, got, want)
+		}
+	})
+}
