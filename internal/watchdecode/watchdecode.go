@@ -257,17 +257,36 @@ func splitEvent(data []byte) (typ string, object []byte, err error) {
 type framer struct{}
 
 func (framer) NewFrameReader(r io.ReadCloser) io.ReadCloser {
+	f := &frameReader{r: r}
 	// As lenient as encoding/json's Decoder: the frame's decoders check
 	// what they need.
-	return &frameReader{r: r, d: jsontext.NewDecoder(r, jsontext.AllowDuplicateNames(true), jsontext.AllowInvalidUTF8(true))}
+	f.d = jsontext.NewDecoder(&f.in, jsontext.AllowDuplicateNames(true), jsontext.AllowInvalidUTF8(true))
+	f.in.r = r
+	return f
 }
 
 func (framer) NewFrameWriter(w io.Writer) io.Writer { return w }
 
 type frameReader struct {
 	r         io.ReadCloser
+	in        errorReader
 	d         *jsontext.Decoder
 	remaining []byte
+}
+
+// errorReader keeps the error its reader last returned, other than
+// io.EOF.
+type errorReader struct {
+	r   io.Reader
+	err error
+}
+
+func (e *errorReader) Read(p []byte) (int, error) {
+	n, err := e.r.Read(p)
+	if err != nil && err != io.EOF {
+		e.err = err
+	}
+	return n, err
 }
 
 // Read copies the next value into p; a value longer than p comes in
@@ -284,6 +303,17 @@ func (f *frameReader) Read(p []byte) (int, error) {
 	}
 	v, err := f.d.ReadValue()
 	if err != nil {
+		// The errors encoding/json's Decoder returns, by which client-go's
+		// watch tells a connection that closed or broke (the watch is
+		// resumed) from a stream it cannot decode (an error event): the
+		// connection's own error, io.ErrUnexpectedEOF for a stream cut
+		// within a value, io.EOF between values.
+		switch {
+		case f.in.err != nil:
+			return 0, f.in.err
+		case errors.Is(err, io.ErrUnexpectedEOF):
+			return 0, io.ErrUnexpectedEOF
+		}
 		return 0, err
 	}
 	n := copy(p, v)

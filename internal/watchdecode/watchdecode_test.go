@@ -3,6 +3,7 @@ package watchdecode
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"io"
 	"math/rand"
 	"os"
@@ -313,6 +314,54 @@ func TestWatchStreamErrors(t *testing.T) {
 			}
 			if len(got) != len(want) {
 				t.Fatalf("%d events before the error, client-go %d", len(got), len(want))
+			}
+		})
+	}
+}
+
+// brokenReader reads r, then fails with err instead of io.EOF.
+type brokenReader struct {
+	r   io.Reader
+	err error
+}
+
+func (b *brokenReader) Read(p []byte) (int, error) {
+	n, err := b.r.Read(p)
+	if err == io.EOF {
+		return n, b.err
+	}
+	return n, err
+}
+
+// TestFrameReaderErrors: a stream that ends, is cut within an event, or
+// whose connection breaks ends with client-go's framer's error, the very
+// value: client-go's watch resumes after io.EOF, io.ErrUnexpectedEOF and
+// a broken connection, and turns any other error into an error event (and
+// the reflector into a relist).
+func TestFrameReaderErrors(t *testing.T) {
+	clientGo, onePass := schemes(t, twinGVK)
+	event := `{"type":"ADDED","object":{"kind":"DeviceTwin","apiVersion":"kubetwin.io/v1alpha1","metadata":{"name":"a"}}}`
+	reset := errors.New("read tcp 10.0.0.1:443: connection reset by peer")
+	for name, c := range map[string]struct {
+		stream  string
+		readErr error
+		want    error
+	}{
+		"ends":                      {event + "\n", io.EOF, io.EOF},
+		"cut within an event":       {event + "\n" + event[:40], io.EOF, io.ErrUnexpectedEOF},
+		"broken within an event":    {event + "\n" + event[:40], reset, reset},
+		"broken between two events": {event + "\n", reset, reset},
+	} {
+		t.Run(name, func(t *testing.T) {
+			for dn, d := range map[string]decoders{"client-go": clientGo, "one-pass": onePass} {
+				fr := d.info.StreamSerializer.Framer.NewFrameReader(io.NopCloser(&brokenReader{strings.NewReader(c.stream), c.readErr}))
+				dec := restclientwatch.NewDecoder(streaming.NewDecoder(fr, d.info.StreamSerializer.Serializer), d.object)
+				if _, _, err := dec.Decode(); err != nil {
+					t.Fatalf("%s: first event: %v", dn, err)
+				}
+				if _, _, err := dec.Decode(); err != c.want {
+					t.Errorf("%s: error %#v, want %#v", dn, err, c.want)
+				}
 			}
 		})
 	}
