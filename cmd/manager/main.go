@@ -57,7 +57,7 @@ type options struct {
 	namespace              string
 	// watchDecoder is --watch-decoder.
 	watchDecoder string
-	workers          int
+	workers      int
 	// configApplies and configAppliesPerSecond bound the TwinConfiguration applier.
 	configApplies          int
 	configAppliesPerSecond float64
