@@ -32,6 +32,10 @@ func TestReadmeExamples(t *testing.T) {
 	r.run(docStep{file: steps[0].file, line: steps[0].line, yaml: steps[0].yaml,
 		cmd: "kubectl apply -f mydeviceid.yaml", output: []string{"devicetwin.kubetwin.io/mydeviceid created"}})
 
+	// The device starts once the operator has taken the twin in (claimed
+	// its device id), as make demo's does: a first twin GET before that is
+	// answered 404, which ends device-sim.
+	waitObserved(t, ns, "mydeviceid")
 	startDeviceSim(t, "--broker", op.brokerURL(), "--id", "myDeviceId",
 		"--report", `{"connectivity":{"type":"cellular"}}`, "--apply-desired")
 	NewWithT(t).Eventually(func(g Gomega) {
