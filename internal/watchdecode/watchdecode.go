@@ -87,7 +87,10 @@ var options = jsonv2.WithUnmarshalers(jsonv2.UnmarshalFromFunc(func(d *jsontext.
 		return nil
 	}
 	if d.PeekKind() != '"' {
-		return errors.ErrUnsupported // the caller falls back to client-go
+		// Not a string: the library falls back to metav1.Time's own
+		// UnmarshalJSON, which fails as it does in client-go's decode
+		// (and that failure sends the object to client-go's decoder).
+		return errors.ErrUnsupported
 	}
 	tok, err := d.ReadToken()
 	if err != nil {
