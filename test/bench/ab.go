@@ -248,7 +248,7 @@ func abVariant(ctx context.Context, cp *controlPlane, cfg config, name string, w
 		rate := offered / float64(cfg.devices)
 		inflight := max(1, int(rate*cfg.requestTimeout.Seconds()+0.999))
 		latCfg := cfg
-		latCfg.warmup = cfg.abLatWarmup
+		latCfg.warmup, latCfg.duration = cfg.abLatWarmup, cfg.abLatWindow
 		lr, sum, err := abMeasure(ctx, cp, op, latCfg, w, rate, inflight)
 		if err != nil {
 			return r, fmt.Errorf("latency at %.0f%%: %w", 100*f, err)
@@ -282,7 +282,7 @@ func abVariant(ctx context.Context, cp *controlPlane, cfg config, name string, w
 	if cfg.abRaw {
 		for i := range r.Lat {
 			rawCfg := cfg
-			rawCfg.warmup = cfg.abLatWarmup
+			rawCfg.warmup, rawCfg.duration = cfg.abLatWarmup, cfg.abLatWindow
 			raw, err := abRawLatency(ctx, cp.k8s, rawCfg, w, r.Lat[i].OfferedPerSec)
 			if err != nil {
 				return r, fmt.Errorf("raw latency: %w", err)
@@ -586,7 +586,7 @@ func loadAvg() string {
 // variant of the same round.
 func printAB(cfg config, runs []abRun) {
 	w := os.Stdout
-	fmt.Fprintf(w, "\nkubetwin bench --ab: %d twins/devices, %s per window, %d reconcilers\n", cfg.devices, cfg.duration, cfg.workers)
+	fmt.Fprintf(w, "\nkubetwin bench --ab: %d twins/devices, capacity window %s, latency windows %s, %d reconcilers\n", cfg.devices, cfg.duration, cfg.abLatWindow, cfg.workers)
 	fmt.Fprintf(w, "  %-34s %5s %9s %9s %7s %8s %7s %7s %9s %7s", "variant", "round", "reports/s", "writes/s", "ms/wr", "twin B", "mf B", "vs 1st", "replay/s", "ms/wr")
 	for _, f := range cfg.abFractions {
 		fmt.Fprintf(w, "  %3.0f%%: p50/p99 ms (stored/s)", 100*f)

@@ -52,6 +52,10 @@ var queueHistograms = []struct{ key, metric, label, value string }{
 	{"queue wait", "workqueue_queue_duration_seconds", "name", "devicetwin"},
 	{"reconcile", "controller_runtime_reconcile_time_seconds", "controller", "devicetwin"},
 	{"status write", "kubetwin_bridge_status_write_duration_seconds", "", ""},
+	// The operator's own report latency: a report's arrival at the bridge
+	// to its acknowledgement (the devices' report -> 204 less the MQTT
+	// hops and the device process's own scheduling).
+	{"report persisted", "kubetwin_bridge_persist_latency_seconds", "", ""},
 	// client-go's own timing of each PATCH (every PATCH of the window is a
 	// status write: the operator patches nothing else while devices report).
 	{"client PATCH", "rest_client_request_duration_seconds", "verb", "PATCH"},

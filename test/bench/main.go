@@ -150,6 +150,10 @@ type config struct {
 	// and the latency windows of --ab.
 	abCapWarmup time.Duration
 	abLatWarmup time.Duration
+	// abLatWindow replaces --duration for the latency windows (and the
+	// raw baseline's): a p99 needs more than one stall of the control
+	// plane to mean something.
+	abLatWindow time.Duration
 }
 
 func parseFlags(args []string) (config, error) {
@@ -193,6 +197,7 @@ func parseFlags(args []string) (config, error) {
 	fs.DurationVar(&c.abReplay, "ab-replay", 5*time.Second, "--ab: after each variant, with its operator stopped, replay its status writes (one report each, its field manager) on its twins for this long: the API server's CPU per write without the operator and devices (0: skip)")
 	fs.DurationVar(&c.abCapWarmup, "ab-capacity-warmup", 90*time.Second, "--ab: reporting at capacity before its window starts: kube-apiserver keeps the last 75 s of events of its watch cache in memory, so its cost per write (and the capacity) settles only after that")
 	fs.DurationVar(&c.abLatWarmup, "ab-latency-warmup", 30*time.Second, "--ab: reporting at the offered rate before each latency window starts, so the window sees the steady state of that rate")
+	fs.DurationVar(&c.abLatWindow, "ab-latency-window", 60*time.Second, "--ab: length of each latency window and of the raw baseline's (--duration is the capacity window's): at 20 s a single half-second stall of the control plane sets the p99")
 	fs.StringVar(&abFractions, "ab-fractions", "0.5,0.8", "--ab: offered load of the latency measurements, as fractions of the variant's capacity (comma-separated)")
 	fs.StringVar(&c.role, "role", "", "internal: \"devices\" runs the device process")
 	fs.StringVar(&c.pprofAddr, "pprof-addr", "", "serve net/http/pprof of this process on this address (e.g. 127.0.0.1:6060)")
@@ -223,6 +228,9 @@ func parseFlags(args []string) (config, error) {
 		}
 		if c.abRounds < 1 {
 			return c, fmt.Errorf("--ab-rounds must be at least 1")
+		}
+		if c.abLatWindow <= 0 {
+			return c, fmt.Errorf("--ab-latency-window must be positive, got %s", c.abLatWindow)
 		}
 		for _, f := range strings.Split(abFractions, ",") {
 			x, err := strconv.ParseFloat(strings.TrimSpace(f), 64)
