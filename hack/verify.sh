@@ -7,7 +7,9 @@
 #   2. go.mod and go.sum: go mod tidy in the same scratch copy;
 #   3. gofmt -l;
 #   4. go vet ./...;
-#   5. golangci-lint (pinned; configuration in .golangci.yml).
+#   5. golangci-lint (pinned; configuration in .golangci.yml);
+#   6. no compiled program (ELF) and no file over 1 MiB among the tree's
+#      files (a binary built at the top level once went into a commit).
 # Every check runs; the summary names each that failed and how to fix it.
 # `hack/verify.sh generated` runs 1 and 2 only (make test does, in seconds).
 #
@@ -116,4 +118,19 @@ go vet ./... || fail "go vet (findings above)"
 step "5. golangci-lint $("$GOLANGCI_LINT" version --short 2>/dev/null || echo '?') run (.golangci.yml)"
 "$GOLANGCI_LINT" run ./... || fail "golangci-lint (findings above; .golangci.yml says which linters run)"
 
-summary "generated files, go.mod/go.sum, gofmt, go vet and golangci-lint"
+step "6. no compiled programs or files over 1 MiB in the tree"
+big=()
+while IFS= read -r -d '' f; do
+	size=$(stat -c %s "$f")
+	if [ "$size" -gt 1048576 ]; then
+		big+=("$f ($size bytes)")
+	elif [ "$(head -c 4 "$f" | od -An -tx1 | tr -d ' ')" = 7f454c46 ]; then
+		big+=("$f (a compiled program)")
+	fi
+done < <(tree_files)
+if [ ${#big[@]} -gt 0 ]; then
+	printf '    %s\n' "${big[@]}" >&2
+	fail "files that do not belong in the repository: ${big[*]}; fix: git rm --cached <file>, and add it to .gitignore"
+fi
+
+summary "generated files, go.mod/go.sum, gofmt, go vet, golangci-lint and the tree's files"
