@@ -181,5 +181,5 @@ func (r *DeviceIDClaimReconciler) SetupWithManager(mgr ctrl.Manager) error {
 			return []reconcile.Request{{NamespacedName: types.NamespacedName{Namespace: ns, Name: deviceid.ClaimName(t.EffectiveDeviceID())}}}
 		}), builder.WithPredicates(onDelete)).
 		Named("deviceidclaim").
-		Complete(r)
+		Complete(QuietOnShutdown(r))
 }

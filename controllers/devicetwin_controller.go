@@ -388,7 +388,7 @@ func (r *DeviceTwinReconciler) SetupWithManager(ctx context.Context, mgr ctrl.Ma
 		b = b.Owns(&corev1.Secret{}, builder.WithPredicates(ownCreatesIgnored)).
 			Watches(&corev1.Secret{}, handler.EnqueueRequestsFromMapFunc(r.twinsUsingSecret), builder.WithPredicates(initialListIgnored))
 	}
-	return b.Complete(r)
+	return b.Complete(QuietOnShutdown(r))
 }
 
 // indexTwinsByDeviceID registers deviceid.Index (as deviceid.IndexTwins

@@ -276,7 +276,7 @@ func (r *TwinConfigurationReconciler) SetupWithManager(mgr ctrl.Manager) error {
 		Watches(&v1alpha1.DeviceTwin{}, r.twinsToConfigurations()).
 		WithOptions(controller.Options{MaxConcurrentReconciles: 2}).
 		Named("twinconfiguration").
-		Complete(r); err != nil {
+		Complete(QuietOnShutdown(r)); err != nil {
 		return err
 	}
 	return ctrl.NewControllerManagedBy(mgr).
@@ -284,7 +284,7 @@ func (r *TwinConfigurationReconciler) SetupWithManager(mgr ctrl.Manager) error {
 		Watches(&v1alpha1.DeviceTwin{}, r.twinsToApplier()).
 		WatchesRawSource(source.Channel(r.wake, &handler.EnqueueRequestForObject{})).
 		WithOptions(controller.Options{MaxConcurrentReconciles: inFlight}).
-		Complete(configurationApplier{r})
+		Complete(QuietOnShutdown(configurationApplier{r}))
 }
 
 // twinsToConfigurations wakes the configurations of a changed twin's
