@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"strings"
 	"testing"
 
@@ -167,5 +168,58 @@ func TestQueryAPIShards(t *testing.T) {
 	r = ok(t, "query", "-n", "shard-b", "-o", "json", "--verbose", q)
 	if !strings.Contains(r.stderr, "answered by the query API ("+wire.ShardGroup("shard-b")+"/v1alpha1") {
 		t.Fatalf("-n shard-b: --verbose says %s", r.stderr)
+	}
+}
+
+// TestQueryAPIParts: an answer larger than the operator sends at once
+// (--query-api-max-response-bytes) comes in parts for SELECT * (the plugin
+// asks for them, and prints what listing prints); any other query over
+// the bound is refused by the operator and the plugin lists.
+func TestQueryAPIParts(t *testing.T) {
+	ctx := context.Background()
+	const star = "SELECT * FROM devices"
+	const projection = "SELECT deviceId, tags, properties.desired, properties.reported FROM devices"
+	// sizes: the largest item of q's answer and all of them, as the
+	// operator counts them (compact JSON, a byte between items).
+	sizes := func(out string) (largest, total int) {
+		for _, it := range items(t, out) {
+			b, err := json.Marshal(it)
+			if err != nil {
+				t.Fatal(err)
+			}
+			largest, total = max(largest, len(b)), total+len(b)+1
+		}
+		return largest, total
+	}
+	largest, total := sizes(ok(t, "query", "-A", "-o", "json", "--via", "list", star).stdout)
+	// Room for the largest twin, under half the whole answer.
+	limit := largest * 3 / 2
+	wantProjection := ok(t, "query", "-A", "-o", "json", "--via", "list", projection)
+	_, projTotal := sizes(wantProjection.stdout)
+	if total <= 2*limit || projTotal <= limit {
+		t.Fatalf("the fixture is too small for this test: answer %d and projection %d bytes, bound %d", total, projTotal, limit)
+	}
+	api, err := queryapitest.Serve(ctx, testEnv.Config, queryapitest.Options{MaxResponseBytes: limit})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = api.Stop(ctx, testEnv.Config) })
+
+	for _, q := range []string{star, "SELECT TOP 5 * FROM devices WHERE IS_DEFINED(tags)"} {
+		want := ok(t, "query", "-A", "-o", "json", "--via", "list", q)
+		got := ok(t, "query", "-A", "-o", "json", "--verbose", q)
+		if !strings.Contains(got.stderr, "answered by the query API") || !strings.Contains(got.stderr, " parts (the answer is larger than the operator sends at once)") {
+			t.Fatalf("%q over a bound of %d bytes: --verbose says %s", q, limit, got.stderr)
+		}
+		if got.stdout != want.stdout {
+			t.Errorf("%q: the parts give\n%s\nlisting gives\n%s", q, got.stdout, want.stdout)
+		}
+	}
+	got := ok(t, "query", "-A", "-o", "json", "--verbose", projection)
+	if !strings.Contains(got.stderr, "answered by listing") || !strings.Contains(got.stderr, "--query-api-max-response-bytes") {
+		t.Fatalf("a projection over the bound: --verbose says %s", got.stderr)
+	}
+	if got.stdout != wantProjection.stdout {
+		t.Errorf("projection: got\n%s\nlisting gives\n%s", got.stdout, wantProjection.stdout)
 	}
 }

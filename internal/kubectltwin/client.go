@@ -128,6 +128,9 @@ type Answer struct {
 	Shards []string
 	// Evaluated, with ViaShards, is how many twins the shards evaluated.
 	Evaluated int
+	// Parts, through the query API, is how many requests the answer took
+	// (more than 1 when it came in parts, spec.paged).
+	Parts int
 }
 
 // Execute answers q over the DeviceTwins of namespace ("" for all): it
@@ -301,6 +304,26 @@ func NewQueryAPI(cfg *rest.Config, group string) (*QueryAPI, error) {
 	return &QueryAPI{Group: group, c: c}, nil
 }
 
+// post sends one TwinQuery of spec and returns its answer.
+func (a *QueryAPI) post(ctx context.Context, namespace string, spec wire.TwinQuerySpec) (*wire.TwinQueryStatus, error) {
+	gv := wire.GroupVersionOf(a.Group)
+	body, err := json.Marshal(wire.TwinQuery{TypeMeta: metav1.TypeMeta{APIVersion: gv, Kind: wire.Kind}, Spec: spec})
+	if err != nil {
+		return nil, err
+	}
+	res := a.c.Post().NamespaceIfScoped(namespace, namespace != "").Resource(wire.Resource).
+		SetHeader("Content-Type", "application/json").Body(body).Do(ctx)
+	if err := res.Error(); err != nil {
+		return nil, err // Error decodes the Status (Raw would not)
+	}
+	raw, _ := res.Raw()
+	var tq wire.TwinQuery
+	if err := json.Unmarshal(raw, &tq); err != nil {
+		return nil, fmt.Errorf("the query API's answer is not a %s: %w", wire.Kind, err)
+	}
+	return &tq.Status, nil
+}
+
 // notInstalledError: no APIService serves the group.
 type notInstalledError struct{ msg string }
 
@@ -339,27 +362,33 @@ func (a *QueryAPI) Served(ctx context.Context) (bool, error) {
 // the query API: one request, answered from the operator's cache. Its
 // answer is the one Execute computes from a LIST (the operator's cache
 // may lag the API server by the watch's delay).
+//
+// A SELECT * whose answer is larger than the operator sends at once
+// (ResponseTooLarge) is asked for again in parts (spec.paged, then
+// spec.continue until status.continue is empty); an operator that does
+// not know spec.paged refuses it, and the caller lists.
 func (a *QueryAPI) Execute(ctx context.Context, namespace string, q *query.Query) (*Answer, error) {
-	gv := wire.GroupVersionOf(a.Group)
-	body, err := json.Marshal(wire.TwinQuery{
-		TypeMeta: metav1.TypeMeta{APIVersion: gv, Kind: wire.Kind},
-		Spec:     wire.TwinQuerySpec{Query: q.String()},
-	})
+	st, err := a.post(ctx, namespace, wire.TwinQuerySpec{Query: q.String()})
+	parts := 1
+	if apierrors.ReasonForError(err) == wire.ReasonResponseTooLarge && q.ItemType() == query.ItemTypeTwin {
+		st, err = a.post(ctx, namespace, wire.TwinQuerySpec{Query: q.String(), Paged: true})
+		for err == nil && st.Continue != "" {
+			var part *wire.TwinQueryStatus
+			if part, err = a.post(ctx, namespace, wire.TwinQuerySpec{Query: q.String(), Paged: true, Continue: st.Continue}); err == nil {
+				if part.ItemType != st.ItemType {
+					return nil, fmt.Errorf("part %d of the query API's answer has items of type %q, the first %q", parts+1, part.ItemType, st.ItemType)
+				}
+				st.Items = append(st.Items, part.Items...)
+				st.Twins = append(st.Twins, part.Twins...)
+				st.Continue = part.Continue
+				parts++
+			}
+		}
+	}
 	if err != nil {
 		return nil, err
 	}
-	res := a.c.Post().NamespaceIfScoped(namespace, namespace != "").Resource(wire.Resource).
-		SetHeader("Content-Type", "application/json").Body(body).Do(ctx)
-	if err := res.Error(); err != nil {
-		return nil, err // Error decodes the Status (Raw would not)
-	}
-	raw, _ := res.Raw()
-	var tq wire.TwinQuery
-	if err := json.Unmarshal(raw, &tq); err != nil {
-		return nil, fmt.Errorf("the query API's answer is not a %s: %w", wire.Kind, err)
-	}
-	st := tq.Status
-	ans := &Answer{Listed: st.Evaluated, Via: ViaAPI, Group: a.Group}
+	ans := &Answer{Listed: st.Evaluated, Via: ViaAPI, Group: a.Group, Parts: parts}
 	ans.ItemType = st.ItemType
 	ans.GroupKeys = st.GroupKeys
 	ans.Items = make([]map[string]any, len(st.Items))

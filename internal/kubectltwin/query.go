@@ -256,8 +256,12 @@ func executeAPI(ctx context.Context, cfg *rest.Config, ns string, q *query.Query
 func describeAnswer(ans *Answer, note string, took time.Duration) string {
 	took = took.Round(time.Millisecond)
 	if ans.Via == ViaAPI {
-		return fmt.Sprintf("answered by the query API (%s, the operator's cache) in %v: %d items, %d twins evaluated",
+		s := fmt.Sprintf("answered by the query API (%s, the operator's cache) in %v: %d items, %d twins evaluated",
 			wire.GroupVersionOf(ans.Group), took, len(ans.Items), ans.Listed)
+		if ans.Parts > 1 {
+			s += fmt.Sprintf(", in %d parts (the answer is larger than the operator sends at once)", ans.Parts)
+		}
+		return s
 	}
 	if ans.Via == ViaShards {
 		return fmt.Sprintf("answered by the shards' query APIs (%s: %d twins evaluated) and by listing %d DeviceTwins "+

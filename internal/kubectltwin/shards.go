@@ -26,8 +26,9 @@ import (
 // their documents: projections, TOP, GROUP BY and aggregates as well as
 // SELECT *. The answer is the one Execute computes from a LIST of every
 // namespace. It returns nil and no error when no shard serves its group;
-// an error when a shard fails, or its matches exceed the answer its query
-// API allows (then the caller lists).
+// an error when a shard fails (then the caller lists), for instance when
+// its matches exceed the answer its query API sends at once and it is
+// too old to send them in parts (QueryAPI.Execute).
 func ExecuteShards(ctx context.Context, cfg *rest.Config, c rest.Interface, q *query.Query, chunkSize int64) (*Answer, error) {
 	raw, err := c.Get().AbsPath("/apis").DoRaw(ctx)
 	if err != nil {

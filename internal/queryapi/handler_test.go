@@ -111,6 +111,100 @@ func TestResponseBound(t *testing.T) {
 	}
 }
 
+func postSpec(h http.Handler, ns string, spec wire.TwinQuerySpec) *httptest.ResponseRecorder {
+	body, _ := json.Marshal(wire.TwinQuery{Spec: spec})
+	rec := httptest.NewRecorder()
+	h.ServeHTTP(rec, httptest.NewRequest(http.MethodPost, "/apis/"+wire.GroupVersion+"/namespaces/"+ns+"/"+wire.Resource, bytes.NewReader(body)))
+	return rec
+}
+
+// pagedAnswer reads every part of q's paged answer; it fails the test on
+// a part that is not 201 or is larger than limit.
+func pagedAnswer(t *testing.T, h http.Handler, q string, limit int) (items []string, twins []wire.TwinRef, parts int) {
+	t.Helper()
+	cont := ""
+	for {
+		rec := postSpec(h, "scale", wire.TwinQuerySpec{Query: q, Paged: true, Continue: cont})
+		if rec.Code != http.StatusCreated {
+			t.Fatalf("%s, part %d: status %d: %s", q, parts+1, rec.Code, rec.Body)
+		}
+		var tq wire.TwinQuery
+		if err := json.Unmarshal(rec.Body.Bytes(), &tq); err != nil {
+			t.Fatal(err)
+		}
+		parts++
+		n := 0
+		for _, it := range tq.Status.Items {
+			items = append(items, string(it))
+			n += len(it) + 1
+		}
+		if n > limit {
+			t.Fatalf("%s, part %d: %d bytes of items, over the bound %d", q, parts, n, limit)
+		}
+		if len(tq.Status.Items) == 0 || len(tq.Status.Twins) != len(tq.Status.Items) {
+			t.Fatalf("%s, part %d: %d items, %d twins", q, parts, len(tq.Status.Items), len(tq.Status.Twins))
+		}
+		twins = append(twins, tq.Status.Twins...)
+		if cont = tq.Status.Continue; cont == "" {
+			return items, twins, parts
+		}
+		if parts > 1000 {
+			t.Fatalf("%s: still more after %d parts", q, parts)
+		}
+	}
+}
+
+// TestPagedAnswer: with spec.paged, a SELECT * over the bound comes in
+// parts, each under it, whose items are those of the whole answer in its
+// order (TOP included); other queries over the bound are still refused,
+// and a bad continue token is a 400 that says what to send.
+func TestPagedAnswer(t *testing.T) {
+	twins := twinscantest.Fleet(50)
+	const limit = 20000
+	whole := testHandler(&twinReader{twins: twins}, Options{}, nil)
+	h := testHandler(&twinReader{twins: twins}, Options{MaxResponseBytes: limit}, nil)
+	for _, q := range []string{"SELECT * FROM devices", "SELECT TOP 37 * FROM devices", "SELECT * FROM devices WHERE tags.customer >= 'customer-10'"} {
+		rec := postQuery(whole, "scale", q)
+		var want wire.TwinQuery
+		if err := json.Unmarshal(rec.Body.Bytes(), &want); err != nil || rec.Code != http.StatusCreated {
+			t.Fatalf("%s, whole: status %d: %s", q, rec.Code, rec.Body)
+		}
+		items, refs, parts := pagedAnswer(t, h, q, limit)
+		if parts < 2 {
+			t.Fatalf("%s: %d part, want several (the whole answer is over %d bytes)", q, parts, limit)
+		}
+		if len(items) != len(want.Status.Items) {
+			t.Fatalf("%s: %d items in %d parts, the whole answer has %d", q, len(items), parts, len(want.Status.Items))
+		}
+		for i := range items {
+			if items[i] != string(want.Status.Items[i]) || refs[i] != want.Status.Twins[i] {
+				t.Fatalf("%s: item %d differs from the whole answer's: %s (%v) against %s (%v)", q, i, items[i], refs[i], want.Status.Items[i], want.Status.Twins[i])
+			}
+		}
+	}
+
+	// Projections are not paged: over the bound they are refused as before.
+	small := testHandler(&twinReader{twins: twins}, Options{MaxResponseBytes: 2000}, nil)
+	rec := postSpec(small, "scale", wire.TwinQuerySpec{Query: "SELECT deviceId, tags FROM devices", Paged: true})
+	if rec.Code != http.StatusUnprocessableEntity {
+		t.Fatalf("projection, paged: status %d, want 422: %s", rec.Code, rec.Body)
+	}
+	for _, c := range []struct {
+		spec wire.TwinQuerySpec
+		want string
+	}{
+		{wire.TwinQuerySpec{Query: "SELECT * FROM devices", Paged: true, Continue: "not-a-token"}, "is not a continue token this server sent"},
+		{wire.TwinQuerySpec{Query: "SELECT * FROM devices", Paged: true, Continue: "eyJ4IjoxfQ"}, "is not a continue token this server sent"},
+		{wire.TwinQuerySpec{Query: "SELECT * FROM devices", Continue: pageKey{DeviceID: "a", Left: -1}.token()}, "set spec.paged too"},
+		{wire.TwinQuerySpec{Query: "SELECT deviceId FROM devices", Paged: true, Continue: pageKey{DeviceID: "a", Left: -1}.token()}, "only the answer of a SELECT * comes in parts"},
+	} {
+		rec := postSpec(h, "scale", c.spec)
+		if rec.Code != http.StatusBadRequest || !strings.Contains(status(t, rec).Message, c.want) {
+			t.Errorf("%+v: status %d, want 400 saying %q: %s", c.spec, rec.Code, c.want, rec.Body)
+		}
+	}
+}
+
 // TestConcurrencyBound: with MaxConcurrentQueries running, another query
 // gets 429 with Retry-After; once one ends, queries are answered again.
 func TestConcurrencyBound(t *testing.T) {

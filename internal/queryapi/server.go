@@ -16,6 +16,7 @@ import (
 	"cmp"
 	"context"
 	"crypto/tls"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -235,6 +236,10 @@ func (h *Handler) query(w http.ResponseWriter, r *http.Request, u user.Info, gv,
 	if err != nil {
 		return writeStatus(w, apierrors.NewBadRequest("spec.query: "+err.Error()))
 	}
+	pg, err := pageOf(tq.Spec, q)
+	if err != nil {
+		return writeStatus(w, apierrors.NewBadRequest(err.Error()))
+	}
 
 	select {
 	case h.slots <- struct{}{}:
@@ -250,7 +255,7 @@ func (h *Handler) query(w http.ResponseWriter, r *http.Request, u user.Info, gv,
 	}()
 
 	start := time.Now()
-	status, err := h.answer(r.Context(), q, ns)
+	status, err := h.answer(r.Context(), q, ns, pg)
 	queryDuration.Observe(time.Since(start).Seconds())
 	var tooLarge *tooLargeError
 	switch {
@@ -283,12 +288,77 @@ func (e *tooLargeError) Error() string {
 		"narrow the query (WHERE, TOP n, or a projection instead of SELECT *)", e.limit, e.items)
 }
 
+// page is where a part of a paged SELECT * starts.
+type page struct {
+	// paged: the answer may come in parts.
+	paged bool
+	// after is the last twin of the previous part (nil: the first part).
+	after *pageKey
+}
+
+// pageKey is a twin's place in the answer's order, and what is left of
+// the query's TOP after it; it is what status.continue encodes.
+type pageKey struct {
+	DeviceID  string `json:"d"`
+	Namespace string `json:"n"`
+	Name      string `json:"m"`
+	// Left is the items TOP still allows (-1: no TOP).
+	Left int `json:"t"`
+}
+
+func (k pageKey) before(deviceID, ns, name string) bool {
+	return cmp.Or(strings.Compare(k.DeviceID, deviceID), strings.Compare(k.Namespace, ns), strings.Compare(k.Name, name)) < 0
+}
+
+func (k pageKey) token() string {
+	b, _ := json.Marshal(k)
+	return base64.RawURLEncoding.EncodeToString(b)
+}
+
+// pageOf checks spec's paging fields against q.
+func pageOf(spec wire.TwinQuerySpec, q *query.Query) (page, error) {
+	pg := page{paged: spec.Paged && q.ItemType() == query.ItemTypeTwin}
+	if spec.Continue == "" {
+		return pg, nil
+	}
+	if !spec.Paged {
+		return pg, errors.New("spec.continue is only for the parts of a paged answer: set spec.paged too")
+	}
+	if !pg.paged {
+		return pg, errors.New("spec.continue: only the answer of a SELECT * comes in parts, and this query selects " + q.ItemType() + " items")
+	}
+	b, err := base64.RawURLEncoding.DecodeString(spec.Continue)
+	var k pageKey
+	if err == nil {
+		dec := json.NewDecoder(bytes.NewReader(b))
+		dec.DisallowUnknownFields()
+		err = dec.Decode(&k)
+	}
+	if err != nil || k.Left < -1 || k.Left == 0 {
+		return pg, fmt.Errorf("spec.continue %q is not a continue token this server sent (send status.continue of the previous part as it is)", spec.Continue)
+	}
+	pg.after = &k
+	return pg, nil
+}
+
 // answer runs q over the cached twins of ns ("" for all) in the order
-// kubectl-twin's listing gives: by deviceId, then namespace and name.
-func (h *Handler) answer(ctx context.Context, q *query.Query, ns string) (*wire.TwinQueryStatus, error) {
+// kubectl-twin's listing gives: by deviceId, then namespace and name. A
+// paged SELECT * starts after pg.after and ends, with status.continue,
+// before the item that would make it larger than MaxResponseBytes.
+func (h *Handler) answer(ctx context.Context, q *query.Query, ns string, pg page) (*wire.TwinQueryStatus, error) {
 	all, err := h.o.Twins(ctx, ns)
 	if err != nil {
 		return nil, fmt.Errorf("listing the cached DeviceTwins: %w", err)
+	}
+	if k := pg.after; k != nil {
+		// Twins up to the previous part's last are not evaluated again.
+		after := all[:0:0]
+		for _, t := range all {
+			if k.before(hubtwin.DeviceID(t), t.Namespace, t.Name) {
+				after = append(after, t)
+			}
+		}
+		all = after
 	}
 	sel := labels.Everything()
 	if s := q.Plan().LabelSelector; s != "" {
@@ -318,12 +388,28 @@ func (h *Handler) answer(ctx context.Context, q *query.Query, ns string) (*wire.
 	st := &wire.TwinQueryStatus{ItemType: q.ItemType(), Items: []json.RawMessage{}, Evaluated: len(twins)}
 	enc := newItemEncoder(h.o.MaxResponseBytes)
 	if star {
-		n := len(cands)
+		n, left := len(cands), -1
 		if top, ok := q.Top(); ok {
-			n = min(n, top)
+			left = top
 		}
-		for _, c := range cands[:n] {
+		if pg.after != nil {
+			left = pg.after.Left
+		}
+		if left >= 0 {
+			n = min(n, left)
+		}
+		for i, c := range cands[:n] {
 			b, err := enc.encode(hubtwin.FromDeviceTwin(c.Twin))
+			var tooLarge *tooLargeError
+			if pg.paged && i > 0 && errors.As(err, &tooLarge) {
+				last := cands[i-1]
+				k := pageKey{DeviceID: last.DeviceID, Namespace: last.Twin.Namespace, Name: last.Twin.Name, Left: -1}
+				if left >= 0 {
+					k.Left = left - i
+				}
+				st.Continue = k.token()
+				return st, nil
+			}
 			if err != nil {
 				return nil, err
 			}

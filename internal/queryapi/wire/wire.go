@@ -60,6 +60,17 @@ type TwinQuery struct {
 type TwinQuerySpec struct {
 	// Query is the IoT Hub query: SELECT ... FROM devices ...
 	Query string `json:"query"`
+	// Paged says the client reads status.continue: the answer of a
+	// SELECT * that is larger than the server sends at once
+	// (--query-api-max-response-bytes) comes in parts instead of being
+	// refused with ResponseTooLarge. Other queries are answered whole or
+	// refused as without it.
+	Paged bool `json:"paged,omitempty"`
+	// Continue asks for the part after the one whose status.continue it
+	// is (the same query, paged). Each part is answered from the cache as
+	// it is then: a twin is in the part its place in the order gives it
+	// at that time, as with the service API's continuation tokens.
+	Continue string `json:"continue,omitempty"`
 }
 
 // TwinQueryStatus is the answer, as kubectl-twin's listing path computes
@@ -75,8 +86,12 @@ type TwinQueryStatus struct {
 	// GroupKeys, with GROUP BY, holds the key of each item's group.
 	GroupKeys []string `json:"groupKeys,omitempty"`
 	// Evaluated is how many twins the condition was evaluated on (those
-	// the label selector of the query's plan did not rule out).
+	// the label selector of the query's plan did not rule out; in a part
+	// after the first, those after the previous part's last twin).
 	Evaluated int `json:"evaluated"`
+	// Continue, when set, says more items follow: send the query again
+	// with spec.continue set to it (spec.paged only).
+	Continue string `json:"continue,omitempty"`
 }
 
 // TwinRef is where the twin of an item lives.
