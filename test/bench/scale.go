@@ -111,7 +111,7 @@ func addScaleFlags(fs interface {
 	fs.DurationVar(&s.quiet, "scale-quiet", 5*time.Second, "scale: the operator has settled when it has written no status for this long")
 	fs.DurationVar(&s.settleTimeout, "scale-settle-timeout", 30*time.Minute, "scale: longest wait for the operator to sync, claim and settle")
 	fs.IntVar(&s.queryReps, "scale-query-reps", 3, "scale: timed runs of each query (after one warm-up of the selective ones)")
-	fs.BoolVar(&s.fullQuery, "scale-full-query", false, "scale: also time the service API's SELECT * over the whole fleet in pages of 100 (each page scans the fleet, without sorting it: 9.7 s at 30,000 twins)")
+	fs.BoolVar(&s.fullQuery, "scale-full-query", false, "scale: also time SELECT * over the whole fleet: the service API in pages of 100, kubectl twin query through the query API (in parts over --query-api-max-response-bytes) and listing")
 	fs.IntVar(&s.minAvailMiB, "scale-min-available", 2048, "scale: stop the run when the machine's MemAvailable falls under this many MiB")
 	fs.BoolVar(&s.deviceKeys, "scale-device-keys", false, "scale: run the operator with device keys, as the chart does (--device-auth=sas): every twin gets a key Secret (one more API write per twin at start-up), which the operator caches; needs --scale-devices 0 (the simulated devices connect without keys)")
 	fs.BoolVar(&s.restart, "scale-restart", true, "scale: once the operator has settled, stop it and start it again, timing start -> every twin reconciled and counting the API writes")
@@ -195,7 +195,14 @@ type scaleResults struct {
 	ServiceFullMs      float64 `json:"service_full_ms"`
 	ServiceFullN       int     `json:"service_full_items"`
 	ServiceFullPages   int     `json:"service_full_pages"`
-	WrongAnswers       int     `json:"query_wrong_answers"`
+	// kubectl twin query SELECT * of the whole fleet (--scale-full-query):
+	// through the query API (in parts over --query-api-max-response-bytes)
+	// and listing.
+	PluginFullMs float64 `json:"plugin_full_ms"`
+	PluginFullN  int     `json:"plugin_full_items"`
+	ListFullMs   float64 `json:"plugin_list_full_ms"`
+	ListFullN    int     `json:"plugin_list_full_items"`
+	WrongAnswers int     `json:"query_wrong_answers"`
 	// Devices.
 	Devices          int                `json:"devices"`
 	ConnectSec       float64            `json:"devices_connect_sec"`
@@ -551,6 +558,7 @@ func runScaleQueries(ctx context.Context, env *envtest.Environment, svc *service
 		ms    *float64
 		n     *int
 		pages *int // the full query's
+		once  bool // one run says enough
 	}
 	// --via api fails rather than list when the query API does not
 	// answer, so each row is timed the way it says.
@@ -579,15 +587,17 @@ func runScaleQueries(ctx context.Context, env *envtest.Environment, svc *service
 	// The residual query matches no twin here (the devices report no
 	// temperature), but it must read every one of them to say so.
 	runs := []timed{
-		{"kubectl twin query (selective)", res.SelectiveExpected, plug(querySelective, "api"), &res.PluginSelectiveMs, &res.PluginSelectiveN, nil},
-		{"kubectl twin query --via list (selective)", res.SelectiveExpected, plug(querySelective, "list"), &res.ListSelectiveMs, &res.ListSelectiveN, nil},
-		{"service API query (selective)", res.SelectiveExpected, svcQ(querySelective, nil), &res.ServiceSelectiveMs, &res.ServiceSelectiveN, nil},
-		{"kubectl twin query (residual)", 0, plug(queryResidual, "api"), &res.PluginResidualMs, &res.PluginResidualN, nil},
-		{"kubectl twin query --via list (residual)", 0, plug(queryResidual, "list"), &res.ListResidualMs, &res.ListResidualN, nil},
-		{"service API query (residual)", 0, svcQ(queryResidual, nil), &res.ServiceResidualMs, &res.ServiceResidualN, nil},
+		{"kubectl twin query (selective)", res.SelectiveExpected, plug(querySelective, "api"), &res.PluginSelectiveMs, &res.PluginSelectiveN, nil, false},
+		{"kubectl twin query --via list (selective)", res.SelectiveExpected, plug(querySelective, "list"), &res.ListSelectiveMs, &res.ListSelectiveN, nil, false},
+		{"service API query (selective)", res.SelectiveExpected, svcQ(querySelective, nil), &res.ServiceSelectiveMs, &res.ServiceSelectiveN, nil, false},
+		{"kubectl twin query (residual)", 0, plug(queryResidual, "api"), &res.PluginResidualMs, &res.PluginResidualN, nil, false},
+		{"kubectl twin query --via list (residual)", 0, plug(queryResidual, "list"), &res.ListResidualMs, &res.ListResidualN, nil, false},
+		{"service API query (residual)", 0, svcQ(queryResidual, nil), &res.ServiceResidualMs, &res.ServiceResidualN, nil, false},
 	}
 	if sc.fullQuery {
-		runs = append(runs, timed{"service API query (SELECT *, pages of 100)", sc.twins, svcQ(serviceFullQuery, &res.ServiceFullPages), &res.ServiceFullMs, &res.ServiceFullN, &res.ServiceFullPages})
+		runs = append(runs, timed{"service API query (SELECT *, pages of 100)", sc.twins, svcQ(serviceFullQuery, &res.ServiceFullPages), &res.ServiceFullMs, &res.ServiceFullN, &res.ServiceFullPages, true},
+			timed{"kubectl twin query (SELECT *)", sc.twins, plug(serviceFullQuery, "api"), &res.PluginFullMs, &res.PluginFullN, nil, true},
+			timed{"kubectl twin query --via list (SELECT *)", sc.twins, plug(serviceFullQuery, "list"), &res.ListFullMs, &res.ListFullN, nil, true})
 	}
 	if res.Claimed < sc.twins {
 		// The service API answers only twins whose device id is claimed:
@@ -607,8 +617,8 @@ func runScaleQueries(ctx context.Context, env *envtest.Environment, svc *service
 	for _, r := range runs {
 		var times []time.Duration
 		reps := sc.queryReps
-		if r.pages != nil {
-			reps = 1 // the full fleet in pages: one run says enough
+		if r.once {
+			reps = 1 // the full fleet: one run says enough
 		}
 		for k := 0; k < reps; k++ {
 			start := time.Now()
@@ -782,6 +792,8 @@ func printScale(r *scaleResults) {
 	row("  service API", fmt.Sprintf("%.0f ms (%d twins)", r.ServiceResidualMs, r.ServiceResidualN))
 	if r.ServiceFullPages > 0 {
 		row("service API SELECT * (whole fleet)", fmt.Sprintf("%.0f ms (%d twins, %d pages)", r.ServiceFullMs, r.ServiceFullN, r.ServiceFullPages))
+		row("  kubectl twin query -o json (query API)", fmt.Sprintf("%.0f ms (%d twins)", r.PluginFullMs, r.PluginFullN))
+		row("  kubectl twin query -o json --via list", fmt.Sprintf("%.0f ms (%d twins)", r.ListFullMs, r.ListFullN))
 	}
 	row("wrong query answers", strconv.Itoa(r.WrongAnswers))
 	line()
