@@ -378,6 +378,9 @@ func (a *QueryAPI) Execute(ctx context.Context, namespace string, q *query.Query
 				if part.ItemType != st.ItemType {
 					return nil, fmt.Errorf("part %d of the query API's answer has items of type %q, the first %q", parts+1, part.ItemType, st.ItemType)
 				}
+				if len(part.Items) == 0 && part.Continue != "" {
+					return nil, fmt.Errorf("part %d of the query API's answer is empty but says more follow", parts+1)
+				}
 				st.Items = append(st.Items, part.Items...)
 				st.Twins = append(st.Twins, part.Twins...)
 				st.Continue = part.Continue
