@@ -4,7 +4,9 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"io"
 	"slices"
+	"strconv"
 	"strings"
 
 	"go.yaml.in/yaml/v3"
@@ -84,6 +86,38 @@ func encodeJSON(v any, order orderFunc) []byte {
 	return b.Bytes()
 }
 
+// printJSON writes v to w as encodeJSON encodes it; a list of documents
+// is written a few at a time (a whole fleet is not held twice).
+func printJSON(w io.Writer, v any, order orderFunc) error {
+	var b bytes.Buffer
+	flush := func() error {
+		_, err := w.Write(b.Bytes())
+		b.Reset()
+		return err
+	}
+	items, ok := v.([]map[string]any)
+	if !ok || len(items) == 0 {
+		writeJSON(&b, v, order, nil, "")
+		b.WriteByte('\n')
+		return flush()
+	}
+	b.WriteString("[\n")
+	for i, it := range items {
+		if i > 0 {
+			b.WriteString(",\n")
+		}
+		b.WriteString(jsonIndent)
+		writeJSON(&b, it, order, nil, jsonIndent)
+		if b.Len() >= 1<<16 {
+			if err := flush(); err != nil {
+				return err
+			}
+		}
+	}
+	b.WriteString("\n]\n")
+	return flush()
+}
+
 const jsonIndent = "    " // as kubectl -o json
 
 func writeJSON(b *bytes.Buffer, v any, order orderFunc, path []string, indent string) {
@@ -94,16 +128,19 @@ func writeJSON(b *bytes.Buffer, v any, order orderFunc, path []string, indent st
 			return
 		}
 		b.WriteString("{\n")
+		inner := indent + jsonIndent
 		for i, k := range order(path, keysOf(x)) {
 			if i > 0 {
 				b.WriteString(",\n")
 			}
-			b.WriteString(indent + jsonIndent)
+			b.WriteString(inner)
 			writeString(b, k)
 			b.WriteString(": ")
-			writeJSON(b, x[k], order, append(path, k), indent+jsonIndent)
+			writeJSON(b, x[k], order, append(path, k), inner)
 		}
-		b.WriteString("\n" + indent + "}")
+		b.WriteByte('\n')
+		b.WriteString(indent)
+		b.WriteByte('}')
 	case []map[string]any:
 		items := make([]any, len(x))
 		for i := range x {
@@ -127,6 +164,19 @@ func writeJSON(b *bytes.Buffer, v any, order orderFunc, path []string, indent st
 		b.WriteString("\n" + indent + "]")
 	case string:
 		writeString(b, x)
+	case bool:
+		b.WriteString(strconv.FormatBool(x))
+	case nil:
+		b.WriteString("null")
+	case json.Number:
+		switch {
+		case x == "":
+			b.WriteString("0") // as json.Marshal
+		case validNumber(string(x)):
+			b.WriteString(string(x))
+		default:
+			b.WriteString("null") // as json.Marshal's error below
+		}
 	default:
 		data, err := json.Marshal(x)
 		if err != nil {
@@ -136,7 +186,24 @@ func writeJSON(b *bytes.Buffer, v any, order orderFunc, path []string, indent st
 	}
 }
 
+// writeString writes s as encoding/json does without HTML escaping: as it
+// is between quotes when it holds only printable ASCII other than the
+// quote and the backslash (most keys and values), else through the
+// encoder.
 func writeString(b *bytes.Buffer, s string) {
+	plain := true
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; c < 0x20 || c >= 0x7f || c == '"' || c == '\\' {
+			plain = false
+			break
+		}
+	}
+	if plain {
+		b.WriteByte('"')
+		b.WriteString(s)
+		b.WriteByte('"')
+		return
+	}
 	enc := json.NewEncoder(b)
 	enc.SetEscapeHTML(false)
 	_ = enc.Encode(s)
@@ -204,4 +271,43 @@ func yamlNode(v any, order orderFunc, path []string) *yaml.Node {
 
 func scalar(tag, value string) *yaml.Node {
 	return &yaml.Node{Kind: yaml.ScalarNode, Tag: tag, Value: value}
+}
+
+// validNumber says whether s is a JSON number (what json.Marshal accepts
+// in a json.Number): -?(0|[1-9][0-9]*)(.[0-9]+)?([eE][+-]?[0-9]+)?
+func validNumber(s string) bool {
+	i := 0
+	digits := func() int {
+		n := 0
+		for i < len(s) && s[i] >= '0' && s[i] <= '9' {
+			i++
+			n++
+		}
+		return n
+	}
+	if i < len(s) && s[i] == '-' {
+		i++
+	}
+	switch {
+	case i < len(s) && s[i] == '0':
+		i++
+	case digits() == 0:
+		return false
+	}
+	if i < len(s) && s[i] == '.' {
+		i++
+		if digits() == 0 {
+			return false
+		}
+	}
+	if i < len(s) && (s[i] == 'e' || s[i] == 'E') {
+		i++
+		if i < len(s) && (s[i] == '+' || s[i] == '-') {
+			i++
+		}
+		if digits() == 0 {
+			return false
+		}
+	}
+	return i == len(s)
 }

@@ -173,8 +173,7 @@ func age(v any, now time.Time) string {
 func printResult(w io.Writer, ans *Answer, columns []string, format string, o tableOptions) error {
 	switch format {
 	case outputJSON:
-		_, err := w.Write(encodeJSON(ans.Items, itemOrder(ans.ItemType, columns)))
-		return err
+		return printJSON(w, ans.Items, itemOrder(ans.ItemType, columns))
 	case outputYAML:
 		data, err := encodeYAML(ans.Items, itemOrder(ans.ItemType, columns))
 		if err != nil {
