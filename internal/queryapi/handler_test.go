@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net/http"
 	"net/http/httptest"
+	"reflect"
 	"runtime"
 	"strings"
 	"testing"
@@ -380,4 +381,32 @@ func BenchmarkPagedFleet100k(b *testing.B) {
 	}
 	b.ReportMetric(float64(size), "bytes")
 	b.ReportMetric(float64(parts), "parts")
+}
+
+// TestMarshalAnswer: the items put in place decode as json.Marshal's
+// whole answer does, also when the query's text holds "items":[] and the
+// items hold characters json.Marshal escapes.
+func TestMarshalAnswer(t *testing.T) {
+	tq := wire.TwinQuery{
+		TypeMeta: metav1.TypeMeta{Kind: wire.Kind, APIVersion: wire.GroupVersion},
+		Spec:     wire.TwinQuerySpec{Query: `SELECT * FROM devices WHERE tags.x = '"items":[]'`},
+		Status: wire.TwinQueryStatus{ItemType: "twin", Items: []json.RawMessage{
+			json.RawMessage(`{"deviceId":"a<b>&c","tags":{"items":[]}}`), json.RawMessage(`{"deviceId":"d","n":1.5e3}`)},
+			Twins: []wire.TwinRef{{Namespace: "n", Name: "a"}, {Namespace: "n", Name: "d"}}, Evaluated: 2, Continue: "x"},
+	}
+	for _, c := range []wire.TwinQuery{tq, {Status: wire.TwinQueryStatus{Items: []json.RawMessage{}}}} {
+		got, err := marshalAnswer(&c)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want, _ := json.Marshal(&c)
+		var g, w any
+		if err := json.Unmarshal(got, &g); err != nil {
+			t.Fatalf("%v: %s", err, got)
+		}
+		_ = json.Unmarshal(want, &w)
+		if !reflect.DeepEqual(g, w) {
+			t.Errorf("marshalAnswer gives\n%s\njson.Marshal\n%s", got, want)
+		}
+	}
 }

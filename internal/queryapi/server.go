@@ -272,12 +272,48 @@ func (h *Handler) query(w http.ResponseWriter, r *http.Request, u user.Info, gv,
 	tq.TypeMeta = metav1.TypeMeta{Kind: wire.Kind, APIVersion: gv}
 	tq.Namespace = ns
 	tq.Status = *status
-	b, err := json.Marshal(&tq)
+	b, err := marshalAnswer(&tq)
 	if err != nil {
 		return writeStatus(w, apierrors.NewInternalError(err))
 	}
 	// Created, as for other create-only reviews: the answer is new.
 	return writeJSON(w, http.StatusCreated, b)
+}
+
+// marshalAnswer marshals tq with its items as they are: json.Marshal
+// would check and copy every byte of them again (a sixth of a large
+// answer's time), and they are compact JSON from itemEncoder. tq is
+// marshalled with no items, and they are put between the brackets of
+// "items":[] in status, which is there once: every quote inside a string
+// is escaped, so the bytes "items":[] are a key and its value.
+func marshalAnswer(tq *wire.TwinQuery) ([]byte, error) {
+	items := tq.Status.Items
+	tq.Status.Items = []json.RawMessage{}
+	b, err := json.Marshal(tq)
+	tq.Status.Items = items
+	if err != nil || len(items) == 0 {
+		return b, err
+	}
+	const key = `"items":[`
+	st := bytes.Index(b, []byte(`"status":{`))
+	at := bytes.Index(b[max(st, 0):], []byte(key+"]"))
+	if st < 0 || at < 0 {
+		return nil, errors.New("marshalling a query answer: no status.items in it")
+	}
+	at += st + len(key)
+	size := len(b) + len(items)
+	for _, it := range items {
+		size += len(it)
+	}
+	out := make([]byte, 0, size)
+	out = append(out, b[:at]...)
+	for i, it := range items {
+		if i > 0 {
+			out = append(out, ',')
+		}
+		out = append(out, it...)
+	}
+	return append(out, b[at:]...), nil
 }
 
 // tooLargeError: the answer would exceed MaxResponseBytes.
