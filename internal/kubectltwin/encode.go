@@ -10,6 +10,8 @@ import (
 	"strings"
 
 	"go.yaml.in/yaml/v3"
+
+	"github.com/kubetwin/kubetwin/internal/query"
 )
 
 // Documents are written with their members in a fixed order, so a twin
@@ -172,7 +174,7 @@ func writeJSON(b *bytes.Buffer, v any, order orderFunc, path []string, indent st
 		switch {
 		case x == "":
 			b.WriteString("0") // as json.Marshal
-		case validNumber(string(x)):
+		case query.ValidNumber(string(x)):
 			b.WriteString(string(x))
 		default:
 			b.WriteString("null") // as json.Marshal's error below
@@ -271,43 +273,4 @@ func yamlNode(v any, order orderFunc, path []string) *yaml.Node {
 
 func scalar(tag, value string) *yaml.Node {
 	return &yaml.Node{Kind: yaml.ScalarNode, Tag: tag, Value: value}
-}
-
-// validNumber says whether s is a JSON number (what json.Marshal accepts
-// in a json.Number): -?(0|[1-9][0-9]*)(.[0-9]+)?([eE][+-]?[0-9]+)?
-func validNumber(s string) bool {
-	i := 0
-	digits := func() int {
-		n := 0
-		for i < len(s) && s[i] >= '0' && s[i] <= '9' {
-			i++
-			n++
-		}
-		return n
-	}
-	if i < len(s) && s[i] == '-' {
-		i++
-	}
-	switch {
-	case i < len(s) && s[i] == '0':
-		i++
-	case digits() == 0:
-		return false
-	}
-	if i < len(s) && s[i] == '.' {
-		i++
-		if digits() == 0 {
-			return false
-		}
-	}
-	if i < len(s) && (s[i] == 'e' || s[i] == 'E') {
-		i++
-		if i < len(s) && (s[i] == '+' || s[i] == '-') {
-			i++
-		}
-		if digits() == 0 {
-			return false
-		}
-	}
-	return i == len(s)
 }

@@ -41,7 +41,7 @@ func kindOf(v any) kind {
 	case string:
 		return kString
 	case json.Number:
-		if validNumber(string(x)) {
+		if ValidNumber(string(x)) {
 			return kNumber
 		}
 		return kObject
@@ -95,8 +95,9 @@ func toFloat(v any) float64 {
 	return math.NaN()
 }
 
-// validNumber reports whether s is a JSON number literal.
-func validNumber(s string) bool {
+// ValidNumber reports whether s is a JSON number literal (what json.Marshal
+// accepts in a json.Number, besides the empty string).
+func ValidNumber(s string) bool {
 	i := 0
 	if i < len(s) && s[i] == '-' {
 		i++
