@@ -98,7 +98,8 @@ func ageless(table string) string {
 // shard, whose answer is the listing's; over every namespace (-A) it
 // merges the twins the shards match with a listing of the other
 // namespaces and runs the query over them: SELECT * (with and without
-// TOP), projections, aggregates and GROUP BY answer as the listing does; a
+// TOP), projections, aggregates and GROUP BY answer as the listing does,
+// the shards' matches coming in parts (a bound of about one twin); a
 // namespace whose shard is gone is listed.
 func TestQueryAPIShards(t *testing.T) {
 	ctx := context.Background()
@@ -113,7 +114,8 @@ func TestQueryAPIShards(t *testing.T) {
 				t.Fatal(err)
 			}
 		}
-		api, err := queryapitest.Serve(ctx, testEnv.Config, queryapitest.Options{Namespace: ns, Group: wire.ShardGroup(ns)})
+		// A bound of about one twin: every shard's matches come in parts.
+		api, err := queryapitest.Serve(ctx, testEnv.Config, queryapitest.Options{Namespace: ns, Group: wire.ShardGroup(ns), MaxResponseBytes: 1500})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -128,7 +130,7 @@ func TestQueryAPIShards(t *testing.T) {
 			t.Fatalf("listing %s finds %v, want its 3 twins", ns, deviceIDs(t, want.stdout))
 		}
 		got := ok(t, "query", "-n", ns, "-o", "json", "--verbose", q)
-		if !strings.Contains(got.stderr, "answered by the query API ("+wire.ShardGroup(ns)+"/v1alpha1") {
+		if !strings.Contains(got.stderr, "answered by the query API ("+wire.ShardGroup(ns)+"/v1alpha1") || !strings.Contains(got.stderr, " parts ") {
 			t.Fatalf("-n %s: --verbose says %s", ns, got.stderr)
 		}
 		if canon(t, got.stdout) != canon(t, want.stdout) {
