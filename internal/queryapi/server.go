@@ -434,23 +434,41 @@ func (h *Handler) answer(ctx context.Context, q *query.Query, ns string, pg page
 		if left >= 0 {
 			n = min(n, left)
 		}
+		// The documents are rendered one after another into out, and the
+		// items are slices of it: one buffer, not one per twin.
+		var (
+			out   []byte
+			ends  []int
+			total int
+		)
 		for i, c := range cands[:n] {
-			b, err := enc.encode(hubtwin.FromDeviceTwin(c.Twin))
-			var tooLarge *tooLargeError
-			if pg.paged && i > 0 && errors.As(err, &tooLarge) {
+			start := len(out)
+			out = hubtwin.AppendJSON(out, c.Twin)
+			if total += len(out) - start + 1; total > h.o.MaxResponseBytes {
+				if !pg.paged || i == 0 {
+					return nil, &tooLargeError{items: i, limit: h.o.MaxResponseBytes}
+				}
 				last := cands[i-1]
 				k := pageKey{DeviceID: last.DeviceID, Namespace: last.Twin.Namespace, Name: last.Twin.Name, Left: -1}
 				if left >= 0 {
 					k.Left = left - i
 				}
 				st.Continue = k.token()
-				return st, nil
+				out = out[:start]
+				break
 			}
-			if err != nil {
-				return nil, err
+			if i == 0 {
+				// Room for the rest, as large as the first, within the bound.
+				out = slices.Grow(out, min(h.o.MaxResponseBytes, len(out)*n)-len(out))
 			}
-			st.Items = append(st.Items, b)
+			ends = append(ends, len(out))
 			st.Twins = append(st.Twins, wire.TwinRef{Namespace: c.Twin.Namespace, Name: c.Twin.Name, InSync: inSync(c.Twin)})
+		}
+		st.Items = make([]json.RawMessage, len(ends))
+		start := 0
+		for i, end := range ends {
+			st.Items[i] = out[start:end:end]
+			start = end
 		}
 		return st, nil
 	}

@@ -194,7 +194,7 @@ func appendValue(b []byte, v any) []byte {
 	case nil:
 		return append(b, "null"...)
 	case string:
-		return appendString(b, x)
+		return AppendString(b, x)
 	case bool:
 		if x {
 			return append(b, "true"...)
@@ -206,7 +206,7 @@ func appendValue(b []byte, v any) []byte {
 			if i > 0 {
 				b = append(b, ',')
 			}
-			b = appendString(b, k)
+			b = AppendString(b, k)
 			b = append(b, ':')
 			b = appendValue(b, x[k])
 		}
@@ -224,7 +224,7 @@ func appendValue(b []byte, v any) []byte {
 		if lit, ok := numberLiteral(x); ok {
 			return append(b, lit...)
 		}
-		return appendString(b, string(x))
+		return AppendString(b, string(x))
 	}
 	if isNumber(v) {
 		if lit, ok := numberLiteral(v); ok {
@@ -243,9 +243,9 @@ func appendValue(b []byte, v any) []byte {
 
 const hex = "0123456789abcdef"
 
-// appendString appends s as a JSON string, escaping as encoding/json does
+// AppendString appends s as a JSON string, escaping as encoding/json does
 // except for HTML characters. Invalid UTF-8 becomes U+FFFD.
-func appendString(b []byte, s string) []byte {
+func AppendString(b []byte, s string) []byte {
 	b = append(b, '"')
 	start := 0
 	for i := 0; i < len(s); {
@@ -326,4 +326,15 @@ func copyValue(v any) any {
 		return a
 	}
 	return v
+}
+
+// DecodeValid is [Decode] for data already known to be valid JSON, such
+// as a json.RawMessage a JSON decoder has filled: it does not check the
+// syntax again. Data that is not a JSON object goes through Decode, for
+// its error.
+func DecodeValid(data []byte) (Doc, error) {
+	if t := bytes.TrimLeft(data, " \t\r\n"); len(t) > 0 && t[0] == '{' {
+		return parseObject(t), nil
+	}
+	return Decode(data)
 }

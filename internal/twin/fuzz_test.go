@@ -96,6 +96,13 @@ func FuzzParseObject(f *testing.F) {
 		if !reflect.DeepEqual(got, want) {
 			t.Fatalf("Decode(%q) = %#v, encoding/json %#v", data, got, want)
 		}
+		if json.Valid(data) {
+			// DecodeValid skips the syntax check only.
+			v, vErr := DecodeValid(data)
+			if fmt.Sprint(vErr) != fmt.Sprint(gotErr) || !reflect.DeepEqual(v, got) {
+				t.Fatalf("DecodeValid(%q) = %#v, %v; Decode %#v, %v", data, v, vErr, got, gotErr)
+			}
+		}
 	})
 }
 
