@@ -5,9 +5,11 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	goruntime "runtime"
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 
 	"go.yaml.in/yaml/v3"
 
@@ -88,36 +90,50 @@ func encodeJSON(v any, order orderFunc) []byte {
 	return b.Bytes()
 }
 
-// printJSON writes v to w as encodeJSON encodes it; a list of documents
-// is written a few at a time (a whole fleet is not held twice).
+// printJSON writes v to w as encodeJSON encodes it. A list of documents
+// is written a batch at a time (a whole fleet is not held twice), the
+// documents of a batch encoded on every core.
 func printJSON(w io.Writer, v any, order orderFunc) error {
-	var b bytes.Buffer
-	flush := func() error {
-		_, err := w.Write(b.Bytes())
-		b.Reset()
-		return err
-	}
 	items, ok := v.([]map[string]any)
 	if !ok || len(items) == 0 {
+		var b bytes.Buffer
 		writeJSON(&b, v, order, nil, "")
 		b.WriteByte('\n')
-		return flush()
+		_, err := w.Write(b.Bytes())
+		return err
 	}
-	b.WriteString("[\n")
-	for i, it := range items {
-		if i > 0 {
-			b.WriteString(",\n")
+	if _, err := io.WriteString(w, "[\n"); err != nil {
+		return err
+	}
+	// chunk documents per buffer, a buffer per core in a batch.
+	const chunk = 64
+	bufs := make([]bytes.Buffer, max(1, goruntime.GOMAXPROCS(0)))
+	for at := 0; at < len(items); {
+		n := 0
+		var wg sync.WaitGroup
+		for ; n < len(bufs) && at < len(items); n++ {
+			b, part, first := &bufs[n], items[at:min(at+chunk, len(items))], at == 0
+			at += len(part)
+			b.Reset()
+			wg.Go(func() {
+				for i, it := range part {
+					if i > 0 || !first {
+						b.WriteString(",\n")
+					}
+					b.WriteString(jsonIndent)
+					writeJSON(b, it, order, nil, jsonIndent)
+				}
+			})
 		}
-		b.WriteString(jsonIndent)
-		writeJSON(&b, it, order, nil, jsonIndent)
-		if b.Len() >= 1<<16 {
-			if err := flush(); err != nil {
+		wg.Wait()
+		for i := range bufs[:n] {
+			if _, err := w.Write(bufs[i].Bytes()); err != nil {
 				return err
 			}
 		}
 	}
-	b.WriteString("\n]\n")
-	return flush()
+	_, err := io.WriteString(w, "\n]\n")
+	return err
 }
 
 const jsonIndent = "    " // as kubectl -o json

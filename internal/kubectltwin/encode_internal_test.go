@@ -75,7 +75,7 @@ func TestPrintJSONAsEncodeJSON(t *testing.T) {
 		docs = append(docs, map[string]any{"deviceId": fmt.Sprintf("dev-%04d", i), "tags": map[string]any{"n": json.Number("1")},
 			"properties": map[string]any{"reported": map[string]any{"$version": json.Number("2"), "ok": true, "s": "x\"y"}}})
 	}
-	for _, v := range []any{docs, []map[string]any{}, docs[:1], map[string]any{"a": nil}, []any{"x", json.Number("3")}} {
+	for _, v := range []any{docs, []map[string]any{}, docs[:1], docs[:64], docs[:65], docs[:129], map[string]any{"a": nil}, []any{"x", json.Number("3")}} {
 		var got bytes.Buffer
 		if err := printJSON(&got, v, twinDocOrder); err != nil {
 			t.Fatal(err)
