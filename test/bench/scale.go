@@ -31,6 +31,7 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -92,6 +93,8 @@ type scaleConfig struct {
 	restarts []processRestartSpec
 	// restartGate is --scale-restart-gate.
 	restartGate string
+	// pluginBaseline is --scale-plugin-baseline.
+	pluginBaseline string
 }
 
 func addScaleFlags(fs interface {
@@ -123,6 +126,7 @@ func addScaleFlags(fs interface {
 	s.restartMemory = byteQuantity(chartLimit.Value())
 	fs.Var(&s.restartMemory, "scale-restart-memory", fmt.Sprintf("scale: the memory cgroup limit of --scale-restart-binary's process, as a quantity (default: the chart's resources.limits.memory %s; the operator sets its Go soft limit to 90%% of it)", chartMemoryLimit))
 	fs.StringVar(&s.restartGate, "scale-restart-gate", "", "scale: wait until this file exists before the restarts (e.g. until the machine is quiet, or the binary to restart is built); empty: no wait")
+	fs.StringVar(&s.pluginBaseline, "scale-plugin-baseline", "", "scale, with --scale-full-query: also time SELECT * of the whole fleet with this kubectl-twin binary (one built from an earlier commit: an A/B of the plugin), between two runs of the current one; empty: skip")
 	fs.StringVar(&s.profile, "scale-profile", "", "scale: write the operator's heap profile (after a GC) once settled and once restarted, and a CPU profile of this process during the restart, to PREFIX.heap-settled.pprof, PREFIX.heap-restarted.pprof and PREFIX.cpu-restart.pprof")
 }
 
@@ -198,11 +202,18 @@ type scaleResults struct {
 	// kubectl twin query SELECT * of the whole fleet (--scale-full-query):
 	// through the query API (in parts over --query-api-max-response-bytes)
 	// and listing.
-	PluginFullMs float64 `json:"plugin_full_ms"`
-	PluginFullN  int     `json:"plugin_full_items"`
-	ListFullMs   float64 `json:"plugin_list_full_ms"`
-	ListFullN    int     `json:"plugin_list_full_items"`
-	WrongAnswers int     `json:"query_wrong_answers"`
+	// The table (-o table) and, with --scale-plugin-baseline, that
+	// plugin's SELECT * and the current one's again after it.
+	PluginFullMs      float64 `json:"plugin_full_ms"`
+	PluginFullN       int     `json:"plugin_full_items"`
+	PluginFullTableMs float64 `json:"plugin_full_table_ms"`
+	PluginFullTableN  int     `json:"plugin_full_table_rows"`
+	BaselineFullMs    float64 `json:"plugin_baseline_full_ms,omitempty"`
+	BaselineFullN     int     `json:"plugin_baseline_full_items,omitempty"`
+	PluginFullAgainMs float64 `json:"plugin_full_again_ms,omitempty"`
+	ListFullMs        float64 `json:"plugin_list_full_ms"`
+	ListFullN         int     `json:"plugin_list_full_items"`
+	WrongAnswers      int     `json:"query_wrong_answers"`
 	// Devices.
 	Devices          int                `json:"devices"`
 	ConnectSec       float64            `json:"devices_connect_sec"`
@@ -554,7 +565,7 @@ func runScaleQueries(ctx context.Context, env *envtest.Environment, svc *service
 	type timed struct {
 		name  string
 		want  int // -1: any
-		run   func() (int, error)
+		run   func() (time.Duration, int, error)
 		ms    *float64
 		n     *int
 		pages *int // the full query's
@@ -562,26 +573,35 @@ func runScaleQueries(ctx context.Context, env *envtest.Environment, svc *service
 	}
 	// --via api fails rather than list when the query API does not
 	// answer, so each row is timed the way it says.
-	plug := func(q, via string) func() (int, error) {
-		return func() (int, error) {
-			_, out, err := timeProcess(ctx, plugin, append([]string{"query", q, "-o", "json", "--via", via}, common...))
+	// The plugin is timed from its start to its exit, not counting the
+	// check of its output here.
+	plugWith := func(bin, q, via, output string) func() (time.Duration, int, error) {
+		return func() (time.Duration, int, error) {
+			d, out, err := timeProcess(ctx, bin, append([]string{"query", q, "-o", output, "--via", via}, common...))
 			if err != nil {
-				return 0, err
+				return d, 0, err
+			}
+			if output != "json" {
+				// A row per twin after the header.
+				return d, max(0, bytes.Count(out, []byte("\n"))-1), nil
 			}
 			ids, err := pluginIDs(out)
-			return len(ids), err
+			return d, len(ids), err
 		}
 	}
-	svcQ := func(q string, pages *int) func() (int, error) {
-		return func() (int, error) {
+	plug := func(q, via string) func() (time.Duration, int, error) { return plugWith(plugin, q, via, "json") }
+	svcQ := func(q string, pages *int) func() (time.Duration, int, error) {
+		return func() (time.Duration, int, error) {
+			start := time.Now()
 			code, ids, p, body, err := svc.query(ctx, q)
+			d := time.Since(start)
 			if err == nil && code != http.StatusOK {
 				err = fmt.Errorf("status %d: %s", code, clipBody(body))
 			}
 			if pages != nil {
 				*pages = p
 			}
-			return len(ids), err
+			return d, len(ids), err
 		}
 	}
 	// The residual query matches no twin here (the devices report no
@@ -596,8 +616,14 @@ func runScaleQueries(ctx context.Context, env *envtest.Environment, svc *service
 	}
 	if sc.fullQuery {
 		runs = append(runs, timed{"service API query (SELECT *, pages of 100)", sc.twins, svcQ(serviceFullQuery, &res.ServiceFullPages), &res.ServiceFullMs, &res.ServiceFullN, &res.ServiceFullPages, true},
-			timed{"kubectl twin query (SELECT *)", sc.twins, plug(serviceFullQuery, "api"), &res.PluginFullMs, &res.PluginFullN, nil, true},
-			timed{"kubectl twin query --via list (SELECT *)", sc.twins, plug(serviceFullQuery, "list"), &res.ListFullMs, &res.ListFullN, nil, true})
+			timed{"kubectl twin query (SELECT *)", sc.twins, plug(serviceFullQuery, "api"), &res.PluginFullMs, &res.PluginFullN, nil, false},
+			timed{"kubectl twin query -o table (SELECT *)", sc.twins, plugWith(plugin, serviceFullQuery, "api", "table"), &res.PluginFullTableMs, &res.PluginFullTableN, nil, false})
+		if sc.pluginBaseline != "" {
+			runs = append(runs, timed{"kubectl twin query (SELECT *), --scale-plugin-baseline", sc.twins, plugWith(sc.pluginBaseline, serviceFullQuery, "api", "json"),
+				&res.BaselineFullMs, &res.BaselineFullN, nil, false},
+				timed{"kubectl twin query (SELECT *), again", sc.twins, plug(serviceFullQuery, "api"), &res.PluginFullAgainMs, &res.PluginFullN, nil, false})
+		}
+		runs = append(runs, timed{"kubectl twin query --via list (SELECT *)", sc.twins, plug(serviceFullQuery, "list"), &res.ListFullMs, &res.ListFullN, nil, true})
 	}
 	if res.Claimed < sc.twins {
 		// The service API answers only twins whose device id is claimed:
@@ -610,7 +636,7 @@ func runScaleQueries(ctx context.Context, env *envtest.Environment, svc *service
 	}
 	// Warm-up: the plugin's binary and discovery, the service's connections.
 	for _, r := range runs[:3] {
-		if _, err := r.run(); err != nil {
+		if _, _, err := r.run(); err != nil {
 			return fmt.Errorf("%s: %w", r.name, err)
 		}
 	}
@@ -621,9 +647,7 @@ func runScaleQueries(ctx context.Context, env *envtest.Environment, svc *service
 			reps = 1 // the full fleet: one run says enough
 		}
 		for k := 0; k < reps; k++ {
-			start := time.Now()
-			n, err := r.run()
-			d := time.Since(start)
+			d, n, err := r.run()
 			if err != nil {
 				return fmt.Errorf("%s: %w", r.name, err)
 			}
@@ -793,6 +817,10 @@ func printScale(r *scaleResults) {
 	if r.ServiceFullPages > 0 {
 		row("service API SELECT * (whole fleet)", fmt.Sprintf("%.0f ms (%d twins, %d pages)", r.ServiceFullMs, r.ServiceFullN, r.ServiceFullPages))
 		row("  kubectl twin query -o json (query API)", fmt.Sprintf("%.0f ms (%d twins)", r.PluginFullMs, r.PluginFullN))
+		row("  kubectl twin query -o table (query API)", fmt.Sprintf("%.0f ms (%d rows)", r.PluginFullTableMs, r.PluginFullTableN))
+		if r.BaselineFullN > 0 {
+			row("  --scale-plugin-baseline -o json, then current again", fmt.Sprintf("%.0f ms (%d twins), %.0f ms", r.BaselineFullMs, r.BaselineFullN, r.PluginFullAgainMs))
+		}
 		row("  kubectl twin query -o json --via list", fmt.Sprintf("%.0f ms (%d twins)", r.ListFullMs, r.ListFullN))
 	}
 	row("wrong query answers", strconv.Itoa(r.WrongAnswers))
