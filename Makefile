@@ -100,6 +100,7 @@ fuzz: ## Run each fuzz target for FUZZTIME (default 60s; make test runs 150000 i
 	go test ./internal/watchdecode/ -run='^$$' -fuzz='^FuzzDecodeAsClientGo$$' -fuzztime=$(FUZZTIME)
 	go test ./internal/watchdecode/ -run='^$$' -fuzz='^FuzzSplitEvent$$' -fuzztime=$(FUZZTIME)
 	go test ./internal/watchdecode/ -run='^$$' -fuzz='^FuzzWatchStream$$' -fuzztime=$(FUZZTIME)
+	go test ./internal/kubectltwin/ -run='^$$' -fuzz='^FuzzRawJSON$$' -fuzztime=$(FUZZTIME)
 
 .PHONY: test-e2e
 test-e2e: deps build ## End-to-end tests only.

@@ -136,7 +136,13 @@ type Answer struct {
 	// Parts, through the query API, is how many requests the answer took
 	// (more than 1 when it came in parts, spec.paged).
 	Parts int
+	// Raw, through a QueryAPI with KeepRaw, holds a SELECT *'s items as
+	// the query API sent them, and Items is nil.
+	Raw []json.RawMessage
 }
+
+// Len is how many items the answer has.
+func (a *Answer) Len() int { return max(len(a.Items), len(a.Raw)) }
 
 // Execute answers q over the DeviceTwins of namespace ("" for all): it
 // lists them with the plan's label and field selectors, page by page,
@@ -297,7 +303,11 @@ const (
 type QueryAPI struct {
 	// Group is the API group.
 	Group string
-	c     rest.Interface
+	// KeepRaw: a SELECT *'s items are kept as they came (Answer.Raw), not
+	// decoded (Items, and each Twin's Doc, are nil), for -o json and
+	// tables.
+	KeepRaw bool
+	c       rest.Interface
 }
 
 // NewQueryAPI returns a client of group's query API.
@@ -415,8 +425,18 @@ func (a *QueryAPI) Execute(ctx context.Context, namespace string, q *query.Query
 	if err != nil {
 		return nil, err
 	}
+	raw := a.KeepRaw && st.ItemType == query.ItemTypeTwin
 	items := make([]map[string]any, 0, len(st.Items))
-	decoded := decodeItems(st.Items, &items)
+	var kept []json.RawMessage
+	decoded := func() error { return nil }
+	take := func(part []json.RawMessage) {
+		if raw {
+			kept = append(kept, part...)
+			return
+		}
+		decoded = decodeItems(part, &items)
+	}
+	take(st.Items)
 	parts := 1
 	for cont := st.Continue; cont != ""; parts++ {
 		spec.Continue = cont
@@ -433,7 +453,7 @@ func (a *QueryAPI) Execute(ctx context.Context, namespace string, q *query.Query
 		if err := decoded(); err != nil {
 			return nil, err
 		}
-		decoded = decodeItems(part.Items, &items)
+		take(part.Items)
 		st.Twins = append(st.Twins, part.Twins...)
 		cont = part.Continue
 	}
@@ -443,14 +463,21 @@ func (a *QueryAPI) Execute(ctx context.Context, namespace string, q *query.Query
 	ans := &Answer{Listed: st.Evaluated, Via: ViaAPI, Group: a.Group, Parts: parts}
 	ans.ItemType = st.ItemType
 	ans.GroupKeys = st.GroupKeys
-	ans.Items = items
+	if raw {
+		ans.Raw = kept
+	} else {
+		ans.Items = items
+	}
 	if st.ItemType == query.ItemTypeTwin {
-		if len(st.Twins) != len(items) {
-			return nil, fmt.Errorf("the query API's answer names %d twins for %d items", len(st.Twins), len(items))
+		if len(st.Twins) != ans.Len() {
+			return nil, fmt.Errorf("the query API's answer names %d twins for %d items", len(st.Twins), ans.Len())
 		}
-		ans.Twins = make([]*Twin, len(items))
+		ans.Twins = make([]*Twin, len(st.Twins))
 		for i, r := range st.Twins {
-			ans.Twins[i] = &Twin{Namespace: r.Namespace, Name: r.Name, InSync: r.InSync, Doc: ans.Items[i]}
+			ans.Twins[i] = &Twin{Namespace: r.Namespace, Name: r.Name, InSync: r.InSync}
+			if !raw {
+				ans.Twins[i].Doc = ans.Items[i]
+			}
 		}
 	}
 	return ans, nil

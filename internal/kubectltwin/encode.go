@@ -91,8 +91,7 @@ func encodeJSON(v any, order orderFunc) []byte {
 }
 
 // printJSON writes v to w as encodeJSON encodes it. A list of documents
-// is written a batch at a time (a whole fleet is not held twice), the
-// documents of a batch encoded on every core.
+// is written as printList writes it.
 func printJSON(w io.Writer, v any, order orderFunc) error {
 	items, ok := v.([]map[string]any)
 	if !ok || len(items) == 0 {
@@ -102,31 +101,59 @@ func printJSON(w io.Writer, v any, order orderFunc) error {
 		_, err := w.Write(b.Bytes())
 		return err
 	}
+	return printList(w, len(items), func(b *bytes.Buffer) func(int) {
+		return func(i int) { writeJSON(b, items[i], order, nil, jsonIndent) }
+	})
+}
+
+// printRawJSON writes items, valid JSON values, to w as printJSON writes
+// them decoded, with order; sorted says where order sorts by name (see
+// rawWriter).
+func printRawJSON(w io.Writer, items []json.RawMessage, order orderFunc, sorted func(path []string) bool) error {
+	if len(items) == 0 {
+		_, err := io.WriteString(w, "[]\n")
+		return err
+	}
+	return printList(w, len(items), func(b *bytes.Buffer) func(int) {
+		rw := &rawWriter{b: b, order: order, sorted: sorted}
+		return func(i int) { rw.value(items[i], nil, jsonIndent) }
+	})
+}
+
+// printList writes a JSON list of n documents a batch at a time (a whole
+// fleet is not held twice), the documents of a batch written on every
+// core: a buffer per core, and writer(buffer)(i) writes document i into
+// it (one goroutine at a time per buffer).
+func printList(w io.Writer, n int, writer func(b *bytes.Buffer) func(i int)) error {
 	if _, err := io.WriteString(w, "[\n"); err != nil {
 		return err
 	}
 	// chunk documents per buffer, a buffer per core in a batch.
 	const chunk = 64
 	bufs := make([]bytes.Buffer, max(1, goruntime.GOMAXPROCS(0)))
-	for at := 0; at < len(items); {
-		n := 0
+	write := make([]func(int), len(bufs))
+	for i := range bufs {
+		write[i] = writer(&bufs[i])
+	}
+	for at := 0; at < n; {
+		used := 0
 		var wg sync.WaitGroup
-		for ; n < len(bufs) && at < len(items); n++ {
-			b, part, first := &bufs[n], items[at:min(at+chunk, len(items))], at == 0
-			at += len(part)
+		for ; used < len(bufs) && at < n; used++ {
+			b, wr, from, to := &bufs[used], write[used], at, min(at+chunk, n)
+			at = to
 			b.Reset()
 			wg.Go(func() {
-				for i, it := range part {
-					if i > 0 || !first {
+				for i := from; i < to; i++ {
+					if i > 0 {
 						b.WriteString(",\n")
 					}
 					b.WriteString(jsonIndent)
-					writeJSON(b, it, order, nil, jsonIndent)
+					wr(i)
 				}
 			})
 		}
 		wg.Wait()
-		for i := range bufs[:n] {
+		for i := range bufs[:used] {
 			if _, err := w.Write(bufs[i].Bytes()); err != nil {
 				return err
 			}

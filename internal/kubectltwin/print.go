@@ -107,10 +107,12 @@ func printRowTable(w io.Writer, columns []string, rows []map[string]any, o table
 	return tw.Flush()
 }
 
+// cellSpaces: a tab or newline inside a value would break the columns.
+var cellSpaces = strings.NewReplacer("\t", " ", "\n", " ", "\r", " ")
+
 func writeRow(w io.Writer, cells []string) {
 	for i, c := range cells {
-		// A tab or newline inside a value would break the columns.
-		cells[i] = strings.NewReplacer("\t", " ", "\n", " ", "\r", " ").Replace(c)
+		cells[i] = cellSpaces.Replace(c)
 	}
 	fmt.Fprintln(w, strings.Join(cells, "\t"))
 }
@@ -173,6 +175,9 @@ func age(v any, now time.Time) string {
 func printResult(w io.Writer, ans *Answer, columns []string, format string, o tableOptions) error {
 	switch format {
 	case outputJSON:
+		if ans.Raw != nil { // twin documents (QueryAPI.KeepRaw)
+			return printRawJSON(w, ans.Raw, twinDocOrder, twinSorted)
+		}
 		return printJSON(w, ans.Items, itemOrder(ans.ItemType, columns))
 	case outputYAML:
 		data, err := encodeYAML(ans.Items, itemOrder(ans.ItemType, columns))
@@ -184,6 +189,12 @@ func printResult(w io.Writer, ans *Answer, columns []string, format string, o ta
 	default:
 		o.wide = format == outputWide
 		if ans.ItemType == query.ItemTypeTwin {
+			if ans.Raw != nil {
+				// Only what the table shows is decoded (QueryAPI.KeepRaw).
+				for i, t := range ans.Twins {
+					t.Doc = tableDoc(ans.Raw[i], o.wide)
+				}
+			}
 			return printTwinTable(w, ans.Twins, o)
 		}
 		return printRowTable(w, columns, ans.Items, o)

@@ -1,6 +1,7 @@
 package kubectltwin
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"fmt"
@@ -138,20 +139,25 @@ func newQueryCommand(o *options) *cobra.Command {
 				return usageError{cmd: cmd, err: fmt.Errorf("--via %q: want auto, api or list", via)}
 			}
 			start := time.Now()
-			ans, note, err := o.execute(cmd.Context(), ns, q, chunkSize, via)
+			ans, note, err := o.execute(cmd.Context(), ns, q, chunkSize, via, output != outputYAML)
 			if err != nil {
 				return err
 			}
 			if verbose {
 				fmt.Fprintln(o.streams.ErrOut, describeAnswer(ans, note, time.Since(start)))
 			}
-			if len(ans.Items) == 0 && (output == outputTable || output == outputWide) {
+			if ans.Len() == 0 && (output == outputTable || output == outputWide) {
 				fmt.Fprintln(o.streams.ErrOut, noDevices(ns))
 				return nil
 			}
-			return printResult(o.streams.Out, ans, q.Columns(), output, tableOptions{
+			// Buffered: a table's writer writes every cell on its own.
+			out := bufio.NewWriterSize(o.streams.Out, 64<<10)
+			if err := printResult(out, ans, q.Columns(), output, tableOptions{
 				noHeaders: noHeaders, withNamespace: o.allNamespaces, now: time.Now(),
-			})
+			}); err != nil {
+				return err
+			}
+			return out.Flush()
 		},
 	}
 	in.addFlags(cmd)
@@ -166,7 +172,8 @@ func newQueryCommand(o *options) *cobra.Command {
 	return cmd
 }
 
-// execute answers q the way via says; with auto, it uses the query API
+// execute answers q the way via says (with raw, a SELECT * through the
+// query API is kept as it came: Answer.Raw); with auto, it uses the query API
 // when kube-apiserver serves it and lists otherwise, or when the API
 // cannot answer (too large an answer, a namespace its operator does not
 // watch, RBAC). The note says why it listed.
@@ -175,14 +182,14 @@ func newQueryCommand(o *options) *cobra.Command {
 // first, then the cluster's query API (wire.Group). Over every namespace
 // without the latter, a query is answered from the twins the shards match
 // and a listing of the other namespaces (ExecuteShards).
-func (o *options) execute(ctx context.Context, ns string, q *query.Query, chunkSize int64, via string) (*Answer, string, error) {
+func (o *options) execute(ctx context.Context, ns string, q *query.Query, chunkSize int64, via string, raw bool) (*Answer, string, error) {
 	cfg, err := o.config.ToRESTConfig()
 	if err != nil {
 		return nil, "", err
 	}
 	var note string
 	if via != ViaList {
-		ans, why, err := executeAPI(ctx, cfg, ns, q)
+		ans, why, err := executeAPI(ctx, cfg, ns, q, raw)
 		switch {
 		case ans != nil:
 			return ans, "", nil
@@ -218,7 +225,7 @@ func (o *options) execute(ctx context.Context, ns string, q *query.Query, chunkS
 // first (when ns is set), then wire.Group. It returns the first answer;
 // else why none answered and, when a served API refused the query, its
 // error (the last one).
-func executeAPI(ctx context.Context, cfg *rest.Config, ns string, q *query.Query) (*Answer, string, error) {
+func executeAPI(ctx context.Context, cfg *rest.Config, ns string, q *query.Query, raw bool) (*Answer, string, error) {
 	groups := []string{wire.Group}
 	if ns != "" {
 		groups = []string{wire.ShardGroup(ns), wire.Group}
@@ -232,6 +239,7 @@ func executeAPI(ctx context.Context, cfg *rest.Config, ns string, q *query.Query
 		if err != nil {
 			return nil, "", err
 		}
+		api.KeepRaw = raw
 		served, reason := api.Served(ctx)
 		if !served {
 			// A shard group that is not installed is the common case: the
@@ -257,7 +265,7 @@ func describeAnswer(ans *Answer, note string, took time.Duration) string {
 	took = took.Round(time.Millisecond)
 	if ans.Via == ViaAPI {
 		s := fmt.Sprintf("answered by the query API (%s, the operator's cache) in %v: %d items, %d twins evaluated",
-			wire.GroupVersionOf(ans.Group), took, len(ans.Items), ans.Listed)
+			wire.GroupVersionOf(ans.Group), took, ans.Len(), ans.Listed)
 		if ans.Parts > 1 {
 			s += fmt.Sprintf(", in %d parts (the answer is larger than the operator sends at once)", ans.Parts)
 		}
