@@ -70,11 +70,12 @@ controlplane: ## Build (once) the local kube-apiserver, etcd and kubectl; prints
 	@hack/controlplane.sh
 
 # The packages whose goroutines share state (broker, bridge, device
-# library, reconciler, service API) run under the race detector; the rest
-# without it, which keeps make test's time down. Each package runs once;
+# library, reconciler, service API, the plugin's part-by-part output) run
+# under the race detector; the rest without it, which keeps make test's
+# time down. Each package runs once;
 # the abuse suite runs alone, so its latency bounds measure the operator,
 # not the other suites sharing the machine.
-RACE_PKGS ?= ./internal/bridge/... ./internal/bus/... ./pkg/device/... ./controllers/... ./internal/hubapi/...
+RACE_PKGS ?= ./internal/bridge/... ./internal/bus/... ./pkg/device/... ./controllers/... ./internal/hubapi/... ./internal/kubectltwin/
 # Debian installs mosquitto in /usr/sbin, which a non-root PATH may lack.
 TEST_ENV = KUBEBUILDER_ASSETS="$(CONTROLPLANE)" KUBETWIN_MANAGER=$(LOCALBIN)/manager PATH="$$PATH:/usr/sbin"
 

@@ -139,10 +139,24 @@ type Answer struct {
 	// Raw, through a QueryAPI with KeepRaw, holds a SELECT *'s items as
 	// the query API sent them, and Items is nil.
 	Raw []json.RawMessage
+	// Streamed, through a QueryAPI with a Sink, is how many items the
+	// sink took; Items and Raw are nil.
+	Streamed int
 }
 
 // Len is how many items the answer has.
-func (a *Answer) Len() int { return max(len(a.Items), len(a.Raw)) }
+func (a *Answer) Len() int { return max(len(a.Items), len(a.Raw), a.Streamed) }
+
+// afterOutputError: a query failed after a part of its answer was
+// written. It is not asked again another way (by listing), which would
+// write the answer again.
+type afterOutputError struct{ err error }
+
+func (e *afterOutputError) Error() string {
+	return "after a part of the answer was written: " + e.err.Error()
+}
+
+func (e *afterOutputError) Unwrap() error { return e.err }
 
 // Execute answers q over the DeviceTwins of namespace ("" for all): it
 // lists them with the plan's label and field selectors, page by page,
@@ -307,7 +321,12 @@ type QueryAPI struct {
 	// decoded (Items, and each Twin's Doc, are nil), for -o json and
 	// tables.
 	KeepRaw bool
-	c       rest.Interface
+	// Sink, with KeepRaw, takes a SELECT *'s items part by part instead:
+	// it writes one part while the next is asked for (Answer.Streamed
+	// counts them). An error once it has taken items is an
+	// *afterOutputError.
+	Sink func(items []json.RawMessage) error
+	c    rest.Interface
 }
 
 // NewQueryAPI returns a client of group's query API.
@@ -326,16 +345,17 @@ func (a *QueryAPI) post(ctx context.Context, namespace string, spec wire.TwinQue
 	if err != nil {
 		return nil, err
 	}
-	res := a.c.Post().NamespaceIfScoped(namespace, namespace != "").Resource(wire.Resource).
-		SetHeader("Content-Type", "application/json").Body(body).Do(ctx)
-	if err := res.Error(); err != nil {
-		return nil, err // Error decodes the Status (Raw would not)
+	// The answer is decoded as it is read: a whole fleet's is a hundred
+	// megabytes or more, not held twice, with a decoder several times
+	// faster than encoding/json's. An error's Status is decoded by Stream.
+	r, err := a.c.Post().NamespaceIfScoped(namespace, namespace != "").Resource(wire.Resource).
+		SetHeader("Content-Type", "application/json").Body(body).Stream(ctx)
+	if err != nil {
+		return nil, err
 	}
-	raw, _ := res.Raw()
+	defer func() { _ = r.Close() }()
 	var tq wire.TwinQuery
-	// A whole fleet's answer is a hundred megabytes or more: this decoder
-	// reads it several times faster than encoding/json.
-	if err := jsonv2.Unmarshal(raw, &tq); err != nil {
+	if err := jsonv2.UnmarshalRead(r, &tq); err != nil {
 		return nil, fmt.Errorf("the query API's answer is not a %s: %w", wire.Kind, err)
 	}
 	return &tq.Status, nil
@@ -426,41 +446,59 @@ func (a *QueryAPI) Execute(ctx context.Context, namespace string, q *query.Query
 		return nil, err
 	}
 	raw := a.KeepRaw && st.ItemType == query.ItemTypeTwin
+	stream := raw && a.Sink != nil
 	items := make([]map[string]any, 0, len(st.Items))
 	var kept []json.RawMessage
-	decoded := func() error { return nil }
+	streamed := 0
+	// done waits for the work on the previous part (decoding it, or the
+	// sink writing it), which runs while the next part is asked for.
+	done := func() error { return nil }
 	take := func(part []json.RawMessage) {
-		if raw {
+		switch {
+		case stream:
+			errc := make(chan error, 1)
+			go func() { errc <- a.Sink(part) }()
+			streamed += len(part)
+			done = sync.OnceValue(func() error { return <-errc })
+		case raw:
 			kept = append(kept, part...)
-			return
+		default:
+			done = decodeItems(part, &items)
 		}
-		decoded = decodeItems(part, &items)
+	}
+	// fail returns err once the previous part's work is over, marked as
+	// coming after output when the sink has written items.
+	fail := func(err error) (*Answer, error) {
+		_ = done()
+		if streamed > 0 {
+			return nil, &afterOutputError{err}
+		}
+		return nil, err
 	}
 	take(st.Items)
 	parts := 1
 	for cont := st.Continue; cont != ""; parts++ {
 		spec.Continue = cont
 		part, err := a.post(ctx, namespace, spec)
-		if err != nil {
-			return nil, err
+		switch {
+		case err != nil:
+			return fail(err)
+		case part.ItemType != st.ItemType:
+			return fail(fmt.Errorf("part %d of the query API's answer has items of type %q, the first %q", parts+1, part.ItemType, st.ItemType))
+		case len(part.Items) == 0 && part.Continue != "":
+			return fail(fmt.Errorf("part %d of the query API's answer is empty but says more follow", parts+1))
 		}
-		if part.ItemType != st.ItemType {
-			return nil, fmt.Errorf("part %d of the query API's answer has items of type %q, the first %q", parts+1, part.ItemType, st.ItemType)
-		}
-		if len(part.Items) == 0 && part.Continue != "" {
-			return nil, fmt.Errorf("part %d of the query API's answer is empty but says more follow", parts+1)
-		}
-		if err := decoded(); err != nil {
-			return nil, err
+		if err := done(); err != nil {
+			return fail(err)
 		}
 		take(part.Items)
 		st.Twins = append(st.Twins, part.Twins...)
 		cont = part.Continue
 	}
-	if err := decoded(); err != nil {
-		return nil, err
+	if err := done(); err != nil {
+		return fail(err)
 	}
-	ans := &Answer{Listed: st.Evaluated, Via: ViaAPI, Group: a.Group, Parts: parts}
+	ans := &Answer{Listed: st.Evaluated, Via: ViaAPI, Group: a.Group, Parts: parts, Streamed: streamed}
 	ans.ItemType = st.ItemType
 	ans.GroupKeys = st.GroupKeys
 	if raw {
@@ -470,7 +508,7 @@ func (a *QueryAPI) Execute(ctx context.Context, namespace string, q *query.Query
 	}
 	if st.ItemType == query.ItemTypeTwin {
 		if len(st.Twins) != ans.Len() {
-			return nil, fmt.Errorf("the query API's answer names %d twins for %d items", len(st.Twins), ans.Len())
+			return fail(fmt.Errorf("the query API's answer names %d twins for %d items", len(st.Twins), ans.Len()))
 		}
 		ans.Twins = make([]*Twin, len(st.Twins))
 		for i, r := range st.Twins {

@@ -91,7 +91,7 @@ func encodeJSON(v any, order orderFunc) []byte {
 }
 
 // printJSON writes v to w as encodeJSON encodes it. A list of documents
-// is written as printList writes it.
+// is written by a listWriter.
 func printJSON(w io.Writer, v any, order orderFunc) error {
 	items, ok := v.([]map[string]any)
 	if !ok || len(items) == 0 {
@@ -101,65 +101,103 @@ func printJSON(w io.Writer, v any, order orderFunc) error {
 		_, err := w.Write(b.Bytes())
 		return err
 	}
-	return printList(w, len(items), func(b *bytes.Buffer) func(int) {
-		return func(i int) { writeJSON(b, items[i], order, nil, jsonIndent) }
-	})
+	l := newListWriter(w)
+	if err := l.write(len(items), func(_ int, b *bytes.Buffer, i int) { writeJSON(b, items[i], order, nil, jsonIndent) }); err != nil {
+		return err
+	}
+	return l.close()
 }
 
 // printRawJSON writes items, valid JSON values, to w as printJSON writes
-// them decoded, with order; sorted says where order sorts by name (see
-// rawWriter).
+// them decoded (see rawList).
 func printRawJSON(w io.Writer, items []json.RawMessage, order orderFunc, sorted func(path []string) bool) error {
-	if len(items) == 0 {
-		_, err := io.WriteString(w, "[]\n")
+	l := newRawList(w, order, sorted)
+	if err := l.add(items); err != nil {
 		return err
 	}
-	return printList(w, len(items), func(b *bytes.Buffer) func(int) {
-		rw := &rawWriter{b: b, order: order, sorted: sorted}
-		return func(i int) { rw.value(items[i], nil, jsonIndent) }
-	})
+	return l.close()
 }
 
-// printList writes a JSON list of n documents a batch at a time (a whole
-// fleet is not held twice), the documents of a batch written on every
-// core: a buffer per core, and writer(buffer)(i) writes document i into
-// it (one goroutine at a time per buffer).
-func printList(w io.Writer, n int, writer func(b *bytes.Buffer) func(i int)) error {
-	if _, err := io.WriteString(w, "[\n"); err != nil {
-		return err
+// rawList writes a JSON list of valid JSON values, added as they come,
+// as printJSON writes them decoded, with order; sorted says where order
+// sorts by name (see rawWriter).
+type rawList struct {
+	l   *listWriter
+	rws []*rawWriter // one per buffer of l
+}
+
+func newRawList(w io.Writer, order orderFunc, sorted func(path []string) bool) *rawList {
+	r := &rawList{l: newListWriter(w)}
+	for i := range r.l.bufs {
+		r.rws = append(r.rws, &rawWriter{b: &r.l.bufs[i], order: order, sorted: sorted})
 	}
+	return r
+}
+
+// add writes items after those added before.
+func (r *rawList) add(items []json.RawMessage) error {
+	return r.l.write(len(items), func(k int, _ *bytes.Buffer, i int) { r.rws[k].value(items[i], nil, jsonIndent) })
+}
+
+// close ends the list.
+func (r *rawList) close() error { return r.l.close() }
+
+// listWriter writes a JSON list of documents a batch at a time (a whole
+// fleet is not held twice), the documents of a batch written on every
+// core, a buffer per core.
+type listWriter struct {
+	w    io.Writer
+	n    int // documents written
+	bufs []bytes.Buffer
+}
+
+func newListWriter(w io.Writer) *listWriter {
+	return &listWriter{w: w, bufs: make([]bytes.Buffer, max(1, goruntime.GOMAXPROCS(0)))}
+}
+
+// write writes n more documents: write(k, b, i) writes the i-th of them
+// into b, the k-th buffer (one goroutine at a time per buffer).
+func (l *listWriter) write(n int, write func(k int, b *bytes.Buffer, i int)) error {
 	// chunk documents per buffer, a buffer per core in a batch.
 	const chunk = 64
-	bufs := make([]bytes.Buffer, max(1, goruntime.GOMAXPROCS(0)))
-	write := make([]func(int), len(bufs))
-	for i := range bufs {
-		write[i] = writer(&bufs[i])
-	}
 	for at := 0; at < n; {
 		used := 0
 		var wg sync.WaitGroup
-		for ; used < len(bufs) && at < n; used++ {
-			b, wr, from, to := &bufs[used], write[used], at, min(at+chunk, n)
+		for ; used < len(l.bufs) && at < n; used++ {
+			k, b, from, to := used, &l.bufs[used], at, min(at+chunk, n)
 			at = to
 			b.Reset()
+			first := l.n == 0 && from == 0
 			wg.Go(func() {
 				for i := from; i < to; i++ {
-					if i > 0 {
+					if i > from || !first {
 						b.WriteString(",\n")
+					} else {
+						b.WriteString("[\n")
 					}
 					b.WriteString(jsonIndent)
-					wr(i)
+					write(k, b, i)
 				}
 			})
 		}
 		wg.Wait()
-		for i := range bufs[:used] {
-			if _, err := w.Write(bufs[i].Bytes()); err != nil {
+		for i := range l.bufs[:used] {
+			if _, err := l.w.Write(l.bufs[i].Bytes()); err != nil {
 				return err
 			}
 		}
 	}
-	_, err := io.WriteString(w, "\n]\n")
+	l.n += n
+	return nil
+}
+
+// close ends the list.
+func (l *listWriter) close() error {
+	end := "\n]\n"
+	if l.n == 0 {
+		end = "[]\n"
+	}
+	_, err := io.WriteString(l.w, end)
 	return err
 }
 

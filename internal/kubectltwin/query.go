@@ -3,6 +3,7 @@ package kubectltwin
 import (
 	"bufio"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -138,9 +139,20 @@ func newQueryCommand(o *options) *cobra.Command {
 			if via != ViaAuto && via != ViaAPI && via != ViaList {
 				return usageError{cmd: cmd, err: fmt.Errorf("--via %q: want auto, api or list", via)}
 			}
+			// Buffered: a table's writer writes every cell on its own.
+			out := bufio.NewWriterSize(o.streams.Out, 64<<10)
+			// -o json of a SELECT * answered by the query API is written
+			// part by part, each while the next is asked for.
+			var list *rawList
+			var sink func([]json.RawMessage) error
+			if output == outputJSON {
+				list = newRawList(out, twinDocOrder, twinSorted)
+				sink = list.add
+			}
 			start := time.Now()
-			ans, note, err := o.execute(cmd.Context(), ns, q, chunkSize, via, output != outputYAML)
+			ans, note, err := o.execute(cmd.Context(), ns, q, chunkSize, via, output != outputYAML, sink)
 			if err != nil {
+				_ = out.Flush() // what was written of the answer
 				return err
 			}
 			if verbose {
@@ -150,11 +162,14 @@ func newQueryCommand(o *options) *cobra.Command {
 				fmt.Fprintln(o.streams.ErrOut, noDevices(ns))
 				return nil
 			}
-			// Buffered: a table's writer writes every cell on its own.
-			out := bufio.NewWriterSize(o.streams.Out, 64<<10)
-			if err := printResult(out, ans, q.Columns(), output, tableOptions{
-				noHeaders: noHeaders, withNamespace: o.allNamespaces, now: time.Now(),
-			}); err != nil {
+			if ans.Streamed > 0 {
+				err = list.close()
+			} else {
+				err = printResult(out, ans, q.Columns(), output, tableOptions{
+					noHeaders: noHeaders, withNamespace: o.allNamespaces, now: time.Now(),
+				})
+			}
+			if err != nil {
 				return err
 			}
 			return out.Flush()
@@ -173,7 +188,8 @@ func newQueryCommand(o *options) *cobra.Command {
 }
 
 // execute answers q the way via says (with raw, a SELECT * through the
-// query API is kept as it came: Answer.Raw); with auto, it uses the query API
+// query API is kept as it came: Answer.Raw, or given to sink when it is
+// not nil, QueryAPI.Sink); with auto, it uses the query API
 // when kube-apiserver serves it and lists otherwise, or when the API
 // cannot answer (too large an answer, a namespace its operator does not
 // watch, RBAC). The note says why it listed.
@@ -182,17 +198,20 @@ func newQueryCommand(o *options) *cobra.Command {
 // first, then the cluster's query API (wire.Group). Over every namespace
 // without the latter, a query is answered from the twins the shards match
 // and a listing of the other namespaces (ExecuteShards).
-func (o *options) execute(ctx context.Context, ns string, q *query.Query, chunkSize int64, via string, raw bool) (*Answer, string, error) {
+func (o *options) execute(ctx context.Context, ns string, q *query.Query, chunkSize int64, via string, raw bool, sink func([]json.RawMessage) error) (*Answer, string, error) {
 	cfg, err := o.config.ToRESTConfig()
 	if err != nil {
 		return nil, "", err
 	}
 	var note string
 	if via != ViaList {
-		ans, why, err := executeAPI(ctx, cfg, ns, q, raw)
+		ans, why, err := executeAPI(ctx, cfg, ns, q, raw, sink)
+		var after *afterOutputError
 		switch {
 		case ans != nil:
 			return ans, "", nil
+		case errors.As(err, &after):
+			return nil, "", err
 		case via == ViaAPI && err != nil:
 			return nil, "", err
 		case via == ViaAPI:
@@ -225,7 +244,7 @@ func (o *options) execute(ctx context.Context, ns string, q *query.Query, chunkS
 // first (when ns is set), then wire.Group. It returns the first answer;
 // else why none answered and, when a served API refused the query, its
 // error (the last one).
-func executeAPI(ctx context.Context, cfg *rest.Config, ns string, q *query.Query, raw bool) (*Answer, string, error) {
+func executeAPI(ctx context.Context, cfg *rest.Config, ns string, q *query.Query, raw bool, sink func([]json.RawMessage) error) (*Answer, string, error) {
 	groups := []string{wire.Group}
 	if ns != "" {
 		groups = []string{wire.ShardGroup(ns), wire.Group}
@@ -239,7 +258,7 @@ func executeAPI(ctx context.Context, cfg *rest.Config, ns string, q *query.Query
 		if err != nil {
 			return nil, "", err
 		}
-		api.KeepRaw = raw
+		api.KeepRaw, api.Sink = raw, sink
 		served, reason := api.Served(ctx)
 		if !served {
 			// A shard group that is not installed is the common case: the
@@ -251,8 +270,9 @@ func executeAPI(ctx context.Context, cfg *rest.Config, ns string, q *query.Query
 			continue
 		}
 		ans, err := api.Execute(ctx, ns, q)
-		if err == nil {
-			return ans, "", nil
+		var after *afterOutputError
+		if err == nil || errors.As(err, &after) {
+			return ans, "", err
 		}
 		lastErr = err
 		why = append(why, wire.GroupVersionOf(g)+" did not answer: "+err.Error())

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -56,9 +57,14 @@ func TestQueryAPIExecuteParts(t *testing.T) {
 	})
 	var requests, refused atomic.Int32
 	older := false
+	failAt := int32(0) // the request to fail with 500 (0: none)
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		requests.Add(1)
+		n := requests.Add(1)
 		body, _ := io.ReadAll(r.Body)
+		if n == failAt && r.Method == http.MethodPost {
+			w.WriteHeader(http.StatusInternalServerError)
+			return
+		}
 		if older {
 			var tq struct {
 				metav1.TypeMeta   `json:",inline"`
@@ -112,6 +118,41 @@ func TestQueryAPIExecuteParts(t *testing.T) {
 	if ans.Parts < 3 || int(requests.Load()) != ans.Parts {
 		t.Errorf("the answer took %d requests for %d parts; want at least 3 parts, one request each", requests.Load(), ans.Parts)
 	}
+
+	// Streamed to a sink: the same items, part by part; a part that fails
+	// after the sink has written items is an error that says so, and the
+	// command does not list (executeAPI returns it as it is).
+	var got []json.RawMessage
+	api.KeepRaw = true
+	api.Sink = func(items []json.RawMessage) error {
+		got = append(got, items...)
+		return nil
+	}
+	ans, err = execute("SELECT * FROM devices")
+	if err != nil || ans.Streamed != len(fleet) || len(got) != len(fleet) || ans.Raw != nil || ans.Items != nil {
+		t.Fatalf("streamed: %v; %d streamed, the sink took %d of %d", err, ans.Streamed, len(got), len(fleet))
+	}
+	for i, raw := range got {
+		var doc struct{ DeviceID string }
+		if err := json.Unmarshal(raw, &doc); err != nil || doc.DeviceID != fleet[i].Status.DeviceID {
+			t.Fatalf("streamed item %d: %s (%v), want %s", i, raw, err, fleet[i].Status.DeviceID)
+		}
+	}
+	got, failAt = nil, 4 // after two discovery requests and the first part
+	q, _ := query.Parse("SELECT * FROM devices")
+	requests.Store(0)
+	_, why, err := executeAPI(ctx, &rest.Config{Host: srv.URL}, "scale", q, true, api.Sink)
+	var after *afterOutputError
+	if !errors.As(err, &after) || len(got) == 0 || why != "" {
+		t.Errorf("a part failing after the sink took %d items: error %v (%T), why %q; want an *afterOutputError", len(got), err, err, why)
+	}
+	got, failAt = nil, 1
+	requests.Store(0)
+	_, err = api.Execute(ctx, "scale", q)
+	if err == nil || errors.As(err, &after) || len(got) != 0 {
+		t.Errorf("the first part failing: error %v (%T), the sink took %d items; want a plain error and none", err, err, len(got))
+	}
+	failAt, api.KeepRaw, api.Sink = 0, false, nil
 
 	older = true
 	_, err = execute("SELECT * FROM devices")
