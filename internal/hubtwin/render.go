@@ -48,7 +48,7 @@ func AppendJSON(b []byte, t *v1alpha1.DeviceTwin) []byte {
 		b = append(b, ',')
 	}
 	b = append(b, `"connectionState":`...)
-	b = twin.AppendString(b, string(connectionState))
+	b = twin.AppendString(b, connectionState)
 	b = append(b, `,"connectionStateUpdatedTime":`...)
 	b = twin.AppendString(b, timeOrZero(t.Status.ConnectionStateUpdatedTime))
 	b = append(b, `,"deviceId":`...)
