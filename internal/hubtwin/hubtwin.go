@@ -82,19 +82,7 @@ const (
 // shares nothing with t.
 func FromDeviceTwin(t *v1alpha1.DeviceTwin) map[string]any {
 	deviceID := DeviceID(t)
-	connectionState := t.Status.ConnectionState
-	if connectionState == "" {
-		connectionState = v1alpha1.ConnectionStateDisconnected
-	}
-	created := ZeroTime
-	if !t.CreationTimestamp.IsZero() {
-		created = t.CreationTimestamp.UTC().Format(twin.TimeFormat)
-	}
-
-	var metaDesired, metaReported *apiextensionsv1.JSON
-	if m := t.Status.Metadata; m != nil {
-		metaDesired, metaReported = m.Desired, m.Reported
-	}
+	connectionState, created, metaDesired, metaReported := derived(t)
 
 	desired := section(t.Spec.Desired)
 	desired["$version"] = number(t.Status.DesiredVersion)
@@ -137,6 +125,24 @@ func FromDeviceTwin(t *v1alpha1.DeviceTwin) map[string]any {
 		doc["configurations"] = c
 	}
 	return doc
+}
+
+// derived returns what t's document takes from its fields with defaults:
+// the connection state ("Disconnected" when unset), the creation time
+// (the metadata's default $lastUpdated) and the metadata sections.
+func derived(t *v1alpha1.DeviceTwin) (connectionState, created string, metaDesired, metaReported *apiextensionsv1.JSON) {
+	connectionState = t.Status.ConnectionState
+	if connectionState == "" {
+		connectionState = v1alpha1.ConnectionStateDisconnected
+	}
+	created = ZeroTime
+	if !t.CreationTimestamp.IsZero() {
+		created = t.CreationTimestamp.UTC().Format(twin.TimeFormat)
+	}
+	if m := t.Status.Metadata; m != nil {
+		metaDesired, metaReported = m.Desired, m.Reported
+	}
+	return connectionState, created, metaDesired, metaReported
 }
 
 // Configurations returns the configurations member of a twin's document

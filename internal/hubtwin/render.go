@@ -28,18 +28,7 @@ import (
 // or "$version", is rendered as FromDeviceTwin renders it (through a
 // Doc).
 func AppendJSON(b []byte, t *v1alpha1.DeviceTwin) []byte {
-	created := ZeroTime
-	if !t.CreationTimestamp.IsZero() {
-		created = t.CreationTimestamp.UTC().Format(twin.TimeFormat)
-	}
-	var metaDesired, metaReported *apiextensionsv1.JSON
-	if m := t.Status.Metadata; m != nil {
-		metaDesired, metaReported = m.Desired, m.Reported
-	}
-	connectionState := t.Status.ConnectionState
-	if connectionState == "" {
-		connectionState = v1alpha1.ConnectionStateDisconnected
-	}
+	connectionState, created, metaDesired, metaReported := derived(t)
 
 	b = append(b, `{"authenticationType":"sas","capabilities":{"iotEdge":false},"cloudToDeviceMessageCount":0,`...)
 	if c := Configurations(t.Labels); c != nil {

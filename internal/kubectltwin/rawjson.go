@@ -177,20 +177,10 @@ func (w *rawWriter) scalar(raw []byte) {
 // and w.vals, and returns where they start.
 func (w *rawWriter) members(raw []byte) int {
 	base := len(w.keys)
-	i := skipSpace(raw, 1)
-	for raw[i] != '}' {
-		end := skipString(raw, i)
-		key := raw[i:end]
-		i = skipSpace(raw, end)
-		i = skipSpace(raw, i+1) // :
-		end = skipValue(raw, i)
+	eachMember(raw, func(key, val []byte) {
 		w.keys = append(w.keys, key)
-		w.vals = append(w.vals, raw[i:end])
-		i = skipSpace(raw, end)
-		if raw[i] == ',' {
-			i = skipSpace(raw, i+1)
-		}
-	}
+		w.vals = append(w.vals, val)
+	})
 	return base
 }
 
