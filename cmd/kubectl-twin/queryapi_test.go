@@ -174,9 +174,10 @@ func TestQueryAPIShards(t *testing.T) {
 }
 
 // TestQueryAPIParts: an answer larger than the operator sends at once
-// (--query-api-max-response-bytes) comes in parts for SELECT * (the plugin
-// asks for them, and prints what listing prints); any other query over
-// the bound is refused by the operator and the plugin lists.
+// (--query-api-max-response-bytes) comes in parts for SELECT * and for a
+// projection without groups (the plugin asks for them, and prints what
+// listing prints); rows of groups over the bound are refused by the
+// operator and the plugin lists.
 func TestQueryAPIParts(t *testing.T) {
 	ctx := context.Background()
 	const star = "SELECT * FROM devices"
@@ -217,11 +218,25 @@ func TestQueryAPIParts(t *testing.T) {
 			t.Errorf("%q: the parts give\n%s\nlisting gives\n%s", q, got.stdout, want.stdout)
 		}
 	}
+	// A projection without groups comes in parts as well; rows of groups
+	// over the bound are listed.
 	got := ok(t, "query", "-A", "-o", "json", "--verbose", projection)
-	if !strings.Contains(got.stderr, "answered by listing") || !strings.Contains(got.stderr, "--query-api-max-response-bytes") {
+	if !strings.Contains(got.stderr, "answered by the query API") || !strings.Contains(got.stderr, " parts (") {
 		t.Fatalf("a projection over the bound: --verbose says %s", got.stderr)
 	}
 	if got.stdout != wantProjection.stdout {
 		t.Errorf("projection: got\n%s\nlisting gives\n%s", got.stdout, wantProjection.stdout)
+	}
+	const grouped = "SELECT properties AS p, COUNT() AS n FROM devices GROUP BY properties"
+	wantGrouped := ok(t, "query", "-A", "-o", "json", "--via", "list", grouped)
+	if _, n := sizes(wantGrouped.stdout); n <= limit {
+		t.Fatalf("the fixture is too small for this test: GROUP BY answer %d bytes, bound %d", n, limit)
+	}
+	got = ok(t, "query", "-A", "-o", "json", "--verbose", grouped)
+	if !strings.Contains(got.stderr, "answered by listing") || !strings.Contains(got.stderr, "--query-api-max-response-bytes") {
+		t.Fatalf("GROUP BY over the bound: --verbose says %s", got.stderr)
+	}
+	if got.stdout != wantGrouped.stdout {
+		t.Errorf("GROUP BY: got\n%s\nlisting gives\n%s", got.stdout, wantGrouped.stdout)
 	}
 }

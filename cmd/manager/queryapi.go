@@ -66,8 +66,9 @@ func bindQueryAPIFlags(fs *flag.FlagSet, q *queryAPIOptions) {
 	fs.IntVar(&q.maxConcurrentQueries, "query-api-max-concurrent-queries", queryapi.DefaultMaxConcurrentQueries,
 		"Queries the query API answers at once; another gets 429 Too Many Requests with Retry-After: 1.")
 	fs.IntVar(&q.maxResponseBytes, "query-api-max-response-bytes", queryapi.DefaultMaxResponseBytes,
-		"Most bytes of items in one query API answer; a larger answer is refused with 422 ResponseTooLarge "+
-			"(kubectl twin query then lists the twins itself).")
+		"Most bytes of items in one query API answer: a larger SELECT * or projection without GROUP BY or aggregates "+
+			"comes in parts when asked for in parts (as kubectl twin query does); any other larger answer is refused "+
+			"with 422 ResponseTooLarge (kubectl twin query then lists the twins itself).")
 }
 
 // queryAPIServiceName is the APIService of query.kubetwin.io/v1alpha1.

@@ -428,15 +428,16 @@ func (a *QueryAPI) Served(ctx context.Context) (bool, error) {
 // answer is the one Execute computes from a LIST (the operator's cache
 // may lag the API server by the watch's delay).
 //
-// A SELECT * is asked for in parts (spec.paged): an answer larger than
-// the operator sends at once comes in several, each asked for with the
-// previous one's status.continue, and the items of one part are decoded
-// while the next is asked for. An operator older than parts refuses
-// spec.paged as an unknown field: it is asked again without it, and a
-// SELECT * whose answer is too large for it is refused
-// (ResponseTooLarge), for the caller to list.
+// A SELECT *, or a projection without GROUP BY or aggregates, is asked
+// for in parts (spec.paged): an answer larger than the operator sends at
+// once comes in several, each asked for with the previous one's
+// status.continue, and the items of one part are decoded (or given to
+// Sink) while the next is asked for. An operator older than parts refuses
+// spec.paged as an unknown field: it is asked again without it, and an
+// answer too large for it is refused (ResponseTooLarge), for the caller
+// to list, as is one of an operator that sends only a SELECT * in parts.
 func (a *QueryAPI) Execute(ctx context.Context, namespace string, q *query.Query) (*Answer, error) {
-	spec := wire.TwinQuerySpec{Query: q.String(), Paged: q.ItemType() == query.ItemTypeTwin}
+	spec := wire.TwinQuerySpec{Query: q.String(), Paged: q.PerTwin()}
 	st, err := a.post(ctx, namespace, spec)
 	if spec.Paged && apierrors.IsBadRequest(err) && strings.Contains(err.Error(), `unknown field "paged"`) {
 		spec.Paged = false

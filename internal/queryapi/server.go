@@ -50,8 +50,9 @@ const (
 	// DefaultMaxConcurrentQueries is how many queries run at once; each
 	// holds its matches and its encoded answer.
 	DefaultMaxConcurrentQueries = 4
-	// DefaultMaxResponseBytes bounds one answer: about 10,000 whole twin
-	// documents. A larger answer is refused (kubectl-twin then lists).
+	// DefaultMaxResponseBytes bounds one answer, or one part of an answer
+	// in parts: about 10,000 whole twin documents. A larger answer not in
+	// parts is refused (kubectl-twin then lists).
 	DefaultMaxResponseBytes = 32 << 20
 	// maxRequestBytes bounds a request body: a query and its envelope.
 	maxRequestBytes = 256 << 10
@@ -324,7 +325,9 @@ func (e *tooLargeError) Error() string {
 		"narrow the query (WHERE, TOP n, or a projection instead of SELECT *)", e.limit, e.items)
 }
 
-// page is where a part of a paged SELECT * starts.
+// page is where a part of a paged answer starts: of a SELECT * or a
+// projection without GROUP BY or aggregates, whose items each come from
+// one twin (query.PerTwin), in the twins' order.
 type page struct {
 	// paged: the answer may come in parts.
 	paged bool
@@ -353,7 +356,7 @@ func (k pageKey) token() string {
 
 // pageOf checks spec's paging fields against q.
 func pageOf(spec wire.TwinQuerySpec, q *query.Query) (page, error) {
-	pg := page{paged: spec.Paged && q.ItemType() == query.ItemTypeTwin}
+	pg := page{paged: spec.Paged && q.PerTwin()}
 	if spec.Continue == "" {
 		return pg, nil
 	}
@@ -361,7 +364,7 @@ func pageOf(spec wire.TwinQuerySpec, q *query.Query) (page, error) {
 		return pg, errors.New("spec.continue is only for the parts of a paged answer: set spec.paged too")
 	}
 	if !pg.paged {
-		return pg, errors.New("spec.continue: only the answer of a SELECT * comes in parts, and this query selects " + q.ItemType() + " items")
+		return pg, errors.New("spec.continue: only the answer of a SELECT * or a projection without GROUP BY or aggregates comes in parts, and this query's rows are of groups of twins")
 	}
 	b, err := base64.RawURLEncoding.DecodeString(spec.Continue)
 	var k pageKey
@@ -379,8 +382,9 @@ func pageOf(spec wire.TwinQuerySpec, q *query.Query) (page, error) {
 
 // answer runs q over the cached twins of ns ("" for all) in the order
 // kubectl-twin's listing gives: by deviceId, then namespace and name. A
-// paged SELECT * starts after pg.after and ends, with status.continue,
-// before the item that would make it larger than MaxResponseBytes.
+// paged answer (SELECT *, or a projection of one row per twin) starts
+// after pg.after and ends, with status.continue, before the item that
+// would make it larger than MaxResponseBytes.
 func (h *Handler) answer(ctx context.Context, q *query.Query, ns string, pg page) (*wire.TwinQueryStatus, error) {
 	all, err := h.o.Twins(ctx, ns)
 	if err != nil {
@@ -472,6 +476,18 @@ func (h *Handler) answer(ctx context.Context, q *query.Query, ns string, pg page
 		}
 		return st, nil
 	}
+	left := -1 // what TOP allows of a paged answer's rows
+	if pg.paged {
+		if top, ok := q.Top(); ok {
+			left = top
+		}
+		if pg.after != nil {
+			left = pg.after.Left
+		}
+		if left >= 0 {
+			cands = cands[:min(len(cands), left)]
+		}
+	}
 	docs := make([]map[string]any, len(cands))
 	for i, c := range cands {
 		docs[i] = c.Doc
@@ -480,8 +496,23 @@ func (h *Handler) answer(ctx context.Context, q *query.Query, ns string, pg page
 	if err != nil {
 		return nil, err
 	}
-	for _, it := range res.Items {
+	if pg.paged && len(res.Items) != len(cands) {
+		return nil, fmt.Errorf("a projection without groups gave %d rows for %d twins", len(res.Items), len(cands))
+	}
+	for i, it := range res.Items {
 		b, err := enc.encode(it)
+		var tooLarge *tooLargeError
+		if pg.paged && i > 0 && errors.As(err, &tooLarge) {
+			// Row i is twin i's (PerTwin): the next part starts after
+			// the twin of the last row sent.
+			last := cands[i-1]
+			k := pageKey{DeviceID: last.DeviceID, Namespace: last.Twin.Namespace, Name: last.Twin.Name, Left: -1}
+			if left >= 0 {
+				k.Left = left - i
+			}
+			st.Continue = k.token()
+			return st, nil
+		}
 		if err != nil {
 			return nil, err
 		}
