@@ -416,6 +416,9 @@ func (h *Handler) answer(ctx context.Context, q *query.Query, ns string, pg page
 		}
 	}
 	star := q.ItemType() == query.ItemTypeTwin
+	if pg.paged && !star {
+		return h.pagedRows(q, twins, pg)
+	}
 	paths := q.Paths()
 	if star {
 		paths = q.WherePaths() // the documents returned are rendered whole
@@ -476,18 +479,6 @@ func (h *Handler) answer(ctx context.Context, q *query.Query, ns string, pg page
 		}
 		return st, nil
 	}
-	left := -1 // what TOP allows of a paged answer's rows
-	if pg.paged {
-		if top, ok := q.Top(); ok {
-			left = top
-		}
-		if pg.after != nil {
-			left = pg.after.Left
-		}
-		if left >= 0 {
-			cands = cands[:min(len(cands), left)]
-		}
-	}
 	docs := make([]map[string]any, len(cands))
 	for i, c := range cands {
 		docs[i] = c.Doc
@@ -496,29 +487,86 @@ func (h *Handler) answer(ctx context.Context, q *query.Query, ns string, pg page
 	if err != nil {
 		return nil, err
 	}
-	if pg.paged && len(res.Items) != len(cands) {
-		return nil, fmt.Errorf("a projection without groups gave %d rows for %d twins", len(res.Items), len(cands))
-	}
-	for i, it := range res.Items {
+	for _, it := range res.Items {
 		b, err := enc.encode(it)
-		var tooLarge *tooLargeError
-		if pg.paged && i > 0 && errors.As(err, &tooLarge) {
-			// Row i is twin i's (PerTwin): the next part starts after
-			// the twin of the last row sent.
-			last := cands[i-1]
-			k := pageKey{DeviceID: last.DeviceID, Namespace: last.Twin.Namespace, Name: last.Twin.Name, Left: -1}
-			if left >= 0 {
-				k.Left = left - i
-			}
-			st.Continue = k.token()
-			return st, nil
-		}
 		if err != nil {
 			return nil, err
 		}
 		st.Items = append(st.Items, b)
 	}
 	st.GroupKeys = res.GroupKeys
+	return st, nil
+}
+
+// rowsChunk is how many twins a paged projection evaluates at a time (a
+// variable for the tests).
+var rowsChunk = 8192
+
+// pagedRows answers a part of a projection without groups (q.PerTwin):
+// its rows, one per matching twin, in the twins' order, after pg.after,
+// up to the bound. The twins are evaluated a chunk at a time, in order,
+// until the part is full: a part costs about what it sends, not a pass
+// over the rest of the fleet.
+func (h *Handler) pagedRows(q *query.Query, twins []*v1alpha1.DeviceTwin, pg page) (*wire.TwinQueryStatus, error) {
+	st := &wire.TwinQueryStatus{ItemType: q.ItemType(), Items: []json.RawMessage{}, Evaluated: len(twins)}
+	keyed := make([]twinscan.Match, len(twins))
+	for i, t := range twins {
+		keyed[i] = twinscan.Match{Twin: t, DeviceID: hubtwin.DeviceID(t)}
+	}
+	slices.SortFunc(keyed, func(a, b twinscan.Match) int {
+		return cmp.Or(strings.Compare(a.DeviceID, b.DeviceID), strings.Compare(a.Twin.Namespace, b.Twin.Namespace), strings.Compare(a.Twin.Name, b.Twin.Name))
+	})
+	left := -1 // the rows TOP allows
+	if top, ok := q.Top(); ok {
+		left = top
+	}
+	if pg.after != nil {
+		left = pg.after.Left
+	}
+	partial := twinscan.NewPartial(q.Paths())
+	enc := newItemEncoder(h.o.MaxResponseBytes)
+	var last *twinscan.Match // the twin of the last row sent
+	sent := 0
+	for at := 0; at < len(keyed) && (left < 0 || sent < left); at += rowsChunk {
+		chunk := make([]*v1alpha1.DeviceTwin, 0, rowsChunk)
+		for _, k := range keyed[at:min(at+rowsChunk, len(keyed))] {
+			chunk = append(chunk, k.Twin)
+		}
+		cands := twinscan.Matches(q, partial, chunk, true) // in the order given
+		if left >= 0 {
+			cands = cands[:min(len(cands), left-sent)]
+		}
+		docs := make([]map[string]any, len(cands))
+		for i, c := range cands {
+			docs[i] = c.Doc
+		}
+		res, err := q.Run(docs)
+		if err != nil {
+			return nil, err
+		}
+		if len(res.Items) != len(cands) {
+			return nil, fmt.Errorf("a projection without groups gave %d rows for %d twins", len(res.Items), len(cands))
+		}
+		for i, row := range res.Items {
+			b, err := enc.encode(row)
+			var tooLarge *tooLargeError
+			if sent > 0 && errors.As(err, &tooLarge) {
+				// The next part starts after the twin of the last row sent.
+				k := pageKey{DeviceID: last.DeviceID, Namespace: last.Twin.Namespace, Name: last.Twin.Name, Left: -1}
+				if left >= 0 {
+					k.Left = left - sent
+				}
+				st.Continue = k.token()
+				return st, nil
+			}
+			if err != nil {
+				return nil, err
+			}
+			st.Items = append(st.Items, b)
+			last = &cands[i]
+			sent++
+		}
+	}
 	return st, nil
 }
 
