@@ -479,11 +479,7 @@ func (h *Handler) answer(ctx context.Context, q *query.Query, ns string, pg page
 		}
 		return st, nil
 	}
-	docs := make([]map[string]any, len(cands))
-	for i, c := range cands {
-		docs[i] = c.Doc
-	}
-	res, err := q.Run(docs)
+	res, err := run(q, cands)
 	if err != nil {
 		return nil, err
 	}
@@ -536,11 +532,7 @@ func (h *Handler) pagedRows(q *query.Query, twins []*v1alpha1.DeviceTwin, pg pag
 		if left >= 0 {
 			cands = cands[:min(len(cands), left-sent)]
 		}
-		docs := make([]map[string]any, len(cands))
-		for i, c := range cands {
-			docs[i] = c.Doc
-		}
-		res, err := q.Run(docs)
+		res, err := run(q, cands)
 		if err != nil {
 			return nil, err
 		}
@@ -568,6 +560,15 @@ func (h *Handler) pagedRows(q *query.Query, twins []*v1alpha1.DeviceTwin, pg pag
 		}
 	}
 	return st, nil
+}
+
+// run runs q over the partial documents of cands.
+func run(q *query.Query, cands []twinscan.Match) (query.Result, error) {
+	docs := make([]map[string]any, len(cands))
+	for i, c := range cands {
+		docs[i] = c.Doc
+	}
+	return q.Run(docs)
 }
 
 func inSync(t *v1alpha1.DeviceTwin) string {
