@@ -81,7 +81,7 @@ twin the server returns. 'kubectl twin explain-query' shows the split. Big fleet
 pages of --chunk-size twins.
 
 When the cluster serves the operator's query API (query.kubetwin.io, an APIService the chart
-installs), the query goes there instead: the operator answers from its cache in one request,
+installs), the query goes there instead: the operator answers from its cache (a large answer in parts),
 and RBAC still decides (you need to list the DeviceTwins of the namespace, or of all namespaces
 with -A). --via chooses; --verbose says which way was taken.
 

@@ -23,7 +23,7 @@ var rawCases = []string{
 	`{"a":[[],[{}],[[1,2],"x"]],"deviceId":{"deviceId":1,"etag":2}}`,
 }
 
-// writeBoth returns writeRawJSON's and writeJSON's output for raw.
+// writeBoth returns rawWriter's and writeJSON's output for raw.
 func writeBoth(t testing.TB, raw []byte) (string, string) {
 	doc, err := twin.Decode(raw)
 	if err != nil {
@@ -69,7 +69,7 @@ func TestRawJSONAsDecoded(t *testing.T) {
 
 // FuzzRawJSON: for any JSON object the query API can send (valid I-JSON:
 // no duplicate names, valid UTF-8, which the plugin's decoder of the
-// answer checks), writeRawJSON writes what writeJSON writes decoded.
+// answer checks), rawWriter writes what writeJSON writes decoded.
 func FuzzRawJSON(f *testing.F) {
 	for _, c := range rawCases {
 		f.Add([]byte(c))
