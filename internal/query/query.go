@@ -166,6 +166,35 @@ func (q *Query) Columns() []string {
 	return cols
 }
 
+// PathColumn is a projection of the value at a path: a column of a row
+// of a twin.
+type PathColumn struct {
+	// Name is the column's name: its alias, else the path's last key.
+	Name string
+	// Path is the path's keys, root names as the twin document spells
+	// them (see [Query.Paths]).
+	Path []string
+}
+
+// PathColumns returns q's projections when each is a path (a projection
+// without GROUP BY, aggregates or other expressions), in the order of
+// the SELECT list; ok is false otherwise, and for SELECT *. The row of a
+// matching twin is then the values at the paths, each named by its
+// column (names are distinct); an undefined value is left out.
+func (q *Query) PathColumns() (cols []PathColumn, ok bool) {
+	if q.star || q.groupBy != nil || q.aggregates {
+		return nil, false
+	}
+	for _, pr := range q.proj {
+		p, isPath := pr.x.(*path)
+		if !isPath {
+			return nil, false
+		}
+		cols = append(cols, PathColumn{Name: pr.name, Path: slices.Clone(p.segs)})
+	}
+	return cols, true
+}
+
 // Match reports whether the WHERE condition holds (is boolean true) for a
 // twin document; it always does without WHERE.
 func (q *Query) Match(twin map[string]any) bool {

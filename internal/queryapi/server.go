@@ -21,8 +21,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"net"
 	"net/http"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -416,7 +418,7 @@ func (h *Handler) answer(ctx context.Context, q *query.Query, ns string, pg page
 		}
 	}
 	star := q.ItemType() == query.ItemTypeTwin
-	if pg.paged && !star {
+	if !star && q.PerTwin() {
 		return h.pagedRows(q, twins, pg)
 	}
 	paths := q.Paths()
@@ -494,15 +496,15 @@ func (h *Handler) answer(ctx context.Context, q *query.Query, ns string, pg page
 	return st, nil
 }
 
-// rowsChunk is how many twins a paged projection evaluates at a time (a
-// variable for the tests).
+// rowsChunk is how many twins a projection without groups evaluates at
+// a time (a variable for the tests).
 var rowsChunk = 8192
 
-// pagedRows answers a part of a projection without groups (q.PerTwin):
-// its rows, one per matching twin, in the twins' order, after pg.after,
-// up to the bound. The twins are evaluated a chunk at a time, in order,
-// until the part is full: a part costs about what it sends, not a pass
-// over the rest of the fleet.
+// pagedRows answers a projection without groups (q.PerTwin), or a part of
+// it when pg.paged: its rows, one per matching twin, in the twins' order,
+// after pg.after, up to the bound. The twins are evaluated a chunk at a
+// time, in order, until the part is full: a part costs about what it
+// sends, not a pass over the rest of the fleet.
 func (h *Handler) pagedRows(q *query.Query, twins []*v1alpha1.DeviceTwin, pg page) (*wire.TwinQueryStatus, error) {
 	st := &wire.TwinQueryStatus{ItemType: q.ItemType(), Items: []json.RawMessage{}, Evaluated: len(twins)}
 	keyed := make([]twinscan.Match, len(twins))
@@ -519,30 +521,34 @@ func (h *Handler) pagedRows(q *query.Query, twins []*v1alpha1.DeviceTwin, pg pag
 	if pg.after != nil {
 		left = pg.after.Left
 	}
-	partial := twinscan.NewPartial(q.Paths())
-	enc := newItemEncoder(h.o.MaxResponseBytes)
+	// A projection of paths is written from each twin's rendered
+	// document (twinscan.Rows); the condition needs only its own paths.
+	cols, direct := q.PathColumns()
+	rows, paths := (*twinscan.Rows)(nil), q.Paths()
+	if direct {
+		rows, paths = twinscan.NewRows(cols), q.WherePaths()
+	}
+	partial := twinscan.NewPartial(paths)
 	var last *twinscan.Match // the twin of the last row sent
-	sent := 0
+	sent, total := 0, 0
 	for at := 0; at < len(keyed) && (left < 0 || sent < left); at += rowsChunk {
 		chunk := make([]*v1alpha1.DeviceTwin, 0, rowsChunk)
 		for _, k := range keyed[at:min(at+rowsChunk, len(keyed))] {
 			chunk = append(chunk, k.Twin)
 		}
-		cands := twinscan.Matches(q, partial, chunk, true) // in the order given
+		cands := twinscan.Matches(q, partial, chunk, !direct) // in the order given
 		if left >= 0 {
 			cands = cands[:min(len(cands), left-sent)]
 		}
-		res, err := run(q, cands)
+		items, err := chunkRows(q, rows, cands)
 		if err != nil {
 			return nil, err
 		}
-		if len(res.Items) != len(cands) {
-			return nil, fmt.Errorf("a projection without groups gave %d rows for %d twins", len(res.Items), len(cands))
-		}
-		for i, row := range res.Items {
-			b, err := enc.encode(row)
-			var tooLarge *tooLargeError
-			if sent > 0 && errors.As(err, &tooLarge) {
+		for i, b := range items {
+			if total += len(b) + 1; total > h.o.MaxResponseBytes {
+				if !pg.paged || sent == 0 {
+					return nil, &tooLargeError{items: sent, limit: h.o.MaxResponseBytes}
+				}
 				// The next part starts after the twin of the last row sent.
 				k := pageKey{DeviceID: last.DeviceID, Namespace: last.Twin.Namespace, Name: last.Twin.Name, Left: -1}
 				if left >= 0 {
@@ -551,15 +557,57 @@ func (h *Handler) pagedRows(q *query.Query, twins []*v1alpha1.DeviceTwin, pg pag
 				st.Continue = k.token()
 				return st, nil
 			}
-			if err != nil {
-				return nil, err
-			}
 			st.Items = append(st.Items, b)
 			last = &cands[i]
 			sent++
 		}
 	}
 	return st, nil
+}
+
+// chunkRows returns the rows of cands as JSON: written by rows (on every
+// core) when it is not nil, else run and encoded.
+func chunkRows(q *query.Query, rows *twinscan.Rows, cands []twinscan.Match) ([]json.RawMessage, error) {
+	items := make([]json.RawMessage, len(cands))
+	if rows != nil {
+		workers := max(1, min(runtime.GOMAXPROCS(0), len(cands)/512))
+		var wg sync.WaitGroup
+		for w := range workers {
+			lo, hi := w*len(cands)/workers, (w+1)*len(cands)/workers
+			wg.Go(func() {
+				var (
+					sc   twinscan.RowScratch
+					out  []byte
+					ends = make([]int, 0, hi-lo)
+				)
+				for _, c := range cands[lo:hi] {
+					out = rows.Append(out, &sc, c.Twin)
+					ends = append(ends, len(out))
+				}
+				start := 0
+				for i, end := range ends {
+					items[lo+i] = out[start:end:end]
+					start = end
+				}
+			})
+		}
+		wg.Wait()
+		return items, nil
+	}
+	res, err := run(q, cands)
+	if err != nil {
+		return nil, err
+	}
+	if len(res.Items) != len(cands) {
+		return nil, fmt.Errorf("a projection without groups gave %d rows for %d twins", len(res.Items), len(cands))
+	}
+	enc := newItemEncoder(math.MaxInt)
+	for i, row := range res.Items {
+		if items[i], err = enc.encode(row); err != nil {
+			return nil, err
+		}
+	}
+	return items, nil
 }
 
 // run runs q over the partial documents of cands.

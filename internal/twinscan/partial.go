@@ -294,8 +294,8 @@ func lookupRaw(b []byte, i int, keys []string) (found []byte, end int, err error
 		if plain {
 			match = string(b[i+1:kEnd-1]) == keys[0]
 		} else {
-			var k string
-			if err := json.Unmarshal(b[i:kEnd], &k); err != nil {
+			k, ok := unquote(b[i:kEnd])
+			if !ok {
 				return nil, 0, errMalformed
 			}
 			match = k == keys[0]
@@ -333,6 +333,13 @@ func lookupRaw(b []byte, i int, keys []string) (found []byte, end int, err error
 	}
 	inner, _, err := lookupRaw(found, 0, keys[1:])
 	return inner, end, err
+}
+
+// unquote decodes raw, a JSON string.
+func unquote(raw []byte) (string, bool) {
+	var s string
+	err := json.Unmarshal(raw, &s)
+	return s, err == nil
 }
 
 // decodeValue decodes one raw JSON value as twin documents hold it
