@@ -227,6 +227,17 @@ func TestQueryAPIParts(t *testing.T) {
 	if got.stdout != wantProjection.stdout {
 		t.Errorf("projection: got\n%s\nlisting gives\n%s", got.stdout, wantProjection.stdout)
 	}
+	// Its table too: the cells are made from each part as it comes.
+	for _, args := range [][]string{{"-A"}, {"-A", "--no-headers"}} {
+		wantTable := ok(t, append(append([]string{"query"}, args...), "--via", "list", projection)...)
+		got = ok(t, append(append([]string{"query"}, args...), "--verbose", projection)...)
+		if !strings.Contains(got.stderr, " parts (") {
+			t.Fatalf("the table of a projection over the bound: --verbose says %s", got.stderr)
+		}
+		if got.stdout != wantTable.stdout || strings.Count(got.stdout, "\n") < 3 {
+			t.Errorf("projection %q: got\n%s\nlisting gives\n%s", args, got.stdout, wantTable.stdout)
+		}
+	}
 	const grouped = "SELECT properties AS p, COUNT() AS n FROM devices GROUP BY properties"
 	wantGrouped := ok(t, "query", "-A", "-o", "json", "--via", "list", grouped)
 	if _, n := sizes(wantGrouped.stdout); n <= limit {

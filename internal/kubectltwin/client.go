@@ -136,8 +136,8 @@ type Answer struct {
 	// Parts, through the query API, is how many requests the answer took
 	// (more than 1 when it came in parts, spec.paged).
 	Parts int
-	// Raw, through a QueryAPI with KeepRaw, holds a SELECT *'s items as
-	// the query API sent them, and Items is nil.
+	// Raw, through a QueryAPI with KeepRaw, holds the items as the query
+	// API sent them, and Items is nil.
 	Raw []json.RawMessage
 	// Streamed, through a QueryAPI with a Sink, is how many items the
 	// sink took; Items and Raw are nil.
@@ -317,11 +317,10 @@ const (
 type QueryAPI struct {
 	// Group is the API group.
 	Group string
-	// KeepRaw: a SELECT *'s items are kept as they came (Answer.Raw), not
-	// decoded (Items, and each Twin's Doc, are nil), for -o json and
-	// tables.
+	// KeepRaw: the items are kept as they came (Answer.Raw), not decoded
+	// (Items, and each Twin's Doc, are nil): for -o json and tables.
 	KeepRaw bool
-	// Sink, with KeepRaw, takes a SELECT *'s items part by part instead:
+	// Sink, with KeepRaw, takes the items part by part instead:
 	// it writes one part while the next is asked for (Answer.Streamed
 	// counts them). An error once it has taken items is an
 	// *afterOutputError.
@@ -446,7 +445,7 @@ func (a *QueryAPI) Execute(ctx context.Context, namespace string, q *query.Query
 	if err != nil {
 		return nil, err
 	}
-	raw := a.KeepRaw && st.ItemType == query.ItemTypeTwin
+	raw := a.KeepRaw
 	stream := raw && a.Sink != nil
 	items := make([]map[string]any, 0, len(st.Items))
 	var kept []json.RawMessage

@@ -4,7 +4,10 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	goruntime "runtime"
+	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	"k8s.io/apimachinery/pkg/util/duration"
@@ -88,21 +91,68 @@ func printTwinTable(w io.Writer, twins []*Twin, o tableOptions) error {
 // printRowTable prints the rows of a projection or aggregate with the
 // query's columns as headers. A value the row lacks (undefined) is <none>.
 func printRowTable(w io.Writer, columns []string, rows []map[string]any, o tableOptions) error {
+	return writeRowTable(w, columns, len(rows), o, func(i int) []string {
+		cells := make([]string, len(columns))
+		for j, c := range columns {
+			cells[j] = "<none>"
+			if v, ok := rows[i][c]; ok {
+				cells[j] = cell(v)
+			}
+		}
+		return cells
+	})
+}
+
+// rowCells are the cells of rows as they came from the query API (valid
+// JSON objects), made as printRowTable makes them decoded, part by part:
+// add is a QueryAPI.Sink, which works while the next part is asked for.
+type rowCells struct {
+	columns []string
+	rows    [][]string
+}
+
+// add makes the cells of rows, on every core.
+func (c *rowCells) add(rows []json.RawMessage) error {
+	base := len(c.rows)
+	c.rows = slices.Grow(c.rows, len(rows))[:base+len(rows)]
+	workers := max(1, min(goruntime.GOMAXPROCS(0), len(rows)/256))
+	var wg sync.WaitGroup
+	for w := range workers {
+		wg.Go(func() {
+			var b []byte
+			for i := w; i < len(rows); i += workers {
+				cells := make([]string, len(c.columns))
+				for j := range cells {
+					cells[j] = "<none>"
+				}
+				eachMember(rows[i], func(key, val []byte) {
+					if j := slices.Index(c.columns, rawString(key)); j >= 0 {
+						b = appendCell(b[:0], val)
+						cells[j] = string(b)
+					}
+				})
+				c.rows[base+i] = cells
+			}
+		})
+	}
+	wg.Wait()
+	return nil
+}
+
+// print prints the rows added as printRowTable does.
+func (c *rowCells) print(w io.Writer, o tableOptions) error {
+	return writeRowTable(w, c.columns, len(c.rows), o, func(i int) []string { return c.rows[i] })
+}
+
+// writeRowTable writes the header (unless o.noHeaders) and n rows, the
+// cells of the i-th given by row.
+func writeRowTable(w io.Writer, columns []string, n int, o tableOptions, row func(i int) []string) error {
 	tw := printers.GetNewTabWriter(w)
 	if !o.noHeaders {
-		writeRow(tw, columns)
+		writeRow(tw, slices.Clone(columns))
 	}
-	for _, r := range rows {
-		row := make([]string, len(columns))
-		for i, c := range columns {
-			v, ok := r[c]
-			if !ok {
-				row[i] = "<none>"
-				continue
-			}
-			row[i] = cell(v)
-		}
-		writeRow(tw, row)
+	for i := range n {
+		writeRow(tw, row(i))
 	}
 	return tw.Flush()
 }
@@ -111,10 +161,18 @@ func printRowTable(w io.Writer, columns []string, rows []map[string]any, o table
 var cellSpaces = strings.NewReplacer("\t", " ", "\n", " ", "\r", " ")
 
 func writeRow(w io.Writer, cells []string) {
-	for i, c := range cells {
-		cells[i] = cellSpaces.Replace(c)
+	n := len(cells)
+	for _, c := range cells {
+		n += len(c)
 	}
-	fmt.Fprintln(w, strings.Join(cells, "\t"))
+	line := make([]byte, 0, n)
+	for i, c := range cells {
+		if i > 0 {
+			line = append(line, '\t')
+		}
+		line = append(line, cellSpaces.Replace(c)...)
+	}
+	_, _ = w.Write(append(line, '\n'))
 }
 
 // cell renders a value for a table: strings as they are, numbers as
@@ -175,8 +233,8 @@ func age(v any, now time.Time) string {
 func printResult(w io.Writer, ans *Answer, columns []string, format string, o tableOptions) error {
 	switch format {
 	case outputJSON:
-		if ans.Raw != nil { // twin documents (QueryAPI.KeepRaw)
-			return printRawJSON(w, ans.Raw, twinDocOrder, twinSorted)
+		if ans.Raw != nil { // QueryAPI.KeepRaw
+			return printRawJSON(w, ans.Raw, itemOrder(ans.ItemType, columns), itemSorted(ans.ItemType))
 		}
 		return printJSON(w, ans.Items, itemOrder(ans.ItemType, columns))
 	case outputYAML:
@@ -197,6 +255,11 @@ func printResult(w io.Writer, ans *Answer, columns []string, format string, o ta
 			}
 			return printTwinTable(w, ans.Twins, o)
 		}
+		if ans.Raw != nil {
+			c := &rowCells{columns: columns}
+			_ = c.add(ans.Raw)
+			return c.print(w, o)
+		}
 		return printRowTable(w, columns, ans.Items, o)
 	}
 }
@@ -206,4 +269,12 @@ func itemOrder(itemType string, columns []string) orderFunc {
 		return twinDocOrder
 	}
 	return rowOrder(columns)
+}
+
+// itemSorted says where itemOrder sorts by name (see rawWriter).
+func itemSorted(itemType string) func(path []string) bool {
+	if itemType == query.ItemTypeTwin {
+		return twinSorted
+	}
+	return rowSorted
 }

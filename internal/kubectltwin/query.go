@@ -141,13 +141,22 @@ func newQueryCommand(o *options) *cobra.Command {
 			}
 			// Buffered: a table's writer writes every cell on its own.
 			out := bufio.NewWriterSize(o.streams.Out, 64<<10)
-			// -o json of a SELECT * answered by the query API is written
-			// part by part, each while the next is asked for.
-			var list *rawList
-			var sink func([]json.RawMessage) error
-			if output == outputJSON {
-				list = newRawList(out, twinDocOrder, twinSorted)
+			// -o json of an answer of the query API is written from its
+			// bytes, part by part, each while the next is asked for; the
+			// cells of a table of rows are made likewise, and a table of
+			// twins decodes only its columns.
+			var (
+				list  *rawList
+				cells *rowCells
+				sink  func([]json.RawMessage) error
+			)
+			switch {
+			case output == outputJSON:
+				list = newRawList(out, itemOrder(q.ItemType(), q.Columns()), itemSorted(q.ItemType()))
 				sink = list.add
+			case output != outputYAML && q.ItemType() == query.ItemTypeRaw:
+				cells = &rowCells{columns: q.Columns()}
+				sink = cells.add
 			}
 			start := time.Now()
 			ans, note, err := o.execute(cmd.Context(), ns, q, chunkSize, via, output != outputYAML, sink)
@@ -162,9 +171,12 @@ func newQueryCommand(o *options) *cobra.Command {
 				fmt.Fprintln(o.streams.ErrOut, noDevices(ns))
 				return nil
 			}
-			if ans.Streamed > 0 {
+			switch {
+			case ans.Streamed > 0 && list != nil:
 				err = list.close()
-			} else {
+			case ans.Streamed > 0:
+				err = cells.print(out, tableOptions{noHeaders: noHeaders})
+			default:
 				err = printResult(out, ans, q.Columns(), output, tableOptions{
 					noHeaders: noHeaders, withNamespace: o.allNamespaces, now: time.Now(),
 				})
@@ -187,9 +199,9 @@ func newQueryCommand(o *options) *cobra.Command {
 	return cmd
 }
 
-// execute answers q the way via says (with raw, a SELECT * through the
-// query API is kept as it came: Answer.Raw, or given to sink when it is
-// not nil, QueryAPI.Sink); with auto, it uses the query API
+// execute answers q the way via says (with raw, the items of the query
+// API's answer are kept as they came: Answer.Raw, or given to sink when
+// it is not nil, QueryAPI.Sink); with auto, it uses the query API
 // when kube-apiserver serves it and lists otherwise, or when the API
 // cannot answer (too large an answer, a namespace its operator does not
 // watch, RBAC). The note says why it listed.

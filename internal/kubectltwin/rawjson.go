@@ -21,6 +21,10 @@ func twinSorted(path []string) bool {
 	return len(path) > 0 && (path[0] != "properties" || len(path) > 2)
 }
 
+// rowSorted says where rowOrder puts the members of an object in name
+// order: all but the row's.
+func rowSorted(path []string) bool { return len(path) > 0 }
+
 // rawWriter writes valid JSON values (as a JSON decoder has checked them)
 // as writeJSON writes the values they decode to, with order. sorted(path)
 // must say where order sorts by name from path down (twinSorted for
@@ -232,6 +236,72 @@ func skipValue(raw []byte, i int) int {
 		}
 	}
 	return i
+}
+
+// appendCell appends the table cell of raw, a valid JSON value, to b: as
+// cell writes it decoded. An object is written compact with its members
+// in name order, as twin.Encode writes it, without decoding it.
+func appendCell(b, raw []byte) []byte {
+	switch raw[0] {
+	case '"':
+		if plainRawString(raw) {
+			return append(b, raw[1:len(raw)-1]...)
+		}
+		return append(b, rawString(raw)...)
+	case '{':
+		return appendCompact(b, raw)
+	case '[':
+		return append(b, cell(rawValue(raw))...) // encoding/json's escaping
+	}
+	return append(b, raw...) // a number's literal, true, false, null
+}
+
+// appendCompact appends raw, a valid JSON value, as twin.Encode writes it
+// decoded: compact, members in name order.
+func appendCompact(b, raw []byte) []byte {
+	switch raw[0] {
+	case '{':
+		var keys, vals [][]byte
+		eachMember(raw, func(key, val []byte) {
+			keys = append(keys, key)
+			vals = append(vals, val)
+		})
+		at := make([]int, len(keys))
+		names := make([]string, len(keys))
+		for i, k := range keys {
+			at[i], names[i] = i, rawString(k)
+		}
+		slices.SortFunc(at, func(x, y int) int { return strings.Compare(names[x], names[y]) })
+		b = append(b, '{')
+		for i, j := range at {
+			if i > 0 {
+				b = append(b, ',')
+			}
+			b = twin.AppendString(b, names[j])
+			b = appendCompact(append(b, ':'), vals[j])
+		}
+		return append(b, '}')
+	case '[':
+		b = append(b, '[')
+		i := skipSpace(raw, 1)
+		for n := 0; raw[i] != ']'; n++ {
+			end := skipValue(raw, i)
+			if n > 0 {
+				b = append(b, ',')
+			}
+			b = appendCompact(b, raw[i:end])
+			if i = skipSpace(raw, end); raw[i] == ',' {
+				i = skipSpace(raw, i+1)
+			}
+		}
+		return append(b, ']')
+	case '"':
+		if plainRawString(raw) {
+			return append(b, raw...)
+		}
+		return twin.AppendString(b, rawString(raw))
+	}
+	return append(b, raw...)
 }
 
 // plainRawString: raw, a JSON string, holds only printable ASCII and no

@@ -130,7 +130,7 @@ func addScaleFlags(fs interface {
 	s.restartMemory = byteQuantity(chartLimit.Value())
 	fs.Var(&s.restartMemory, "scale-restart-memory", fmt.Sprintf("scale: the memory cgroup limit of --scale-restart-binary's process, as a quantity (default: the chart's resources.limits.memory %s; the operator sets its Go soft limit to 90%% of it)", chartMemoryLimit))
 	fs.StringVar(&s.restartGate, "scale-restart-gate", "", "scale: wait until this file exists before the restarts (e.g. until the machine is quiet, or the binary to restart is built); empty: no wait")
-	fs.StringVar(&s.pluginBaseline, "scale-plugin-baseline", "", "scale, with --scale-full-query: also time SELECT * of the whole fleet with this kubectl-twin binary (one built from an earlier commit: an A/B of the plugin), between two runs of the current one; empty: skip")
+	fs.StringVar(&s.pluginBaseline, "scale-plugin-baseline", "", "scale, with --scale-full-query: also time SELECT * of the whole fleet (between two runs of the current plugin) and the projection with this kubectl-twin binary (one built from an earlier commit: an A/B of the plugin); empty: skip")
 	fs.StringVar(&s.profile, "scale-profile", "", "scale: write the operator's heap profile (after a GC) once settled and once restarted, and a CPU profile of this process during the restart, to PREFIX.heap-settled.pprof, PREFIX.heap-restarted.pprof and PREFIX.cpu-restart.pprof")
 }
 
@@ -216,12 +216,19 @@ type scaleResults struct {
 	BaselineFullN     int     `json:"plugin_baseline_full_items,omitempty"`
 	PluginFullAgainMs float64 `json:"plugin_full_again_ms,omitempty"`
 	// A projection of most of every twin (fullProjection), through the
-	// query API.
-	PluginProjectionMs float64 `json:"plugin_projection_ms"`
-	PluginProjectionN  int     `json:"plugin_projection_items"`
-	ListFullMs         float64 `json:"plugin_list_full_ms"`
-	ListFullN          int     `json:"plugin_list_full_items"`
-	WrongAnswers       int     `json:"query_wrong_answers"`
+	// query API: -o json, the table, and with --scale-plugin-baseline,
+	// that plugin's of both.
+	PluginProjectionMs        float64 `json:"plugin_projection_ms"`
+	PluginProjectionN         int     `json:"plugin_projection_items"`
+	PluginProjectionTableMs   float64 `json:"plugin_projection_table_ms"`
+	PluginProjectionTableN    int     `json:"plugin_projection_table_rows"`
+	BaselineProjectionMs      float64 `json:"plugin_baseline_projection_ms,omitempty"`
+	BaselineProjectionN       int     `json:"plugin_baseline_projection_items,omitempty"`
+	BaselineProjectionTableMs float64 `json:"plugin_baseline_projection_table_ms,omitempty"`
+	BaselineProjectionTableN  int     `json:"plugin_baseline_projection_table_rows,omitempty"`
+	ListFullMs                float64 `json:"plugin_list_full_ms"`
+	ListFullN                 int     `json:"plugin_list_full_items"`
+	WrongAnswers              int     `json:"query_wrong_answers"`
 	// Devices.
 	Devices          int                `json:"devices"`
 	ConnectSec       float64            `json:"devices_connect_sec"`
@@ -626,11 +633,16 @@ func runScaleQueries(ctx context.Context, env *envtest.Environment, svc *service
 		runs = append(runs, timed{"service API query (SELECT *, pages of 100)", sc.twins, svcQ(serviceFullQuery, &res.ServiceFullPages), &res.ServiceFullMs, &res.ServiceFullN, &res.ServiceFullPages, true},
 			timed{"kubectl twin query (SELECT *)", sc.twins, plug(serviceFullQuery, "api"), &res.PluginFullMs, &res.PluginFullN, nil, false},
 			timed{"kubectl twin query -o table (SELECT *)", sc.twins, plugWith(plugin, serviceFullQuery, "api", "table"), &res.PluginFullTableMs, &res.PluginFullTableN, nil, false},
-			timed{"kubectl twin query (projection of the whole fleet)", sc.twins, plug(fullProjection, "api"), &res.PluginProjectionMs, &res.PluginProjectionN, nil, false})
+			timed{"kubectl twin query (projection of the whole fleet)", sc.twins, plug(fullProjection, "api"), &res.PluginProjectionMs, &res.PluginProjectionN, nil, false},
+			timed{"kubectl twin query -o table (projection of the whole fleet)", sc.twins, plugWith(plugin, fullProjection, "api", "table"), &res.PluginProjectionTableMs, &res.PluginProjectionTableN, nil, false})
 		if sc.pluginBaseline != "" {
 			runs = append(runs, timed{"kubectl twin query (SELECT *), --scale-plugin-baseline", sc.twins, plugWith(sc.pluginBaseline, serviceFullQuery, "api", "json"),
 				&res.BaselineFullMs, &res.BaselineFullN, nil, false},
-				timed{"kubectl twin query (SELECT *), again", sc.twins, plug(serviceFullQuery, "api"), &res.PluginFullAgainMs, &res.PluginFullN, nil, false})
+				timed{"kubectl twin query (SELECT *), again", sc.twins, plug(serviceFullQuery, "api"), &res.PluginFullAgainMs, &res.PluginFullN, nil, false},
+				timed{"kubectl twin query (projection of the whole fleet), --scale-plugin-baseline", sc.twins, plugWith(sc.pluginBaseline, fullProjection, "api", "json"),
+					&res.BaselineProjectionMs, &res.BaselineProjectionN, nil, false},
+				timed{"kubectl twin query -o table (projection of the whole fleet), --scale-plugin-baseline", sc.twins, plugWith(sc.pluginBaseline, fullProjection, "api", "table"),
+					&res.BaselineProjectionTableMs, &res.BaselineProjectionTableN, nil, false})
 		}
 		runs = append(runs, timed{"kubectl twin query --via list (SELECT *)", sc.twins, plug(serviceFullQuery, "list"), &res.ListFullMs, &res.ListFullN, nil, true})
 	}
@@ -832,6 +844,11 @@ func printScale(r *scaleResults) {
 		}
 		row("  kubectl twin query -o json --via list", fmt.Sprintf("%.0f ms (%d twins)", r.ListFullMs, r.ListFullN))
 		row("  projection "+fullProjection[len("SELECT "):len(fullProjection)-len(" FROM devices")], fmt.Sprintf("%.0f ms (%d rows, -o json, query API)", r.PluginProjectionMs, r.PluginProjectionN))
+		row("    -o table", fmt.Sprintf("%.0f ms (%d rows)", r.PluginProjectionTableMs, r.PluginProjectionTableN))
+		if r.BaselineProjectionN > 0 {
+			row("    --scale-plugin-baseline -o json, -o table", fmt.Sprintf("%.0f ms (%d rows), %.0f ms (%d rows)",
+				r.BaselineProjectionMs, r.BaselineProjectionN, r.BaselineProjectionTableMs, r.BaselineProjectionTableN))
+		}
 	}
 	row("wrong query answers", strconv.Itoa(r.WrongAnswers))
 	line()
