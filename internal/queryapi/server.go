@@ -496,9 +496,14 @@ func (h *Handler) answer(ctx context.Context, q *query.Query, ns string, pg page
 	return st, nil
 }
 
-// rowsChunk is how many twins a projection without groups evaluates at
-// a time (a variable for the tests).
+// rowsChunk is the most twins a projection without groups evaluates at a
+// time (a variable for the tests). The first chunk is of minRowsChunk
+// twins; each next one is what the rest of the bound holds at the bytes
+// per twin so far (at least minRowsChunk): a part holds little more than
+// it sends in memory, however large the twins are.
 var rowsChunk = 8192
+
+const minRowsChunk = 16
 
 // pagedRows answers a projection without groups (q.PerTwin), or a part of
 // it when pg.paged: its rows, one per matching twin, in the twins' order,
@@ -531,9 +536,17 @@ func (h *Handler) pagedRows(q *query.Query, twins []*v1alpha1.DeviceTwin, pg pag
 	partial := twinscan.NewPartial(paths)
 	var last *twinscan.Match // the twin of the last row sent
 	sent, total := 0, 0
-	for at := 0; at < len(keyed) && (left < 0 || sent < left); at += rowsChunk {
-		chunk := make([]*v1alpha1.DeviceTwin, 0, rowsChunk)
-		for _, k := range keyed[at:min(at+rowsChunk, len(keyed))] {
+	size := min(rowsChunk, minRowsChunk)
+	for at := 0; at < len(keyed) && (left < 0 || sent < left); at += size {
+		switch {
+		case at > 0 && total == 0:
+			size = min(rowsChunk, 2*size) // no row yet
+		case at > 0:
+			perTwin := max(1, total/at)
+			size = min(rowsChunk, max(minRowsChunk, (h.o.MaxResponseBytes-total)/perTwin+1))
+		}
+		chunk := make([]*v1alpha1.DeviceTwin, 0, size)
+		for _, k := range keyed[at:min(at+size, len(keyed))] {
 			chunk = append(chunk, k.Twin)
 		}
 		cands := twinscan.Matches(q, partial, chunk, !direct) // in the order given
