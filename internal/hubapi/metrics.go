@@ -59,6 +59,14 @@ var (
 		Help: "IoT Hub query pages that ended early at the page byte limit (the client follows the continuation token).",
 	})
 
+	// queriesTooLarge is kubetwin_service_queries_too_large_total:
+	// queries of groups refused because their groups held more than
+	// groupBytesPerPage × MaxQueryPageBytes.
+	queriesTooLarge = prometheus.NewCounter(prometheus.CounterOpts{
+		Namespace: "kubetwin", Subsystem: "service", Name: "queries_too_large_total",
+		Help: "IoT Hub queries of groups refused with 400 because their groups held more than 8 times the page byte limit.",
+	})
+
 	// unauthorizedTotal is kubetwin_service_unauthorized_total{reason}:
 	// requests refused with 401, by why (noToken, malformedToken,
 	// deviceToken, otherHub, expired, lifetimeTooLong, unknownPolicy,
@@ -80,5 +88,5 @@ var (
 
 func init() {
 	metrics.Registry.MustRegister(requestsTotal, requestDuration, queryDuration, queriesInFlight, queriesThrottled,
-		queryPagesCut, policyReads, unauthorizedTotal)
+		queryPagesCut, queriesTooLarge, policyReads, unauthorizedTotal)
 }

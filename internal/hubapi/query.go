@@ -84,7 +84,8 @@ func (h *Handler) query(ctx context.Context, req *request) (reply, *apiError) {
 	hash := queryHash(q)
 	var from *continuation
 	if tok := strings.TrimSpace(req.r.Header.Get(HeaderContinuation)); tok != "" {
-		if from, err = decodeContinuation(tok, hash, q.PerTwin()); err != nil {
+		_, top := q.Top()
+		if from, err = decodeContinuation(tok, hash, q.PerTwin(), top); err != nil {
 			return reply{}, badRequest(HeaderContinuation + ": " + err.Error())
 		}
 	}
@@ -99,6 +100,10 @@ func (h *Handler) query(ctx context.Context, req *request) (reply, *apiError) {
 	queryDuration.Observe(time.Since(start).Seconds())
 	if errors.Is(err, errStaleContinuation) {
 		return reply{}, badRequest(HeaderContinuation + ": " + err.Error())
+	}
+	if errors.Is(err, errGroupsTooLarge) {
+		queriesTooLarge.Inc()
+		return reply{}, badRequest(err.Error() + ": narrow the query (WHERE, or GROUP BY a path with fewer values)")
 	}
 	if err != nil {
 		return reply{}, fromAPI("running the query", err)
@@ -221,13 +226,20 @@ func (h *Handler) runQuery(ctx context.Context, q *query.Query, hash string, fro
 			sel = labels.Everything() // not expected: the planner writes valid selectors
 		}
 	}
-	_, top := q.Top()
-	// Rows of one twin each, without TOP: a page is the next matches after
-	// the continuation point, each row computed from its twin alone.
-	stream := q.PerTwin() && !top
+	// Rows of one twin each: a page is the next matches after the
+	// continuation point, each row computed from its twin alone, up to
+	// what TOP still allows.
+	stream := q.PerTwin()
 	var after *twinKey
+	left := -1
+	if n, top := q.Top(); top {
+		left = n
+	}
 	if stream && from != nil {
 		after = from.After
+		if from.Left != nil {
+			left = *from.Left
+		}
 	}
 	star := q.ItemType() == query.ItemTypeTwin
 	paths := q.Paths()
@@ -235,9 +247,10 @@ func (h *Handler) runQuery(ctx context.Context, q *query.Query, hash string, fro
 		paths = q.WherePaths() // the documents returned are rendered whole
 	}
 	part := twinscan.NewPartial(paths)
+	rows := pageRows{h: h, q: q, hash: hash, part: part, p: p, left: left}
 	if stream && h.opts.Order != nil {
 		if o, err := h.opts.Order(ctx); err == nil {
-			return h.orderedPage(ctx, q, hash, sel, part, o, (*twinscan.Key)(after), p)
+			return h.orderedPage(ctx, q, sel, o, (*twinscan.Key)(after), &rows)
 		}
 	}
 	all, err := h.opts.Twins(ctx, h.opts.Namespace)
@@ -259,84 +272,90 @@ func (h *Handler) runQuery(ctx context.Context, q *query.Query, hash string, fro
 	}
 	if stream {
 		// Rows are made only for the page's twins.
-		return h.streamPage(ctx, q, hash, part, twinscan.Matches(q, part, twins, false), p)
+		return h.streamPage(ctx, twinscan.Matches(q, part, twins, false), &rows)
 	}
-	cands := twinscan.Matches(q, part, twins, !star)
+	return h.groupPage(ctx, q, hash, part, twins, from, p)
+}
 
-	// TOP, groups and aggregates: every matching device's row.
-	devices := cands[:0]
-	for _, c := range cands {
-		if h.holds(ctx, c.Twin) {
-			devices = append(devices, c)
-		}
-	}
-	// Run orders by device id, keeping the given order among equal ids:
-	// give it the matching twins in key order, so that row i of a per-twin
-	// result is devices[i] (TOP only cuts the end).
-	slices.SortFunc(devices, compareMatches)
-	if n, top := q.Top(); star && top {
-		devices = devices[:min(len(devices), n)] // the rows are these twins' documents
-	}
-	docs := make([]map[string]any, len(devices))
-	for i, c := range devices {
-		docs[i] = c.Doc
-		if star {
-			docs[i] = hubtwin.FromDeviceTwin(c.Twin)
-		}
-	}
-	res, err := q.Run(docs)
-	if err != nil {
-		return "", err
-	}
-	items := res.Items
+// groupsChunk is how many devices a query of groups evaluates at a time:
+// their partial documents are held for a chunk only (for GROUP BY
+// properties, whole documents).
+const groupsChunk = 256
 
-	begin := 0
-	switch {
-	case from == nil:
-	case q.PerTwin():
-		begin, _ = slices.BinarySearchFunc(devices[:len(items)], *from.After, func(c twinscan.Match, after twinKey) int {
-			if matchKey(c).compare(after) <= 0 {
-				return -1
+// groupBytesPerPage: the groups of a query may hold this many times
+// MaxQueryPageBytes (32 MiB by default), and at least minGroupBytes, while
+// they are computed.
+const (
+	groupBytesPerPage = 8
+	minGroupBytes     = 1 << 20
+)
+
+// maxGroupBytes is what the groups of a query may hold.
+func (p *page) maxGroupBytes() int { return max(minGroupBytes, groupBytesPerPage*p.maxBytes) }
+
+// errGroupsTooLarge: the groups of a query hold more than
+// page.maxGroupBytes.
+var errGroupsTooLarge = errors.New("the query's groups are too large")
+
+// groupPage answers a page of a query of groups (GROUP BY, aggregates):
+// the devices are added to the groups a chunk at a time in key order (as
+// Run takes them), and the page is the groups after the continuation's.
+func (h *Handler) groupPage(ctx context.Context, q *query.Query, hash string, part *twinscan.Partial, twins []*v1alpha1.DeviceTwin,
+	from *continuation, p *page) (string, error) {
+	slices.SortFunc(twins, func(a, b *v1alpha1.DeviceTwin) int { return keyOf(a).compare(keyOf(b)) })
+	a := q.Aggregate()
+	docs := make([]map[string]any, 0, groupsChunk)
+	for at := 0; at < len(twins); at += groupsChunk {
+		docs = docs[:0]
+		for _, c := range twinscan.Matches(q, part, twins[at:min(at+groupsChunk, len(twins))], true) {
+			if h.holds(ctx, c.Twin) {
+				docs = append(docs, c.Doc)
 			}
-			return 1
-		})
-	default:
+		}
+		a.Add(docs)
+		if a.Size() > p.maxGroupBytes() {
+			return "", fmt.Errorf("%w: they hold more than %d bytes (%d times --service-api-max-query-page-bytes)", errGroupsTooLarge, p.maxGroupBytes(), groupBytesPerPage)
+		}
+	}
+	res := a.Result()
+	begin := 0
+	if from != nil {
+		var err error
 		if begin, err = groupStart(from, res.GroupKeys); err != nil {
 			return "", err
 		}
 	}
-	end := begin
-	for end < len(items) {
-		ok, err := p.add(items[end])
-		if err != nil {
-			return "", err
-		}
-		if !ok {
-			break
-		}
-		end++
-	}
-	switch {
-	case end == len(items):
-		return "", nil
-	case q.PerTwin():
-		last := matchKey(devices[end-1])
-		return (&continuation{V: continuationVersion, Query: hash, After: &last}).encode(), nil
+	end, err := p.addFrom(res.Items, begin)
+	if err != nil || end == len(res.Items) {
+		return "", err
 	}
 	return (&continuation{V: continuationVersion, Query: hash, Offset: end, Groups: groupsHash(res.GroupKeys[:end])}).encode(), nil
 }
 
-// streamPage answers one page of a per-twin query without TOP (SELECT *,
-// projections) when there is no Order, from the matches after the
+// addFrom adds items from begin until the page is full, and returns where
+// it stopped.
+func (p *page) addFrom(items []map[string]any, begin int) (int, error) {
+	end := begin
+	for end < len(items) {
+		ok, err := p.add(items[end])
+		if err != nil || !ok {
+			return end, err
+		}
+		end++
+	}
+	return end, nil
+}
+
+// streamPage answers one page of a per-twin query (SELECT *, projections)
+// when there is no Order, from the matches after the
 // continuation point among the twins listed: it takes
 // them in key order, sorting only as far as the page goes (inOrder), and
 // renders a row for each device among them until the page is full and one
 // more shows that another page exists (or the page has no room for it).
 // A page deep into a large fleet so costs a scan of the fleet, not a sort
 // of it and a rendering of every twin.
-func (h *Handler) streamPage(ctx context.Context, q *query.Query, hash string, part *twinscan.Partial, cands []twinscan.Match, p *page) (string, error) {
-	rows := pageRows{h: h, q: q, hash: hash, part: part, p: p}
-	for c := range inOrder(cands, compareMatches, 2*p.size+16) {
+func (h *Handler) streamPage(ctx context.Context, cands []twinscan.Match, rows *pageRows) (string, error) {
+	for c := range inOrder(cands, compareMatches, 2*rows.p.size+16) {
 		if next, full, err := rows.add(ctx, c); full || err != nil {
 			return next, err
 		}
@@ -353,12 +372,17 @@ type pageRows struct {
 	part *twinscan.Partial
 	p    *page
 	last twinKey // the twin of the page's last row
+	// left is how many rows TOP still allows (-1: no TOP).
+	left int
 }
 
 // add puts the row of c on the page if c's twin holds its device id. When
 // the page has no room for it, it returns full and the continuation token
 // of the next page, which starts after the page's last row.
 func (r *pageRows) add(ctx context.Context, c twinscan.Match) (next string, full bool, err error) {
+	if r.left == 0 {
+		return "", true, nil // TOP's rows are all sent: the last page
+	}
 	if !r.h.holds(ctx, c.Twin) {
 		return "", false, nil
 	}
@@ -380,9 +404,16 @@ func (r *pageRows) add(ctx context.Context, c twinscan.Match) (next string, full
 		return "", false, err
 	}
 	if !ok {
-		return (&continuation{V: continuationVersion, Query: r.hash, After: &r.last}).encode(), true, nil
+		next := &continuation{V: continuationVersion, Query: r.hash, After: &r.last}
+		if r.left > 0 {
+			next.Left = &r.left
+		}
+		return next.encode(), true, nil
 	}
 	r.last = matchKey(c)
+	if r.left > 0 {
+		r.left--
+	}
 	return "", false, nil
 }
 
@@ -390,8 +421,8 @@ func (r *pageRows) add(ctx context.Context, c twinscan.Match) (next string, full
 // (and so how long it holds the Order's lock).
 const maxOrderBatch = 16384
 
-// orderedPage answers one page of a per-twin query without TOP (SELECT *,
-// projections) from o, the twins in the result's order: it walks them
+// orderedPage answers one page of a per-twin query (SELECT *, projections)
+// from o, the twins in the result's order: it walks them
 // from the continuation point (after; nil: the start) a batch at a time,
 // the first twice a page, each next one four times larger; drops
 // those the label selector leaves out and those being deleted; evaluates
@@ -399,10 +430,9 @@ const maxOrderBatch = 16384
 // device among the matches until the page is full and one more shows that
 // another page exists. A page so costs its own twins (with a condition,
 // the twins between its matches), not a pass over the namespace.
-func (h *Handler) orderedPage(ctx context.Context, q *query.Query, hash string, sel labels.Selector, part *twinscan.Partial,
-	o *twinscan.Order, after *twinscan.Key, p *page) (string, error) {
-	rows := pageRows{h: h, q: q, hash: hash, part: part, p: p}
-	batch := 2*p.size + 16
+func (h *Handler) orderedPage(ctx context.Context, q *query.Query, sel labels.Selector, o *twinscan.Order, after *twinscan.Key,
+	rows *pageRows) (string, error) {
+	batch := 2*rows.p.size + 16
 	var entries []twinscan.Entry
 	var twins []*v1alpha1.DeviceTwin
 	for {
@@ -421,7 +451,7 @@ func (h *Handler) orderedPage(ctx context.Context, q *query.Query, hash string, 
 			}
 			twins = append(twins, t)
 		}
-		for _, c := range twinscan.Matches(q, part, twins, false) {
+		for _, c := range twinscan.Matches(q, rows.part, twins, false) {
 			if next, full, err := rows.add(ctx, c); full || err != nil {
 				return next, err
 			}
@@ -505,6 +535,9 @@ type continuation struct {
 	// After is the position of the last twin returned, for results with a
 	// row per twin (SELECT *, projections).
 	After *twinKey `json:"a,omitempty"`
+	// Left is how many rows TOP still allows after After, for a query
+	// with TOP.
+	Left *int `json:"l,omitempty"`
 	// Offset is the index of the next row, for rows of groups (GROUP BY).
 	Offset int `json:"o,omitempty"`
 	// Groups is the groupsHash of the rows before Offset.
@@ -523,7 +556,7 @@ var errNotOurToken = errors.New("not a continuation token of this query: " +
 
 // decodeContinuation parses a token and checks that it belongs to the
 // query (its hash) and has the query's kind of position.
-func decodeContinuation(tok, hash string, perTwin bool) (*continuation, error) {
+func decodeContinuation(tok, hash string, perTwin, top bool) (*continuation, error) {
 	b, err := base64.RawURLEncoding.DecodeString(strings.TrimRight(tok, "="))
 	if err != nil {
 		return nil, errNotOurToken
@@ -535,10 +568,10 @@ func decodeContinuation(tok, hash string, perTwin bool) (*continuation, error) {
 		return nil, errNotOurToken
 	}
 	if perTwin {
-		if c.After == nil || c.Offset != 0 || c.Groups != "" {
+		if c.After == nil || c.Offset != 0 || c.Groups != "" || top != (c.Left != nil) || c.Left != nil && *c.Left <= 0 {
 			return nil, errNotOurToken
 		}
-	} else if c.After != nil || c.Offset <= 0 || c.Groups == "" {
+	} else if c.After != nil || c.Left != nil || c.Offset <= 0 || c.Groups == "" {
 		return nil, errNotOurToken
 	}
 	return &c, nil

@@ -6,11 +6,14 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"net/http"
+	"net/http/httptest"
 	"slices"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	apiextensionsv1 "k8s.io/apiextensions-apiserver/pkg/apis/apiextensions/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
@@ -25,8 +28,9 @@ import (
 )
 
 // TestQueryPagesEqualFullRun: reading a query page by page through
-// runQuery (SELECT * and projections from the matches after the
-// continuation point, TOP and groups from the whole result) gives exactly
+// runQuery (SELECT * and projections, with or without TOP, from the
+// matches after the continuation point; groups from the whole result,
+// computed a chunk of twins at a time) gives exactly
 // what running it over the documents of every device at once gives, for
 // random fleets, conditions and page sizes. Some twins want an id another
 // twin holds, and some are being deleted: neither is a device.
@@ -46,6 +50,8 @@ func TestQueryPagesEqualFullRun(t *testing.T) {
 		"SELECT properties.desired FROM devices",
 		"SELECT TOP 5 * FROM devices",
 		"SELECT TOP 3 deviceId FROM devices",
+		"SELECT TOP 11 deviceId, properties.desired AS d FROM devices",
+		"SELECT TOP 0 deviceId FROM devices",
 	}
 	groups := []string{
 		"SELECT tags.plant, COUNT() AS n FROM devices",
@@ -177,7 +183,8 @@ func readPages(t *testing.T, h *Handler, q *query.Query, size, maxBytes, twins i
 		if next == "" {
 			return got
 		}
-		if from, err = decodeContinuation(next, hash, q.PerTwin()); err != nil {
+		_, top := q.Top()
+		if from, err = decodeContinuation(next, hash, q.PerTwin(), top); err != nil {
 			t.Fatalf("%q: token %q: %v", q, next, err)
 		}
 	}
@@ -303,5 +310,50 @@ func BenchmarkQueryPage(b *testing.B) {
 				}
 			})
 		}
+	}
+}
+
+// TestQueryGroupsBound: a query of groups whose groups hold more than the
+// bound (8 pages, at least 1 MiB) is refused with a 400 that says so and
+// what to do, and counted; one of few groups over the same twins is
+// answered. The twins are read a chunk at a time.
+func TestQueryGroupsBound(t *testing.T) {
+	var twins []*v1alpha1.DeviceTwin
+	for i := range 300 {
+		tw := &v1alpha1.DeviceTwin{ObjectMeta: metav1.ObjectMeta{Namespace: "ns", Name: fmt.Sprintf("t%03d", i)}}
+		tw.Spec.DeviceID = tw.Name
+		tw.Spec.Tags = &apiextensionsv1.JSON{Raw: fmt.Appendf(nil, `{"i":%d,"kind":"k%d","blob":"%s"}`, i, i%3, strings.Repeat("x", 10000))}
+		twins = append(twins, tw)
+	}
+	h := &Handler{opts: Options{
+		Namespace: "ns",
+		Twins:     func(context.Context, string) ([]*v1alpha1.DeviceTwin, error) { return slices.Clone(twins), nil },
+		Resolve: func(_ context.Context, id string) (*v1alpha1.DeviceTwin, error) {
+			return twins[slices.IndexFunc(twins, func(t *v1alpha1.DeviceTwin) bool { return t.Spec.DeviceID == id })], nil
+		},
+	}}
+	few, _ := query.Parse("SELECT tags.kind AS kind, COUNT() AS n FROM devices GROUP BY tags.kind")
+	if got := readPages(t, h, few, 10, DefaultMaxQueryPageBytes, len(twins)); len(got) != 3 || !strings.Contains(got[0], `"n":100`) {
+		t.Errorf("GROUP BY tags.kind: %v", got)
+	}
+	many, _ := query.Parse("SELECT COUNT() AS n FROM devices GROUP BY tags")
+	before := testutil.ToFloat64(queriesTooLarge)
+	_, err := h.runQuery(context.Background(), many, queryHash(many), nil, newPage(10, 1000))
+	if !errors.Is(err, errGroupsTooLarge) || !strings.Contains(err.Error(), "more than 1048576 bytes") {
+		t.Fatalf("GROUP BY tags over 3 MB of tags: %v", err)
+	}
+	h.queries = make(chan struct{}, 1)
+	h.opts.MaxBodyBytes, h.opts.MaxQueryPageBytes = 1<<16, 1000
+	req := &request{w: httptest.NewRecorder(), r: httptest.NewRequest(http.MethodPost, "/devices/query",
+		strings.NewReader(`{"query": "SELECT COUNT() AS n FROM devices GROUP BY tags"}`))}
+	rep, aerr := h.query(context.Background(), req)
+	if req.release != nil {
+		req.release()
+	}
+	if aerr == nil || aerr.status != http.StatusBadRequest || !strings.Contains(aerr.msg, "narrow the query") {
+		t.Fatalf("the service API answers %+v, %+v", rep, aerr)
+	}
+	if got := testutil.ToFloat64(queriesTooLarge) - before; got != 1 {
+		t.Errorf("kubetwin_service_queries_too_large_total went up by %v, want 1", got)
 	}
 }

@@ -70,23 +70,32 @@ func TestContinuation(t *testing.T) {
 	if strings.ContainsAny(tok, "+/=;, ") {
 		t.Errorf("token %q is not header-safe base64url", tok)
 	}
-	c, err := decodeContinuation(tok, hash, true)
+	c, err := decodeContinuation(tok, hash, true, false)
 	if err != nil || c.After == nil || c.After.ID != "d;1" {
 		t.Errorf("decode: %+v, %v", c, err)
 	}
+	two, zero := 2, 0
+	withTop := (&continuation{V: continuationVersion, Query: hash, After: &twinKey{ID: "d"}, Left: &two}).encode()
+	if c, err := decodeContinuation(withTop, hash, true, true); err != nil || c.Left == nil || *c.Left != 2 {
+		t.Errorf("decode with TOP: %+v, %v", c, err)
+	}
 	for _, bad := range []struct {
-		tok     string
-		perTwin bool
+		tok          string
+		perTwin, top bool
 	}{
-		{tok, false},
-		{(&continuation{V: continuationVersion, Query: hash, Offset: 3, Groups: "g"}).encode(), true},
-		{(&continuation{V: 1, Query: hash, Offset: 3}).encode(), false},
-		{(&continuation{V: continuationVersion, Query: "other", Offset: 3, Groups: "g"}).encode(), false},
-		{(&continuation{V: continuationVersion, Query: hash, Offset: 3}).encode(), false},
-		{"not base64!", false},
+		{tok, false, false},
+		{tok, true, true},      // TOP without what it still allows
+		{withTop, true, false}, // what TOP allows, for a query without TOP
+		{(&continuation{V: continuationVersion, Query: hash, After: &twinKey{ID: "d"}, Left: &zero}).encode(), true, true},
+		{(&continuation{V: continuationVersion, Query: hash, Offset: 3, Groups: "g"}).encode(), true, false},
+		{(&continuation{V: 1, Query: hash, Offset: 3}).encode(), false, false},
+		{(&continuation{V: continuationVersion, Query: "other", Offset: 3, Groups: "g"}).encode(), false, false},
+		{(&continuation{V: continuationVersion, Query: hash, Offset: 3, Groups: "g", Left: &two}).encode(), false, true},
+		{(&continuation{V: continuationVersion, Query: hash, Offset: 3}).encode(), false, false},
+		{"not base64!", false, false},
 	} {
-		if _, err := decodeContinuation(bad.tok, hash, bad.perTwin); err == nil {
-			t.Errorf("decodeContinuation(%q, perTwin %v): want an error", bad.tok, bad.perTwin)
+		if _, err := decodeContinuation(bad.tok, hash, bad.perTwin, bad.top); err == nil {
+			t.Errorf("decodeContinuation(%q, perTwin %v, top %v): want an error", bad.tok, bad.perTwin, bad.top)
 		}
 	}
 }

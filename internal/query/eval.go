@@ -343,50 +343,6 @@ func evalCall(n *call, doc map[string]any) any {
 	return undefined // aggregates are computed over groups, not here
 }
 
-// aggregate computes an aggregate call over the twins of a group.
-func aggregate(c *call, docs []map[string]any) any {
-	if c.fn.name == "COUNT" {
-		return json.Number(strconv.Itoa(len(docs)))
-	}
-	var (
-		sum   float64
-		count int
-		best  any = undefined
-	)
-	for _, d := range docs {
-		v := eval(c.args[0], d)
-		switch c.fn.name {
-		case "SUM", "AVG":
-			if kindOf(v) == kNumber {
-				sum += toFloat(v)
-				count++
-			}
-		case "MIN", "MAX":
-			if k := kindOf(v); k == kUndefined || k == kObject {
-				continue
-			}
-			if best == undefined {
-				best = v
-				continue
-			}
-			o := orderAny(v, best)
-			if c.fn.name == "MIN" && o < 0 || c.fn.name == "MAX" && o > 0 {
-				best = v
-			}
-		}
-	}
-	switch c.fn.name {
-	case "SUM":
-		return finite(sum)
-	case "AVG":
-		if count == 0 {
-			return undefined
-		}
-		return finite(sum / float64(count))
-	}
-	return best
-}
-
 func finite(f float64) any {
 	if math.IsNaN(f) || math.IsInf(f, 0) {
 		return undefined

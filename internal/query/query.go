@@ -226,40 +226,27 @@ func (q *Query) Run(twins []map[string]any) (Result, error) {
 	switch {
 	case q.star:
 		res.Items = append(res.Items, matched...)
-	case q.groupBy != nil:
-		for _, g := range group(q.groupBy, matched) {
-			res.Items = append(res.Items, q.row(g))
-			res.GroupKeys = append(res.GroupKeys, groupKey(lookup(g[0], q.groupBy.segs)))
-		}
-	case q.aggregates:
-		res.Items = append(res.Items, q.row(matched))
+	case !q.PerTwin():
+		a := q.Aggregate()
+		a.Add(matched)
+		return a.Result(), nil
 	default:
 		for _, t := range matched {
-			res.Items = append(res.Items, q.row([]map[string]any{t}))
+			res.Items = append(res.Items, q.row(t))
 		}
 	}
 	if q.top >= 0 && len(res.Items) > q.top {
 		res.Items = res.Items[:q.top]
-		if res.GroupKeys != nil {
-			res.GroupKeys = res.GroupKeys[:q.top]
-		}
 	}
 	return res, nil
 }
 
-// row builds the projected row of a group of twins (one twin without
-// GROUP BY or aggregates): aggregates over the group, other projections
-// (the GROUP BY path) from its first twin. Undefined values are left out.
-func (q *Query) row(docs []map[string]any) map[string]any {
+// row builds the projected row of one twin (a projection without GROUP
+// BY or aggregates). Undefined values are left out.
+func (q *Query) row(doc map[string]any) map[string]any {
 	r := make(map[string]any, len(q.proj))
 	for _, pr := range q.proj {
-		var v any = undefined
-		if c, ok := pr.x.(*call); ok && c.fn.aggregate {
-			v = aggregate(c, docs)
-		} else if len(docs) > 0 {
-			v = eval(pr.x, docs[0])
-		}
-		if kindOf(v) != kUndefined {
+		if v := eval(pr.x, doc); kindOf(v) != kUndefined {
 			r[pr.name] = v
 		}
 	}
@@ -270,25 +257,6 @@ func (q *Query) row(docs []map[string]any) map[string]any {
 func deviceID(doc map[string]any) string {
 	s, _ := doc["deviceId"].(string)
 	return s
-}
-
-// group splits docs by the value of p, in the order of each group's first
-// twin. Equal primitives share a group (1 and 1.0 too); objects are grouped
-// by their content; twins where p is undefined form one group.
-func group(p *path, docs []map[string]any) [][]map[string]any {
-	index := map[string]int{}
-	var groups [][]map[string]any
-	for _, d := range docs {
-		k := groupKey(lookup(d, p.segs))
-		i, ok := index[k]
-		if !ok {
-			i = len(groups)
-			index[k] = i
-			groups = append(groups, nil)
-		}
-		groups[i] = append(groups[i], d)
-	}
-	return groups
 }
 
 // groupKey returns a string equal for values that group together.

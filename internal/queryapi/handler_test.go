@@ -11,6 +11,7 @@ import (
 	"runtime"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/go-logr/logr"
 	apiextensionsv1 "k8s.io/apiextensions-apiserver/pkg/apis/apiextensions/v1"
@@ -414,6 +415,57 @@ func TestPagedRowsMemory(t *testing.T) {
 	// (the rows, the answer, its copy in the recorder).
 	if alloc := after.TotalAlloc - before.TotalAlloc; alloc > 12*limit {
 		t.Errorf("a part of %d bytes allocated %d bytes: more than 12 times the bound (%d twins of 20 KB rendered at once?)", rec.Body.Len(), alloc, alloc/20000)
+	}
+}
+
+// TestGroupRowsMemory: a query of groups over large twins holds the
+// documents of a chunk of twins at a time, and is refused as too large
+// once its groups hold more than the bound, before it has read the
+// fleet. Held whole, the documents and group keys here are hundreds of
+// megabytes.
+func TestGroupRowsMemory(t *testing.T) {
+	twins := twinscantest.Fleet(8000)
+	for i, tw := range twins {
+		tw.Status.Reported = &apiextensionsv1.JSON{Raw: fmt.Appendf(nil, `{"n":%d,"blob":"%s"}`, i, strings.Repeat("x", 10000))}
+	}
+	const limit = 1 << 20
+	lister := func(context.Context, string) ([]*v1alpha1.DeviceTwin, error) { return twins, nil }
+	h := testHandler(nil, Options{Twins: lister, MaxResponseBytes: limit}, nil)
+	peak := func(f func()) uint64 {
+		var m runtime.MemStats
+		runtime.GC()
+		runtime.ReadMemStats(&m)
+		base, top := m.HeapAlloc, m.HeapAlloc
+		done := make(chan struct{})
+		go func() { f(); close(done) }()
+		for {
+			select {
+			case <-done:
+				return top - base
+			case <-time.After(time.Millisecond):
+				runtime.ReadMemStats(&m)
+				top = max(top, m.HeapAlloc)
+			}
+		}
+	}
+	// Few groups: answered.
+	var rec *httptest.ResponseRecorder
+	held := peak(func() {
+		rec = postQuery(h, "scale", "SELECT tags.deviceType AS t, COUNT() AS n FROM devices GROUP BY tags.deviceType")
+	})
+	if rec.Code != http.StatusCreated || !strings.Contains(rec.Body.String(), `"n":8000`) {
+		t.Fatalf("GROUP BY tags.deviceType: %d %.300s", rec.Code, rec.Body)
+	}
+	// A group per twin, each keyed by its reported properties: refused.
+	held2 := peak(func() {
+		rec = postQuery(h, "scale", "SELECT COUNT() AS n FROM devices GROUP BY properties.reported")
+	})
+	if rec.Code != http.StatusUnprocessableEntity || !strings.Contains(rec.Body.String(), "the groups of the answer hold more than") {
+		t.Fatalf("GROUP BY properties.reported: %d %.300s", rec.Code, rec.Body)
+	}
+	t.Logf("heap held: %d and %d bytes", held, held2)
+	if held > 64<<20 || held2 > 64<<20 {
+		t.Errorf("queries of groups held %d and %d bytes at their peak: more than 64 MiB", held, held2)
 	}
 }
 

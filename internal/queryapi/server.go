@@ -319,10 +319,15 @@ func marshalAnswer(tq *wire.TwinQuery) ([]byte, error) {
 	return append(out, b[at:]...), nil
 }
 
-// tooLargeError: the answer would exceed MaxResponseBytes.
+// tooLargeError: the answer would exceed MaxResponseBytes (after items
+// items; -1: its groups).
 type tooLargeError struct{ items, limit int }
 
 func (e *tooLargeError) Error() string {
+	if e.items < 0 {
+		return fmt.Sprintf("the groups of the answer hold more than this server sends (%d bytes, --query-api-max-response-bytes): "+
+			"narrow the query (WHERE, or GROUP BY a path with fewer values)", e.limit)
+	}
 	return fmt.Sprintf("the answer is larger than this server sends (%d bytes, --query-api-max-response-bytes) after %d items: "+
 		"narrow the query (WHERE, TOP n, or a projection instead of SELECT *)", e.limit, e.items)
 }
@@ -417,74 +422,99 @@ func (h *Handler) answer(ctx context.Context, q *query.Query, ns string, pg page
 			twins = append(twins, t)
 		}
 	}
-	star := q.ItemType() == query.ItemTypeTwin
-	if !star && q.PerTwin() {
+	switch {
+	case !q.PerTwin():
+		return h.groupRows(q, twins)
+	case q.ItemType() != query.ItemTypeTwin:
 		return h.pagedRows(q, twins, pg)
 	}
-	paths := q.Paths()
-	if star {
-		paths = q.WherePaths() // the documents returned are rendered whole
-	}
-	cands := twinscan.Matches(q, twinscan.NewPartial(paths), twins, !star)
+	cands := twinscan.Matches(q, twinscan.NewPartial(q.WherePaths()), twins, false) // the documents are rendered whole
 	slices.SortFunc(cands, func(a, b twinscan.Match) int {
 		return cmp.Or(strings.Compare(a.DeviceID, b.DeviceID), strings.Compare(a.Twin.Namespace, b.Twin.Namespace), strings.Compare(a.Twin.Name, b.Twin.Name))
 	})
 
 	st := &wire.TwinQueryStatus{ItemType: q.ItemType(), Items: []json.RawMessage{}, Evaluated: len(twins)}
+	n, left := len(cands), -1
+	if top, ok := q.Top(); ok {
+		left = top
+	}
+	if pg.after != nil {
+		left = pg.after.Left
+	}
+	if left >= 0 {
+		n = min(n, left)
+	}
+	// The documents are rendered one after another into out, and the
+	// items are slices of it: one buffer, not one per twin.
+	var (
+		out   []byte
+		ends  []int
+		total int
+	)
+	for i, c := range cands[:n] {
+		start := len(out)
+		out = hubtwin.AppendJSON(out, c.Twin)
+		if total += len(out) - start + 1; total > h.o.MaxResponseBytes {
+			if !pg.paged || i == 0 {
+				return nil, &tooLargeError{items: i, limit: h.o.MaxResponseBytes}
+			}
+			last := cands[i-1]
+			k := pageKey{DeviceID: last.DeviceID, Namespace: last.Twin.Namespace, Name: last.Twin.Name, Left: -1}
+			if left >= 0 {
+				k.Left = left - i
+			}
+			st.Continue = k.token()
+			out = out[:start]
+			break
+		}
+		if i == 0 {
+			// Room for the rest, as large as the first, within the bound.
+			out = slices.Grow(out, min(h.o.MaxResponseBytes, len(out)*n)-len(out))
+		}
+		ends = append(ends, len(out))
+		st.Twins = append(st.Twins, wire.TwinRef{Namespace: c.Twin.Namespace, Name: c.Twin.Name, InSync: inSync(c.Twin)})
+	}
+	st.Items = make([]json.RawMessage, len(ends))
+	start := 0
+	for i, end := range ends {
+		st.Items[i] = out[start:end:end]
+		start = end
+	}
+	return st, nil
+}
+
+// groupsChunk is how many twins a query of groups (GROUP BY, aggregates)
+// evaluates at a time: their partial documents are held for a chunk only
+// (for GROUP BY properties, whole documents).
+const groupsChunk = 256
+
+// groupRows answers a query whose rows are of groups of twins: the twins
+// are added to the groups a chunk at a time, in the answer's order, and
+// the groups are refused as too large once they hold more than the bound
+// (the answer would be larger still).
+func (h *Handler) groupRows(q *query.Query, twins []*v1alpha1.DeviceTwin) (*wire.TwinQueryStatus, error) {
+	keyed := sortedTwins(twins)
+	partial := twinscan.NewPartial(q.Paths())
+	a := q.Aggregate()
+	chunk := make([]*v1alpha1.DeviceTwin, 0, groupsChunk)
+	docs := make([]map[string]any, 0, groupsChunk)
+	for at := 0; at < len(keyed); at += groupsChunk {
+		chunk = chunk[:0]
+		for _, k := range keyed[at:min(at+groupsChunk, len(keyed))] {
+			chunk = append(chunk, k.Twin)
+		}
+		docs = docs[:0]
+		for _, c := range twinscan.Matches(q, partial, chunk, true) {
+			docs = append(docs, c.Doc)
+		}
+		a.Add(docs)
+		if a.Size() > h.o.MaxResponseBytes {
+			return nil, &tooLargeError{items: -1, limit: h.o.MaxResponseBytes}
+		}
+	}
+	res := a.Result()
+	st := &wire.TwinQueryStatus{ItemType: q.ItemType(), Items: []json.RawMessage{}, Evaluated: len(twins), GroupKeys: res.GroupKeys}
 	enc := newItemEncoder(h.o.MaxResponseBytes)
-	if star {
-		n, left := len(cands), -1
-		if top, ok := q.Top(); ok {
-			left = top
-		}
-		if pg.after != nil {
-			left = pg.after.Left
-		}
-		if left >= 0 {
-			n = min(n, left)
-		}
-		// The documents are rendered one after another into out, and the
-		// items are slices of it: one buffer, not one per twin.
-		var (
-			out   []byte
-			ends  []int
-			total int
-		)
-		for i, c := range cands[:n] {
-			start := len(out)
-			out = hubtwin.AppendJSON(out, c.Twin)
-			if total += len(out) - start + 1; total > h.o.MaxResponseBytes {
-				if !pg.paged || i == 0 {
-					return nil, &tooLargeError{items: i, limit: h.o.MaxResponseBytes}
-				}
-				last := cands[i-1]
-				k := pageKey{DeviceID: last.DeviceID, Namespace: last.Twin.Namespace, Name: last.Twin.Name, Left: -1}
-				if left >= 0 {
-					k.Left = left - i
-				}
-				st.Continue = k.token()
-				out = out[:start]
-				break
-			}
-			if i == 0 {
-				// Room for the rest, as large as the first, within the bound.
-				out = slices.Grow(out, min(h.o.MaxResponseBytes, len(out)*n)-len(out))
-			}
-			ends = append(ends, len(out))
-			st.Twins = append(st.Twins, wire.TwinRef{Namespace: c.Twin.Namespace, Name: c.Twin.Name, InSync: inSync(c.Twin)})
-		}
-		st.Items = make([]json.RawMessage, len(ends))
-		start := 0
-		for i, end := range ends {
-			st.Items[i] = out[start:end:end]
-			start = end
-		}
-		return st, nil
-	}
-	res, err := run(q, cands)
-	if err != nil {
-		return nil, err
-	}
 	for _, it := range res.Items {
 		b, err := enc.encode(it)
 		if err != nil {
@@ -492,8 +522,20 @@ func (h *Handler) answer(ctx context.Context, q *query.Query, ns string, pg page
 		}
 		st.Items = append(st.Items, b)
 	}
-	st.GroupKeys = res.GroupKeys
 	return st, nil
+}
+
+// sortedTwins returns twins with their device ids, in the answer's order:
+// by device id, namespace and name.
+func sortedTwins(twins []*v1alpha1.DeviceTwin) []twinscan.Match {
+	keyed := make([]twinscan.Match, len(twins))
+	for i, t := range twins {
+		keyed[i] = twinscan.Match{Twin: t, DeviceID: hubtwin.DeviceID(t)}
+	}
+	slices.SortFunc(keyed, func(a, b twinscan.Match) int {
+		return cmp.Or(strings.Compare(a.DeviceID, b.DeviceID), strings.Compare(a.Twin.Namespace, b.Twin.Namespace), strings.Compare(a.Twin.Name, b.Twin.Name))
+	})
+	return keyed
 }
 
 // rowsChunk is the most twins a projection without groups evaluates at a
@@ -512,13 +554,7 @@ const minRowsChunk = 16
 // sends, not a pass over the rest of the fleet.
 func (h *Handler) pagedRows(q *query.Query, twins []*v1alpha1.DeviceTwin, pg page) (*wire.TwinQueryStatus, error) {
 	st := &wire.TwinQueryStatus{ItemType: q.ItemType(), Items: []json.RawMessage{}, Evaluated: len(twins)}
-	keyed := make([]twinscan.Match, len(twins))
-	for i, t := range twins {
-		keyed[i] = twinscan.Match{Twin: t, DeviceID: hubtwin.DeviceID(t)}
-	}
-	slices.SortFunc(keyed, func(a, b twinscan.Match) int {
-		return cmp.Or(strings.Compare(a.DeviceID, b.DeviceID), strings.Compare(a.Twin.Namespace, b.Twin.Namespace), strings.Compare(a.Twin.Name, b.Twin.Name))
-	})
+	keyed := sortedTwins(twins)
 	left := -1 // the rows TOP allows
 	if top, ok := q.Top(); ok {
 		left = top
