@@ -151,7 +151,7 @@ func checkCells(t testing.TB, raw []byte) {
 	if err != nil {
 		t.Fatalf("%s: %v", raw, err)
 	}
-	if got, want := string(appendCell(nil, bytes.TrimSpace(raw))), cell(map[string]any(doc)); got != want {
+	if got, want := string(appendCell(nil, bytes.TrimSpace(raw))), cell(doc); got != want {
 		t.Fatalf("%q: cell %s, decoded %s", raw, got, want)
 	}
 	eachMember(raw, func(key, val []byte) {

@@ -147,13 +147,15 @@ func rootMembers(doc []byte, keys []string, vals *[][]byte) error {
 		if err != nil {
 			return err
 		}
-		k := -1
+		var k int
 		if plain {
-			k = slices.Index(keys, string(doc[i+1:kEnd-1]))
-		} else if key, ok := unquote(doc[i:kEnd]); ok {
-			k = slices.Index(keys, key)
+			k = slices.IndexFunc(keys, func(key string) bool { return key == string(doc[i+1:kEnd-1]) }) // no copy
 		} else {
-			return errMalformed
+			key, ok := unquote(doc[i:kEnd])
+			if !ok {
+				return errMalformed
+			}
+			k = slices.Index(keys, key)
 		}
 		i = skipSpace(doc, kEnd)
 		if i >= len(doc) || doc[i] != ':' {

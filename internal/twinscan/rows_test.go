@@ -60,7 +60,7 @@ func TestRowsAsRun(t *testing.T) {
 			if err != nil {
 				t.Fatalf("%s on %s: the row is not a JSON object: %v\n%s", text, tw.Name, err, b[1:])
 			}
-			if want := res.Items[0]; !reflect.DeepEqual(map[string]any(got), want) {
+			if want := res.Items[0]; !reflect.DeepEqual(got, want) {
 				t.Errorf("%s on %s: Rows writes\n%s\nRun gives\n%s", text, tw.Name, b[1:], twin.Encode(want))
 			}
 			checked++
