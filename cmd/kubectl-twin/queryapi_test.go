@@ -3,11 +3,13 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"reflect"
 	"strings"
 	"testing"
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"sigs.k8s.io/yaml"
 
 	"github.com/kubetwin/kubetwin/internal/queryapi/queryapitest"
 	"github.com/kubetwin/kubetwin/internal/queryapi/wire"
@@ -43,7 +45,7 @@ func TestQueryAPI(t *testing.T) {
 	compared := 0
 	for _, scope := range [][]string{nil, {"-A"}} {
 		for _, ex := range examples {
-			for _, format := range []string{"json", "wide"} {
+			for _, format := range []string{"json", "wide", "yaml"} {
 				args := append(append([]string{"-o", format}, scope...), ex.Query)
 				want := ok(t, append([]string{"query", "--via", "list"}, args...)...)
 				got := ok(t, append([]string{"query", "--verbose"}, args...)...)
@@ -208,14 +210,28 @@ func TestQueryAPIParts(t *testing.T) {
 	}
 	t.Cleanup(func() { _ = api.Stop(ctx, testEnv.Config) })
 
-	for _, q := range []string{star, "SELECT TOP 5 * FROM devices WHERE IS_DEFINED(tags)"} {
-		want := ok(t, "query", "-A", "-o", "json", "--via", "list", q)
-		got := ok(t, "query", "-A", "-o", "json", "--verbose", q)
+	for _, c := range []struct{ q, output string }{
+		{star, "json"}, {"SELECT TOP 5 * FROM devices WHERE IS_DEFINED(tags)", "json"}, {star, "yaml"}, {projection, "yaml"},
+	} {
+		q := c.q
+		want := ok(t, "query", "-A", "-o", c.output, "--via", "list", q)
+		got := ok(t, "query", "-A", "-o", c.output, "--verbose", q)
 		if !strings.Contains(got.stderr, "answered by the query API") || !strings.Contains(got.stderr, " parts (the answer is larger than the operator sends at once)") {
 			t.Fatalf("%q over a bound of %d bytes: --verbose says %s", q, limit, got.stderr)
 		}
 		if got.stdout != want.stdout {
 			t.Errorf("%q: the parts give\n%s\nlisting gives\n%s", q, got.stdout, want.stdout)
+		}
+		if c.output == "yaml" {
+			// The same items as -o json (both ways give the same YAML).
+			asJSON, err := yaml.YAMLToJSON([]byte(got.stdout))
+			var fromYAML, fromJSON any
+			if err == nil {
+				err = json.Unmarshal(asJSON, &fromYAML)
+			}
+			if err != nil || json.Unmarshal([]byte(ok(t, "query", "-A", "-o", "json", q).stdout), &fromJSON) != nil || !reflect.DeepEqual(fromYAML, fromJSON) {
+				t.Errorf("%q: -o yaml (%v) does not hold the items of -o json:\n%.500s", q, err, got.stdout)
+			}
 		}
 	}
 	// A projection without groups comes in parts as well; rows of groups

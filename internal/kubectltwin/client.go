@@ -318,7 +318,7 @@ type QueryAPI struct {
 	// Group is the API group.
 	Group string
 	// KeepRaw: the items are kept as they came (Answer.Raw), not decoded
-	// (Items, and each Twin's Doc, are nil): for -o json and tables.
+	// (Items, and each Twin's Doc, are nil).
 	KeepRaw bool
 	// Sink, with KeepRaw, takes the items part by part instead:
 	// it writes one part while the next is asked for (Answer.Streamed

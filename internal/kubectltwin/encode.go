@@ -2,6 +2,7 @@ package kubectltwin
 
 import (
 	"bytes"
+	"cmp"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -10,10 +11,12 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"unicode/utf8"
 
 	"go.yaml.in/yaml/v3"
 
 	"github.com/kubetwin/kubetwin/internal/query"
+	"github.com/kubetwin/kubetwin/internal/twin"
 )
 
 // Documents are written with their members in a fixed order, so a twin
@@ -144,11 +147,13 @@ func (r *rawList) close() error { return r.l.close() }
 
 // listWriter writes a JSON list of documents a batch at a time (a whole
 // fleet is not held twice), the documents of a batch written on every
-// core, a buffer per core.
+// core, a buffer per core. With yaml, it writes a YAML list: each
+// document writes its own "- " and indentation.
 type listWriter struct {
 	w    io.Writer
 	n    int // documents written
 	bufs []bytes.Buffer
+	yaml bool
 }
 
 func newListWriter(w io.Writer) *listWriter {
@@ -170,12 +175,13 @@ func (l *listWriter) write(n int, write func(k int, b *bytes.Buffer, i int)) err
 			first := l.n == 0 && from == 0
 			wg.Go(func() {
 				for i := from; i < to; i++ {
-					if i > from || !first {
-						b.WriteString(",\n")
-					} else {
-						b.WriteString("[\n")
+					switch {
+					case l.yaml:
+					case i > from || !first:
+						b.WriteString(",\n" + jsonIndent)
+					default:
+						b.WriteString("[\n" + jsonIndent)
 					}
-					b.WriteString(jsonIndent)
 					write(k, b, i)
 				}
 			})
@@ -194,8 +200,11 @@ func (l *listWriter) write(n int, write func(k int, b *bytes.Buffer, i int)) err
 // close ends the list.
 func (l *listWriter) close() error {
 	end := "\n]\n"
-	if l.n == 0 {
+	switch {
+	case l.n == 0:
 		end = "[]\n"
+	case l.yaml:
+		return nil
 	}
 	_, err := io.WriteString(l.w, end)
 	return err
@@ -299,6 +308,95 @@ func keysOf(m map[string]any) []string {
 		keys = append(keys, k)
 	}
 	return keys
+}
+
+// yamlList writes a YAML list of documents, added as they come, as
+// encodeYAML writes the whole list: each document is encoded on its own,
+// on every core, and indented into the list ("- " before its first line).
+// A whole fleet as one YAML tree took a minute and gigabytes.
+type yamlList struct {
+	l     *listWriter
+	order orderFunc
+	mu    sync.Mutex
+	err   error // the first
+}
+
+func newYAMLList(w io.Writer, order orderFunc) *yamlList {
+	l := newListWriter(w)
+	l.yaml = true
+	return &yamlList{l: l, order: order}
+}
+
+// add writes items (valid JSON objects, as the query API sends them)
+// after those added before.
+func (y *yamlList) add(items []json.RawMessage) error {
+	return y.write(len(items), func(i int) (map[string]any, error) { return twin.DecodeValid(items[i]) })
+}
+
+// addDocs writes docs after those added before.
+func (y *yamlList) addDocs(docs []map[string]any) error {
+	return y.write(len(docs), func(i int) (map[string]any, error) { return docs[i], nil })
+}
+
+func (y *yamlList) write(n int, doc func(i int) (map[string]any, error)) error {
+	err := y.l.write(n, func(_ int, b *bytes.Buffer, i int) {
+		d, err := doc(i)
+		if err == nil {
+			err = writeYAMLItem(b, d, y.order)
+		}
+		if err != nil {
+			y.mu.Lock()
+			y.err = cmp.Or(y.err, err)
+			y.mu.Unlock()
+		}
+	})
+	return cmp.Or(y.err, err)
+}
+
+// close ends the list.
+func (y *yamlList) close() error { return y.l.close() }
+
+// writeYAMLItem writes doc as an item of a YAML list.
+func writeYAMLItem(b *bytes.Buffer, doc map[string]any, order orderFunc) error {
+	var one bytes.Buffer
+	enc := yaml.NewEncoder(&one)
+	enc.SetIndent(2)
+	if err := enc.Encode(yamlNode(doc, order, nil)); err != nil {
+		return err
+	}
+	if err := enc.Close(); err != nil {
+		return err
+	}
+	// Indented as yaml writes it inside the list: two more spaces after
+	// each line break (in YAML, also \r, NEL, U+2028 and U+2029, which
+	// quoted strings may hold) that content follows.
+	out := one.Bytes()
+	breaks := "\n"
+	if bytes.ContainsAny(out, yamlBreaks) {
+		breaks = yamlBreaks
+	}
+	b.WriteString("- ")
+	for len(out) > 0 {
+		i := bytes.IndexAny(out, breaks)
+		if i < 0 {
+			b.Write(out)
+			break
+		}
+		_, n := utf8.DecodeRune(out[i:])
+		b.Write(out[:i+n])
+		if out = out[i+n:]; len(out) > 0 && !strings.ContainsRune(yamlBreaks, firstRune(out)) {
+			b.WriteString("  ")
+		}
+	}
+	return nil
+}
+
+// yamlBreaks are YAML's line breaks.
+const yamlBreaks = "\n\r\u0085\u2028\u2029"
+
+func firstRune(b []byte) rune {
+	r, _ := utf8.DecodeRune(b)
+	return r
 }
 
 // encodeYAML writes v as YAML, objects ordered by order.

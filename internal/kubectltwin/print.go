@@ -1,6 +1,7 @@
 package kubectltwin
 
 import (
+	"cmp"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -238,12 +239,12 @@ func printResult(w io.Writer, ans *Answer, columns []string, format string, o ta
 		}
 		return printJSON(w, ans.Items, itemOrder(ans.ItemType, columns))
 	case outputYAML:
-		data, err := encodeYAML(ans.Items, itemOrder(ans.ItemType, columns))
-		if err != nil {
-			return err
+		l := newYAMLList(w, itemOrder(ans.ItemType, columns))
+		err := l.addDocs(ans.Items)
+		if ans.Raw != nil { // QueryAPI.KeepRaw
+			err = l.add(ans.Raw)
 		}
-		_, err = w.Write(data)
-		return err
+		return cmp.Or(err, l.close())
 	default:
 		o.wide = format == outputWide
 		if ans.ItemType == query.ItemTypeTwin {

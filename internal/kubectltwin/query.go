@@ -142,11 +142,12 @@ func newQueryCommand(o *options) *cobra.Command {
 			// Buffered: a table's writer writes every cell on its own.
 			out := bufio.NewWriterSize(o.streams.Out, 64<<10)
 			// -o json of an answer of the query API is written from its
-			// bytes, part by part, each while the next is asked for; the
-			// cells of a table of rows are made likewise, and a table of
-			// twins decodes only its columns.
+			// bytes, part by part, each while the next is asked for; -o
+			// yaml and the cells of a table of rows likewise, and a table
+			// of twins decodes only its columns.
 			var (
 				list  *rawList
+				ylist *yamlList
 				cells *rowCells
 				sink  func([]json.RawMessage) error
 			)
@@ -154,12 +155,15 @@ func newQueryCommand(o *options) *cobra.Command {
 			case output == outputJSON:
 				list = newRawList(out, itemOrder(q.ItemType(), q.Columns()), itemSorted(q.ItemType()))
 				sink = list.add
-			case output != outputYAML && q.ItemType() == query.ItemTypeRaw:
+			case output == outputYAML:
+				ylist = newYAMLList(out, itemOrder(q.ItemType(), q.Columns()))
+				sink = ylist.add
+			case q.ItemType() == query.ItemTypeRaw:
 				cells = &rowCells{columns: q.Columns()}
 				sink = cells.add
 			}
 			start := time.Now()
-			ans, note, err := o.execute(cmd.Context(), ns, q, chunkSize, via, output != outputYAML, sink)
+			ans, note, err := o.execute(cmd.Context(), ns, q, chunkSize, via, sink)
 			if err != nil {
 				_ = out.Flush() // what was written of the answer
 				return err
@@ -174,6 +178,8 @@ func newQueryCommand(o *options) *cobra.Command {
 			switch {
 			case ans.Streamed > 0 && list != nil:
 				err = list.close()
+			case ans.Streamed > 0 && ylist != nil:
+				err = ylist.close()
 			case ans.Streamed > 0:
 				err = cells.print(out, tableOptions{noHeaders: noHeaders})
 			default:
@@ -199,9 +205,9 @@ func newQueryCommand(o *options) *cobra.Command {
 	return cmd
 }
 
-// execute answers q the way via says (with raw, the items of the query
-// API's answer are kept as they came: Answer.Raw, or given to sink when
-// it is not nil, QueryAPI.Sink); with auto, it uses the query API
+// execute answers q the way via says (the items of the query API's
+// answer are kept as they came: Answer.Raw, or given to sink when it is
+// not nil, QueryAPI.Sink); with auto, it uses the query API
 // when kube-apiserver serves it and lists otherwise, or when the API
 // cannot answer (too large an answer, a namespace its operator does not
 // watch, RBAC). The note says why it listed.
@@ -210,14 +216,14 @@ func newQueryCommand(o *options) *cobra.Command {
 // first, then the cluster's query API (wire.Group). Over every namespace
 // without the latter, a query is answered from the twins the shards match
 // and a listing of the other namespaces (ExecuteShards).
-func (o *options) execute(ctx context.Context, ns string, q *query.Query, chunkSize int64, via string, raw bool, sink func([]json.RawMessage) error) (*Answer, string, error) {
+func (o *options) execute(ctx context.Context, ns string, q *query.Query, chunkSize int64, via string, sink func([]json.RawMessage) error) (*Answer, string, error) {
 	cfg, err := o.config.ToRESTConfig()
 	if err != nil {
 		return nil, "", err
 	}
 	var note string
 	if via != ViaList {
-		ans, why, err := executeAPI(ctx, cfg, ns, q, raw, sink)
+		ans, why, err := executeAPI(ctx, cfg, ns, q, sink)
 		var after *afterOutputError
 		switch {
 		case ans != nil:
@@ -256,7 +262,7 @@ func (o *options) execute(ctx context.Context, ns string, q *query.Query, chunkS
 // first (when ns is set), then wire.Group. It returns the first answer;
 // else why none answered and, when a served API refused the query, its
 // error (the last one).
-func executeAPI(ctx context.Context, cfg *rest.Config, ns string, q *query.Query, raw bool, sink func([]json.RawMessage) error) (*Answer, string, error) {
+func executeAPI(ctx context.Context, cfg *rest.Config, ns string, q *query.Query, sink func([]json.RawMessage) error) (*Answer, string, error) {
 	groups := []string{wire.Group}
 	if ns != "" {
 		groups = []string{wire.ShardGroup(ns), wire.Group}
@@ -270,7 +276,7 @@ func executeAPI(ctx context.Context, cfg *rest.Config, ns string, q *query.Query
 		if err != nil {
 			return nil, "", err
 		}
-		api.KeepRaw, api.Sink = raw, sink
+		api.KeepRaw, api.Sink = true, sink
 		served, reason := api.Served(ctx)
 		if !served {
 			// A shard group that is not installed is the common case: the

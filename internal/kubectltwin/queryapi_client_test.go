@@ -141,7 +141,7 @@ func TestQueryAPIExecuteParts(t *testing.T) {
 	got, failAt = nil, 4 // after two discovery requests and the first part
 	q, _ := query.Parse("SELECT * FROM devices")
 	requests.Store(0)
-	_, why, err := executeAPI(ctx, &rest.Config{Host: srv.URL}, "scale", q, true, api.Sink)
+	_, why, err := executeAPI(ctx, &rest.Config{Host: srv.URL}, "scale", q, api.Sink)
 	var after *afterOutputError
 	if !errors.As(err, &after) || len(got) == 0 || why != "" {
 		t.Errorf("a part failing after the sink took %d items: error %v (%T), why %q; want an *afterOutputError", len(got), err, err, why)

@@ -2,7 +2,9 @@ package kubectltwin
 
 import (
 	"bytes"
+	"cmp"
 	"encoding/json"
+	"strings"
 	"testing"
 
 	"github.com/go-json-experiment/json/jsontext"
@@ -24,6 +26,8 @@ var rawCases = []string{
 	`{"properties":[{"desired":1,"$version":2}],"k\u0041ey":"\u2028\ud83d\ude00","e":-1.5e+10,"n":0,"f":false,"s":"<&>"}`,
 	`{"a":[[],[{}],[[1,2],"x"]],"deviceId":{"deviceId":1,"etag":2}}`,
 	`{"e":"","arr":[{"b":"<x>","a":1}],"o":{"b":[{"z":"\u00e9","a":"<"}],"a\u00e9":null,"A":true,"a":1E+2}}`,
+	`{"multi":"line 1\n\n  line 3\n","trail":"x ","lead":" y","colon":"a: b","hash":"#c","dash":"- d","yes":"yes","num":"1.5","null":"null","empty":{}}`,
+	`{"` + strings.Repeat("k", 200) + `":{"` + strings.Repeat("j", 130) + `":[{},[],"\t"]},"tags":{"a":{"b":{"c":[1,[2,{"d":"e\nf"}]]}}}}`,
 }
 
 // rowColumns are the columns of a projection rawCases are taken as rows of.
@@ -73,6 +77,45 @@ func TestRawJSONAsDecoded(t *testing.T) {
 	}
 	checkRaw(t, "rows", raws[:len(rawCases)], rowOrder(rowColumns), rowSorted)
 	checkRaw(t, "twins", raws, twinDocOrder, twinSorted)
+}
+
+// TestYAMLListAsEncodeYAML: -o yaml written a document at a time, from
+// the query API's parts or from decoded documents, is byte for byte the
+// whole list encoded as one YAML tree.
+func TestYAMLListAsEncodeYAML(t *testing.T) {
+	var raws []json.RawMessage
+	for _, c := range rawCases {
+		raws = append(raws, json.RawMessage(c))
+	}
+	for _, tw := range twinscantest.Fleet(300) {
+		raws = append(raws, hubtwin.AppendJSON(nil, tw))
+	}
+	docs := make([]map[string]any, len(raws))
+	for i, r := range raws {
+		docs[i], _ = twin.Decode(r)
+	}
+	for _, order := range []orderFunc{twinDocOrder, rowOrder(rowColumns)} {
+		for _, n := range []int{0, 1, len(rawCases), len(raws)} {
+			want, err := encodeYAML(docs[:n], order)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var fromRaw, fromDocs bytes.Buffer
+			l := newYAMLList(&fromRaw, order)
+			for at := 0; at < n; at += 100 { // parts, as the query API sends them
+				if err := l.add(raws[at:min(at+100, n)]); err != nil {
+					t.Fatal(err)
+				}
+			}
+			d := newYAMLList(&fromDocs, order)
+			if err := cmp.Or(l.close(), d.addDocs(docs[:n]), d.close()); err != nil {
+				t.Fatal(err)
+			}
+			if fromRaw.String() != string(want) || fromDocs.String() != string(want) {
+				t.Errorf("%d documents: the YAML list differs from encodeYAML's:\n%.600s\n%.600s\nwant\n%.600s", n, fromRaw.String(), fromDocs.String(), want)
+			}
+		}
+	}
 }
 
 // checkRaw checks items written raw against them decoded, one by one and
@@ -140,6 +183,14 @@ func FuzzRawJSON(f *testing.F) {
 			t.Fatalf("%q as a row:\nraw     %s\ndecoded %s", data, got, want)
 		}
 		checkCells(t, data)
+		doc, _ := twin.Decode(data)
+		var got bytes.Buffer
+		if err := writeYAMLItem(&got, doc, twinDocOrder); err != nil {
+			t.Fatal(err)
+		}
+		if want, _ := encodeYAML([]map[string]any{doc}, twinDocOrder); got.String() != string(want) {
+			t.Fatalf("%q as a YAML item:\n%s\nwant\n%s", data, got.String(), want)
+		}
 	})
 }
 
