@@ -107,7 +107,7 @@ func planTwin(t *v1alpha1.DeviceTwin, cfgs []*compiled, owned map[string]ownersh
 func keptLeaves(o ownership, desired twin.Doc) []leaf {
 	var out []leaf
 	for _, segs := range o.paths {
-		if v, ok := valueAt(desired, segs); ok {
+		if v, ok := twin.ValueAt(desired, segs); ok {
 			out = append(out, leaf{segs: segs, value: v})
 		}
 	}
@@ -130,7 +130,7 @@ func hasCurrent(c *compiled, o ownership, desired twin.Doc) bool {
 		if !ok {
 			return false
 		}
-		v, ok := valueAt(desired, segs)
+		v, ok := twin.ValueAt(desired, segs)
 		if !ok || !sameValue(v, w) {
 			return false
 		}
@@ -156,7 +156,7 @@ func settled(a twinApply, o ownership, t *v1alpha1.DeviceTwin, desired twin.Doc)
 		if _, ok := o.paths[l.key()]; !ok {
 			return false
 		}
-		v, ok := valueAt(desired, l.segs)
+		v, ok := twin.ValueAt(desired, l.segs)
 		if !ok || !sameValue(v, l.value) {
 			return false
 		}

@@ -354,21 +354,6 @@ func fieldLeaves(prefix []string, raw json.RawMessage, out map[string][]string) 
 	}
 }
 
-// valueAt returns the value at segs in d.
-func valueAt(d twin.Doc, segs []string) (any, bool) {
-	var v any = d
-	for _, s := range segs {
-		m, ok := v.(map[string]any)
-		if !ok {
-			return nil, false
-		}
-		if v, ok = m[s]; !ok {
-			return nil, false
-		}
-	}
-	return v, true
-}
-
 // sameValue compares two twin values (numbers by value).
 func sameValue(a, b any) bool { return twin.Equal(twin.Doc{"v": a}, twin.Doc{"v": b}) }
 

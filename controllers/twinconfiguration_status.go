@@ -165,11 +165,11 @@ func reportsBack(o ownership, t *v1alpha1.DeviceTwin, desired twin.Doc) bool {
 		return false
 	}
 	for _, segs := range o.paths {
-		want, ok := valueAt(desired, segs)
+		want, ok := twin.ValueAt(desired, segs)
 		if !ok {
 			return false
 		}
-		got, ok := valueAt(reported, segs)
+		got, ok := twin.ValueAt(reported, segs)
 		if !ok || !sameValue(got, want) {
 			return false
 		}

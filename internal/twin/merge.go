@@ -166,3 +166,20 @@ func Delta(desired, reported Doc) (Doc, int) {
 	}
 	return delta, count
 }
+
+// ValueAt returns the value at path in d (the keys from d down), and
+// whether there is one: a missing key, or a value on the way that is not
+// an object, has none.
+func ValueAt(d Doc, path []string) (any, bool) {
+	var v any = d
+	for _, k := range path {
+		m, ok := v.(map[string]any)
+		if !ok {
+			return nil, false
+		}
+		if v, ok = m[k]; !ok {
+			return nil, false
+		}
+	}
+	return v, true
+}

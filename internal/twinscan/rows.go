@@ -101,27 +101,11 @@ func (r *Rows) appendRaw(b []byte, sc *RowScratch) ([]byte, error) {
 func (r *Rows) appendDecoded(b []byte, doc map[string]any) []byte {
 	row := twin.Doc{}
 	for _, c := range r.cols {
-		if v, ok := lookup(doc, c.path); ok {
+		if v, ok := twin.ValueAt(doc, c.path); ok {
 			row[c.name] = v
 		}
 	}
 	return append(b, twin.Encode(row)...)
-}
-
-// lookup returns the value at path p of doc, as the query's evaluator
-// looks it up.
-func lookup(doc map[string]any, p []string) (any, bool) {
-	var v any = doc
-	for _, k := range p {
-		m, ok := v.(map[string]any)
-		if !ok {
-			return nil, false
-		}
-		if v, ok = m[k]; !ok {
-			return nil, false
-		}
-	}
-	return v, true
 }
 
 // rootMembers sets (*vals)[i] to the raw value of the member keys[i] of
