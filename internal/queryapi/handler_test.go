@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/go-logr/logr"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	apiextensionsv1 "k8s.io/apiextensions-apiserver/pkg/apis/apiextensions/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apiserver/pkg/authentication/authenticator"
@@ -456,12 +457,17 @@ func TestGroupRowsMemory(t *testing.T) {
 	if rec.Code != http.StatusCreated || !strings.Contains(rec.Body.String(), `"n":8000`) {
 		t.Fatalf("GROUP BY tags.deviceType: %d %.300s", rec.Code, rec.Body)
 	}
-	// A group per twin, each keyed by its reported properties: refused.
+	// A group per twin, each keyed by its reported properties: refused,
+	// and counted.
+	refused := testutil.ToFloat64(responsesTooLarge)
 	held2 := peak(func() {
 		rec = postQuery(h, "scale", "SELECT COUNT() AS n FROM devices GROUP BY properties.reported")
 	})
 	if rec.Code != http.StatusUnprocessableEntity || !strings.Contains(rec.Body.String(), "the groups of the answer hold more than") {
 		t.Fatalf("GROUP BY properties.reported: %d %.300s", rec.Code, rec.Body)
+	}
+	if got := testutil.ToFloat64(responsesTooLarge) - refused; got != 1 {
+		t.Errorf("kubetwin_queryapi_responses_too_large_total went up by %v, want 1", got)
 	}
 	t.Logf("heap held: %d and %d bytes", held, held2)
 	if held > 64<<20 || held2 > 64<<20 {

@@ -38,10 +38,11 @@ var (
 	})
 
 	// responsesTooLarge is kubetwin_queryapi_responses_too_large_total:
-	// answers refused for exceeding --query-api-max-response-bytes.
+	// answers refused for exceeding --query-api-max-response-bytes (or
+	// whose groups held more while they were computed).
 	responsesTooLarge = prometheus.NewCounter(prometheus.CounterOpts{
 		Namespace: "kubetwin", Subsystem: "queryapi", Name: "responses_too_large_total",
-		Help: "Queries of the query.kubetwin.io API refused because the answer exceeded --query-api-max-response-bytes.",
+		Help: "Queries of the query.kubetwin.io API refused because the answer, or its groups while they were computed, exceeded --query-api-max-response-bytes.",
 	})
 )
 
