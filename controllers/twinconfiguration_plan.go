@@ -228,12 +228,12 @@ func (ec *evalCache) entry(t *v1alpha1.DeviceTwin) *evalEntry {
 // result must not be changed.
 func (ec *evalCache) managed(t *v1alpha1.DeviceTwin) map[string]ownership {
 	ec.mu.Lock()
-	if e := ec.entry(t); e.owned != nil {
-		ec.mu.Unlock()
-		return e.owned
-	}
+	owned := ec.entry(t).owned
 	ec.mu.Unlock()
-	owned := managedBy(t)
+	if owned != nil {
+		return owned
+	}
+	owned = managedBy(t)
 	ec.mu.Lock()
 	ec.entry(t).owned = owned
 	ec.mu.Unlock()
