@@ -11,7 +11,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"unicode/utf8"
 
 	"go.yaml.in/yaml/v3"
 
@@ -356,47 +355,17 @@ func (y *yamlList) write(n int, doc func(i int) (map[string]any, error)) error {
 // close ends the list.
 func (y *yamlList) close() error { return y.l.close() }
 
-// writeYAMLItem writes doc as an item of a YAML list.
+// writeYAMLItem writes doc as an item of a YAML list: a list of one item,
+// which yaml writes as it writes that item in a longer list (the item's
+// indentation inside a quoted string's line breaks, a key's or a value's,
+// is yaml's own).
 func writeYAMLItem(b *bytes.Buffer, doc map[string]any, order orderFunc) error {
-	var one bytes.Buffer
-	enc := yaml.NewEncoder(&one)
+	enc := yaml.NewEncoder(b)
 	enc.SetIndent(2)
-	if err := enc.Encode(yamlNode(doc, order, nil)); err != nil {
+	if err := enc.Encode(&yaml.Node{Kind: yaml.SequenceNode, Tag: "!!seq", Content: []*yaml.Node{yamlNode(doc, order, nil)}}); err != nil {
 		return err
 	}
-	if err := enc.Close(); err != nil {
-		return err
-	}
-	// Indented as yaml writes it inside the list: two more spaces after
-	// each line break (in YAML, also \r, NEL, U+2028 and U+2029, which
-	// quoted strings may hold) that content follows.
-	out := one.Bytes()
-	breaks := "\n"
-	if bytes.ContainsAny(out, yamlBreaks) {
-		breaks = yamlBreaks
-	}
-	b.WriteString("- ")
-	for len(out) > 0 {
-		i := bytes.IndexAny(out, breaks)
-		if i < 0 {
-			b.Write(out)
-			break
-		}
-		_, n := utf8.DecodeRune(out[i:])
-		b.Write(out[:i+n])
-		if out = out[i+n:]; len(out) > 0 && !strings.ContainsRune(yamlBreaks, firstRune(out)) {
-			b.WriteString("  ")
-		}
-	}
-	return nil
-}
-
-// yamlBreaks are YAML's line breaks.
-const yamlBreaks = "\n\r\u0085\u2028\u2029"
-
-func firstRune(b []byte) rune {
-	r, _ := utf8.DecodeRune(b)
-	return r
+	return enc.Close()
 }
 
 // encodeYAML writes v as YAML, objects ordered by order.
