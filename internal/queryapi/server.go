@@ -280,7 +280,7 @@ func (h *Handler) query(w http.ResponseWriter, r *http.Request, u user.Info, gv,
 		return writeStatus(w, apierrors.NewInternalError(err))
 	}
 	// Created, as for other create-only reviews: the answer is new.
-	return writeJSON(w, http.StatusCreated, b)
+	return writeAnswer(w, r, http.StatusCreated, b)
 }
 
 // marshalAnswer marshals tq with its items as they are: json.Marshal

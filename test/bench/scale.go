@@ -219,6 +219,10 @@ type scaleResults struct {
 	BaselineFullMs    float64 `json:"plugin_baseline_full_ms,omitempty"`
 	BaselineFullN     int     `json:"plugin_baseline_full_items,omitempty"`
 	PluginFullAgainMs float64 `json:"plugin_full_again_ms,omitempty"`
+	// SELECT * and the projection with the kubeconfig's
+	// disable-compression: the answers' parts not gzipped.
+	PluginFullUncompressedMs       float64 `json:"plugin_full_uncompressed_ms"`
+	PluginProjectionUncompressedMs float64 `json:"plugin_projection_uncompressed_ms"`
 	// A projection of most of every twin (fullProjection), through the
 	// query API: -o json, the table, and with --scale-plugin-baseline,
 	// that plugin's of both.
@@ -583,7 +587,12 @@ func runScaleQueries(ctx context.Context, env *envtest.Environment, svc *service
 	if err != nil {
 		return err
 	}
-	common := []string{"--kubeconfig", kubeconfig, "-n", scaleNS}
+	// The same user's kubeconfig with disable-compression: the plugin does
+	// not accept gzip, and the query API's answers come as they are.
+	uncompressed, err := uncompressedKubeconfig(kubeconfig)
+	if err != nil {
+		return err
+	}
 	type timed struct {
 		name  string
 		want  int // -1: any
@@ -597,9 +606,9 @@ func runScaleQueries(ctx context.Context, env *envtest.Environment, svc *service
 	// answer, so each row is timed the way it says.
 	// The plugin is timed from its start to its exit, not counting the
 	// check of its output here.
-	plugWith := func(bin, q, via, output string) func() (time.Duration, int, error) {
+	plugWithConfig := func(bin, kc, q, via, output string) func() (time.Duration, int, error) {
 		return func() (time.Duration, int, error) {
-			d, out, err := timeProcess(ctx, bin, append([]string{"query", q, "-o", output, "--via", via}, common...))
+			d, out, err := timeProcess(ctx, bin, []string{"query", q, "-o", output, "--via", via, "--kubeconfig", kc, "-n", scaleNS})
 			if err != nil {
 				return d, 0, err
 			}
@@ -610,6 +619,9 @@ func runScaleQueries(ctx context.Context, env *envtest.Environment, svc *service
 			ids, err := pluginIDs(out)
 			return d, len(ids), err
 		}
+	}
+	plugWith := func(bin, q, via, output string) func() (time.Duration, int, error) {
+		return plugWithConfig(bin, kubeconfig, q, via, output)
 	}
 	plug := func(q, via string) func() (time.Duration, int, error) { return plugWith(plugin, q, via, "json") }
 	svcQ := func(q string, pages *int) func() (time.Duration, int, error) {
@@ -639,8 +651,12 @@ func runScaleQueries(ctx context.Context, env *envtest.Environment, svc *service
 	if sc.fullQuery {
 		runs = append(runs, timed{"service API query (SELECT *, pages of 100)", sc.twins, svcQ(serviceFullQuery, &res.ServiceFullPages), &res.ServiceFullMs, &res.ServiceFullN, &res.ServiceFullPages, true},
 			timed{"kubectl twin query (SELECT *)", sc.twins, plug(serviceFullQuery, "api"), &res.PluginFullMs, &res.PluginFullN, nil, false},
+			timed{"kubectl twin query (SELECT *), uncompressed", sc.twins, plugWithConfig(plugin, uncompressed, serviceFullQuery, "api", "json"),
+				&res.PluginFullUncompressedMs, &res.PluginFullN, nil, false},
 			timed{"kubectl twin query -o table (SELECT *)", sc.twins, plugWith(plugin, serviceFullQuery, "api", "table"), &res.PluginFullTableMs, &res.PluginFullTableN, nil, false},
 			timed{"kubectl twin query (projection of the whole fleet)", sc.twins, plug(fullProjection, "api"), &res.PluginProjectionMs, &res.PluginProjectionN, nil, false},
+			timed{"kubectl twin query (projection of the whole fleet), uncompressed", sc.twins, plugWithConfig(plugin, uncompressed, fullProjection, "api", "json"),
+				&res.PluginProjectionUncompressedMs, &res.PluginProjectionN, nil, false},
 			timed{"kubectl twin query -o table (projection of the whole fleet)", sc.twins, plugWith(plugin, fullProjection, "api", "table"), &res.PluginProjectionTableMs, &res.PluginProjectionTableN, nil, false},
 			timed{"kubectl twin query -o table (GROUP BY over the whole fleet)", -1, plugWith(plugin, fleetGroups, "api", "table"), &res.PluginGroupsMs, &res.PluginGroupsN, nil, false})
 		if sc.pluginBaseline != "" {
@@ -846,12 +862,14 @@ func printScale(r *scaleResults) {
 	if r.ServiceFullPages > 0 {
 		row("service API SELECT * (whole fleet)", fmt.Sprintf("%.0f ms (%d twins, %d pages)", r.ServiceFullMs, r.ServiceFullN, r.ServiceFullPages))
 		row("  kubectl twin query -o json (query API)", fmt.Sprintf("%.0f ms (%d twins)", r.PluginFullMs, r.PluginFullN))
+		row("    uncompressed (kubeconfig disable-compression)", fmt.Sprintf("%.0f ms", r.PluginFullUncompressedMs))
 		row("  kubectl twin query -o table (query API)", fmt.Sprintf("%.0f ms (%d rows)", r.PluginFullTableMs, r.PluginFullTableN))
 		if r.BaselineFullN > 0 {
 			row("  --scale-plugin-baseline -o json, then current again", fmt.Sprintf("%.0f ms (%d twins), %.0f ms", r.BaselineFullMs, r.BaselineFullN, r.PluginFullAgainMs))
 		}
 		row("  kubectl twin query -o json --via list", fmt.Sprintf("%.0f ms (%d twins)", r.ListFullMs, r.ListFullN))
 		row("  projection "+fullProjection[len("SELECT "):len(fullProjection)-len(" FROM devices")], fmt.Sprintf("%.0f ms (%d rows, -o json, query API)", r.PluginProjectionMs, r.PluginProjectionN))
+		row("    uncompressed (kubeconfig disable-compression)", fmt.Sprintf("%.0f ms", r.PluginProjectionUncompressedMs))
 		row("    -o table", fmt.Sprintf("%.0f ms (%d rows)", r.PluginProjectionTableMs, r.PluginProjectionTableN))
 		if r.BaselineProjectionN > 0 {
 			row("    --scale-plugin-baseline -o json, -o table", fmt.Sprintf("%.0f ms (%d rows), %.0f ms (%d rows)",

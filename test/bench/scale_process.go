@@ -24,6 +24,7 @@ import (
 	"time"
 
 	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
 	"sigs.k8s.io/controller-runtime/pkg/envtest"
 
 	kubetwin "github.com/kubetwin/kubetwin/internal/operator"
@@ -289,6 +290,20 @@ func adminKubeconfig(env *envtest.Environment, dir, user string) (string, error)
 		return "", err
 	}
 	return kubeconfig, nil
+}
+
+// uncompressedKubeconfig writes a copy of the kubeconfig at path with
+// disable-compression set on its clusters, and returns its path.
+func uncompressedKubeconfig(path string) (string, error) {
+	cfg, err := clientcmd.LoadFromFile(path)
+	if err != nil {
+		return "", err
+	}
+	for _, c := range cfg.Clusters {
+		c.DisableCompression = true
+	}
+	out := path + "-uncompressed"
+	return out, clientcmd.WriteToFile(*cfg, out)
 }
 
 // procMetrics is what the restarted operator's /metrics says.
