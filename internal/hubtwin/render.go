@@ -28,38 +28,73 @@ import (
 // or "$version", is rendered as FromDeviceTwin renders it (through a
 // Doc).
 func AppendJSON(b []byte, t *v1alpha1.DeviceTwin) []byte {
-	connectionState, created, metaDesired, metaReported := derived(t)
+	return AppendMembers(b, t, nil)
+}
 
-	b = append(b, `{"authenticationType":"sas","capabilities":{"iotEdge":false},"cloudToDeviceMessageCount":0,`...)
-	if c := Configurations(t.Labels); c != nil {
-		b = append(b, `"configurations":`...)
+// AppendMembers appends what AppendJSON does with only the document's
+// root members that keep allows (nil: all of them). A projection of a few
+// paths of many twins renders only what its paths start with.
+func AppendMembers(b []byte, t *v1alpha1.DeviceTwin, keep func(member string) bool) []byte {
+	connectionState, created, metaDesired, metaReported := derived(t)
+	// Each member is written after a comma; the first comma becomes the
+	// opening brace.
+	start := len(b)
+	if keep == nil || keep("authenticationType") {
+		b = append(b, `,"authenticationType":"sas"`...)
+	}
+	if keep == nil || keep("capabilities") {
+		b = append(b, `,"capabilities":{"iotEdge":false}`...)
+	}
+	if keep == nil || keep("cloudToDeviceMessageCount") {
+		b = append(b, `,"cloudToDeviceMessageCount":0`...)
+	}
+	if c := Configurations(t.Labels); c != nil && (keep == nil || keep("configurations")) {
+		b = append(b, `,"configurations":`...)
 		b = append(b, twin.Encode(c)...)
-		b = append(b, ',')
 	}
-	b = append(b, `"connectionState":`...)
-	b = twin.AppendString(b, connectionState)
-	b = append(b, `,"connectionStateUpdatedTime":`...)
-	b = twin.AppendString(b, timeOrZero(t.Status.ConnectionStateUpdatedTime))
-	b = append(b, `,"deviceId":`...)
-	b = twin.AppendString(b, DeviceID(t))
-	b = append(b, `,"etag":`...)
-	b = twin.AppendString(b, ETag(t.ResourceVersion))
-	b = append(b, `,"lastActivityTime":`...)
-	b = twin.AppendString(b, timeOrZero(t.Status.LastActivityTime))
-	b = append(b, `,"properties":{"desired":`...)
-	b = appendSection(b, t.Spec.Desired, metaDesired, t.Status.DesiredVersion, created, true)
-	b = append(b, `,"reported":`...)
-	b = appendSection(b, t.Status.Reported, metaReported, t.Status.ReportedVersion, created, false)
-	b = append(b, `},"status":`...)
-	b = twin.AppendString(b, deviceStatus(t))
-	b = append(b, `,"statusUpdateTime":"`+ZeroTime+`","tags":`...)
-	if body, ok := objectBody(t.Spec.Tags); ok {
-		b = append(append(append(b, '{'), body...), '}')
-	} else {
-		b = append(b, twin.Encode(section(t.Spec.Tags))...)
+	if keep == nil || keep("connectionState") {
+		b = twin.AppendString(append(b, `,"connectionState":`...), connectionState)
 	}
-	b = append(b, `,"version":`...)
-	b = strconv.AppendInt(b, Version(t), 10)
+	if keep == nil || keep("connectionStateUpdatedTime") {
+		b = twin.AppendString(append(b, `,"connectionStateUpdatedTime":`...), timeOrZero(t.Status.ConnectionStateUpdatedTime))
+	}
+	if keep == nil || keep("deviceId") {
+		b = twin.AppendString(append(b, `,"deviceId":`...), DeviceID(t))
+	}
+	if keep == nil || keep("etag") {
+		b = twin.AppendString(append(b, `,"etag":`...), ETag(t.ResourceVersion))
+	}
+	if keep == nil || keep("lastActivityTime") {
+		b = twin.AppendString(append(b, `,"lastActivityTime":`...), timeOrZero(t.Status.LastActivityTime))
+	}
+	if keep == nil || keep("properties") {
+		b = append(b, `,"properties":{"desired":`...)
+		b = appendSection(b, t.Spec.Desired, metaDesired, t.Status.DesiredVersion, created, true)
+		b = append(b, `,"reported":`...)
+		b = appendSection(b, t.Status.Reported, metaReported, t.Status.ReportedVersion, created, false)
+		b = append(b, '}')
+	}
+	if keep == nil || keep("status") {
+		b = twin.AppendString(append(b, `,"status":`...), deviceStatus(t))
+	}
+	if keep == nil || keep("statusUpdateTime") {
+		b = append(b, `,"statusUpdateTime":"`+ZeroTime+`"`...)
+	}
+	if keep == nil || keep("tags") {
+		b = append(b, `,"tags":`...)
+		if body, ok := objectBody(t.Spec.Tags); ok {
+			b = append(append(append(b, '{'), body...), '}')
+		} else {
+			b = append(b, twin.Encode(section(t.Spec.Tags))...)
+		}
+	}
+	if keep == nil || keep("version") {
+		b = strconv.AppendInt(append(b, `,"version":`...), Version(t), 10)
+	}
+	if len(b) == start {
+		return append(b, "{}"...)
+	}
+	b[start] = '{'
 	return append(b, '}')
 }
 

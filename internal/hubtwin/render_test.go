@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"reflect"
+	"slices"
 	"testing"
 	"time"
 
@@ -90,6 +91,28 @@ func TestAppendJSONAsFromDeviceTwin(t *testing.T) {
 		if !reflect.DeepEqual(g, w) {
 			t.Fatalf("twin %d (tags %s, desired %s, reported %s):\nAppendJSON  %s\nFromDeviceTwin %s", i,
 				rawOf(tw.Spec.Tags), rawOf(tw.Spec.Desired), rawOf(tw.Status.Reported), got, want)
+		}
+		// AppendMembers: the same document, with only the members kept.
+		if all := AppendMembers(nil, tw, func(string) bool { return true }); !bytes.Equal(all, got) {
+			t.Fatalf("twin %d: AppendMembers keeping all:\n%s\nAppendJSON:\n%s", i, all, got)
+		}
+		for _, keep := range [][]string{{}, {"deviceId"}, {"tags", "version"}, {"properties"}, {"configurations", "authenticationType"},
+			{"etag", "lastActivityTime", "status", "statusUpdateTime"}, {"capabilities", "cloudToDeviceMessageCount", "connectionState", "connectionStateUpdatedTime"},
+			{"nonexistent", "deviceId"}} {
+			part := AppendMembers(nil, tw, func(m string) bool { return slices.Contains(keep, m) })
+			p, err := twin.Decode(part)
+			if err != nil {
+				t.Fatalf("twin %d, members %q: invalid JSON %v\n%s", i, keep, err, part)
+			}
+			wantPart := map[string]any{}
+			for _, k := range keep {
+				if v, ok := w[k]; ok {
+					wantPart[k] = v
+				}
+			}
+			if !reflect.DeepEqual(p, wantPart) {
+				t.Fatalf("twin %d, members %q:\n%s\nwant those of\n%s", i, keep, part, want)
+			}
 		}
 	}
 }

@@ -17,7 +17,7 @@ import (
 // proxy would otherwise carry byte for byte; a small answer gains nothing.
 const compressMin = 128 << 10
 
-// gzipWriters are reused: a writer holds about a megabyte of state. At
+// gzipWriters are reused: a writer holds about 400 KiB of state. At
 // most --query-api-max-concurrent-queries are in use at once.
 var gzipWriters = sync.Pool{New: func() any {
 	w, _ := gzip.NewWriterLevel(io.Discard, gzip.BestSpeed)

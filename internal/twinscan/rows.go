@@ -11,9 +11,9 @@ import (
 )
 
 // Rows writes the rows of a projection of paths (query.PathColumns) as
-// JSON, straight from each twin's rendered document (hubtwin.AppendJSON):
-// the values are copied as the document holds them, and no document is
-// decoded. A row holds what query.Run gives for the twin, with its
+// JSON, straight from each twin's rendered document (hubtwin.AppendJSON,
+// only the members the columns' paths start with): the values are copied
+// as the document holds them, and no document is decoded. A row holds what query.Run gives for the twin, with its
 // members in name order, as encoding/json writes a map.
 //
 // A whole fleet's projection of most of every twin would otherwise decode
@@ -48,6 +48,9 @@ func NewRows(cols []query.PathColumn) *Rows {
 	return r
 }
 
+// isRoot reports whether the columns need the document's member name.
+func (r *Rows) isRoot(name string) bool { return slices.Contains(r.roots, name) }
+
 // RowScratch is what Rows.Append reuses from row to row; one per
 // goroutine.
 type RowScratch struct {
@@ -57,7 +60,7 @@ type RowScratch struct {
 
 // Append appends the row of t to b.
 func (r *Rows) Append(b []byte, sc *RowScratch, t *v1alpha1.DeviceTwin) []byte {
-	sc.doc = hubtwin.AppendJSON(sc.doc[:0], t)
+	sc.doc = hubtwin.AppendMembers(sc.doc[:0], t, r.isRoot)
 	out, err := r.appendRaw(b, sc)
 	if err != nil {
 		// Not expected (the cache holds valid JSON): the row of the
