@@ -91,7 +91,9 @@ func (w *rawWriter) sortedObject(raw []byte, indent string) {
 	var at []int
 	var names []string
 	for i, k := range keys {
-		if !plainRawString(k) || i > 0 && bytes.Compare(keys[i-1], k) >= 0 {
+		// Plain names compare as their bytes between the quotes (with
+		// the quotes, "0 " would come before "0").
+		if !plainRawString(k) || i > 0 && bytes.Compare(keys[i-1][1:len(keys[i-1])-1], k[1:len(k)-1]) >= 0 {
 			names = make([]string, len(keys))
 			at = make([]int, len(keys))
 			for j := range keys {
