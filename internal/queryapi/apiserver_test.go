@@ -8,6 +8,7 @@ package queryapi_test
 
 import (
 	"bytes"
+	"compress/gzip"
 	"context"
 	"crypto/tls"
 	"encoding/json"
@@ -358,6 +359,72 @@ func TestAggregatedAPI(t *testing.T) {
 			if resp.StatusCode != c.want {
 				t.Errorf("%s: status %d, want %d: %s", c.name, resp.StatusCode, c.want, b)
 			}
+		}
+	})
+
+	// Last: it adds large twins to the namespace the subtests above query.
+	t.Run("a large answer comes gzipped through kube-apiserver", func(t *testing.T) {
+		p.namespace(t, "large")
+		blob := strings.Repeat("abcdefgh", 10<<10) // 80 KiB a twin
+		for i := range 3 {
+			p.twinFixture(t, "large", fmt.Sprintf("large-%d", i), `{"plant": "Redmond43"}`, `{"blob": "`+blob+`"}`, "")
+		}
+		erin := p.user(t, "erin", "large", createQueries, listTwins)
+		body, _ := json.Marshal(wire.TwinQuery{Spec: wire.TwinQuerySpec{Query: "SELECT * FROM devices"}})
+		// ask posts the query as erin with Accept-Encoding set (so that
+		// the transport leaves the response as it came) and returns its
+		// Content-Encoding and body.
+		ask := func(acceptEncoding string) (string, []byte) {
+			rt, err := rest.TransportFor(erin)
+			if err != nil {
+				t.Fatal(err)
+			}
+			req, _ := http.NewRequest(http.MethodPost, strings.TrimSuffix(erin.Host, "/")+"/apis/"+wire.GroupVersion+"/namespaces/large/"+wire.Resource, bytes.NewReader(body))
+			req.Header.Set("Content-Type", "application/json")
+			req.Header.Set("Accept-Encoding", acceptEncoding)
+			resp, err := rt.RoundTrip(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer func() { _ = resp.Body.Close() }()
+			b, err := io.ReadAll(resp.Body)
+			if err != nil || resp.StatusCode != http.StatusCreated {
+				t.Fatalf("Accept-Encoding %q: %d %v %.300s", acceptEncoding, resp.StatusCode, err, b)
+			}
+			return resp.Header.Get("Content-Encoding"), b
+		}
+		var plain []byte
+		deadline := time.Now().Add(20 * time.Second)
+		for {
+			// The query API's cache sees the twins after its watch does.
+			enc, b := ask("identity")
+			var tq wire.TwinQuery
+			if err := json.Unmarshal(b, &tq); err != nil || enc != "" {
+				t.Fatalf("identity: Content-Encoding %q, %v", enc, err)
+			}
+			if plain = b; len(tq.Status.Items) == 3 || time.Now().After(deadline) {
+				break
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+		if len(plain) < 3*len(blob) {
+			t.Fatalf("the plain answer is %d bytes: the twins are not all in it", len(plain))
+		}
+		enc, zipped := ask("gzip")
+		if enc != "gzip" || len(zipped)*4 > len(plain) {
+			t.Fatalf("Accept-Encoding gzip: Content-Encoding %q, %d bytes for a plain answer of %d", enc, len(zipped), len(plain))
+		}
+		zr, err := gzip.NewReader(bytes.NewReader(zipped))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got, err := io.ReadAll(zr); err != nil || !bytes.Equal(got, plain) {
+			t.Fatalf("the gzipped answer inflates to %d bytes (%v), the plain one is %d", len(got), err, len(plain))
+		}
+		// And as client-go reads it (kubectl twin query's client).
+		got, err := post(ctx, erin, "large", "SELECT * FROM devices")
+		if err != nil || len(got.Status.Items) != 3 {
+			t.Fatalf("through client-go: %v", err)
 		}
 	})
 }
